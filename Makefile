@@ -1,0 +1,27 @@
+# Quickstart: `make demo` (synthetic videos -> cache -> heads -> evaluation) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test bench install clean
+
+$(BIN)/mdmf-cache: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/mdmf-cache
+
+demo: install
+	$(BIN)/mdmf-cache demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/train_fast.py
+
+clean:
+	rm -rf demo_out .pytest_cache

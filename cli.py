@@ -1,0 +1,193 @@
+"""mdmf-cache: a thin typer CLI. Options are parsed here; the work happens in ``pipelines/``.
+
+torch and open_clip are imported inside the commands so ``mdmf-cache --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="mdmf-cache",
+    help="CLIP-MDMF few-shot action recognition: a CLIP feature cache plus a fast head trainer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEBUG = {"on": False}
+
+
+class Dataset(str, Enum):
+    ucf101 = "ucf101"
+    hmdb51 = "hmdb51"
+    kinetics100 = "kinetics100"
+    ssv2_small = "ssv2-small"
+    ssv2_full = "ssv2-full"
+    folder = "folder"
+
+
+class Preset(str, Enum):
+    paper = "paper"
+    reference = "reference"
+
+
+# Data-side switches of SPEC section 9 (the head-side switches live in mdmf_cache.models.config).
+EXTRACT_PRESETS = {"paper": {"sampler": "tsn", "normalize": "clip"}, "reference": {"sampler": "linspace", "normalize": "none"}}
+
+CacheDirOpt = Annotated[Path, typer.Option("--cache-dir", help="Where cache groups live.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def _default_splits() -> Path | None:
+    for cand in (Path("../shared/splits"), Path(__file__).resolve().parent.parent / "shared" / "splits"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _setup_logging(debug: bool) -> None:
+    from rich.logging import RichHandler
+
+    DEBUG["on"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, show_time=False)], force=True)
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not debug:
+        logging.getLogger("root").setLevel(logging.ERROR)  # open_clip logs "no pretrained weights" at root
+
+
+@app.command(epilog="Examples:\n\n  mdmf-cache extract ucf101 --root ~/data/UCF-101 --splits ../shared/splits --model RN50 --pretrained openai\n\n"
+             "  torchrun --nproc-per-node 4 cli.py extract ssv2-full --root ~/data/ssv2 --train-views 4")
+def extract(
+    dataset: Annotated[Dataset, typer.Argument(help="Built-in dataset, or 'folder' for root/class/video.ext.")],
+    root: Annotated[Path, typer.Option(help="Video tree (files or JPEG frame folders).")] = Path("data"),
+    splits: Annotated[Optional[Path], typer.Option(help="Split-file folder (holds ucf_ARN/, ...). Folder datasets: optional.")] = None,
+    cache_dir: CacheDirOpt = Path("cache"),
+    name: Annotated[Optional[str], typer.Option(help="Cache group name instead of the dataset's.")] = None,
+    model: Annotated[str, typer.Option(help="open_clip model name: RN50, ViT-B-16, mdmf-tiny-vit, ...")] = "RN50",
+    pretrained: Annotated[str, typer.Option(help="open_clip tag, checkpoint path, or 'none' (random init).")] = "openai",
+    preset: Annotated[Preset, typer.Option(help="paper: tsn + CLIP normalisation; reference: linspace + [0,1] pixels.")] = Preset.paper,
+    sampler: Annotated[Optional[str], typer.Option(help="tsn | linspace (overrides the preset).")] = None,
+    normalize: Annotated[Optional[str], typer.Option(help="clip | none (overrides the preset).")] = None,
+    num_frames: Annotated[int, typer.Option(help="T frames per video.")] = 8,
+    train_views: Annotated[int, typer.Option(help="V random augmented views per train video.")] = 1,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Train flips (default: off for SSv2).")] = None,
+    seed: int = 0,
+    prompt: Annotated[str, typer.Option(help="Prompt template.")] = "a photo of {}",
+    clean_names: Annotated[bool, typer.Option(help="Underscores to spaces, drop [brackets] in class names.")] = False,
+    decoder: Annotated[str, typer.Option(help="auto | decord | pyav | jpeg. auto picks a correct backend per container.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Decoder processes.")] = max(1, min(8, (os.cpu_count() or 2))),
+    batch_videos: Annotated[int, typer.Option(help="Videos per encoder batch.")] = 8,
+    chunk_rows: Annotated[int, typer.Option(help="Videos per Zarr chunk (the unit a writer owns).")] = 64,
+    device: str = "auto",
+    split: Annotated[Optional[list[str]], typer.Option(help="Only these splits (repeatable).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="This process's rank (default: torchrun/SLURM env).")] = None,
+    world_size: Annotated[Optional[int], typer.Option(help="Number of processes (default: torchrun/SLURM env).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a cache made with other settings.")] = False,
+    strict: Annotated[bool, typer.Option(help="Missing or undecodable videos are an error.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Decode T frames per video, encode them with CLIP, and store them with the prompt embeddings."""
+    _setup_logging(debug)
+    from pipelines.extract import ExtractConfig, distributed_env, run_extract
+
+    env_rank, env_world, _ = distributed_env()
+    cfg = ExtractConfig(
+        dataset=dataset.value, root=str(root), splits_dir=str(splits) if splits else (str(_default_splits()) if dataset != Dataset.folder and _default_splits() else None),
+        cache_dir=str(cache_dir), name=name, model=model,
+        pretrained=None if pretrained.lower() in ("none", "") else pretrained,
+        num_frames=num_frames, sampler=sampler or EXTRACT_PRESETS[preset.value]["sampler"],
+        normalize=normalize or EXTRACT_PRESETS[preset.value]["normalize"], train_views=train_views, flip=flip,
+        seed=seed, prompt_template=prompt, clean_names=clean_names, decoder=decoder, workers=workers,
+        batch_videos=batch_videos, chunk_rows=chunk_rows, device=device,
+        splits=tuple(split) if split else ("train", "val", "test"), overwrite=overwrite, strict=strict,
+        rank=env_rank if rank is None else rank, world_size=env_world if world_size is None else world_size,
+    )
+    path, results = run_extract(cfg)
+    from pipelines.report import print_extract_summary
+
+    print_extract_summary(path, results)
+
+
+@app.command(epilog="Example:\n\n  mdmf-cache info cache/ucf101__RN50__openai.zarr")
+def info(cache: Annotated[Path, typer.Argument(help="A cache group (*.zarr).")], debug: DebugOpt = False) -> None:
+    """Print splits, counts, completeness, failures and the fingerprint of a cache."""
+    _setup_logging(debug)
+    from pipelines.report import print_info
+
+    print_info(cache)
+
+
+class ExportFormat(str, Enum):
+    h5 = "h5"
+
+
+@app.command(epilog="Example:\n\n  mdmf-cache export cache/ucf101__RN50__openai.zarr --format h5 ucf101_rn50.h5")
+def export(
+    cache: Annotated[Path, typer.Argument(help="A cache group (*.zarr).")],
+    out: Annotated[Path, typer.Argument(help="Output file.")],
+    format: Annotated[ExportFormat, typer.Option("--format")] = ExportFormat.h5,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a cache's arrays and attributes to HDF5."""
+    _setup_logging(debug)
+    from mdmf_cache.store import export_h5
+
+    path = export_h5(cache, out)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the synthetic videos, cache and runs go.")] = Path("demo_out"),
+    model: Annotated[str, typer.Option(help="Tiny backbone.")] = "mdmf-tiny-vit",
+    workers: int = 2,
+    debug: DebugOpt = False,
+) -> None:
+    """Synthetic action videos -> cache -> info (then train/evaluate, see README), on a CPU in minutes."""
+    _setup_logging(debug)
+    from pipelines.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=str(out), model=model, workers=workers))
+
+
+def main() -> None:
+    """Console entry: one clear line for known errors, the traceback only with --debug."""
+    from mdmf_cache.errors import MdmfError
+
+    try:
+        app(standalone_mode=False)
+    except MdmfError as e:
+        if DEBUG["on"]:
+            raise
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        sys.exit(code)
+    except KeyboardInterrupt:
+        typer.secho("interrupted; rerun the same command to resume", fg="yellow", err=True)
+        sys.exit(130)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if DEBUG["on"]:
+            raise
+        typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", fg="red", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Extract: videos -> CLIP frame embeddings + label-prompt text embeddings in a Zarr cache.
+
+Recipe, top to bottom:
+    1. resolve the config (dataset defaults, preset), the splits and the video files;
+    2. load the backbone, fingerprint the settings, open (or resume) the cache;
+    3. rank 0 writes the text embeddings of every split;
+    4. a pool of decoder processes feeds clips to the model; rows are written by whole chunks;
+    5. print a summary; with --strict, missing or failed videos are an error.
+
+Resumable: killed at any moment, the same command continues where the cache says it stopped, and
+the final cache equals an uninterrupted run's (sampling and crops are seeded per video and view).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mdmf_cache.datasets import DATASETS, SPLITS, Split, clean_class_name, load_splits, resolve_paths
+from mdmf_cache.errors import ConfigError, DatasetError, MdmfError, VideoReadError
+from mdmf_cache.store import CacheStore, group_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    """Everything that decides what ``extract`` computes (saved in the cache attributes)."""
+
+    dataset: str = "ucf101"
+    root: str | None = None  # video tree
+    splits_dir: str | None = None  # split-file folder (../shared/splits)
+    cache_dir: str = "cache"
+    name: str | None = None  # cache group dataset name (default: dataset, or the folder's name)
+    model: str = "RN50"
+    pretrained: str | None = "openai"  # tag, checkpoint path, or None (seeded random init)
+    num_frames: int = 8  # T
+    sampler: str = "tsn"  # tsn | linspace
+    normalize: str = "clip"  # clip | none
+    train_views: int = 1  # V for the train split
+    flip: bool | None = None  # None: the dataset default (off for SSv2)
+    seed: int = 0
+    prompt_template: str = "a photo of {}"
+    clean_names: bool = False
+    decoder: str = "auto"
+    workers: int = 2
+    batch_videos: int = 8
+    chunk_rows: int = 64
+    flush_seconds: float = 30.0
+    device: str = "auto"
+    splits: tuple[str, ...] = SPLITS
+    overwrite: bool = False
+    strict: bool = False
+    rank: int = 0
+    world_size: int = 1
+    progress: bool = True
+
+    def validate(self) -> None:
+        from mdmf_cache.preprocess import NORMALIZATIONS
+        from mdmf_cache.sampling import SAMPLERS
+        from mdmf_cache.video import BACKENDS
+
+        problems = []
+        if self.sampler not in SAMPLERS:
+            problems.append(f"--sampler {self.sampler!r} (choose {', '.join(SAMPLERS)})")
+        if self.normalize not in NORMALIZATIONS:
+            problems.append(f"--normalize {self.normalize!r} (choose {', '.join(NORMALIZATIONS)})")
+        if self.decoder not in BACKENDS:
+            problems.append(f"--decoder {self.decoder!r} (choose {', '.join(BACKENDS)})")
+        if self.num_frames < 1 or self.train_views < 1 or self.batch_videos < 1 or self.chunk_rows < 1:
+            problems.append("--num-frames, --train-views, --batch-videos and --chunk-rows must be >= 1")
+        if "{}" not in self.prompt_template:
+            problems.append(f"--prompt {self.prompt_template!r} needs a '{{}}' for the class name")
+        bad = [s for s in self.splits if s not in SPLITS]
+        if bad:
+            problems.append(f"--split {bad[0]!r} (choose {', '.join(SPLITS)})")
+        if not 0 <= self.rank < self.world_size:
+            problems.append(f"rank {self.rank} outside world size {self.world_size}")
+        if self.root is None:
+            problems.append("--root DIR (the video tree) is required")
+        if problems:
+            raise ConfigError("bad options: " + "; ".join(problems))
+
+    @property
+    def use_flip(self) -> bool:
+        if self.flip is not None:
+            return self.flip
+        spec = DATASETS.get(self.dataset)
+        return spec.flip if spec else True
+
+    @property
+    def cache_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.dataset == "folder" and self.root:
+            return Path(self.root).resolve().name
+        return self.dataset
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun or SLURM variables; (0, 1, 0) otherwise."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def fingerprint(cfg: ExtractConfig, weights: str, splits: dict[str, Split]) -> dict[str, Any]:
+    """The settings a cache is only valid for; a rerun with any of them changed is refused."""
+    import open_clip
+
+    return {
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "weights": weights,
+        "open_clip": open_clip.__version__,
+        "num_frames": cfg.num_frames,
+        "sampler": cfg.sampler,
+        "crop": "short256-crop224",
+        "normalize": cfg.normalize,
+        "train_views": cfg.train_views,
+        "flip": cfg.use_flip,
+        "seed": cfg.seed,
+        "split_hashes": {s: splits[s].source_hash for s in sorted(splits)},
+        "prompt_template": cfg.prompt_template,
+        "clean_names": cfg.clean_names,
+    }
+
+
+# ---- the decoding side (runs in worker processes) -----------------------------------------------
+class ClipSource:
+    """A map-style dataset: row -> decoded clips of all views, or the error that stopped it."""
+
+    def __init__(self, rows: np.ndarray, paths: list[Path], split_is_train: bool, views: int, cfg: ExtractConfig):
+        self.rows = rows
+        self.paths = paths
+        self.train = split_is_train
+        self.views = views
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from mdmf_cache.preprocess import Crop
+        from mdmf_cache.sampling import sample_indices, video_rng
+        from mdmf_cache.video import decode_clip
+
+        row = int(self.rows[i])
+        cfg = self.cfg
+        T, V = cfg.num_frames, self.views
+        rngs = [video_rng(cfg.seed, row, v) for v in range(V)] if self.train else [None] * V
+
+        def sample_all(n: int) -> np.ndarray:  # (V*T,) one decode pass serves every view
+            return np.concatenate(
+                [sample_indices(n, T, cfg.sampler, train=self.train, rng=rngs[v]) for v in range(V)]
+            )
+
+        try:
+            clip = decode_clip(self.paths[row], sample_all, backend=cfg.decoder)
+        except VideoReadError as e:
+            return {"row": row, "error": str(e)}
+        except Exception as e:  # a decoder library error we did not anticipate: record, go on
+            return {"row": row, "error": f"{type(e).__name__}: {e} ({self.paths[row]})"}
+        crops = [Crop.random(rngs[v], cfg.use_flip) if self.train else Crop.centre() for v in range(V)]
+        frames = clip.frames.reshape(V, T, *clip.frames.shape[1:])  # (V, T, H, W, 3)
+        return {
+            "row": row,
+            "frames": frames,
+            "indices": clip.indices.reshape(V, T).astype(np.int32),
+            "num_frames": clip.num_frames,
+            "crops": crops,
+        }
+
+
+def _worker_init(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one decoder thread per worker; the pool gives the parallelism
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+# ---- the writing side -----------------------------------------------------------------------------
+class ChunkWriter:
+    """Buffers finished rows and writes them one chunk at a time (this rank owns the chunk)."""
+
+    def __init__(self, store: CacheStore, split: str, flush_seconds: float):
+        self.store = store
+        self.split = split
+        self.cr = store.chunk_rows(split)
+        self.flush_seconds = flush_seconds
+        self.buf: list[dict[str, Any]] = []
+        self.last = time.monotonic()
+
+    def add(self, row: dict[str, Any]) -> None:
+        if self.buf and self.buf[0]["row"] // self.cr != row["row"] // self.cr:
+            self.flush()
+        self.buf.append(row)
+        if len(self.buf) == self.cr or time.monotonic() - self.last > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            rows = np.array([r["row"] for r in self.buf])
+            self.store.write_rows(
+                self.split,
+                rows,
+                {
+                    "features": np.stack([r["features"] for r in self.buf]),
+                    "frame_indices": np.stack([r["indices"] for r in self.buf]),
+                    "num_frames": np.array([r["num_frames"] for r in self.buf], dtype=np.int32),
+                    "failed": np.array([r["error"] != "" for r in self.buf]),
+                    "errors": np.array([r["error"] for r in self.buf], dtype=object).astype(str),
+                },
+            )
+            self.buf = []
+        self.last = time.monotonic()
+
+
+@dataclass
+class SplitResult:
+    split: str
+    videos: int = 0
+    extracted: int = 0  # this run
+    failed: int = 0  # this run
+    short: int = 0  # videos with fewer than T decodable frames (indices repeated)
+    missing: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def extract_split(
+    store: CacheStore, split: Split, cfg: ExtractConfig, backbone, progress=None
+) -> SplitResult:
+    """Decode and encode the pending rows of this rank's chunks of one split."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from mdmf_cache.preprocess import preprocess_clips
+
+    name = split.name
+    views = cfg.train_views if name == "train" else 1
+    rows = store.pending_rows(name, cfg.rank, cfg.world_size)
+    paths = [p for p in split.paths if p is not None]  # rows are the resolved videos, in order
+    res = SplitResult(name, videos=len(paths), missing=len(split.paths) - len(paths))
+    if len(rows) == 0:
+        return res
+    ids = [v for v, p in zip(split.video_ids, split.paths) if p is not None]
+    source = ClipSource(rows, paths, name == "train", views, cfg)
+    loader = DataLoader(
+        source, batch_size=cfg.batch_videos, num_workers=cfg.workers, collate_fn=_collate,
+        worker_init_fn=_worker_init if cfg.workers else None, prefetch_factor=4 if cfg.workers else None,
+        persistent_workers=False, pin_memory=backbone.device.type == "cuda",
+    )
+    writer = ChunkWriter(store, name, cfg.flush_seconds)
+    task = progress.add_task(f"{name}", total=len(rows)) if progress else None
+    t0 = time.perf_counter()
+    T, D = cfg.num_frames, backbone.dim
+    for batch in loader:
+        ok = [b for b in batch if "error" not in b]
+        feats: dict[int, np.ndarray] = {}
+        if ok:
+            clips = [b["frames"][v] for b in ok for v in range(views)]
+            crops = [b["crops"][v] for b in ok for v in range(views)]
+            pix = preprocess_clips(clips, crops, backbone.device, normalize=cfg.normalize)  # (B*V, T, 3, 224, 224)
+            emb = backbone.encode_images(pix.flatten(0, 1))  # (B*V*T, D)
+            emb = emb.view(len(ok), views, T, D).to(torch.float16).cpu().numpy()
+            feats = {b["row"]: emb[j] for j, b in enumerate(ok)}
+        for b in batch:
+            if "error" in b:
+                res.failed += 1
+                res.failures.append((ids[b["row"]], b["error"]))
+                log.debug("failed %s: %s", ids[b["row"]], b["error"])
+                writer.add({"row": b["row"], "features": np.zeros((views, T, D), np.float16),
+                            "indices": np.full((views, T), -1, np.int32), "num_frames": 0, "error": b["error"]})
+            else:
+                res.extracted += 1
+                res.short += int(b["num_frames"] < T)
+                writer.add({"row": b["row"], "features": feats[b["row"]], "indices": b["indices"],
+                            "num_frames": b["num_frames"], "error": ""})
+        if progress:
+            progress.advance(task, len(batch))
+    writer.flush()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _progress():
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    class Rate(TextColumn):
+        def __init__(self):
+            super().__init__("")
+
+        def render(self, task):
+            from rich.text import Text
+
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.1f} videos/s" if speed else "- videos/s")
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+
+
+def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
+    """Run the whole extraction; returns the cache path and per-split results.
+
+    Raises:
+        ConfigError, DatasetError: bad options, split files or video root.
+        CacheError: an existing cache made with other settings (without --overwrite).
+        MdmfError: with --strict, when videos were missing or failed.
+    """
+    from mdmf_cache.backbone import load_backbone, pretrained_slug
+
+    cfg.validate()
+    # 1. splits and files
+    splits = load_splits(cfg.dataset, Path(cfg.splits_dir) if cfg.splits_dir else None, Path(cfg.root), cfg.seed)
+    for name in SPLITS:
+        if name not in cfg.splits:
+            splits.pop(name, None)
+    missing = {name: resolve_paths(split, Path(cfg.root)) for name, split in splits.items()}
+    n_missing = sum(len(m) for m in missing.values())
+    if n_missing:
+        first = [v for m in missing.values() for v in m][:3]
+        msg = f"{n_missing} videos listed in the split files are not under {cfg.root} (first: {', '.join(first)})"
+        if cfg.strict:
+            raise DatasetError(msg + "; drop --strict to extract the rest")
+        log.warning("%s; extracting the rest", msg)
+    # 2. backbone and cache
+    device = cfg.device
+    if device == "auto" and cfg.world_size > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{distributed_env()[2] % torch.cuda.device_count()}"
+    backbone = load_backbone(cfg.model, cfg.pretrained, device)
+    fp = fingerprint(cfg, backbone.weights, splits)
+    path = Path(cfg.cache_dir) / group_name(cfg.cache_name, cfg.model, pretrained_slug(cfg.pretrained))
+    store = CacheStore.open_for_writing(path, fp, overwrite=cfg.overwrite, rank=cfg.rank)
+    if cfg.rank == 0:
+        for name, split in splits.items():
+            ids = [v for v, p in zip(split.video_ids, split.paths) if p is not None]
+            labels = np.array([lab for lab, p in zip(split.labels, split.paths) if p is not None], dtype=np.int32)
+            store.init_split(
+                name, ids, labels, split.classes, split.class_names,
+                views=cfg.train_views if name == "train" else 1, num_frames=cfg.num_frames, dim=backbone.dim,
+                chunk_rows=cfg.chunk_rows, missing=missing[name],
+            )
+            # 3. text
+            if "text_features" not in store.root[name]:
+                names = [clean_class_name(n) if cfg.clean_names else n for n in split.class_names]
+                prompts = [cfg.prompt_template.format(n) for n in names]
+                store.write_text(name, backbone.encode_texts(prompts).numpy(), prompts, cfg.prompt_template)
+        store.root.attrs["config"] = json.loads(json.dumps(asdict(cfg), default=str))
+        store.mark_ready()
+    # 4. frames
+    results = []
+    if cfg.progress:
+        with _progress() as progress:
+            for split in splits.values():
+                results.append(extract_split(store, split, cfg, backbone, progress))
+    else:
+        for split in splits.values():
+            results.append(extract_split(store, split, cfg, backbone))
+    # 5. strictness
+    failed = sum(r.failed for r in results)
+    if cfg.strict and failed:
+        raise MdmfError(f"{failed} videos could not be decoded (see 'mdmf-cache info {path}'); drop --strict to accept")
+    return path, results
