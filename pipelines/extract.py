@@ -298,21 +298,9 @@ def extract_split(
 
 
 def _progress():
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from pipelines.progress import make_progress
 
-    class Rate(TextColumn):
-        def __init__(self):
-            super().__init__("")
-
-        def render(self, task):
-            from rich.text import Text
-
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:.1f} videos/s" if speed else "- videos/s")
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    return make_progress("videos")
 
 
 def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:

@@ -1,0 +1,57 @@
+"""Training-free baselines on cached features: a floor every dataset's trained heads must beat.
+
+Each takes episode tensors and returns logits (E, Q, N), higher = more likely:
+- ``zero-shot``: CLIP zero-shot, the query's mean frame embedding against the class prompts.
+- ``protonet``: cosine of the mean-pooled query to the mean of the class's mean-pooled supports.
+- ``otam``: OTAM on raw frame embeddings against the class's frame-wise mean support.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .models.otam import cosine_distance, otam_distance
+
+BASELINES = ("zero-shot", "protonet", "otam")
+
+
+def zero_shot(support: Tensor, query: Tensor, text: Tensor) -> Tensor:
+    """support (E, S, T, D) unused; query (E, Q, T, D); text (E, N, D) -> (E, Q, N)."""
+    q = F.normalize(query.mean(dim=2), dim=-1)  # (E, Q, D)
+    t = F.normalize(text, dim=-1)  # (E, N, D)
+    return q @ t.transpose(1, 2)
+
+
+def _prototypes(support: Tensor, way: int) -> Tensor:
+    e, s, t, d = support.shape
+    return support.view(e, way, s // way, t, d).mean(dim=2)  # (E, N, T, D)
+
+
+def protonet(support: Tensor, query: Tensor, text: Tensor) -> Tensor:
+    """Cosine of mean-pooled query to the class mean of mean-pooled supports: (E, Q, N)."""
+    way = text.shape[1]
+    proto = F.normalize(_prototypes(support, way).mean(dim=2), dim=-1)  # (E, N, D)
+    q = F.normalize(query.mean(dim=2), dim=-1)  # (E, Q, D)
+    return q @ proto.transpose(1, 2)
+
+
+def otam_baseline(support: Tensor, query: Tensor, text: Tensor, lam: float = 0.5) -> Tensor:
+    """Minus the bidirectional OTAM distance of raw frames to the frame-wise class mean: (E, Q, N)."""
+    way = text.shape[1]
+    proto = _prototypes(support, way)  # (E, N, T, D)
+    dist = cosine_distance(query[:, :, None], proto[:, None], eps=1e-8)  # (E, Q, N, T, T)
+    return -otam_distance(dist, lam, bidirectional=True)
+
+
+def get_baseline(name: str):
+    table = {"zero-shot": zero_shot, "protonet": protonet, "otam": otam_baseline}
+    if name not in table:
+        raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+    return table[name]
+
+
+@torch.no_grad()
+def baseline_logits(name: str, support: Tensor, query: Tensor, text: Tensor) -> Tensor:
+    return get_baseline(name)(support, query, text)

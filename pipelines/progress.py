@@ -1,0 +1,25 @@
+"""rich progress bars shared by the pipelines (library code never prints)."""
+
+from __future__ import annotations
+
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. ``12.3 videos/s``."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s")
+
+
+def make_progress(unit: str, *extra: ProgressColumn) -> Progress:
+    """Description, bar, done/total, rate, extra columns, elapsed and ETA."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+                    *extra, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
