@@ -146,6 +146,155 @@ def export(
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+class Mode(str, Enum):
+    fast = "fast"
+    full = "full"
+
+
+def _head_overrides(no_pps: bool, no_distill: bool, view: Optional[str], condition: Optional[str],
+                    direction: Optional[str], extra: dict) -> dict:
+    heads = {k: v for k, v in extra.items() if v is not None}
+    if no_pps:
+        heads["pps"] = False
+    if no_distill:
+        heads["distill"] = False
+    if view:
+        heads["views"] = view
+    if condition:
+        heads["condition"] = condition
+    if direction:
+        heads["direction"] = direction
+    return heads
+
+
+NoPpsOpt = Annotated[bool, typer.Option("--no-pps", help="Turn the Probability Prompt Selector off.")]
+NoDistillOpt = Annotated[bool, typer.Option("--no-distill", help="Turn mutual distillation off.")]
+ViewOpt = Annotated[Optional[str], typer.Option("--view", help="Single view: gtc | ltc | ntc.")]
+ConditionOpt = Annotated[Optional[str], typer.Option("--condition", help="Reliability: both | text | visual | none.")]
+DirectionOpt = Annotated[Optional[str], typer.Option("--direction", help="bidirectional | up-down | down-up.")]
+
+
+@app.command(epilog="Examples:\n\n  mdmf-cache train cache/ucf101__RN50__openai.zarr --out runs/ucf_rn50 --shot 5\n\n"
+             "  mdmf-cache train CACHE --out runs/ref --preset reference --lr 3e-4 --episodes 20000\n\n"
+             "  mdmf-cache train CACHE --out runs/ucf_rn50 --resume")
+def train(
+    cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
+    out: Annotated[Path, typer.Option(help="Run directory: config.json, metrics.jsonl, best.pt, last.pt.")] = Path("runs/fast"),
+    mode: Annotated[Mode, typer.Option(help="fast: heads on cached features (CLIP frozen).")] = Mode.fast,
+    preset: Annotated[Preset, typer.Option(help="paper | reference (SPEC section 9).")] = Preset.paper,
+    way: int = 5,
+    shot: int = 5,
+    train_queries: Annotated[int, typer.Option(help="Queries per class in training episodes.")] = 5,
+    episodes: Annotated[int, typer.Option(help="Training episodes in total.")] = 10000,
+    episodes_per_step: Annotated[int, typer.Option(help="Episodes E per optimiser step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Distillation weight (preset: 1).")] = None,
+    alpha_ltc: Annotated[Optional[float], typer.Option(help="Weight of the local view's distance.")] = None,
+    alpha_gtc: Annotated[Optional[float], typer.Option(help="Weight of the global view's distance.")] = None,
+    pps_temperature: Annotated[Optional[float], typer.Option(help="PPS softmax temperature (0.005).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="One value for every head dropout.")] = None,
+    no_pps: NoPpsOpt = False,
+    no_distill: NoDistillOpt = False,
+    view: ViewOpt = None,
+    condition: ConditionOpt = None,
+    direction: DirectionOpt = None,
+    val_every: Annotated[int, typer.Option(help="Validate every this many episodes.")] = 1000,
+    val_episodes: Annotated[int, typer.Option(help="Fixed val episode list size.")] = 500,
+    seed: int = 0,
+    device: str = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train the CLIP-MDMF heads from a cache (fast mode), keeping the best checkpoint by val accuracy."""
+    _setup_logging(debug)
+    from pipelines.train import TrainConfig, run_train
+
+    extra = {"lam": lambda_, "alpha_ltc": alpha_ltc, "alpha_gtc": alpha_gtc, "pps_temperature": pps_temperature}
+    if dropout is not None:
+        extra.update(mmfe_dropout=dropout, ffn_dropout=dropout, tcn_dropout=dropout)
+    cfg = TrainConfig(
+        cache=str(cache), out=str(out), mode=mode.value, preset=preset.value,
+        heads=_head_overrides(no_pps, no_distill, view, condition, direction, extra),
+        way=way, shot=shot, train_queries=train_queries, episodes=episodes, episodes_per_step=episodes_per_step,
+        lr=lr, val_every=val_every, val_episodes=val_episodes, seed=seed, device=device, resume=resume,
+    )
+    res = run_train(cfg)
+    typer.echo(f"best val accuracy {res['best_val']:.2f}% after {res['episodes']} episodes "
+               f"({res['episodes_per_s']:.1f} episodes/s); checkpoint {out}/best.pt")
+
+
+def _shots(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError as e:
+        raise typer.BadParameter(f"--shot takes comma-separated integers like 1,3,5, got {value!r}") from e
+
+
+@app.command("eval", epilog="Examples:\n\n  mdmf-cache eval runs/ucf_rn50 --shot 1,3,5 --episodes 10000\n\n"
+             "  mdmf-cache eval cache/ucf101__RN50__openai.zarr --method protonet")
+def eval_(
+    target: Annotated[Path, typer.Argument(help="A run directory (mdmf) or a cache (*.zarr, baselines).")],
+    method: Annotated[str, typer.Option(help="mdmf | zero-shot | protonet | otam.")] = "mdmf",
+    split: str = "test",
+    episodes: int = 10000,
+    shot: Annotated[str, typer.Option(help="Shots, comma-separated.")] = "1,3,5",
+    way: int = 5,
+    queries_per_class: int = 1,
+    seed: int = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Results directory.")] = None,
+    device: str = "auto",
+    debug: DebugOpt = False,
+) -> None:
+    """Accuracy +- 1.96 std/sqrt(n) on a seeded, saved episode list, per shot, with per-class accuracy."""
+    _setup_logging(debug)
+    from pipelines.evaluate import EvalConfig, run_eval
+    from pipelines.report import print_eval
+
+    res = run_eval(EvalConfig(target=str(target), method=method, split=split, way=way, shots=_shots(shot),
+                              episodes=episodes, queries_per_class=queries_per_class, seed=seed,
+                              out=str(out) if out else None, device=device))
+    print_eval(res)
+
+
+@app.command(epilog="Examples:\n\n  mdmf-cache ablate CACHE --no-pps\n\n  mdmf-cache ablate CACHE --view gtc --episodes 5000\n\n"
+             "  mdmf-cache ablate CACHE --table 5 --out runs/table5")
+def ablate(
+    cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
+    no_pps: NoPpsOpt = False,
+    no_distill: NoDistillOpt = False,
+    view: ViewOpt = None,
+    condition: ConditionOpt = None,
+    direction: DirectionOpt = None,
+    table: Annotated[Optional[int], typer.Option(help="Run the paper's ablation grid 3, 4 or 5.")] = None,
+    out: Annotated[Path, typer.Option(help="Study directory (one run per arm).")] = Path("runs/ablate"),
+    preset: Annotated[Preset, typer.Option()] = Preset.paper,
+    episodes: Annotated[int, typer.Option(help="Training episodes per arm.")] = 10000,
+    episodes_per_step: int = 16,
+    lr: float = 1e-4,
+    val_every: int = 1000,
+    test_episodes: Annotated[int, typer.Option(help="Test episodes (the same list for every arm).")] = 10000,
+    way: int = 5,
+    shot: int = 5,
+    seed: int = 0,
+    device: str = "auto",
+    debug: DebugOpt = False,
+) -> None:
+    """Train the full model and a variant (or a paper table's grid); score all on identical episodes."""
+    _setup_logging(debug)
+    from pipelines.ablate import AblateConfig, run_ablate
+    from pipelines.report import print_comparison
+
+    cfg = AblateConfig(
+        cache=str(cache), out=str(out), preset=preset.value, table=table,
+        variant=_head_overrides(no_pps, no_distill, view, condition, direction, {}),
+        train={"episodes": episodes, "episodes_per_step": episodes_per_step, "lr": lr, "val_every": val_every},
+        way=way, shot=shot, test_episodes=test_episodes, seed=seed, device=device,
+    )
+    res = run_ablate(cfg)
+    print_comparison(res["rows"], f"ablation, {way}-way {shot}-shot, {test_episodes} identical test episodes")
+    typer.echo(f"tables: {res['out']}/ablation.csv, ablation.md")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where the synthetic videos, cache and runs go.")] = Path("demo_out"),

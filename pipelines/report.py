@@ -49,3 +49,35 @@ def print_info(path: Path) -> dict:
             console.print(f"  ... and {len(s['failures']) - 5} more failures in {split}")
     console.print("fingerprint: " + json.dumps(store.fingerprint, indent=1))
     return summary
+
+
+def print_eval(results: dict, per_class: bool = True) -> None:
+    """Accuracy +- 95% CI per shot, then per-class accuracy of the last shot."""
+    table = Table(title=f"{results['method']} on {results['split']} ({results['way']}-way, "
+                        f"{results['queries_per_class']} query/class)")
+    for col in ("shot", "accuracy %", "± 95% CI", "episodes"):
+        table.add_column(col, justify="right")
+    for shot, r in results["shots"].items():
+        table.add_row(shot, f"{r['accuracy']:.2f}", f"{r['ci95']:.2f}", str(r["episodes"]))
+    console.print(table)
+    if per_class and results["shots"]:
+        shot, r = list(results["shots"].items())[-1]
+        pc = Table(title=f"per-class accuracy, {shot}-shot")
+        pc.add_column("class")
+        pc.add_column("accuracy %", justify="right")
+        for name, acc in sorted(r.get("per_class", {}).items(), key=lambda kv: (kv[1] is None, kv[1])):
+            pc.add_row(name, "-" if acc is None else f"{acc:.1f}")
+        console.print(pc)
+    if "out" in results:
+        console.print(f"results: {results['out']}/results.json")
+
+
+def print_comparison(rows: list[dict], title: str) -> None:
+    """Methods side by side: accuracy +- CI, paired difference and the paper's numbers when known."""
+    table = Table(title=title)
+    cols = list(dict.fromkeys(k for r in rows for k in r if k != "episodes"))
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("arm", "method") else "right")
+    for r in rows:
+        table.add_row(*[f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
+    console.print(table)

@@ -1,0 +1,147 @@
+"""Ablations: train the full model and its variants on one cache, score all on identical episodes.
+
+Recipe, top to bottom:
+    1. list the arms: ``full`` plus one named variant (flags), or a whole paper table (``--table``);
+    2. train each arm with the same seed and schedule (a finished arm with the same config is reused);
+    3. score every arm on the same seeded test episode list; for variants, the paired difference to
+       ``full`` with its own CI (same episodes, so the CI of the difference is tight);
+    4. write ``ablation.csv`` and ``ablation.md`` (beside the paper's numbers for tables 3-5).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mdmf_cache.episodes import mean_ci
+from mdmf_cache.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# SPEC section 11, CLIP-RN50, 5-way 5-shot, as (K100, SSv2-Small, HMDB).
+PAPER_TABLES: dict[int, list[tuple[str, dict[str, Any], tuple[float, float, float]]]] = {
+    3: [
+        ("GTC", {"views": "gtc", "pps": False}, (92.0, 58.1, 82.4)),
+        ("GTC+PPS", {"views": "gtc", "pps": True}, (93.2, 58.6, 82.4)),
+        ("LTC", {"views": "ltc", "pps": False}, (91.9, 56.2, 82.1)),
+        ("LTC+PPS", {"views": "ltc", "pps": True}, (92.9, 57.2, 82.3)),
+        ("NTC", {"views": "ntc", "pps": False}, (91.4, 56.0, 81.7)),
+        ("NTC+PPS", {"views": "ntc", "pps": True}, (92.0, 56.5, 82.2)),
+    ],
+    4: [
+        ("distill", {"distill": True, "pps": False}, (92.3, 57.1, 82.4)),
+        ("distill+PPS", {"distill": True, "pps": True}, (93.5, 60.4, 83.0)),
+        ("neither", {"distill": False, "pps": False}, (92.2, 56.6, 82.1)),
+        ("PPS only", {"distill": False, "pps": True}, (93.1, 59.1, 82.5)),
+    ],
+    5: [
+        (f"{cname} {dname}", {"pps": True, "condition": cond, "direction": dirn}, paper)
+        for (dname, dirn), rows in (
+            (("bi", "bidirectional"), ((93.5, 60.4, 83.0), (93.0, 59.2, 82.6), (93.1, 59.7, 82.3), (93.0, 58.9, 82.3))),
+            (("up->down", "up-down"), ((93.2, 59.1, 82.6), (93.1, 58.8, 82.3), (93.0, 58.9, 82.4), (92.7, 58.4, 82.2))),
+            (("down->up", "down-up"), ((93.1, 58.9, 82.5), (93.1, 58.0, 82.3), (92.9, 59.3, 82.1), (92.7, 58.6, 82.1))),
+        )
+        for (cname, cond), paper in zip((("t+v", "both"), ("t", "text"), ("v", "visual"), ("none", "none")), rows)
+    ],
+}
+
+
+@dataclass
+class AblateConfig:
+    """One ablation study; saved as ``ablate_config.json`` in ``out``."""
+
+    cache: str = ""
+    out: str = "runs/ablate"
+    preset: str = "paper"
+    variant: dict[str, Any] = field(default_factory=dict)  # head overrides of the named variant
+    table: int | None = None  # 3, 4 or 5: the paper's grid instead of one variant
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every arm
+    way: int = 5
+    shot: int = 5
+    test_episodes: int = 10000
+    split: str = "test"
+    seed: int = 0
+    device: str = "auto"
+
+    def arms(self) -> list[tuple[str, dict[str, Any], tuple[float, float, float] | None]]:
+        if self.table is not None:
+            if self.table not in PAPER_TABLES:
+                raise ConfigError(f"--table {self.table}: choose one of {', '.join(map(str, PAPER_TABLES))}")
+            return list(PAPER_TABLES[self.table])
+        if not self.variant:
+            raise ConfigError("name a variant (--no-pps, --no-distill, --view, --condition, --direction) or --table 3|4|5")
+        name = ",".join(f"{k}={v}" for k, v in sorted(self.variant.items()))
+        return [("full", {}, None), (name, dict(self.variant), None)]
+
+
+def _arm_dir(out: Path, name: str) -> Path:
+    return out / ("arm_" + "".join(c if c.isalnum() or c in "-_=." else "_" for c in name))
+
+
+def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
+    """Train and score every arm; returns the rows written to ``ablation.csv``."""
+    from pipelines.evaluate import episode_list, score
+    from pipelines.train import TrainConfig, load_run, resolve_device, run_train
+    from mdmf_cache.store import load_split_features
+
+    arms = cfg.arms()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablate_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    device = resolve_device(cfg.device)
+    # 2. train
+    runs = {}
+    for name, heads, _ in arms:
+        tcfg = TrainConfig(cache=cfg.cache, out=str(_arm_dir(out, name)), preset=cfg.preset, heads=heads,
+                           way=cfg.way, shot=cfg.shot, seed=cfg.seed, device=cfg.device, **cfg.train)
+        run = Path(tcfg.out)
+        if (run / "best.pt").is_file() and (run / "metrics.jsonl").is_file():
+            last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            if last and last[-1]["episodes"] >= tcfg.episodes:
+                log.info("arm %s: reusing finished run %s", name, run)
+                runs[name] = run
+                continue
+            tcfg.resume = True
+        log.info("arm %s: training (%s)", name, heads or "preset defaults")
+        run_train(tcfg, progress=progress)
+        runs[name] = run
+    # 3. score on one episode list
+    split = load_split_features(cfg.cache, cfg.split, device=str(device))
+    eps = episode_list(split, cfg.way, cfg.shot, 1, cfg.test_episodes, cfg.seed)
+    eps.save(out / f"episodes_{cfg.way}way_{cfg.shot}shot.npz")
+    accs = {}
+    for name, _, _ in arms:
+        model, _ = load_run(runs[name], str(device))
+        accs[name] = score("mdmf", split, eps, model, cfg.seed).episode_acc * 100
+    # 4. tables
+    base = accs.get("full")
+    rows = []
+    for name, heads, paper in arms:
+        mean, ci = mean_ci(accs[name])
+        row = {"arm": name, "accuracy": mean, "ci95": ci, "episodes": len(eps)}
+        if base is not None and name != "full":
+            row["diff_vs_full"], row["diff_ci95"] = mean_ci(accs[name] - base)
+        if paper is not None:
+            row.update({"paper_k100": paper[0], "paper_ssv2_small": paper[1], "paper_hmdb": paper[2]})
+        rows.append(row)
+    _write_tables(out, rows)
+    return {"rows": rows, "out": str(out)}
+
+
+def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with (out / "ablation.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
