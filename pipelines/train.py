@@ -146,6 +146,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     train = load_split_features(cfg.cache, "train", device=str(device))
     val = load_split_features(cfg.cache, "val", device=str(device))
     views, num_frames, dim = train.features.shape[1:]
+    torch.manual_seed(cfg.seed)  # the heads' initialisation, then dropout and PPS draws
     model = build_model(cfg.preset, dim, num_frames, cfg.heads).to(device)
     (out / "config.json").write_text(json.dumps({**cfg_dict, "resolved_heads": model.cfg.to_dict()}, indent=2))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -155,7 +156,6 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     val_eps = val_sampler.sample(cfg.val_episodes, cfg.way, cfg.shot, cfg.val_queries, np.random.default_rng([cfg.seed, 1]))
     val_eps.save(out / "val_episodes.npz")
     rng = np.random.default_rng([cfg.seed, 0])
-    torch.manual_seed(cfg.seed)
     done, best, history = 0, -1.0, []
     if cfg.resume and (out / "last.pt").is_file():
         ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)

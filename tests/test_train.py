@@ -1,0 +1,148 @@
+"""End to end on a synthetic cache: fast-mode training, resume, evaluation, ablation, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from mdmf_cache.store import load_split_features  # noqa: E402
+from mdmf_cache.synthetic import make_action_dataset  # noqa: E402
+from pipelines.evaluate import EvalConfig, episode_list, run_eval, score  # noqa: E402
+from pipelines.extract import ExtractConfig, run_extract  # noqa: E402
+from pipelines.train import TrainConfig, build_model, load_run, run_train  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """25 classes x 10 videos (moving shapes), tiny-vit features, 2 train views."""
+    base = tmp_path_factory.mktemp("train_demo")
+    make_action_dataset(base / "videos", num_classes=25, videos_per_class=10, num_frames=16, size=(64, 48), seed=1)
+    path, _ = run_extract(ExtractConfig(dataset="folder", root=str(base / "videos"), cache_dir=str(base / "cache"),
+                                        name="demo", model="mdmf-tiny-vit", pretrained=None, train_views=2,
+                                        flip=False, workers=0, chunk_rows=16, progress=False, clean_names=True))
+    return path
+
+
+def _train(cache, out, **kw):
+    cfg = dict(cache=str(cache), out=str(out), episodes=64, episodes_per_step=8, val_every=32, val_episodes=100,
+               lr=1e-3, seed=0)
+    cfg.update(kw)
+    return run_train(TrainConfig(**cfg), progress=False)
+
+
+def test_training_beats_untrained_and_protonet_on_val(demo_cache, tmp_path):
+    res = _train(demo_cache, tmp_path / "run", episodes=400, episodes_per_step=16, val_every=200, val_episodes=300)
+    val = load_split_features(demo_cache, "val")
+    eps = episode_list(val, 5, 5, 1, 300, seed=7)
+    trained, _ = load_run(tmp_path / "run", "cpu")
+    torch.manual_seed(0)
+    untrained = build_model("paper", val.features.shape[-1], val.features.shape[2], {}).eval()
+    acc_trained = score("mdmf", val, eps, trained).mean * 100
+    acc_untrained = score("mdmf", val, eps, untrained).mean * 100
+    acc_proto = score("protonet", val, eps).mean * 100
+    assert res["best_val"] > 0
+    assert acc_trained > acc_untrained + 10, (acc_trained, acc_untrained)
+    assert acc_trained > acc_proto + 10, (acc_trained, acc_proto)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["episodes"] for m in metrics] == [208, 400]  # validation when crossing every 200 episodes
+    assert metrics[-1]["best_val"] == max(m["val_acc"] for m in metrics)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["resolved_heads"]["ltce"] == "bn" and cfg["lr"] == 1e-3
+
+
+def _state(run):
+    return torch.load(run / "last.pt", weights_only=False)["model"]
+
+
+def test_resume_equals_uninterrupted_and_is_deterministic(demo_cache, tmp_path):
+    _train(demo_cache, tmp_path / "a")
+    _train(demo_cache, tmp_path / "b", episodes=32)
+    with pytest.raises(Exception, match="--resume"):
+        _train(demo_cache, tmp_path / "b")  # refuses to overwrite a run silently
+    _train(demo_cache, tmp_path / "b", resume=True)
+    _train(demo_cache, tmp_path / "c")
+    ma = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    mb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    mc = (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "episodes_per_s"} for x in lines]  # noqa: E731
+    assert strip(ma) == strip(mb) == strip(mc)
+    for key, val in _state(tmp_path / "a").items():
+        assert torch.equal(val, _state(tmp_path / "b")[key]), key
+        assert torch.equal(val, _state(tmp_path / "c")[key]), key
+
+
+def test_eval_ci_shrinks_and_episodes_are_saved(demo_cache, tmp_path):
+    small = run_eval(EvalConfig(target=str(demo_cache), method="protonet", shots=(1,), episodes=100,
+                                out=str(tmp_path / "s")), progress=False)
+    large = run_eval(EvalConfig(target=str(demo_cache), method="protonet", shots=(1,), episodes=1600,
+                                out=str(tmp_path / "l")), progress=False)
+    assert large["shots"]["1"]["ci95"] < small["shots"]["1"]["ci95"] * 0.5
+    again = run_eval(EvalConfig(target=str(demo_cache), method="protonet", shots=(1,), episodes=100,
+                                out=str(tmp_path / "s2")), progress=False)
+    a = np.load(tmp_path / "s" / "episodes_5way_1shot.npz")
+    b = np.load(tmp_path / "s2" / "episodes_5way_1shot.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    assert again["shots"]["1"]["accuracy"] == small["shots"]["1"]["accuracy"]
+    per_class = small["shots"]["1"]["per_class"]
+    assert len(per_class) == 5 and all(0 <= v <= 100 for v in per_class.values() if v is not None)
+    saved = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert saved["shots"]["1"]["episodes"] == 100
+
+
+def test_eval_mdmf_run_several_shots(demo_cache, tmp_path):
+    _train(demo_cache, tmp_path / "run", episodes=16, val_every=16)
+    res = run_eval(EvalConfig(target=str(tmp_path / "run"), method="mdmf", shots=(1, 3), episodes=50), progress=False)
+    assert set(res["shots"]) == {"1", "3"}
+    assert (tmp_path / "run" / "eval_mdmf_test" / "results.json").is_file()
+    with pytest.raises(Exception, match="run directory"):
+        run_eval(EvalConfig(target=str(demo_cache), method="mdmf"), progress=False)
+
+
+def test_ablate_no_pps_scores_both_arms_on_identical_episodes(demo_cache, tmp_path):
+    from pipelines.ablate import AblateConfig, run_ablate
+
+    res = run_ablate(AblateConfig(cache=str(demo_cache), out=str(tmp_path / "abl"), variant={"pps": False},
+                                  train={"episodes": 32, "episodes_per_step": 8, "val_every": 32, "val_episodes": 50,
+                                         "lr": 1e-3},
+                                  test_episodes=200), progress=False)
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert set(rows) == {"full", "pps=False"}
+    # both arms re-scored on the saved list give the table's numbers: one list served both
+    test = load_split_features(demo_cache, "test")
+    from mdmf_cache.episodes import Episodes
+
+    eps = Episodes.load(tmp_path / "abl" / "episodes_5way_5shot.npz")
+    accs = {}
+    for arm, run in (("full", "arm_full"), ("pps=False", "arm_pps=False")):
+        model, cfg = load_run(tmp_path / "abl" / run, "cpu")
+        assert model.cfg.pps == (arm == "full")
+        accs[arm] = score("mdmf", test, eps, model).episode_acc * 100
+        assert accs[arm].mean() == pytest.approx(rows[arm]["accuracy"])
+    assert rows["pps=False"]["diff_vs_full"] == pytest.approx((accs["pps=False"] - accs["full"]).mean())
+    assert (tmp_path / "abl" / "ablation.md").read_text().count("\n") == 4
+
+
+def test_cli_train_eval(demo_cache, tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    runner = CliRunner()
+    r = runner.invoke(cli.app, ["train", str(demo_cache), "--out", str(tmp_path / "r"), "--episodes", "16",
+                                "--episodes-per-step", "8", "--val-every", "16", "--val-episodes", "20", "--no-pps",
+                                "--lr", "1e-3"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["heads"] == {"pps": False}
+    r = runner.invoke(cli.app, ["eval", str(tmp_path / "r"), "--shot", "1,5", "--episodes", "30"])
+    assert r.exit_code == 0, r.output
+    assert "1" in r.output and "per-class" in r.output
+    r = runner.invoke(cli.app, ["train", str(demo_cache), "--mode", "full", "--out", str(tmp_path / "f")])
+    assert r.exit_code != 0 and "fast" in str(r.exception)
