@@ -39,8 +39,6 @@ class Preset(str, Enum):
     reference = "reference"
 
 
-# Data-side switches of SPEC section 9 (the head-side switches live in mdmf_cache.models.config).
-EXTRACT_PRESETS = {"paper": {"sampler": "tsn", "normalize": "clip"}, "reference": {"sampler": "linspace", "normalize": "none"}}
 
 CacheDirOpt = Annotated[Path, typer.Option("--cache-dir", help="Where cache groups live.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
@@ -98,6 +96,7 @@ def extract(
 ) -> None:
     """Decode T frames per video, encode them with CLIP, and store them with the prompt embeddings."""
     _setup_logging(debug)
+    from mdmf_cache.models.config import PRESET_DATA  # data-side switches of SPEC section 9 (no torch import)
     from pipelines.extract import ExtractConfig, distributed_env, run_extract
 
     env_rank, env_world, _ = distributed_env()
@@ -105,8 +104,8 @@ def extract(
         dataset=dataset.value, root=str(root), splits_dir=str(splits) if splits else (str(_default_splits()) if dataset != Dataset.folder and _default_splits() else None),
         cache_dir=str(cache_dir), name=name, model=model,
         pretrained=None if pretrained.lower() in ("none", "") else pretrained,
-        num_frames=num_frames, sampler=sampler or EXTRACT_PRESETS[preset.value]["sampler"],
-        normalize=normalize or EXTRACT_PRESETS[preset.value]["normalize"], train_views=train_views, flip=flip,
+        num_frames=num_frames, sampler=sampler or PRESET_DATA[preset.value]["sampler"],
+        normalize=normalize or PRESET_DATA[preset.value]["normalize"], train_views=train_views, flip=flip,
         seed=seed, prompt_template=prompt, clean_names=clean_names, decoder=decoder, workers=workers,
         batch_videos=batch_videos, chunk_rows=chunk_rows, device=device,
         splits=tuple(split) if split else ("train", "val", "test"), overwrite=overwrite, strict=strict,
@@ -198,6 +197,13 @@ def train(
     view: ViewOpt = None,
     condition: ConditionOpt = None,
     direction: DirectionOpt = None,
+    ltce: Annotated[Optional[str], typer.Option(help="Local extractor: bn (paper) | linear (reference).")] = None,
+    pos_embed: Annotated[Optional[bool], typer.Option("--pos-embed/--no-pos-embed", help="MMFE position embeddings.")] = None,
+    pps_score: Annotated[Optional[str], typer.Option(help="PPS score: mean (paper) | top4 (reference).")] = None,
+    pps_test: Annotated[Optional[str], typer.Option(help="PPS at test: argmax (paper) | sample (reference).")] = None,
+    text_pos: Annotated[Optional[int], typer.Option(help="Text-compare position: 0 (paper) | 1 (reference).")] = None,
+    cos_eps: Annotated[Optional[float], typer.Option(help="Cosine eps on the norm product (reference 0.01).")] = None,
+    otam_one_way: Annotated[bool, typer.Option("--otam-one-way", help="OTAM(D) only (released Kinetics 1-shot config).")] = False,
     val_every: Annotated[int, typer.Option(help="Validate every this many episodes.")] = 1000,
     val_episodes: Annotated[int, typer.Option(help="Fixed val episode list size.")] = 500,
     seed: int = 0,
@@ -209,7 +215,9 @@ def train(
     _setup_logging(debug)
     from pipelines.train import TrainConfig, run_train
 
-    extra = {"lam": lambda_, "alpha_ltc": alpha_ltc, "alpha_gtc": alpha_gtc, "pps_temperature": pps_temperature}
+    extra = {"lam": lambda_, "alpha_ltc": alpha_ltc, "alpha_gtc": alpha_gtc, "pps_temperature": pps_temperature,
+             "ltce": ltce, "pos_embed": pos_embed, "pps_score": pps_score, "pps_test": pps_test, "text_pos": text_pos,
+             "cos_eps": cos_eps, "otam_bidirectional": False if otam_one_way else None}
     if dropout is not None:
         extra.update(mmfe_dropout=dropout, ffn_dropout=dropout, tcn_dropout=dropout)
     cfg = TrainConfig(
