@@ -67,7 +67,7 @@ def evaluate_episodes(
         episodes: the fixed episode list.
         on_batch: called with the number of episodes just scored (progress bars).
     """
-    acc = np.empty(len(episodes), dtype=np.float64)
+    accs: list[torch.Tensor] = []  # per-batch (E,) on the device; one copy to the host at the end
     c = split.num_classes
     correct_c = torch.zeros(c, dtype=torch.float64, device=split.features.device)
     total_c = torch.zeros(c, dtype=torch.float64, device=split.features.device)
@@ -76,10 +76,11 @@ def evaluate_episodes(
         support, query, text, labels = gather(split.features, split.text, ep)
         logits = logits_fn(support, query, text)  # (E, Q, N)
         correct = (logits.argmax(dim=-1) == labels).double()  # (E, Q)
-        acc[lo : lo + len(ep)] = correct.mean(dim=1).cpu().numpy()
+        accs.append(correct.mean(dim=1))
         true_cls = torch.as_tensor(ep.classes, device=correct.device).gather(1, labels)  # (E, Q) split class
         correct_c.index_add_(0, true_cls.flatten(), correct.flatten())
         total_c.index_add_(0, true_cls.flatten(), torch.ones_like(correct.flatten()))
         if on_batch:
             on_batch(len(ep))
+    acc = torch.cat(accs).cpu().numpy() if accs else np.empty(0, dtype=np.float64)
     return EvalResult(acc, correct_c.cpu().numpy(), total_c.cpu().numpy())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -22,6 +23,7 @@ __all__ = [
     "distillation_terms",
     "distillation_loss",
     "total_loss",
+    "mean_parts",
 ]
 
 
@@ -153,8 +155,12 @@ def _combine(terms: dict[str, Tensor], cfg: MDMFConfig) -> Tensor:
     return terms["l2g"] + terms["g2l"]
 
 
-def total_loss(out: dict[str, Tensor], labels: Tensor, cfg: MDMFConfig) -> tuple[Tensor, dict[str, float]]:
+def total_loss(out: dict[str, Tensor], labels: Tensor, cfg: MDMFConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """``L = L_main + lam * L_dist``, each per episode and averaged over episodes.
+
+    Nothing here waits for the device: the parts are returned as detached 0-dim tensors, so a
+    training step does not pay a host sync per logged number. Convert many steps' parts at once
+    with :func:`mean_parts` (one ``.tolist()``), e.g. at validation time.
 
     Args:
         out: MDMF output.
@@ -162,23 +168,40 @@ def total_loss(out: dict[str, Tensor], labels: Tensor, cfg: MDMFConfig) -> tuple
         cfg: Head config.
 
     Returns:
-        The scalar loss and float parts: ``main``, ``distill``, ``total`` and, when distillation is
-        active, ``distill_l2g``, ``distill_g2l``, ``reliable_ltc``, ``reliable_gtc``.
+        The scalar loss (with its graph) and detached 0-dim tensor parts: ``main``, ``distill``,
+        ``total`` and, when distillation is active, ``distill_l2g``, ``distill_g2l``,
+        ``reliable_ltc``, ``reliable_gtc``.
     """
     main = main_loss(out["logits"], labels)
-    parts: dict[str, float] = {"main": main.item()}
+    parts: dict[str, Tensor] = {"main": main.detach()}
     if cfg.distill and cfg.views == "both":
         terms = distillation_terms(out, cfg)
         distill = _combine(terms, cfg)
         parts.update({
-            "distill_l2g": terms["l2g"].item(),
-            "distill_g2l": terms["g2l"].item(),
-            "reliable_ltc": terms["reliable_ltc"].item(),
-            "reliable_gtc": terms["reliable_gtc"].item(),
+            "distill_l2g": terms["l2g"].detach(),
+            "distill_g2l": terms["g2l"].detach(),
+            "reliable_ltc": terms["reliable_ltc"].detach(),
+            "reliable_gtc": terms["reliable_gtc"].detach(),
         })
     else:
         distill = main.new_zeros(())
     loss = main + cfg.lam * distill
-    parts["distill"] = distill.item()
-    parts["total"] = loss.item()
+    parts["distill"] = distill.detach()
+    parts["total"] = loss.detach()
     return loss, parts
+
+
+def mean_parts(parts: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Mean of each loss part over steps, as Python floats, with a single device-to-host copy.
+
+    Args:
+        parts: :func:`total_loss` parts of several steps (the keys of the first step are used).
+
+    Returns:
+        ``{name: mean}`` (float64 mean of the float values); ``{}`` for an empty list.
+    """
+    if not parts:
+        return {}
+    keys = list(parts[0])
+    table = torch.stack([torch.stack([p[k].float() for k in keys]) for p in parts]).tolist()  # (steps, keys)
+    return {k: float(np.mean([row[i] for row in table])) for i, k in enumerate(keys)}

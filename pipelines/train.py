@@ -30,7 +30,7 @@ import torch
 from mdmf_cache.episodes import EpisodeSampler, Episodes, gather
 from mdmf_cache.errors import ConfigError
 from mdmf_cache.evaluation import evaluate_episodes
-from mdmf_cache.losses import total_loss
+from mdmf_cache.losses import mean_parts, total_loss
 from mdmf_cache.models.config import build_config
 from mdmf_cache.models.mdmf import MDMF
 from mdmf_cache.store import FeatureSplit, load_split_features
@@ -186,18 +186,19 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(parts)
+            losses.append(parts)  # detached device tensors: no host sync per step
             done += e
             run_eps += e
-            if bar:
-                bar.update(task, completed=done, loss=parts["total"])
+            if bar:  # the loss shown costs a host sync: refresh it every 10 steps only
+                bar.update(task, completed=done, **({"loss": float(parts["total"])} if len(losses) % 10 == 1 else {}))
             if done % cfg.val_every < e or done == cfg.episodes:  # crossed a validation point
                 acc = validate(model, val, val_eps, cfg.seed)
+                mean = mean_parts(losses)  # one device-to-host copy for all steps since the last one
                 rec = {
                     "episodes": done,
-                    "loss": float(np.mean([p["total"] for p in losses])),
-                    "main": float(np.mean([p["main"] for p in losses])),
-                    "distill": float(np.mean([p["distill"] for p in losses])),
+                    "loss": mean["total"],
+                    "main": mean["main"],
+                    "distill": mean["distill"],
                     "val_acc": acc,
                     "episodes_per_s": run_eps / (time.perf_counter() - t0),
                 }
@@ -213,7 +214,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 with (out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 if bar:
-                    bar.update(task, val=acc)
+                    bar.update(task, val=acc, loss=rec["loss"])
                 else:
                     log.info("episodes %d loss %.3f val %.2f%%", done, rec["loss"], acc)
     finally:

@@ -12,6 +12,7 @@ from mdmf_cache.losses import (
     distillation_terms,
     kl_div,
     main_loss,
+    mean_parts,
     reliability_masks,
     total_loss,
 )
@@ -150,8 +151,30 @@ def test_total_loss_parts() -> None:
     loss, parts = total_loss(out, labels, cfg)
     want = main_loss(out["logits"], labels) + 0.5 * distillation_loss(out, cfg)
     torch.testing.assert_close(loss, want)
-    assert parts["total"] == pytest.approx(loss.item())
-    assert parts["main"] + 0.5 * parts["distill"] == pytest.approx(parts["total"])
+    # parts are detached 0-dim tensors (no host sync inside the training step)
+    assert set(parts) == {"main", "distill", "total", "distill_l2g", "distill_g2l", "reliable_ltc", "reliable_gtc"}
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in parts.values())
+    assert parts["total"].item() == pytest.approx(loss.item())
+    assert parts["main"].item() + 0.5 * parts["distill"].item() == pytest.approx(parts["total"].item())
     loss_off, parts_off = total_loss(out, labels, build_config("paper", 8, distill=False))
     torch.testing.assert_close(loss_off, main_loss(out["logits"], labels))
-    assert parts_off["distill"] == 0.0
+    assert parts_off["distill"].item() == 0.0
+    assert set(parts_off) == {"main", "distill", "total"}
+
+
+def test_total_loss_parts_do_not_hold_the_graph() -> None:
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    _, parts = total_loss({"logits": logits}, labels, build_config("paper", 8, distill=False))
+    assert all(v.grad_fn is None for v in parts.values())
+
+
+def test_mean_parts_one_conversion() -> None:
+    steps = [
+        {"total": torch.tensor(1.0), "main": torch.tensor(0.5)},
+        {"total": torch.tensor(2.0), "main": torch.tensor(0.25)},
+    ]
+    got = mean_parts(steps)
+    assert got == {"total": 1.5, "main": 0.375}
+    assert all(type(v) is float for v in got.values())
+    assert mean_parts([]) == {}

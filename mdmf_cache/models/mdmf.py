@@ -140,8 +140,8 @@ class MDMF(nn.Module):
         tokens = torch.cat([support_tokens, query_tokens], dim=1).reshape(e * (s + q), d)  # (E*(S+Q), D)
 
         out: dict[str, Tensor] = {"query_token_class": chosen, "pps_prob": pps_prob}
-        logits = query.new_zeros(e, q, n)
-        for name, view in self.views.items():
+        frame_dists, text_cosines = [], []
+        for view in self.views.values():
             fused = view(frames, tokens).reshape(e, s + q, t + 1, d)  # (E, S+Q, T+1, D)
             support_out, query_out = fused[:, :s], fused[:, s:]  # (E, S, T+1, D), (E, Q, T+1, D)
             protos = support_out.reshape(e, n, k, t + 1, d).mean(dim=2)  # (E, N, T+1, D)
@@ -151,12 +151,20 @@ class MDMF(nn.Module):
                 protos[:, :, 1:].reshape(e, n * t, d),  # (E, N*T, D)
                 cfg.cos_eps,
             )  # (E, Q*T, N*T)
-            frame_dist = frame_dist.reshape(e, q, t, n, t).permute(0, 1, 3, 2, 4)  # (E, Q, N, T, T)
-            dist = otam_distance(frame_dist, cfg.otam_lambda, cfg.otam_bidirectional)  # (E, Q, N)
-
-            text_cos = cosine_similarity(
-                query_out[:, :, cfg.text_pos], protos[:, :, cfg.text_pos], cfg.cos_eps
+            frame_dists.append(frame_dist.reshape(e, q, t, n, t).permute(0, 1, 3, 2, 4))  # (E, Q, N, T, T)
+            text_cosines.append(
+                cosine_similarity(query_out[:, :, cfg.text_pos], protos[:, :, cfg.text_pos], cfg.cos_eps)
             )  # (E, Q, D) x (E, N, D) -> (E, Q, N)
+
+        # OTAM of every view (and both directions) in one pass: its T-step recurrence is a chain of
+        # small kernels, so batching the views halves the launches; the arithmetic is unchanged.
+        if len(frame_dists) == 1:
+            dists = otam_distance(frame_dists[0], cfg.otam_lambda, cfg.otam_bidirectional).unsqueeze(0)
+        else:
+            dists = otam_distance(torch.stack(frame_dists), cfg.otam_lambda, cfg.otam_bidirectional)  # (V, E, Q, N)
+
+        logits = query.new_zeros(e, q, n)
+        for name, dist, text_cos in zip(self.views.keys(), dists, text_cosines):
             out[f"d_{name}"] = dist
             out[f"p_visual_{name}"] = torch.softmax(-dist, dim=-1)
             out[f"p_text_{name}"] = torch.softmax(text_cos, dim=-1)

@@ -61,13 +61,15 @@ def otam(dist: Tensor, lam: float = 0.5) -> Tensor:
     Returns:
         ``(...)`` the OTAM distance.
     """
-    num_rows = dist.shape[-2]
-    padded = torch.nn.functional.pad(dist, (1, 1))  # (..., T, T+2)
-    prev = padded[..., 0, :].cumsum(dim=-1)  # row 0: running sum, (..., T+2)
-    for row in range(1, num_rows):
-        cost = -padded[..., row, 1:] / lam  # a_1..a_{T+1}, (..., T+1)
-        up_left = -prev[..., :-1] / lam  # c[row-1, m-1] for m = 1..T+1, (..., T+1)
-        up = -prev[..., 1:] / lam  # c[row-1, m], used in columns 1 and T+1 only
+    # One unbind instead of indexing a row per step: the backward of T row slices would allocate
+    # and accumulate T full-size gradients, the backward of unbind is one stack.
+    rows = torch.nn.functional.pad(dist, (1, 1)).unbind(dim=-2)  # T rows of (..., T+2)
+    prev = rows[0].cumsum(dim=-1)  # row 0: running sum, (..., T+2)
+    for padded_row in rows[1:]:
+        cost = -padded_row[..., 1:] / lam  # a_1..a_{T+1}, (..., T+1)
+        neg_prev = -prev / lam  # (..., T+2), computed once for up-left and up
+        up_left = neg_prev[..., :-1]  # c[row-1, m-1] for m = 1..T+1, (..., T+1)
+        up = neg_prev[..., 1:]  # c[row-1, m], used in columns 1 and T+1 only
         # Columns 1 and T+1 also see the cell above; inner columns only see up-left.
         g = torch.cat(
             [
@@ -97,7 +99,8 @@ def otam_distance(dist: Tensor, lam: float = 0.5, bidirectional: bool = True) ->
     Returns:
         ``(...)``.
     """
-    out = otam(dist, lam)
-    if bidirectional:
-        out = out + otam(dist.transpose(-1, -2), lam)
-    return out
+    if not bidirectional:
+        return otam(dist, lam)
+    # both directions in one pass (half the kernel launches of two calls, same arithmetic)
+    both = otam(torch.stack([dist, dist.transpose(-1, -2)]), lam)  # (2, ...)
+    return both[0] + both[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 try:  # torch >= 2.1
     from torch.nn.utils.parametrizations import weight_norm
@@ -43,23 +44,24 @@ class TemporalBlock(nn.Module):
     Args:
         dim: Width D (in = out, so no 1x1 downsample).
         kernel_size: Convolution kernel k.
-        dilation: Dilation d; the conv pads (k-1)*d on both sides and the right side is trimmed,
-            so output t only sees inputs <= t.
+        dilation: Dilation d; output t only sees inputs <= t. The released code pads (k-1)*d on
+            both sides and trims the right; here the input is padded on the left only, which gives
+            the same outputs without computing the (k-1)*d trimmed ones (up to 2x the conv work at
+            T = 8, dilation 4).
         dropout: Dropout probability.
     """
 
     def __init__(self, dim: int, kernel_size: int, dilation: int, dropout: float) -> None:
         super().__init__()
-        self.trim = (kernel_size - 1) * dilation
-        self.conv1 = weight_norm(nn.Conv1d(dim, dim, kernel_size, padding=self.trim, dilation=dilation))
-        self.conv2 = weight_norm(nn.Conv1d(dim, dim, kernel_size, padding=self.trim, dilation=dilation))
+        self.trim = (kernel_size - 1) * dilation  # left padding
+        self.conv1 = weight_norm(nn.Conv1d(dim, dim, kernel_size, dilation=dilation))
+        self.conv2 = weight_norm(nn.Conv1d(dim, dim, kernel_size, dilation=dilation))
         self.act = nn.ReLU()
         self.drop1 = nn.Dropout(dropout)
         self.drop2 = nn.Dropout(dropout)
 
     def _causal(self, conv: nn.Module, x: Tensor) -> Tensor:
-        out = conv(x)  # (B, D, T + trim)
-        return out[..., : out.shape[-1] - self.trim] if self.trim else out  # (B, D, T)
+        return conv(F.pad(x, (self.trim, 0)) if self.trim else x)  # (B, D, T + trim) -> (B, D, T)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, D, T) -> (B, D, T)`` (channels first)."""

@@ -1,0 +1,201 @@
+"""Benchmark of fast-mode training and evaluation on synthetic in-memory features (not a test).
+
+Measures, in one run, with the project's own sampler, ``gather``, MDMF heads, ``total_loss`` and
+``evaluate_episodes``:
+
+* training episodes/s with E episodes per forward/backward/Adam step (this project), versus one
+  episode per forward/backward with the gradient accumulated over E episodes per Adam step (how the
+  released code trains), and the ratio;
+* seconds for 10,000 test episodes (5-way K-shot, 1 query per class, eval mode, batches of 500),
+  extrapolated from fewer episodes when ``--test-episodes`` < 10000.
+
+The features are random: a split of C=64 classes x 100 videos, V=1 view, T=8 frames, width D, in
+float16 as in the cache. Accuracy is meaningless here, only time is measured.
+
+    python bench/train_fast.py                      # GPU if there is one, D=1024
+    python bench/train_fast.py --dim 1024 --steps 2 --test-episodes 100   # a CPU-sized run
+    python bench/train_fast.py --dim 64             # the demo's tiny backbone width
+
+Prints a table and one JSON line (``{"bench": "train_fast", ...}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mdmf_cache.episodes import EpisodeSampler, gather  # noqa: E402
+from mdmf_cache.evaluation import evaluate_episodes  # noqa: E402
+from mdmf_cache.losses import mean_parts, total_loss  # noqa: E402
+from mdmf_cache.store import FeatureSplit  # noqa: E402
+from pipelines.train import build_model, model_logits, resolve_device  # noqa: E402
+
+FULL_TEST = 10_000
+
+
+def synthetic_split(
+    classes: int, per_class: int, frames: int, dim: int, device: torch.device, seed: int
+) -> FeatureSplit:
+    """A FeatureSplit of random float16 features (N, 1, T, D) and float32 text (C, D) on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    n = classes * per_class
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    features = torch.randn(n, 1, frames, dim, generator=g).half()
+    text = torch.randn(classes, dim, generator=g)
+    names = [f"class{c}" for c in range(classes)]
+    return FeatureSplit(features.to(device), labels, [f"v{i}" for i in range(n)], names, names, text.to(device))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_rate(model, split, sampler, args, rng, per_forward: int, steps: int, device) -> dict:
+    """Episodes/s of ``steps`` optimiser steps of ``args.episodes_per_step`` episodes each.
+
+    ``per_forward`` = E: one forward/backward over all E episodes (this project's loop);
+    ``per_forward`` = 1: E forward/backward passes of one episode, gradients accumulated (released code).
+    """
+    e = args.episodes_per_step
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step() -> dict:
+        opt.zero_grad(set_to_none=True)
+        ep_all = sampler.sample(e, args.way, args.shot, args.train_queries, rng, random_view=True)
+        parts = None
+        for lo in range(0, e, per_forward):
+            ep = ep_all[lo : lo + per_forward]
+            support, query, text, labels = gather(split.features, split.text, ep)
+            loss, parts = total_loss(model(support, query, text), labels, model.cfg)
+            (loss * (len(ep) / e)).backward()  # the mean over the E episodes, as one batched step
+        opt.step()
+        return parts
+
+    step()  # warm-up (allocator, kernels, Adam state): not timed
+    _sync(device)
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        losses.append(step())
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    mean_parts(losses)  # the one host copy the trainer makes per validation
+    return {"episodes": steps * e, "seconds": seconds, "episodes_per_s": steps * e / seconds}
+
+
+def eval_time(model, split, args, device) -> dict:
+    """Seconds to score ``args.test_episodes`` episodes in eval mode, and the 10,000-episode figure."""
+    n = args.test_episodes
+    sampler = EpisodeSampler(split.labels.numpy(), split.num_classes)
+    eps = sampler.sample(n, args.way, args.shot, 1, np.random.default_rng([args.seed, 2]))
+    warm = sampler.sample(min(n, 10), args.way, args.shot, 1, np.random.default_rng([args.seed, 3]))
+    model.eval()
+    fn = model_logits(model)
+    evaluate_episodes(fn, split, warm, batch_size=args.eval_batch)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    res = evaluate_episodes(fn, split, eps, batch_size=args.eval_batch)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return {
+        "episodes": n,
+        "seconds": seconds,
+        "test_10k_s": seconds * FULL_TEST / n,
+        "extrapolated": n < FULL_TEST,
+        "accuracy": res.mean * 100,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--dim", type=int, default=1024,
+                   help="feature width D (1024 = CLIP RN50, 64 = the demo's tiny backbone)")
+    p.add_argument("--episodes-per-step", type=int, default=16, help="E episodes per optimiser step")
+    p.add_argument("--steps", type=int, default=20, help="timed optimiser steps per training variant (after 1 warm-up)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--test-episodes", type=int, default=FULL_TEST,
+                   help="test episodes actually scored; fewer than 10000 are extrapolated to 10000")
+    p.add_argument("--preset", default="paper", help="head preset (paper | reference)")
+    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--shot", type=int, default=5)
+    p.add_argument("--train-queries", type=int, default=5, help="queries per class in training episodes")
+    p.add_argument("--eval-batch", type=int, default=500, help="episodes per evaluation batch")
+    p.add_argument("--classes", type=int, default=64)
+    p.add_argument("--videos-per-class", type=int, default=100)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("dim", "episodes_per_step", "steps", "test_episodes", "eval_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    split = synthetic_split(args.classes, args.videos_per_class, args.frames, args.dim, device, args.seed)
+    sampler = EpisodeSampler(split.labels.numpy(), split.num_classes, views=1)
+    sampler.check(args.way, args.shot, args.train_queries)
+
+    def fresh_model():
+        torch.manual_seed(args.seed)
+        return build_model(args.preset, args.dim, args.frames, {}).to(device)
+
+    e = args.episodes_per_step
+    rng = lambda: np.random.default_rng([args.seed, 0])  # noqa: E731
+    batched = train_rate(fresh_model(), split, sampler, args, rng(), e, args.steps, device)
+    single = train_rate(fresh_model(), split, sampler, args, rng(), 1, args.steps, device)
+    ev = eval_time(fresh_model(), split, args, device)
+    ratio = batched["episodes_per_s"] / single["episodes_per_s"]
+
+    threads = torch.get_num_threads()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
+    print(f"train_fast: {name}, torch {torch.__version__}, preset {args.preset}, D={args.dim}, T={args.frames}, "
+          f"{args.classes}x{args.videos_per_class} videos, {args.way}-way {args.shot}-shot")
+    if ev["extrapolated"]:
+        test_note = f"extrapolated from {ev['episodes']} episodes ({ev['seconds']:.2f} s)"
+    else:
+        test_note = f"measured ({FULL_TEST / ev['seconds']:.0f} episodes/s)"
+    test_note += f", eval mode, batch {min(args.eval_batch, ev['episodes'])}"
+    rows = [
+        (f"train, {e} episodes per step", f"{batched['episodes_per_s']:.2f} episodes/s",
+         f"{batched['episodes']} episodes in {batched['seconds']:.2f} s"),
+        (f"train, 1 episode per fwd/bwd (accum {e})", f"{single['episodes_per_s']:.2f} episodes/s",
+         f"{single['episodes']} episodes in {single['seconds']:.2f} s"),
+        ("speed-up (batched / single)", f"{ratio:.2f}x", ""),
+        ("test, 10,000 episodes", f"{ev['test_10k_s']:.1f} s", test_note),
+    ]
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    print(f"{'measure':<{w0}}  {'value':>{w1}}  note")
+    print(f"{'-' * w0}  {'-' * w1}  {'-' * 4}")
+    for a, b, c in rows:
+        print(f"{a:<{w0}}  {b:>{w1}}  {c}")
+    record = {
+        "bench": "train_fast", "device": name, "torch": torch.__version__, "preset": args.preset,
+        "dim": args.dim, "frames": args.frames, "way": args.way, "shot": args.shot, "train_queries": args.train_queries,
+        "episodes_per_step": e, "steps": args.steps,
+        "train_batched_eps_per_s": round(batched["episodes_per_s"], 3),
+        "train_single_eps_per_s": round(single["episodes_per_s"], 3),
+        "speedup": round(ratio, 3),
+        "test_episodes_measured": ev["episodes"], "test_measured_s": round(ev["seconds"], 3),
+        "test_10k_s": round(ev["test_10k_s"], 2), "test_10k_extrapolated": ev["extrapolated"],
+    }
+    print(json.dumps(record))
+    return record
+
+
+if __name__ == "__main__":
+    main()
