@@ -55,12 +55,15 @@ def _setup_logging(debug: bool) -> None:
     from rich.logging import RichHandler
 
     DEBUG["on"] = debug
+    handler = RichHandler(show_path=False, show_time=False)
+    if not debug:
+        # open_clip logs "no pretrained weights" on the root logger itself. Filter only that
+        # logger's chatter: raising the root level would also hide the project's own warnings.
+        handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.ERROR)
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, show_time=False)], force=True)
+                        handlers=[handler], force=True)
     for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not debug:
-        logging.getLogger("root").setLevel(logging.ERROR)  # open_clip logs "no pretrained weights" at root
 
 
 @app.command(epilog="Examples:\n\n  mdmf-cache extract ucf101 --root ~/data/UCF-101 --splits ../shared/splits --model RN50 --pretrained openai\n\n"
@@ -317,6 +320,18 @@ def demo(
     run_demo(DemoConfig(out=str(out), model=model, workers=workers))
 
 
+def _click_exceptions() -> tuple[type, ...]:
+    """ClickException classes: typer >= 0.24 vendors click (``typer._click``), older typer uses click."""
+    classes = {c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"}
+    try:
+        import click
+
+        classes.add(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
 def main() -> None:
     """Console entry: one clear line for known errors, the traceback only with --debug."""
     from mdmf_cache.errors import MdmfError
@@ -335,9 +350,7 @@ def main() -> None:
         typer.secho("interrupted; rerun the same command to resume", fg="yellow", err=True)
         sys.exit(130)
     except Exception as e:
-        import click
-
-        if isinstance(e, click.ClickException):
+        if isinstance(e, _click_exceptions()):  # usage errors: click's own message, exit code 2
             e.show()
             sys.exit(e.exit_code)
         if DEBUG["on"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ class DatasetSpec:
         files: split name -> file name.
         flip: whether horizontal flips are a valid train augmentation (not for SSv2: left/right classes).
         numeric_labels: classes are SSv2 label ids that need a names table.
-        drop_stray: drop Kinetics-CMN's stray ``under_score`` duplicates of spaced class names.
+        drop_stray: drop Kinetics-CMN's stray ids (``under_score`` duplicate classes, repeated class blocks).
     """
 
     name: str
@@ -111,12 +112,23 @@ def read_split_file(path: Path) -> list[str]:
 
 
 def _drop_stray(lines: list[str]) -> list[str]:
-    """Kinetics-CMN lists carry a few ``air_drumming/..`` ids next to ``air drumming/..``: drop them."""
+    """Drop Kinetics-CMN's stray ids.
+
+    The lists are one contiguous block per class followed by a tail of stray ids (174 in
+    ``trainlist03.txt``): ``air_drumming/..`` next to ``air drumming/..``, and further ids of
+    classes whose block ended earlier. Both kinds are dropped, leaving 100 per class.
+    """
     classes = {ln.split("/", 1)[0] for ln in lines}
     stray = {c for c in classes if "_" in c and c.replace("_", " ") in classes}
-    kept = [ln for ln in lines if ln.split("/", 1)[0] not in stray]
+    kept: list[str] = []
+    seen: set[str] = set()  # classes whose first block was kept
+    for c, run in itertools.groupby((ln for ln in lines if ln.split("/", 1)[0] not in stray),
+                                    key=lambda ln: ln.split("/", 1)[0]):
+        if c not in seen:  # a later run of a class is part of the stray tail
+            seen.add(c)
+            kept.extend(run)
     if len(kept) != len(lines):
-        log.info("dropped %d stray entries of %d under_score duplicate classes", len(lines) - len(kept), len(stray))
+        log.info("dropped %d stray entries (%d under_score duplicate classes)", len(lines) - len(kept), len(stray))
     return kept
 
 

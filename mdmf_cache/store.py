@@ -87,17 +87,27 @@ class CacheStore:
         if rank != 0:
             deadline = time.monotonic() + wait_s
             while True:
+                old = None
                 if (path / "zarr.json").is_file():
                     store = cls(path, mode="a")
-                    if store.root.attrs.get("fingerprint") == fingerprint and store.root.attrs.get("ready"):
+                    old = store.root.attrs.get("fingerprint")
+                    if old == fingerprint and store.root.attrs.get("ready"):
                         return store
+                    if old is not None and old != fingerprint and not overwrite:  # rank 0 refuses it too
+                        raise CacheError(f"{path} was extracted with different settings "
+                                         f"({'; '.join(fingerprint_diff(old, fingerprint))}); use the same options "
+                                         "on every rank, or --overwrite")
                 if time.monotonic() > deadline:
-                    raise CacheError(f"rank {rank}: rank 0 did not prepare {path} within {wait_s:.0f} s")
+                    why = f" (it holds other settings: {'; '.join(fingerprint_diff(old, fingerprint))})" if old else ""
+                    raise CacheError(f"rank {rank}: rank 0 did not prepare {path} within {wait_s:.0f} s{why}")
                 time.sleep(0.5)
         if (path / "zarr.json").is_file():
             store = cls(path, mode="a")
             old = store.root.attrs.get("fingerprint")
-            if old is not None and old != fingerprint:
+            if old is None:  # a run killed right after creating the group: finish creating it
+                store.root.attrs.update({"format": FORMAT_VERSION, "fingerprint": fingerprint, "ready": False})
+                return store
+            if old != fingerprint:
                 if not overwrite:
                     diff = "; ".join(fingerprint_diff(old, fingerprint))
                     raise CacheError(
@@ -136,7 +146,9 @@ class CacheStore:
     ) -> None:
         """Create a split's arrays if absent (rank 0 only; reopening keeps what is there)."""
         if name in self.root:
-            return
+            if "num_videos" in self.root[name].attrs:  # written last: the split was fully created
+                return
+            del self.root[name]  # a run killed while creating it: create it again
         n = len(video_ids)
         g = self.root.create_group(name)
         rows = (max(1, chunk_rows),)
@@ -228,6 +240,8 @@ class CacheStore:
             "videos": len(done),
             "done": int(done.sum()),
             "failed": int((failed & done).sum()),
+            # fewer decodable frames than T: indices were repeated (recorded, never dropped)
+            "short": int((done & ~failed & (np.asarray(g["num_frames"][:]) < g["features"].shape[2])).sum()),
             "missing": len(g.attrs.get("missing", [])),
             "classes": len(g.attrs["classes"]),
             "views": int(g.attrs["views"]),

@@ -114,7 +114,7 @@ def distributed_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def fingerprint(cfg: ExtractConfig, weights: str, splits: dict[str, Split]) -> dict[str, Any]:
+def fingerprint(cfg: ExtractConfig, weights: str, split_hashes: dict[str, str]) -> dict[str, Any]:
     """The settings a cache is only valid for; a rerun with any of them changed is refused."""
     import open_clip
 
@@ -130,7 +130,7 @@ def fingerprint(cfg: ExtractConfig, weights: str, splits: dict[str, Split]) -> d
         "train_views": cfg.train_views,
         "flip": cfg.use_flip,
         "seed": cfg.seed,
-        "split_hashes": {s: splits[s].source_hash for s in sorted(splits)},
+        "split_hashes": dict(sorted(split_hashes.items())),
         "prompt_template": cfg.prompt_template,
         "clean_names": cfg.clean_names,
     }
@@ -316,6 +316,8 @@ def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
     cfg.validate()
     # 1. splits and files
     splits = load_splits(cfg.dataset, Path(cfg.splits_dir) if cfg.splits_dir else None, Path(cfg.root), cfg.seed)
+    # the fingerprint covers every split file, so extracting --split test now and train later shares one cache
+    split_hashes = {name: split.source_hash for name, split in splits.items()}
     for name in SPLITS:
         if name not in cfg.splits:
             splits.pop(name, None)
@@ -335,7 +337,7 @@ def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
         if torch.cuda.is_available():
             device = f"cuda:{distributed_env()[2] % torch.cuda.device_count()}"
     backbone = load_backbone(cfg.model, cfg.pretrained, device)
-    fp = fingerprint(cfg, backbone.weights, splits)
+    fp = fingerprint(cfg, backbone.weights, split_hashes)
     path = Path(cfg.cache_dir) / group_name(cfg.cache_name, cfg.model, pretrained_slug(cfg.pretrained))
     store = CacheStore.open_for_writing(path, fp, overwrite=cfg.overwrite, rank=cfg.rank)
     if cfg.rank == 0:
@@ -348,7 +350,7 @@ def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
                 chunk_rows=cfg.chunk_rows, missing=missing[name],
             )
             # 3. text
-            if "text_features" not in store.root[name]:
+            if "prompts" not in store.root[name].attrs:  # written after the embeddings
                 names = [clean_class_name(n) if cfg.clean_names else n for n in split.class_names]
                 prompts = [cfg.prompt_template.format(n) for n in names]
                 store.write_text(name, backbone.encode_texts(prompts).numpy(), prompts, cfg.prompt_template)
@@ -363,8 +365,8 @@ def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
     else:
         for split in splits.values():
             results.append(extract_split(store, split, cfg, backbone))
-    # 5. strictness
-    failed = sum(r.failed for r in results)
+    # 5. strictness: failures recorded in the cache count too (a --strict rerun of a finished cache)
+    failed = sum(store.split_summary(name)["failed"] for name in splits) if cfg.strict else 0
     if cfg.strict and failed:
         raise MdmfError(f"{failed} videos could not be decoded (see 'mdmf-cache info {path}'); drop --strict to accept")
     return path, results

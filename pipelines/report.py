@@ -32,13 +32,13 @@ def print_info(path: Path) -> dict:
 
     store = CacheStore(path)
     table = Table(title=str(path))
-    for col in ("split", "videos", "done", "failed", "missing", "classes", "features (N,V,T,D)", "text"):
+    for col in ("split", "videos", "done", "failed", "short (<T)", "missing", "classes", "features (N,V,T,D)", "text"):
         table.add_column(col, justify="left" if col == "split" else "right")
     summary = {"path": str(path), "complete": store.is_complete(), "splits": {}, "fingerprint": store.fingerprint}
     for split in store.splits:
         s = store.split_summary(split)
         summary["splits"][split] = s
-        table.add_row(split, str(s["videos"]), f"{s['done']}/{s['videos']}", str(s["failed"]), str(s["missing"]),
+        table.add_row(split, str(s["videos"]), f"{s['done']}/{s['videos']}", str(s["failed"]), str(s["short"]), str(s["missing"]),
                       str(s["classes"]), "x".join(map(str, s["shape"])), "yes" if s["has_text"] else "no")
     console.print(table)
     console.print("complete: " + ("[green]yes[/]" if summary["complete"] else "[yellow]no[/] (rerun the extract command to finish)"))

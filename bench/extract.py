@@ -1,0 +1,206 @@
+"""Benchmark of ``extract`` on synthetic UCF101-sized videos (not a test).
+
+Writes N synthetic videos (AVI MPEG-4 with B-frames and MP4 H.264, 320x240, 64 frames, like
+UCF101's) and measures, in one run, on the same videos (the test split: T=8 tsn middle frames,
+centre crop, one view):
+
+* decode-only videos/s: the extractor's own ``ClipSource`` through the same ``DataLoader``
+  (``--workers`` processes, ``--batch-videos``), no model;
+* encode-only videos/s: ``preprocess_clips`` + ``encode_images`` + the float16 copy to the host,
+  on clips decoded beforehand (no decoding), after one warm-up batch;
+* full videos/s: ``run_extract`` into a fresh cache, timed over the split loop (``SplitResult.seconds``,
+  like the two above: worker start-up included, model loading not); the wall time of the whole
+  call (model load, text, cache creation) is reported too;
+
+and the ratio full / min(decode, encode). Goal: >= 0.85, i.e. decoding and encoding overlap and the
+pipeline runs at the speed of its slower half. On a machine whose decoder workers and model share
+the same few CPU cores the two halves compete and the ratio is lower by nature; the goal is meant
+for a GPU encoder fed by CPU decoders.
+
+    python bench/extract.py                                            # mdmf-tiny-rn, 48 videos
+    python bench/extract.py --model RN50 --pretrained none --videos 16 # real-size RN50, random weights
+    python bench/extract.py --model ViT-B-16 --pretrained openai --device cuda --videos 256
+
+Prints a table and one JSON line (``{"bench": "extract", ...}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+
+FRAMES, SIZE = 64, (320, 240)  # UCF101: 320x240, ~7 s at 25 fps (median ~170 frames; 64 keeps setup short)
+
+
+def make_videos(root: Path, n: int, seed: int = 0) -> list[str]:
+    """n synthetic videos, alternating AVI and MP4; returns their ``class/video`` ids."""
+    from mdmf_cache.synthetic import make_action_dataset
+
+    classes = min(48, max(3, -(-n // 4)))
+    per_class = -(-n // classes)
+    marker = root / f".bench-{n}-{classes}-{per_class}-{seed}"
+    if not marker.is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        make_action_dataset(root, num_classes=classes, videos_per_class=per_class, num_frames=FRAMES, size=SIZE,
+                            seed=seed, formats=(".avi", ".mp4"))
+        marker.write_text("ok\n")
+    ids = sorted(f"{p.parent.name}/{p.stem}" for p in root.glob("*/*") if p.suffix in (".avi", ".mp4"))
+    # interleave classes so a prefix mixes both containers and all classes
+    ids.sort(key=lambda v: (int(v.rsplit("_v", 1)[1]), v))
+    return ids[:n]
+
+
+def write_split_lists(folder: Path, ids: list[str]) -> Path:
+    """All videos in the test list; train/val hold one video each (not extracted: --split test)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "test.txt").write_text("\n".join(ids) + "\n")
+    (folder / "train.txt").write_text(ids[0] + "\n")
+    (folder / "val.txt").write_text(ids[0] + "\n")
+    return folder
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_only(cfg, split) -> tuple[float, list[dict]]:
+    """Seconds to decode every video of the split through the extractor's loader; the items."""
+    from torch.utils.data import DataLoader
+
+    from pipelines.extract import ClipSource, _collate, _worker_init
+
+    paths = [p for p in split.paths if p is not None]
+    source = ClipSource(np.arange(len(paths)), paths, False, 1, cfg)
+    t0 = time.perf_counter()
+    loader = DataLoader(source, batch_size=cfg.batch_videos, num_workers=cfg.workers, collate_fn=_collate,
+                        worker_init_fn=_worker_init if cfg.workers else None,
+                        prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
+    items = [item for batch in loader for item in batch]
+    seconds = time.perf_counter() - t0
+    bad = [it for it in items if "error" in it]
+    if bad:
+        raise SystemExit(f"decoding failed: {bad[0]['error']}")
+    return seconds, items
+
+
+def encode_only(cfg, backbone, items: list[dict]) -> float:
+    """Seconds to preprocess + encode pre-decoded clips, in the extractor's batches."""
+    import torch
+
+    from mdmf_cache.preprocess import preprocess_clips
+
+    T, D = cfg.num_frames, backbone.dim
+    batches = [items[i : i + cfg.batch_videos] for i in range(0, len(items), cfg.batch_videos)]
+
+    def run(batch) -> np.ndarray:
+        pix = preprocess_clips([b["frames"][0] for b in batch], [b["crops"][0] for b in batch], backbone.device,
+                               normalize=cfg.normalize)
+        emb = backbone.encode_images(pix.flatten(0, 1))
+        return emb.view(len(batch), 1, T, D).to(torch.float16).cpu().numpy()
+
+    run(batches[0])  # warm-up (allocator, kernels)
+    _sync(backbone.device)
+    t0 = time.perf_counter()
+    for batch in batches:
+        run(batch)
+    _sync(backbone.device)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mdmf-tiny-rn", help="open_clip model (default mdmf-tiny-rn)")
+    ap.add_argument("--pretrained", default="none", help="tag, checkpoint path, or 'none' (random init)")
+    ap.add_argument("--workers", type=int, default=2, help="decoder processes (default 2)")
+    ap.add_argument("--videos", type=int, default=48, help="number of synthetic videos (default 48)")
+    ap.add_argument("--batch-videos", type=int, default=8)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep videos here and reuse them (default: temp dir)")
+    args = ap.parse_args(argv)
+
+    from mdmf_cache.backbone import load_backbone
+    from mdmf_cache.datasets import load_splits, resolve_paths
+    from pipelines.extract import ExtractConfig, run_extract
+
+    pretrained = None if args.pretrained.lower() in ("none", "") else args.pretrained
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_extract_")
+        work = Path(tmp.name)
+    else:
+        work = args.workdir
+        work.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        ids = make_videos(work / "videos", args.videos)
+        made = time.perf_counter() - t0
+        lists = write_split_lists(work / "lists", ids)
+        cfg = ExtractConfig(dataset="folder", root=str(work / "videos"), splits_dir=str(lists),
+                            cache_dir=str(work / "cache"), name="bench", model=args.model, pretrained=pretrained,
+                            workers=args.workers, batch_videos=args.batch_videos, device=args.device,
+                            splits=("test",), progress=False, overwrite=True)
+        cfg.validate()
+        split = load_splits("folder", lists, work / "videos")["test"]
+        assert not resolve_paths(split, work / "videos")
+        n = len(split)
+
+        dec_s, items = decode_only(cfg, split)
+        backbone = load_backbone(args.model, pretrained, args.device)
+        enc_s = encode_only(cfg, backbone, items)
+        del items, backbone
+
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        t0 = time.perf_counter()
+        path, results = run_extract(cfg)
+        wall = time.perf_counter() - t0
+        full_s = results[0].seconds
+        assert results[0].extracted == n and results[0].failed == 0, results[0]
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    import torch
+
+    dec, enc, full = n / dec_s, n / enc_s, n / full_s
+    res = {
+        "bench": "extract", "model": args.model, "pretrained": args.pretrained, "videos": n,
+        "frames": FRAMES, "size": list(SIZE), "workers": args.workers, "batch_videos": args.batch_videos,
+        "device": str(torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if args.device == "auto" else args.device))),
+        "cpu_cores": os.cpu_count(), "decode_vps": round(dec, 2), "encode_vps": round(enc, 2),
+        "full_vps": round(full, 2), "full_wall_vps": round(n / wall, 2), "full_wall_s": round(wall, 2),
+        "ratio": round(full / min(dec, enc), 3), "goal": 0.85,
+        # when decoders and encoder share the same CPU cores they cannot overlap: the best is then
+        # the serial rate 1 / (1/decode + 1/encode)
+        "serial_vps": round(1 / (1 / dec + 1 / enc), 2), "ratio_vs_serial": round(full * (1 / dec + 1 / enc), 3),
+        "setup_videos_s": round(made, 1),
+    }
+    rows = [("decode only", dec_s, dec), ("encode only", enc_s, enc), ("full (split loop)", full_s, full),
+            ("full (wall, incl. model load)", wall, n / wall)]
+    print(f"\nextract benchmark: {n} videos {SIZE[0]}x{SIZE[1]}x{FRAMES} (AVI+MP4), {args.model} "
+          f"({args.pretrained}), {res['device']}, {args.workers} workers, {os.cpu_count()} CPU cores")
+    print(f"{'stage':32s} {'seconds':>9s} {'videos/s':>9s}")
+    for name, s, r in rows:
+        print(f"{name:32s} {s:9.2f} {r:9.2f}")
+    print(f"ratio full / min(decode, encode) = {res['ratio']:.3f} (goal >= 0.85); "
+          f"full / serial rate {res['serial_vps']:.2f} = {res['ratio_vs_serial']:.3f}")
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Shared fixtures: a tiny synthetic action dataset and its feature cache (built once per session).
+
+``HF_HUB_OFFLINE`` is set before anything imports open_clip / huggingface_hub: the tests never
+download and the tiny backbones (``mdmf-tiny-vit``, ``mdmf-tiny-rn``) need no weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: The extraction settings of ``tiny_cache`` (besides root and cache_dir). Tests that need a cache
+#: identical to it (resume, ranks, CLI) start from these.
+TINY_EXTRACT = dict(
+    dataset="folder",
+    model="mdmf-tiny-vit",
+    pretrained=None,
+    workers=0,
+    progress=False,
+    chunk_rows=4,
+    train_views=2,
+    flip=False,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_extract_settings() -> dict:
+    """A copy of the ``ExtractConfig`` keyword arguments ``tiny_cache`` was made with."""
+    return dict(TINY_EXTRACT)
+
+
+@pytest.fixture(scope="session")
+def action_videos(tmp_path_factory) -> Path:
+    """``root/<class>/<class>_vNN.{mp4,avi}``: 9 classes x 4 videos of 20 frames, 64x48.
+
+    The default folder split (seed 0, 60/20/20 % of classes) gives 5/2/2 classes, 20/8/8 videos.
+    """
+    from mdmf_cache.synthetic import make_action_dataset
+
+    root = tmp_path_factory.mktemp("action") / "videos"
+    make_action_dataset(root, num_classes=9, videos_per_class=4, num_frames=20, size=(64, 48))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(action_videos, tmp_path_factory) -> Path:
+    """A complete cache of ``action_videos`` (tiny ViT, random init, V=2 train views); read-only."""
+    from pipelines.extract import ExtractConfig, run_extract
+
+    cache_dir = tmp_path_factory.mktemp("tiny_cache")
+    path, _ = run_extract(ExtractConfig(root=str(action_videos), cache_dir=str(cache_dir), **TINY_EXTRACT))
+    return path
+
+
+@pytest.fixture(scope="session")
+def splits_dir() -> Path:
+    """The real split files (``../shared/splits`` next to the repository); skips when absent."""
+    for cand in (Path(__file__).resolve().parents[2] / "shared" / "splits", REPO.parent / "shared" / "splits",
+                 Path("../shared/splits").resolve()):
+        if cand.is_dir():
+            return cand
+    pytest.skip("split files ../shared/splits not found")
+
+
+@pytest.fixture
+def cli_runner():
+    """typer's CliRunner; afterwards removes the log handler the CLI installs on the root logger."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    root = logging.getLogger()
+    level, before = root.level, list(root.handlers)
+    yield CliRunner()
+    for h in list(root.handlers):
+        if h not in before and type(h).__name__ == "RichHandler":
+            root.removeHandler(h)
+    root.setLevel(level)
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Two caches hold exactly the same arrays and split attributes (np.array_equal, not allclose)."""
+    from mdmf_cache.store import CacheStore
+
+    sa, sb = CacheStore(a), CacheStore(b)
+    assert sa.splits == sb.splits
+    assert sa.fingerprint == sb.fingerprint
+    for split in sa.splits:
+        ga, gb = sa.root[split], sb.root[split]
+        assert sorted(ga.array_keys()) == sorted(gb.array_keys())
+        for name in sorted(ga.array_keys()):
+            x, y = np.asarray(ga[name][:]), np.asarray(gb[name][:])
+            assert x.shape == y.shape and x.dtype == y.dtype, (split, name)
+            if x.dtype.kind in "OUT":
+                assert x.tolist() == y.tolist(), (split, name)
+            else:
+                assert np.array_equal(x, y), f"{split}/{name} differs in {int((x != y).sum())} elements"
+        for key in ("classes", "class_names", "prompts", "views", "chunk_rows", "missing", "num_videos"):
+            assert ga.attrs.get(key) == gb.attrs.get(key), (split, key)
+
+
+@pytest.fixture(scope="session")
+def same_cache():
+    """``assert_same_cache(a, b)``: exact equality of two caches."""
+    return assert_same_cache

@@ -1,0 +1,117 @@
+"""The typer CLI: help, extract -> info -> export, refused settings, and the console entry's errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cli
+from mdmf_cache.errors import CacheError
+
+BIN = Path(sys.executable).parent / "mdmf-cache"
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    exe = [str(BIN)] if BIN.is_file() else [sys.executable, "-c", "import cli; cli.main()"]
+    return subprocess.run([*exe, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+
+
+def test_help_lists_commands(cli_runner):
+    res = cli_runner.invoke(cli.app, ["--help"])
+    assert res.exit_code == 0
+    for command in ("extract", "info", "export", "demo", "train", "eval"):
+        assert command in res.output
+    res = cli_runner.invoke(cli.app, ["extract", "--help"])
+    assert res.exit_code == 0 and "--train-views" in res.output and "--strict" in res.output
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys, cli\n"
+            "from typer.testing import CliRunner\n"
+            "for args in (['--help'], ['extract', '--help'], ['info', '--help']):\n"
+            "    assert CliRunner().invoke(cli.app, args).exit_code == 0, args\n"
+            "heavy = [m for m in ('torch', 'open_clip', 'zarr', 'av', 'decord') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.integration
+def test_extract_info_export(cli_runner, action_videos, tiny_cache, tmp_path, same_cache):
+    cache_dir = tmp_path / "cache"
+    args = ["extract", "folder", "--root", str(action_videos), "--cache-dir", str(cache_dir), "--model", "mdmf-tiny-vit",
+            "--pretrained", "none", "--workers", "0", "--chunk-rows", "4", "--train-views", "2", "--no-flip"]
+    res = cli_runner.invoke(cli.app, args)
+    assert res.exit_code == 0, res.output
+    path = cache_dir / "videos__mdmf-tiny-vit__random.zarr"
+    assert "extracted into" in res.output and path.is_dir()
+    same_cache(path, tiny_cache)  # the CLI's defaults (paper preset: tsn, CLIP mean/std) = the library's
+
+    res = cli_runner.invoke(cli.app, ["info", str(path)])
+    assert res.exit_code == 0, res.output
+    out = _flat(res.output)
+    for split, n in (("train", 20), ("val", 8), ("test", 8)):
+        assert f"{split} │ {n} │ {n}/{n}" in out
+    assert "complete: yes" in out and '"num_frames": 8' in out
+
+    # other settings: refused, the differing field named
+    res = cli_runner.invoke(cli.app, args + ["--num-frames", "4"])
+    assert res.exit_code != 0 and isinstance(res.exception, CacheError)
+    assert "num_frames: cache has 8, asked 4" in str(res.exception)
+
+    h5 = tmp_path / "out.h5"
+    res = cli_runner.invoke(cli.app, ["export", str(path), "--format", "h5", str(h5)])
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output
+    import h5py
+
+    from mdmf_cache.store import CacheStore
+
+    g = CacheStore(path).root["train"]
+    with h5py.File(h5, "r") as f:
+        assert set(f.keys()) == {"train", "val", "test"}
+        assert np.array_equal(f["train"]["features"][()], g["features"][:])
+        assert np.array_equal(f["train"]["text_features"][()], g["text_features"][:])
+
+
+@pytest.mark.integration
+def test_missing_video_warning_is_shown(cli_runner, action_videos, tmp_path):
+    """The project's warnings reach the terminal (open_clip's root-logger chatter does not)."""
+    ids = sorted(p.parent.name + "/" + p.stem for p in action_videos.glob("*/*"))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text(f"{ids[0]}\n{ids[0].split('/')[0]}/vanished\n")
+    (lists / "val.txt").write_text(ids[4] + "\n")
+    (lists / "test.txt").write_text(ids[8] + "\n")
+    res = cli_runner.invoke(cli.app, ["extract", "folder", "--root", str(action_videos), "--splits", str(lists),
+                                      "--cache-dir", str(tmp_path / "c"), "--model", "mdmf-tiny-vit",
+                                      "--pretrained", "none", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    out = _flat(res.output)
+    assert "1 videos listed in the split files are not under" in out
+    assert "No pretrained weights" not in out
+
+
+def test_console_entry_errors_are_one_line(tmp_path):
+    res = _run("extract", "folder", "--root", str(tmp_path), "--sampler", "bogus")  # our own check
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: bad options: --sampler 'bogus' (choose tsn, linspace)"
+    assert "Traceback" not in res.stderr + res.stdout
+
+    res = _run("extract", "folder", "--workers", "lots")  # click's parameter check
+    assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
+    assert "Invalid value for '--workers'" in res.stderr
+
+    res = _run("info", str(tmp_path / "none.zarr"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("error: no cache at") and len(res.stderr.strip().splitlines()) == 1

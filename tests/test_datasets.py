@@ -1,0 +1,221 @@
+"""Split files, class maps and video resolution (SPEC section 2)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mdmf_cache.datasets import (DATASETS, SPLITS, VideoIndex, clean_class_name, load_folder_splits,
+                                 load_splits, read_split_file, resolve_paths)
+from mdmf_cache.errors import DatasetError
+
+# SPEC section 2: classes and videos per split (train, val, test).
+EXPECTED = {
+    "ucf101": ((70, 10, 21), (9154, 1421, 2745)),
+    "hmdb51": ((31, 10, 10), (4280, 1194, 1292)),
+    "kinetics100": ((64, 12, 24), (6400, 1200, 2400)),
+    "ssv2-small": ((64, 12, 24), (6400, 1200, 2400)),
+    "ssv2-full": ((64, 12, 24), (67013, 1926, 2857)),
+}
+
+
+@pytest.fixture(scope="module")
+def real_splits(splits_dir):
+    """Every built-in dataset's splits, parsed once (SSv2-Full's train list has 67k lines)."""
+    return {name: load_splits(name, splits_dir, None) for name in EXPECTED}
+
+
+# ---- the real split files -------------------------------------------------------------------
+@pytest.mark.parametrize("dataset", list(EXPECTED))
+def test_counts_match_spec(real_splits, dataset):
+    splits = real_splits[dataset]
+    classes, videos = EXPECTED[dataset]
+    assert tuple(len(splits[s].classes) for s in SPLITS) == classes
+    assert tuple(len(splits[s]) for s in SPLITS) == videos
+
+
+@pytest.mark.parametrize("dataset", list(EXPECTED))
+def test_class_disjoint_and_labels_index_sorted_classes(real_splits, dataset):
+    splits = real_splits[dataset]
+    sets = [set(splits[s].classes) for s in SPLITS]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    numeric = DATASETS[dataset].numeric_labels
+    for s in SPLITS:
+        sp = splits[s]
+        assert sp.classes == sorted(set(sp.classes), key=int if numeric else None)
+        assert len(sp.class_names) == len(sp.classes)
+        keys = np.array([v.split("/", 1)[0] for v in sp.video_ids])
+        assert np.array_equal(np.asarray(sp.classes)[sp.labels], keys)
+        assert set(sp.labels.tolist()) == set(range(len(sp.classes)))  # every class has videos
+        assert len(set(sp.video_ids)) == len(sp.video_ids)
+
+
+def test_split_hashes_identify_the_files(real_splits):
+    hashes = [real_splits[d][s].source_hash for d in EXPECTED for s in SPLITS]
+    assert len(set(hashes)) == len(hashes)
+    assert all(len(h) == 64 for h in hashes)
+
+
+def test_kinetics_strays_dropped(real_splits, splits_dir):
+    splits = real_splits["kinetics100"]
+    for s in SPLITS:
+        counts = Counter(splits[s].labels.tolist())
+        assert set(counts.values()) == {100}, s  # CMN: 100 videos per class
+        assert not any("_" in c and c.replace("_", " ") in splits[s].classes for c in splits[s].classes)
+    raw = read_split_file(splits_dir / "kinetics_CMN" / "trainlist03.txt")
+    assert len(raw) == 6400 + 174  # the file really carries strays, and they go
+    assert splits["train"].video_ids == raw[:6400]  # the clean part is the 64 leading blocks
+    # test comes from the clean list, which equals the raw test list with its strays removed
+    assert splits["test"].video_ids == read_split_file(splits_dir / "kinetics_CMN" / "testlist03_bb.txt")
+    from mdmf_cache.datasets import _drop_stray
+
+    assert _drop_stray(read_split_file(splits_dir / "kinetics_CMN" / "testlist03.txt")) == splits["test"].video_ids
+
+
+def test_ssv2_full_names_from_table(real_splits, splits_dir):
+    splits = real_splits["ssv2-full"]
+    with (splits_dir / "ssv2_OTAM" / "class_names.tsv").open(encoding="utf-8") as f:
+        table = {str(int(r["label_id"])): (r["split"], r["template"]) for r in csv.DictReader(f, delimiter="\t")}
+    for s in ("train", "test"):
+        sp = splits[s]
+        assert all(table[c][0] == s for c in sp.classes)
+        assert sp.class_names == [table[c][1] for c in sp.classes]
+        assert sp.classes != sorted(sp.classes)  # sorted as numbers, not strings ("11" after "7")
+    assert splits["train"].class_names[:2] == ["Bending [something] until it breaks", "Closing [something]"]
+    # val ids are not in the table: placeholder names, never a crash
+    assert all(n == f"label {c}" for c, n in zip(splits["val"].classes, splits["val"].class_names))
+
+
+def test_ssv2_full_names_from_user_labels_json(real_splits, splits_dir, tmp_path, caplog):
+    val_ids = real_splits["ssv2-full"]["val"].classes
+    labels = {f"Template number {i}": str(i) for i in map(int, val_ids)}
+    labels["Overridden [something]"] = "3"  # labels.json wins over the table
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    with caplog.at_level(logging.WARNING):
+        splits = load_splits("ssv2-full", splits_dir, tmp_path)
+    assert splits["val"].class_names == [f"Template number {c}" for c in splits["val"].classes]
+    assert "no class name" not in caplog.text
+    assert splits["train"].class_names[splits["train"].classes.index("3")] == "Overridden [something]"
+
+
+def test_builtin_errors(splits_dir, tmp_path):
+    with pytest.raises(DatasetError, match="ucf101.*folder"):
+        load_splits("ucf", splits_dir, None)
+    with pytest.raises(DatasetError, match="--splits"):
+        load_splits("ucf101", None, None)
+    with pytest.raises(DatasetError, match="not found"):
+        load_splits("ucf101", tmp_path, None)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a/b\n\nno_slash_here\n")
+    with pytest.raises(DatasetError, match="no_slash_here"):
+        read_split_file(bad)
+
+
+def test_read_split_file_skips_blank_lines(tmp_path):
+    f = tmp_path / "list.txt"
+    f.write_text("\n a/1 \n\nb/2\n\n")
+    assert read_split_file(f) == ["a/1", "b/2"]
+
+
+# ---- folder datasets ------------------------------------------------------------------------
+def _fake_tree(root: Path, classes: int = 10, per_class: int = 3) -> list[str]:
+    ids = []
+    for c in range(classes):
+        for v in range(per_class):
+            (root / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
+            (root / f"class{c:02d}" / f"vid{v}.mp4").write_bytes(b"")
+            ids.append(f"class{c:02d}/vid{v}")
+    return ids
+
+
+def test_folder_splits_class_disjoint_and_seeded(tmp_path):
+    ids = _fake_tree(tmp_path, classes=10)
+    a = load_folder_splits(tmp_path, seed=0)
+    assert [len(a[s].classes) for s in SPLITS] == [6, 2, 2]
+    cls = [set(a[s].classes) for s in SPLITS]
+    assert not (cls[0] & cls[1] or cls[0] & cls[2] or cls[1] & cls[2])
+    assert sorted(v for s in SPLITS for v in a[s].video_ids) == sorted(ids)
+    for s in SPLITS:
+        assert np.array_equal(np.asarray(a[s].classes)[a[s].labels], [v.split("/")[0] for v in a[s].video_ids])
+    again = load_folder_splits(tmp_path, seed=0)
+    assert all(again[s].video_ids == a[s].video_ids and again[s].source_hash == a[s].source_hash for s in SPLITS)
+    others = [load_folder_splits(tmp_path, seed=k)["test"].classes for k in (1, 2, 3)]
+    assert any(o != a["test"].classes for o in others)  # the seed decides the partition
+
+
+def test_folder_needs_three_classes(tmp_path):
+    _fake_tree(tmp_path, classes=2)
+    with pytest.raises(DatasetError, match="3 classes"):
+        load_folder_splits(tmp_path)
+    with pytest.raises(DatasetError, match="not a directory"):
+        load_folder_splits(tmp_path / "nope")
+
+
+def test_folder_user_split_files(tmp_path):
+    _fake_tree(tmp_path / "videos", classes=3)
+    sd = tmp_path / "lists"
+    sd.mkdir()
+    (sd / "trainlist03.txt").write_text("class00/vid0\nclass00/vid1\n")
+    (sd / "val.txt").write_text("class01/vid0\n")
+    (sd / "testlist03.txt").write_text("class02/vid2\nclass02/vid0\n")
+    splits = load_splits("folder", sd, tmp_path / "videos")
+    assert splits["test"].video_ids == ["class02/vid2", "class02/vid0"]  # file order kept
+    assert splits["val"].classes == ["class01"]
+    (sd / "val.txt").unlink()
+    with pytest.raises(DatasetError, match="vallist03.txt"):
+        load_splits("folder", sd, tmp_path / "videos")
+
+
+# ---- resolving ids to files -----------------------------------------------------------------
+def test_video_index_layouts(tmp_path):
+    root = tmp_path
+    (root / "Archery").mkdir()
+    (root / "Archery" / "v_Archery_g01_c01.avi").write_bytes(b"")  # UCF: root/class/video.avi
+    (root / "Archery" / "v_Archery_g01_c02.AVI").write_bytes(b"")  # extension case
+    (root / "195025.webm").write_bytes(b"")  # SSv2 download: root/video.webm
+    (root / "brush_hair" / "April_09_brush_hair").mkdir(parents=True)  # nested JPEG frames
+    (root / "brush_hair" / "April_09_brush_hair" / "img_00001.jpg").write_bytes(b"")
+    (root / "51958").mkdir()  # flat frame folder (SSv2 frames)
+    (root / "51958" / "000001.jpg").write_bytes(b"")
+    (root / "notes.txt").write_text("not a video")
+    idx = VideoIndex(root)
+    assert idx.resolve("Archery/v_Archery_g01_c01") == root / "Archery" / "v_Archery_g01_c01.avi"
+    assert idx.resolve("Archery/v_Archery_g01_c02") == root / "Archery" / "v_Archery_g01_c02.AVI"
+    assert idx.resolve("126/195025") == root / "195025.webm"
+    assert idx.resolve("Pouring something into something/195025") == root / "195025.webm"
+    assert idx.resolve("brush_hair/April_09_brush_hair") == root / "brush_hair" / "April_09_brush_hair"
+    assert idx.resolve("Pouring something into something/51958") == root / "51958"
+    assert idx.resolve("x/Archery") is None  # a class folder is not a frame folder
+    assert idx.resolve("Archery/v_missing") is None
+    assert idx.resolve("x/notes") is None
+    with pytest.raises(DatasetError):
+        VideoIndex(root / "missing")
+
+
+def test_resolve_paths_reports_missing(tmp_path):
+    ids = _fake_tree(tmp_path / "v", classes=3, per_class=2)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for s, c in zip(SPLITS, ("class00", "class01", "class02")):
+        (lists / f"{s}.txt").write_text(f"{c}/vid0\n{c}/gone\n{c}/vid1\n")
+    splits = load_splits("folder", lists, tmp_path / "v")
+    missing = resolve_paths(splits["val"], tmp_path / "v")
+    assert missing == ["class01/gone"]
+    assert splits["val"].paths == [tmp_path / "v" / "class01" / "vid0.mp4", None, tmp_path / "v" / "class01" / "vid1.mp4"]
+    assert len(ids) == 6
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("brush_hair", "brush hair"),
+    ("Pouring [something] into [something]", "Pouring something into something"),
+    ("  playing  ice_hockey ", "playing ice hockey"),
+    ("ApplyEyeMakeup", "ApplyEyeMakeup"),
+])
+def test_clean_class_name(raw, clean):
+    assert clean_class_name(raw) == clean

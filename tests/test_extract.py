@@ -1,0 +1,346 @@
+"""Extraction end to end on synthetic videos: contents, determinism, resume after SIGKILL, ranks,
+refused settings, corrupt and missing videos."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mdmf_cache.datasets import VideoIndex, load_splits
+from mdmf_cache.errors import CacheError, DatasetError, MdmfError
+from mdmf_cache.sampling import sample_indices, video_rng
+from mdmf_cache.store import CacheStore, group_name, load_split_features
+from pipelines.extract import ExtractConfig, run_extract
+
+T = 8
+SIZES = {"train": (20, 2), "val": (8, 1), "test": (8, 1)}  # (videos, views) of tiny_cache
+
+# Runs run_extract in a fresh interpreter; argv[2] > 0 slows every video down by that many
+# seconds (wrapping the decoder source: results are unchanged), so the run can be killed midway.
+SCRIPT = r"""
+import json, sys, time
+from pipelines import extract as ex
+kw, delay = json.loads(sys.argv[1]), float(sys.argv[2])
+if delay:
+    get = ex.ClipSource.__getitem__
+    def slow(self, i):
+        time.sleep(delay)
+        return get(self, i)
+    ex.ClipSource.__getitem__ = slow
+ex.run_extract(ex.ExtractConfig(**kw))
+"""
+
+
+def _spawn(kw: dict, delay: float = 0.0, cwd: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(kw), str(delay)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _done_count(path: Path) -> int:
+    try:
+        store = CacheStore(path)
+        return sum(int(store.done_mask(s).sum()) for s in store.splits)
+    except Exception:  # not created yet, or a split half-made: nothing done
+        return 0
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from mdmf_cache.backbone import load_backbone
+
+    return load_backbone("mdmf-tiny-vit", None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def folder_splits(action_videos):
+    return load_splits("folder", None, action_videos, 0)
+
+
+def _cfg(settings: dict, root: Path, cache_dir: Path, **kw) -> ExtractConfig:
+    return ExtractConfig(**{**settings, "root": str(root), "cache_dir": str(cache_dir), **kw})
+
+
+# ---- contents of the cache --------------------------------------------------------------------
+def test_tiny_cache_contents(tiny_cache, folder_splits, backbone):
+    store = CacheStore(tiny_cache)
+    assert store.is_complete() and store.splits == ["train", "val", "test"]
+    assert tiny_cache.name == "videos__mdmf-tiny-vit__random.zarr"
+    assert store.fingerprint["train_views"] == 2 and store.fingerprint["weights"] == "random-init-seed0"
+    for name, (n, views) in SIZES.items():
+        g, sp = store.root[name], folder_splits[name]
+        assert g["features"].shape == (n, views, T, backbone.dim) and g["features"].dtype == np.float16
+        assert list(g["video_ids"][:]) == sp.video_ids
+        assert np.array_equal(g["labels"][:], sp.labels)
+        assert g.attrs["classes"] == sp.classes and len(sp.classes) == n // 4
+        nf = np.asarray(g["num_frames"][:])
+        fi = np.asarray(g["frame_indices"][:])
+        assert (nf == 20).all()
+        assert fi.shape == (n, views, T) and (fi >= 0).all() and (fi < nf[:, None, None]).all()
+        assert not np.asarray(g["failed"][:]).any() and set(g["errors"][:].tolist()) == {""}
+        feats = np.asarray(g["features"][:], dtype=np.float32)
+        assert np.isfinite(feats).all() and (np.abs(feats).sum(-1) > 0).all()
+        assert len({f.tobytes() for f in feats.reshape(n * views, -1)}) == n * views  # every clip its own
+        # text: one prompt per class from the template, embedded by the text tower
+        prompts = [f"a photo of {c}" for c in sp.class_names]
+        assert g.attrs["prompts"] == prompts and g.attrs["prompt_template"] == "a photo of {}"
+        text = np.asarray(g["text_features"][:])
+        assert text.shape == (len(sp.classes), backbone.dim) and text.dtype == np.float32
+        np.testing.assert_allclose(text, backbone.encode_texts(prompts).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_is_deterministic_and_seeded(tiny_cache):
+    store = CacheStore(tiny_cache)
+    for name in ("val", "test"):  # tsn middle frames, identical for every video
+        fi = np.asarray(store.root[name]["frame_indices"][:])
+        assert (fi[:, 0] == sample_indices(20, T, "tsn")).all()
+    fi = np.asarray(store.root["train"]["frame_indices"][:])
+    for row in range(len(fi)):  # random inside segments, seeded per (seed, video, view)
+        for v in range(2):
+            assert np.array_equal(fi[row, v], sample_indices(20, T, "tsn", train=True, rng=video_rng(0, row, v)))
+    assert not np.array_equal(fi[:, 0], fi[:, 1])  # the views are different draws
+
+
+def test_features_are_clip_of_the_decoded_crop(tiny_cache, folder_splits, action_videos, backbone):
+    """Recompute one test row (centre crop) and one train view (seeded random crop) by hand."""
+    import torch
+
+    from mdmf_cache.preprocess import Crop, preprocess_clips
+    from mdmf_cache.video import read_frames
+
+    store = CacheStore(tiny_cache)
+    index = VideoIndex(action_videos)
+    for name, row, view in (("test", 5, 0), ("train", 3, 1)):
+        g = store.root[name]
+        path = index.resolve(folder_splits[name].video_ids[row])
+        idx = np.asarray(g["frame_indices"][row, view])
+        if name == "train":
+            rng = video_rng(0, row, view)
+            assert np.array_equal(sample_indices(20, T, "tsn", train=True, rng=rng), idx)
+            crop = Crop.random(rng, flip=False)  # the draw after the frame indices
+            assert crop != Crop.centre()
+        else:
+            crop = Crop.centre()
+        pix = preprocess_clips([read_frames(path, idx)], [crop], "cpu", normalize="clip")
+        ref = backbone.encode_images(pix[0]).to(torch.float16).numpy()
+        got = np.asarray(g["features"][row, view])
+        np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+# ---- resume --------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_sigkill_then_resume_equals_uninterrupted(tiny_cache, action_videos, tiny_extract_settings, tmp_path, same_cache):
+    cache_dir = tmp_path / "cache"
+    path = cache_dir / group_name(action_videos.name, "mdmf-tiny-vit", "random")
+    total = sum(n for n, _ in SIZES.values())
+    # the killed run writes small, partial chunks (a flush per row, batches of 2): resume must cope
+    kw = {**tiny_extract_settings, "root": str(action_videos), "cache_dir": str(cache_dir),
+          "batch_videos": 2, "flush_seconds": 0.0}
+    proc = _spawn(kw, delay=0.15, cwd=tmp_path)
+    killed_at, deadline = None, time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = _done_count(path)
+            if 6 <= done < total:  # chunk 0 done, chunk 1 half done (a flush per row)
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = done
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert killed_at is not None, f"run ended (rc {proc.returncode}) before it could be killed:\n{err[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    store = CacheStore(path)
+    done_after = sum(int(store.done_mask(s).sum()) for s in store.splits)
+    assert killed_at <= done_after < total and not store.is_complete()
+    unfinished = next(s for s in ("train", "val", "test") if s not in store.splits or not store.done_mask(s).all())
+    if unfinished in store.splits:
+        with pytest.raises(CacheError, match="not extracted yet"):
+            load_split_features(path, unfinished)
+
+    # the same command again (default batching and flushing) finishes only what is missing
+    _, results = run_extract(ExtractConfig(**{**kw, "batch_videos": 8, "flush_seconds": 30.0}))
+    assert sum(r.extracted + r.failed for r in results) == total - done_after
+    same_cache(path, tiny_cache)
+    # and once more: nothing left to do
+    _, results = run_extract(ExtractConfig(**kw))
+    assert sum(r.extracted for r in results) == 0
+
+
+@pytest.mark.integration
+def test_crash_while_creating_splits_recovers(tiny_cache, action_videos, tiny_extract_settings, tmp_path,
+                                              monkeypatch, same_cache):
+    """A run that dies between creating a split's arrays and writing its text, then reruns."""
+    from mdmf_cache.store import CacheStore as Store
+
+    real_init, real_text = Store.init_split, Store.write_text
+
+    def init_then_die(self, name, *a, **kw):
+        if name == "val":
+            g = self.root.create_group(name)  # some arrays made, no attributes yet
+            g.create_array("done", shape=(3,), dtype=bool, fill_value=False)
+            raise KeyboardInterrupt
+        return real_init(self, name, *a, **kw)
+
+    def text_then_die(self, split, emb, *a, **kw):
+        self.root[split].create_array("text_features", shape=emb.shape, dtype="float32", fill_value=0)
+        raise KeyboardInterrupt  # embeddings array made, never filled
+
+    cfg = _cfg(tiny_extract_settings, action_videos, tmp_path)
+    monkeypatch.setattr(Store, "write_text", text_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(cfg)
+    monkeypatch.setattr(Store, "write_text", real_text)
+    monkeypatch.setattr(Store, "init_split", init_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(cfg)
+    monkeypatch.setattr(Store, "init_split", real_init)
+    path, _ = run_extract(cfg)
+    same_cache(path, tiny_cache)
+
+
+@pytest.mark.integration
+def test_two_ranks_equal_single_process(tiny_cache, action_videos, tiny_extract_settings, tmp_path, same_cache):
+    kw = {**tiny_extract_settings, "root": str(action_videos), "cache_dir": str(tmp_path / "cache"), "world_size": 2}
+    rank1 = _spawn({**kw, "rank": 1}, cwd=tmp_path)  # started first: waits for rank 0 to prepare the cache
+    try:
+        path, results = run_extract(ExtractConfig(**kw, rank=0))
+        store = CacheStore(path)
+        for r in results:  # rank 0 extracted exactly its chunks (chunk_rows 4: chunks 0, 2, 4)
+            rows = np.arange(SIZES[r.split][0])
+            assert r.extracted == int(((rows // 4) % 2 == 0).sum())
+            assert store.done_mask(r.split)[(rows // 4) % 2 == 0].all()
+        _, err = rank1.communicate(timeout=180)
+    finally:
+        if rank1.poll() is None:
+            rank1.kill()
+    assert rank1.returncode == 0, err[-2000:]
+    same_cache(path, tiny_cache)
+
+
+# ---- refused settings, corrupt and missing videos -----------------------------------------------
+@pytest.mark.integration
+def test_other_settings_refused_then_overwrite(tiny_cache, action_videos, tiny_extract_settings, tmp_path):
+    shutil.copytree(tiny_cache, tmp_path / tiny_cache.name)
+    with pytest.raises(CacheError, match=r"num_frames: cache has 8, asked 4") as err:
+        run_extract(_cfg(tiny_extract_settings, action_videos, tmp_path, num_frames=4))
+    assert "train_views" not in str(err.value) and "--overwrite" in str(err.value)
+    with pytest.raises(CacheError, match=r"seed: cache has 0, asked 1"):
+        run_extract(_cfg(tiny_extract_settings, action_videos, tmp_path, seed=1))
+    assert CacheStore(tmp_path / tiny_cache.name).root["train"]["features"].shape[2] == T  # untouched
+    path, _ = run_extract(_cfg(tiny_extract_settings, action_videos, tmp_path, num_frames=4, overwrite=True))
+    store = CacheStore(path)
+    assert store.is_complete() and store.fingerprint["num_frames"] == 4
+    assert store.root["train"]["features"].shape[:3] == (20, 2, 4)
+    assert (np.asarray(store.root["test"]["frame_indices"][:, 0]) == sample_indices(20, 4, "tsn")).all()
+
+
+@pytest.fixture(scope="module")
+def corrupt_cache(action_videos, folder_splits, tiny_extract_settings, tmp_path_factory):
+    """action_videos plus a truncated MP4 (unreadable), a zero-byte AVI and a half AVI (5 frames)."""
+    from mdmf_cache.synthetic import truncate_file, write_empty_file
+
+    base = tmp_path_factory.mktemp("corrupt")
+    root = base / "videos"
+    shutil.copytree(action_videos, root)
+    cls = folder_splits["test"].classes[0]
+    shutil.copy(root / cls / f"{cls}_v00.mp4", root / cls / "zz_truncated.mp4")
+    truncate_file(root / cls / "zz_truncated.mp4", 0.5)
+    write_empty_file(root / cls / "zz_empty.avi")
+    shutil.copy(root / cls / f"{cls}_v01.avi", root / cls / "zz_short.avi")
+    truncate_file(root / cls / "zz_short.avi", 0.5)
+    path, results = run_extract(_cfg(tiny_extract_settings, root, base / "cache"))
+    return root, base / "cache", path, cls, {r.split: r for r in results}
+
+
+@pytest.mark.integration
+def test_corrupt_videos_recorded(corrupt_cache, capsys):
+    from pipelines.report import print_info
+
+    root, _, path, cls, results = corrupt_cache
+    assert results["test"].failed == 2 and results["test"].extracted == 9 and results["test"].short == 1
+    assert {vid for vid, _ in results["test"].failures} == {f"{cls}/zz_truncated", f"{cls}/zz_empty"}
+    store = CacheStore(path)
+    assert store.is_complete()  # a recorded failure is a finished row
+    g = store.root["test"]
+    ids = list(g["video_ids"][:])
+    failed = np.asarray(g["failed"][:])
+    errors = np.asarray(g["errors"][:])
+    bad = {ids[i]: str(errors[i]) for i in np.flatnonzero(failed)}
+    assert set(bad) == {f"{cls}/zz_truncated", f"{cls}/zz_empty"}
+    assert "zz_truncated.mp4" in bad[f"{cls}/zz_truncated"] and "zz_empty.avi" in bad[f"{cls}/zz_empty"]
+    assert all(str(e) == "" for e in errors[~failed])
+    assert not np.asarray(g["features"][:])[failed].any() and (np.asarray(g["frame_indices"][:])[failed] == -1).all()
+    # the half AVI decodes 5 frames: indices clamped to the last one, recorded as short
+    short = ids.index(f"{cls}/zz_short")
+    assert int(g["num_frames"][short]) == 5
+    fi = np.asarray(g["frame_indices"][short, 0])
+    assert fi.max() == 4 and (np.diff(fi) >= 0).all() and len(set(fi.tolist())) < T
+    assert store.split_summary("test")["short"] == 1
+    fs = load_split_features(path, "test")
+    assert len(fs.video_ids) == 9 and f"{cls}/zz_empty" not in fs.video_ids and f"{cls}/zz_short" in fs.video_ids
+
+    capsys.readouterr()
+    summary = print_info(path)
+    out = capsys.readouterr().out
+    assert summary["splits"]["test"]["failed"] == 2 and summary["complete"]
+    assert f"{cls}/zz_empty" in out and "failed" in out
+
+
+@pytest.mark.integration
+def test_strict_fails_on_recorded_failures(corrupt_cache, cli_runner):
+    import cli
+
+    root, cache_dir, path, _, _ = corrupt_cache
+    args = ["extract", "folder", "--root", str(root), "--cache-dir", str(cache_dir), "--model", "mdmf-tiny-vit",
+            "--pretrained", "none", "--workers", "0", "--chunk-rows", "4", "--train-views", "2", "--no-flip"]
+    ok = cli_runner.invoke(cli.app, args)
+    assert ok.exit_code == 0, ok.output
+    res = cli_runner.invoke(cli.app, args + ["--strict"])
+    assert res.exit_code != 0
+    assert isinstance(res.exception, MdmfError) and "2 videos could not be decoded" in str(res.exception)
+
+
+@pytest.mark.integration
+def test_missing_entries_warn_or_fail(action_videos, folder_splits, tiny_extract_settings, tmp_path, caplog):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    tr = folder_splits["train"].video_ids
+    gone = tr[0].split("/")[0] + "/not_there"
+    (lists / "train.txt").write_text(f"{tr[0]}\n{gone}\n{tr[1]}\n")
+    (lists / "val.txt").write_text(folder_splits["val"].video_ids[0] + "\n")
+    (lists / "test.txt").write_text(folder_splits["test"].video_ids[0] + "\n")
+    with caplog.at_level(logging.WARNING):
+        path, results = run_extract(_cfg(tiny_extract_settings, action_videos, tmp_path / "c", splits_dir=str(lists)))
+    assert "1 videos listed in the split files are not under" in caplog.text and gone in caplog.text
+    g = CacheStore(path).root["train"]
+    assert list(g["video_ids"][:]) == [tr[0], tr[1]] and g.attrs["missing"] == [gone]
+    assert results[0].missing == 1 and CacheStore(path).is_complete()
+    assert CacheStore(path).split_summary("train")["missing"] == 1
+    with pytest.raises(DatasetError, match="not_there"):
+        run_extract(_cfg(tiny_extract_settings, action_videos, tmp_path / "c2", splits_dir=str(lists), strict=True))
+    assert not (tmp_path / "c2").exists()  # refused before anything was written
+
+
+@pytest.mark.integration
+def test_splits_extracted_separately_share_one_cache(tiny_cache, action_videos, tiny_extract_settings, tmp_path,
+                                                     same_cache):
+    """--split test now, the rest later: one fingerprint (all split files), the same cache."""
+    kw = {**tiny_extract_settings, "root": str(action_videos), "cache_dir": str(tmp_path / "cache")}
+    path, _ = run_extract(ExtractConfig(**kw, splits=("test",)))
+    assert CacheStore(path).splits == ["test"]
+    path, results = run_extract(ExtractConfig(**kw, splits=("train", "val")))
+    assert {r.split: r.extracted for r in results} == {"train": SIZES["train"][0], "val": SIZES["val"][0]}
+    same_cache(path, tiny_cache)

@@ -1,0 +1,212 @@
+"""The Zarr cache: row writes, resumable state, rank partitions, fingerprints, loading and export."""
+
+from __future__ import annotations
+
+import json
+
+import time
+
+import numpy as np
+import pytest
+
+from mdmf_cache.errors import CacheError
+from mdmf_cache.store import CacheStore, export_h5, fingerprint_diff, load_split_features
+
+N, V, T, D, C = 10, 2, 3, 5, 3
+FP = {"model": "tiny", "num_frames": T, "seed": 0, "split_hashes": {"train": "abc"}}
+
+
+def _new_store(path, n=N, chunk_rows=4, fp=FP) -> CacheStore:
+    store = CacheStore.open_for_writing(path, fp)
+    ids = [f"c{i % C}/v{i}" for i in range(n)]
+    store.init_split("train", ids, np.arange(n) % C, [f"c{i}" for i in range(C)], [f"class {i}" for i in range(C)],
+                     views=V, num_frames=T, dim=D, chunk_rows=chunk_rows, missing=["c0/gone"])
+    store.write_text("train", np.arange(C * D, dtype=np.float32).reshape(C, D), [f"a photo of class {i}" for i in range(C)],
+                     "a photo of {}")
+    store.mark_ready()
+    return store
+
+
+def _rows(rows, failed=()):
+    rows = np.asarray(rows)
+    rng = np.random.default_rng(int(rows.sum()))
+    bad = np.isin(rows, failed)
+    return {
+        "features": rng.standard_normal((len(rows), V, T, D)).astype(np.float16),
+        "frame_indices": rng.integers(0, 50, (len(rows), V, T)).astype(np.int32),
+        "num_frames": (rows + 40).astype(np.int32),
+        "failed": bad,
+        "errors": np.array([f"broken {r}" if b else "" for r, b in zip(rows, bad)]),
+    }
+
+
+def _write_all(store, n=N, chunk_rows=4, failed=()):
+    expected = {}
+    for lo in range(0, n, chunk_rows):
+        rows = np.arange(lo, min(lo + chunk_rows, n))
+        vals = _rows(rows, failed)
+        store.write_rows("train", rows, vals)
+        for k, v in vals.items():
+            expected.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in expected.items()}
+
+
+def test_round_trip(tmp_path):
+    store = _new_store(tmp_path / "c.zarr")
+    assert not store.done_mask("train").any() and not store.is_complete()
+    expected = _write_all(store)
+    again = CacheStore(tmp_path / "c.zarr")  # a fresh reader sees everything
+    g = again.root["train"]
+    for k, v in expected.items():
+        assert np.array_equal(np.asarray(g[k][:]), v), k
+    assert again.done_mask("train").all() and again.is_complete()
+    assert np.array_equal(g["labels"][:], np.arange(N) % C)
+    assert list(g["video_ids"][:]) == [f"c{i % C}/v{i}" for i in range(N)]
+    assert g.attrs["missing"] == ["c0/gone"] and g.attrs["views"] == V
+    s = again.split_summary("train")
+    assert (s["videos"], s["done"], s["failed"], s["shape"]) == (N, N, 0, [N, V, T, D])
+
+
+def test_not_complete_without_ready_or_text(tmp_path):
+    store = CacheStore.open_for_writing(tmp_path / "c.zarr", FP)
+    store.init_split("train", ["a/1"], np.array([0]), ["a"], ["a"], views=1, num_frames=T, dim=D,
+                     chunk_rows=4, missing=[])
+    store.write_rows("train", np.array([0]), {"features": np.ones((1, 1, T, D), np.float16)})
+    assert store.done_mask("train").all()
+    assert not store.is_complete()  # no text, not marked ready
+    store.write_text("train", np.ones((1, D), np.float32), ["a photo of a"], "a photo of {}")
+    assert not store.is_complete()
+    store.mark_ready()
+    assert store.is_complete()
+
+
+def test_write_rows_non_contiguous(tmp_path):
+    store = _new_store(tmp_path / "c.zarr")
+    g = store.root["train"]
+    a = _rows([4, 6])
+    store.write_rows("train", np.array([4, 6]), a)
+    assert np.flatnonzero(store.done_mask("train")).tolist() == [4, 6]
+    assert np.array_equal(g["features"][[4, 6]], a["features"])
+    assert np.array_equal(g["frame_indices"][5], np.full((V, T), -1))  # row 5 untouched (fill value)
+    assert not np.asarray(g["features"][5]).any()
+    b = _rows([5, 7])
+    store.write_rows("train", np.array([5, 7]), b)
+    assert np.flatnonzero(store.done_mask("train")).tolist() == [4, 5, 6, 7]
+    assert np.array_equal(g["features"][4:8], np.stack([a["features"][0], b["features"][0], a["features"][1], b["features"][1]]))
+    assert np.array_equal(g["num_frames"][4:8], [44, 45, 46, 47])
+    with pytest.raises(ValueError, match="one chunk"):
+        store.write_rows("train", np.array([3, 4]), _rows([3, 4]))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_pending_rows_partition_by_whole_chunks(tmp_path, world_size):
+    n, cr = 11, 3
+    store = _new_store(tmp_path / "c.zarr", n=n, chunk_rows=cr)
+    store.write_rows("train", np.array([1, 2]), _rows([1, 2]))  # part of chunk 0 already done
+    parts = [store.pending_rows("train", r, world_size) for r in range(world_size)]
+    union = np.sort(np.concatenate(parts))
+    assert np.array_equal(union, np.setdiff1d(np.arange(n), [1, 2]))  # everything pending, once
+    for r, rows in enumerate(parts):
+        assert np.all(np.diff(rows) > 0)
+        assert set((rows // cr) % world_size) <= {r}  # only this rank's chunks
+    if world_size == 2:
+        assert parts[0].tolist() == [0, 6, 7, 8] and parts[1].tolist() == [3, 4, 5, 9, 10]
+
+
+def test_fingerprint_mismatch_named_and_overwrite(tmp_path):
+    path = tmp_path / "c.zarr"
+    _new_store(path)
+    _write_all(_new_store(path))  # same fingerprint: reopened, kept
+    assert CacheStore(path).done_mask("train").all()
+    other = {**FP, "num_frames": 4}
+    with pytest.raises(CacheError) as err:
+        CacheStore.open_for_writing(path, other)
+    msg = str(err.value)
+    assert "num_frames" in msg and "3" in msg and "4" in msg and "--overwrite" in msg
+    assert "seed" not in msg  # only the differing field
+    assert CacheStore(path).done_mask("train").all()  # refused: untouched
+    store = CacheStore.open_for_writing(path, other, overwrite=True)
+    assert store.splits == [] and store.fingerprint == other
+
+
+def test_fingerprint_diff():
+    assert fingerprint_diff({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 0}) == [
+        "b: cache has 2, asked 3", "c: cache has None, asked 0"]
+    assert fingerprint_diff(FP, dict(FP)) == []
+
+
+def test_rank_waits_for_rank0_fingerprint(tmp_path):
+    path = tmp_path / "c.zarr"
+    _new_store(path)
+    assert CacheStore.open_for_writing(path, FP, rank=1, wait_s=1).fingerprint == FP
+    # other settings: named at once (rank 0 refuses them too), not after the whole wait
+    t0 = time.monotonic()
+    with pytest.raises(CacheError, match="seed: cache has"):
+        CacheStore.open_for_writing(path, {**FP, "seed": 1}, rank=1, wait_s=30)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(CacheError, match="rank 1:.*seed"):  # with --overwrite it waits for rank 0, then says why
+        CacheStore.open_for_writing(path, {**FP, "seed": 1}, rank=1, wait_s=0.2, overwrite=True)
+
+
+def test_killed_during_creation_recovers(tmp_path):
+    """A run killed while creating the group or a split leaves pieces; the next run completes them."""
+    import zarr
+
+    path = tmp_path / "c.zarr"
+    zarr.open_group(store=str(path), mode="w")  # killed before the fingerprint was written
+    store = CacheStore.open_for_writing(path, FP)
+    assert store.fingerprint == FP
+    g = store.root.create_group("train")  # killed after a few arrays, before the split's attrs
+    g.create_array("done", shape=(3,), dtype=bool, fill_value=False)
+    store = _new_store(path)
+    assert store.root["train"]["features"].shape == (N, V, T, D)
+    assert np.array_equal(store.root["train"]["labels"][:], np.arange(N) % C)
+    with pytest.raises(CacheError):  # and the recovered fingerprint is enforced
+        CacheStore.open_for_writing(path, {**FP, "seed": 9})
+
+
+def test_load_split_features(tmp_path):
+    path = tmp_path / "c.zarr"
+    store = _new_store(path)
+    store.write_rows("train", np.arange(4), _rows(np.arange(4)))
+    with pytest.raises(CacheError, match="6 of 10 videos not extracted"):
+        load_split_features(path, "train")
+    part = load_split_features(path, "train", allow_incomplete=True)
+    assert part.video_ids == [f"c{i % C}/v{i}" for i in range(4)]
+    expected = _write_all(store, failed=(2, 7))
+    fs = load_split_features(path, "train")
+    keep = np.setdiff1d(np.arange(N), [2, 7])
+    assert fs.features.shape == (N - 2, V, T, D)
+    assert np.array_equal(fs.features.numpy(), expected["features"][keep])
+    assert fs.labels.tolist() == (keep % C).tolist()
+    assert fs.video_ids == [f"c{i % C}/v{i}" for i in keep]
+    assert fs.classes == [f"c{i}" for i in range(C)] and fs.class_names[0] == "class 0"
+    assert np.array_equal(fs.text.numpy(), np.arange(C * D, dtype=np.float32).reshape(C, D))
+    assert CacheStore(path).split_summary("train")["failures"] == [("c2/v2", "broken 2"), ("c1/v7", "broken 7")]
+    with pytest.raises(CacheError, match="no split 'val'"):
+        load_split_features(path, "val")
+    with pytest.raises(CacheError, match="no cache"):
+        load_split_features(tmp_path / "nothing.zarr", "train")
+
+
+def test_export_h5_equal(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "c.zarr"
+    expected = _write_all(_new_store(path), failed=(3,))
+    out = export_h5(path, tmp_path / "out" / "c.h5")
+    g = CacheStore(path).root["train"]
+    with h5py.File(out, "r") as f:
+        assert json.loads(f.attrs["fingerprint"]) == FP
+        names = sorted(g.array_keys())
+        assert sorted(f["train"].keys()) == names
+        for name in names:
+            ours = np.asarray(g[name][:])
+            theirs = f["train"][name][()]
+            if ours.dtype.kind in "OUT":  # numpy 2 StringDType ("T") or str; h5py gives bytes
+                assert [t.decode() if isinstance(t, bytes) else t for t in theirs] == [str(o) for o in ours], name
+            else:
+                assert theirs.dtype == ours.dtype, name
+                assert np.array_equal(ours, theirs), name
+        assert np.array_equal(f["train"]["features"][()], expected["features"])
+        assert json.loads(f["train"].attrs["classes"]) == [f"c{i}" for i in range(C)]
+        assert json.loads(f["train"].attrs["prompts"])[1] == "a photo of class 1"
