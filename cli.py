@@ -313,7 +313,7 @@ def demo(
     workers: int = 2,
     debug: DebugOpt = False,
 ) -> None:
-    """Synthetic action videos -> cache -> info (then train/evaluate, see README), on a CPU in minutes."""
+    """Synthetic action videos -> cache -> fast-mode heads -> evaluation against baselines, on a CPU in ~2 min."""
     _setup_logging(debug)
     from pipelines.demo import DemoConfig, run_demo
 
