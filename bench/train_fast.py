@@ -36,7 +36,8 @@ from mdmf_cache.episodes import EpisodeSampler, gather  # noqa: E402
 from mdmf_cache.evaluation import evaluate_episodes  # noqa: E402
 from mdmf_cache.losses import mean_parts, total_loss  # noqa: E402
 from mdmf_cache.store import FeatureSplit  # noqa: E402
-from pipelines.train import build_model, model_logits, resolve_device  # noqa: E402
+from mdmf_cache.evaluation import method_logits  # noqa: E402
+from pipelines.train import build_model, resolve_device  # noqa: E402
 
 FULL_TEST = 10_000
 
@@ -100,7 +101,7 @@ def eval_time(model, split, args, device) -> dict:
     eps = sampler.sample(n, args.way, args.shot, 1, np.random.default_rng([args.seed, 2]))
     warm = sampler.sample(min(n, 10), args.way, args.shot, 1, np.random.default_rng([args.seed, 3]))
     model.eval()
-    fn = model_logits(model)
+    fn = method_logits("mdmf", model)
     evaluate_episodes(fn, split, warm, batch_size=args.eval_batch)  # warm-up
     _sync(device)
     t0 = time.perf_counter()

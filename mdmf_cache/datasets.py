@@ -87,6 +87,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.video_ids)
 
+    def found(self) -> tuple[list[str], list[Path], np.ndarray]:
+        """(ids, paths, labels) of the entries ``resolve_paths`` found: the cache's rows, in order."""
+        keep = [i for i, p in enumerate(self.paths) if p is not None]
+        return [self.video_ids[i] for i in keep], [self.paths[i] for i in keep], self.labels[keep].astype(np.int32)
+
 
 def clean_class_name(name: str) -> str:
     """SPEC section 5 ``clean``: underscores to spaces, drop SSv2 brackets, squeeze spaces."""

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .baselines import get_baseline
 from .episodes import Episodes, gather, mean_ci
 from .store import FeatureSplit
 
@@ -84,3 +85,25 @@ def evaluate_episodes(
             on_batch(len(ep))
     acc = torch.cat(accs).cpu().numpy() if accs else np.empty(0, dtype=np.float64)
     return EvalResult(acc, correct_c.cpu().numpy(), total_c.cpu().numpy())
+
+
+def method_logits(method: str, model=None) -> LogitsFn:
+    """``mdmf`` (an eval-mode model's logits) or a baseline name, as a LogitsFn."""
+    if method == "mdmf":
+        if model is None:
+            raise ValueError("method 'mdmf' needs a model")
+        return lambda support, query, text: model(support, query, text)["logits"]
+    return get_baseline(method)
+
+
+def score(method: str, split: FeatureSplit, episodes: Episodes, model=None, seed: int = 0, batch_size: int = 500,
+          on_batch: Callable[[int], None] | None = None) -> EvalResult:
+    """Score one method on one episode list with the RNG forked and seeded.
+
+    The reference preset draws PPS classes at test time: seeding makes its scores repeatable, and
+    forking keeps a caller's training RNG stream untouched.
+    """
+    dev = split.features.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return evaluate_episodes(method_logits(method, model), split, episodes, batch_size, on_batch)

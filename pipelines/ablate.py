@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from mdmf_cache.episodes import mean_ci
 from mdmf_cache.errors import ConfigError
@@ -86,7 +85,8 @@ def _arm_dir(out: Path, name: str) -> Path:
 
 def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
     """Train and score every arm; returns the rows written to ``ablation.csv``."""
-    from pipelines.evaluate import episode_list, score
+    from mdmf_cache.evaluation import score
+    from pipelines.evaluate import episode_list
     from pipelines.train import TrainConfig, load_run, resolve_device, run_train
     from mdmf_cache.store import load_split_features
 

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from mdmf_cache.baselines import BASELINES, get_baseline
+from mdmf_cache.baselines import BASELINES
 from mdmf_cache.episodes import EpisodeSampler, Episodes
 from mdmf_cache.errors import ConfigError
-from mdmf_cache.evaluation import EvalResult, evaluate_episodes
+from mdmf_cache.evaluation import score
 from mdmf_cache.store import FeatureSplit, load_split_features
 
 log = logging.getLogger(__name__)
@@ -58,24 +57,6 @@ def episode_list(split: FeatureSplit, way: int, shot: int, queries: int, n: int,
     """The seeded test episode list: a function of (split labels, way, shot, queries, n, seed) only."""
     sampler = EpisodeSampler(split.labels.cpu().numpy(), split.num_classes)
     return sampler.sample(n, way, shot, queries, np.random.default_rng([seed, 2, shot]))
-
-
-def method_fn(method: str, model=None, seed: int = 0):
-    """(support, query, text) -> logits for a method; mdmf needs its eval-mode model."""
-    if method == "mdmf":
-        def fn(support, query, text):
-            return model(support, query, text)["logits"]
-        return fn
-    return get_baseline(method)
-
-
-def score(method: str, split: FeatureSplit, episodes: Episodes, model=None, seed: int = 0, batch_size: int = 500,
-          on_batch=None) -> EvalResult:
-    """Score one method on one episode list (RNG fixed: the reference preset draws PPS at test)."""
-    dev = split.features.device
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return evaluate_episodes(method_fn(method, model), split, episodes, batch_size, on_batch)
 
 
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:

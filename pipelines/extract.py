@@ -151,6 +151,8 @@ class ClipSource:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
         from mdmf_cache.preprocess import Crop
         from mdmf_cache.sampling import sample_indices, video_rng
         from mdmf_cache.video import decode_clip
@@ -172,7 +174,8 @@ class ClipSource:
         except Exception as e:  # a decoder library error we did not anticipate: record, go on
             return {"row": row, "error": f"{type(e).__name__}: {e} ({self.paths[row]})"}
         crops = [Crop.random(rngs[v], cfg.use_flip) if self.train else Crop.centre() for v in range(V)]
-        frames = clip.frames.reshape(V, T, *clip.frames.shape[1:])  # (V, T, H, W, 3)
+        # a tensor, not numpy: the DataLoader pins tensors (pin_memory on CUDA), so the copy to the GPU overlaps
+        frames = torch.from_numpy(clip.frames.reshape(V, T, *clip.frames.shape[1:]))  # (V, T, H, W, 3) uint8
         return {
             "row": row,
             "frames": frames,
@@ -253,11 +256,10 @@ def extract_split(
     name = split.name
     views = cfg.train_views if name == "train" else 1
     rows = store.pending_rows(name, cfg.rank, cfg.world_size)
-    paths = [p for p in split.paths if p is not None]  # rows are the resolved videos, in order
+    ids, paths, _ = split.found()  # rows are the resolved videos, in order
     res = SplitResult(name, videos=len(paths), missing=len(split.paths) - len(paths))
     if len(rows) == 0:
         return res
-    ids = [v for v, p in zip(split.video_ids, split.paths) if p is not None]
     source = ClipSource(rows, paths, name == "train", views, cfg)
     loader = DataLoader(
         source, batch_size=cfg.batch_videos, num_workers=cfg.workers, collate_fn=_collate,
@@ -342,8 +344,7 @@ def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
     store = CacheStore.open_for_writing(path, fp, overwrite=cfg.overwrite, rank=cfg.rank)
     if cfg.rank == 0:
         for name, split in splits.items():
-            ids = [v for v, p in zip(split.video_ids, split.paths) if p is not None]
-            labels = np.array([lab for lab, p in zip(split.labels, split.paths) if p is not None], dtype=np.int32)
+            ids, _, labels = split.found()
             store.init_split(
                 name, ids, labels, split.classes, split.class_names,
                 views=cfg.train_views if name == "train" else 1, num_frames=cfg.num_frames, dim=backbone.dim,

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mdmf_cache.backbone import resolve_device
 from mdmf_cache.episodes import EpisodeSampler, Episodes, gather
 from mdmf_cache.errors import ConfigError
-from mdmf_cache.evaluation import evaluate_episodes
+from mdmf_cache.evaluation import score
 from mdmf_cache.losses import mean_parts, total_loss
 from mdmf_cache.models.config import build_config
 from mdmf_cache.models.mdmf import MDMF
@@ -77,35 +78,17 @@ class TrainConfig:
             raise ConfigError("; ".join(problems))
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def build_model(preset: str, dim: int, num_frames: int, heads: dict[str, Any]) -> MDMF:
     return MDMF(build_config(preset, dim, num_frames=num_frames, **heads))
 
 
-def model_logits(model: MDMF):
-    """The heads as a ``(support, query, text) -> logits`` function (eval mode)."""
-
-    def fn(support, query, text):
-        return model(support, query, text)["logits"]
-
-    return fn
-
-
 def validate(model: MDMF, split: FeatureSplit, episodes: Episodes, seed: int) -> float:
-    """Mean val accuracy (%) on the fixed list; RNG forked so training draws are unaffected."""
+    """Mean val accuracy (%) on the fixed list (RNG forked: training draws are unaffected)."""
     was_training = model.training
     model.eval()
-    devices = [split.features.device] if split.features.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)  # the reference preset draws PPS classes at test too
-        res = evaluate_episodes(model_logits(model), split, episodes)
+    acc = score("mdmf", split, episodes, model, seed).mean * 100
     model.train(was_training)
-    return res.mean * 100
+    return acc
 
 
 def _rng_state(rng: np.random.Generator, device: torch.device) -> dict[str, Any]:

@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mdmf_cache.store import load_split_features  # noqa: E402
 from mdmf_cache.synthetic import make_action_dataset  # noqa: E402
-from pipelines.evaluate import EvalConfig, episode_list, run_eval, score  # noqa: E402
+from mdmf_cache.evaluation import score  # noqa: E402
+from pipelines.evaluate import EvalConfig, episode_list, run_eval  # noqa: E402
 from pipelines.extract import ExtractConfig, run_extract  # noqa: E402
 from pipelines.train import TrainConfig, build_model, load_run, run_train  # noqa: E402
 

@@ -158,10 +158,7 @@ class MDMF(nn.Module):
 
         # OTAM of every view (and both directions) in one pass: its T-step recurrence is a chain of
         # small kernels, so batching the views halves the launches; the arithmetic is unchanged.
-        if len(frame_dists) == 1:
-            dists = otam_distance(frame_dists[0], cfg.otam_lambda, cfg.otam_bidirectional).unsqueeze(0)
-        else:
-            dists = otam_distance(torch.stack(frame_dists), cfg.otam_lambda, cfg.otam_bidirectional)  # (V, E, Q, N)
+        dists = otam_distance(torch.stack(frame_dists), cfg.otam_lambda, cfg.otam_bidirectional)  # (views, E, Q, N)
 
         logits = query.new_zeros(e, q, n)
         for name, dist, text_cos in zip(self.views.keys(), dists, text_cosines):
