@@ -101,7 +101,8 @@ def distillation_terms(out: dict[str, Tensor], cfg: MDMFConfig) -> dict[str, Ten
 
     ``l2g`` is the SPEC's ``L_l->g`` (GTC teaches LTC: ``KL(P_g || P_l)`` over global-reliable
     queries, weights ``c_q = v_g + t_g``); ``g2l`` is ``L_g->l`` (LTC teaches GTC). Each is a
-    weighted mean over the episode's reliable queries (unweighted for condition ``none``), then the
+    weighted mean over the episode's reliable queries; for condition ``none`` (the paper gives no
+    formula) it is the released code's unweighted **sum** over all the episode's queries. Then the
     mean over episodes. Nothing is detached (released code).
 
     Args:
@@ -116,13 +117,15 @@ def distillation_terms(out: dict[str, Tensor], cfg: MDMFConfig) -> dict[str, Ten
     v_l, v_g = p_l.max(dim=-1).values, p_g.max(dim=-1).values  # (E, Q)
     t_l, t_g = out["p_text_ltc"].max(dim=-1).values, out["p_text_gtc"].max(dim=-1).values  # (E, Q)
     local, glob = reliability_masks(v_l, v_g, t_l, t_g, cfg.condition)  # (E, Q) bool
-    if cfg.condition == "none":
-        w_l, w_g = local.to(p_l.dtype), glob.to(p_l.dtype)
+    kl_l2g, kl_g2l = kl_div(p_g, p_l), kl_div(p_l, p_g)  # (E, Q) each
+    if cfg.condition == "none":  # SPEC 8: every query, unweighted, summed over the queries
+        l2g, g2l = kl_l2g.sum(dim=-1), kl_g2l.sum(dim=-1)  # (E,)
     else:
-        w_l, w_g = local * (v_l + t_l), glob * (v_g + t_g)
+        l2g = _weighted_mean(kl_l2g, glob * (v_g + t_g))  # (E,)
+        g2l = _weighted_mean(kl_g2l, local * (v_l + t_l))
     return {
-        "l2g": _weighted_mean(kl_div(p_g, p_l), w_g).mean(),
-        "g2l": _weighted_mean(kl_div(p_l, p_g), w_l).mean(),
+        "l2g": l2g.mean(),
+        "g2l": g2l.mean(),
         "reliable_ltc": local.float().mean(),
         "reliable_gtc": glob.float().mean(),
     }
@@ -141,7 +144,7 @@ def distillation_loss(out: dict[str, Tensor], cfg: MDMFConfig) -> Tensor:
     Returns:
         Scalar.
     """
-    if not cfg.distill or cfg.views != "both":
+    if not cfg.distills:
         return out["logits"].new_zeros(())
     terms = distillation_terms(out, cfg)
     return _combine(terms, cfg)
@@ -174,7 +177,7 @@ def total_loss(out: dict[str, Tensor], labels: Tensor, cfg: MDMFConfig) -> tuple
     """
     main = main_loss(out["logits"], labels)
     parts: dict[str, Tensor] = {"main": main.detach()}
-    if cfg.distill and cfg.views == "both":
+    if cfg.distills:
         terms = distillation_terms(out, cfg)
         distill = _combine(terms, cfg)
         parts.update({

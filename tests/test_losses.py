@@ -102,9 +102,24 @@ def test_distillation_weights_and_none_condition() -> None:
     torch.testing.assert_close(terms["g2l"], want_g2l)
     torch.testing.assert_close(terms["l2g"], kl_div(p_g[1], p_l[1]))
     assert v_g[1] + t_g[1] > 0
-    # none: both terms for every query, unweighted means.
+    # none: both terms for every query, unweighted, summed over the queries (SPEC 8).
     none = distillation_loss(out, build_config("paper", 8, condition="none"))
-    torch.testing.assert_close(none, kl_div(p_g, p_l).mean() + kl_div(p_l, p_g).mean())
+    torch.testing.assert_close(none, kl_div(p_g, p_l).sum() + kl_div(p_l, p_g).sum())
+
+
+def test_distillation_none_sums_over_queries_by_hand() -> None:
+    """Two queries, two classes, numbers worked out by hand: sum, not mean, over the queries."""
+    p_l = torch.tensor([[[0.5, 0.5], [0.9, 0.1]]], dtype=torch.float64)  # (E=1, Q=2, N=2)
+    p_g = torch.tensor([[[0.8, 0.2], [0.5, 0.5]]], dtype=torch.float64)
+    out = {"logits": torch.zeros(1, 2, 2, dtype=torch.float64), "p_visual_ltc": p_l, "p_visual_gtc": p_g,
+           "p_text_ltc": p_l, "p_text_gtc": p_g}
+    # KL(P_g || P_l): q0 0.8 ln(0.8/0.5) + 0.2 ln(0.2/0.5) = 0.192745, q1 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1) = 0.510826
+    # KL(P_l || P_g): q0 0.223144, q1 0.9 ln(0.9/0.5) + 0.1 ln(0.1/0.5) = 0.368064
+    terms = distillation_terms(out, build_config("paper", 8, condition="none"))
+    assert terms["l2g"].item() == pytest.approx(0.703570380788, abs=1e-9)
+    assert terms["g2l"].item() == pytest.approx(0.591207758483, abs=1e-9)
+    total = distillation_loss(out, build_config("paper", 8, condition="none"))
+    assert total.item() == pytest.approx(1.294778139271, abs=1e-9)  # 25 queries would weigh 25x a mean
 
 
 def test_distillation_zero_without_reliable_queries_or_when_off() -> None:

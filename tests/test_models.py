@@ -14,7 +14,7 @@ from mdmf_cache.models.mdmf import MDMF
 from mdmf_cache.models.mmfe import MMFE
 from mdmf_cache.models.otam import cosine_distance, cosine_similarity, otam_distance
 from mdmf_cache.models.pps import ProbabilityPromptSelector, pps_scores
-from mdmf_cache.models.temporal import GTCE, LTCE, TCN
+from mdmf_cache.models.temporal import GTCE, LTCE, TCN, EpisodeBatchNorm1d
 
 DIM, T = 32, 8
 E, N, K, Q = 2, 3, 2, 4  # tiny episodes: S = 6 supports, 4 queries
@@ -42,7 +42,7 @@ def test_presets_set_spec_section_9_switches() -> None:
     assert (paper.ltce, ref.ltce) == ("bn", "linear")
     assert (paper.pos_embed, ref.pos_embed) == (True, False)
     assert (paper.pps_score, ref.pps_score) == ("mean", "top4")
-    assert (paper.pps_test, ref.pps_test) == ("argmax", "sample")
+    assert (paper.pps_test, ref.pps_test) == ("sample", "sample")  # both draw at test (SPEC 6)
     assert (paper.text_pos, ref.text_pos) == (0, 1)
     assert ref.cos_eps == 0.01 and paper.cos_eps < 1e-6
     for cfg in (paper, ref):
@@ -74,7 +74,7 @@ def test_ltce(norm: bool) -> None:
     ltce = LTCE(DIM, norm=norm)
     kinds = [type(m) for m in ltce.net]
     if norm:
-        assert kinds == [nn.Conv1d, nn.ReLU, nn.BatchNorm1d] * 2
+        assert kinds == [nn.Conv1d, nn.ReLU, EpisodeBatchNorm1d] * 2
     else:
         assert kinds == [nn.Conv1d, nn.Conv1d]
     out = ltce(torch.randn(5, T, DIM))

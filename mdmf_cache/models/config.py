@@ -3,10 +3,14 @@
 Two presets exist (SPEC section 9):
 
 * ``paper``: the method as described in the paper (Conv-ReLU-BN LTCE, learned position embeddings,
-  mean-pooled PPS score, argmax PPS at test, text compared at position 0, a tiny cosine eps).
+  mean-pooled PPS score, text compared at position 0, a tiny cosine eps). Where the paper is silent
+  it takes the released code's values (PPS temperature, OTAM lambda and directions, summed CE, the
+  MMFE's norms, heads and dropouts).
 * ``reference``: the authors' released code, quirks included (linear LTCE, no position embeddings,
-  top-4 frame PPS score, categorical PPS draw at test, text compared at position 1, ``cos`` with
-  0.01 added to the product of norms everywhere).
+  top-4 frame PPS score, text compared at position 1, ``cos`` with 0.01 added to the product of
+  norms everywhere).
+
+Both draw the PPS class at test time as in training (seeded); ``pps_test="argmax"`` is an option.
 
 Every preset switch is also an ordinary field, so ablations can mix them through
 :func:`build_config` overrides.
@@ -23,6 +27,7 @@ from mdmf_cache.errors import ConfigError
 __all__ = ["MDMFConfig", "PRESETS", "PRESET_DATA", "list_presets", "build_config"]
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
+    "method": ("mdmf", "clip-fsar"),
     "ltce": ("linear", "bn"),
     "pps_score": ("mean", "top4"),
     "pps_test": ("argmax", "sample"),
@@ -39,6 +44,10 @@ class MDMFConfig:
 
     Attributes:
         dim: Embedding width D (1024 for CLIP RN50, 512 for ViT-B/16).
+        method: ``"mdmf"`` (this method) or ``"clip-fsar"`` (the paper's main rival, SPEC 11: support
+            frames plus their class text through one temporal transformer, OTAM; it uses ``dim``,
+            ``num_frames``, ``pos_embed``, the MMFE widths and dropouts, ``cos_eps`` and the OTAM
+            fields, and ignores the MDMF-only switches).
         num_frames: Frames per video T.
         ltce: Local extractor: ``"linear"`` = Conv1d, Conv1d (released code); ``"bn"`` =
             Conv-ReLU-BN x2 (paper Eq. 3).
@@ -46,7 +55,8 @@ class MDMFConfig:
         pps: Probability Prompt Selector on; off gives all-zero query tokens.
         pps_score: ``"mean"`` = cos(mean-pooled query, text) (paper); ``"top4"`` = mean of the
             top-4 per-frame cosines (released code).
-        pps_test: Rule at eval: ``"argmax"`` (paper) or ``"sample"`` (released code's random draw).
+        pps_test: Rule at eval: ``"sample"`` (both presets: a seeded categorical draw, as in training)
+            or ``"argmax"`` (an option of this project, not of either source).
         pps_temperature: Softmax temperature t of PPS (0.005, i.e. x200).
         pps_topk: Frames averaged by the ``top4`` score (clipped to T).
         text_pos: MMFE output position compared by the text posteriors: 0 = the token (paper),
@@ -74,12 +84,13 @@ class MDMFConfig:
     """
 
     dim: int
+    method: Literal["mdmf", "clip-fsar"] = "mdmf"
     num_frames: int = 8
     ltce: Literal["linear", "bn"] = "bn"
     pos_embed: bool = True
     pps: bool = True
     pps_score: Literal["mean", "top4"] = "mean"
-    pps_test: Literal["argmax", "sample"] = "argmax"
+    pps_test: Literal["argmax", "sample"] = "sample"
     pps_temperature: float = 0.005
     pps_topk: int = 4
     text_pos: Literal[0, 1] = 0
@@ -126,8 +137,15 @@ class MDMFConfig:
 
     @property
     def view_names(self) -> tuple[str, ...]:
-        """Names of the active views, e.g. ``("ltc", "gtc")``."""
+        """Names of the active views, e.g. ``("ltc", "gtc")`` (CLIP-FSAR: ``("fsar",)``)."""
+        if self.method == "clip-fsar":
+            return ("fsar",)
         return ("ltc", "gtc") if self.views == "both" else (self.views,)
+
+    @property
+    def distills(self) -> bool:
+        """Mutual distillation is part of the loss (MDMF, both views, distillation on)."""
+        return self.method == "mdmf" and self.views == "both" and self.distill
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict copy (JSON serialisable)."""
@@ -142,7 +160,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pos_embed": True,
         "pps": True,
         "pps_score": "mean",
-        "pps_test": "argmax",
+        "pps_test": "sample",
         "text_pos": 0,
         "cos_eps": 1e-8,
         "distill": True,

@@ -57,22 +57,27 @@ class MMFE(nn.Module):
         b, length, d = x.shape
         return x.reshape(b, length, self.heads, d // self.heads).transpose(1, 2)  # (B, H, T+1, D/H)
 
-    def forward(self, token: Tensor, context: Tensor, frames: Tensor) -> Tensor:
+    def forward(self, token: Tensor | None, context: Tensor, frames: Tensor) -> Tensor:
         """Fuse.
 
         Args:
-            token: ``(B, D)`` text token (class text, PPS choice, or zeros).
+            token: ``(B, D)`` text token (class text, PPS choice, or zeros); None = no token
+                position (frames only, as CLIP-FSAR's queries).
             context: ``(B, T, D)`` extractor output (or the frames themselves for NTC).
             frames: ``(B, T, D)`` frame embeddings.
 
         Returns:
-            ``(B, T+1, D)``; position 0 is the token's output.
+            ``(B, T+1, D)`` with position 0 the token's output, or ``(B, T, D)`` without a token.
         """
-        query = torch.cat([token.unsqueeze(1), context], dim=1)  # (B, T+1, D)
-        kv = torch.cat([token.unsqueeze(1), frames], dim=1)  # (B, T+1, D)
+        if token is None:
+            query, kv = context, frames  # (B, T, D)
+        else:
+            query = torch.cat([token.unsqueeze(1), context], dim=1)  # (B, T+1, D)
+            kv = torch.cat([token.unsqueeze(1), frames], dim=1)  # (B, T+1, D)
         if self.pos_embed is not None:
-            query = query + self.pos_embed
-            kv = kv + self.pos_embed
+            pos = self.pos_embed if token is not None else self.pos_embed[1:]  # frames keep their positions
+            query = query + pos
+            kv = kv + pos
         normed_kv = self.norm(kv)
         q = self._split(self.to_q(self.norm(query)))  # (B, H, T+1, D/H)
         k = self._split(self.to_k(normed_kv))

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from mdmf_cache.models.otam import cosine_similarity
 
-__all__ = ["pps_scores", "ProbabilityPromptSelector"]
+__all__ = ["pps_scores", "ProbabilityPromptSelector", "token_for"]
 
 
 def pps_scores(
@@ -41,9 +41,15 @@ def pps_scores(
 class ProbabilityPromptSelector(nn.Module):
     """Draws one class text per query from ``softmax(score / temperature)``.
 
-    In training mode the class is drawn from the categorical distribution (torch's global RNG, no
-    gradient). In eval mode it is the argmax (``test_rule="argmax"``) or again a draw
-    (``test_rule="sample"``, the released code). Disabled, every query token is zero.
+    In training mode the class is drawn from the categorical distribution (no gradient). In eval
+    mode it is again a draw (``test_rule="sample"``: the paper describes only the draw and the
+    released code draws) or the argmax (``test_rule="argmax"``, an option of this project).
+    Disabled, every query token is zero.
+
+    A draw is the inverse CDF of the distribution at a uniform number ``u`` per query: the first class
+    whose cumulative probability exceeds ``u``. The uniforms come from torch's global RNG unless
+    given (``noise``): evaluation passes seeded uniforms that are a function of the episode list, so
+    every evaluation path (and any batch size) makes the same draws.
 
     Args:
         score: ``"mean"`` or ``"top4"`` (see :func:`pps_scores`).
@@ -57,7 +63,7 @@ class ProbabilityPromptSelector(nn.Module):
     def __init__(
         self,
         score: Literal["mean", "top4"] = "mean",
-        test_rule: Literal["argmax", "sample"] = "argmax",
+        test_rule: Literal["argmax", "sample"] = "sample",
         temperature: float = 0.005,
         eps: float = 1e-8,
         topk: int = 4,
@@ -77,26 +83,42 @@ class ProbabilityPromptSelector(nn.Module):
         scores = pps_scores(query, text, self.score, self.eps, self.topk)  # (E, Q, N)
         return torch.softmax(scores / self.temperature, dim=-1)
 
-    def forward(self, query: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    @torch.no_grad()
+    def choose(self, prob: Tensor, noise: Tensor | None = None) -> Tensor:
+        """The class each query takes its token from: ``prob (E, Q, N) -> (E, Q)`` long (-1 when off).
+
+        Args:
+            prob: Selector distribution.
+            noise: Optional ``(E, Q)`` uniforms in [0, 1) for the draws (default: torch's global RNG).
+        """
+        e, q, n = prob.shape
+        if not self.enabled:
+            return torch.full((e, q), -1, dtype=torch.long, device=prob.device)
+        if self.training or self.test_rule == "sample":
+            u = torch.rand(e, q, device=prob.device, dtype=prob.dtype) if noise is None else noise
+            below = prob.cumsum(dim=-1) <= u.to(prob.device, prob.dtype).unsqueeze(-1)  # (E, Q, N)
+            return below.sum(dim=-1).clamp_max(n - 1)  # inverse CDF, (E, Q)
+        return prob.argmax(dim=-1)  # (E, Q)
+
+    def forward(self, query: Tensor, text: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Select the query tokens.
 
         Args:
             query: ``(E, Q, T, D)`` query frame embeddings.
             text: ``(E, N, D)`` class text embeddings in episode-class order.
+            noise: Optional ``(E, Q)`` uniforms for the draws (see :meth:`choose`).
 
         Returns:
             ``tokens (E, Q, D)`` (zeros when disabled), ``chosen (E, Q)`` long class index (-1 when
             disabled), ``prob (E, Q, N)`` the selector distribution (computed even when disabled).
         """
         prob = self.probabilities(query, text)  # (E, Q, N)
-        e, q, n = prob.shape
-        if not self.enabled:
-            tokens = query.new_zeros(e, q, text.shape[-1])  # (E, Q, D)
-            return tokens, torch.full((e, q), -1, dtype=torch.long, device=query.device), prob
-        with torch.no_grad():
-            if self.training or self.test_rule == "sample":
-                chosen = torch.multinomial(prob.reshape(e * q, n), 1).reshape(e, q)  # (E, Q)
-            else:
-                chosen = prob.argmax(dim=-1)  # (E, Q)
-        tokens = text.gather(1, chosen.unsqueeze(-1).expand(e, q, text.shape[-1]))  # (E, Q, D)
-        return tokens, chosen, prob
+        chosen = self.choose(prob, noise)  # (E, Q)
+        return token_for(text, chosen), chosen, prob
+
+
+def token_for(text: Tensor, chosen: Tensor) -> Tensor:
+    """Query tokens: ``text (E, N, D)``, ``chosen (E, Q)`` (-1 = none) -> ``(E, Q, D)``, zeros for -1."""
+    e, q = chosen.shape
+    tokens = text.gather(1, chosen.clamp_min(0).unsqueeze(-1).expand(e, q, text.shape[-1]))  # (E, Q, D)
+    return tokens * (chosen >= 0).unsqueeze(-1).to(tokens.dtype)
