@@ -153,6 +153,11 @@ class Mode(str, Enum):
     full = "full"
 
 
+class Method(str, Enum):
+    mdmf = "mdmf"
+    clip_fsar = "clip-fsar"
+
+
 def _head_overrides(no_pps: bool, no_distill: bool, view: Optional[str], condition: Optional[str],
                     direction: Optional[str], extra: dict) -> dict:
     heads = {k: v for k, v in extra.items() if v is not None}
@@ -183,6 +188,7 @@ def train(
     cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
     out: Annotated[Path, typer.Option(help="Run directory: config.json, metrics.jsonl, best.pt, last.pt.")] = Path("runs/fast"),
     mode: Annotated[Mode, typer.Option(help="fast: heads on cached features (CLIP frozen).")] = Mode.fast,
+    method: Annotated[Method, typer.Option(help="mdmf | clip-fsar (the paper's main rival, same trainer).")] = Method.mdmf,
     preset: Annotated[Preset, typer.Option(help="paper | reference (SPEC section 9).")] = Preset.paper,
     way: int = 5,
     shot: int = 5,
@@ -203,7 +209,7 @@ def train(
     ltce: Annotated[Optional[str], typer.Option(help="Local extractor: bn (paper) | linear (reference).")] = None,
     pos_embed: Annotated[Optional[bool], typer.Option("--pos-embed/--no-pos-embed", help="MMFE position embeddings.")] = None,
     pps_score: Annotated[Optional[str], typer.Option(help="PPS score: mean (paper) | top4 (reference).")] = None,
-    pps_test: Annotated[Optional[str], typer.Option(help="PPS at test: argmax (paper) | sample (reference).")] = None,
+    pps_test: Annotated[Optional[str], typer.Option(help="PPS at test: sample (both presets, seeded) | argmax.")] = None,
     text_pos: Annotated[Optional[int], typer.Option(help="Text-compare position: 0 (paper) | 1 (reference).")] = None,
     cos_eps: Annotated[Optional[float], typer.Option(help="Cosine eps on the norm product (reference 0.01).")] = None,
     otam_one_way: Annotated[bool, typer.Option("--otam-one-way", help="OTAM(D) only (released Kinetics 1-shot config).")] = False,
@@ -224,7 +230,7 @@ def train(
     if dropout is not None:
         extra.update(mmfe_dropout=dropout, ffn_dropout=dropout, tcn_dropout=dropout)
     cfg = TrainConfig(
-        cache=str(cache), out=str(out), mode=mode.value, preset=preset.value,
+        cache=str(cache), out=str(out), mode=mode.value, method=method.value, preset=preset.value,
         heads=_head_overrides(no_pps, no_distill, view, condition, direction, extra),
         way=way, shot=shot, train_queries=train_queries, episodes=episodes, episodes_per_step=episodes_per_step,
         lr=lr, val_every=val_every, val_episodes=val_episodes, seed=seed, device=device, resume=resume,
@@ -241,18 +247,21 @@ def _shots(value: str) -> tuple[int, ...]:
         raise typer.BadParameter(f"--shot takes comma-separated integers like 1,3,5, got {value!r}") from e
 
 
-@app.command("eval", epilog="Examples:\n\n  mdmf-cache eval runs/ucf_rn50 --shot 1,3,5 --episodes 10000\n\n"
+@app.command("eval", epilog="Examples:\n\n  mdmf-cache eval runs/ucf_rn50 --episodes 10000\n\n"
+             "  mdmf-cache eval runs/ucf_rn50 --shot 1,3,5\n\n"
+             "  mdmf-cache eval runs/ucf_fsar --method clip-fsar   # same --seed: the same episodes as the mdmf run\n\n"
              "  mdmf-cache eval cache/ucf101__RN50__openai.zarr --method protonet")
 def eval_(
-    target: Annotated[Path, typer.Argument(help="A run directory (mdmf) or a cache (*.zarr, baselines).")],
-    method: Annotated[str, typer.Option(help="mdmf | zero-shot | protonet | otam.")] = "mdmf",
+    target: Annotated[Path, typer.Argument(help="A run directory (its trained head) or a cache (*.zarr, baselines).")],
+    method: Annotated[str, typer.Option(help="run (the head the run was trained with) | mdmf | clip-fsar | zero-shot | protonet | otam.")] = "run",
     split: str = "test",
     episodes: int = 10000,
-    shot: Annotated[str, typer.Option(help="Shots, comma-separated.")] = "1,3,5",
+    shot: Annotated[Optional[str], typer.Option(help="Shots, comma-separated (default: the run's training shot; baselines 1,3,5).")] = None,
     way: int = 5,
     queries_per_class: int = 1,
     seed: int = 0,
     out: Annotated[Optional[Path], typer.Option(help="Results directory.")] = None,
+    path: Annotated[str, typer.Option(help="Trained heads: per-video (fast) | direct (the reference path, same logits).")] = "per-video",
     device: str = "auto",
     debug: DebugOpt = False,
 ) -> None:
@@ -261,16 +270,18 @@ def eval_(
     from pipelines.evaluate import EvalConfig, run_eval
     from pipelines.report import print_eval
 
-    res = run_eval(EvalConfig(target=str(target), method=method, split=split, way=way, shots=_shots(shot),
+    res = run_eval(EvalConfig(target=str(target), method=method, split=split, way=way, shots=_shots(shot) if shot else None,
                               episodes=episodes, queries_per_class=queries_per_class, seed=seed,
-                              out=str(out) if out else None, device=device))
+                              out=str(out) if out else None, device=device, path=path))
     print_eval(res)
 
 
 @app.command(epilog="Examples:\n\n  mdmf-cache ablate CACHE --no-pps\n\n  mdmf-cache ablate CACHE --view gtc --episodes 5000\n\n"
+             "  mdmf-cache ablate CACHE --method clip-fsar   # MDMF vs CLIP-FSAR on identical episodes\n\n"
              "  mdmf-cache ablate CACHE --table 5 --out runs/table5")
 def ablate(
     cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
+    method: Annotated[Optional[Method], typer.Option(help="Compare the full MDMF with this method (clip-fsar).")] = None,
     no_pps: NoPpsOpt = False,
     no_distill: NoDistillOpt = False,
     view: ViewOpt = None,
@@ -297,7 +308,8 @@ def ablate(
 
     cfg = AblateConfig(
         cache=str(cache), out=str(out), preset=preset.value, table=table,
-        variant=_head_overrides(no_pps, no_distill, view, condition, direction, {}),
+        variant=_head_overrides(no_pps, no_distill, view, condition, direction,
+                                {"method": method.value if method and method != Method.mdmf else None}),
         train={"episodes": episodes, "episodes_per_step": episodes_per_step, "lr": lr, "val_every": val_every},
         way=way, shot=shot, test_episodes=test_episodes, seed=seed, device=device,
     )

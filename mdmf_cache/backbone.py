@@ -125,6 +125,24 @@ def resolve_device(device: str = "auto") -> "torch.device":
     return torch.device(device)
 
 
+def heads_autocast(device: "torch.device"):
+    """Mixed precision for the few-shot heads: bf16 autocast on CUDA, plain float32 on CPU.
+
+    On CUDA, what stays float32 (OTAM's soft-min, the losses: the heads switch autocast off there)
+    may use TF32 matmuls. On this project's CPUs bf16 runs 10-30x slower (no bf16 hardware), so CPU
+    gets a no-op context.
+    """
+    import contextlib
+
+    import torch
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
 def list_models() -> list[str]:
     return _open_clip().list_models()
 

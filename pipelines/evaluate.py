@@ -21,36 +21,40 @@ import numpy as np
 from mdmf_cache.baselines import BASELINES
 from mdmf_cache.episodes import EpisodeSampler, Episodes
 from mdmf_cache.errors import ConfigError
-from mdmf_cache.evaluation import score
+from mdmf_cache.evaluation import TRAINED, score
 from mdmf_cache.store import FeatureSplit, load_split_features
 
 log = logging.getLogger(__name__)
-METHODS = ("mdmf", *BASELINES)
+METHODS = ("run", *TRAINED, *BASELINES)
 
 
 @dataclass
 class EvalConfig:
     """Evaluation settings; saved as ``eval_config.json`` beside the results."""
 
-    target: str = ""  # a run directory (mdmf) or a cache group (baselines)
-    method: str = "mdmf"
+    target: str = ""  # a run directory (its trained head) or a cache group (baselines)
+    method: str = "run"  # run = the head the run was trained with (mdmf or clip-fsar); or a baseline
     split: str = "test"
     way: int = 5
-    shots: tuple[int, ...] = (1, 3, 5)
+    shots: tuple[int, ...] | None = None  # default: the run's training shot; baselines 1, 3, 5
     episodes: int = 10000
     queries_per_class: int = 1
     seed: int = 0
     batch_size: int = 500
     out: str | None = None  # default: <run>/eval_<split> or <cache-parent>/eval_<method>_<split>
     device: str = "auto"
+    path: str = "per-video"  # trained heads: per-video (fast) or direct (the reference path)
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.split not in ("train", "val", "test"):
             raise ConfigError(f"--split {self.split!r}: choose train, val or test")
-        if not self.shots or min(self.shots) < 1 or self.episodes < 1 or self.way < 2 or self.queries_per_class < 1:
+        if (self.shots is not None and (not self.shots or min(self.shots) < 1)) or self.episodes < 1 \
+                or self.way < 2 or self.queries_per_class < 1:
             raise ConfigError("--shot values, --episodes and --queries-per-class must be >= 1 and --way >= 2")
+        if self.path not in ("per-video", "direct"):
+            raise ConfigError(f"--path {self.path!r}: choose per-video or direct")
 
 
 def episode_list(split: FeatureSplit, way: int, shot: int, queries: int, n: int, seed: int) -> Episodes:
@@ -67,29 +71,40 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     target = Path(cfg.target)
     device = resolve_device(cfg.device)
     model = None
+    method, trained_shot = cfg.method, None
     # 1. what is scored
     if (target / "config.json").is_file() and (target / "best.pt").is_file():
         run_cfg = json.loads((target / "config.json").read_text())
         cache = run_cfg["cache"]
-        if cfg.method == "mdmf":
+        trained_shot = int(run_cfg.get("shot", 5))
+        run_method = run_cfg.get("method", "mdmf")
+        if method in ("run", *TRAINED):
+            if method != "run" and method != run_method:
+                raise ConfigError(f"--method {method}: {target} was trained as {run_method}; evaluate a "
+                                  f"{method} run (mdmf-cache train CACHE --method {method}) on the same --seed "
+                                  "for identical episodes, or compare both in one table with mdmf-cache ablate "
+                                  "CACHE --method clip-fsar")
+            method = run_method
             model, _ = load_run(target, str(device))
-        default_out = target / f"eval_{cfg.method}_{cfg.split}"
+        default_out = target / f"eval_{method}_{cfg.split}"
     elif (target / "zarr.json").is_file():
         cache = str(target)
-        if cfg.method == "mdmf":
-            raise ConfigError(f"{target} is a cache: --method mdmf needs a trained run directory "
+        if method in ("run", *TRAINED):
+            raise ConfigError(f"{target} is a cache: a trained head needs its run directory "
                               f"(mdmf-cache train {target} --out runs/NAME), or pick a baseline: {', '.join(BASELINES)}")
-        default_out = target.parent / f"eval_{target.stem}_{cfg.method}_{cfg.split}"
+        default_out = target.parent / f"eval_{target.stem}_{method}_{cfg.split}"
     else:
         raise ConfigError(f"{target} is neither a run directory (config.json + best.pt) nor a cache (*.zarr)")
+    shots = cfg.shots or ((trained_shot,) if trained_shot else (1, 3, 5))
     out = Path(cfg.out) if cfg.out else default_out
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     # 2. features
     split = load_split_features(cache, cfg.split, device=str(device))
     # 3. episodes and scores
-    results: dict[str, Any] = {"method": cfg.method, "split": cfg.split, "target": str(target), "cache": cache,
-                               "way": cfg.way, "queries_per_class": cfg.queries_per_class, "seed": cfg.seed, "shots": {}}
+    results: dict[str, Any] = {"method": method, "split": cfg.split, "target": str(target), "cache": cache,
+                               "way": cfg.way, "queries_per_class": cfg.queries_per_class, "seed": cfg.seed,
+                               "trained_shot": trained_shot, "shots": {}}
     bar = None
     if progress:
         from pipelines.progress import make_progress
@@ -97,12 +112,12 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         bar = make_progress("episodes")
         bar.start()
     try:
-        for shot in cfg.shots:
+        for shot in shots:
             eps = episode_list(split, cfg.way, shot, cfg.queries_per_class, cfg.episodes, cfg.seed)
             eps.save(out / f"episodes_{cfg.way}way_{shot}shot.npz")
-            task = bar.add_task(f"{cfg.method} {shot}-shot", total=len(eps)) if bar else None
-            res = score(cfg.method, split, eps, model, cfg.seed, cfg.batch_size,
-                        (lambda k, t=task: bar.advance(t, k)) if bar else None)
+            task = bar.add_task(f"{method} {shot}-shot", total=len(eps)) if bar else None
+            res = score(method, split, eps, model, cfg.seed, cfg.batch_size,
+                        (lambda k, t=task: bar.advance(t, k)) if bar else None, path=cfg.path)
             results["shots"][str(shot)] = res.summary(split.class_names)
             np.save(out / f"episode_acc_{shot}shot.npy", res.episode_acc)
     finally:

@@ -55,10 +55,13 @@ def print_eval(results: dict, per_class: bool = True) -> None:
     """Accuracy +- 95% CI per shot, then per-class accuracy of the last shot."""
     table = Table(title=f"{results['method']} on {results['split']} ({results['way']}-way, "
                         f"{results['queries_per_class']} query/class)")
-    for col in ("shot", "accuracy %", "± 95% CI", "episodes"):
+    trained = results.get("trained_shot")
+    for col in ("shot", "accuracy %", "± 95% CI", "episodes", *(("note",) if trained else ())):
         table.add_column(col, justify="right")
     for shot, r in results["shots"].items():
-        table.add_row(shot, f"{r['accuracy']:.2f}", f"{r['ci95']:.2f}", str(r["episodes"]))
+        # the paper trains one model per shot: a shot other than the run's own is marked
+        note = (f"trained at K={trained}",) if trained and int(shot) != trained else (("",) if trained else ())
+        table.add_row(shot, f"{r['accuracy']:.2f}", f"{r['ci95']:.2f}", str(r["episodes"]), *note)
     console.print(table)
     if per_class and results["shots"]:
         shot, r = list(results["shots"].items())[-1]

@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mdmf_cache.backbone import resolve_device
+from mdmf_cache.backbone import heads_autocast, resolve_device
 from mdmf_cache.episodes import EpisodeSampler, Episodes, gather
 from mdmf_cache.errors import ConfigError
 from mdmf_cache.evaluation import score
 from mdmf_cache.losses import mean_parts, total_loss
-from mdmf_cache.models.config import build_config
-from mdmf_cache.models.mdmf import MDMF
+from mdmf_cache.models.config import MDMFConfig, build_config
+from mdmf_cache.models.head import FewShotHead
+from mdmf_cache.models.mdmf import build_head
 from mdmf_cache.store import FeatureSplit, load_split_features
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class TrainConfig:
     cache: str = ""
     out: str = "runs/fast"
     mode: str = "fast"
+    method: str = "mdmf"  # mdmf | clip-fsar (the paper's main rival, same trainer)
     preset: str = "paper"
     heads: dict[str, Any] = field(default_factory=dict)  # MDMFConfig overrides (ablation switches)
     way: int = 5
@@ -63,7 +65,11 @@ class TrainConfig:
     resume: bool = False
 
     def validate(self) -> None:
+        if "method" in self.heads:  # an ablation arm may name the method among its head switches
+            self.method = self.heads.pop("method")
         problems = []
+        if self.method not in ("mdmf", "clip-fsar"):
+            problems.append(f"--method {self.method!r}: choose mdmf or clip-fsar")
         if self.mode != "fast":
             problems.append(
                 f"--mode {self.mode}: only 'fast' is available so far (full fine-tuning of CLIP needs the "
@@ -78,15 +84,16 @@ class TrainConfig:
             raise ConfigError("; ".join(problems))
 
 
-def build_model(preset: str, dim: int, num_frames: int, heads: dict[str, Any]) -> MDMF:
-    return MDMF(build_config(preset, dim, num_frames=num_frames, **heads))
+def build_model(preset: str, dim: int, num_frames: int, heads: dict[str, Any], method: str = "mdmf") -> FewShotHead:
+    """The head of a preset with overrides: MDMF or CLIP-FSAR (``method``)."""
+    return build_head(build_config(preset, dim, num_frames=num_frames, **{**heads, "method": method}))
 
 
-def validate(model: MDMF, split: FeatureSplit, episodes: Episodes, seed: int) -> float:
-    """Mean val accuracy (%) on the fixed list (RNG forked: training draws are unaffected)."""
+def validate(model: FewShotHead, split: FeatureSplit, episodes: Episodes, seed: int) -> float:
+    """Mean val accuracy (%) on the fixed list, per-video path (RNG forked: training draws are unaffected)."""
     was_training = model.training
     model.eval()
-    acc = score("mdmf", split, episodes, model, seed).mean * 100
+    acc = score(model.cfg.method, split, episodes, model, seed).mean * 100
     model.train(was_training)
     return acc
 
@@ -130,7 +137,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     val = load_split_features(cfg.cache, "val", device=str(device))
     views, num_frames, dim = train.features.shape[1:]
     torch.manual_seed(cfg.seed)  # the heads' initialisation, then dropout and PPS draws
-    model = build_model(cfg.preset, dim, num_frames, cfg.heads).to(device)
+    model = build_model(cfg.preset, dim, num_frames, cfg.heads, cfg.method).to(device)
     (out / "config.json").write_text(json.dumps({**cfg_dict, "resolved_heads": model.cfg.to_dict()}, indent=2))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = EpisodeSampler(train.labels.cpu().numpy(), train.num_classes, views=views)
@@ -158,14 +165,16 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if bar:
         bar.start()
     model.train()
+    amp = heads_autocast(device)
     t0, run_eps, losses = time.perf_counter(), 0, []
     try:
         while done < cfg.episodes:
             e = min(cfg.episodes_per_step, cfg.episodes - done)
             ep = sampler.sample(e, cfg.way, cfg.shot, cfg.train_queries, rng, random_view=True)
             support, query, text, labels = gather(train.features, train.text, ep)  # (E,S,T,D) (E,Q,T,D) (E,N,D) (E,Q)
-            outd = model(support, query, text)
-            loss, parts = total_loss(outd, labels, model.cfg)
+            with amp:  # bf16 on CUDA (OTAM and the losses stay float32), float32 on CPU
+                outd = model(support, query, text)
+                loss, parts = total_loss(outd, labels, model.cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -189,7 +198,8 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 if acc > best:
                     best = acc
                     torch.save({"model": model.state_dict(), "heads": model.cfg.to_dict(), "preset": cfg.preset,
-                                "episodes": done, "val_acc": acc}, out / "best.pt")
+                                "shot": cfg.shot, "episodes": done, "val_acc": acc}, out / "best.tmp")
+                    (out / "best.tmp").replace(out / "best.pt")  # atomic, as last.pt
                 rec["best_val"] = best
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(rng, device),
                             "episodes": done, "best_val": best}, out / "last.tmp")
@@ -207,18 +217,15 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             "episodes_per_s": run_eps / max(time.perf_counter() - t0, 1e-9)}
 
 
-def load_run(run: Path | str, device: str = "auto") -> tuple[MDMF, dict[str, Any]]:
-    """The best checkpoint of a run as an eval-mode model, and the run's config."""
+def load_run(run: Path | str, device: str = "auto") -> tuple[FewShotHead, dict[str, Any]]:
+    """The best checkpoint of a run as an eval-mode head (MDMF or CLIP-FSAR), and the run's config."""
     run = Path(run)
     cfg = json.loads((run / "config.json").read_text())
     if not (run / "best.pt").is_file():
         raise ConfigError(f"{run} has no best.pt; train first (mdmf-cache train --out {run})")
     dev = resolve_device(device)
     ckpt = torch.load(run / "best.pt", map_location=dev, weights_only=False)
-    heads = {k: v for k, v in ckpt["heads"].items() if k not in ("dim",)}
-    from mdmf_cache.models.config import MDMFConfig
-
-    model = MDMF(MDMFConfig(dim=ckpt["heads"]["dim"], **heads)).to(dev)
+    model = build_head(MDMFConfig(**ckpt["heads"])).to(dev)
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, cfg

@@ -29,15 +29,15 @@ def _episodes(split, n, seed=0, queries=QPC):
     return EpisodeSampler(split.labels.numpy(), C).sample(n, WAY, SHOT, queries, np.random.default_rng(seed))
 
 
-def oracle(support, query, text):
+def oracle(support, query, text, uniforms=None):
     return query.mean(dim=2) @ text.transpose(1, 2)  # (E, Q, N): 1 at the true class, 0 elsewhere
 
 
-def constant(support, query, text):
+def constant(support, query, text, uniforms=None):
     return torch.zeros(query.shape[0], query.shape[1], text.shape[1])  # argmax = episode class 0
 
 
-def wrong_on_class_2(support, query, text):
+def wrong_on_class_2(support, query, text, uniforms=None):
     sim = oracle(support, query, text)
     is_2 = query.mean(dim=2)[..., 2] > 0.5  # (E, Q): the query's split class is 2
     return torch.where(is_2[..., None], -sim, sim)
@@ -88,7 +88,7 @@ def test_per_class_and_per_episode_hand_built(split) -> None:
 def test_ci_shrinks_with_more_episodes(split) -> None:
     g = torch.Generator().manual_seed(0)
 
-    def random_logits(support, query, text):
+    def random_logits(support, query, text, uniforms=None):
         return torch.rand(query.shape[0], query.shape[1], text.shape[1], generator=g)
 
     small = evaluate_episodes(random_logits, split, _episodes(split, 100, seed=3))

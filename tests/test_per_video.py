@@ -1,0 +1,102 @@
+"""The per-video evaluation path gives the direct path's logits, at the cost of one fusion per (video, token)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mdmf_cache.episodes import EpisodeSampler
+from mdmf_cache.evaluation import pps_uniforms, score
+from mdmf_cache.models.config import build_config
+from mdmf_cache.models.mdmf import build_head
+from mdmf_cache.store import FeatureSplit
+
+C, PER, T, D = 8, 7, 4, 32
+
+
+def _split(seed: int = 0) -> FeatureSplit:
+    """Random float16 features with class structure (so PPS picks the true class often, not always)."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(C, D, generator=g)
+    labels = torch.arange(C).repeat_interleave(PER)
+    feats = (0.15 * text[labels][:, None, None, :] + torch.randn(C * PER, 1, T, D, generator=g)).half()
+    names = [f"c{i}" for i in range(C)]
+    return FeatureSplit(feats, labels, [f"v{i}" for i in range(C * PER)], names, names, text)
+
+
+def _model(cfg_kwargs: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = build_config(cfg_kwargs.pop("preset"), D, num_frames=T, heads=4, ffn_dim=64, **cfg_kwargs)
+    model = build_head(cfg)
+    for m in model.modules():  # non-default running statistics, so eval-mode BatchNorm matters
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+ARMS = [
+    {"preset": "paper"},
+    {"preset": "reference"},
+    {"preset": "paper", "pps_test": "argmax"},
+    {"preset": "paper", "pps": False},
+    {"preset": "paper", "views": "ntc"},
+    {"preset": "reference", "views": "gtc"},
+    {"preset": "paper", "method": "clip-fsar"},
+    {"preset": "reference", "method": "clip-fsar"},
+]
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+@pytest.mark.parametrize("arm", ARMS, ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()))
+def test_per_video_equals_direct(arm: dict, shot: int) -> None:
+    split = _split()
+    model = _model(dict(arm))
+    eps = EpisodeSampler(split.labels.numpy(), C).sample(60, 5, shot, 1, np.random.default_rng(shot))
+    direct = score(model.cfg.method, split, eps, model, seed=3, batch_size=16, path="direct", keep_logits=True)
+    fast = score(model.cfg.method, split, eps, model, seed=3, batch_size=16, keep_logits=True)
+    np.testing.assert_array_equal(fast.logits.argmax(-1), direct.logits.argmax(-1))
+    np.testing.assert_allclose(fast.logits, direct.logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(fast.episode_acc, direct.episode_acc)
+    np.testing.assert_array_equal(fast.class_correct, direct.class_correct)
+
+
+def test_per_video_fuses_each_video_token_pair_once(monkeypatch) -> None:
+    split = _split()
+    model = _model({"preset": "paper"})
+    eps = EpisodeSampler(split.labels.numpy(), C).sample(300, 5, 5, 1, np.random.default_rng(0))
+    fused, contexts = [], []
+    fuse, context = model.fuse, model.context
+    monkeypatch.setattr(model, "fuse", lambda name, f, c, t: fused.append(len(f)) or fuse(name, f, c, t))
+    monkeypatch.setattr(model, "context", lambda name, f, e=1: contexts.append(len(f)) or context(name, f, e))
+    res = score("mdmf", split, eps, model, seed=0, batch_size=100, keep_logits=True)
+
+    # the pairs, counted independently: supports with their class, queries with the class PPS drew
+    with torch.no_grad():
+        query = split.features[torch.as_tensor(eps.query), 0].float()
+        text = split.text[torch.as_tensor(eps.classes)]
+        chosen, _ = model.query_choice(query, text, torch.as_tensor(pps_uniforms(eps, 0)))
+    query_cls = np.take_along_axis(eps.classes, chosen.numpy(), axis=1)
+    pairs = set(zip(eps.support.ravel(), np.repeat(eps.classes, 5, axis=1).ravel()))
+    pairs |= set(zip(eps.query.ravel(), query_cls.ravel()))
+    videos = set(eps.support.ravel()) | set(eps.query.ravel())
+    assert sum(fused) == 2 * len(pairs)  # two views
+    assert sum(contexts) == 2 * len(videos)
+    assert len(pairs) < 0.05 * 300 * 30  # the direct path fuses every slot of every episode
+    assert 0.2 < res.mean < 1.0
+
+
+def test_pps_draws_seeded_and_independent_of_batch_size() -> None:
+    split = _split()
+    model = _model({"preset": "paper", "pps_temperature": 0.5})  # a soft selector: draws really vary
+    eps = EpisodeSampler(split.labels.numpy(), C).sample(80, 5, 1, 1, np.random.default_rng(0))
+    a = score("mdmf", split, eps, model, seed=1, batch_size=7, keep_logits=True).logits
+    b = score("mdmf", split, eps, model, seed=1, batch_size=80, keep_logits=True).logits
+    c = score("mdmf", split, eps, model, seed=2, batch_size=80, keep_logits=True).logits
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(b, c, atol=1e-3)  # another seed draws other tokens
+    argmax = _model({"preset": "paper", "pps_temperature": 0.5, "pps_test": "argmax"})
+    d = score("mdmf", split, eps, argmax, seed=1, keep_logits=True).logits
+    e = score("mdmf", split, eps, argmax, seed=2, keep_logits=True).logits
+    np.testing.assert_array_equal(d, e)  # argmax: no draw, no seed dependence
