@@ -81,7 +81,7 @@ def extract(
     normalize: Annotated[Optional[str], typer.Option(help="clip | none (overrides the preset).")] = None,
     num_frames: Annotated[int, typer.Option(help="T frames per video.")] = 8,
     train_views: Annotated[int, typer.Option(help="V random augmented views per train video.")] = 1,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Train flips (default: off for SSv2).")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips of train views (default on, SSv2 included, as paper and released code; --no-flip for SSv2 research runs: left/right classes).")] = None,
     seed: int = 0,
     prompt: Annotated[str, typer.Option(help="Prompt template.")] = "a photo of {}",
     clean_names: Annotated[bool, typer.Option(help="Underscores to spaces, drop [brackets] in class names.")] = False,
@@ -262,6 +262,7 @@ def eval_(
     seed: int = 0,
     out: Annotated[Optional[Path], typer.Option(help="Results directory.")] = None,
     path: Annotated[str, typer.Option(help="Trained heads: per-video (fast) | direct (the reference path, same logits).")] = "per-video",
+    pps_test: Annotated[Optional[str], typer.Option(help="MDMF: PPS rule at test for this evaluation: sample | argmax (default: the run's).")] = None,
     device: str = "auto",
     debug: DebugOpt = False,
 ) -> None:
@@ -272,7 +273,8 @@ def eval_(
 
     res = run_eval(EvalConfig(target=str(target), method=method, split=split, way=way, shots=_shots(shot) if shot else None,
                               episodes=episodes, queries_per_class=queries_per_class, seed=seed,
-                              out=str(out) if out else None, device=device, path=path))
+                              out=str(out) if out else None, device=device, path=path,
+                              pps_test=pps_test))
     print_eval(res)
 
 

@@ -1,19 +1,21 @@
 """Benchmark of fast-mode training and evaluation on synthetic in-memory features (not a test).
 
 Measures, in one run, with the project's own sampler, ``gather``, MDMF heads, ``total_loss`` and
-``evaluate_episodes``:
+``score`` (both evaluation paths):
 
 * training episodes/s with E episodes per forward/backward/Adam step (this project), versus one
   episode per forward/backward with the gradient accumulated over E episodes per Adam step (how the
   released code trains), and the ratio;
-* seconds for 10,000 test episodes (5-way K-shot, 1 query per class, eval mode, batches of 500),
-  extrapolated from fewer episodes when ``--test-episodes`` < 10000.
+* seconds for 10,000 test episodes (5-way K-shot, 1 query per class, eval mode) on the per-video
+  path (what ``eval`` runs), against the direct path (every episode through the whole head),
+  extrapolated from ``--direct-episodes``; and the largest logit difference between the two on the
+  same episodes (they must agree to float tolerance).
 
-The features are random: a split of C=64 classes x 100 videos, V=1 view, T=8 frames, width D, in
-float16 as in the cache. Accuracy is meaningless here, only time is measured.
+The features are random: a split of C=24 classes x 100 videos (a test split's size), V=1 view,
+T=8 frames, width D, in float16 as in the cache. Accuracy is meaningless here, only time is measured.
 
     python bench/train_fast.py                      # GPU if there is one, D=1024
-    python bench/train_fast.py --dim 1024 --steps 2 --test-episodes 100   # a CPU-sized run
+    python bench/train_fast.py --dim 1024 --steps 2                         # a CPU-sized run
     python bench/train_fast.py --dim 64             # the demo's tiny backbone width
 
 Prints a table and one JSON line (``{"bench": "train_fast", ...}``).
@@ -33,10 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mdmf_cache.episodes import EpisodeSampler, gather  # noqa: E402
-from mdmf_cache.evaluation import evaluate_episodes  # noqa: E402
+from mdmf_cache.backbone import heads_autocast  # noqa: E402
+from mdmf_cache.evaluation import score  # noqa: E402
 from mdmf_cache.losses import mean_parts, total_loss  # noqa: E402
 from mdmf_cache.store import FeatureSplit  # noqa: E402
-from mdmf_cache.evaluation import method_logits  # noqa: E402
 from pipelines.train import build_model, resolve_device  # noqa: E402
 
 FULL_TEST = 10_000
@@ -77,7 +79,8 @@ def train_rate(model, split, sampler, args, rng, per_forward: int, steps: int, d
         for lo in range(0, e, per_forward):
             ep = ep_all[lo : lo + per_forward]
             support, query, text, labels = gather(split.features, split.text, ep)
-            loss, parts = total_loss(model(support, query, text), labels, model.cfg)
+            with heads_autocast(device):  # bf16 on CUDA, as the trainer
+                loss, parts = total_loss(model(support, query, text), labels, model.cfg)
             (loss * (len(ep) / e)).backward()  # the mean over the E episodes, as one batched step
         opt.step()
         return parts
@@ -95,25 +98,39 @@ def train_rate(model, split, sampler, args, rng, per_forward: int, steps: int, d
 
 
 def eval_time(model, split, args, device) -> dict:
-    """Seconds to score ``args.test_episodes`` episodes in eval mode, and the 10,000-episode figure."""
+    """10,000 test episodes on the per-video path (measured), the direct path on a prefix (extrapolated), their logit gap."""
     n = args.test_episodes
     sampler = EpisodeSampler(split.labels.numpy(), split.num_classes)
     eps = sampler.sample(n, args.way, args.shot, 1, np.random.default_rng([args.seed, 2]))
     warm = sampler.sample(min(n, 10), args.way, args.shot, 1, np.random.default_rng([args.seed, 3]))
     model.eval()
-    fn = method_logits("mdmf", model)
-    evaluate_episodes(fn, split, warm, batch_size=args.eval_batch)  # warm-up
+    score(args.method, split, warm, model, args.seed, args.eval_batch)  # warm-up
     _sync(device)
     t0 = time.perf_counter()
-    res = evaluate_episodes(fn, split, eps, batch_size=args.eval_batch)
+    fast = score(args.method, split, eps, model, args.seed, args.eval_batch, keep_logits=True)
     _sync(device)
     seconds = time.perf_counter() - t0
+    # the direct path on the first m episodes of the same list: the same PPS uniforms (a prefix of the draw)
+    m = min(args.direct_episodes, n)
+    score(args.method, split, warm, model, args.seed, args.eval_batch, path="direct")  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    direct = score(args.method, split, eps[:m], model, args.seed, args.eval_batch, path="direct", keep_logits=True)
+    _sync(device)
+    direct_s = time.perf_counter() - t0
+    pairs = len(np.unique(np.concatenate([eps.support, eps.query], axis=1)))
     return {
         "episodes": n,
         "seconds": seconds,
-        "test_10k_s": seconds * FULL_TEST / n,
+        "eval_10k_s": seconds * FULL_TEST / n,
         "extrapolated": n < FULL_TEST,
-        "accuracy": res.mean * 100,
+        "direct_episodes": m,
+        "direct_s": direct_s,
+        "eval_10k_s_direct": direct_s * FULL_TEST / m,
+        "max_logit_diff": float(np.abs(fast.logits[:m] - direct.logits).max()),
+        "same_predictions": bool((fast.logits[:m].argmax(-1) == direct.logits.argmax(-1)).all()),
+        "videos": pairs,
+        "accuracy": fast.mean * 100,
     }
 
 
@@ -127,18 +144,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed optimiser steps per training variant (after 1 warm-up)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--test-episodes", type=int, default=FULL_TEST,
-                   help="test episodes actually scored; fewer than 10000 are extrapolated to 10000")
+                   help="test episodes scored on the per-video path; fewer than 10000 are extrapolated to 10000")
+    p.add_argument("--direct-episodes", type=int, default=100,
+                   help="episodes scored on the direct (reference) path, extrapolated to 10000")
+    p.add_argument("--method", default="mdmf", help="mdmf | clip-fsar")
     p.add_argument("--preset", default="paper", help="head preset (paper | reference)")
     p.add_argument("--way", type=int, default=5)
     p.add_argument("--shot", type=int, default=5)
     p.add_argument("--train-queries", type=int, default=5, help="queries per class in training episodes")
     p.add_argument("--eval-batch", type=int, default=500, help="episodes per evaluation batch")
-    p.add_argument("--classes", type=int, default=64)
+    p.add_argument("--classes", type=int, default=24, help="classes of the synthetic split (a test split: 24)")
     p.add_argument("--videos-per-class", type=int, default=100)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("dim", "episodes_per_step", "steps", "test_episodes", "eval_batch"):
+    for name in ("dim", "episodes_per_step", "steps", "test_episodes", "eval_batch", "direct_episodes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -153,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def fresh_model():
         torch.manual_seed(args.seed)
-        return build_model(args.preset, args.dim, args.frames, {}).to(device)
+        return build_model(args.preset, args.dim, args.frames, {}, args.method).to(device)
 
     e = args.episodes_per_step
     rng = lambda: np.random.default_rng([args.seed, 0])  # noqa: E731
@@ -166,18 +186,21 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
     print(f"train_fast: {name}, torch {torch.__version__}, preset {args.preset}, D={args.dim}, T={args.frames}, "
           f"{args.classes}x{args.videos_per_class} videos, {args.way}-way {args.shot}-shot")
-    if ev["extrapolated"]:
-        test_note = f"extrapolated from {ev['episodes']} episodes ({ev['seconds']:.2f} s)"
-    else:
-        test_note = f"measured ({FULL_TEST / ev['seconds']:.0f} episodes/s)"
-    test_note += f", eval mode, batch {min(args.eval_batch, ev['episodes'])}"
+    test_note = (f"extrapolated from {ev['episodes']} episodes ({ev['seconds']:.2f} s)" if ev["extrapolated"]
+                 else f"measured ({FULL_TEST / ev['seconds']:.0f} episodes/s)")
+    test_note += f", per-video path, {ev['videos']} distinct videos"
     rows = [
         (f"train, {e} episodes per step", f"{batched['episodes_per_s']:.2f} episodes/s",
          f"{batched['episodes']} episodes in {batched['seconds']:.2f} s"),
         (f"train, 1 episode per fwd/bwd (accum {e})", f"{single['episodes_per_s']:.2f} episodes/s",
          f"{single['episodes']} episodes in {single['seconds']:.2f} s"),
         ("speed-up (batched / single)", f"{ratio:.2f}x", ""),
-        ("test, 10,000 episodes", f"{ev['test_10k_s']:.1f} s", test_note),
+        ("test, 10,000 episodes", f"{ev['eval_10k_s']:.1f} s", test_note),
+        ("test, 10,000 episodes, direct path", f"{ev['eval_10k_s_direct']:.1f} s",
+         f"extrapolated from {ev['direct_episodes']} episodes ({ev['direct_s']:.2f} s)"),
+        ("speed-up (per-video / direct)", f"{ev['eval_10k_s_direct'] / ev['eval_10k_s']:.1f}x", ""),
+        ("max |logit difference|, same episodes", f"{ev['max_logit_diff']:.2e}",
+         "same predictions" if ev["same_predictions"] else "PREDICTIONS DIFFER"),
     ]
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     print(f"{'measure':<{w0}}  {'value':>{w1}}  note")
@@ -185,14 +208,17 @@ def main(argv: list[str] | None = None) -> dict:
     for a, b, c in rows:
         print(f"{a:<{w0}}  {b:>{w1}}  {c}")
     record = {
-        "bench": "train_fast", "device": name, "torch": torch.__version__, "preset": args.preset,
-        "dim": args.dim, "frames": args.frames, "way": args.way, "shot": args.shot, "train_queries": args.train_queries,
-        "episodes_per_step": e, "steps": args.steps,
-        "train_batched_eps_per_s": round(batched["episodes_per_s"], 3),
-        "train_single_eps_per_s": round(single["episodes_per_s"], 3),
-        "speedup": round(ratio, 3),
-        "test_episodes_measured": ev["episodes"], "test_measured_s": round(ev["seconds"], 3),
-        "test_10k_s": round(ev["test_10k_s"], 2), "test_10k_extrapolated": ev["extrapolated"],
+        "bench": "train_fast", "device": name, "dim": args.dim, "method": args.method, "preset": args.preset,
+        "torch": torch.__version__, "frames": args.frames, "way": args.way, "shot": args.shot,
+        "train_queries": args.train_queries, "episodes_per_step": e, "steps": args.steps,
+        "test_split": f"{args.classes}x{args.videos_per_class}",
+        "train_eps_batched": round(batched["episodes_per_s"], 3),
+        "train_eps_single": round(single["episodes_per_s"], 3),
+        "train_speedup": round(ratio, 3),
+        "eval_10k_s": round(ev["eval_10k_s"], 2), "eval_10k_extrapolated": ev["extrapolated"],
+        "eval_10k_s_direct": round(ev["eval_10k_s_direct"], 2), "eval_direct_episodes": ev["direct_episodes"],
+        "eval_speedup": round(ev["eval_10k_s_direct"] / ev["eval_10k_s"], 1),
+        "eval_max_logit_diff": ev["max_logit_diff"], "eval_same_predictions": ev["same_predictions"],
     }
     print(json.dumps(record))
     return record

@@ -37,7 +37,8 @@ class DatasetSpec:
         name: CLI name.
         split_dir: sub-directory of the splits directory.
         files: split name -> file name.
-        flip: whether horizontal flips are a valid train augmentation (not for SSv2: left/right classes).
+        flip: default of train-time horizontal flips. True for every dataset, SSv2 included: the paper
+            states the augmentation and the released code flips (SPEC 4); ``--no-flip`` turns it off.
         numeric_labels: classes are SSv2 label ids that need a names table.
         drop_stray: drop Kinetics-CMN's stray ids (``under_score`` duplicate classes, repeated class blocks).
     """
@@ -57,8 +58,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "kinetics100": DatasetSpec(
         "kinetics100", "kinetics_CMN", {**_STD_FILES, "test": "testlist03_bb.txt"}, drop_stray=True
     ),
-    "ssv2-small": DatasetSpec("ssv2-small", "ssv2_CMN", _STD_FILES, flip=False),
-    "ssv2-full": DatasetSpec("ssv2-full", "ssv2_OTAM", _STD_FILES, flip=False, numeric_labels=True),
+    "ssv2-small": DatasetSpec("ssv2-small", "ssv2_CMN", _STD_FILES),
+    "ssv2-full": DatasetSpec("ssv2-full", "ssv2_OTAM", _STD_FILES, numeric_labels=True),
 }
 DATASET_NAMES = (*DATASETS, "folder")
 

@@ -44,6 +44,7 @@ class EvalConfig:
     out: str | None = None  # default: <run>/eval_<split> or <cache-parent>/eval_<method>_<split>
     device: str = "auto"
     path: str = "per-video"  # trained heads: per-video (fast) or direct (the reference path)
+    pps_test: str | None = None  # MDMF: override the run's PPS rule at test (sample | argmax)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -55,6 +56,8 @@ class EvalConfig:
             raise ConfigError("--shot values, --episodes and --queries-per-class must be >= 1 and --way >= 2")
         if self.path not in ("per-video", "direct"):
             raise ConfigError(f"--path {self.path!r}: choose per-video or direct")
+        if self.pps_test not in (None, "sample", "argmax"):
+            raise ConfigError(f"--pps-test {self.pps_test!r}: choose sample or argmax")
 
 
 def episode_list(split: FeatureSplit, way: int, shot: int, queries: int, n: int, seed: int) -> Episodes:
@@ -86,6 +89,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
                                   "CACHE --method clip-fsar")
             method = run_method
             model, _ = load_run(target, str(device))
+            if cfg.pps_test and method == "mdmf":  # the same trained heads under the other test rule
+                model.cfg.pps_test = model.pps.test_rule = cfg.pps_test
         default_out = target / f"eval_{method}_{cfg.split}"
     elif (target / "zarr.json").is_file():
         cache = str(target)
@@ -105,6 +110,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     results: dict[str, Any] = {"method": method, "split": cfg.split, "target": str(target), "cache": cache,
                                "way": cfg.way, "queries_per_class": cfg.queries_per_class, "seed": cfg.seed,
                                "trained_shot": trained_shot, "shots": {}}
+    if model is not None and method == "mdmf":
+        results["pps_test"] = model.cfg.pps_test
     bar = None
     if progress:
         from pipelines.progress import make_progress

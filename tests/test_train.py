@@ -99,10 +99,18 @@ def test_eval_ci_shrinks_and_episodes_are_saved(demo_cache, tmp_path):
 
 
 def test_eval_mdmf_run_several_shots(demo_cache, tmp_path):
-    _train(demo_cache, tmp_path / "run", episodes=16, val_every=16)
+    _train(demo_cache, tmp_path / "run", episodes=16, val_every=16, shot=3)
+    default = run_eval(EvalConfig(target=str(tmp_path / "run"), episodes=50), progress=False)
+    assert set(default["shots"]) == {"3"} and default["trained_shot"] == 3  # the shot it was trained at
     res = run_eval(EvalConfig(target=str(tmp_path / "run"), method="mdmf", shots=(1, 3), episodes=50), progress=False)
     assert set(res["shots"]) == {"1", "3"}
     assert (tmp_path / "run" / "eval_mdmf_test" / "results.json").is_file()
+    direct = run_eval(EvalConfig(target=str(tmp_path / "run"), shots=(1, 3), episodes=50, path="direct",
+                                 out=str(tmp_path / "direct")), progress=False)
+    for shot in ("1", "3"):  # the reference path scores the same episodes identically
+        assert direct["shots"][shot]["accuracy"] == pytest.approx(res["shots"][shot]["accuracy"])
+    with pytest.raises(Exception, match="trained as mdmf"):
+        run_eval(EvalConfig(target=str(tmp_path / "run"), method="clip-fsar"), progress=False)
     with pytest.raises(Exception, match="run directory"):
         run_eval(EvalConfig(target=str(demo_cache), method="mdmf"), progress=False)
 
@@ -129,6 +137,36 @@ def test_ablate_no_pps_scores_both_arms_on_identical_episodes(demo_cache, tmp_pa
         assert accs[arm].mean() == pytest.approx(rows[arm]["accuracy"])
     assert rows["pps=False"]["diff_vs_full"] == pytest.approx((accs["pps=False"] - accs["full"]).mean())
     assert (tmp_path / "abl" / "ablation.md").read_text().count("\n") == 4
+
+
+def test_clip_fsar_trains_and_ablate_compares_it_on_identical_episodes(demo_cache, tmp_path):
+    from pipelines.ablate import AblateConfig, run_ablate
+
+    # CLIP-FSAR through the same trainer: its loss falls and it beats the same head untrained
+    res = _train(demo_cache, tmp_path / "fsar", method="clip-fsar", episodes=480, episodes_per_step=16,
+                 val_every=160, val_episodes=300)
+    metrics = [json.loads(x) for x in (tmp_path / "fsar" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < 0.85 * metrics[0]["loss"], metrics
+    fsar, cfg = load_run(tmp_path / "fsar", "cpu")
+    assert type(fsar).__name__ == "CLIPFSAR" and cfg["method"] == "clip-fsar"
+    val = load_split_features(demo_cache, "val")
+    eps = episode_list(val, 5, 5, 1, 300, seed=7)
+    torch.manual_seed(0)
+    untrained = build_model("paper", val.features.shape[-1], val.features.shape[2], {}, "clip-fsar").eval()
+    assert res["best_val"] > score("clip-fsar", val, eps, untrained).mean * 100 + 4
+
+    # ablate --method clip-fsar: both methods on one saved test list, with the paired difference
+    train = {"episodes": 32, "episodes_per_step": 16, "val_every": 32, "val_episodes": 50, "lr": 1e-3}
+    abl = run_ablate(AblateConfig(cache=str(demo_cache), out=str(tmp_path / "abl"), variant={"method": "clip-fsar"},
+                                  train=train, test_episodes=200), progress=False)
+    rows = {r["arm"]: r for r in abl["rows"]}
+    assert set(rows) == {"full", "method=clip-fsar"} and "diff_vs_full" in rows["method=clip-fsar"]
+    arm = tmp_path / "abl" / "arm_method=clip-fsar"
+    assert json.loads((arm / "config.json").read_text())["method"] == "clip-fsar"
+    # eval of that run takes its own head; with the same seed its test list is the ablation's
+    ev = run_eval(EvalConfig(target=str(arm), episodes=200), progress=False)
+    assert ev["method"] == "clip-fsar"
+    assert ev["shots"]["5"]["accuracy"] == pytest.approx(rows["method=clip-fsar"]["accuracy"])
 
 
 def test_cli_train_eval(demo_cache, tmp_path):
