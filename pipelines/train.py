@@ -126,7 +126,9 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     cfg_dict = asdict(cfg)
     if cfg.resume and (out / "config.json").is_file():
         old = json.loads((out / "config.json").read_text())
-        diff = [k for k in cfg_dict if k not in ("resume", "device", "episodes") and old.get(k) != cfg_dict[k]]
+        defaults = asdict(TrainConfig())  # a run written before a field existed had its default
+        diff = [k for k in cfg_dict if k not in ("resume", "device", "episodes")
+                and old.get(k, defaults[k]) != cfg_dict[k]]
         if diff:
             raise ConfigError(f"--resume: {out} was trained with different {', '.join(diff)}; use another --out")
     elif (out / "last.pt").is_file() and not cfg.resume:
