@@ -23,6 +23,12 @@ app = typer.Typer(
 )
 
 DEBUG = {"on": False}
+# What an interrupt keeps and how to go on; each command sets its own before it starts work.
+INTERRUPT_HINT = {"text": "nothing was finished; rerun the same command"}
+
+
+def _on_interrupt(text: str) -> None:
+    INTERRUPT_HINT["text"] = text
 
 
 class Dataset(str, Enum):
@@ -99,6 +105,7 @@ def extract(
 ) -> None:
     """Decode T frames per video, encode them with CLIP, and store them with the prompt embeddings."""
     _setup_logging(debug)
+    _on_interrupt("the videos finished so far are in the cache; rerun the same command to extract the rest")
     from mdmf_cache.models.config import PRESET_DATA  # data-side switches of SPEC section 9 (no torch import)
     from pipelines.extract import ExtractConfig, distributed_env, run_extract
 
@@ -222,6 +229,8 @@ def train(
 ) -> None:
     """Train the CLIP-MDMF heads from a cache (fast mode), keeping the best checkpoint by val accuracy."""
     _setup_logging(debug)
+    _on_interrupt(f"{out}/last.pt holds the run up to its last validation; rerun the same command with --resume "
+                  "to continue it")
     from pipelines.train import TrainConfig, run_train
 
     extra = {"lam": lambda_, "alpha_ltc": alpha_ltc, "alpha_gtc": alpha_gtc, "pps_temperature": pps_temperature,
@@ -263,18 +272,20 @@ def eval_(
     out: Annotated[Optional[Path], typer.Option(help="Results directory.")] = None,
     path: Annotated[str, typer.Option(help="Trained heads: per-video (fast) | direct (the reference path, same logits).")] = "per-video",
     pps_test: Annotated[Optional[str], typer.Option(help="MDMF: PPS rule at test for this evaluation: sample | argmax (default: the run's).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="The run's cache, if it moved (checked against the run's record).")] = None,
     device: str = "auto",
     debug: DebugOpt = False,
 ) -> None:
     """Accuracy +- 1.96 std/sqrt(n) on a seeded, saved episode list, per shot, with per-class accuracy."""
     _setup_logging(debug)
+    _on_interrupt("no results were written; rerun the same command (the episode list is the same)")
     from pipelines.evaluate import EvalConfig, run_eval
     from pipelines.report import print_eval
 
     res = run_eval(EvalConfig(target=str(target), method=method, split=split, way=way, shots=_shots(shot) if shot else None,
                               episodes=episodes, queries_per_class=queries_per_class, seed=seed,
                               out=str(out) if out else None, device=device, path=path,
-                              pps_test=pps_test))
+                              pps_test=pps_test, cache=str(cache) if cache else None))
     print_eval(res)
 
 
@@ -305,6 +316,8 @@ def ablate(
 ) -> None:
     """Train the full model and a variant (or a paper table's grid); score all on identical episodes."""
     _setup_logging(debug)
+    _on_interrupt(f"finished arms are kept in {out}; rerun the same command: they are reused and the "
+                  "interrupted arm resumes")
     from pipelines.ablate import AblateConfig, run_ablate
     from pipelines.report import print_comparison
 
@@ -329,6 +342,7 @@ def demo(
 ) -> None:
     """Synthetic action videos -> cache -> fast-mode heads -> evaluation against baselines, on a CPU in ~2 min."""
     _setup_logging(debug)
+    _on_interrupt(f"finished stages are kept in {out}; rerun the same command to go on")
     from pipelines.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=str(out), model=model, workers=workers))
@@ -351,7 +365,11 @@ def main() -> None:
     from mdmf_cache.errors import MdmfError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into a returned 130
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MdmfError as e:
         if DEBUG["on"]:
             raise
@@ -361,7 +379,7 @@ def main() -> None:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         sys.exit(code)
     except KeyboardInterrupt:
-        typer.secho("interrupted; rerun the same command to resume", fg="yellow", err=True)
+        typer.secho(f"interrupted: {INTERRUPT_HINT['text']}", fg="yellow", err=True)
         sys.exit(130)
     except Exception as e:
         if isinstance(e, _click_exceptions()):  # usage errors: click's own message, exit code 2

@@ -117,12 +117,37 @@ class Backbone:
         return torch.cat(out).cpu()
 
 
-def resolve_device(device: str = "auto") -> "torch.device":
+def available_devices() -> list[str]:
+    """The devices this machine has: ``cpu`` and ``cuda:0``, ``cuda:1``, ..."""
     import torch
+
+    return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def resolve_device(device: str = "auto") -> "torch.device":
+    """``auto`` (the first GPU if there is one, else the CPU) or a device that exists here.
+
+    Raises:
+        ConfigError: an unknown device name, or a GPU this machine does not have (the devices that
+            exist are named).
+    """
+    import torch
+
+    from .errors import ConfigError
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    have = ", ".join(available_devices())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--device {device!r} is not a device name; this machine has: {have}") from e
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {device}: no such GPU here (CUDA available: {torch.cuda.is_available()}); "
+                          f"this machine has: {have}")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: only cpu and cuda are supported; this machine has: {have}")
+    return dev
 
 
 def heads_autocast(device: "torch.device"):

@@ -81,13 +81,18 @@ class EpisodeSampler:
         for c in range(num_classes):
             self.members[c, : self.counts[c]] = order[starts[c] : starts[c] + self.counts[c]]
 
-    def check(self, way: int, shot: int, queries: int) -> np.ndarray:
-        """Classes with at least shot + queries videos; raises ConfigError if fewer than ``way``."""
+    def check(self, way: int, shot: int, queries: int, split: str = "this") -> np.ndarray:
+        """Classes with at least shot + queries videos; raises ConfigError if fewer than ``way``.
+
+        Args:
+            split: the split's name, for the message.
+        """
         eligible = np.flatnonzero(self.counts >= shot + queries)
         if len(eligible) < way:
             raise ConfigError(
                 f"{way}-way {shot}-shot with {queries} queries per class needs {way} classes with >= "
-                f"{shot + queries} videos; this split has {len(eligible)} (of {len(self.counts)})"
+                f"{shot + queries} videos; the {split} split has {len(eligible)} (of {len(self.counts)} classes); "
+                "use fewer --way/--shot/queries or a larger split"
             )
         return eligible
 

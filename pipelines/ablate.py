@@ -11,6 +11,7 @@ Recipe, top to bottom:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -90,16 +91,31 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
     from pipelines.train import TrainConfig, load_run, resolve_device, run_train
     from mdmf_cache.store import load_split_features
 
+    from mdmf_cache.episodes import EpisodeSampler
+    from mdmf_cache.fileio import atomic_write_json
+
     arms = cfg.arms()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablate_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     device = resolve_device(cfg.device)
+    # 1. every option and every arm checked before any training (a bad --view fails now, not after an arm)
+    if cfg.test_episodes < 1:
+        raise ConfigError(f"--test-episodes {cfg.test_episodes}: must be >= 1")
+    unknown = sorted(set(cfg.train) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown training option(s) {', '.join(unknown)}")
+    tcfgs = {}
+    for name, heads, _ in arms:
+        tcfgs[name] = TrainConfig(cache=cfg.cache, out=str(_arm_dir(out, name)), preset=cfg.preset, heads=dict(heads),
+                                  way=cfg.way, shot=cfg.shot, seed=cfg.seed, device=cfg.device, **cfg.train)
+        tcfgs[name].validate()
+    split = load_split_features(cfg.cache, cfg.split, device=str(device))
+    EpisodeSampler(split.labels.cpu().numpy(), split.num_classes).check(cfg.way, cfg.shot, 1, split=cfg.split)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "ablate_config.json", asdict(cfg))
     # 2. train
     runs = {}
     for name, heads, _ in arms:
-        tcfg = TrainConfig(cache=cfg.cache, out=str(_arm_dir(out, name)), preset=cfg.preset, heads=heads,
-                           way=cfg.way, shot=cfg.shot, seed=cfg.seed, device=cfg.device, **cfg.train)
+        tcfg = tcfgs[name]
         run = Path(tcfg.out)
         if (run / "best.pt").is_file() and (run / "metrics.jsonl").is_file():
             last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -112,13 +128,12 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
         run_train(tcfg, progress=progress)
         runs[name] = run
     # 3. score on one episode list
-    split = load_split_features(cfg.cache, cfg.split, device=str(device))
     eps = episode_list(split, cfg.way, cfg.shot, 1, cfg.test_episodes, cfg.seed)
     eps.save(out / f"episodes_{cfg.way}way_{cfg.shot}shot.npz")
     accs = {}
     for name, _, _ in arms:
         model, _ = load_run(runs[name], str(device))
-        accs[name] = score("mdmf", split, eps, model, cfg.seed).episode_acc * 100
+        accs[name] = score(model.cfg.method, split, eps, model, cfg.seed).episode_acc * 100
     # 4. tables
     base = accs.get("full")
     rows = []
@@ -135,13 +150,17 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
+    from mdmf_cache.fileio import atomic_write_text
+
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    with (out / "ablation.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "ablation.csv", buf.getvalue())
+
     def fmt(v):
         return f"{v:.2f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")

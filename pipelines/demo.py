@@ -38,6 +38,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     from pipelines.report import console, print_comparison, print_extract_summary, print_info
     from pipelines.train import TrainConfig, run_train
 
+    from mdmf_cache.backbone import list_models
+    from mdmf_cache.errors import ConfigError
+
+    if cfg.model not in list_models():  # before 240 videos are written
+        raise ConfigError(f"--model {cfg.model!r} is not an open_clip model; the demo runs on a tiny one "
+                          "(mdmf-tiny-vit or mdmf-tiny-rn)")
     out = Path(cfg.out)
     videos = out / "videos"
     out.mkdir(parents=True, exist_ok=True)

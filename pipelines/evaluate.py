@@ -45,6 +45,7 @@ class EvalConfig:
     device: str = "auto"
     path: str = "per-video"  # trained heads: per-video (fast) or direct (the reference path)
     pps_test: str | None = None  # MDMF: override the run's PPS rule at test (sample | argmax)
+    cache: str | None = None  # a run's cache at another path (moved); checked against the run's record
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -68,7 +69,8 @@ def episode_list(split: FeatureSplit, way: int, shot: int, queries: int, n: int,
 
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Evaluate; returns the results dict that is also written to ``results.json``."""
-    from pipelines.train import load_run, resolve_device
+    from mdmf_cache.fileio import atomic_write_json
+    from pipelines.train import check_identity, load_run, resolve_device
 
     cfg.validate()
     target = Path(cfg.target)
@@ -78,7 +80,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     # 1. what is scored
     if (target / "config.json").is_file() and (target / "best.pt").is_file():
         run_cfg = json.loads((target / "config.json").read_text())
-        cache = run_cfg["cache"]
+        cache = _run_cache(target, run_cfg, cfg.cache)
+        check_identity(run_cfg.get("cache_identity"), cache, f"eval {target}")
         trained_shot = int(run_cfg.get("shot", 5))
         run_method = run_cfg.get("method", "mdmf")
         if method in ("run", *TRAINED):
@@ -101,11 +104,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     else:
         raise ConfigError(f"{target} is neither a run directory (config.json + best.pt) nor a cache (*.zarr)")
     shots = cfg.shots or ((trained_shot,) if trained_shot else (1, 3, 5))
+    # 2. features; every shot checked against the split before anything is scored or written
+    split = load_split_features(cache, cfg.split, device=str(device))
+    sampler = EpisodeSampler(split.labels.cpu().numpy(), split.num_classes)
+    for shot in shots:
+        sampler.check(cfg.way, shot, cfg.queries_per_class, split=cfg.split)
     out = Path(cfg.out) if cfg.out else default_out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    # 2. features
-    split = load_split_features(cache, cfg.split, device=str(device))
+    atomic_write_json(out / "eval_config.json", asdict(cfg))
     # 3. episodes and scores
     results: dict[str, Any] = {"method": method, "split": cfg.split, "target": str(target), "cache": cache,
                                "way": cfg.way, "queries_per_class": cfg.queries_per_class, "seed": cfg.seed,
@@ -130,6 +136,19 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     finally:
         if bar:
             bar.stop()
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out / "results.json", results)
     results["out"] = str(out)
     return results
+
+
+def _run_cache(run: Path, run_cfg: dict[str, Any], override: str | None) -> str:
+    """The cache a run was trained on: ``--cache`` if given, else the recorded path as written, then as resolved
+    at training time; a clear error when neither exists (a moved cache)."""
+    if override:
+        return override
+    recorded = run_cfg["cache"]
+    for cand in (Path(recorded), Path(run_cfg.get("cache_abs", recorded))):
+        if (cand / "zarr.json").is_file():
+            return str(cand)
+    raise ConfigError(f"{run} was trained on {recorded}, which is not there any more; pass its new location "
+                      "with --cache PATH (it is checked against the run's record)")

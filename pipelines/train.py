@@ -17,8 +17,10 @@ issue; ``--mode full`` says so.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,13 +31,14 @@ import torch
 
 from mdmf_cache.backbone import heads_autocast, resolve_device
 from mdmf_cache.episodes import EpisodeSampler, Episodes, gather
-from mdmf_cache.errors import ConfigError
+from mdmf_cache.errors import CacheError, ConfigError
 from mdmf_cache.evaluation import score
+from mdmf_cache.fileio import atomic_torch_save, atomic_write_json, atomic_write_text
 from mdmf_cache.losses import mean_parts, total_loss
 from mdmf_cache.models.config import MDMFConfig, build_config
 from mdmf_cache.models.head import FewShotHead
 from mdmf_cache.models.mdmf import build_head
-from mdmf_cache.store import FeatureSplit, load_split_features
+from mdmf_cache.store import CacheStore, FeatureSplit, fingerprint_diff, load_split_features
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +78,48 @@ class TrainConfig:
                 f"--mode {self.mode}: only 'fast' is available so far (full fine-tuning of CLIP needs the "
                 "video loader and is tracked in its own issue)"
             )
-        for name in ("way", "shot", "train_queries", "episodes", "episodes_per_step", "val_every", "val_episodes", "val_queries"):
+        for name in ("shot", "train_queries", "episodes", "episodes_per_step", "val_every", "val_episodes", "val_queries"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
-        if self.lr <= 0:
-            problems.append("--lr must be > 0")
+        if self.way < 2:
+            problems.append(f"--way {self.way}: an episode needs at least 2 classes")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                problems.append(f"--{name.replace('_', '-')} {value}: must be a finite number > 0" if name == "lr"
+                                else f"--{name.replace('_', '-')} {value}: must be a finite number >= 0")
         if problems:
             raise ConfigError("; ".join(problems))
+        try:  # every head switch, before any work (an ablation arm's bad --view fails here, not after training)
+            build_config(self.preset, 8, **{**self.heads, "method": self.method})
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("dim=8 ", "")) from e
+
+
+def cache_identity(cache: Path | str) -> dict[str, Any]:
+    """What binds a run to its cache: the extraction fingerprint and each split's class list (hashed).
+
+    A run trained on one cache must not be resumed or evaluated on a cache with other settings or
+    another class split (another ``--seed`` of a folder dataset gives other test classes).
+    """
+    store = CacheStore(cache)
+    classes = {split: hashlib.sha1("\n".join(store.root[split].attrs.get("classes", [])).encode()).hexdigest()[:16]
+               for split in store.splits}
+    return {"fingerprint": store.fingerprint, "classes": classes}
+
+
+def check_identity(recorded: dict[str, Any] | None, cache: Path | str, what: str) -> None:
+    """Refuse a cache whose identity differs from the run's (fields named). Runs without a record pass."""
+    if not recorded:
+        return
+    now = cache_identity(cache)
+    diff = fingerprint_diff(recorded.get("fingerprint", {}), now["fingerprint"])
+    diff = [d.replace("cache has", "run has").replace("asked", "cache has") for d in diff]
+    diff += [f"{split} classes differ" for split in sorted(set(recorded.get("classes", {})) & set(now["classes"]))
+             if recorded["classes"][split] != now["classes"][split]]
+    if diff:
+        raise CacheError(f"{what}: {cache} is not the cache this run was trained on ({'; '.join(diff)}); "
+                         "point at the original cache, or train a new run on this one")
 
 
 def build_model(preset: str, dim: int, num_frames: int, heads: dict[str, Any], method: str = "mdmf") -> FewShotHead:
@@ -122,31 +160,30 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     cfg.validate()
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
-    # 1. config
     cfg_dict = asdict(cfg)
-    if cfg.resume and (out / "config.json").is_file():
-        old = json.loads((out / "config.json").read_text())
+    old = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else None
+    if (out / "last.pt").is_file() and not cfg.resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if cfg.resume and old is not None and (out / "last.pt").is_file():
+        # paths may be written differently (relative, moved): the cache is compared by identity below
         defaults = asdict(TrainConfig())  # a run written before a field existed had its default
-        diff = [k for k in cfg_dict if k not in ("resume", "device", "episodes")
+        diff = [k for k in cfg_dict if k not in ("resume", "device", "episodes", "cache", "out")
                 and old.get(k, defaults[k]) != cfg_dict[k]]
         if diff:
             raise ConfigError(f"--resume: {out} was trained with different {', '.join(diff)}; use another --out")
-    elif (out / "last.pt").is_file() and not cfg.resume:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    # 2. data and model
+        check_identity(old.get("cache_identity"), cfg.cache, "--resume")
+    # 1. data and model; nothing is written before every input is checked
     train = load_split_features(cfg.cache, "train", device=str(device))
     val = load_split_features(cfg.cache, "val", device=str(device))
     views, num_frames, dim = train.features.shape[1:]
+    sampler = EpisodeSampler(train.labels.cpu().numpy(), train.num_classes, views=views)
+    sampler.check(cfg.way, cfg.shot, cfg.train_queries, split="train")
+    val_sampler = EpisodeSampler(val.labels.cpu().numpy(), val.num_classes)
+    val_sampler.check(cfg.way, cfg.shot, cfg.val_queries, split="val")
     torch.manual_seed(cfg.seed)  # the heads' initialisation, then dropout and PPS draws
     model = build_model(cfg.preset, dim, num_frames, cfg.heads, cfg.method).to(device)
-    (out / "config.json").write_text(json.dumps({**cfg_dict, "resolved_heads": model.cfg.to_dict()}, indent=2))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = EpisodeSampler(train.labels.cpu().numpy(), train.num_classes, views=views)
-    sampler.check(cfg.way, cfg.shot, cfg.train_queries)
-    val_sampler = EpisodeSampler(val.labels.cpu().numpy(), val.num_classes)
     val_eps = val_sampler.sample(cfg.val_episodes, cfg.way, cfg.shot, cfg.val_queries, np.random.default_rng([cfg.seed, 1]))
-    val_eps.save(out / "val_episodes.npz")
     rng = np.random.default_rng([cfg.seed, 0])
     done, best, history = 0, -1.0, []
     if cfg.resume and (out / "last.pt").is_file():
@@ -155,11 +192,16 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         opt.load_state_dict(ckpt["optimizer"])
         _set_rng_state(rng, ckpt["rng"], device)
         done, best = ckpt["episodes"], ckpt["best_val"]
-        # metrics written after the checkpoint belong to the lost part of the run
-        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
-        history = [json.loads(ln) for ln in lines if json.loads(ln)["episodes"] <= done]
+        # the checkpoint carries the metrics up to itself: lines written after it belong to the lost part
+        history = ckpt.get("history") or _history_upto(out / "metrics.jsonl", done)
         log.info("resumed %s at %d episodes (best val %.2f%%)", out, done, best)
-    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    # 2. the run's files
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {**cfg_dict, "cache_abs": str(Path(cfg.cache).resolve()),
+                                            "cache_identity": cache_identity(cfg.cache),
+                                            "resolved_heads": model.cfg.to_dict()})
+    val_eps.save(out / "val_episodes.npz")
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
     # 3. train
     bar = _progress() if progress else None
@@ -197,17 +239,19 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                     "episodes_per_s": run_eps / (time.perf_counter() - t0),
                 }
                 losses = []
-                if acc > best:
-                    best = acc
-                    torch.save({"model": model.state_dict(), "heads": model.cfg.to_dict(), "preset": cfg.preset,
-                                "shot": cfg.shot, "episodes": done, "val_acc": acc}, out / "best.tmp")
-                    (out / "best.tmp").replace(out / "best.pt")  # atomic, as last.pt
-                rec["best_val"] = best
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(rng, device),
-                            "episodes": done, "best_val": best}, out / "last.tmp")
-                (out / "last.tmp").replace(out / "last.pt")  # atomic: a crash keeps the previous one
+                rec["best_val"] = max(best, acc)
+                history.append(rec)
+                # metrics line first, then best.pt, then last.pt (each atomic): a kill between them
+                # resumes from the previous last.pt, which drops and recomputes the later line
                 with (out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(rec) + "\n")
+                if acc > best:
+                    best = acc
+                    atomic_torch_save({"model": model.state_dict(), "heads": model.cfg.to_dict(), "preset": cfg.preset,
+                                       "shot": cfg.shot, "episodes": done, "val_acc": acc}, out / "best.pt")
+                atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "rng": _rng_state(rng, device), "episodes": done, "best_val": best,
+                                   "history": history}, out / "last.pt")
                 if bar:
                     bar.update(task, val=acc, loss=rec["loss"])
                 else:
@@ -217,6 +261,19 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             bar.stop()
     return {"best_val": best, "run": str(out), "episodes": done,
             "episodes_per_s": run_eps / max(time.perf_counter() - t0, 1e-9)}
+
+
+def _history_upto(path: Path, done: int) -> list[dict[str, Any]]:
+    """Metrics lines of a run written before checkpoints carried them, up to ``done`` episodes."""
+    if not path.is_file():
+        return []
+    recs = []
+    for line in path.read_text().splitlines():
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    return [r for r in recs if r.get("episodes", 0) <= done]
 
 
 def load_run(run: Path | str, device: str = "auto") -> tuple[FewShotHead, dict[str, Any]]:

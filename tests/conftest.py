@@ -62,6 +62,21 @@ def tiny_cache(action_videos, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """25 classes x 10 videos (moving shapes), tiny-vit features, 2 train views: enough classes for 5-way
+    train, val and test episodes (15/5/5). Read-only; shared by the training, evaluation and reliability tests."""
+    from mdmf_cache.synthetic import make_action_dataset
+    from pipelines.extract import ExtractConfig, run_extract
+
+    base = tmp_path_factory.mktemp("train_demo")
+    make_action_dataset(base / "videos", num_classes=25, videos_per_class=10, num_frames=16, size=(64, 48), seed=1)
+    path, _ = run_extract(ExtractConfig(dataset="folder", root=str(base / "videos"), cache_dir=str(base / "cache"),
+                                        name="demo", model="mdmf-tiny-vit", pretrained=None, train_views=2,
+                                        flip=False, workers=0, chunk_rows=16, progress=False, clean_names=True))
+    return path
+
+
+@pytest.fixture(scope="session")
 def splits_dir() -> Path:
     """The real split files (``../shared/splits`` next to the repository); skips when absent."""
     for cand in (Path(__file__).resolve().parents[2] / "shared" / "splits", REPO.parent / "shared" / "splits",

@@ -12,24 +12,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mdmf_cache.store import load_split_features  # noqa: E402
-from mdmf_cache.synthetic import make_action_dataset  # noqa: E402
 from mdmf_cache.evaluation import score  # noqa: E402
 from pipelines.evaluate import EvalConfig, episode_list, run_eval  # noqa: E402
-from pipelines.extract import ExtractConfig, run_extract  # noqa: E402
 from pipelines.train import TrainConfig, build_model, load_run, run_train  # noqa: E402
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    """25 classes x 10 videos (moving shapes), tiny-vit features, 2 train views."""
-    base = tmp_path_factory.mktemp("train_demo")
-    make_action_dataset(base / "videos", num_classes=25, videos_per_class=10, num_frames=16, size=(64, 48), seed=1)
-    path, _ = run_extract(ExtractConfig(dataset="folder", root=str(base / "videos"), cache_dir=str(base / "cache"),
-                                        name="demo", model="mdmf-tiny-vit", pretrained=None, train_views=2,
-                                        flip=False, workers=0, chunk_rows=16, progress=False, clean_names=True))
-    return path
 
 
 def _train(cache, out, **kw):

@@ -1,0 +1,81 @@
+"""Atomic file writes for run outputs (configs, results, checkpoints), with a clear message when the disk is full.
+
+A kill or a full disk in the middle of a write leaves the previous file (or none), never a truncated
+one: the content goes to ``NAME.tmp`` beside the target, then ``os.replace`` renames it, which is
+atomic on POSIX file systems.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import MdmfError
+
+__all__ = ["DiskFullError", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+
+_LOW_SPACE = 64 << 20  # below this much free space a failed write is reported as a full disk
+
+
+class DiskFullError(MdmfError, OSError):
+    """No space left where a file was being written (names the path and the free space)."""
+
+
+def _free(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+    except OSError:
+        return -1
+
+
+def _raise_if_disk_full(path: Path, err: BaseException) -> None:
+    free = _free(path)
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full or 0 <= free < _LOW_SPACE:
+        raise DiskFullError(
+            f"disk full while writing {path} ({free / 1e6:.0f} MB free on its file system); free some space "
+            "and rerun the same command (finished work is kept)"
+        ) from err
+
+
+def _replace(tmp: Path, path: Path, write) -> None:
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):
+            _raise_if_disk_full(path, err)
+        raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (``path.tmp`` then rename)."""
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _replace(path.with_name(path.name + ".tmp"), path, write)
+    return path
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> Path:
+    """``json.dumps(obj, indent=2)`` to ``path``, atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def atomic_torch_save(obj: Any, path: Path | str) -> Path:
+    """``torch.save`` to ``path`` atomically; a full disk is a :class:`DiskFullError`, not a torch enforce error."""
+    import torch
+
+    path = Path(path)
+    _replace(path.with_name(path.name + ".tmp"), path, lambda tmp: torch.save(obj, tmp))
+    return path
