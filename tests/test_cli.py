@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,8 +61,10 @@ def test_extract_info_export(cli_runner, action_videos, tiny_cache, tmp_path, sa
     res = cli_runner.invoke(cli.app, ["info", str(path)])
     assert res.exit_code == 0, res.output
     out = _flat(res.output)
-    for split, n in (("train", 20), ("val", 8), ("test", 8)):
-        assert f"{split} │ {n} │ {n}/{n}" in out
+    assert "│ train │ val │ test │" in out  # fields down, splits across: reads in 80 columns
+    assert "videos on disk │ 20 │ 8 │ 8 │" in out and "done │ 20/20 │ 8/8 │ 8/8 │" in out
+    assert "features N,V,T,D │ 20,2,8,64 │ 8,1,8,64 │ 8,1,8,64 │" in out
+    assert max(len(line) for line in res.output.splitlines()) <= 80
     assert "complete: yes" in out and '"num_frames": 8' in out
 
     # other settings: refused, the differing field named
@@ -78,8 +81,12 @@ def test_extract_info_export(cli_runner, action_videos, tiny_cache, tmp_path, sa
     from mdmf_cache.store import CacheStore
 
     g = CacheStore(path).root["train"]
+    root_attrs = dict(CacheStore(path).root.attrs)
     with h5py.File(h5, "r") as f:
         assert set(f.keys()) == {"train", "val", "test"}
+        # every root attribute travels: config and ready included
+        assert {k: json.loads(v) for k, v in f.attrs.items()} == root_attrs
+        assert json.loads(f.attrs["config"])["train_views"] == 2 and json.loads(f.attrs["ready"]) is True
         assert np.array_equal(f["train"]["features"][()], g["features"][:])
         assert np.array_equal(f["train"]["text_features"][()], g["text_features"][:])
 

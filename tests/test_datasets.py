@@ -215,7 +215,11 @@ def test_resolve_paths_reports_missing(tmp_path):
     ("brush_hair", "brush hair"),
     ("Pouring [something] into [something]", "Pouring something into something"),
     ("  playing  ice_hockey ", "playing ice hockey"),
-    ("ApplyEyeMakeup", "ApplyEyeMakeup"),
+    ("ApplyEyeMakeup", "apply eye makeup"),  # UCF101 CamelCase (SPEC section 5)
+    ("YoYo", "yo yo"),
+    ("HandstandPushups", "handstand pushups"),
+    ("Skiing", "Skiing"),
+    ("Bending [something] until it breaks", "Bending something until it breaks"),
 ])
 def test_clean_class_name(raw, clean):
     assert clean_class_name(raw) == clean

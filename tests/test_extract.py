@@ -76,7 +76,9 @@ def test_tiny_cache_contents(tiny_cache, folder_splits, backbone):
     store = CacheStore(tiny_cache)
     assert store.is_complete() and store.splits == ["train", "val", "test"]
     assert tiny_cache.name == "videos__mdmf-tiny-vit__random.zarr"
-    assert store.fingerprint["train_views"] == 2 and store.fingerprint["weights"] == "random-init-seed0"
+    video = store.fingerprint["video"]
+    assert video["train_views"] == 2 and video["weights"] == "random-init-seed0"
+    assert store.fingerprint["text"] == {"prompt_template": "a photo of {}", "clean_names": False}
     for name, (n, views) in SIZES.items():
         g, sp = store.root[name], folder_splits[name]
         assert g["features"].shape == (n, views, T, backbone.dim) and g["features"].dtype == np.float16
@@ -105,9 +107,10 @@ def test_sampling_is_deterministic_and_seeded(tiny_cache):
         fi = np.asarray(store.root[name]["frame_indices"][:])
         assert (fi[:, 0] == sample_indices(20, T, "tsn")).all()
     fi = np.asarray(store.root["train"]["frame_indices"][:])
-    for row in range(len(fi)):  # random inside segments, seeded per (seed, video, view)
+    ids = store.video_ids("train")
+    for row in range(len(fi)):  # random inside segments, seeded per (seed, video id, view), not per row
         for v in range(2):
-            assert np.array_equal(fi[row, v], sample_indices(20, T, "tsn", train=True, rng=video_rng(0, row, v)))
+            assert np.array_equal(fi[row, v], sample_indices(20, T, "tsn", train=True, rng=video_rng(0, ids[row], v)))
     assert not np.array_equal(fi[:, 0], fi[:, 1])  # the views are different draws
 
 
@@ -125,7 +128,7 @@ def test_features_are_clip_of_the_decoded_crop(tiny_cache, folder_splits, action
         path = index.resolve(folder_splits[name].video_ids[row])
         idx = np.asarray(g["frame_indices"][row, view])
         if name == "train":
-            rng = video_rng(0, row, view)
+            rng = video_rng(0, folder_splits[name].video_ids[row], view)
             assert np.array_equal(sample_indices(20, T, "tsn", train=True, rng=rng), idx)
             crop = Crop.random(rng, flip=False)  # the draw after the frame indices
             assert crop != Crop.centre()
@@ -185,7 +188,7 @@ def test_crash_while_creating_splits_recovers(tiny_cache, action_videos, tiny_ex
     """A run that dies between creating a split's arrays and writing its text, then reruns."""
     from mdmf_cache.store import CacheStore as Store
 
-    real_init, real_text = Store.init_split, Store.write_text
+    real_init, real_text = Store.sync_rows, Store.write_text
 
     def init_then_die(self, name, *a, **kw):
         if name == "val":
@@ -203,10 +206,10 @@ def test_crash_while_creating_splits_recovers(tiny_cache, action_videos, tiny_ex
     with pytest.raises(KeyboardInterrupt):
         run_extract(cfg)
     monkeypatch.setattr(Store, "write_text", real_text)
-    monkeypatch.setattr(Store, "init_split", init_then_die)
+    monkeypatch.setattr(Store, "sync_rows", init_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_extract(cfg)
-    monkeypatch.setattr(Store, "init_split", real_init)
+    monkeypatch.setattr(Store, "sync_rows", real_init)
     path, _ = run_extract(cfg)
     same_cache(path, tiny_cache)
 
@@ -242,7 +245,7 @@ def test_other_settings_refused_then_overwrite(tiny_cache, action_videos, tiny_e
     assert CacheStore(tmp_path / tiny_cache.name).root["train"]["features"].shape[2] == T  # untouched
     path, _ = run_extract(_cfg(tiny_extract_settings, action_videos, tmp_path, num_frames=4, overwrite=True))
     store = CacheStore(path)
-    assert store.is_complete() and store.fingerprint["num_frames"] == 4
+    assert store.is_complete() and store.fingerprint["video"]["num_frames"] == 4
     assert store.root["train"]["features"].shape[:3] == (20, 2, 4)
     assert (np.asarray(store.root["test"]["frame_indices"][:, 0]) == sample_indices(20, 4, "tsn")).all()
 
