@@ -57,7 +57,8 @@ def print_info(path: Path) -> dict:
     summary = {"path": str(path), "complete": store.is_complete(), "splits": {}, "fingerprint": store.fingerprint}
     for split in store.splits:
         summary["splits"][split] = store.split_summary(split)
-    table = Table(title=str(path), title_justify="left")
+    console.print(f"cache: {path}", soft_wrap=True)
+    table = Table()
     table.add_column("")
     for split in summary["splits"]:
         table.add_column(split, justify="right")
