@@ -252,7 +252,7 @@ def _scan_classes(root: Path) -> list[str]:
         for item in sorted(cdir.iterdir()):
             if item.is_file() and item.suffix.lower() in VIDEO_EXTS:
                 ids.append(f"{cdir.name}/{item.stem}")
-            elif item.is_dir():
+            elif item.is_dir() and _has_frames(item):
                 ids.append(f"{cdir.name}/{item.name}")
     return ids
 

@@ -81,6 +81,7 @@ class RowSync:
 
     rows: int = 0  # rows of the split after the sync
     added: int = 0  # rows appended this run (videos new on disk)
+    created: bool = False  # the split was made this run (its rows are all new)
     vanished: list[str] = field(default_factory=list)  # finished rows whose video is gone (kept, unused)
 
 
@@ -200,7 +201,8 @@ class CacheStore:
         labels = np.asarray(labels, dtype=np.int32)
         if name in self.root and "num_videos" not in self.root[name].attrs:
             del self.root[name]  # a run killed while creating it: create it again
-        if name not in self.root:
+        created = name not in self.root
+        if created:
             self._create_split(name, views, num_frames, dim, chunk_rows, classes)
         g = self.root[name]
         if list(g.attrs["classes"]) != list(classes):
@@ -228,7 +230,7 @@ class CacheStore:
         vanished = [v for v, d in zip(ids, done) if d and v not in on_disk]
         g.attrs.update({"class_names": list(class_names), "num_videos": n,
                         "missing": [v for v, p in zip(listed, present) if not p]})
-        return RowSync(rows=n, added=len(new), vanished=vanished)
+        return RowSync(rows=n, added=len(new), created=created, vanished=vanished)
 
     def _create_split(self, name: str, views: int, num_frames: int, dim: int, chunk_rows: int,
                       classes: list[str]) -> None:

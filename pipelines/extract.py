@@ -260,8 +260,8 @@ class ChunkWriter:
 class SplitResult:
     split: str
     videos: int = 0  # listed videos found on disk
-    reused: int = 0  # of them, finished by an earlier run
-    added: int = 0  # rows appended this run (videos new since the last run)
+    reused: int = 0  # of them, finished by an earlier run (in this rank's chunks)
+    added: int = 0  # rows appended to an existing split this run (videos new since the last run)
     extracted: int = 0  # this run
     failed: int = 0  # this run
     short: int = 0  # videos with fewer than T decodable frames (indices repeated)
@@ -292,7 +292,8 @@ def extract_split(
     rows = store.pending_rows(name, cfg.rank, cfg.world_size, present=present)
     res = res or SplitResult(name)
     res.videos, res.missing = len(found), len(split.video_ids) - len(found)
-    res.reused = int((store.done_mask(name) & present).sum())
+    owned = (np.arange(len(row_ids)) // store.chunk_rows(name)) % cfg.world_size == cfg.rank
+    res.reused = int((store.done_mask(name) & present & owned).sum())  # only this rank writes these rows
     if len(rows) == 0:
         return res
     ids = {int(r): row_ids[r] for r in rows}
@@ -385,7 +386,7 @@ def prepare_cache(store: CacheStore, splits: dict[str, Split], cfg: ExtractConfi
             views=cfg.train_views if name == "train" else 1, num_frames=cfg.num_frames, dim=backbone.dim,
             chunk_rows=cfg.chunk_rows,
         )
-        res = results[name] = SplitResult(name, added=sync.added, vanished=sync.vanished)
+        res = results[name] = SplitResult(name, added=0 if sync.created else sync.added, vanished=sync.vanished)
         if sync.vanished:
             log.warning("%s: %d extracted videos are no longer under %s (first: %s); their rows are kept but "
                         "not used until the videos are back", name, len(sync.vanished), cfg.root,

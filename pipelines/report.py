@@ -22,7 +22,7 @@ def print_extract_summary(path: Path, results) -> None:
                       str(r.missing), rate)
     console.print(table)
     for r in results:
-        if r.added and r.reused:
+        if r.added:
             console.print(f"{r.split}: {r.added} videos new since the last run, added")
         if r.vanished:
             console.print(f"[yellow]{r.split}: {len(r.vanished)} extracted videos are no longer on disk[/] "

@@ -47,6 +47,14 @@ def test_help_does_not_import_torch():
     assert res.returncode == 0, res.stderr
 
 
+def test_extract_help_reads_right(cli_runner):
+    res = cli_runner.invoke(cli.app, ["extract", "--help"], env={"COLUMNS": "250"})
+    out = _flat(res.output)
+    assert "underscores to spaces, drop [brackets]." in out  # not eaten by the help markup
+    assert "torchrun --nproc-per-node 4 -m cli extract ssv2-full" in out  # the form the README uses
+    assert "--labels" in out
+
+
 @pytest.mark.integration
 def test_extract_info_export(cli_runner, action_videos, tiny_cache, tmp_path, same_cache):
     cache_dir = tmp_path / "cache"
@@ -118,6 +126,14 @@ def test_console_entry_errors_are_one_line(tmp_path):
     res = _run("extract", "folder", "--workers", "lots")  # click's parameter check
     assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
     assert "Invalid value for '--workers'" in res.stderr
+
+    for c in ("a", "b", "c"):  # --root one level above the class folders: nothing found, said in one line
+        (tmp_path / "data" / "videos" / c).mkdir(parents=True)
+        (tmp_path / "data" / "videos" / c / "v.mp4").write_bytes(b"")
+    res = _run("extract", "folder", "--root", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: no videos under") and f"try --root {tmp_path / 'data' / 'videos'}" in res.stderr
+    assert not (tmp_path / "cache").exists()
 
     res = _run("info", str(tmp_path / "none.zarr"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
