@@ -93,6 +93,8 @@ class ExtractConfig:
             problems.append(f"rank {self.rank} outside world size {self.world_size}")
         if self.root is None:
             problems.append("--root DIR (the video tree) is required")
+        if self.labels and not (DATASETS.get(self.dataset) and DATASETS[self.dataset].numeric_labels):
+            problems.append("--labels names SSv2-Full's label ids; other datasets take names from the split files")
         if problems:
             raise ConfigError("bad options: " + "; ".join(problems))
 
