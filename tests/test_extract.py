@@ -55,6 +55,28 @@ def _done_count(path: Path) -> int:
         return 0
 
 
+def spawn_and_kill(kw: dict, path: Path, low: int, high: int, delay: float, cwd: Path) -> int:
+    """Run ``run_extract(kw)`` in a subprocess, SIGKILL it once ``low <= done rows < high``; returns
+    the done count seen when it was killed."""
+    proc = _spawn(kw, delay=delay, cwd=cwd)
+    killed_at, deadline = None, time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = _done_count(path)
+            if low <= done < high:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = done
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert killed_at is not None, f"run ended (rc {proc.returncode}) before it could be killed:\n{err[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    return killed_at
+
+
 @pytest.fixture(scope="module")
 def backbone():
     from mdmf_cache.backbone import load_backbone
@@ -149,22 +171,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_cache, action_videos, tin
     # the killed run writes small, partial chunks (a flush per row, batches of 2): resume must cope
     kw = {**tiny_extract_settings, "root": str(action_videos), "cache_dir": str(cache_dir),
           "batch_videos": 2, "flush_seconds": 0.0}
-    proc = _spawn(kw, delay=0.15, cwd=tmp_path)
-    killed_at, deadline = None, time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = _done_count(path)
-            if 6 <= done < total:  # chunk 0 done, chunk 1 half done (a flush per row)
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = done
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and killed_at is None:
-            proc.kill()
-        _, err = proc.communicate(timeout=60)
-    assert killed_at is not None, f"run ended (rc {proc.returncode}) before it could be killed:\n{err[-2000:]}"
-    assert proc.returncode == -signal.SIGKILL
+    killed_at = spawn_and_kill(kw, path, 6, total, delay=0.15, cwd=tmp_path)  # chunk 0 done, chunk 1 half
     store = CacheStore(path)
     done_after = sum(int(store.done_mask(s).sum()) for s in store.splits)
     assert killed_at <= done_after < total and not store.is_complete()

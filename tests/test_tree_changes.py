@@ -9,10 +9,7 @@ current tree.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,7 @@ import pytest
 from mdmf_cache.store import CacheStore, group_name, load_split_features
 from pipelines.extract import ExtractConfig, run_extract
 
-from test_extract import _done_count, _spawn
+from test_extract import _done_count, spawn_and_kill
 
 CLASSES = ["archery", "brush_hair", "cartwheel"]  # the folder split gives one class to each split
 PER_CLASS = 5
@@ -91,23 +88,9 @@ def _assert_loads_like_fresh(path: Path, fresh: Path, on_disk: set[str]) -> None
         assert np.array_equal(got.text.numpy(), ref.text.numpy()) and got.classes == ref.classes
 
 
-def _kill_midway(kw: dict, path: Path, low: int, high: int, delay: float = 0.3) -> int:
-    """Run the extraction in a subprocess and SIGKILL it once ``low <= done rows < high``."""
-    proc = _spawn({**kw, "batch_videos": 1, "flush_seconds": 0.0}, delay=delay, cwd=path.parent.parent)
-    killed_at, deadline = None, time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = _done_count(path)
-            if low <= done < high:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = done
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and killed_at is None:
-            proc.kill()
-        _, err = proc.communicate(timeout=60)
-    assert killed_at is not None, f"run ended (rc {proc.returncode}) before it could be killed:\n{err[-2000:]}"
+def _kill_midway(kw: dict, path: Path, low: int, high: int) -> int:
+    """Extract in a subprocess (a row per flush), SIGKILL it once ``low <= done rows < high``."""
+    spawn_and_kill({**kw, "batch_videos": 1, "flush_seconds": 0.0}, path, low, high, delay=0.3, cwd=path.parent.parent)
     return _done_count(path)
 
 
