@@ -92,7 +92,8 @@ class Split:
         return len(self.video_ids)
 
     def found(self) -> tuple[list[str], list[Path], np.ndarray]:
-        """(ids, paths, labels) of the entries ``resolve_paths`` found: the cache's rows, in order."""
+        """(ids, paths, labels) of the entries ``resolve_paths`` found, in listing order (a fresh
+        cache's rows; a cache that grew holds them in another row order, see ``store``)."""
         keep = [i for i, p in enumerate(self.paths) if p is not None]
         return [self.video_ids[i] for i in keep], [self.paths[i] for i in keep], self.labels[keep].astype(np.int32)
 

@@ -158,3 +158,29 @@ def test_shrinking_tree_killed_midway_then_videos_back(stamped, tmp_path, caplog
     assert not any(r.vanished for r in results)
     assert _assert_rows_true(path, fresh, stamps) == len(ids)
     _assert_loads_like_fresh(path, fresh, set(ids))
+
+
+@pytest.mark.integration
+def test_two_ranks_extend_a_grown_tree(stamped, tmp_path):
+    """Rank 0 appends the new rows before any rank starts; rank 1 waits for the rows it needs."""
+    from test_extract import _spawn
+
+    full, stamps, fresh = stamped
+    ids = sorted(stamps)
+    first = {v for v in ids if int(v[-2:]) % 2}
+    root = _tree(full, tmp_path / "videos", first)
+    kw = {**SETTINGS, "root": str(root), "cache_dir": str(tmp_path / "cache")}
+    run_extract(ExtractConfig(**kw))
+    _tree(full, root, set(ids))
+    kw = {**kw, "world_size": 2}
+    rank1 = _spawn({**kw, "rank": 1}, cwd=tmp_path)  # started first: its new videos have no rows yet
+    try:
+        path, results = run_extract(ExtractConfig(**kw, rank=0))
+        _, err = rank1.communicate(timeout=180)
+    finally:
+        if rank1.poll() is None:
+            rank1.kill()
+    assert rank1.returncode == 0, err[-2000:]
+    assert sum(r.added for r in results) == len(ids) - len(first)
+    assert _assert_rows_true(path, fresh, stamps) == len(ids)
+    _assert_loads_like_fresh(path, fresh, set(ids))
