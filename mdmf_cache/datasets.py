@@ -426,6 +426,9 @@ def diagnose_missing(video_ids: list[str], root: Path, dataset: str = "") -> str
     here_keys, here_stems = _listing(root)
     if classes & here_keys and not stems & here_stems:
         example = next(v for v in video_ids if folder_key(v.split("/", 1)[0]) in here_keys)
+        if {s.casefold() for s in stems} & {s.casefold() for s in here_stems}:
+            return (f"the class folders are there, the video names differ in case from the split files' "
+                    f"(e.g. {example}): rename the files or fix the lists")
         return (f"the class folders are there but hold no video the split files name (e.g. {example}.*): "
                 "are these the same dataset and split files?")
     candidates = [Path(e.path) for e in os.scandir(root) if e.is_dir()]

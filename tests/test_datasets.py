@@ -259,6 +259,7 @@ def test_diagnose_missing_names_the_likely_cause(tmp_path):
     assert "looks like one class folder: try --root " + str(tmp_path / "UCF-101") in \
         diagnose_missing(ids, tmp_path / "UCF-101" / "Archery")
     assert "hold no video the split files name" in diagnose_missing(["Archery/v_9"], tmp_path / "UCF-101")
+    assert "video names differ in case" in diagnose_missing(["archery/V_2"], tmp_path / "UCF-101")
     other = tmp_path / "other"
     (other / "Basketball").mkdir(parents=True)
     assert "no class folder matches the split files (e.g. 'applyeyemakeup'); " in diagnose_missing(ids, other)
