@@ -380,6 +380,7 @@ def find_videos(cfg: ExtractConfig, splits: dict[str, Split]) -> dict[str, list[
 
 def prepare_cache(store: CacheStore, splits: dict[str, Split], cfg: ExtractConfig, backbone) -> dict[str, SplitResult]:
     """Rank 0: match every split's rows to the tree and (re)compute stale text embeddings."""
+    store.root.attrs["ready"] = False  # until rows and text match this run (info: not complete if killed here)
     results = {}
     for name, split in splits.items():
         present = np.array([p is not None for p in split.paths], dtype=bool)
