@@ -73,11 +73,12 @@ def _setup_logging(debug: bool) -> None:
 
 
 @app.command(epilog="Examples:\n\n  mdmf-cache extract ucf101 --root ~/data/UCF-101 --splits ../shared/splits --model RN50 --pretrained openai\n\n"
-             "  torchrun --nproc-per-node 4 cli.py extract ssv2-full --root ~/data/ssv2 --train-views 4")
+             "  torchrun --nproc-per-node 4 -m cli extract ssv2-full --root ~/data/ssv2 --train-views 4   (from the repository root)")
 def extract(
     dataset: Annotated[Dataset, typer.Argument(help="Built-in dataset, or 'folder' for root/class/video.ext.")],
     root: Annotated[Path, typer.Option(help="Video tree (files or JPEG frame folders).")] = Path("data"),
     splits: Annotated[Optional[Path], typer.Option(help="Split-file folder (holds ucf_ARN/, ...). Folder datasets: optional.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="SSv2 labels.json (default: labels.json, labels/labels.json or something-something-v2-labels.json in --root or its parent).")] = None,
     cache_dir: CacheDirOpt = Path("cache"),
     name: Annotated[Optional[str], typer.Option(help="Cache group name instead of the dataset's.")] = None,
     model: Annotated[str, typer.Option(help="open_clip model name: RN50, ViT-B-16, mdmf-tiny-vit, ...")] = "RN50",
@@ -90,7 +91,7 @@ def extract(
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips of train views (default on, SSv2 included, as paper and released code; --no-flip for SSv2 research runs: left/right classes).")] = None,
     seed: int = 0,
     prompt: Annotated[str, typer.Option(help="Prompt template.")] = "a photo of {}",
-    clean_names: Annotated[bool, typer.Option(help="Underscores to spaces, drop [brackets] in class names.")] = False,
+    clean_names: Annotated[bool, typer.Option(help="Clean class names for prompts: split CamelCase, underscores to spaces, drop \\[brackets].")] = False,
     decoder: Annotated[str, typer.Option(help="auto | decord | pyav | jpeg. auto picks a correct backend per container.")] = "auto",
     workers: Annotated[int, typer.Option(help="Decoder processes.")] = max(1, min(8, (os.cpu_count() or 2))),
     batch_videos: Annotated[int, typer.Option(help="Videos per encoder batch.")] = 8,
@@ -111,7 +112,7 @@ def extract(
 
     env_rank, env_world, _ = distributed_env()
     cfg = ExtractConfig(
-        dataset=dataset.value, root=str(root), splits_dir=str(splits) if splits else (str(_default_splits()) if dataset != Dataset.folder and _default_splits() else None),
+        dataset=dataset.value, root=str(root), labels=str(labels) if labels else None, splits_dir=str(splits) if splits else (str(_default_splits()) if dataset != Dataset.folder and _default_splits() else None),
         cache_dir=str(cache_dir), name=name, model=model,
         pretrained=None if pretrained.lower() in ("none", "") else pretrained,
         num_frames=num_frames, sampler=sampler or PRESET_DATA[preset.value]["sampler"],

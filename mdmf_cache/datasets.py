@@ -2,8 +2,10 @@
 
 A split file line is ``class/video`` (SPEC section 2). The class index map of each split is built
 from the split file itself (sorted class names; SSv2-Full label ids sort numerically), never from a
-hand-written list. Entries resolve to a video file (``.avi .mp4 .webm .mkv``) or a folder of JPEG
-frames, under ``root/class/video`` or, as the SSv2 download is laid out, ``root/video``.
+hand-written list. Entries resolve to a video file (``.avi .mp4 .webm .mkv .mov``) or a folder of
+frames, under ``root/class/video`` or, as the SSv2 download is laid out, ``root/video``. Class
+folders match case-insensitively and with ``_`` for spaces (``root/air_drumming/`` holds the
+videos of class ``air drumming``, ``root/applyeyemakeup/`` those of ``ApplyEyeMakeup``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from .errors import DatasetError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-VIDEO_EXTS = (".avi", ".mp4", ".webm", ".mkv")
-FRAME_EXTS = (".jpg", ".jpeg")
+VIDEO_EXTS = (".avi", ".mp4", ".webm", ".mkv", ".mov")
+FRAME_EXTS = (".jpg", ".jpeg", ".png")  # as the jpeg decoder reads them
+#: Where the SSv2 download keeps its label names, looked for in --root and its parent.
+SSV2_LABEL_FILES = ("labels.json", "labels/labels.json", "something-something-v2-labels.json")
 
 
 @dataclass(frozen=True)
@@ -89,15 +93,36 @@ class Split:
         return len(self.video_ids)
 
     def found(self) -> tuple[list[str], list[Path], np.ndarray]:
-        """(ids, paths, labels) of the entries ``resolve_paths`` found: the cache's rows, in order."""
+        """(ids, paths, labels) of the entries ``resolve_paths`` found, in listing order (a fresh
+        cache's rows; a cache that grew holds them in another row order, see ``store``)."""
         keep = [i for i, p in enumerate(self.paths) if p is not None]
         return [self.video_ids[i] for i in keep], [self.paths[i] for i in keep], self.labels[keep].astype(np.int32)
 
 
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
 def clean_class_name(name: str) -> str:
-    """SPEC section 5 ``clean``: underscores to spaces, drop SSv2 brackets, squeeze spaces."""
-    name = name.replace("_", " ").replace("[", "").replace("]", "")
-    return re.sub(r"\s+", " ", name).strip()
+    """SPEC section 5 ``clean``: split CamelCase (lower-cased), underscores to spaces, drop SSv2
+    brackets, squeeze spaces.
+
+    ``ApplyEyeMakeup`` -> ``apply eye makeup``, ``brush_hair`` -> ``brush hair``,
+    ``Bending [something] until it breaks`` -> ``Bending something until it breaks`` (names without
+    CamelCase keep their case).
+    """
+    words = []
+    for word in name.replace("_", " ").replace("[", "").replace("]", "").split():
+        parts = _CAMEL.split(word)
+        if len(parts) > 1:
+            words.extend(p.lower() for p in parts)
+        else:
+            words.append(word)
+    return " ".join(words)
+
+
+def folder_key(name: str) -> str:
+    """How a class folder is matched to a split file's class: case-insensitive, ``_`` = space."""
+    return " ".join(name.replace("_", " ").split()).casefold()
 
 
 def _sha256_lines(lines: list[str]) -> str:
@@ -138,20 +163,39 @@ def _drop_stray(lines: list[str]) -> list[str]:
     return kept
 
 
-def _ssv2_names(splits_dir: Path, root: Path | None) -> dict[str, str]:
-    """SSv2 label id -> template text, from the user's labels.json, else class_names.tsv."""
+def find_ssv2_labels(root: Path | None) -> Path | None:
+    """The SSv2 download's labels file in ``root`` or its parent (``labels.json``,
+    ``labels/labels.json``, ``something-something-v2-labels.json``), or None."""
+    if root is None:
+        return None
+    root = Path(root)
+    for base in (root, root.parent):
+        for name in SSV2_LABEL_FILES:
+            if (base / name).is_file():
+                return base / name
+    return None
+
+
+def _ssv2_names(splits_dir: Path, root: Path | None, labels_file: Path | None = None) -> dict[str, str]:
+    """SSv2 label id -> template text, from the user's labels file (``--labels``, else found beside
+    ``--root``), over ``class_names.tsv``."""
     names: dict[str, str] = {}
     tsv = splits_dir / "class_names.tsv"
     if tsv.is_file():
         with tsv.open(encoding="utf-8") as f:
             for row in csv.DictReader(f, delimiter="\t"):
                 names[str(int(row["label_id"]))] = row["template"]
-    for candidate in ([root / "labels.json", root.parent / "labels.json"] if root else []):
-        if candidate.is_file():
-            data = json.loads(candidate.read_text(encoding="utf-8"))
+    path = Path(labels_file) if labels_file else find_ssv2_labels(root)
+    if labels_file and not path.is_file():
+        raise DatasetError(f"--labels {path} is not a file")
+    if path is not None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
             # SSv2 labels.json maps template -> id string.
             names.update({str(int(v)): k for k, v in data.items()})
-            break
+        except (ValueError, AttributeError, TypeError) as e:
+            raise DatasetError(f"{path}: not an SSv2 labels file ({{template: id}} JSON): {e}") from e
+        log.info("SSv2 class names from %s", path)
     return names
 
 
@@ -167,7 +211,8 @@ def _make_split(name: str, lines: list[str], numeric: bool, names: dict[str, str
         missing = [c for c in classes if c not in names]
         if missing:
             log.warning(
-                "%s: no class name for %d label ids (%s); put the SSv2 labels.json in --root. Using 'label <id>'.",
+                "%s: no class name for %d label ids (%s); pass --labels labels.json (from the SSv2 download) "
+                "or put it in --root. Using 'label <id>'.",
                 name, len(missing), ", ".join(missing[:5]),
             )
         class_names = [names.get(c, f"label {c}") for c in classes]
@@ -176,19 +221,21 @@ def _make_split(name: str, lines: list[str], numeric: bool, names: dict[str, str
     return Split(name, classes, class_names, list(lines), labels, source_hash)
 
 
-def load_builtin_splits(dataset: str, splits_dir: Path, root: Path | None = None) -> dict[str, Split]:
+def load_builtin_splits(dataset: str, splits_dir: Path, root: Path | None = None,
+                        labels_file: Path | None = None) -> dict[str, Split]:
     """Parse the three split files of a built-in dataset.
 
     Args:
         dataset: a key of ``DATASETS``.
         splits_dir: directory holding ``<split_dir>/trainlist03.txt`` etc. (or the files themselves).
-        root: video root, only used to find SSv2's ``labels.json``.
+        root: video root, only used to find SSv2's labels file.
+        labels_file: SSv2 labels file (``--labels``); default: looked for beside ``root``.
     """
     spec = DATASETS[dataset]
     base = Path(splits_dir)
     if (base / spec.split_dir).is_dir():
         base = base / spec.split_dir
-    names = _ssv2_names(base, root) if spec.numeric_labels else None
+    names = _ssv2_names(base, root, labels_file) if spec.numeric_labels else None
     out = {}
     for split, fname in spec.files.items():
         path = base / fname
@@ -201,20 +248,32 @@ def load_builtin_splits(dataset: str, splits_dir: Path, root: Path | None = None
     return out
 
 
-def scan_folder(root: Path) -> list[str]:
-    """``class/video`` ids of a ``root/class/video.ext`` (or ``root/class/video/*.jpg``) tree, sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"video root {root} is not a directory; pass --root DIR")
+def _scan_classes(root: Path) -> list[str]:
     ids = []
     for cdir in sorted(p for p in root.iterdir() if p.is_dir()):
         for item in sorted(cdir.iterdir()):
             if item.is_file() and item.suffix.lower() in VIDEO_EXTS:
                 ids.append(f"{cdir.name}/{item.stem}")
-            elif item.is_dir():
+            elif item.is_dir() and _has_frames(item):
                 ids.append(f"{cdir.name}/{item.name}")
+    return ids
+
+
+def scan_folder(root: Path) -> list[str]:
+    """``class/video`` ids of a ``root/class/video.ext`` (or ``root/class/video/*.jpg``) tree, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"video root {root} is not a directory; pass --root DIR")
+    ids = _scan_classes(root)
     if not ids:
-        raise DatasetError(f"no videos under {root}: expected root/class/video.ext ({', '.join(VIDEO_EXTS)})")
+        hint = ""
+        subs = [d for d in sorted(root.iterdir()) if d.is_dir()]
+        deeper = [d for d in subs if _scan_classes(d)]
+        if deeper:
+            hint = f"; the class folders look one level down: try --root {deeper[0]}"
+        elif any(p.is_file() and p.suffix.lower() in VIDEO_EXTS for p in root.iterdir()):
+            hint = f"; {root} holds the videos themselves: try --root {root.parent}"
+        raise DatasetError(f"no videos under {root}: expected root/class/video.ext ({', '.join(VIDEO_EXTS)}){hint}")
     return ids
 
 
@@ -257,11 +316,14 @@ def load_folder_splits(
     out = {}
     for split in SPLITS:
         lines = [i for i in ids if i.split("/", 1)[0] in groups[split]]
-        out[split] = _make_split(split, lines, False, None, _sha256_lines(lines))
+        # the hash covers the split's classes, not its videos: videos added to or removed from the
+        # tree keep the cache (rows are keyed by video id); a changed class set is another split
+        out[split] = _make_split(split, lines, False, None, _sha256_lines(sorted(groups[split])))
     return out
 
 
-def load_splits(dataset: str, splits_dir: Path | None, root: Path | None, seed: int = 0) -> dict[str, Split]:
+def load_splits(dataset: str, splits_dir: Path | None, root: Path | None, seed: int = 0,
+                labels_file: Path | None = None) -> dict[str, Split]:
     """Splits of a built-in dataset or of ``folder``; raises DatasetError naming valid datasets."""
     if dataset == "folder":
         if root is None:
@@ -271,11 +333,15 @@ def load_splits(dataset: str, splits_dir: Path | None, root: Path | None, seed: 
         raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
     if splits_dir is None:
         raise DatasetError(f"{dataset} needs --splits DIR (the folder holding {DATASETS[dataset].split_dir}/)")
-    return load_builtin_splits(dataset, splits_dir, root)
+    return load_builtin_splits(dataset, splits_dir, root, labels_file)
 
 
 class VideoIndex:
-    """Finds the file or frame folder of each ``class/video`` id under a root, scanning it once."""
+    """Finds the file or frame folder of each ``class/video`` id under a root, scanning it once.
+
+    A split file's class matches a folder of the same name, else one whose :func:`folder_key` is
+    the same (other case, ``_`` for spaces); SSv2's flat ``root/video`` layout is found by video name.
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -283,13 +349,15 @@ class VideoIndex:
             raise DatasetError(f"video root {self.root} is not a directory; pass --root DIR")
         self.nested: dict[tuple[str, str], Path] = {}
         self.flat: dict[str, Path] = {}
-        for top in os.scandir(self.root):
+        self.folders: dict[str, list[str]] = {}  # folder_key -> class folder names
+        for top in sorted(os.scandir(self.root), key=lambda e: e.name):
             if top.is_file():
                 stem, ext = os.path.splitext(top.name)
                 if ext.lower() in VIDEO_EXTS:
                     self.flat[stem] = Path(top.path)
             elif top.is_dir():
                 self.flat.setdefault(top.name, Path(top.path))  # may be a flat frame folder
+                self.folders.setdefault(folder_key(top.name), []).append(top.name)
                 for item in os.scandir(top.path):
                     stem, ext = os.path.splitext(item.name)
                     if item.is_file() and ext.lower() in VIDEO_EXTS:
@@ -301,6 +369,11 @@ class VideoIndex:
         cls, vid = video_id.split("/", 1)
         path = self.nested.get((cls, vid))
         if path is None:
+            for folder in self.folders.get(folder_key(cls), ()):
+                path = self.nested.get((folder, vid))
+                if path is not None:
+                    break
+        if path is None:
             path = self.flat.get(vid)
             if path is not None and path.is_dir() and not _has_frames(path):
                 path = None  # a class directory, not a frame folder
@@ -311,8 +384,61 @@ def _has_frames(folder: Path) -> bool:
     return any(os.path.splitext(n)[1].lower() in FRAME_EXTS for n in os.listdir(folder))
 
 
-def resolve_paths(split: Split, root: Path) -> list[str]:
+def resolve_paths(split: Split, root: Path, index: VideoIndex | None = None) -> list[str]:
     """Fill ``split.paths``; return the ids that were not found."""
-    index = VideoIndex(root)
+    index = index or VideoIndex(root)
     split.paths = [index.resolve(v) for v in split.video_ids]
     return [v for v, p in zip(split.video_ids, split.paths) if p is None]
+
+
+def _listing(folder: Path) -> tuple[set[str], set[str]]:
+    """(folder_keys of sub-folders, stems of the entries in the folder and in its sub-folders)."""
+    keys, stems = set(), set()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return keys, stems
+    stems.update(os.path.splitext(e.name)[0] for e in entries)
+    for sub in (e for e in entries if e.is_dir()):
+        keys.add(folder_key(sub.name))
+        try:
+            stems.update(os.path.splitext(e.name)[0] for e in os.scandir(sub.path))
+        except OSError:
+            pass
+    return keys, stems
+
+
+def diagnose_missing(video_ids: list[str], root: Path, dataset: str = "") -> str:
+    """The likely reason the videos of ``video_ids`` are not under ``root``, as a hint ('' if none seen).
+
+    Looks for the class folders one level below ``root`` (--root is the parent) or beside it
+    (--root is a class folder), and for class folders that exist but hold differently named videos.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return f"{root} is not a directory"
+    classes = {folder_key(v.split("/", 1)[0]) for v in video_ids}
+    stems = {v.split("/", 1)[1] for v in video_ids}
+
+    def hits(folder: Path) -> int:
+        keys, found = _listing(folder)
+        return len(classes & keys) + len(stems & found)
+
+    here_keys, here_stems = _listing(root)
+    if classes & here_keys and not stems & here_stems:
+        example = next(v for v in video_ids if folder_key(v.split("/", 1)[0]) in here_keys)
+        if {s.casefold() for s in stems} & {s.casefold() for s in here_stems}:
+            return (f"the class folders are there, the video names differ in case from the split files' "
+                    f"(e.g. {example}): rename the files or fix the lists")
+        return (f"the class folders are there but hold no video the split files name (e.g. {example}.*): "
+                "are these the same dataset and split files?")
+    candidates = [Path(e.path) for e in os.scandir(root) if e.is_dir()]
+    below = max(candidates, key=hits, default=None)
+    if below is not None and hits(below) > 0:
+        return f"the class folders are one level down: try --root {below}"
+    if hits(root.parent) > 0 and root.parent != root:
+        return f"{root} looks like one class folder: try --root {root.parent}"
+    example = next(iter(sorted(classes)))
+    seen = sorted(here_keys)[:3]
+    return (f"no class folder matches the split files (e.g. {example!r}); {root} holds "
+            f"{', '.join(repr(s) for s in seen) if seen else 'no folders'}")

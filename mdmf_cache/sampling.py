@@ -10,6 +10,7 @@ Videos shorter than T frames get repeated indices; they never raise.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -19,24 +20,31 @@ logger = logging.getLogger(__name__)
 SAMPLERS = ("tsn", "linspace")
 
 
-def video_rng(seed: int, video_index: int, view: int) -> np.random.Generator:
+def video_key(video_id: str) -> int:
+    """A stable 64-bit integer for a video id (sha256; the same in every process and Python run)."""
+    return int.from_bytes(hashlib.sha256(video_id.encode("utf-8")).digest()[:8], "little")
+
+
+def video_rng(seed: int, video: str | int, view: int) -> np.random.Generator:
     """An independent random stream per (seed, video, view).
 
     Seeding from the triple (instead of drawing from one shared generator) makes a video's
-    draws independent of worker scheduling and of which other videos are processed.
+    draws independent of worker scheduling and of which other videos are processed. The cache
+    passes the video id (``class/video``), hashed by :func:`video_key`, so a video's train views
+    do not depend on its row either: a cache can grow and still hold what a fresh run computes.
 
     Args:
         seed: Global seed (>= 0).
-        video_index: Index of the video in its split (>= 0).
+        video: The video id, or a non-negative integer standing for the video.
         view: Augmentation view number (>= 0).
 
     Returns:
         A fresh generator.
     """
-    if min(seed, video_index, view) < 0:
-        raise ValueError(
-            f"seed, video_index and view must be >= 0, got {(seed, video_index, view)}")
-    return np.random.default_rng([seed, video_index, view])
+    key = video_key(video) if isinstance(video, str) else int(video)
+    if min(seed, key, view) < 0:
+        raise ValueError(f"seed, video and view must be >= 0, got {(seed, video, view)}")
+    return np.random.default_rng([seed, key, view])
 
 
 def _tsn(n: int, t: int, train: bool, rng: np.random.Generator | None) -> np.ndarray:

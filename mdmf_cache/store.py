@@ -3,24 +3,33 @@
 Layout (one group per dataset x backbone x weights under ``--cache-dir``)::
 
     cache/ucf101__RN50__openai.zarr/
-        zarr.json                attrs: format, fingerprint, status, missing videos per split
-        train/                   attrs: classes, class_names, prompts, views V, chunk_rows
+        zarr.json                attrs: format, fingerprint {video, text}, ready, config
+        train/                   attrs: classes, class_names, prompts, views V, chunk_rows, num_videos,
+                                        missing (listed ids not on disk at the last run)
             features       (N, V, T, D) float16   CLIP frame embeddings (encode_image, not normalised)
             frame_indices  (N, V, T)    int32     frames actually decoded (after clamping)
             num_frames     (N,)         int32     decodable frames of the video
-            labels         (N,)         int32     index into attrs.classes
-            video_ids      (N,)         str       ``class/video``
             done           (N,)         bool      row finished (features valid, or failure recorded)
             failed         (N,)         bool      video could not be decoded
             errors         (N,)         str       why it failed ('' otherwise)
+            video_ids      (N,)         str       ``class/video``: what identifies a row
+            labels         (N,)         int32     index into attrs.classes
+            present        (N,)         bool      the video was on disk at the last run
+            order          (N,)         int64     position in the split listing (-1: not listed now)
             text_features  (C, D)       float32   prompt embeddings, in attrs.classes order
         val/ ...  test/ ...              V = 1
+
+A row belongs to its video id, for good. A rerun after the video tree changed appends rows for
+videos that appeared (the arrays grow; ``num_videos``, written last, says how many rows are real)
+and marks rows whose video vanished as not ``present``: their features are kept, unused, until
+the video is back. Readers take ``done & ~failed & present`` rows, sorted by ``order``, which is
+exactly what a fresh extraction of the current tree holds.
 
 Every per-row array is chunked by the same ``chunk_rows``, and a writer only ever writes rows of the
 chunks it owns (rank r owns chunks c with c % world_size == r): two processes writing rows that share
 a chunk silently lose rows. Within a chunk the data arrays are written before ``done``, and zarr
 writes each chunk file atomically, so a SIGKILL at any moment leaves either finished rows or rows
-that the next run redoes.
+that the next run redoes. Rows are appended and re-marked by rank 0 alone, before the ranks start.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +48,11 @@ from .errors import CacheError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: 2: rows keyed by video id (present, order), train views seeded by the id, fingerprint {video, text}.
+FORMAT_VERSION = 2
 ROW_ARRAYS = ("features", "frame_indices", "num_frames", "failed", "errors", "done")
+META_ARRAYS = ("video_ids", "labels", "present", "order")
+META_CHUNK = 1 << 16  # rows per chunk of the small per-row arrays only rank 0 writes
 
 
 def group_name(dataset: str, model: str, weights_slug: str) -> str:
@@ -63,6 +75,16 @@ def owned_chunks(num_chunks: int, rank: int, world_size: int) -> list[int]:
     return [c for c in range(num_chunks) if c % world_size == rank]
 
 
+@dataclass
+class RowSync:
+    """What :meth:`CacheStore.sync_rows` found: rows are counted, vanished ids listed."""
+
+    rows: int = 0  # rows of the split after the sync
+    added: int = 0  # rows appended this run (videos new on disk)
+    created: bool = False  # the split was made this run (its rows are all new)
+    vanished: list[str] = field(default_factory=list)  # finished rows whose video is gone (kept, unused)
+
+
 class CacheStore:
     """Read and write one cache group (``*.zarr``)."""
 
@@ -77,13 +99,19 @@ class CacheStore:
     def open_for_writing(
         cls, path: Path, fingerprint: dict[str, Any], overwrite: bool = False, rank: int = 0, wait_s: float = 600.0
     ) -> "CacheStore":
-        """Create the group (rank 0) or reopen it, refusing a different fingerprint.
+        """Create the group (rank 0) or reopen it, refusing different video settings.
+
+        ``fingerprint`` is ``{"video": {...}, "text": {...}}``. The video part decides the frame
+        features: a cache with another one is refused. The text part (prompt template, name
+        cleaning) only decides the text embeddings, which the caller recomputes: rank 0 records the
+        new text part and marks the cache not ready until the caller calls :meth:`mark_ready`.
 
         Raises:
-            CacheError: the existing cache was made with other settings (fields named), unless
-                ``overwrite``; or rank > 0 waited ``wait_s`` for rank 0 to create it.
+            CacheError: the existing cache was made with other video settings (fields named) or by
+                an older format, unless ``overwrite``; or rank > 0 waited ``wait_s`` for rank 0.
         """
         path = Path(path)
+        video = fingerprint["video"]
         if rank != 0:
             deadline = time.monotonic() + wait_s
             while True:
@@ -93,12 +121,17 @@ class CacheStore:
                     old = store.root.attrs.get("fingerprint")
                     if old == fingerprint and store.root.attrs.get("ready"):
                         return store
-                    if old is not None and old != fingerprint and not overwrite:  # rank 0 refuses it too
+                    old_video = old.get("video") if isinstance(old, dict) else None
+                    if old_video is not None and old_video != video and not overwrite:  # rank 0 refuses it too
                         raise CacheError(f"{path} was extracted with different settings "
-                                         f"({'; '.join(fingerprint_diff(old, fingerprint))}); use the same options "
+                                         f"({'; '.join(fingerprint_diff(old_video, video))}); use the same options "
                                          "on every rank, or --overwrite")
                 if time.monotonic() > deadline:
-                    why = f" (it holds other settings: {'; '.join(fingerprint_diff(old, fingerprint))})" if old else ""
+                    why = ""
+                    if isinstance(old, dict):
+                        diff = fingerprint_diff(old.get("video") or {}, video) + fingerprint_diff(old.get("text") or {},
+                                                                                                  fingerprint["text"])
+                        why = f" (it holds other settings: {'; '.join(diff)})" if diff else " (not ready)"
                     raise CacheError(f"rank {rank}: rank 0 did not prepare {path} within {wait_s:.0f} s{why}")
                 time.sleep(0.5)
         if (path / "zarr.json").is_file():
@@ -107,17 +140,26 @@ class CacheStore:
             if old is None:  # a run killed right after creating the group: finish creating it
                 store.root.attrs.update({"format": FORMAT_VERSION, "fingerprint": fingerprint, "ready": False})
                 return store
-            if old != fingerprint:
+            fmt = store.root.attrs.get("format", 1)
+            if fmt != FORMAT_VERSION or "video" not in old:
                 if not overwrite:
-                    diff = "; ".join(fingerprint_diff(old, fingerprint))
                     raise CacheError(
-                        f"{path} was extracted with different settings ({diff}). "
-                        "Use the same options, another --cache-dir, or --overwrite to replace it."
+                        f"{path} has cache format {fmt}, this mdmf-cache writes format {FORMAT_VERSION} (rows keyed "
+                        "by video id); it can still be read for training, but to extend it extract again with "
+                        "--overwrite (or another --cache-dir)"
                     )
-                log.warning("overwriting %s (settings changed)", path)
-                shutil.rmtree(path)
-            else:
+            elif old["video"] == video:
+                if old != fingerprint or not store.root.attrs.get("ready"):
+                    store.root.attrs.update({"fingerprint": fingerprint, "ready": False})
                 return store
+            elif not overwrite:
+                diff = "; ".join(fingerprint_diff(old["video"], video))
+                raise CacheError(
+                    f"{path} was extracted with different settings ({diff}). "
+                    "Use the same options, another --cache-dir, or --overwrite to replace it."
+                )
+            log.warning("overwriting %s (settings changed)", path)
+            shutil.rmtree(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         store = cls(path, mode="w")
         store.root.attrs.update({"format": FORMAT_VERSION, "fingerprint": fingerprint, "ready": False})
@@ -129,68 +171,124 @@ class CacheStore:
 
     @property
     def splits(self) -> list[str]:
-        return [s for s in ("train", "val", "test") if s in self.root]
+        return [s for s in ("train", "val", "test") if s in self.root and "num_videos" in self.root[s].attrs]
 
-    def init_split(
+    def sync_rows(
         self,
         name: str,
-        video_ids: list[str],
+        listed: list[str],
         labels: np.ndarray,
+        present: np.ndarray,
         classes: list[str],
         class_names: list[str],
         views: int,
         num_frames: int,
         dim: int,
         chunk_rows: int,
-        missing: list[str],
-    ) -> None:
-        """Create a split's arrays if absent (rank 0 only; reopening keeps what is there)."""
-        if name in self.root:
-            if "num_videos" in self.root[name].attrs:  # written last: the split was fully created
-                return
+    ) -> RowSync:
+        """Make the split's rows match the tree (rank 0 only, before any rank extracts).
+
+        A new split gets one row per present video, in listing order. An existing one keeps every
+        row, appends rows for present videos it lacks, and re-marks ``present`` and ``order``.
+
+        Args:
+            listed: the split's ``class/video`` ids in listing order (L,).
+            labels: (L,) class index of each listed id.
+            present: (L,) bool, the id was found on disk.
+        """
+        listed = list(listed)
+        present = np.asarray(present, dtype=bool)
+        labels = np.asarray(labels, dtype=np.int32)
+        if name in self.root and "num_videos" not in self.root[name].attrs:
             del self.root[name]  # a run killed while creating it: create it again
-        n = len(video_ids)
-        g = self.root.create_group(name)
-        rows = (max(1, chunk_rows),)
-        g.create_array("features", shape=(n, views, num_frames, dim), chunks=(rows[0], views, num_frames, dim),
-                       dtype="float16", fill_value=0)
-        g.create_array("frame_indices", shape=(n, views, num_frames), chunks=(rows[0], views, num_frames),
-                       dtype="int32", fill_value=-1)
-        g.create_array("num_frames", shape=(n,), chunks=rows, dtype="int32", fill_value=0)
-        g.create_array("failed", shape=(n,), chunks=rows, dtype=bool, fill_value=False)
-        g.create_array("errors", shape=(n,), chunks=rows, dtype=str, fill_value="")
-        g.create_array("done", shape=(n,), chunks=rows, dtype=bool, fill_value=False)
-        lab = g.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=-1)
-        ids = g.create_array("video_ids", shape=(n,), chunks=(max(n, 1),), dtype=str, fill_value="")
+        created = name not in self.root
+        if created:
+            self._create_split(name, views, num_frames, dim, chunk_rows, classes)
+        g = self.root[name]
+        if list(g.attrs["classes"]) != list(classes):
+            raise CacheError(f"{self.path} split {name}: the cache has classes other than the split files name; "
+                             "extract with --overwrite")
+        n_old = int(g.attrs["num_videos"])
+        stored = [str(v) for v in np.asarray(g["video_ids"][:n_old])] if n_old else []
+        have = set(stored)
+        new = [i for i, v in enumerate(listed) if present[i] and v not in have]
+        n = n_old + len(new)
+        if n != g["done"].shape[0]:  # also undoes the growth of a run killed before it set num_videos
+            for arr in (*ROW_ARRAYS, *META_ARRAYS):
+                g[arr].resize((n, *g[arr].shape[1:]))
+        if new:
+            g["video_ids"][n_old:n] = np.array([listed[i] for i in new], dtype=object).astype(str)
+            g["labels"][n_old:n] = labels[new]
+            g["done"][n_old:n] = False  # explicit: a shrunk-then-grown chunk may hold stale values
+        ids = stored + [listed[i] for i in new]
+        pos = {v: i for i, v in enumerate(listed)}
+        on_disk = {v for v, p in zip(listed, present) if p}
         if n:
-            lab[:] = np.asarray(labels, dtype=np.int32)
-            ids[:] = np.array(video_ids, dtype=object).astype(str)
-        g.attrs.update({
-            "classes": list(classes), "class_names": list(class_names), "views": views,
-            "chunk_rows": rows[0], "missing": list(missing), "num_videos": n,
-        })
+            g["present"][:n] = np.array([v in on_disk for v in ids], dtype=bool)
+            g["order"][:n] = np.array([pos.get(v, -1) for v in ids], dtype=np.int64)
+        done = np.asarray(g["done"][:n], dtype=bool)
+        vanished = [v for v, d in zip(ids, done) if d and v not in on_disk]
+        g.attrs.update({"class_names": list(class_names), "num_videos": n,
+                        "missing": [v for v, p in zip(listed, present) if not p]})
+        return RowSync(rows=n, added=len(new), created=created, vanished=vanished)
+
+    def _create_split(self, name: str, views: int, num_frames: int, dim: int, chunk_rows: int,
+                      classes: list[str]) -> None:
+        g = self.root.create_group(name)
+        cr = max(1, chunk_rows)
+        g.create_array("features", shape=(0, views, num_frames, dim), chunks=(cr, views, num_frames, dim),
+                       dtype="float16", fill_value=0)
+        g.create_array("frame_indices", shape=(0, views, num_frames), chunks=(cr, views, num_frames),
+                       dtype="int32", fill_value=-1)
+        g.create_array("num_frames", shape=(0,), chunks=(cr,), dtype="int32", fill_value=0)
+        g.create_array("failed", shape=(0,), chunks=(cr,), dtype=bool, fill_value=False)
+        g.create_array("errors", shape=(0,), chunks=(cr,), dtype=str, fill_value="")
+        g.create_array("done", shape=(0,), chunks=(cr,), dtype=bool, fill_value=False)
+        g.create_array("video_ids", shape=(0,), chunks=(META_CHUNK,), dtype=str, fill_value="")
+        g.create_array("labels", shape=(0,), chunks=(META_CHUNK,), dtype="int32", fill_value=-1)
+        g.create_array("present", shape=(0,), chunks=(META_CHUNK,), dtype=bool, fill_value=False)
+        g.create_array("order", shape=(0,), chunks=(META_CHUNK,), dtype="int64", fill_value=-1)
+        g.attrs.update({"classes": list(classes), "views": views, "chunk_rows": cr, "num_videos": 0})
 
     def mark_ready(self) -> None:
         self.root.attrs["ready"] = True
 
     # ---- rows -----------------------------------------------------------------------------------
+    def num_rows(self, split: str) -> int:
+        return int(self.root[split].attrs["num_videos"])
+
     def chunk_rows(self, split: str) -> int:
         return int(self.root[split].attrs["chunk_rows"])
 
     def num_chunks(self, split: str) -> int:
-        n = int(self.root[split].attrs["num_videos"])
-        return -(-n // self.chunk_rows(split))
+        return -(-self.num_rows(split) // self.chunk_rows(split))
+
+    def video_ids(self, split: str) -> list[str]:
+        return [str(v) for v in np.asarray(self.root[split]["video_ids"][: self.num_rows(split)])]
+
+    def _rows(self, split: str, name: str) -> np.ndarray:
+        return np.asarray(self.root[split][name][: self.num_rows(split)])
 
     def done_mask(self, split: str) -> np.ndarray:
-        return np.asarray(self.root[split]["done"][:], dtype=bool)
+        return self._rows(split, "done").astype(bool)
 
-    def pending_rows(self, split: str, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        """Rows of this rank's chunks that are not done yet, ascending."""
+    def present_mask(self, split: str) -> np.ndarray:
+        """Rows whose video was on disk at the last run (all rows in a format-1 cache)."""
+        if "present" not in self.root[split]:
+            return np.ones(self.num_rows(split), dtype=bool)
+        return self._rows(split, "present").astype(bool)
+
+    def pending_rows(self, split: str, rank: int = 0, world_size: int = 1, present: np.ndarray | None = None) -> np.ndarray:
+        """Rows of this rank's chunks that are not done yet and whose video is there, ascending.
+
+        Args:
+            present: (N,) bool, the videos this process found on disk (default: the stored mark).
+        """
         done = self.done_mask(split)
+        present = self.present_mask(split) if present is None else np.asarray(present, dtype=bool)
         cr = self.chunk_rows(split)
         owner = (np.arange(len(done)) // cr) % world_size
-        return np.flatnonzero(~done & (owner == rank))
-
+        return np.flatnonzero(~done & present & (owner == rank))
     def write_rows(self, split: str, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
         """Write finished rows, all inside one chunk, data first and ``done`` last.
 
@@ -221,38 +319,53 @@ class CacheStore:
         block[rows - lo] = True
         done[lo:hi] = block
 
-    def write_text(self, split: str, embeddings: np.ndarray, prompts: list[str], template: str) -> None:
+    def write_text(self, split: str, embeddings: np.ndarray, prompts: list[str], template: str,
+                   class_names: list[str] | None = None) -> None:
+        """Replace a split's prompt embeddings; ``prompts`` is cleared first and set last, so a
+        killed write leaves a split whose text the next run recomputes."""
         g = self.root[split]
+        g.attrs["prompts"] = None
         c, d = embeddings.shape
         arr = g.create_array("text_features", shape=(c, d), chunks=(max(c, 1), d), dtype="float32",
                              fill_value=0, overwrite=True)
         arr[:] = embeddings.astype(np.float32)
-        g.attrs.update({"prompts": list(prompts), "prompt_template": template})
+        extra = {"class_names": list(class_names)} if class_names is not None else {}
+        g.attrs.update({**extra, "prompts": list(prompts), "prompt_template": template})
+
+    def prompts(self, split: str) -> list[str] | None:
+        """The prompts the split's text embeddings were computed from (None: none, or unfinished)."""
+        g = self.root[split]
+        p = g.attrs.get("prompts")
+        return list(p) if p is not None and "text_features" in g else None
 
     # ---- reading --------------------------------------------------------------------------------
     def split_summary(self, split: str) -> dict[str, Any]:
         g = self.root[split]
-        done = np.asarray(g["done"][:], dtype=bool)
-        failed = np.asarray(g["failed"][:], dtype=bool)
-        errors = np.asarray(g["errors"][:])
-        ids = np.asarray(g["video_ids"][:])
+        done = self.done_mask(split)
+        present = self.present_mask(split)
+        failed = self._rows(split, "failed").astype(bool)
+        errors = self._rows(split, "errors")
+        ids = self._rows(split, "video_ids")
+        use = done & present
         return {
-            "videos": len(done),
-            "done": int(done.sum()),
-            "failed": int((failed & done).sum()),
+            "videos": int(present.sum()),  # rows whose video is on disk
+            "done": int(use.sum()),
+            "failed": int((failed & use).sum()),
             # fewer decodable frames than T: indices were repeated (recorded, never dropped)
-            "short": int((done & ~failed & (np.asarray(g["num_frames"][:]) < g["features"].shape[2])).sum()),
-            "missing": len(g.attrs.get("missing", [])),
+            "short": int((use & ~failed & (self._rows(split, "num_frames") < g["features"].shape[2])).sum()),
+            "missing": len(g.attrs.get("missing") or []),  # listed, not on disk at the last run
+            "kept": int((done & ~present).sum()),  # finished rows whose video vanished (unused)
             "classes": len(g.attrs["classes"]),
             "views": int(g.attrs["views"]),
-            "shape": list(g["features"].shape),
-            "has_text": "text_features" in g,
-            "failures": [(str(ids[i]), str(errors[i])) for i in np.flatnonzero(failed & done)],
+            "shape": [self.num_rows(split), *g["features"].shape[1:]],
+            "has_text": self.prompts(split) is not None,
+            "failures": [(str(ids[i]), str(errors[i])) for i in np.flatnonzero(failed & use)],
         }
 
     def is_complete(self) -> bool:
+        """Every video on disk at the last run is finished and every split has its text."""
         return bool(self.root.attrs.get("ready")) and all(
-            self.done_mask(s).all() and "text_features" in self.root[s] for s in self.splits
+            (self.done_mask(s) | ~self.present_mask(s)).all() and self.prompts(s) is not None for s in self.splits
         )
 
 
@@ -283,29 +396,35 @@ class FeatureSplit:
 def load_split_features(path: Path | str, split: str, device: str = "cpu", allow_incomplete: bool = False) -> FeatureSplit:
     """Load a split's usable rows and text into memory (torch tensors on ``device``).
 
+    Usable rows are finished, decodable, and on disk at the last extract run, in split-file
+    order (``order``): what a fresh extraction of the current tree holds, row for row.
+
     Raises:
         CacheError: the split is absent, has no text, or is unfinished (unless ``allow_incomplete``).
     """
     import torch
 
     store = CacheStore(path)
-    if split not in store.root:
+    if split not in store.splits:
         raise CacheError(f"{path} has no split {split!r} (has: {', '.join(store.splits) or 'none'})")
     g = store.root[split]
-    done = np.asarray(g["done"][:], dtype=bool)
-    if not done.all() and not allow_incomplete:
+    done, present = store.done_mask(split), store.present_mask(split)
+    pending = present & ~done
+    if pending.any() and not allow_incomplete:
         raise CacheError(
-            f"{path} split {split}: {int((~done).sum())} of {len(done)} videos not extracted yet; "
+            f"{path} split {split}: {int(pending.sum())} of {int(present.sum())} videos not extracted yet; "
             "rerun the same 'mdmf-cache extract' command to finish it"
         )
-    if "text_features" not in g:
+    if store.prompts(split) is None:
         raise CacheError(f"{path} split {split} has no text embeddings; rerun 'mdmf-cache extract'")
-    keep = done & ~np.asarray(g["failed"][:], dtype=bool)
-    feats = np.asarray(g["features"][:])[keep]
-    ids = np.asarray(g["video_ids"][:])[keep]
+    keep = np.flatnonzero(done & present & ~store._rows(split, "failed").astype(bool))
+    if "order" in g:  # format 1 caches: rows are already in split-file order
+        keep = keep[np.argsort(store._rows(split, "order")[keep], kind="stable")]
+    feats = np.asarray(g["features"][: store.num_rows(split)])[keep]
+    ids = store._rows(split, "video_ids")[keep]
     return FeatureSplit(
         features=torch.from_numpy(feats).to(device),
-        labels=torch.from_numpy(np.asarray(g["labels"][:])[keep].astype(np.int64)).to(device),
+        labels=torch.from_numpy(store._rows(split, "labels")[keep].astype(np.int64)).to(device),
         video_ids=[str(v) for v in ids],
         classes=list(g.attrs["classes"]),
         class_names=list(g.attrs["class_names"]),
@@ -314,20 +433,22 @@ def load_split_features(path: Path | str, split: str, device: str = "cpu", allow
 
 
 def export_h5(path: Path | str, out: Path | str) -> Path:
-    """Write every split's arrays and attributes to one HDF5 file with h5py."""
+    """Write every split's arrays and every attribute (root and splits, JSON-encoded) to one HDF5 file."""
     import h5py
 
     store = CacheStore(path)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(out, "w") as f:
-        f.attrs["fingerprint"] = json.dumps(store.fingerprint)
-        f.attrs["format"] = FORMAT_VERSION
+    tmp = out.with_name(out.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        for key, val in store.root.attrs.items():
+            f.attrs[key] = json.dumps(val)
         for split in store.splits:
             g = store.root[split]
+            n = store.num_rows(split)
             hg = f.create_group(split)
             for name in g.array_keys():
-                data = np.asarray(g[name][:])
+                data = np.asarray(g[name][:] if name == "text_features" else g[name][:n])
                 if data.dtype.kind in "OUT":
                     data = data.astype(object)
                     hg.create_dataset(name, data=data, dtype=h5py.string_dtype())
@@ -335,4 +456,5 @@ def export_h5(path: Path | str, out: Path | str) -> Path:
                     hg.create_dataset(name, data=data)
             for key, val in g.attrs.items():
                 hg.attrs[key] = json.dumps(val)
+    tmp.replace(out)
     return out

@@ -71,14 +71,14 @@ def _codec_for(path: Path) -> str:
     if ext == ".avi":
         # MPEG-4 Part 2 is what the xvid files of UCF101/HMDB51 contain.
         return "mpeg4"
-    if ext in (".mp4", ".mkv"):
+    if ext in (".mp4", ".mkv", ".mov"):
         return "libx264" if "libx264" in available else "mpeg4"
     if ext == ".webm":
         for name in ("libvpx-vp9", "libvpx"):
             if name in available:
                 return name
         raise ValueError(f"no VP8/VP9 encoder in this PyAV build, cannot write {path}")
-    raise ValueError(f"unsupported extension {ext!r} for {path} (use .avi, .mp4, .mkv, .webm)")
+    raise ValueError(f"unsupported extension {ext!r} for {path} (use .avi, .mp4, .mkv, .mov, .webm)")
 
 
 def _open_writer(path: Path, size: tuple[int, int], fps: int, bframes: bool, gop: int):
@@ -277,6 +277,35 @@ def write_index_video(path: str | Path, num_frames: int, size: tuple[int, int] =
     _write_frames(path, (index_frame(i, size) for i in range(num_frames)), size, fps,
                   bframes, gop)
     return path
+
+
+def make_stamped_tree(root: str | Path, classes: Sequence[str], videos_per_class: int,
+                      formats: Sequence[str] = (".mp4", ".avi", ".mov"), min_frames: int = 10,
+                      size: tuple[int, int] = (96, 32), stride: int = 64) -> dict[str, tuple[int, int]]:
+    """Write ``root/<class>/<class>_vNN.<ext>`` where every video is told apart by its frames.
+
+    Video number ``k`` (counting over classes, then videos) has ``min_frames + k`` frames and its
+    frame ``t`` shows the index code ``k * stride + t``: no two videos share a frame or a length,
+    so a cache row holding another video's frames shows it.
+
+    Returns:
+        ``class/video`` id -> (k * stride, number of frames).
+    """
+    root = Path(root)
+    out = {}
+    k = 0
+    for cls in classes:
+        for j in range(videos_per_class):
+            n = min_frames + k
+            if n > stride or (k + 1) * stride > 2**INDEX_BITS:
+                raise ValueError(f"video {k}: {n} frames do not fit the code range")
+            stem = f"{cls}_v{j:02d}"
+            path = root / cls / f"{stem}{formats[k % len(formats)]}"
+            _write_frames(path, (index_frame(k * stride + t, size) for t in range(n)), size, 25,
+                          bframes=True, gop=12)
+            out[f"{cls}/{stem}"] = (k * stride, n)
+            k += 1
+    return out
 
 
 def write_index_frames(folder: str | Path, num_frames: int, size: tuple[int, int] = (192, 96),

@@ -5,8 +5,9 @@ Three backends:
 * ``decord``: random access through ``VideoReader.get_batch`` (seeks, so cheap on long videos);
 * ``pyav``: sequential decode of the whole stream with PyAV, counting frames in presentation
   order and keeping only the requested ones (stops once the highest requested index is read);
-* ``jpeg``: a folder of pre-extracted frames (``*.jpg``/``*.jpeg``/``*.png``, names sorted),
-  the released code's layout.
+* ``jpeg``: a folder of pre-extracted frames (``*.jpg``/``*.jpeg``/``*.png``), the released
+  code's layout, in natural order: numbers inside names compare as numbers, so unpadded
+  ``1.jpg ... 24.jpg`` or ``img_1.jpg`` read 1, 2, ..., 10, not 1, 10, 11, ..., 2.
 
 Every decoder runs single-threaded: a pool of worker processes provides the parallelism, and
 extra decoder threads per worker would only oversubscribe the cores.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -151,14 +153,21 @@ class _Reader:
         """Release file handles."""
 
 
+def frame_sort_key(path: Path) -> tuple:
+    """Natural order of frame file names: ``img_2.jpg`` before ``img_10.jpg``; padded names keep
+    their plain sorted order."""
+    parts = re.split(r"(\d+)", path.name)
+    return tuple((0, int(p), p) if p.isdigit() else (1, 0, p) for p in parts)
+
+
 class _JpegReader(_Reader):
     def __init__(self, path: Path) -> None:
         self.path = path
         if not path.is_dir():
             what = "does not exist" if not path.exists() else "is not a folder"
             raise VideoReadError(f"{path}: frame folder {what}")
-        self.files = sorted(p for p in path.iterdir()
-                            if p.suffix.lower() in _IMAGE_EXTS and p.is_file())
+        self.files = sorted((p for p in path.iterdir()
+                             if p.suffix.lower() in _IMAGE_EXTS and p.is_file()), key=frame_sort_key)
         if not self.files:
             raise VideoReadError(f"{path}: no frames ({'/'.join(_IMAGE_EXTS)}) in folder")
 

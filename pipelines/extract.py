@@ -8,7 +8,12 @@ Recipe, top to bottom:
     5. print a summary; with --strict, missing or failed videos are an error.
 
 Resumable: killed at any moment, the same command continues where the cache says it stopped, and
-the final cache equals an uninterrupted run's (sampling and crops are seeded per video and view).
+the final cache equals an uninterrupted run's (sampling and crops are seeded per video id and view).
+
+Rows belong to video ids. Rerun after the tree changed, the same command extracts the videos that
+appeared (new rows), reuses finished rows, and keeps the rows of videos that vanished (marked not
+present, unused, reused if they come back). Prompts are cheap: a changed ``--prompt``,
+``--clean-names`` or SSv2 names file only recomputes the text embeddings.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from mdmf_cache.datasets import DATASETS, SPLITS, Split, clean_class_name, load_splits, resolve_paths
-from mdmf_cache.errors import ConfigError, DatasetError, MdmfError, VideoReadError
+from mdmf_cache.datasets import (DATASETS, SPLITS, Split, VideoIndex, clean_class_name, diagnose_missing,
+                                 load_splits, resolve_paths)
+from mdmf_cache.errors import CacheError, ConfigError, DatasetError, MdmfError, VideoReadError
 from mdmf_cache.store import CacheStore, group_name
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,7 @@ class ExtractConfig:
     dataset: str = "ucf101"
     root: str | None = None  # video tree
     splits_dir: str | None = None  # split-file folder (../shared/splits)
+    labels: str | None = None  # SSv2 labels.json (default: looked for beside root)
     cache_dir: str = "cache"
     name: str | None = None  # cache group dataset name (default: dataset, or the folder's name)
     model: str = "RN50"
@@ -61,6 +68,7 @@ class ExtractConfig:
     rank: int = 0
     world_size: int = 1
     progress: bool = True
+    way: int = 5  # a folder split with fewer val/test classes than this is warned about
 
     def validate(self) -> None:
         from mdmf_cache.preprocess import NORMALIZATIONS
@@ -85,6 +93,8 @@ class ExtractConfig:
             problems.append(f"rank {self.rank} outside world size {self.world_size}")
         if self.root is None:
             problems.append("--root DIR (the video tree) is required")
+        if self.labels and not (DATASETS.get(self.dataset) and DATASETS[self.dataset].numeric_labels):
+            problems.append("--labels names SSv2-Full's label ids; other datasets take names from the split files")
         if problems:
             raise ConfigError("bad options: " + "; ".join(problems))
 
@@ -115,34 +125,50 @@ def distributed_env() -> tuple[int, int, int]:
 
 
 def fingerprint(cfg: ExtractConfig, weights: str, split_hashes: dict[str, str]) -> dict[str, Any]:
-    """The settings a cache is only valid for; a rerun with any of them changed is refused."""
+    """The settings a cache holds, in two parts.
+
+    ``video`` decides the frame features: a rerun with any of them changed is refused.
+    ``text`` only decides the prompts: a rerun with it changed recomputes the text embeddings.
+    """
     import open_clip
 
     return {
-        "dataset": cfg.dataset,
-        "model": cfg.model,
-        "weights": weights,
-        "open_clip": open_clip.__version__,
-        "num_frames": cfg.num_frames,
-        "sampler": cfg.sampler,
-        "crop": "short256-crop224",
-        "normalize": cfg.normalize,
-        "train_views": cfg.train_views,
-        "flip": cfg.use_flip,
-        "seed": cfg.seed,
-        "split_hashes": dict(sorted(split_hashes.items())),
-        "prompt_template": cfg.prompt_template,
-        "clean_names": cfg.clean_names,
+        "video": {
+            "dataset": cfg.dataset,
+            "model": cfg.model,
+            "weights": weights,
+            "open_clip": open_clip.__version__,
+            "num_frames": cfg.num_frames,
+            "sampler": cfg.sampler,
+            "crop": "short256-crop224",
+            "normalize": cfg.normalize,
+            "train_views": cfg.train_views,
+            "flip": cfg.use_flip,
+            "seed": cfg.seed,
+            "split_hashes": dict(sorted(split_hashes.items())),
+        },
+        "text": {"prompt_template": cfg.prompt_template, "clean_names": cfg.clean_names},
     }
+
+
+def prompts_for(split: Split, cfg: ExtractConfig) -> list[str]:
+    """One prompt per class of the split (SPEC section 5), in class order."""
+    names = [clean_class_name(n) if cfg.clean_names else n for n in split.class_names]
+    return [cfg.prompt_template.format(n) for n in names]
 
 
 # ---- the decoding side (runs in worker processes) -----------------------------------------------
 class ClipSource:
-    """A map-style dataset: row -> decoded clips of all views, or the error that stopped it."""
+    """A map-style dataset: row -> decoded clips of all views, or the error that stopped it.
 
-    def __init__(self, rows: np.ndarray, paths: list[Path], split_is_train: bool, views: int, cfg: ExtractConfig):
-        self.rows = rows
-        self.paths = paths
+    Everything drawn for a video (frame indices, crops) is seeded by its id, never by its row.
+    """
+
+    def __init__(self, rows: np.ndarray, ids: list[str], paths: list[Path], split_is_train: bool, views: int,
+                 cfg: ExtractConfig):
+        self.rows = rows  # (R,) cache rows to fill
+        self.ids = ids  # (R,) their video ids
+        self.paths = paths  # (R,) their files
         self.train = split_is_train
         self.views = views
         self.cfg = cfg
@@ -157,10 +183,10 @@ class ClipSource:
         from mdmf_cache.sampling import sample_indices, video_rng
         from mdmf_cache.video import decode_clip
 
-        row = int(self.rows[i])
+        row, path = int(self.rows[i]), self.paths[i]
         cfg = self.cfg
         T, V = cfg.num_frames, self.views
-        rngs = [video_rng(cfg.seed, row, v) for v in range(V)] if self.train else [None] * V
+        rngs = [video_rng(cfg.seed, self.ids[i], v) for v in range(V)] if self.train else [None] * V
 
         def sample_all(n: int) -> np.ndarray:  # (V*T,) one decode pass serves every view
             return np.concatenate(
@@ -168,11 +194,11 @@ class ClipSource:
             )
 
         try:
-            clip = decode_clip(self.paths[row], sample_all, backend=cfg.decoder)
+            clip = decode_clip(path, sample_all, backend=cfg.decoder)
         except VideoReadError as e:
             return {"row": row, "error": str(e)}
         except Exception as e:  # a decoder library error we did not anticipate: record, go on
-            return {"row": row, "error": f"{type(e).__name__}: {e} ({self.paths[row]})"}
+            return {"row": row, "error": f"{type(e).__name__}: {e} ({path})"}
         crops = [Crop.random(rngs[v], cfg.use_flip) if self.train else Crop.centre() for v in range(V)]
         # a tensor, not numpy: the DataLoader pins tensors (pin_memory on CUDA), so the copy to the GPU overlaps
         frames = torch.from_numpy(clip.frames.reshape(V, T, *clip.frames.shape[1:]))  # (V, T, H, W, 3) uint8
@@ -235,19 +261,26 @@ class ChunkWriter:
 @dataclass
 class SplitResult:
     split: str
-    videos: int = 0
+    videos: int = 0  # listed videos found on disk
+    reused: int = 0  # of them, finished by an earlier run (in this rank's chunks)
+    added: int = 0  # rows appended to an existing split this run (videos new since the last run)
     extracted: int = 0  # this run
     failed: int = 0  # this run
     short: int = 0  # videos with fewer than T decodable frames (indices repeated)
-    missing: int = 0
+    missing: int = 0  # listed videos not on disk
+    vanished: list[str] = field(default_factory=list)  # finished rows whose video is gone (kept, unused)
+    text: str = ""  # why the text embeddings were (re)computed this run, '' if they were reused
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
 def extract_split(
-    store: CacheStore, split: Split, cfg: ExtractConfig, backbone, progress=None
+    store: CacheStore, split: Split, cfg: ExtractConfig, backbone, progress=None, res: SplitResult | None = None
 ) -> SplitResult:
-    """Decode and encode the pending rows of this rank's chunks of one split."""
+    """Decode and encode the pending rows of this rank's chunks of one split.
+
+    The cache's rows are matched to this process's files by video id (``split.paths``).
+    """
     import torch
     from torch.utils.data import DataLoader
 
@@ -255,12 +288,18 @@ def extract_split(
 
     name = split.name
     views = cfg.train_views if name == "train" else 1
-    rows = store.pending_rows(name, cfg.rank, cfg.world_size)
-    ids, paths, _ = split.found()  # rows are the resolved videos, in order
-    res = SplitResult(name, videos=len(paths), missing=len(split.paths) - len(paths))
+    found = {v: p for v, p in zip(split.video_ids, split.paths) if p is not None}
+    row_ids = store.video_ids(name)
+    present = np.array([v in found for v in row_ids], dtype=bool)
+    rows = store.pending_rows(name, cfg.rank, cfg.world_size, present=present)
+    res = res or SplitResult(name)
+    res.videos, res.missing = len(found), len(split.video_ids) - len(found)
+    owned = (np.arange(len(row_ids)) // store.chunk_rows(name)) % cfg.world_size == cfg.rank
+    res.reused = int((store.done_mask(name) & present & owned).sum())  # only this rank writes these rows
     if len(rows) == 0:
         return res
-    source = ClipSource(rows, paths, name == "train", views, cfg)
+    ids = {int(r): row_ids[r] for r in rows}
+    source = ClipSource(rows, [row_ids[r] for r in rows], [found[row_ids[r]] for r in rows], name == "train", views, cfg)
     loader = DataLoader(
         source, batch_size=cfg.batch_videos, num_workers=cfg.workers, collate_fn=_collate,
         worker_init_fn=_worker_init if cfg.workers else None, prefetch_factor=4 if cfg.workers else None,
@@ -305,11 +344,96 @@ def _progress():
     return make_progress("videos")
 
 
+def find_videos(cfg: ExtractConfig, splits: dict[str, Split]) -> dict[str, list[str]]:
+    """Resolve every split's ids to files under ``cfg.root``; returns the missing ids per split.
+
+    Raises:
+        DatasetError: no listed video is there (with the likely cause), or some are and ``--strict``.
+    """
+    root = Path(cfg.root)
+    index = VideoIndex(root)
+    missing = {name: resolve_paths(split, root, index) for name, split in splits.items()}
+    listed = sum(len(split) for split in splits.values())
+    n_missing = sum(len(m) for m in missing.values())
+    if listed and n_missing == listed:
+        ids = [v for split in splits.values() for v in split.video_ids]
+        raise DatasetError(f"none of the {listed} videos of the split files is under {root}: "
+                           f"{diagnose_missing(ids, root, cfg.dataset)}")
+    for name, split in splits.items():
+        if len(missing[name]) * 2 > len(split):  # most of a split is not there: say why if it can be seen
+            log.warning("%s: %d of %d listed videos are not under %s: %s", name, len(missing[name]), len(split),
+                        root, diagnose_missing(missing[name], root, cfg.dataset))
+    if n_missing:
+        first = [v for m in missing.values() for v in m][:3]
+        msg = f"{n_missing} videos listed in the split files are not under {cfg.root} (first: {', '.join(first)})"
+        if cfg.strict:
+            raise DatasetError(msg + "; drop --strict to extract the rest")
+        log.warning("%s; extracting the rest", msg)
+    if cfg.dataset == "folder":
+        for name in ("val", "test"):
+            if name in splits and len(splits[name].classes) < cfg.way:
+                log.warning("folder: %s has %d classes, fewer than a %d-way episode needs; add classes, pass "
+                            "--splits with your own lists, or train and evaluate with --way %d",
+                            name, len(splits[name].classes), cfg.way, len(splits[name].classes))
+    return missing
+
+
+def prepare_cache(store: CacheStore, splits: dict[str, Split], cfg: ExtractConfig, backbone) -> dict[str, SplitResult]:
+    """Rank 0: match every split's rows to the tree and (re)compute stale text embeddings."""
+    store.root.attrs["ready"] = False  # until rows and text match this run (info: not complete if killed here)
+    results = {}
+    for name, split in splits.items():
+        present = np.array([p is not None for p in split.paths], dtype=bool)
+        sync = store.sync_rows(
+            name, split.video_ids, split.labels, present, split.classes, split.class_names,
+            views=cfg.train_views if name == "train" else 1, num_frames=cfg.num_frames, dim=backbone.dim,
+            chunk_rows=cfg.chunk_rows,
+        )
+        res = results[name] = SplitResult(name, added=0 if sync.created else sync.added, vanished=sync.vanished)
+        if sync.vanished:
+            log.warning("%s: %d extracted videos are no longer under %s (first: %s); their rows are kept but "
+                        "not used until the videos are back", name, len(sync.vanished), cfg.root,
+                        ", ".join(sync.vanished[:3]))
+        # text: prompts are cheap, recomputed whenever they differ from the stored ones
+        prompts, old = prompts_for(split, cfg), store.prompts(name)
+        if old != prompts:
+            if old is None:
+                res.text = "new"
+            else:
+                changed = sum(a != b for a, b in zip(old, prompts)) + abs(len(old) - len(prompts))
+                res.text = f"{changed} of {len(prompts)} prompts changed (e.g. {old[0]!r} -> {prompts[0]!r})"
+                log.info("%s: %s: recomputing the text embeddings only; frame features unchanged", name, res.text)
+            store.write_text(name, backbone.encode_texts(prompts).numpy(), prompts, cfg.prompt_template,
+                             class_names=split.class_names)
+    store.root.attrs["config"] = json.loads(json.dumps(asdict(cfg), default=str))
+    store.mark_ready()
+    return results
+
+
+def wait_for_rows(store: CacheStore, splits: dict[str, Split], rank: int, wait_s: float = 600.0) -> None:
+    """Rank > 0: wait until rank 0 has made a row for every video this rank found."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        lacking = 0
+        for name, split in splits.items():
+            if name not in store.splits:  # rank 0 creates every split it extracts, even an empty one
+                lacking += 1
+                continue
+            have = set(store.video_ids(name))
+            lacking += sum(p is not None and v not in have for v, p in zip(split.video_ids, split.paths))
+        if not lacking:
+            return
+        if time.monotonic() > deadline:
+            raise CacheError(f"rank {rank}: {lacking} videos this rank found have no row in {store.path} after "
+                             f"{wait_s:.0f} s; do all ranks see the same --root?")
+        time.sleep(0.5)
+
+
 def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
     """Run the whole extraction; returns the cache path and per-split results.
 
     Raises:
-        ConfigError, DatasetError: bad options, split files or video root.
+        ConfigError, DatasetError: bad options, split files or video root (no video found included).
         CacheError: an existing cache made with other settings (without --overwrite).
         MdmfError: with --strict, when videos were missing or failed.
     """
@@ -317,20 +441,14 @@ def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
 
     cfg.validate()
     # 1. splits and files
-    splits = load_splits(cfg.dataset, Path(cfg.splits_dir) if cfg.splits_dir else None, Path(cfg.root), cfg.seed)
+    splits = load_splits(cfg.dataset, Path(cfg.splits_dir) if cfg.splits_dir else None, Path(cfg.root), cfg.seed,
+                         labels_file=Path(cfg.labels) if cfg.labels else None)
     # the fingerprint covers every split file, so extracting --split test now and train later shares one cache
     split_hashes = {name: split.source_hash for name, split in splits.items()}
     for name in SPLITS:
         if name not in cfg.splits:
             splits.pop(name, None)
-    missing = {name: resolve_paths(split, Path(cfg.root)) for name, split in splits.items()}
-    n_missing = sum(len(m) for m in missing.values())
-    if n_missing:
-        first = [v for m in missing.values() for v in m][:3]
-        msg = f"{n_missing} videos listed in the split files are not under {cfg.root} (first: {', '.join(first)})"
-        if cfg.strict:
-            raise DatasetError(msg + "; drop --strict to extract the rest")
-        log.warning("%s; extracting the rest", msg)
+    find_videos(cfg, splits)
     # 2. backbone and cache
     device = cfg.device
     if device == "auto" and cfg.world_size > 1:
@@ -342,32 +460,22 @@ def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
     fp = fingerprint(cfg, backbone.weights, split_hashes)
     path = Path(cfg.cache_dir) / group_name(cfg.cache_name, cfg.model, pretrained_slug(cfg.pretrained))
     store = CacheStore.open_for_writing(path, fp, overwrite=cfg.overwrite, rank=cfg.rank)
+    # 3. rows matched to the tree, text (rank 0); the other ranks wait for the rows they need
     if cfg.rank == 0:
-        for name, split in splits.items():
-            ids, _, labels = split.found()
-            store.init_split(
-                name, ids, labels, split.classes, split.class_names,
-                views=cfg.train_views if name == "train" else 1, num_frames=cfg.num_frames, dim=backbone.dim,
-                chunk_rows=cfg.chunk_rows, missing=missing[name],
-            )
-            # 3. text
-            if "prompts" not in store.root[name].attrs:  # written after the embeddings
-                names = [clean_class_name(n) if cfg.clean_names else n for n in split.class_names]
-                prompts = [cfg.prompt_template.format(n) for n in names]
-                store.write_text(name, backbone.encode_texts(prompts).numpy(), prompts, cfg.prompt_template)
-        store.root.attrs["config"] = json.loads(json.dumps(asdict(cfg), default=str))
-        store.mark_ready()
+        results = prepare_cache(store, splits, cfg, backbone)
+    else:
+        wait_for_rows(store, splits, cfg.rank)
+        results = {name: SplitResult(name) for name in splits}
     # 4. frames
-    results = []
     if cfg.progress:
         with _progress() as progress:
             for split in splits.values():
-                results.append(extract_split(store, split, cfg, backbone, progress))
+                extract_split(store, split, cfg, backbone, progress, results[split.name])
     else:
         for split in splits.values():
-            results.append(extract_split(store, split, cfg, backbone))
+            extract_split(store, split, cfg, backbone, res=results[split.name])
     # 5. strictness: failures recorded in the cache count too (a --strict rerun of a finished cache)
     failed = sum(store.split_summary(name)["failed"] for name in splits) if cfg.strict else 0
     if cfg.strict and failed:
         raise MdmfError(f"{failed} videos could not be decoded (see 'mdmf-cache info {path}'); drop --strict to accept")
-    return path, results
+    return path, list(results.values())

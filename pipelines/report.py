@@ -12,13 +12,23 @@ console = Console()
 
 
 def print_extract_summary(path: Path, results) -> None:
+    """What this run did per split: videos on disk, reused rows, extracted now, failures, missing."""
     table = Table(title=f"extracted into {path}")
-    for col in ("split", "videos", "this run", "failed", "short (<T)", "missing", "videos/s"):
+    for col in ("split", "videos", "reused", "this run", "failed", "short", "missing", "videos/s"):
         table.add_column(col, justify="right" if col != "split" else "left")
     for r in results:
         rate = f"{(r.extracted + r.failed) / r.seconds:.1f}" if r.seconds > 0 else "-"
-        table.add_row(r.split, str(r.videos), str(r.extracted), str(r.failed), str(r.short), str(r.missing), rate)
+        table.add_row(r.split, str(r.videos), str(r.reused), str(r.extracted), str(r.failed), str(r.short),
+                      str(r.missing), rate)
     console.print(table)
+    for r in results:
+        if r.added:
+            console.print(f"{r.split}: {r.added} videos new since the last run, added")
+        if r.vanished:
+            console.print(f"[yellow]{r.split}: {len(r.vanished)} extracted videos are no longer on disk[/] "
+                          f"(rows kept, unused until they are back), e.g. {', '.join(r.vanished[:3])}")
+        if r.text and r.text != "new":
+            console.print(f"{r.split}: {r.text}: text embeddings recomputed, frame features unchanged")
     failures = [f for r in results for f in r.failures]
     if failures:
         console.print(f"[yellow]{len(failures)} videos failed[/] (recorded in the cache), e.g.:")
@@ -26,20 +36,34 @@ def print_extract_summary(path: Path, results) -> None:
             console.print(f"  {vid}: {err}")
 
 
+INFO_ROWS = (  # (label, summary key or formatter): one line per field, one column per split
+    ("videos on disk", lambda s: str(s["videos"])),
+    ("done", lambda s: f"{s['done']}/{s['videos']}"),
+    ("failed", lambda s: str(s["failed"])),
+    ("short (<T)", lambda s: str(s["short"])),
+    ("missing", lambda s: str(s["missing"])),
+    ("kept, not on disk", lambda s: str(s["kept"])),
+    ("classes", lambda s: str(s["classes"])),
+    ("features N,V,T,D", lambda s: ",".join(map(str, s["shape"]))),
+    ("text", lambda s: "yes" if s["has_text"] else "no"),
+)
+
+
 def print_info(path: Path) -> dict:
-    """Print and return a cache's summary."""
+    """Print and return a cache's summary: fields down, splits across, so it reads in 80 columns."""
     from mdmf_cache.store import CacheStore
 
     store = CacheStore(path)
-    table = Table(title=str(path))
-    for col in ("split", "videos", "done", "failed", "short (<T)", "missing", "classes", "features (N,V,T,D)", "text"):
-        table.add_column(col, justify="left" if col == "split" else "right")
     summary = {"path": str(path), "complete": store.is_complete(), "splits": {}, "fingerprint": store.fingerprint}
     for split in store.splits:
-        s = store.split_summary(split)
-        summary["splits"][split] = s
-        table.add_row(split, str(s["videos"]), f"{s['done']}/{s['videos']}", str(s["failed"]), str(s["short"]), str(s["missing"]),
-                      str(s["classes"]), "x".join(map(str, s["shape"])), "yes" if s["has_text"] else "no")
+        summary["splits"][split] = store.split_summary(split)
+    console.print(f"cache: {path}", soft_wrap=True)
+    table = Table()
+    table.add_column("")
+    for split in summary["splits"]:
+        table.add_column(split, justify="right")
+    for label, fmt in INFO_ROWS:
+        table.add_row(label, *[fmt(s) for s in summary["splits"].values()])
     console.print(table)
     console.print("complete: " + ("[green]yes[/]" if summary["complete"] else "[yellow]no[/] (rerun the extract command to finish)"))
     for split, s in summary["splits"].items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,6 +47,14 @@ def test_help_does_not_import_torch():
     assert res.returncode == 0, res.stderr
 
 
+def test_extract_help_reads_right(cli_runner):
+    res = cli_runner.invoke(cli.app, ["extract", "--help"], env={"COLUMNS": "250"})
+    out = _flat(res.output)
+    assert "underscores to spaces, drop [brackets]." in out  # not eaten by the help markup
+    assert "torchrun --nproc-per-node 4 -m cli extract ssv2-full" in out  # the form the README uses
+    assert "--labels" in out
+
+
 @pytest.mark.integration
 def test_extract_info_export(cli_runner, action_videos, tiny_cache, tmp_path, same_cache):
     cache_dir = tmp_path / "cache"
@@ -60,8 +69,10 @@ def test_extract_info_export(cli_runner, action_videos, tiny_cache, tmp_path, sa
     res = cli_runner.invoke(cli.app, ["info", str(path)])
     assert res.exit_code == 0, res.output
     out = _flat(res.output)
-    for split, n in (("train", 20), ("val", 8), ("test", 8)):
-        assert f"{split} │ {n} │ {n}/{n}" in out
+    assert "┃ train ┃ val ┃ test ┃" in out  # fields down, splits across: reads in 80 columns
+    assert "videos on disk │ 20 │ 8 │ 8 │" in out and "done │ 20/20 │ 8/8 │ 8/8 │" in out
+    assert "features N,V,T,D │ 20,2,8,64 │ 8,1,8,64 │ 8,1,8,64 │" in out
+    assert max(len(line) for line in res.output.splitlines() if not line.startswith("cache: ")) <= 80
     assert "complete: yes" in out and '"num_frames": 8' in out
 
     # other settings: refused, the differing field named
@@ -78,8 +89,12 @@ def test_extract_info_export(cli_runner, action_videos, tiny_cache, tmp_path, sa
     from mdmf_cache.store import CacheStore
 
     g = CacheStore(path).root["train"]
+    root_attrs = dict(CacheStore(path).root.attrs)
     with h5py.File(h5, "r") as f:
         assert set(f.keys()) == {"train", "val", "test"}
+        # every root attribute travels: config and ready included
+        assert {k: json.loads(v) for k, v in f.attrs.items()} == root_attrs
+        assert json.loads(f.attrs["config"])["train_views"] == 2 and json.loads(f.attrs["ready"]) is True
         assert np.array_equal(f["train"]["features"][()], g["features"][:])
         assert np.array_equal(f["train"]["text_features"][()], g["text_features"][:])
 
@@ -111,6 +126,14 @@ def test_console_entry_errors_are_one_line(tmp_path):
     res = _run("extract", "folder", "--workers", "lots")  # click's parameter check
     assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
     assert "Invalid value for '--workers'" in res.stderr
+
+    for c in ("a", "b", "c"):  # --root one level above the class folders: nothing found, said in one line
+        (tmp_path / "data" / "videos" / c).mkdir(parents=True)
+        (tmp_path / "data" / "videos" / c / "v.mp4").write_bytes(b"")
+    res = _run("extract", "folder", "--root", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: no videos under") and f"try --root {tmp_path / 'data' / 'videos'}" in res.stderr
+    assert not (tmp_path / "cache").exists()
 
     res = _run("info", str(tmp_path / "none.zarr"))
     assert res.returncode == 2 and "Traceback" not in res.stderr

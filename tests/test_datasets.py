@@ -215,7 +215,86 @@ def test_resolve_paths_reports_missing(tmp_path):
     ("brush_hair", "brush hair"),
     ("Pouring [something] into [something]", "Pouring something into something"),
     ("  playing  ice_hockey ", "playing ice hockey"),
-    ("ApplyEyeMakeup", "ApplyEyeMakeup"),
+    ("ApplyEyeMakeup", "apply eye makeup"),  # UCF101 CamelCase (SPEC section 5)
+    ("YoYo", "yo yo"),
+    ("HandstandPushups", "handstand pushups"),
+    ("Skiing", "Skiing"),
+    ("Bending [something] until it breaks", "Bending something until it breaks"),
 ])
 def test_clean_class_name(raw, clean):
     assert clean_class_name(raw) == clean
+
+
+# ---- where users keep things (issue 8) ------------------------------------------------------
+def test_class_folders_match_case_insensitively_and_underscores(tmp_path):
+    for rel in ("air_drumming/-VtLx.mp4", "applyeyemakeup/v_1.avi", "Brush Hair/b1.mov", "Brush_Hair/b2.mp4"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    idx = VideoIndex(tmp_path)
+    assert idx.resolve("air drumming/-VtLx") == tmp_path / "air_drumming" / "-VtLx.mp4"
+    assert idx.resolve("ApplyEyeMakeup/v_1") == tmp_path / "applyeyemakeup" / "v_1.avi"
+    assert idx.resolve("Brush Hair/b1") == tmp_path / "Brush Hair" / "b1.mov"  # exact name first
+    assert idx.resolve("Brush Hair/b2") == tmp_path / "Brush_Hair" / "b2.mp4"  # then the look-alike folder
+    assert idx.resolve("air drumming/other") is None
+
+
+def test_kinetics_mmaction2_layout_found(real_splits, tmp_path):
+    """mmaction2 keeps Kinetics as ``air_drumming/<id>.mp4``: every val video resolves."""
+    val = real_splits["kinetics100"]["val"]
+    for vid in val.video_ids:
+        cls, name = vid.split("/", 1)
+        (tmp_path / cls.replace(" ", "_")).mkdir(exist_ok=True)
+        (tmp_path / cls.replace(" ", "_") / f"{name}.mp4").write_bytes(b"")
+    assert resolve_paths(val, tmp_path) == []
+
+
+def test_diagnose_missing_names_the_likely_cause(tmp_path):
+    from mdmf_cache.datasets import diagnose_missing
+
+    ids = ["ApplyEyeMakeup/v_1", "Archery/v_2"]
+    for rel in ("UCF-101/ApplyEyeMakeup/v_1.avi", "UCF-101/Archery/v_2.avi"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert diagnose_missing(ids, tmp_path) == f"the class folders are one level down: try --root {tmp_path / 'UCF-101'}"
+    assert "looks like one class folder: try --root " + str(tmp_path / "UCF-101") in \
+        diagnose_missing(ids, tmp_path / "UCF-101" / "Archery")
+    assert "hold no video the split files name" in diagnose_missing(["Archery/v_9"], tmp_path / "UCF-101")
+    assert "video names differ in case" in diagnose_missing(["archery/V_2"], tmp_path / "UCF-101")
+    other = tmp_path / "other"
+    (other / "Basketball").mkdir(parents=True)
+    assert "no class folder matches the split files (e.g. 'applyeyemakeup'); " in diagnose_missing(ids, other)
+
+
+def test_folder_split_hash_follows_classes_not_videos(tmp_path):
+    """Videos added to a folder tree keep its split (and cache); a new class is another split."""
+    _fake_tree(tmp_path, classes=5, per_class=2)
+    before = load_folder_splits(tmp_path)
+    (tmp_path / "class00" / "vid9.mp4").write_bytes(b"")
+    grown = load_folder_splits(tmp_path)
+    assert all(grown[s].source_hash == before[s].source_hash for s in SPLITS)
+    assert sum(len(grown[s]) for s in SPLITS) == sum(len(before[s]) for s in SPLITS) + 1
+    (tmp_path / "class99").mkdir()
+    (tmp_path / "class99" / "v.mp4").write_bytes(b"")
+    assert any(load_folder_splits(tmp_path)[s].source_hash != before[s].source_hash for s in SPLITS)
+
+
+def test_folder_scan_hints_one_level_off(tmp_path):
+    _fake_tree(tmp_path / "dataset" / "videos", classes=3)
+    with pytest.raises(DatasetError, match="one level down: try --root .*videos"):
+        load_folder_splits(tmp_path / "dataset")
+
+
+@pytest.mark.parametrize("where", ["labels/labels.json", "something-something-v2-labels.json", "../labels.json",
+                                   "--labels"])
+def test_ssv2_labels_found_where_the_download_puts_them(splits_dir, tmp_path, where):
+    root = tmp_path / "data" / "20bn-something-something-v2"
+    root.mkdir(parents=True)
+    val = load_splits("ssv2-full", splits_dir, None)["val"]
+    data = {f"Template {c}": c for c in val.classes}
+    target = tmp_path / "elsewhere.json" if where == "--labels" else root / where
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(data))
+    splits = load_splits("ssv2-full", splits_dir, root, labels_file=target if where == "--labels" else None)
+    assert splits["val"].class_names == [f"Template {c}" for c in splits["val"].classes]
+    with pytest.raises(DatasetError, match="--labels .* is not a file"):
+        load_splits("ssv2-full", splits_dir, root, labels_file=tmp_path / "nope.json")

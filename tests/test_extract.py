@@ -55,6 +55,28 @@ def _done_count(path: Path) -> int:
         return 0
 
 
+def spawn_and_kill(kw: dict, path: Path, low: int, high: int, delay: float, cwd: Path) -> int:
+    """Run ``run_extract(kw)`` in a subprocess, SIGKILL it once ``low <= done rows < high``; returns
+    the done count seen when it was killed."""
+    proc = _spawn(kw, delay=delay, cwd=cwd)
+    killed_at, deadline = None, time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = _done_count(path)
+            if low <= done < high:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = done
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert killed_at is not None, f"run ended (rc {proc.returncode}) before it could be killed:\n{err[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    return killed_at
+
+
 @pytest.fixture(scope="module")
 def backbone():
     from mdmf_cache.backbone import load_backbone
@@ -76,7 +98,9 @@ def test_tiny_cache_contents(tiny_cache, folder_splits, backbone):
     store = CacheStore(tiny_cache)
     assert store.is_complete() and store.splits == ["train", "val", "test"]
     assert tiny_cache.name == "videos__mdmf-tiny-vit__random.zarr"
-    assert store.fingerprint["train_views"] == 2 and store.fingerprint["weights"] == "random-init-seed0"
+    video = store.fingerprint["video"]
+    assert video["train_views"] == 2 and video["weights"] == "random-init-seed0"
+    assert store.fingerprint["text"] == {"prompt_template": "a photo of {}", "clean_names": False}
     for name, (n, views) in SIZES.items():
         g, sp = store.root[name], folder_splits[name]
         assert g["features"].shape == (n, views, T, backbone.dim) and g["features"].dtype == np.float16
@@ -105,9 +129,10 @@ def test_sampling_is_deterministic_and_seeded(tiny_cache):
         fi = np.asarray(store.root[name]["frame_indices"][:])
         assert (fi[:, 0] == sample_indices(20, T, "tsn")).all()
     fi = np.asarray(store.root["train"]["frame_indices"][:])
-    for row in range(len(fi)):  # random inside segments, seeded per (seed, video, view)
+    ids = store.video_ids("train")
+    for row in range(len(fi)):  # random inside segments, seeded per (seed, video id, view), not per row
         for v in range(2):
-            assert np.array_equal(fi[row, v], sample_indices(20, T, "tsn", train=True, rng=video_rng(0, row, v)))
+            assert np.array_equal(fi[row, v], sample_indices(20, T, "tsn", train=True, rng=video_rng(0, ids[row], v)))
     assert not np.array_equal(fi[:, 0], fi[:, 1])  # the views are different draws
 
 
@@ -125,7 +150,7 @@ def test_features_are_clip_of_the_decoded_crop(tiny_cache, folder_splits, action
         path = index.resolve(folder_splits[name].video_ids[row])
         idx = np.asarray(g["frame_indices"][row, view])
         if name == "train":
-            rng = video_rng(0, row, view)
+            rng = video_rng(0, folder_splits[name].video_ids[row], view)
             assert np.array_equal(sample_indices(20, T, "tsn", train=True, rng=rng), idx)
             crop = Crop.random(rng, flip=False)  # the draw after the frame indices
             assert crop != Crop.centre()
@@ -146,22 +171,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_cache, action_videos, tin
     # the killed run writes small, partial chunks (a flush per row, batches of 2): resume must cope
     kw = {**tiny_extract_settings, "root": str(action_videos), "cache_dir": str(cache_dir),
           "batch_videos": 2, "flush_seconds": 0.0}
-    proc = _spawn(kw, delay=0.15, cwd=tmp_path)
-    killed_at, deadline = None, time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = _done_count(path)
-            if 6 <= done < total:  # chunk 0 done, chunk 1 half done (a flush per row)
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = done
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and killed_at is None:
-            proc.kill()
-        _, err = proc.communicate(timeout=60)
-    assert killed_at is not None, f"run ended (rc {proc.returncode}) before it could be killed:\n{err[-2000:]}"
-    assert proc.returncode == -signal.SIGKILL
+    killed_at = spawn_and_kill(kw, path, 6, total, delay=0.15, cwd=tmp_path)  # chunk 0 done, chunk 1 half
     store = CacheStore(path)
     done_after = sum(int(store.done_mask(s).sum()) for s in store.splits)
     assert killed_at <= done_after < total and not store.is_complete()
@@ -185,7 +195,7 @@ def test_crash_while_creating_splits_recovers(tiny_cache, action_videos, tiny_ex
     """A run that dies between creating a split's arrays and writing its text, then reruns."""
     from mdmf_cache.store import CacheStore as Store
 
-    real_init, real_text = Store.init_split, Store.write_text
+    real_init, real_text = Store.sync_rows, Store.write_text
 
     def init_then_die(self, name, *a, **kw):
         if name == "val":
@@ -203,10 +213,10 @@ def test_crash_while_creating_splits_recovers(tiny_cache, action_videos, tiny_ex
     with pytest.raises(KeyboardInterrupt):
         run_extract(cfg)
     monkeypatch.setattr(Store, "write_text", real_text)
-    monkeypatch.setattr(Store, "init_split", init_then_die)
+    monkeypatch.setattr(Store, "sync_rows", init_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_extract(cfg)
-    monkeypatch.setattr(Store, "init_split", real_init)
+    monkeypatch.setattr(Store, "sync_rows", real_init)
     path, _ = run_extract(cfg)
     same_cache(path, tiny_cache)
 
@@ -242,7 +252,7 @@ def test_other_settings_refused_then_overwrite(tiny_cache, action_videos, tiny_e
     assert CacheStore(tmp_path / tiny_cache.name).root["train"]["features"].shape[2] == T  # untouched
     path, _ = run_extract(_cfg(tiny_extract_settings, action_videos, tmp_path, num_frames=4, overwrite=True))
     store = CacheStore(path)
-    assert store.is_complete() and store.fingerprint["num_frames"] == 4
+    assert store.is_complete() and store.fingerprint["video"]["num_frames"] == 4
     assert store.root["train"]["features"].shape[:3] == (20, 2, 4)
     assert (np.asarray(store.root["test"]["frame_indices"][:, 0]) == sample_indices(20, 4, "tsn")).all()
 
@@ -344,3 +354,92 @@ def test_splits_extracted_separately_share_one_cache(tiny_cache, action_videos, 
     path, results = run_extract(ExtractConfig(**kw, splits=("train", "val")))
     assert {r.split: r.extracted for r in results} == {"train": SIZES["train"][0], "val": SIZES["val"][0]}
     same_cache(path, tiny_cache)
+
+
+# ---- nothing found, most missing (issue 8, section 2) -------------------------------------------
+def _lists(tmp_path: Path, folder_splits, train: list[str]) -> Path:
+    lists = tmp_path / "lists"
+    lists.mkdir(exist_ok=True)
+    (lists / "train.txt").write_text("\n".join(train) + "\n")
+    (lists / "val.txt").write_text(folder_splits["val"].video_ids[0] + "\n")
+    (lists / "test.txt").write_text(folder_splits["test"].video_ids[0] + "\n")
+    return lists
+
+
+@pytest.mark.integration
+def test_nothing_found_is_an_error_with_a_hint(action_videos, folder_splits, tiny_extract_settings, tmp_path):
+    lists = _lists(tmp_path, folder_splits, folder_splits["train"].video_ids[:3])
+    cache_dir = tmp_path / "c"
+    with pytest.raises(DatasetError) as err:  # --root one level too high
+        run_extract(_cfg(tiny_extract_settings, action_videos.parent, cache_dir, splits_dir=str(lists)))
+    msg = str(err.value)
+    assert msg.startswith("none of the 5 videos of the split files is under") and "\n" not in msg
+    assert f"the class folders are one level down: try --root {action_videos}" in msg
+    assert not cache_dir.exists()  # nothing written
+    with pytest.raises(DatasetError, match="looks like one class folder"):  # --root one level too deep
+        cls = folder_splits["train"].classes[-1]  # a class the lists do not name
+        run_extract(_cfg(tiny_extract_settings, action_videos / cls, cache_dir, splits_dir=str(lists)))
+    assert not cache_dir.exists()
+
+
+@pytest.mark.integration
+def test_most_of_a_split_missing_warns_loudly(action_videos, folder_splits, tiny_extract_settings, tmp_path, caplog):
+    train = folder_splits["train"].video_ids
+    lists = _lists(tmp_path, folder_splits, [train[0], train[1].split("/")[0] + "/gone1", train[2].split("/")[0] + "/gone2"])
+    with caplog.at_level(logging.WARNING):
+        run_extract(_cfg(tiny_extract_settings, action_videos, tmp_path / "c", splits_dir=str(lists)))
+    assert "train: 2 of 3 listed videos are not under" in caplog.text
+    assert "hold no video the split files name" in caplog.text  # the class folders are there, the names are not
+    # a folder split this small cannot make 5-way episodes: said now, not at train time
+    assert "folder: val has 1 classes, fewer than a 5-way episode needs" in caplog.text
+
+
+# ---- prompts are cheap (issue 8, section 4) -----------------------------------------------------
+@pytest.mark.integration
+def test_changed_prompt_recomputes_text_only(tiny_cache, action_videos, tiny_extract_settings, tmp_path, backbone,
+                                             caplog):
+    shutil.copytree(tiny_cache, tmp_path / tiny_cache.name)
+    cfg = _cfg(tiny_extract_settings, action_videos, tmp_path, prompt_template="a video of a {}", clean_names=True)
+    with caplog.at_level(logging.INFO):
+        path, results = run_extract(cfg)
+    assert sum(r.extracted for r in results) == 0  # no video decoded
+    assert all(r.text.startswith(f"{len(CacheStore(path).root[r.split].attrs['classes'])} of ") for r in results)
+    assert "recomputing the text embeddings only; frame features unchanged" in caplog.text
+    store, old = CacheStore(path), CacheStore(tiny_cache)
+    assert store.fingerprint["video"] == old.fingerprint["video"]
+    assert store.fingerprint["text"] == {"prompt_template": "a video of a {}", "clean_names": True}
+    for split in store.splits:
+        g, og = store.root[split], old.root[split]
+        for name in ("features", "frame_indices", "done"):
+            assert np.array_equal(g[name][:], og[name][:])  # bit-identical
+        names = [c.replace("_", " ") for c in g.attrs["classes"]]
+        assert g.attrs["prompts"] == [f"a video of a {n}" for n in names]
+        np.testing.assert_allclose(g["text_features"][:], backbone.encode_texts(g.attrs["prompts"]).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+    assert store.is_complete()
+    _, results = run_extract(cfg)  # and again: nothing to do
+    assert not any(r.text or r.extracted for r in results)
+
+
+@pytest.mark.integration
+def test_ssv2_labels_file_added_later_updates_the_prompts(splits_dir, tmp_path, tiny_extract_settings):
+    """SSv2-Full val names come only from the download's labels file; dropping it in later is seen."""
+    from mdmf_cache.synthetic import write_index_frames
+
+    val = load_splits("ssv2-full", splits_dir, None)["val"]
+    root = tmp_path / "20bn-something-something-v2"
+    for vid in val.video_ids[:2]:  # the frames download: root/<video id>/*.jpg
+        write_index_frames(root / vid.split("/")[1], 12, size=(96, 32))
+    kw = {**tiny_extract_settings, "dataset": "ssv2-full", "splits_dir": str(splits_dir), "splits": ("val",)}
+    path, _ = run_extract(_cfg(kw, root, tmp_path / "c"))
+    g = CacheStore(path).root["val"]
+    assert g.attrs["prompts"][0] == f"a photo of label {val.classes[0]}"
+    features = np.asarray(g["features"][:])
+    (tmp_path / "something-something-v2-labels.json").write_text(json.dumps({f"Doing {c} [something]": c
+                                                                               for c in val.classes}))
+    path, results = run_extract(_cfg(kw, root, tmp_path / "c", clean_names=True))
+    g = CacheStore(path).root["val"]
+    assert results[0].extracted == 0 and "prompts changed" in results[0].text
+    assert g.attrs["prompts"][0] == f"a photo of Doing {val.classes[0]} something"
+    assert g.attrs["class_names"][0] == f"Doing {val.classes[0]} [something]"
+    assert np.array_equal(g["features"][:], features) and load_split_features(path, "val").features.shape[0] == 2

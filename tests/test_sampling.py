@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mdmf_cache.sampling import SAMPLERS, sample_indices, video_rng
+from mdmf_cache.sampling import SAMPLERS, sample_indices, video_key, video_rng
 
 
 def _linspace_reference(n: int, train: bool, rng=None) -> list[int]:
@@ -146,3 +146,22 @@ def test_test_mode_is_deterministic():
     for sampler in SAMPLERS:
         assert sample_indices(123, sampler=sampler).tolist() == \
             sample_indices(123, sampler=sampler).tolist()
+
+
+def test_video_rng_is_keyed_by_the_video_id_stably():
+    """Train views depend on the video id only (not its row), the same in every process and run."""
+    import subprocess
+    import sys
+
+    vid = "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01"
+    assert video_key(vid) == 16113191353450786141  # sha256-based: no per-process hash salt
+    a = sample_indices(80, train=True, rng=video_rng(0, vid, 0))
+    code = ("import sys; from mdmf_cache.sampling import sample_indices, video_rng; "
+            f"print(sample_indices(80, train=True, rng=video_rng(0, {vid!r}, 0)).tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONHASHSEED": "123"}).stdout
+    assert out.strip() == str(a.tolist())
+    others = {tuple(sample_indices(80, train=True, rng=video_rng(0, f"c/v{k}", 0))) for k in range(20)}
+    assert len(others) > 15  # different videos, different draws
+    assert sample_indices(80, train=True, rng=video_rng(1, vid, 0)).tolist() != a.tolist() or \
+        sample_indices(80, train=True, rng=video_rng(2, vid, 0)).tolist() != a.tolist()  # the seed matters

@@ -13,14 +13,23 @@ from mdmf_cache.errors import CacheError
 from mdmf_cache.store import CacheStore, export_h5, fingerprint_diff, load_split_features
 
 N, V, T, D, C = 10, 2, 3, 5, 3
-FP = {"model": "tiny", "num_frames": T, "seed": 0, "split_hashes": {"train": "abc"}}
+VIDEO_FP = {"model": "tiny", "num_frames": T, "seed": 0, "split_hashes": {"train": "abc"}}
+FP = {"video": VIDEO_FP, "text": {"prompt_template": "a photo of {}"}}
+
+
+def _sync(store, ids, present=None, chunk_rows=4, name="train"):
+    """Rows for ``ids`` (class ``c<k>`` -> label k); ``present`` defaults to all on disk."""
+    present = np.ones(len(ids), bool) if present is None else np.asarray(present)
+    labels = np.array([int(v.split("/")[0][1:]) for v in ids])
+    return store.sync_rows(name, ids, labels, present, [f"c{i}" for i in range(C)], [f"class {i}" for i in range(C)],
+                           views=V, num_frames=T, dim=D, chunk_rows=chunk_rows)
 
 
 def _new_store(path, n=N, chunk_rows=4, fp=FP) -> CacheStore:
     store = CacheStore.open_for_writing(path, fp)
     ids = [f"c{i % C}/v{i}" for i in range(n)]
-    store.init_split("train", ids, np.arange(n) % C, [f"c{i}" for i in range(C)], [f"class {i}" for i in range(C)],
-                     views=V, num_frames=T, dim=D, chunk_rows=chunk_rows, missing=["c0/gone"])
+    _sync(store, ids[:3] + ["c0/gone"] + ids[3:], present=[True] * 3 + [False] + [True] * (n - 3),
+          chunk_rows=chunk_rows)
     store.write_text("train", np.arange(C * D, dtype=np.float32).reshape(C, D), [f"a photo of class {i}" for i in range(C)],
                      "a photo of {}")
     store.mark_ready()
@@ -69,9 +78,8 @@ def test_round_trip(tmp_path):
 
 def test_not_complete_without_ready_or_text(tmp_path):
     store = CacheStore.open_for_writing(tmp_path / "c.zarr", FP)
-    store.init_split("train", ["a/1"], np.array([0]), ["a"], ["a"], views=1, num_frames=T, dim=D,
-                     chunk_rows=4, missing=[])
-    store.write_rows("train", np.array([0]), {"features": np.ones((1, 1, T, D), np.float16)})
+    _sync(store, ["c0/1"])
+    store.write_rows("train", np.array([0]), {"features": np.ones((1, V, T, D), np.float16)})
     assert store.done_mask("train").all()
     assert not store.is_complete()  # no text, not marked ready
     store.write_text("train", np.ones((1, D), np.float32), ["a photo of a"], "a photo of {}")
@@ -118,7 +126,7 @@ def test_fingerprint_mismatch_named_and_overwrite(tmp_path):
     _new_store(path)
     _write_all(_new_store(path))  # same fingerprint: reopened, kept
     assert CacheStore(path).done_mask("train").all()
-    other = {**FP, "num_frames": 4}
+    other = {**FP, "video": {**VIDEO_FP, "num_frames": 4}}
     with pytest.raises(CacheError) as err:
         CacheStore.open_for_writing(path, other)
     msg = str(err.value)
@@ -132,7 +140,7 @@ def test_fingerprint_mismatch_named_and_overwrite(tmp_path):
 def test_fingerprint_diff():
     assert fingerprint_diff({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 0}) == [
         "b: cache has 2, asked 3", "c: cache has None, asked 0"]
-    assert fingerprint_diff(FP, dict(FP)) == []
+    assert fingerprint_diff(VIDEO_FP, dict(VIDEO_FP)) == []
 
 
 def test_rank_waits_for_rank0_fingerprint(tmp_path):
@@ -141,11 +149,15 @@ def test_rank_waits_for_rank0_fingerprint(tmp_path):
     assert CacheStore.open_for_writing(path, FP, rank=1, wait_s=1).fingerprint == FP
     # other settings: named at once (rank 0 refuses them too), not after the whole wait
     t0 = time.monotonic()
+    seed1 = {**FP, "video": {**VIDEO_FP, "seed": 1}}
     with pytest.raises(CacheError, match="seed: cache has"):
-        CacheStore.open_for_writing(path, {**FP, "seed": 1}, rank=1, wait_s=30)
+        CacheStore.open_for_writing(path, seed1, rank=1, wait_s=30)
     assert time.monotonic() - t0 < 10
     with pytest.raises(CacheError, match="rank 1:.*seed"):  # with --overwrite it waits for rank 0, then says why
-        CacheStore.open_for_writing(path, {**FP, "seed": 1}, rank=1, wait_s=0.2, overwrite=True)
+        CacheStore.open_for_writing(path, seed1, rank=1, wait_s=0.2, overwrite=True)
+    # another prompt: waits for rank 0 to record it (and recompute the text), then says why
+    with pytest.raises(CacheError, match="rank 1:.*prompt_template"):
+        CacheStore.open_for_writing(path, {**FP, "text": {"prompt_template": "{}"}}, rank=1, wait_s=0.2)
 
 
 def test_killed_during_creation_recovers(tmp_path):
@@ -162,7 +174,7 @@ def test_killed_during_creation_recovers(tmp_path):
     assert store.root["train"]["features"].shape == (N, V, T, D)
     assert np.array_equal(store.root["train"]["labels"][:], np.arange(N) % C)
     with pytest.raises(CacheError):  # and the recovered fingerprint is enforced
-        CacheStore.open_for_writing(path, {**FP, "seed": 9})
+        CacheStore.open_for_writing(path, {**FP, "video": {**VIDEO_FP, "seed": 9}})
 
 
 def test_load_split_features(tmp_path):
@@ -210,3 +222,84 @@ def test_export_h5_equal(tmp_path):
         assert np.array_equal(f["train"]["features"][()], expected["features"])
         assert json.loads(f["train"].attrs["classes"]) == [f"c{i}" for i in range(C)]
         assert json.loads(f["train"].attrs["prompts"])[1] == "a photo of class 1"
+
+
+# ---- rows keyed by video id ------------------------------------------------------------------
+def test_sync_rows_grows_keeps_and_marks(tmp_path):
+    """Rows only ever get appended; vanished videos keep their rows, unused until they are back."""
+    path = tmp_path / "c.zarr"
+    store = CacheStore.open_for_writing(path, FP)
+    listed = ["c0/a", "c1/b", "c2/c", "c0/d"]
+    sync = _sync(store, listed, present=[False, True, False, True], chunk_rows=2)
+    assert (sync.rows, sync.added, sync.vanished) == (2, 2, [])
+    assert store.video_ids("train") == ["c1/b", "c0/d"] and store.root["train"].attrs["missing"] == ["c0/a", "c2/c"]
+    store.write_rows("train", np.array([0, 1]), _rows([0, 1]))
+    store.write_text("train", np.ones((C, D), np.float32), ["p"] * C, "{}")
+    store.mark_ready()
+    assert store.is_complete()  # the missing videos are not waited for
+
+    # c0/a and c2/c arrive, c1/b (finished) vanishes: appended in listing order, c1/b kept
+    sync = _sync(store, listed, present=[True, False, True, True], chunk_rows=2)
+    assert (sync.rows, sync.added, sync.vanished) == (4, 2, ["c1/b"])
+    assert store.video_ids("train") == ["c1/b", "c0/d", "c0/a", "c2/c"]
+    assert store.present_mask("train").tolist() == [False, True, True, True]
+    assert np.asarray(store.root["train"]["order"][:]).tolist() == [1, 3, 0, 2]
+    assert np.asarray(store.root["train"]["labels"][:]).tolist() == [1, 0, 0, 2]
+    assert store.pending_rows("train").tolist() == [2, 3] and not store.is_complete()
+    store.write_rows("train", np.array([2, 3]), _rows([2, 3]))
+    assert store.is_complete()
+    fs = load_split_features(path, "train")
+    assert fs.video_ids == ["c0/a", "c2/c", "c0/d"]  # listing order, the vanished row left out
+    assert np.array_equal(fs.features.numpy(), np.asarray(store.root["train"]["features"][:])[[2, 3, 1]])
+    s = store.split_summary("train")
+    assert (s["videos"], s["done"], s["kept"], s["missing"]) == (3, 3, 1, 1)
+
+    # c1/b back: its row is reused as it is (nothing pending)
+    sync = _sync(store, listed, present=[True] * 4, chunk_rows=2)
+    assert (sync.rows, sync.added, sync.vanished) == (4, 0, [])
+    assert store.pending_rows("train").tolist() == [] and load_split_features(path, "train").video_ids == listed[:1] + [
+        "c1/b", "c2/c", "c0/d"]
+
+
+def test_sync_rows_after_a_run_killed_while_growing(tmp_path):
+    """Killed after growing the arrays but before ``num_videos``: the next sync redoes it right."""
+    store = CacheStore.open_for_writing(tmp_path / "c.zarr", FP)
+    _sync(store, ["c0/a", "c1/b", "c2/c"], present=[True, False, False], chunk_rows=2)
+    store.write_rows("train", np.array([0]), _rows([0]))
+    g = store.root["train"]
+    for name in g.array_keys():  # what the killed run left: 3 more rows, one marked done
+        if name != "text_features":
+            g[name].resize((4, *g[name].shape[1:]))
+    g["video_ids"][1:4] = np.array(["c1/x", "c1/y", "c1/z"])
+    g["done"][1:4] = True
+    assert store.num_rows("train") == 1 and store.video_ids("train") == ["c0/a"]
+    sync = _sync(store, ["c0/a", "c1/b", "c2/c"], present=[True, False, True], chunk_rows=2)
+    assert (sync.rows, sync.added) == (2, 1)
+    assert store.video_ids("train") == ["c0/a", "c2/c"] and g["done"].shape == (2,)
+    assert store.done_mask("train").tolist() == [True, False]
+
+
+def test_text_rewrite_killed_is_redone(tmp_path):
+    store = _new_store(tmp_path / "c.zarr")
+    assert store.prompts("train") == [f"a photo of class {i}" for i in range(C)]
+    store.root["train"].attrs["prompts"] = None  # write_text clears it first: killed mid-write
+    assert store.prompts("train") is None and not store.is_complete()
+    with pytest.raises(CacheError, match="no text embeddings"):
+        load_split_features(tmp_path / "c.zarr", "train", allow_incomplete=True)
+
+
+def test_format_1_cache_reads_but_is_not_extended(tmp_path):
+    """An older cache (rows fixed by the first run, flat fingerprint) still trains; extract says what to do."""
+    path = tmp_path / "c.zarr"
+    expected = _write_all(_new_store(path))
+    store = CacheStore(path, mode="a")
+    for name in ("present", "order"):
+        del store.root["train"][name]
+    store.root.attrs.update({"format": 1, "fingerprint": VIDEO_FP})
+    fs = load_split_features(path, "train")
+    assert fs.video_ids == [f"c{i % C}/v{i}" for i in range(N)]
+    assert np.array_equal(fs.features.numpy(), expected["features"])
+    assert CacheStore(path).is_complete()
+    with pytest.raises(CacheError, match="format 1.*--overwrite"):
+        CacheStore.open_for_writing(path, FP)
+    assert CacheStore.open_for_writing(path, FP, overwrite=True).splits == []

@@ -280,3 +280,24 @@ def test_webm_encoding_in_subprocess(tmp_path):
     path = tmp_path / "sub.webm"
     synthetic._encode_in_subprocess(path, frames, (192, 96), 25, True, 12)
     assert _ids(read_frames(path, [9, 0, 4], backend="pyav")) == [9, 0, 4]
+
+
+@pytest.mark.parametrize("pattern", ["{}.jpg", "img_{}.jpg", "frame{}.png"])
+def test_unpadded_frame_names_read_in_numeric_order(tmp_path, pattern):
+    """``1.jpg ... 24.jpg`` is frames 1..24, not 1, 10, 11, ..., 19, 2, 20, ... (string order)."""
+    from PIL import Image
+
+    folder = tmp_path / "video"
+    folder.mkdir()
+    for i in range(24):
+        Image.fromarray(synthetic.index_frame(i)).save(folder / pattern.format(i + 1), quality=95)
+    assert sorted(p.name for p in folder.iterdir())[:3] != [pattern.format(k) for k in (1, 2, 3)]  # string order differs
+    want = [0, 1, 2, 9, 10, 23]
+    assert _ids(read_frames(folder, want, backend="jpeg")) == want
+    assert _ids(read_frames(folder, want)) == want  # auto picks jpeg for a folder
+
+
+def test_mov_is_read(tmp_path):
+    path = synthetic.write_index_video(tmp_path / "clip.mov", 30, gop=12)
+    assert resolve_backend(path, "auto") == "pyav" and probe_num_frames(path) == 30
+    assert _ids(read_frames(path, [0, 13, 29])) == [0, 13, 29]
