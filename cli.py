@@ -88,7 +88,7 @@ def extract(
     normalize: Annotated[Optional[str], typer.Option(help="clip | none (overrides the preset).")] = None,
     num_frames: Annotated[int, typer.Option(help="T frames per video.")] = 8,
     train_views: Annotated[int, typer.Option(help="V random augmented views per train video.")] = 1,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips of train views (default on, SSv2 included, as paper and released code; --no-flip for SSv2 research runs: left/right classes).")] = None,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips of train views (on for every dataset, SSv2 included, as the paper and the released code; --no-flip for SSv2 research runs: left/right classes).")] = True,
     seed: int = 0,
     prompt: Annotated[str, typer.Option(help="Prompt template.")] = "a photo of {}",
     clean_names: Annotated[bool, typer.Option(help="Clean class names for prompts: split CamelCase, underscores to spaces, drop \\[brackets].")] = False,

@@ -41,8 +41,6 @@ class DatasetSpec:
         name: CLI name.
         split_dir: sub-directory of the splits directory.
         files: split name -> file name.
-        flip: default of train-time horizontal flips. True for every dataset, SSv2 included: the paper
-            states the augmentation and the released code flips (SPEC 4); ``--no-flip`` turns it off.
         numeric_labels: classes are SSv2 label ids that need a names table.
         drop_stray: drop Kinetics-CMN's stray ids (``under_score`` duplicate classes, repeated class blocks).
     """
@@ -50,7 +48,6 @@ class DatasetSpec:
     name: str
     split_dir: str
     files: dict[str, str]
-    flip: bool = True
     numeric_labels: bool = False
     drop_stray: bool = False
 

@@ -52,7 +52,7 @@ class ExtractConfig:
     sampler: str = "tsn"  # tsn | linspace
     normalize: str = "clip"  # clip | none
     train_views: int = 1  # V for the train split
-    flip: bool | None = None  # None: the dataset default (off for SSv2)
+    flip: bool = True  # train views: every dataset, SSv2 included, as the paper and the released code (SPEC 4)
     seed: int = 0
     prompt_template: str = "a photo of {}"
     clean_names: bool = False
@@ -99,13 +99,6 @@ class ExtractConfig:
             raise ConfigError("bad options: " + "; ".join(problems))
 
     @property
-    def use_flip(self) -> bool:
-        if self.flip is not None:
-            return self.flip
-        spec = DATASETS.get(self.dataset)
-        return spec.flip if spec else True
-
-    @property
     def cache_name(self) -> str:
         if self.name:
             return self.name
@@ -143,7 +136,7 @@ def fingerprint(cfg: ExtractConfig, weights: str, split_hashes: dict[str, str]) 
             "crop": "short256-crop224",
             "normalize": cfg.normalize,
             "train_views": cfg.train_views,
-            "flip": cfg.use_flip,
+            "flip": cfg.flip,
             "seed": cfg.seed,
             "split_hashes": dict(sorted(split_hashes.items())),
         },
@@ -199,7 +192,7 @@ class ClipSource:
             return {"row": row, "error": str(e)}
         except Exception as e:  # a decoder library error we did not anticipate: record, go on
             return {"row": row, "error": f"{type(e).__name__}: {e} ({path})"}
-        crops = [Crop.random(rngs[v], cfg.use_flip) if self.train else Crop.centre() for v in range(V)]
+        crops = [Crop.random(rngs[v], cfg.flip) if self.train else Crop.centre() for v in range(V)]
         # a tensor, not numpy: the DataLoader pins tensors (pin_memory on CUDA), so the copy to the GPU overlaps
         frames = torch.from_numpy(clip.frames.reshape(V, T, *clip.frames.shape[1:]))  # (V, T, H, W, 3) uint8
         return {
