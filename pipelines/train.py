@@ -83,17 +83,17 @@ class TrainConfig:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.way < 2:
             problems.append(f"--way {self.way}: an episode needs at least 2 classes")
-        for name in ("lr", "weight_decay"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                problems.append(f"--{name.replace('_', '-')} {value}: must be a finite number > 0" if name == "lr"
-                                else f"--{name.replace('_', '-')} {value}: must be a finite number >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"--lr {self.lr}: must be a finite number > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"--weight-decay {self.weight_decay}: must be a finite number >= 0")
         if problems:
             raise ConfigError("; ".join(problems))
-        try:  # every head switch, before any work (an ablation arm's bad --view fails here, not after training)
-            build_config(self.preset, 8, **{**self.heads, "method": self.method})
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("dim=8 ", "")) from e
+        # every head switch, before any work (an ablation arm's bad --view fails here, not after training);
+        # the width is the cache's, unknown here: any multiple of the attention heads checks the rest
+        heads = self.heads.get("heads", 8)
+        build_config(self.preset, 8 * heads if isinstance(heads, int) and heads > 0 else 8,
+                     **{**self.heads, "method": self.method})
 
 
 def cache_identity(cache: Path | str) -> dict[str, Any]:
