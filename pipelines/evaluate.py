@@ -109,5 +109,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         if bar:
             bar.stop()
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    from pipelines.plots import eval_figures, plot_safely
+
+    plot_safely(eval_figures, out)
     results["out"] = str(out)
     return results

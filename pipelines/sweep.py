@@ -1,0 +1,774 @@
+"""Hyperparameter sweeps of fast-mode training on cached features, on Optuna.
+
+A trial is one fast-mode training run (:func:`pipelines.train.run_train`, called as a function),
+scored by its best accuracy on the run's fixed, seeded val episode list; the test split is never
+loaded. Every fast-mode option can be fixed or swept under its ``train`` name (``lr``, ``lambda``,
+``dropout``, ``episodes``, ``method``, ...); the names come from the ``TrainConfig`` dataclass and
+the head fields of ``MDMFConfig``, so a new field is sweepable without changes here.
+
+Recipe, top to bottom:
+    1. parse and check the space and the fixed options, the cache and the storage (a bad value stops
+       here, before anything is written to the study);
+    2. create or load the study (``OUT/study.db`` SQLite by default, any Optuna storage URL with
+       ``storage``) and record the sweep's settings in it, so that a worker joining with other
+       settings is refused;
+    3. run trials in this process (``jobs=1``) or in ``jobs`` worker processes, each loading the
+       cache once; every worker stops when the study holds ``trials`` finished (complete or pruned)
+       trials, whoever ran them; a heartbeat marks a killed worker's trial failed and requeues it;
+    4. write ``trials.csv``, ``trials.md``, ``best.json`` (for ``mdmf-cache train --config``) and
+       the figures (also what ``mdmf-cache sweep show`` does).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from mdmf_cache.errors import CacheError, ConfigError
+
+log = logging.getLogger(__name__)
+
+# TrainConfig fields that belong to the sweep, not to a trial.
+_NOT_OPTIONS = ("cache", "out", "heads", "resume")
+# Head fields fixed by the data (the cache's D and T).
+_NOT_HEAD_OPTIONS = ("dim", "num_frames")
+# CLI names that differ from the field names, as in ``mdmf-cache train``.
+_ALIASES: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    "lambda": ("lam", ("heads.lam",), False),
+    "view": ("views", ("heads.views",), False),
+    "dropout": ("", ("heads.mmfe_dropout", "heads.ffn_dropout", "heads.tcn_dropout"), False),
+    "otam-one-way": ("", ("heads.otam_bidirectional",), True),
+}
+
+#: Swept when ``--space`` is not given (minus whatever is fixed on the command line).
+DEFAULT_SPACE: dict[str, str] = {
+    "lr": "1e-5:1e-2:log",
+    "lambda": "0.1:2",
+    "alpha-ltc": "0.25:2",
+    "alpha-gtc": "0.25:2",
+    "dropout": "0:0.5",
+    "pps-temperature": "0.001:0.1:log",
+    "episodes-per-step": "4|8|16|32",
+    "episodes": "1000:10000:log",
+}
+
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One sweepable option: its CLI name, the config fields it sets, its type and allowed values."""
+
+    name: str
+    targets: tuple[str, ...]  # "lr" (a TrainConfig field) or "heads.lam" (an MDMFConfig field)
+    kind: type  # bool, int, float or str
+    choices: tuple[Any, ...] | None = None
+    invert: bool = False  # a flag that sets its bool field to False (--otam-one-way)
+
+    def parse(self, text: Any) -> Any:
+        """A value of this option from a command-line string (or a value of the right type)."""
+        if not isinstance(text, str):
+            value = text
+        elif self.kind is bool:
+            low = text.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ConfigError(f"--{self.name} {text!r}: expected true or false")
+            value = low in ("true", "1", "yes", "on")
+        else:
+            try:
+                value = self.kind(text) if self.kind is not int else _int(text)
+            except ValueError as e:
+                raise ConfigError(f"--{self.name} {text!r}: expected {self.kind.__name__}") from e
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"--{self.name} {text!r}: choose from {', '.join(map(str, self.choices))}")
+        return value
+
+
+def _int(text: str) -> int:
+    """``"2000"`` or ``"2e3"`` as 2000; ``"2.5"`` is a ValueError."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
+
+
+def _option_of(name: str, targets: tuple[str, ...], default: Any, hint: Any, invert: bool = False) -> Option:
+    choices = tuple(get_args(hint)) if get_origin(hint) is Literal else None
+    kind = type(default) if default is not None and default is not dataclasses.MISSING else str
+    if choices:
+        kind = type(choices[0])
+    return Option(name, targets, kind, choices, invert)
+
+
+def sweep_options() -> dict[str, Option]:
+    """Every option a trial can fix or sweep, by CLI name (TrainConfig fields, then head fields)."""
+    from mdmf_cache.models.config import MDMFConfig
+    from pipelines.train import TrainConfig
+
+    opts: dict[str, Option] = {}
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in _NOT_OPTIONS:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            opts[f.name.replace("_", "-")] = _option_of(f.name.replace("_", "-"), (f.name,), default, hints[f.name])
+    hints = get_type_hints(MDMFConfig)
+    renamed = {fld: alias for alias, (fld, _, _) in _ALIASES.items() if fld}
+    head_fields = {f.name: f for f in dataclasses.fields(MDMFConfig)}
+    for f in head_fields.values():
+        if f.name in _NOT_HEAD_OPTIONS:
+            continue
+        name = renamed.get(f.name, f.name.replace("_", "-"))
+        opts.setdefault(name, _option_of(name, (f"heads.{f.name}",), f.default, hints[f.name]))
+    for alias, (_, targets, invert) in _ALIASES.items():
+        if alias not in opts:
+            first = targets[0].split(".", 1)[1]
+            opts[alias] = _option_of(alias, targets, head_fields[first].default, hints[first], invert)
+    return opts
+
+
+def _unknown(name: str, opts: dict[str, Option], what: str) -> ConfigError:
+    close = difflib.get_close_matches(name, list(opts), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown {what} {name!r}{hint}; see 'mdmf-cache sweep --help' for the names")
+
+
+def parse_fixed(args: list[str], opts: dict[str, Option] | None = None) -> dict[str, Any]:
+    """``--name value``, ``--name=value``, ``--flag`` and ``--no-flag`` pairs as {name: value}."""
+    opts = opts or sweep_options()
+    fixed: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options are written --name value")
+        key, _, text = arg[2:].partition("=")
+        value: Any
+        if key in opts and opts[key].kind is bool:
+            value = opts[key].parse(text) if text else True
+        elif key.startswith("no-") and key[3:] in opts and opts[key[3:]].kind is bool:
+            key, value = key[3:], False
+        elif key in opts:
+            if not text:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"--{key} needs a value")
+                i += 1
+                text = args[i]
+            value = opts[key].parse(text)
+        else:
+            raise _unknown(key, opts, "option --")
+        fixed[key] = value
+        i += 1
+    return fixed
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One swept parameter: a float or int range (optionally log-scaled) or a list of values."""
+
+    name: str
+    kind: Literal["float", "int", "categorical"]
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    values: tuple[Any, ...] = ()
+
+    def suggest(self, trial) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.values))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    @property
+    def scale(self) -> str:
+        return "categorical" if self.kind == "categorical" else "log" if self.log else "linear"
+
+    def corners(self) -> list[Any]:
+        """The values that must all be valid: both ends of a range, every listed value."""
+        if self.kind == "categorical":
+            return list(self.values)
+        return [int(self.low), int(self.high)] if self.kind == "int" else [self.low, self.high]
+
+
+def parse_space(spec: dict[str, str], opts: dict[str, Option] | None = None) -> list[Dim]:
+    """``{"lr": "1e-5:1e-2:log", "episodes-per-step": "8|16"}`` as Dims; a bad name or range is a ConfigError."""
+    opts = opts or sweep_options()
+    dims = []
+    for name, text in spec.items():
+        if name not in opts:
+            raise _unknown(name, opts, "parameter")
+        opt = opts[name]
+        if "|" in text:
+            values = tuple(opt.parse(v.strip()) for v in text.split("|"))
+            if len(set(values)) < 2:
+                raise ConfigError(f"--space {name}={text}: list at least two different values")
+            dims.append(Dim(name, "categorical", values=values))
+            continue
+        parts = text.split(":")
+        if opt.kind not in (int, float) or opt.choices is not None:
+            raise ConfigError(f"--space {name}={text}: {name} takes listed values, e.g. "
+                              f"{name}={'|'.join(map(str, opt.choices or (True, False)))}")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("log", "linear")):
+            raise ConfigError(f"--space {name}={text}: write LOW:HIGH, LOW:HIGH:log or A|B|C")
+        try:
+            low, high = float(parts[0]), float(parts[1])
+        except ValueError as e:
+            raise ConfigError(f"--space {name}={text}: LOW and HIGH must be numbers") from e
+        log_scale = len(parts) == 3 and parts[2] == "log"
+        if not low < high:
+            raise ConfigError(f"--space {name}={text}: LOW must be below HIGH")
+        if log_scale and low <= 0:
+            raise ConfigError(f"--space {name}={text}: a log range needs LOW > 0")
+        if opt.kind is int and not (low.is_integer() and high.is_integer()):
+            raise ConfigError(f"--space {name}={text}: {name} is an integer")
+        dims.append(Dim(name, "int" if opt.kind is int else "float", low, high, log_scale))
+    return dims
+
+
+def parse_space_text(text: str) -> dict[str, str]:
+    """``"lr=1e-5:1e-2:log,lambda=0.1:2"`` as ``{"lr": "1e-5:1e-2:log", "lambda": "0.1:2"}``."""
+    out: dict[str, str] = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, eq, rng = item.partition("=")
+        if not eq or not rng:
+            raise ConfigError(f"--space item {item!r}: write NAME=LOW:HIGH[:log] or NAME=A|B|C")
+        out[name.strip()] = rng.strip()
+    return out
+
+
+def trial_config(base: dict[str, Any], values: dict[str, Any], opts: dict[str, Option]):
+    """A TrainConfig: ``base`` (TrainConfig fields) with option values applied to their fields."""
+    from pipelines.train import TrainConfig
+
+    cfg = json.loads(json.dumps(base))  # deep copy
+    heads = dict(cfg.get("heads") or {})
+    for name, value in values.items():
+        opt = opts[name]
+        for target in opt.targets:
+            v = (not value) if opt.invert else value
+            if target.startswith("heads."):
+                heads[target[6:]] = v
+            else:
+                cfg[target] = v
+    cfg["heads"] = heads
+    return TrainConfig(**cfg)
+
+
+@dataclass
+class SweepConfig:
+    """One sweep; saved as ``sweep.json`` in ``out`` (the storage URL without its password)."""
+
+    cache: str = ""
+    out: str = "sweeps/sweep"
+    study: str | None = None  # default: the name of ``out``
+    storage: str | None = None  # default: sqlite:///OUT/study.db
+    trials: int = 100  # finished (complete + pruned) trials of the study, all workers together
+    jobs: int = 1  # worker processes on this machine
+    space: dict[str, str] = field(default_factory=dict)  # name -> LOW:HIGH[:log] | A|B|C; {} = DEFAULT_SPACE
+    fixed: dict[str, Any] = field(default_factory=dict)  # name -> value, as `train` options
+    prune: bool = True
+    pruner: str = "median"  # median | halving
+    prune_startup: int = 5  # finished trials before the median pruner stops anything
+    prune_below: float | None = None  # also stop a trial whose val accuracy (%) falls below this (e.g. chance)
+    seed: int = 0  # the sampler's; every trial trains with the fixed `seed` option (default 0)
+    resume: bool = False
+    heartbeat: int = 30  # seconds; a trial silent for 2x this is failed and requeued
+    keep_last: bool = False  # keep each trial's last.pt (resumable state); best.pt is always kept
+
+    @property
+    def study_name(self) -> str:
+        return self.study or Path(self.out).name
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{Path(self.out).resolve() / 'study.db'}"
+
+    def validate(self) -> None:
+        problems = []
+        if self.trials < 1:
+            problems.append("--trials must be >= 1")
+        if self.jobs < 1:
+            problems.append("--jobs must be >= 1")
+        if self.pruner not in ("median", "halving"):
+            problems.append(f"--pruner {self.pruner!r}: choose median or halving")
+        if self.heartbeat < 1:
+            problems.append("--heartbeat must be >= 1 second")
+        if not self.cache:
+            problems.append("name a cache (mdmf-cache sweep CACHE ...)")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def _masked(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported by the storage itself
+        return url
+
+
+@dataclass
+class Plan:
+    """What every trial of a sweep shares: checked options, space and base config."""
+
+    opts: dict[str, Option]
+    dims: list[Dim]
+    fixed: dict[str, Any]
+    base: dict[str, Any]  # TrainConfig fields (cache set, out per trial)
+    fingerprint: str
+
+    def settings(self) -> dict[str, Any]:
+        """What must match for a worker to join the study."""
+        return {"space": {d.name: asdict(d) for d in self.dims}, "fixed": self.fixed, "cache": self.fingerprint}
+
+
+def plan(cfg: SweepConfig) -> Plan:
+    """Check the options, the space and the cache; nothing is written."""
+    from mdmf_cache.models.config import build_config
+    from mdmf_cache.store import CacheStore
+    from pipelines.train import TrainConfig
+
+    cfg.validate()
+    opts = sweep_options()
+    fixed = {k: opts[k].parse(v) if k in opts else v for k, v in cfg.fixed.items()}
+    for k in fixed:
+        if k not in opts:
+            raise _unknown(k, opts, "option --")
+    given_space = dict(cfg.space) if cfg.space else {k: v for k, v in DEFAULT_SPACE.items() if k in opts}
+    both = sorted(set(given_space) & set(fixed))
+    if both and cfg.space:
+        raise ConfigError(f"{', '.join(both)} both swept (--space) and fixed (--{both[0]}); drop one")
+    dims = parse_space({k: v for k, v in given_space.items() if k not in fixed}, opts)
+    if not dims:
+        raise ConfigError("nothing left to sweep: every parameter of the space is fixed; name some with --space")
+    # the cache: complete, and its shape for checking head options
+    store = CacheStore(cfg.cache)
+    for split in ("train", "val"):
+        if split not in store.splits:
+            raise CacheError(f"{cfg.cache} has no {split} split (has: {', '.join(store.splits) or 'none'})")
+    if not store.is_complete():
+        raise CacheError(f"{cfg.cache} is not complete; rerun the same 'mdmf-cache extract' command to finish it")
+    _, _, num_frames, dim = store.root["train"]["features"].shape
+    fingerprint = hashlib.sha256(json.dumps(store.fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    base = asdict(TrainConfig(cache=str(cfg.cache)))
+    # every corner of the space must give a valid config, so no trial fails on a bad range
+    for values in [{}] + [{d.name: v} for d in dims for v in d.corners()]:
+        tcfg = trial_config(base, {**fixed, **values}, opts)
+        tcfg.validate()
+        build_config(tcfg.preset, int(dim), num_frames=int(num_frames), **tcfg.heads)
+    return Plan(opts, dims, fixed, base, fingerprint)
+
+
+def open_storage(cfg: SweepConfig, create: bool = True):
+    """The study's Optuna RDB storage with a heartbeat; an unreachable URL is a ConfigError."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    url = cfg.storage_url
+    if url.startswith("sqlite:///") and not create and not Path(url[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"no study database at {url[len('sqlite:///'):]}")
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 120}  # several worker processes share the file
+    elif url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # heartbeat is "experimental"; the retry callback is "deprecated"
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat,
+                              grace_period=2 * cfg.heartbeat,
+                              heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3))
+    except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind mean the same to the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot open the study storage {_masked(url)}: {first}") from e
+
+
+def _study(cfg: SweepConfig, p: Plan, storage, sampler_seed: int):
+    import optuna
+
+    pruner: optuna.pruners.BasePruner
+    if not cfg.prune:
+        pruner = optuna.pruners.NopPruner()
+    elif cfg.pruner == "halving":
+        pruner = optuna.pruners.SuccessiveHalvingPruner()
+    else:
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.prune_startup, n_warmup_steps=0)
+    if cfg.prune and cfg.prune_below is not None:
+        pruner = _any_of(pruner, optuna.pruners.ThresholdPruner(lower=cfg.prune_below))
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)
+    return optuna.load_study(study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=pruner)
+
+
+def _any_of(*pruners):
+    """A pruner that stops a trial when any of ``pruners`` would."""
+    import optuna
+
+    class AnyOf(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            return any(p.prune(study, trial) for p in pruners)
+
+    return AnyOf()
+
+
+def _count(study) -> tuple[int, int]:
+    """(finished, running) trials of the study."""
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    return sum(s in FINISHED for s in states), states.count("RUNNING")
+
+
+class _Surplus(Exception):
+    """The study already had its trials when this one was created (a race between workers)."""
+
+
+def _validation_step(done: int, episodes: int, val_every: int) -> int:
+    """The pruner's step for a validation: the val_every multiple crossed (aligned across episodes-per-step)."""
+    return done if done >= episodes else (done // val_every) * val_every
+
+
+def _objective(cfg: SweepConfig, p: Plan, study_trials: int):
+    import optuna
+
+    from pipelines.train import run_train
+
+    trials_dir = Path(cfg.out) / "trials"
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def objective(trial: optuna.Trial) -> float:
+        ahead = [t for t in trial.study.get_trials(deepcopy=False)
+                 if t.number < trial.number and (t.state.name in FINISHED or t.state.name == "RUNNING")]
+        if len(ahead) >= study_trials:
+            trial.set_user_attr("skipped", "the study had its trials when this one started")
+            raise _Surplus()
+        values = {d.name: d.suggest(trial) for d in p.dims}
+        tcfg = trial_config(p.base, {**p.fixed, **values}, p.opts)
+        tcfg.out = str(trials_dir / f"{trial.number:05d}")
+        trial.set_user_attr("config", asdict(tcfg))
+        trial.set_user_attr("worker", worker)
+        t0 = time.perf_counter()
+
+        def on_val(done: int, acc: float) -> None:
+            trial.report(acc, _validation_step(done, tcfg.episodes, tcfg.val_every))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val {acc:.2f}% at {done} episodes")
+
+        try:
+            res = run_train(tcfg, progress=False, on_val=on_val)
+        finally:
+            trial.set_user_attr("train_s", time.perf_counter() - t0)
+            if not cfg.keep_last:
+                Path(tcfg.out, "last.pt").unlink(missing_ok=True)
+        trial.set_user_attr("episodes_per_s", res["episodes_per_s"])
+        return res["best_val"]
+
+    return objective
+
+
+def _seed_of(cfg: SweepConfig, worker_index: int) -> int:
+    """The sampler seed of one worker: the sweep seed for a lone local worker, else distinct per worker."""
+    tag = f"{cfg.seed}:{worker_index}"
+    if cfg.storage:  # several machines may run the same line
+        tag += f":{socket.gethostname()}:{os.getpid()}"
+    elif worker_index == 0 and cfg.jobs == 1:
+        return cfg.seed
+    return int(hashlib.sha256(tag.encode()).hexdigest()[:8], 16)
+
+
+def run_worker(cfg: SweepConfig, worker_index: int = 0, on_trial=None) -> None:
+    """Run trials of the study until it holds ``cfg.trials`` finished ones (the cache loaded once)."""
+    import optuna
+    from optuna.storages import fail_stale_trials
+
+    from mdmf_cache.store import keep_loaded
+
+    p = plan(cfg)
+    storage = open_storage(cfg)
+    study = _study(cfg, p, storage, _seed_of(cfg, worker_index))
+    objective = _objective(cfg, p, cfg.trials)
+    callbacks = [_log_trial] + ([on_trial] if on_trial else [])
+    train_log = logging.getLogger("pipelines.train")
+    level = train_log.level
+    train_log.setLevel(logging.WARNING)  # one line per trial (the callback), not one per validation
+    with keep_loaded(), _restore_level(train_log, level):
+        while True:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fail_stale_trials(study)
+            finished, running = _count(study)
+            if finished >= cfg.trials:
+                return
+            if finished + running >= cfg.trials:  # others are running the last ones: wait, they may fail
+                time.sleep(min(2.0, cfg.heartbeat))
+                continue
+            study.optimize(objective, n_trials=1, catch=(_Surplus,), callbacks=callbacks, gc_after_trial=False)
+
+
+@contextmanager
+def _restore_level(logger: logging.Logger, level: int):
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _log_trial(study, trial) -> None:
+    if trial.user_attrs.get("skipped"):
+        return
+    value = trial.value if trial.value is not None else (
+        trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else float("nan"))
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    log.info("trial %d %s: val %.2f%% (%s)", trial.number, trial.state.name.lower(), value, params)
+
+
+def _worker_main(cfg_dict: dict[str, Any], worker_index: int, threads: int) -> None:
+    """Entry of a ``--jobs`` worker process."""
+    import torch
+
+    logging.basicConfig(level=logging.WARNING, format=f"[worker {worker_index}] %(levelname)s %(message)s")
+    torch.set_num_threads(threads)
+    run_worker(SweepConfig(**cfg_dict), worker_index)
+
+
+def prepare(cfg: SweepConfig) -> Plan:
+    """Steps 1-2: check everything, then create or join the study and record its settings."""
+    import optuna
+
+    p = plan(cfg)
+    out = Path(cfg.out)
+    db = Path(cfg.storage_url[len("sqlite:///"):]) if cfg.storage_url.startswith("sqlite:///") else None
+    if cfg.storage is None and db is not None and db.is_file() and not cfg.resume:
+        raise ConfigError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
+    if cfg.resume and db is not None and not db.is_file():
+        raise ConfigError(f"--resume: no study at {db}; start the sweep without --resume")
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(cfg)
+    study = optuna.create_study(study_name=cfg.study_name, storage=storage, direction="maximize", load_if_exists=True)
+    settings = json.loads(json.dumps(p.settings()))
+    old = study.user_attrs.get("mdmf_sweep")
+    if old is None:
+        study.set_user_attr("mdmf_sweep", settings)
+    elif old != settings:
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        raise ConfigError(f"study {cfg.study_name!r} was started with a different {', '.join(diff)}; "
+                          "run the same command line, or use another --study/--out")
+    out.mkdir(parents=True, exist_ok=True)
+    saved = {**asdict(cfg), "storage": _masked(cfg.storage) if cfg.storage else None}
+    (out / "sweep.json").write_text(json.dumps(saved, indent=2))
+    return p
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
+    """Run (or join, or resume) a sweep; returns :func:`summarize`'s result.
+
+    Raises:
+        ConfigError: bad options or space, an unreachable storage, a study started with other settings.
+        CacheError: the cache is missing or incomplete.
+    """
+    prepare(cfg)
+    bar = _progress(cfg) if progress else None
+    try:
+        if cfg.jobs == 1:
+            run_worker(cfg, 0, on_trial=(lambda study, trial: bar.refresh_from(study)) if bar else None)
+        else:
+            _run_processes(cfg, bar)
+    finally:
+        if bar:
+            bar.stop()
+    return summarize(cfg)
+
+
+def _run_processes(cfg: SweepConfig, bar) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # no fork of a process holding torch threads or DB connections
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    procs = [ctx.Process(target=_worker_main, args=(asdict(cfg), i, threads), daemon=False) for i in range(cfg.jobs)]
+    for proc in procs:
+        proc.start()
+    study = None
+    try:
+        while any(proc.is_alive() for proc in procs):
+            time.sleep(1.0)
+            if bar:
+                if study is None:
+                    import optuna
+
+                    study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg))
+                bar.refresh_from(study)
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        raise
+    finally:
+        for proc in procs:
+            proc.join()
+    failed = [i for i, proc in enumerate(procs) if proc.exitcode != 0]
+    if failed:
+        raise ConfigError(f"sweep worker(s) {', '.join(map(str, failed))} stopped with an error (see above); "
+                          "fix it and rerun with --resume")
+
+
+class _Bar:
+    def __init__(self, total: int):
+        from rich.progress import TextColumn
+
+        from pipelines.progress import make_progress
+
+        self.progress = make_progress("trials", TextColumn("best val {task.fields[best]:.1f}%"),
+                                      TextColumn("pruned {task.fields[pruned]}"))
+        self.task = self.progress.add_task("sweep", total=total, best=float("nan"), pruned=0)
+        self.progress.start()
+
+    def refresh_from(self, study) -> None:
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state.name == "COMPLETE"]
+        best = max((t.value for t in done), default=float("nan"))
+        self.progress.update(self.task, completed=sum(t.state.name in FINISHED for t in trials), best=best,
+                             pruned=sum(t.state.name == "PRUNED" for t in trials))
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _progress(cfg: SweepConfig) -> _Bar:
+    return _Bar(cfg.trials)
+
+
+# ----------------------------------------------------------------------------------------- summaries
+
+
+def trial_rows(study) -> list[dict[str, Any]]:
+    """One row per trial: number, state, value (best val %; a pruned trial's last), params, timing."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        value = t.value
+        if value is None and t.intermediate_values:
+            value = t.intermediate_values[max(t.intermediate_values)]
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        rows.append({
+            "number": t.number, "state": t.state.name, "value": value, "params": dict(t.params),
+            "episodes": max(t.intermediate_values) if t.intermediate_values else None,
+            "seconds": seconds, "train_s": t.user_attrs.get("train_s"), "worker": t.user_attrs.get("worker"),
+            "run": (t.user_attrs.get("config") or {}).get("out"), "note": t.user_attrs.get("skipped", ""),
+        })
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.4f}".rstrip("0").rstrip(".")
+    return "" if v is None else str(v)
+
+
+def write_tables(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+    """``trials.csv`` and ``trials.md``: every trial, best first among the complete ones."""
+    params = list(dict.fromkeys(k for r in rows for k in r["params"]))
+    cols = ["number", "state", "value", *params, "episodes", "seconds", "worker", "run", "note"]
+    order = sorted(rows, key=lambda r: (r["state"] != "COMPLETE", -(r["value"] if r["value"] is not None else -1e9), r["number"]))
+    flat = [{**{k: r.get(k) for k in cols if k not in params}, **{k: r["params"].get(k) for k in params}} for r in order]
+    with (out / "trials.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(flat)
+    head = ["trial", "state", "val %", *params, "episodes", "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in flat:
+        vals = [r["number"], r["state"], r["value"], *(r[k] for k in params), r["episodes"], r["seconds"]]
+        lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
+    (out / "trials.md").write_text("\n".join(lines) + "\n")
+    return out / "trials.csv", out / "trials.md"
+
+
+def summarize(cfg: SweepConfig, figures: bool = True) -> dict[str, Any]:
+    """Tables, ``best.json`` and figures of the study; returns the rows and the best trial."""
+    import optuna
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg, create=False))
+    rows = trial_rows(study)
+    write_tables(rows, out)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    result: dict[str, Any] = {"rows": rows, "out": str(out), "best": None, "figures": []}
+    if best is not None:
+        train_cfg = dict(best.user_attrs["config"])
+        train_cfg.update(out=f"runs/{cfg.study_name}_best", resume=False)
+        train_cfg["sweep"] = {"study": cfg.study_name, "trial": best.number, "val_acc": best.value,
+                              "params": dict(best.params), "run": best.user_attrs["config"]["out"]}
+        (out / "best.json").write_text(json.dumps(train_cfg, indent=2) + "\n")
+        result["best"] = train_cfg["sweep"]
+    if figures:
+        result["figures"] = sweep_figures(study, rows, out)
+    return result
+
+
+def sweep_figures(study, rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``history.png``, ``importances.png`` (>= 3 complete trials) and ``params.png``."""
+    from pipelines.plots import plot_history, plot_importances, plot_params, plot_safely
+
+    settings = study.user_attrs.get("mdmf_sweep", {})
+    scales = {name: ("categorical" if d["kind"] == "categorical" else "log" if d["log"] else "linear")
+              for name, d in settings.get("space", {}).items()}
+    name = study.study_name
+    paths = [plot_safely(plot_history, rows, out / "history.png", f"sweep {name}: val accuracy per trial")]
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    if len(complete) >= 3 and scales:
+        importances = plot_safely(_importances, study)
+        if importances:
+            paths.append(plot_safely(plot_importances, importances, out / "importances.png",
+                                     f"sweep {name}: what drives val accuracy ({len(complete)} complete trials)"))
+    if scales:
+        paths.append(plot_safely(plot_params, rows, scales, out / "params.png", f"sweep {name}: val accuracy per parameter"))
+    return [p for p in paths if p]
+
+
+def _importances(study) -> dict[str, float]:
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        imp = optuna.importance.get_param_importances(study)
+    return {k: float(v) for k, v in imp.items() if not math.isnan(v)}
+
+
+def load_sweep(path: Path | str, storage: str | None = None) -> SweepConfig:
+    """The SweepConfig saved in ``PATH/sweep.json`` (``storage`` replaces a saved URL, e.g. one with a password)."""
+    path = Path(path)
+    if not (path / "sweep.json").is_file():
+        raise ConfigError(f"{path} holds no sweep (no sweep.json); run 'mdmf-cache sweep CACHE --out {path}' first")
+    saved = json.loads((path / "sweep.json").read_text())
+    known = {f.name for f in dataclasses.fields(SweepConfig)}
+    cfg = SweepConfig(**{k: v for k, v in saved.items() if k in known})
+    cfg.out = str(path)
+    if storage:
+        cfg.storage = storage
+    elif cfg.storage and "***" in cfg.storage:
+        raise ConfigError(f"the study of {path} is on {cfg.storage}; pass --storage with the password")
+    return cfg
+
+
+__all__ = ["SweepConfig", "DEFAULT_SPACE", "sweep_options", "parse_fixed", "parse_space", "parse_space_text",
+           "run_sweep", "run_worker", "summarize", "load_sweep", "trial_rows"]
