@@ -201,7 +201,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_cache, tmp_path, c
 @pytest.mark.integration
 def test_sigkilled_worker_then_resume_ends_with_exactly_the_trials(tiny_cache, tmp_path):
     out = tmp_path / "killed"
-    slow = {**TRIAL, "episodes": 120, "val-every": 40}  # long enough to be killed between validations
+    slow = {**TRIAL, "episodes": 60, "val-every": 20}  # long enough to be killed between validations
     args = [str(tiny_cache), "--out", str(out), "--trials", "2", "--heartbeat", "1", "--no-prune",
             "--space", "lr=1e-4:1e-2:log", *_args(slow)]
     proc = subprocess.Popen(_worker_cmd(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -235,6 +235,8 @@ def test_sigkilled_worker_then_resume_ends_with_exactly_the_trials(tiny_cache, t
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retried) == 1 and retried[0].state.name == "COMPLETE"  # ...and resumed once, with its params
     assert retried[0].params == killed.params
+    others = [t for t in trials if t.state.name == "COMPLETE" and t is not retried[0]]
+    assert all(t.params != killed.params for t in others)  # the resumed sampler does not redraw old points
 
 
 # ---------------------------------------------------------------------------------------- PostgreSQL
@@ -263,9 +265,9 @@ def postgres_url():
     if not initdb or not pg_ctl:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; install postgresql to run this test")
     try:
-        import psycopg2  # noqa: F401
+        import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("psycopg2 is not installed (pip install psycopg2-binary)")
+        pytest.skip("the PostgreSQL driver psycopg is not installed (pip install 'psycopg[binary]')")
     as_user: list[str] = []
     base = Path(tempfile.mkdtemp(prefix="mdmf-pg-"))
     if os.geteuid() == 0:  # initdb and postgres refuse to run as root
@@ -299,7 +301,7 @@ def postgres_url():
 
 @pytest.mark.integration
 def test_two_workers_on_postgresql_run_disjoint_trials(tiny_cache, tmp_path, postgres_url):
-    trials = 5
+    trials = 4
     line = _worker_cmd(str(tiny_cache), "--study", "pg", "--storage", postgres_url, "--out", str(tmp_path / "pg"),
                        "--trials", str(trials), "--no-prune", "--space", "lr=1e-4:1e-2:log,lambda=0.1:2", *TRIAL_ARGS)
     procs = [subprocess.Popen(line, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
