@@ -160,12 +160,12 @@ def plot_ablation(rows: list[dict[str, Any]], path: Path, title: str = "") -> Pa
     axes = fig.subplots(1, 2 if paired else 1, squeeze=False)[0]
     names = [r["arm"] for r in rows]
     ax = axes[0]
-    ax.barh(range(len(rows)), [float(r["accuracy"]) for r in rows], xerr=[float(r["ci95"]) for r in rows],
-            color="C0", capsize=3)
+    # points with CI bars, not bars: the axis does not start at 0, and a truncated bar would mislead
+    ax.errorbar([float(r["accuracy"]) for r in rows], range(len(rows)), xerr=[float(r["ci95"]) for r in rows],
+                fmt="o", capsize=3, color="C0")
     ax.set_yticks(range(len(rows)), names, fontsize=8)
-    ax.invert_yaxis()
-    lo = min(float(r["accuracy"]) - float(r["ci95"]) for r in rows)
-    ax.set_xlim(max(0.0, lo - 5), min(100.0, max(float(r["accuracy"]) + float(r["ci95"]) for r in rows) + 3))
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.margins(x=0.1)
     ax.set_xlabel("test accuracy (%), 95% CI")
     ax.grid(axis="x", alpha=0.3)
     if paired:
@@ -177,6 +177,8 @@ def plot_ablation(rows: list[dict[str, Any]], path: Path, title: str = "") -> Pa
         ax2.set_yticks(range(len(rows)), names, fontsize=8)
         ax2.set_ylim(axes[0].get_ylim())
         ax2.axvline(0, color="k", lw=0.8)
+        lim = max(abs(d) + float(r["diff_ci95"]) for d, r in zip(diffs, paired)) * 1.15 or 1.0
+        ax2.set_xlim(-lim, lim)
         ax2.set_xlabel("arm - full (points), paired 95% CI")
         ax2.grid(axis="x", alpha=0.3)
     if title:
@@ -273,6 +275,14 @@ def params_size(num_params: int) -> tuple[float, float]:
     return (3.3 * min(3, max(1, num_params)), 2.9 * rows)
 
 
+def _ordered(values: set[Any]) -> list[Any]:
+    """Numbers in numeric order (8 before 16), anything else as text."""
+    try:
+        return sorted(values, key=float)
+    except (TypeError, ValueError):
+        return sorted(values, key=str)
+
+
 def plot_params(rows: list[dict[str, Any]], params: dict[str, str], path: Path, title: str = "") -> Path:
     """Val accuracy against each swept parameter, one panel each.
 
@@ -288,7 +298,7 @@ def plot_params(rows: list[dict[str, Any]], params: dict[str, str], path: Path, 
             pts = [(r["params"][name], r["value"]) for r in rows
                    if r["state"] == state and r.get("value") is not None and name in r["params"]]
             if params[name] == "categorical":
-                cats = sorted({str(r["params"][name]) for r in rows if name in r["params"]})
+                cats = [str(v) for v in _ordered({r["params"][name] for r in rows if name in r["params"]})]
                 xs = [cats.index(str(x)) for x, _ in pts]
                 ax.set_xticks(range(len(cats)), cats, fontsize=8)
             else:
