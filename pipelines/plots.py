@@ -42,6 +42,17 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str = "", legend: bool = True) -> None:
+    """Axis labels (with units), a light grid, the legend and a title."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if legend:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+
+
 def plot_safely(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call a figure function; log a warning instead of raising (figures are never worth a failed run)."""
     try:
@@ -63,19 +74,13 @@ def plot_train_curves(metrics: list[dict[str, Any]], path: Path, title: str = ""
         if any(key in m for m in metrics):
             ax_loss.plot(eps, [m.get(key, math.nan) for m in metrics], style, ms=3,
                          label={"loss": "total", "main": "classification", "distill": "distillation"}[key])
-    ax_loss.set_xlabel("training episodes")
-    ax_loss.set_ylabel("loss (mean since last validation)")
-    ax_loss.legend(fontsize=8)
-    ax_loss.grid(alpha=0.3)
+    _label(ax_loss, "training episodes", "loss (mean since last validation)")
     acc = [m["val_acc"] for m in metrics]
     ax_acc.plot(eps, acc, "-o", ms=3, color="C2", label="val accuracy")
     if acc:
         i = max(range(len(acc)), key=acc.__getitem__)
         ax_acc.plot([eps[i]], [acc[i]], "*", ms=12, color="C3", label=f"best {acc[i]:.1f}% (best.pt)")
-    ax_acc.set_xlabel("training episodes")
-    ax_acc.set_ylabel("val accuracy (%)")
-    ax_acc.legend(fontsize=8)
-    ax_acc.grid(alpha=0.3)
+    _label(ax_acc, "training episodes", "val accuracy (%)")
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
@@ -125,10 +130,7 @@ def plot_accuracy_vs_shot(shots: list[int], acc: list[float], ci: list[float], p
     ax = fig.subplots()
     ax.errorbar(shots, acc, yerr=ci, fmt="-o", capsize=4)
     ax.set_xticks(shots)
-    ax.set_xlabel("shots K (support videos per class)")
-    ax.set_ylabel("accuracy (%), 95% CI")
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    _label(ax, "shots K (support videos per class)", "accuracy (%), 95% CI", title, legend=False)
     return _save(fig, path)
 
 
@@ -194,11 +196,7 @@ def plot_lambda(lams: list[float], acc: list[float], ci: list[float], path: Path
     ax.errorbar([lams[i] for i in order], [acc[i] for i in order], yerr=[ci[i] for i in order], fmt="-o", capsize=4)
     best = max(order, key=acc.__getitem__)
     ax.plot([lams[best]], [acc[best]], "*", ms=12, color="C3", label=f"best: lambda = {lams[best]:g}")
-    ax.set_xlabel("distillation weight lambda")
-    ax.set_ylabel("test accuracy (%), 95% CI")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    _label(ax, "distillation weight lambda", "test accuracy (%), 95% CI", title)
     return _save(fig, path)
 
 
@@ -247,11 +245,7 @@ def plot_history(rows: list[dict[str, Any]], path: Path, title: str = "") -> Pat
         xs.append(r["number"])
         ys.append(best)
     ax.step(xs, ys, where="post", color="C3", label="best so far")
-    ax.set_xlabel("trial number")
-    ax.set_ylabel("best val accuracy of the trial (%)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    _label(ax, "trial number", "best val accuracy of the trial (%)", title)
     return _save(fig, path)
 
 
@@ -307,9 +301,7 @@ def plot_params(rows: list[dict[str, Any]], params: dict[str, str], path: Path, 
                     label="complete" if state == "COMPLETE" else "pruned")
         if params[name] == "log":
             ax.set_xscale("log")
-        ax.set_xlabel(name + (" (log scale)" if params[name] == "log" else ""))
-        ax.set_ylabel("val accuracy (%)")
-        ax.grid(alpha=0.3)
+        _label(ax, name + (" (log scale)" if params[name] == "log" else ""), "val accuracy (%)", legend=False)
     for ax in axes[len(names):]:
         ax.set_visible(False)
     if names:
