@@ -94,7 +94,8 @@ def train_curves(run: Path | str) -> Path | None:
     if not metrics:
         return None
     cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    title = f"{run.name}: {cfg.get('way', '?')}-way {cfg.get('shot', '?')}-shot, lr {cfg.get('lr', '?')}" if cfg else run.name
+    lr = f"{cfg['lr']:.3g}" if isinstance(cfg.get("lr"), (int, float)) else "?"
+    title = f"{run.name}: {cfg.get('way', '?')}-way {cfg.get('shot', '?')}-shot, lr {lr}" if cfg else run.name
     return plot_train_curves(metrics, run / "curves.png", title)
 
 
@@ -304,8 +305,9 @@ def plot_params(rows: list[dict[str, Any]], params: dict[str, str], path: Path, 
         _label(ax, name + (" (log scale)" if params[name] == "log" else ""), "val accuracy (%)", legend=False)
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    if names:
-        axes[0].legend(fontsize=7)
+    if names:  # one legend for all panels, under them, so it never hides a point
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
