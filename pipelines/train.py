@@ -211,11 +211,12 @@ def run_train(cfg: TrainConfig, progress: bool = True,
     finally:
         if bar:
             bar.stop()
+    res = {"best_val": best, "run": str(out), "episodes": done,
+           "episodes_per_s": run_eps / max(time.perf_counter() - t0, 1e-9)}
     from pipelines.plots import plot_safely, train_curves
 
-    plot_safely(train_curves, out)
-    return {"best_val": best, "run": str(out), "episodes": done,
-            "episodes_per_s": run_eps / max(time.perf_counter() - t0, 1e-9)}
+    plot_safely(train_curves, out)  # curves.png; a figure that cannot be drawn is only a warning
+    return res
 
 
 def load_config(path: Path | str) -> TrainConfig:
