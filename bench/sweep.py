@@ -101,6 +101,21 @@ def step_and_val_cost(cache: Path, fixed: dict, steps: int) -> tuple[float, floa
     return 1.0 / rate["episodes_per_s"], time.perf_counter() - t0
 
 
+def trial_rows_of(out: Path) -> list[dict[str, float]]:
+    """Per complete trial, in trial order: wall time, time in run_train, and its training loop's time."""
+    import optuna
+
+    study = optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+    rows = []
+    for t in sorted(study.get_trials(), key=lambda t: t.number):
+        if t.state.name != "COMPLETE":
+            continue
+        last = json.loads((Path(t.user_attrs["config"]["out"]) / "metrics.jsonl").read_text().splitlines()[-1])
+        rows.append({"trial_s": (t.datetime_complete - t.datetime_start).total_seconds(),
+                     "run_train_s": t.user_attrs["train_s"], "loop_s": last["episodes"] / last["episodes_per_s"]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/mdmf_bench_sweep", help="where the cache and the studies go")
@@ -138,15 +153,20 @@ def main(argv: list[str] | None = None) -> dict:
                         "trial_s": float(np.mean([r["seconds"] for r in done])),
                         "run_train_s": float(np.mean([r["train_s"] for r in done])),
                         "best_val": max(r["value"] for r in done)})
-    # one trial's parts, with the trials' settings, measured on their own in this process
-    torch.set_num_threads(torch.get_num_threads())
+    # one trial's parts. Inside the trial: its training loop (steps + validations) from its metrics.jsonl,
+    # the rest of run_train (loading, model, checkpoints, curves.png) and the storage around it. The loop is
+    # split into steps and validations by their cost ratio measured on their own, here, at the same time.
     s_per_ep, s_per_val = step_and_val_cost(cache, fixed, steps=max(3, min(20, args.episodes // 16)))
     n_val = -(-args.episodes // args.val_every)
+    val_frac = n_val * s_per_val / (n_val * s_per_val + args.episodes * s_per_ep)
     one = results[0]
-    train_s, val_s = args.episodes * s_per_ep, n_val * s_per_val
-    parts = {"training steps": train_s, "validations": val_s,
-             "set-up, checkpoints, figures": max(0.0, one["run_train_s"] - train_s - val_s),
-             "storage (Optuna, heartbeat)": one["trial_s"] - one["run_train_s"]}
+    rows = [r for r in trial_rows_of(work / f"sweep_jobs{one['jobs']}")]
+    first, rest = rows[0], rows[1:] or rows[:1]
+    mean = {k: float(np.mean([r[k] for r in rest])) for k in rest[0]}
+    parts = {"training steps": mean["loop_s"] * (1 - val_frac), "validations": mean["loop_s"] * val_frac,
+             "set-up, checkpoints, curves.png": mean["run_train_s"] - mean["loop_s"],
+             "storage (Optuna, heartbeat)": mean["trial_s"] - mean["run_train_s"]}
+    first_setup = first["run_train_s"] - first["loop_s"]
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else \
         f"cpu ({torch.get_num_threads()} threads)"
     print(f"sweep bench: {dev}, cache {cache.name}, {args.trials} trials x {args.episodes} episodes "
@@ -155,16 +175,20 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         print(f"{r['jobs']:>4}  {r['wall_s']:>7.1f}  {r['trials_per_hour']:>11.0f}  {r['trial_s']:>11.2f}  "
               f"{r['run_train_s']:>12.2f}")
-    print(f"one trial (--jobs {one['jobs']}), {one['trial_s']:.2f} s:")
+    print(f"a trial (--jobs {one['jobs']}, mean of trials 2-{len(rows)}), {mean['trial_s']:.2f} s:")
     for k, v in parts.items():
-        print(f"  {k:<30} {v:6.2f} s  {100 * v / one['trial_s']:5.1f}%")
-    outside = one["trial_s"] - train_s
-    print(f"  outside training steps: {outside:.2f} s per trial ({100 * outside / one['trial_s']:.1f}%)")
+        print(f"  {k:<32} {v:7.2f} s  {100 * v / mean['trial_s']:5.1f}%")
+    outside = mean["trial_s"] - parts["training steps"]
+    print(f"  outside training steps: {outside:.2f} s per trial ({100 * outside / mean['trial_s']:.1f}%); "
+          f"outside training and validation: {outside - parts['validations']:.2f} s")
+    print(f"  the first trial of a process also loads the cache and imports: set-up {first_setup:.2f} s")
     record = {"bench": "sweep", "device": dev, "cache": cache.name, "trials": args.trials, "episodes": args.episodes,
               "val_every": args.val_every, "val_episodes": args.val_episodes,
               "results": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in results],
               "trial_parts_s": {k: round(v, 3) for k, v in parts.items()},
-              "outside_training_s": round(outside, 3), "outside_training_frac": round(outside / one["trial_s"], 3)}
+              "outside_training_s": round(outside, 3), "outside_training_frac": round(outside / mean["trial_s"], 3),
+              "outside_training_and_val_s": round(outside - parts["validations"], 3),
+              "first_trial_setup_s": round(first_setup, 3)}
     if len(results) > 1:
         record["speedup_jobs"] = round(results[-1]["trials_per_hour"] / results[0]["trials_per_hour"], 3)
     print(json.dumps(record))
