@@ -111,7 +111,8 @@ class Plan:
 
     def settings(self) -> dict[str, Any]:
         """What must match for a worker to join the study."""
-        return {"space": {d.name: asdict(d) for d in self.dims}, "fixed": self.fixed, "cache": self.fingerprint}
+        fixed = {k: v for k, v in self.fixed.items() if k != "device"}  # machines may differ there
+        return {"space": {d.name: asdict(d) for d in self.dims}, "fixed": fixed, "cache": self.fingerprint}
 
 
 def plan(cfg: SweepConfig) -> Plan:
