@@ -77,9 +77,13 @@ def _int(text: str) -> int:
 
 def _option_of(name: str, targets: tuple[str, ...], default: Any, hint: Any, invert: bool = False) -> Option:
     choices = tuple(get_args(hint)) if get_origin(hint) is Literal else None
-    kind = type(default) if default is not None and default is not dataclasses.MISSING else str
     if choices:
-        kind = type(choices[0])
+        kind: type = type(choices[0])
+    elif default is not None and default is not dataclasses.MISSING:
+        kind = type(default)
+    else:  # no default to read it from, e.g. ``int | None = None``: the first plain type of the hint
+        plain = [a for a in (get_args(hint) or (hint,)) if a in (bool, int, float, str)]
+        kind = plain[0] if plain else str
     return Option(name, targets, kind, choices, invert)
 
 
