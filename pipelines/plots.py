@@ -237,7 +237,7 @@ def plot_history(rows: list[dict[str, Any]], path: Path, title: str = "") -> Pat
     ax = fig.subplots()
     done = [r for r in rows if r["state"] == "COMPLETE" and r.get("value") is not None]
     pruned = [r for r in rows if r["state"] == "PRUNED" and r.get("value") is not None]
-    ax.plot([r["number"] for r in done], [r["value"] for r in done], "o", color="C0", label="complete")
+    ax.plot([r["number"] for r in done], [r["value"] for r in done], "o", color="C0", label="complete (its best val)")
     ax.plot([r["number"] for r in pruned], [r["value"] for r in pruned], "x", color="C7",
             label="pruned (last val before stopping)")
     best, xs, ys = -math.inf, [], []
@@ -246,7 +246,7 @@ def plot_history(rows: list[dict[str, Any]], path: Path, title: str = "") -> Pat
         xs.append(r["number"])
         ys.append(best)
     ax.step(xs, ys, where="post", color="C3", label="best so far")
-    _label(ax, "trial number", "best val accuracy of the trial (%)", title)
+    _label(ax, "trial number", "val accuracy of the trial (%)", title)
     return _save(fig, path)
 
 
