@@ -16,8 +16,8 @@ from mdmf_cache.errors import ConfigError
 
 # TrainConfig fields that belong to the sweep, not to a trial.
 _NOT_OPTIONS = ("cache", "out", "heads", "resume")
-# Head fields fixed by the data (the cache's D and T).
-_NOT_HEAD_OPTIONS = ("dim", "num_frames")
+# Head fields fixed by the data (the cache's D and T), or set through a TrainConfig field (method).
+_NOT_HEAD_OPTIONS = ("dim", "num_frames", "method")
 # CLI names that differ from the field names, as in ``mdmf-cache train``.
 _ALIASES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "lambda": ("lam", ("heads.lam",), False),
