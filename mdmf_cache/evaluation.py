@@ -202,10 +202,7 @@ def evaluate_per_video(
             ctx = torch.cat([model.context(name, frames_v[i : i + seq]) for i in range(0, len(vids), seq)])  # (U, T, D)
             pv = torch.as_tensor(pair_video, device=dev)
             pk = torch.as_tensor(pair_key, device=dev)
-            tokened[name] = torch.cat([
-                model.fuse(name, frames_v[pv[i : i + seq]], ctx[pv[i : i + seq]], text_keys[pk[i : i + seq]])
-                for i in range(0, len(pv), seq)
-            ])  # (P, T+1, D)
+            tokened[name] = model.fuse_pairs(name, frames_v, ctx, text_keys, pv, pk)  # (P, T+1, D)
             if not model.query_has_token:
                 qv = torch.as_tensor(query_video, device=dev)
                 untokened[name] = torch.cat([
