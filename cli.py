@@ -86,7 +86,7 @@ def extract(
     prompt: Annotated[str, typer.Option(help="Prompt template.")] = "a photo of {}",
     clean_names: Annotated[bool, typer.Option(help="Underscores to spaces, drop [brackets] in class names.")] = False,
     decoder: Annotated[str, typer.Option(help="auto | decord | pyav | jpeg. auto picks a correct backend per container.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Decoder processes.")] = max(1, min(8, (os.cpu_count() or 2))),
+    workers: Annotated[int, typer.Option(help="Decoder processes (default: half the cores, at most 8; each also runs decord's decode thread).")] = max(1, min(8, (os.cpu_count() or 2) // 2)),
     batch_videos: Annotated[int, typer.Option(help="Videos per encoder batch.")] = 8,
     chunk_rows: Annotated[int, typer.Option(help="Videos per Zarr chunk (the unit a writer owns).")] = 64,
     device: str = "auto",
@@ -98,6 +98,9 @@ def extract(
     debug: DebugOpt = False,
 ) -> None:
     """Decode T frames per video, encode them with CLIP, and store them with the prompt embeddings."""
+    # Decoder processes share the cores with this one: its OpenMP threads must sleep, not spin, while
+    # they wait (bench/extract.py --omp-wait compare). Read when torch loads, so set before; yours wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _setup_logging(debug)
     from mdmf_cache.models.config import PRESET_DATA  # data-side switches of SPEC section 9 (no torch import)
     from pipelines.extract import ExtractConfig, distributed_env, run_extract
