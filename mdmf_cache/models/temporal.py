@@ -77,16 +77,20 @@ class EpisodeBatchNorm1d(nn.BatchNorm1d):
         self.num_batches_tracked.add_(e)
 
 
-@lru_cache(maxsize=256)
-def _taps_cpu(out_pos: tuple[int, ...], in_pos: tuple[int, ...], offsets: tuple[int, ...]) -> Tensor:
-    """``(P_out, k)`` rows of the zero-padded input each tap reads: 0 = the zero row, i + 1 = ``in_pos[i]``."""
-    where = {p: i + 1 for i, p in enumerate(in_pos)}
-    return torch.tensor([[where.get(p + o, 0) for o in offsets] for p in out_pos], dtype=torch.long)
-
-
+@lru_cache(maxsize=512)
 def _taps(out_pos: tuple[int, ...], in_pos: tuple[int, ...], offsets: tuple[int, ...], device: torch.device) -> Tensor:
-    index = _taps_cpu(out_pos, in_pos, offsets)
-    return index if device.type == "cpu" else index.to(device, non_blocking=True)
+    """``(P_out, k)`` rows of the zero-padded input each tap reads: 0 = the zero row, i + 1 = ``in_pos[i]``.
+
+    Cached per device, so a step copies no index to the GPU.
+    """
+    where = {p: i + 1 for i, p in enumerate(in_pos)}
+    return torch.tensor([[where.get(p + o, 0) for o in offsets] for p in out_pos], dtype=torch.long, device=device)
+
+
+@lru_cache(maxsize=512)
+def _rows(wanted: tuple[int, ...], have: tuple[int, ...], device: torch.device) -> Tensor:
+    """Index of positions ``wanted`` among the rows ``have`` (cached per device)."""
+    return _taps(wanted, have, (0,), device).reshape(-1) - 1
 
 
 def conv_as_matmul(x: Tensor, conv: nn.Conv1d, index: Tensor) -> Tensor:
@@ -192,7 +196,7 @@ class TemporalBlock(nn.Module):
         h = self.drop1(self.act(conv_as_matmul(x, self.conv1, _taps(mid, in_pos, self.offsets, x.device))))
         h = self.drop2(self.act(conv_as_matmul(h, self.conv2, _taps(out_pos, mid, self.offsets, x.device))))
         if out_pos != in_pos:
-            x = x[:, [in_pos.index(p) for p in out_pos]]  # the residual at the output positions
+            x = x.index_select(1, _rows(out_pos, in_pos, x.device))  # the residual at the output positions
         return self.act(h + x)
 
 
@@ -222,7 +226,7 @@ class TCN(nn.Module):
         for block in reversed(self.blocks):
             outs.append(block.needs(outs[-1])[0])
         outs.reverse()  # outs[0]: positions of x read; outs[i + 1]: block i's outputs
-        h = x[:, list(outs[0])] if len(outs[0]) < x.shape[1] else x
+        h = x if len(outs[0]) == x.shape[1] else x.index_select(1, _rows(outs[0], tuple(range(x.shape[1])), x.device))
         for i, block in enumerate(self.blocks):
             h = block(h, outs[i], outs[i + 1])
         return h
