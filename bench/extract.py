@@ -130,16 +130,20 @@ def encode_only(cfg, backbone, items: list[dict]) -> float:
 POLICIES = {"passive": "PASSIVE", "default": None}  # --omp-wait value -> OMP_WAIT_POLICY (None = unset)
 
 
+def workdir(args: argparse.Namespace) -> tuple[tempfile.TemporaryDirectory | None, Path]:
+    """``--workdir`` (created), or a temporary directory the caller cleans up."""
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_extract_")
+        return tmp, Path(tmp.name)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return None, args.workdir
+
+
 def compare_policies(argv: list[str], args: argparse.Namespace) -> dict:
     """Run this benchmark once per OpenMP wait policy, each in a fresh process, on the same videos."""
     import subprocess
 
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_extract_")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
+    tmp, work = workdir(args)
     rest, skip = [], False  # argv without --omp-wait and --workdir (and their values)
     for a in argv:
         if skip:
@@ -199,13 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipelines.extract import ExtractConfig, run_extract
 
     pretrained = None if args.pretrained.lower() in ("none", "") else args.pretrained
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_extract_")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
+    tmp, work = workdir(args)
     try:
         t0 = time.perf_counter()
         ids = make_videos(work / "videos", args.videos)
