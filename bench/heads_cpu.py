@@ -4,8 +4,7 @@ Measures, in one run, at width D (default 1024 = CLIP RN50), 5-way 5-shot, 5 tra
 class, T = 8, E = 16 episodes per step, paper preset, random features:
 
 * the matmul limit: GFLOP/s of the heads' own large GEMM shapes (the MMFE feed-forward and the
-  temporal convolutions' matmuls, each as forward, input-gradient and weight-gradient products),
-  timed before and after the training runs (the mean is used);
+  temporal convolutions' matmuls, each as forward, input-gradient and weight-gradient products);
 * the FLOPs of one training step (forward + backward, counted by ``torch.utils.flop_counter``);
 * ``train_eps_batched``: training episodes/s with the project's layers (``bench/train_fast.py``'s
   ``train_rate``), and the same with the channels-first ``Conv1d`` layers they replaced
@@ -13,10 +12,13 @@ class, T = 8, E = 16 episodes per step, paper preset, random features:
 * the limit in episodes/s (GFLOP/s / GFLOP per episode) and the fraction of it reached;
 * forward + backward seconds of each temporal extractor alone, old and new, at the training batch.
 
+The measurements run in rounds (limit, new layers, old layers), and the best of the rounds is kept
+for each, so that on a shared machine all of them are compared under the same (best) load.
+
 Goal (issue 12): training at D = 1024 on a CPU >= 0.85 of the measured matmul limit.
 
     python bench/heads_cpu.py                          # D=1024, all threads
-    python bench/heads_cpu.py --threads 1 --steps 2    # one core
+    python bench/heads_cpu.py --threads 1 --rounds 3   # one core
     python bench/heads_cpu.py --dim 64 --steps 20      # the demo's width
 
 Prints a table and one JSON line (``{"bench": "heads_cpu", ...}``).
@@ -49,7 +51,7 @@ from reference_temporal import RefGTCE, RefLTCE  # noqa: E402
 from train_fast import synthetic_split, train_rate  # noqa: E402
 
 
-def matmul_limit(m: int, dim: int, ffn: int, m_conv: int, kernel: int, repeats: int) -> float:
+def matmul_limit(m: int, dim: int, ffn: int, m_conv: int, kernel: int, repeats: int = 1) -> float:
     """Best-of-``repeats`` GFLOP/s over the heads' GEMM shapes (forward, grad-input, grad-weight)."""
     g = torch.Generator().manual_seed(0)
     shapes = [(m, dim, ffn), (m, ffn, dim), (m_conv, kernel * dim, dim)]  # (rows, in, out) of F.linear
@@ -93,16 +95,14 @@ def step_gflop_per_episode(model, split, sampler, args) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
-def extractor_seconds(extractor, batch: int, frames: int, dim: int, episodes: int, repeats: int) -> float:
-    """Best forward + backward seconds of one extractor on ``(batch, T, D)``."""
+def extractor_seconds(extractor, batch: int, frames: int, dim: int, episodes: int) -> float:
+    """Forward + backward seconds of one extractor on ``(batch, T, D)`` (after a warm-up pass)."""
     x = torch.randn(batch, frames, dim, requires_grad=True)
     extractor.train()
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first is a warm-up
-        t0 = time.perf_counter()
-        extractor(x, episodes).sum().backward()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    extractor(x, episodes).sum().backward()
+    t0 = time.perf_counter()
+    extractor(x, episodes).sum().backward()
+    return time.perf_counter() - t0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,8 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--episodes-per-step", type=int, default=16)
-    p.add_argument("--steps", type=int, default=2, help="timed optimiser steps per variant (after 1 warm-up)")
-    p.add_argument("--repeats", type=int, default=3, help="repeats of the matmul and extractor timings (best kept)")
+    p.add_argument("--steps", type=int, default=1, help="timed optimiser steps per variant and round (after 1 warm-up)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of (matmul limit, new layers, old layers); the best of the rounds is kept")
     p.add_argument("--preset", default="paper")
     p.add_argument("--way", type=int, default=5)
     p.add_argument("--shot", type=int, default=5)
@@ -143,23 +144,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     probe = fresh()
     ffn = probe.cfg.ffn_dim
-    limit_args = (e * videos * (t + 1), d, ffn, e * videos * t, probe.cfg.tcn_kernel, args.repeats)
+    limit_args = (e * videos * (t + 1), d, ffn, e * videos * t, probe.cfg.tcn_kernel, 1)
     load_before = os.getloadavg()[0]
-    gflops_before = matmul_limit(*limit_args)
 
-    rng = lambda: np.random.default_rng([args.seed, 0])  # noqa: E731
     variants = ["new"] if args.skip_old else ["new", "old"]
-    res: dict[str, dict] = {}
-    for name in variants:
-        model = fresh(name == "old")
-        gflop = step_gflop_per_episode(model, split, sampler, args)
-        rate = train_rate(model, split, sampler, args, rng(), e, args.steps, device)
-        ltce = extractor_seconds(model.views["ltc"].extractor, e * videos, t, d, e, args.repeats)
-        gtce = extractor_seconds(model.views["gtc"].extractor, e * videos, t, d, e, args.repeats)
-        res[name] = {"gflop_per_episode": gflop, "eps": rate["episodes_per_s"], "ltce_s": ltce, "gtce_s": gtce}
-    gflops_after = matmul_limit(*limit_args)
+    models = {name: fresh(name == "old") for name in variants}
+    res: dict[str, dict] = {
+        name: {"gflop_per_episode": step_gflop_per_episode(m, split, sampler, args), "eps": 0.0,
+               "ltce_s": float("inf"), "gtce_s": float("inf")}
+        for name, m in models.items()
+    }
+    # Rounds interleave the matmul limit and both layer sets, and the best of the rounds is kept for
+    # each: on a shared machine load comes and goes, and this compares them under the same load.
+    gflops_rounds = []
+    for r in range(args.rounds):
+        gflops_rounds.append(matmul_limit(*limit_args))
+        for name, model in models.items():
+            rate = train_rate(model, split, sampler, args, np.random.default_rng([args.seed, r]), e, args.steps, device)
+            out = res[name]
+            out["eps"] = max(out["eps"], rate["episodes_per_s"])
+            out["ltce_s"] = min(out["ltce_s"], extractor_seconds(model.views["ltc"].extractor, e * videos, t, d, e))
+            out["gtce_s"] = min(out["gtce_s"], extractor_seconds(model.views["gtc"].extractor, e * videos, t, d, e))
+    gflops_rounds.append(matmul_limit(*limit_args))
     load_after = os.getloadavg()[0]
-    gflops = (gflops_before + gflops_after) / 2
+    gflops = max(gflops_rounds)
     for r in res.values():
         r["limit_eps"] = gflops / r["gflop_per_episode"]
         r["of_limit"] = r["eps"] / r["limit_eps"]
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"heads_cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} torch threads, "
           f"torch {torch.__version__}, preset {args.preset}, D={d}, T={t}, {n}-way {args.shot}-shot, "
           f"{args.train_queries} queries/class, E={e}; load average {load_before:.1f} -> {load_after:.1f}")
-    print(f"matmul limit: {gflops_before:.1f} GFLOP/s before, {gflops_after:.1f} after (mean {gflops:.1f})")
+    print(f"matmul limit: {' '.join(f'{g:.1f}' for g in gflops_rounds)} GFLOP/s per round (best {gflops:.1f})")
     print(f"{'layers':8s} {'GFLOP/ep':>9s} {'eps/s':>7s} {'limit eps/s':>12s} {'of limit':>9s} "
           f"{'LTCE f+b s':>11s} {'GTCE f+b s':>11s}")
     for name, r in res.items():
@@ -179,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "preset": args.preset, "dim": d, "frames": t, "way": n, "shot": args.shot,
         "train_queries": args.train_queries, "episodes_per_step": e, "steps": args.steps,
         "load_avg": [round(load_before, 2), round(load_after, 2)],
-        "matmul_gflops": [round(gflops_before, 1), round(gflops_after, 1)],
+        "matmul_gflops": round(gflops, 1), "matmul_gflops_rounds": [round(g, 1) for g in gflops_rounds],
         "train_eps_batched": round(res["new"]["eps"], 3),
         "limit_eps": round(res["new"]["limit_eps"], 3),
         "of_limit": round(res["new"]["of_limit"], 3), "goal": 0.85,
