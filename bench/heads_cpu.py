@@ -10,15 +10,20 @@ class, T = 8, E = 16 episodes per step, paper preset, random features:
   ``train_rate``), and the same with the channels-first ``Conv1d`` layers they replaced
   (``tests/reference_temporal.py``, same parameters);
 * the limit in episodes/s (GFLOP/s / GFLOP per episode) and the fraction of it reached;
-* forward + backward seconds of each temporal extractor alone, old and new, at the training batch.
+* forward + backward seconds of each temporal extractor alone, old and new, at the training batch;
+* eval-mode forward episodes/s (no gradients) of the same E episodes, old and new.
 
 The measurements run in rounds (limit, new layers, old layers), and the best of the rounds is kept
 for each, so that on a shared machine all of them are compared under the same (best) load.
 
 Goal (issue 12): training at D = 1024 on a CPU >= 0.85 of the measured matmul limit.
 
-    python bench/heads_cpu.py                          # D=1024, all threads
-    python bench/heads_cpu.py --threads 1 --rounds 3   # one core
+By default one thread and its CPU time are measured: on a machine shared with other jobs, elapsed
+time mostly measures the others, while the CPU time of a single-threaded process is the time it
+actually ran (with more threads it would include OpenMP's spinning).
+
+    python bench/heads_cpu.py                                   # D=1024, 1 thread, CPU time
+    python bench/heads_cpu.py --threads 0 --clock wall          # all cores, elapsed time (a quiet machine)
     python bench/heads_cpu.py --dim 64 --steps 20      # the demo's width
 
 Prints a table and one JSON line (``{"bench": "heads_cpu", ...}``).
@@ -105,11 +110,29 @@ def extractor_seconds(extractor, batch: int, frames: int, dim: int, episodes: in
     return time.perf_counter() - t0
 
 
+def eval_rate(model, split, sampler, args) -> float:
+    """Episodes/s of one eval-mode forward over E training-shaped episodes (after a warm-up)."""
+    e = args.episodes_per_step
+    ep = sampler.sample(e, args.way, args.shot, args.train_queries, np.random.default_rng(2), random_view=True)
+    support, query, text, _ = gather(split.features, split.text, ep)
+    model.eval()
+    with torch.no_grad():
+        model(support, query, text)
+        t0 = time.perf_counter()
+        model(support, query, text)
+        seconds = time.perf_counter() - t0
+    model.train()
+    return e / seconds
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="cpu: this process's CPU time (with --threads 1, the time it ran, not the time it "
+                        "waited for a core on a shared machine); wall: elapsed time")
     p.add_argument("--episodes-per-step", type=int, default=16)
     p.add_argument("--steps", type=int, default=1, help="timed optimiser steps per variant and round (after 1 warm-up)")
     p.add_argument("--rounds", type=int, default=2,
@@ -128,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.clock == "cpu":  # every timing here and in train_fast.train_rate reads time.perf_counter
+        time.perf_counter = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -151,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     models = {name: fresh(name == "old") for name in variants}
     res: dict[str, dict] = {
         name: {"gflop_per_episode": step_gflop_per_episode(m, split, sampler, args), "eps": 0.0,
-               "ltce_s": float("inf"), "gtce_s": float("inf")}
+               "ltce_s": float("inf"), "gtce_s": float("inf"), "eval_eps": 0.0}
         for name, m in models.items()
     }
     # Rounds interleave the matmul limit and both layer sets, and the best of the rounds is kept for
@@ -164,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
             out = res[name]
             out["eps"] = max(out["eps"], rate["episodes_per_s"])
             out["ltce_s"] = min(out["ltce_s"], extractor_seconds(model.views["ltc"].extractor, e * videos, t, d, e))
+            out["eval_eps"] = max(out["eval_eps"], eval_rate(model, split, sampler, args))
             out["gtce_s"] = min(out["gtce_s"], extractor_seconds(model.views["gtc"].extractor, e * videos, t, d, e))
     gflops_rounds.append(matmul_limit(*limit_args))
     load_after = os.getloadavg()[0]
@@ -175,15 +201,16 @@ def main(argv: list[str] | None = None) -> dict:
     threads = torch.get_num_threads()
     print(f"heads_cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} torch threads, "
           f"torch {torch.__version__}, preset {args.preset}, D={d}, T={t}, {n}-way {args.shot}-shot, "
-          f"{args.train_queries} queries/class, E={e}; load average {load_before:.1f} -> {load_after:.1f}")
+          f"{args.train_queries} queries/class, E={e}; {args.clock} clock; load average {load_before:.1f} -> "
+          f"{load_after:.1f}")
     print(f"matmul limit: {' '.join(f'{g:.1f}' for g in gflops_rounds)} GFLOP/s per round (best {gflops:.1f})")
-    print(f"{'layers':8s} {'GFLOP/ep':>9s} {'eps/s':>7s} {'limit eps/s':>12s} {'of limit':>9s} "
-          f"{'LTCE f+b s':>11s} {'GTCE f+b s':>11s}")
+    print(f"{'layers':8s} {'GFLOP/ep':>9s} {'train eps/s':>12s} {'limit eps/s':>12s} {'of limit':>9s} "
+          f"{'LTCE f+b s':>11s} {'GTCE f+b s':>11s} {'eval eps/s':>11s}")
     for name, r in res.items():
-        print(f"{name:8s} {r['gflop_per_episode']:9.2f} {r['eps']:7.3f} {r['limit_eps']:12.3f} {r['of_limit']:9.3f} "
-              f"{r['ltce_s']:11.3f} {r['gtce_s']:11.3f}")
+        print(f"{name:8s} {r['gflop_per_episode']:9.2f} {r['eps']:12.3f} {r['limit_eps']:12.3f} {r['of_limit']:9.3f} "
+              f"{r['ltce_s']:11.3f} {r['gtce_s']:11.3f} {r['eval_eps']:11.2f}")
     record = {
-        "bench": "heads_cpu", "cpu_cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+        "bench": "heads_cpu", "cpu_cores": os.cpu_count(), "threads": threads, "clock": args.clock, "torch": torch.__version__,
         "preset": args.preset, "dim": d, "frames": t, "way": n, "shot": args.shot,
         "train_queries": args.train_queries, "episodes_per_step": e, "steps": args.steps,
         "load_avg": [round(load_before, 2), round(load_after, 2)],
@@ -193,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         "of_limit": round(res["new"]["of_limit"], 3), "goal": 0.85,
         "gflop_per_episode": round(res["new"]["gflop_per_episode"], 2),
         "ltce_fb_s": round(res["new"]["ltce_s"], 3), "gtce_fb_s": round(res["new"]["gtce_s"], 3),
+        "eval_fwd_eps": round(res["new"]["eval_eps"], 2),
     }
     if "old" in res:
         old = res["old"]
@@ -201,8 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
             "old_gflop_per_episode": round(old["gflop_per_episode"], 2),
             "speedup": round(res["new"]["eps"] / old["eps"], 3),
             "old_ltce_fb_s": round(old["ltce_s"], 3), "old_gtce_fb_s": round(old["gtce_s"], 3),
+            "old_eval_fwd_eps": round(old["eval_eps"], 2),
+            "eval_speedup": round(res["new"]["eval_eps"] / old["eval_eps"], 3),
         })
-        print(f"speed-up new / old: {record['speedup']:.2f}x")
+        print(f"speed-up new / old: training {record['speedup']:.2f}x, eval forward {record['eval_speedup']:.2f}x")
     print(json.dumps(record))
     return record
 
