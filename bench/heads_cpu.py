@@ -11,7 +11,9 @@ class, T = 8, E = 16 episodes per step, paper preset, random features:
   (``tests/reference_temporal.py``, same parameters);
 * the limit in episodes/s (GFLOP/s / GFLOP per episode) and the fraction of it reached;
 * forward + backward seconds of each temporal extractor alone, old and new, at the training batch;
-* eval-mode forward episodes/s (no gradients) of the same E episodes, old and new.
+* eval-mode forward episodes/s (no gradients) of the same E episodes, old and new;
+* the same for ``old-ltce``: the old Conv1d LTCE with the new pruned GTCE (oneDNN's conv1d can beat
+  the BLAS matmul on some CPUs).
 
 The measurements run in rounds (limit, new layers, old layers), and the best of the rounds is kept
 for each, so that on a shared machine all of them are compared under the same (best) load.
@@ -76,13 +78,13 @@ def matmul_limit(m: int, dim: int, ffn: int, m_conv: int, kernel: int, repeats: 
     return best
 
 
-def with_old_layers(model: torch.nn.Module) -> torch.nn.Module:
-    """The model with its extractors replaced by the channels-first Conv1d layers (same weights)."""
+def with_old_layers(model: torch.nn.Module, gtce: bool = True) -> torch.nn.Module:
+    """The model with its extractors (or only its LTCE) replaced by the channels-first Conv1d layers."""
     cfg = model.cfg
     state = model.state_dict()
     if "ltc" in model.views:
         model.views["ltc"].extractor = RefLTCE(cfg.dim, norm=cfg.ltce == "bn")
-    if "gtc" in model.views:
+    if "gtc" in model.views and gtce:
         model.views["gtc"].extractor = RefGTCE(cfg.dim, cfg.tcn_levels, cfg.tcn_kernel, cfg.tcn_dropout)
     model.load_state_dict(state)
     return model
@@ -136,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--episodes-per-step", type=int, default=16)
     p.add_argument("--steps", type=int, default=1, help="timed optimiser steps per variant and round (after 1 warm-up)")
     p.add_argument("--rounds", type=int, default=2,
-                   help="rounds of (matmul limit, new layers, old layers); the best of the rounds is kept")
+                   help="rounds of (matmul limit, each layer set); the best of the rounds is kept")
     p.add_argument("--preset", default="paper")
     p.add_argument("--way", type=int, default=5)
     p.add_argument("--shot", type=int, default=5)
@@ -145,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--videos-per-class", type=int, default=100)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-old", action="store_true", help="do not time the old layers")
+    p.add_argument("--skip-old", action="store_true", help="time only the project's layers")
     return p.parse_args(argv)
 
 
@@ -162,18 +164,18 @@ def main(argv: list[str] | None = None) -> dict:
     sampler = EpisodeSampler(split.labels.numpy(), split.num_classes, views=1)
     sampler.check(args.way, args.shot, args.train_queries)
 
-    def fresh(old: bool = False):
+    def fresh(variant: str = "new"):
         torch.manual_seed(args.seed)
         model = build_model(args.preset, d, t, {})
-        return with_old_layers(model) if old else model
+        return model if variant == "new" else with_old_layers(model, gtce=variant == "old")
 
     probe = fresh()
     ffn = probe.cfg.ffn_dim
     limit_args = (e * videos * (t + 1), d, ffn, e * videos * t, probe.cfg.tcn_kernel, 1)
     load_before = os.getloadavg()[0]
 
-    variants = ["new"] if args.skip_old else ["new", "old"]
-    models = {name: fresh(name == "old") for name in variants}
+    variants = ["new"] if args.skip_old else ["new", "old", "old-ltce"]
+    models = {name: fresh(name) for name in variants}
     res: dict[str, dict] = {
         name: {"gflop_per_episode": step_gflop_per_episode(m, split, sampler, args), "eps": 0.0,
                "ltce_s": float("inf"), "gtce_s": float("inf"), "eval_eps": 0.0}
@@ -232,6 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
             "old_eval_fwd_eps": round(old["eval_eps"], 2),
             "eval_speedup": round(res["new"]["eval_eps"] / old["eval_eps"], 3),
         })
+        hybrid = res["old-ltce"]
+        record.update({"oldltce_train_eps_batched": round(hybrid["eps"], 3),
+                       "oldltce_eval_fwd_eps": round(hybrid["eval_eps"], 2)})
         print(f"speed-up new / old: training {record['speedup']:.2f}x, eval forward {record['eval_speedup']:.2f}x")
     print(json.dumps(record))
     return record
