@@ -4,8 +4,9 @@ Everything runs in the ``(B, T, D)`` layout of the features. A ``Conv1d(D, D, k)
 one matmul: the k input positions each output position reads are gathered into a ``(B, T', k*D)``
 unfolding (zeros where the kernel reaches past the ends) and multiplied by the ``(D, k*D)`` view of
 the convolution's weight. The parameters stay ``nn.Conv1d`` modules (weight-normed in the TCN), so
-state dicts are those of the channels-first layers; on a CPU the matmul runs at the BLAS's speed,
-where ``conv1d`` over T = 8 ran at about half of it.
+state dicts are those of the channels-first layers. The matmul runs at the BLAS's speed on any
+device; note that on the AMD dev CPU oneDNN's ``conv1d`` (k = 3, T = 8) was faster still, so there
+the gain comes from the pruned GTCE (``bench/heads_cpu.py`` times both).
 
 The GTCE only uses the TCN's last time step, so :meth:`TCN.last` computes, block by block, only the
 positions the next block reads: 21 of the 48 convolution positions at T = 8, kernel 3, dilations
