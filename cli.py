@@ -93,7 +93,7 @@ def extract(
     prompt: Annotated[str, typer.Option(help="Prompt template.")] = "a photo of {}",
     clean_names: Annotated[bool, typer.Option(help="Clean class names for prompts: split CamelCase, underscores to spaces, drop \\[brackets].")] = False,
     decoder: Annotated[str, typer.Option(help="auto | decord | pyav | jpeg. auto picks a correct backend per container.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Decoder processes.")] = max(1, min(8, (os.cpu_count() or 2))),
+    workers: Annotated[int, typer.Option(help="Decoder processes (default: half the cores, at most 8; each also runs decord's decode thread).")] = max(1, min(8, (os.cpu_count() or 2) // 2)),
     batch_videos: Annotated[int, typer.Option(help="Videos per encoder batch.")] = 8,
     chunk_rows: Annotated[int, typer.Option(help="Videos per Zarr chunk (the unit a writer owns).")] = 64,
     device: str = "auto",
@@ -105,6 +105,9 @@ def extract(
     debug: DebugOpt = False,
 ) -> None:
     """Decode T frames per video, encode them with CLIP, and store them with the prompt embeddings."""
+    # Decoder processes share the cores with this one: its OpenMP threads must sleep, not spin, while
+    # they wait (bench/extract.py --omp-wait compare). Read when torch loads, so set before; yours wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _setup_logging(debug)
     _on_interrupt("the videos finished so far are in the cache; rerun the same command to extract the rest")
     from mdmf_cache.models.config import PRESET_DATA  # data-side switches of SPEC section 9 (no torch import)
