@@ -196,9 +196,9 @@ def evaluate_per_video(
     vids = torch.as_tensor(video_rows, device=dev)
     tokened: dict[str, Tensor] = {}
     untokened: dict[str, Tensor] = {}
+    frames_v = feats[vids, 0].float()  # (U, T, D)
     with heads_autocast(dev):
         for name in model.views:
-            frames_v = feats[vids, 0].float()  # (U, T, D)
             ctx = torch.cat([model.context(name, frames_v[i : i + seq]) for i in range(0, len(vids), seq)])  # (U, T, D)
             pv = torch.as_tensor(pair_video, device=dev)
             pk = torch.as_tensor(pair_key, device=dev)
