@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import MdmfError
 
-__all__ = ["DiskFullError", "atomic_write_file", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+__all__ = ["DiskFullError", "raise_if_disk_full", "atomic_write_file", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
 
 _LOW_SPACE = 64 << 20  # below this much free space a failed write is reported as a full disk
 
@@ -40,6 +40,11 @@ def _raise_if_disk_full(path: Path, err: BaseException) -> None:
             f"disk full while writing {path} ({free / 1e6:.0f} MB free on its file system); free some space "
             "and rerun the same command (finished work is kept)"
         ) from err
+
+
+def raise_if_disk_full(path: Path | str, err: BaseException) -> None:
+    """Raise :class:`DiskFullError` naming ``path`` and the free space if ``err`` came from a full disk."""
+    _raise_if_disk_full(Path(path), err)
 
 
 def _replace(tmp: Path, path: Path, write) -> None:

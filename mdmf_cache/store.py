@@ -494,6 +494,12 @@ class CacheStore:
         """Rows [0, n) of an array read chunk by chunk; an unreadable chunk is recorded (its rows read
         as the fill value). ``on_chunk(lo, hi, rel, exists, block)`` sees each chunk; with it nothing is kept."""
         arr = self.root[split][name]
+        if on_chunk is None:  # the fast path: one read; chunk by chunk only to find an unreadable one
+            try:
+                whole = np.asarray(arr[:n])
+                return whole.astype(object) if whole.dtype.kind in "OUT" else whole
+            except Exception:
+                pass
         parts = []
         for lo, hi, rel, exists in self._chunk_files(split, name, n):
             block = None

@@ -33,6 +33,7 @@ import numpy as np
 from mdmf_cache.datasets import (DATASETS, SPLITS, Split, VideoIndex, clean_class_name, diagnose_missing,
                                  load_splits, resolve_paths)
 from mdmf_cache.errors import CacheError, ConfigError, DatasetError, MdmfError, VideoReadError
+from mdmf_cache.fileio import raise_if_disk_full
 from mdmf_cache.store import CacheStore, group_name
 
 log = logging.getLogger(__name__)
@@ -238,19 +239,22 @@ class ChunkWriter:
     def flush(self) -> None:
         if self.buf:
             rows = np.array([r["row"] for r in self.buf])
-            self.store.write_rows(
-                self.split,
-                rows,
-                {
-                    "features": np.stack([r["features"] for r in self.buf]),
-                    "frame_indices": np.stack([r["indices"] for r in self.buf]),
-                    "num_frames": np.array([r["num_frames"] for r in self.buf], dtype=np.int32),
-                    "failed": np.array([r["error"] != "" for r in self.buf]),
-                    "errors": np.array([r["error"] for r in self.buf], dtype=object).astype(str),
-                },
-            )
+            try:
+                self._write(rows)
+            except (OSError, RuntimeError) as err:  # a full disk: say where and how much is free
+                raise_if_disk_full(self.store.path / self.split, err)
+                raise
             self.buf = []
         self.last = time.monotonic()
+
+    def _write(self, rows: np.ndarray) -> None:
+        self.store.write_rows(self.split, rows, {
+            "features": np.stack([r["features"] for r in self.buf]),
+            "frame_indices": np.stack([r["indices"] for r in self.buf]),
+            "num_frames": np.array([r["num_frames"] for r in self.buf], dtype=np.int32),
+            "failed": np.array([r["error"] != "" for r in self.buf]),
+            "errors": np.array([r["error"] for r in self.buf], dtype=object).astype(str),
+        })
 
 
 @dataclass

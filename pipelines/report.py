@@ -32,9 +32,10 @@ def print_extract_summary(path: Path, results) -> None:
         if r.retried:
             console.print(f"{r.split}: retried {r.retried} videos that had failed: {r.retried - r.still_failing} "
                           f"decode now, {r.still_failing} still failing")
-        if r.repaired or r.damage:
-            console.print(f"[yellow]{r.split}: repaired damage[/] ({r.damage[0]}{' and more' if len(r.damage) > 1 else ''}): "
-                          f"{r.repaired} rows extracted again", soft_wrap=True)
+        if r.damage:
+            redo = f"{r.repaired} rows extracted again" if r.repaired else "no row needed extracting again"
+            console.print(f"[yellow]{r.split}: repaired {len(r.damage)} damaged parts[/] (e.g. {r.damage[0]}): {redo}",
+                          soft_wrap=True)
         if r.text and r.text != "new":
             console.print(f"{r.split}: {r.text}: text embeddings recomputed, frame features unchanged")
     failures = [f for r in results for f in r.failures]

@@ -358,3 +358,19 @@ def test_export_refuses_unsafe_outputs_and_never_leaves_half_a_file(tiny_cache, 
     with caplog.at_level(logging.WARNING):
         export_h5(cache, tmp_path / "partial.h5")
     assert "not complete (val: 4 videos not extracted)" in caplog.text
+
+
+def test_full_disk_while_writing_rows_is_named(tiny_cache, action_videos, tiny_extract_settings, tmp_path, monkeypatch):
+    import errno
+
+    from mdmf_cache.fileio import DiskFullError
+
+    cache = _copy(tiny_cache, tmp_path)
+    (cache / "test/done/c/1").unlink()  # rows 4-7 to redo
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CacheStore, "write_rows", full)
+    with pytest.raises(DiskFullError, match=rf"disk full while writing {cache / 'test'} \(\d+ MB free"):
+        _rerun(tiny_extract_settings, action_videos, cache)
