@@ -493,7 +493,12 @@ def extract_lock(path: Path):
 
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(path.name + ".lock")
-    with open(lock, "a+") as f:
+    try:
+        f = open(lock, "a+")
+    except OSError as e:
+        raise CacheError(f"cannot write {lock} ({e.strerror}): extract needs write access to {path.parent}; "
+                         "a read-only cache can still be read by train, eval and export") from e
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

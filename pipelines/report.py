@@ -120,9 +120,11 @@ def print_verify(path: Path) -> list:
     pending = {s: int((~store.done_mask(s) & store.present_mask(s)).sum()) for s in store.splits}
     console.print(f"{path}: no damage ({', '.join(f'{s} {n} rows' for s, n in rows.items())}; every chunk read "
                   f"in {seconds:.1f} s)", soft_wrap=True)
-    if any(pending.values()):
-        console.print(f"[yellow]not complete[/]: {', '.join(f'{s}: {k} videos' for s, k in pending.items() if k)} not "
-                      "extracted yet; rerun the extract command to finish")
+    no_text = [s for s in store.splits if store.prompts(s) is None]
+    if any(pending.values()) or no_text:
+        todo = [f"{s}: {k} videos not extracted yet" for s, k in pending.items() if k]
+        todo += [f"{s}: no text embeddings yet" for s in no_text]
+        console.print(f"[yellow]not complete[/]: {'; '.join(todo)}; rerun the extract command to finish")
     return damages
 
 

@@ -374,3 +374,12 @@ def test_full_disk_while_writing_rows_is_named(tiny_cache, action_videos, tiny_e
     monkeypatch.setattr(CacheStore, "write_rows", full)
     with pytest.raises(DiskFullError, match=rf"disk full while writing {cache / 'test'} \(\d+ MB free"):
         _rerun(tiny_extract_settings, action_videos, cache)
+
+
+def test_verify_says_unfinished_is_not_damaged(tiny_cache, tmp_path):
+    cache = _copy(tiny_cache, tmp_path)
+    (cache / "val/done/c/1").unlink()  # rows 4-7 no longer finished: pending, not damage
+    res = _cli("verify", str(cache))
+    out = " ".join(res.stdout.split())
+    assert res.returncode == 0, res.stderr
+    assert "no damage" in out and "not complete: val: 4 videos not extracted yet" in out
