@@ -491,8 +491,9 @@ class CacheStore:
 
     def _read_checked(self, split: str, name: str, n: int, damages: list[Damage], fix: str = "chunk",
                       on_chunk=None) -> np.ndarray | None:
-        """Rows [0, n) of an array read chunk by chunk; an unreadable chunk is recorded (its rows read
-        as the fill value). ``on_chunk(lo, hi, rel, exists, block)`` sees each chunk; with it nothing is kept."""
+        """Rows [0, n) of an array: one read, or chunk by chunk if that fails, recording each unreadable
+        chunk (its rows read as the fill value). With ``on_chunk(lo, hi, rel, exists, block)`` every chunk
+        is read on its own and handed to it, and nothing is kept (``features``: memory stays one chunk)."""
         arr = self.root[split][name]
         if on_chunk is None:  # the fast path: one read; chunk by chunk only to find an unreadable one
             try:
