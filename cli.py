@@ -93,7 +93,7 @@ def extract(
     prompt: Annotated[str, typer.Option(help="Prompt template.")] = "a photo of {}",
     clean_names: Annotated[bool, typer.Option(help="Clean class names for prompts: split CamelCase, underscores to spaces, drop \\[brackets].")] = False,
     decoder: Annotated[str, typer.Option(help="auto | decord | pyav | jpeg. auto picks a correct backend per container.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Decoder processes.")] = max(1, min(8, (os.cpu_count() or 2))),
+    workers: Annotated[int, typer.Option(help="Decoder processes (default: half the cores, at most 8; each also runs decord's decode thread).")] = max(1, min(8, (os.cpu_count() or 2) // 2)),
     batch_videos: Annotated[int, typer.Option(help="Videos per encoder batch.")] = 8,
     chunk_rows: Annotated[int, typer.Option(help="Videos per Zarr chunk (the unit a writer owns).")] = 64,
     device: str = "auto",
@@ -105,6 +105,9 @@ def extract(
     debug: DebugOpt = False,
 ) -> None:
     """Decode T frames per video, encode them with CLIP, and store them with the prompt embeddings."""
+    # Decoder processes share the cores with this one: its OpenMP threads must sleep, not spin, while
+    # they wait (bench/extract.py --omp-wait compare). Read when torch loads, so set before; yours wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _setup_logging(debug)
     _on_interrupt("the videos finished so far are in the cache; rerun the same command to extract the rest")
     from mdmf_cache.models.config import PRESET_DATA  # data-side switches of SPEC section 9 (no torch import)
@@ -203,9 +206,13 @@ DirectionOpt = Annotated[Optional[str], typer.Option("--direction", help="bidire
 
 @app.command(epilog="Examples:\n\n  mdmf-cache train cache/ucf101__RN50__openai.zarr --out runs/ucf_rn50 --shot 5\n\n"
              "  mdmf-cache train CACHE --out runs/ref --preset reference --lr 3e-4 --episodes 20000\n\n"
-             "  mdmf-cache train CACHE --out runs/ucf_rn50 --resume")
+             "  mdmf-cache train CACHE --out runs/ucf_rn50 --resume\n\n"
+             "  mdmf-cache train --config sweeps/ucf/best.json --out runs/ucf_best   # a sweep's best trial")
 def train(
-    cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
+    ctx: typer.Context,
+    cache: Annotated[Optional[Path], typer.Argument(help="A complete cache group (*.zarr); optional with --config.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Start from a run's config.json or a sweep's best.json; "
+                                                        "options given on the command line override it.")] = None,
     out: Annotated[Path, typer.Option(help="Run directory: config.json, metrics.jsonl, best.pt, last.pt.")] = Path("runs/fast"),
     mode: Annotated[Mode, typer.Option(help="fast: heads on cached features (CLIP frozen).")] = Mode.fast,
     method: Annotated[Method, typer.Option(help="mdmf | clip-fsar (the paper's main rival, same trainer).")] = Method.mdmf,
@@ -252,14 +259,34 @@ def train(
     if dropout is not None:
         extra.update(mmfe_dropout=dropout, ffn_dropout=dropout, tcn_dropout=dropout)
     cfg = TrainConfig(
-        cache=str(cache), out=str(out), mode=mode.value, method=method.value, preset=preset.value,
+        cache=str(cache or ""), out=str(out), mode=mode.value, method=method.value, preset=preset.value,
         heads=_head_overrides(no_pps, no_distill, view, condition, direction, extra),
         way=way, shot=shot, train_queries=train_queries, episodes=episodes, episodes_per_step=episodes_per_step,
         lr=lr, val_every=val_every, val_episodes=val_episodes, seed=seed, device=device, resume=resume,
     )
+    if config is not None:
+        cfg = _merge_config(ctx, config, cfg)
+    elif cache is None:
+        raise typer.BadParameter("name a CACHE, or --config FILE", param_hint="CACHE")
     res = run_train(cfg)
     typer.echo(f"best val accuracy {res['best_val']:.2f}% after {res['episodes']} episodes "
-               f"({res['episodes_per_s']:.1f} episodes/s); checkpoint {out}/best.pt")
+               f"({res['episodes_per_s']:.1f} episodes/s); checkpoint {cfg.out}/best.pt")
+
+
+def _merge_config(ctx: typer.Context, path: Path, cli_cfg):
+    """The config in ``path``, with the options given on the command line (not their defaults) on top."""
+    import dataclasses
+
+    from pipelines.train import load_config
+
+    cfg = load_config(path)
+    given = {n for n in ctx.params if getattr(ctx.get_parameter_source(n), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
+    for f in dataclasses.fields(cfg):
+        if f.name == "heads":
+            cfg.heads = {**cfg.heads, **cli_cfg.heads}  # head options default to None: all of these were given
+        elif f.name in given:
+            setattr(cfg, f.name, getattr(cli_cfg, f.name))
+    return cfg
 
 
 def _shots(value: str) -> tuple[int, ...]:
@@ -267,6 +294,13 @@ def _shots(value: str) -> tuple[int, ...]:
         return tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError as e:
         raise typer.BadParameter(f"--shot takes comma-separated integers like 1,3,5, got {value!r}") from e
+
+
+def _floats(value: Optional[str], option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in (value or "").split(",") if v.strip())
+    except ValueError as e:
+        raise typer.BadParameter(f"{option} takes comma-separated numbers like 0.5,1,2, got {value!r}") from e
 
 
 @app.command("eval", epilog="Examples:\n\n  mdmf-cache eval runs/ucf_rn50 --episodes 10000\n\n"
@@ -304,7 +338,7 @@ def eval_(
 
 @app.command(epilog="Examples:\n\n  mdmf-cache ablate CACHE --no-pps\n\n  mdmf-cache ablate CACHE --view gtc --episodes 5000\n\n"
              "  mdmf-cache ablate CACHE --method clip-fsar   # MDMF vs CLIP-FSAR on identical episodes\n\n"
-             "  mdmf-cache ablate CACHE --table 5 --out runs/table5")
+             "  mdmf-cache ablate CACHE --table 5 --out runs/table5\n\n  mdmf-cache ablate CACHE --lambda 0,0.25,0.5,1,1.5,2 --out runs/lambda")
 def ablate(
     cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
     method: Annotated[Optional[Method], typer.Option(help="Compare the full MDMF with this method (clip-fsar).")] = None,
@@ -314,6 +348,8 @@ def ablate(
     condition: ConditionOpt = None,
     direction: DirectionOpt = None,
     table: Annotated[Optional[int], typer.Option(help="Run the paper's ablation grid 3, 4 or 5.")] = None,
+    lambdas: Annotated[Optional[str], typer.Option("--lambda", help="A grid over the distillation weight, e.g. "
+                                                   "0.25,0.5,1,2 (accuracy vs lambda, the paper's Fig. 4).")] = None,
     out: Annotated[Path, typer.Option(help="Study directory (one run per arm).")] = Path("runs/ablate"),
     preset: Annotated[Preset, typer.Option()] = Preset.paper,
     episodes: Annotated[int, typer.Option(help="Training episodes per arm.")] = 10000,
@@ -335,7 +371,7 @@ def ablate(
     from pipelines.report import print_comparison
 
     cfg = AblateConfig(
-        cache=str(cache), out=str(out), preset=preset.value, table=table,
+        cache=str(cache), out=str(out), preset=preset.value, table=table, lambdas=_floats(lambdas, "--lambda"),
         variant=_head_overrides(no_pps, no_distill, view, condition, direction,
                                 {"method": method.value if method and method != Method.mdmf else None}),
         train={"episodes": episodes, "episodes_per_step": episodes_per_step, "lr": lr, "val_every": val_every},
@@ -344,6 +380,89 @@ def ablate(
     res = run_ablate(cfg)
     print_comparison(res["rows"], f"ablation, {way}-way {shot}-shot, {test_episodes} identical test episodes")
     typer.echo(f"tables: {res['out']}/ablation.csv, ablation.md")
+
+
+SWEEP_EPILOG = """Examples:
+
+  mdmf-cache sweep cache/ucf101__RN50__openai.zarr --out sweeps/ucf --trials 100 --shot 5
+
+  mdmf-cache sweep CACHE --out sweeps/ucf --space lr=1e-5:1e-2:log,lambda=0.1:2,dropout=0:0.5,pps-temperature=0.001:0.1:log
+
+  mdmf-cache sweep CACHE --out sweeps/ucf --jobs 4                      # 4 concurrent trials on this machine
+
+  mdmf-cache sweep CACHE --study ucf --storage postgresql://user@db/sweeps   # the same line on every machine
+
+  mdmf-cache sweep CACHE --out sweeps/ucf --resume                      # continue after a crash
+
+  mdmf-cache sweep show sweeps/ucf                                       # trials table, best.json, figures
+
+Fixed options: any fast-mode option of 'train', written as there (--episodes 2000, --shot 1, --preset reference,
+--no-pps, --view gtc, --method clip-fsar, ...); a fixed option leaves the default space.
+
+Default space (without --space): lr=1e-5:1e-2:log, lambda=0.1:2, alpha-ltc=0.25:2, alpha-gtc=0.25:2,
+dropout=0:0.5, pps-temperature=0.001:0.1:log, episodes-per-step=4|8|16|32, episodes=1000:10000:log.
+--space syntax: NAME=LOW:HIGH (uniform), NAME=LOW:HIGH:log, NAME=A|B|C (listed values), comma-separated.
+"""
+
+
+@app.command(epilog=SWEEP_EPILOG, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep(
+    ctx: typer.Context,
+    cache: Annotated[str, typer.Argument(help="A complete cache group (*.zarr); or 'show' followed by a sweep directory.")],
+    out: Annotated[Optional[Path], typer.Option(help="Sweep directory (study.db, trials/, tables, figures); "
+                                                     "default sweeps/STUDY.")] = None,
+    study: Annotated[Optional[str], typer.Option(help="Study name (default: the name of --out).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///OUT/study.db), e.g. "
+                                                        "postgresql://user@db/sweeps for several machines.")] = None,
+    trials: Annotated[int, typer.Option(help="Finished trials of the study, all workers together.")] = 100,
+    jobs: Annotated[int, typer.Option(help="Concurrent trials (worker processes) on this machine.")] = 1,
+    space: Annotated[Optional[str], typer.Option(help="Swept parameters, e.g. lr=1e-5:1e-2:log,lambda=0.1:2 "
+                                                      "(default: see below).")] = None,
+    prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Stop bad trials early at a validation.")] = True,
+    pruner: Annotated[str, typer.Option(help="median | halving (successive halving).")] = "median",
+    prune_startup: Annotated[int, typer.Option(help="Finished trials before the median pruner acts.")] = 5,
+    prune_below: Annotated[Optional[float], typer.Option(help="Also stop a trial whose val accuracy (%) falls "
+                                                              "below this at a validation, e.g. chance level.")] = None,
+    sampler_seed: Annotated[int, typer.Option("--sampler-seed", help="Seed of the TPE sampler.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the study in --out to --trials finished trials.")] = False,
+    heartbeat: Annotated[int, typer.Option(help="Seconds between a trial's heartbeats; a trial silent for twice "
+                                                "this is failed and requeued.")] = 30,
+    debug: DebugOpt = False,
+) -> None:
+    """Tune fast-mode training on a cache with Optuna: each trial trains the heads and is scored on val (never test)."""
+    _setup_logging(debug)
+    from pipelines.sweep import SweepConfig, load_sweep, parse_fixed, parse_space_text, run_sweep, summarize
+
+    if cache == "show":
+        if len(ctx.args) != 1 or ctx.args[0].startswith("-"):
+            raise typer.BadParameter("write: mdmf-cache sweep show SWEEP_DIR [--storage URL]", param_hint="show")
+        res = summarize(load_sweep(ctx.args[0], storage))
+    else:
+        cfg = SweepConfig(cache=cache, study=study, storage=storage, trials=trials, jobs=jobs,
+                          space=parse_space_text(space) if space else {}, fixed=parse_fixed(ctx.args), prune=prune,
+                          pruner=pruner, prune_startup=prune_startup, prune_below=prune_below, seed=sampler_seed, resume=resume,
+                          heartbeat=heartbeat)
+        cfg.out = str(out) if out else f"sweeps/{study or Path(cache).name.split('__')[0].removesuffix('.zarr')}"
+        res = run_sweep(cfg)
+    from pipelines.report import print_sweep
+
+    print_sweep(res)
+
+
+@app.command(epilog="Examples:\n\n  mdmf-cache plot runs/ucf_rn50\n\n  mdmf-cache plot sweeps/ucf\n\n"
+             "  mdmf-cache plot runs/ucf_rn50/eval_mdmf_test\n\n  mdmf-cache plot runs/ablate")
+def plot(
+    target: Annotated[Path, typer.Argument(help="A run, eval, ablation or sweep directory.")],
+    storage: Annotated[Optional[str], typer.Option(help="A sweep's storage URL, when sweep.json hides its password.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Redraw the figures of a run (curves), an evaluation, an ablation or a sweep."""
+    _setup_logging(debug)
+    from pipelines.plots import redraw
+
+    paths = redraw(target, storage)
+    for p in paths:
+        typer.echo(f"wrote {p}")
 
 
 @app.command()

@@ -17,7 +17,13 @@ pipeline runs at the speed of its slower half. On a machine whose decoder worker
 the same few CPU cores the two halves compete and the ratio is lower by nature; the goal is meant
 for a GPU encoder fed by CPU decoders.
 
+The main process's OpenMP threads spin while they wait unless ``OMP_WAIT_POLICY=PASSIVE`` (which
+``mdmf-cache extract`` sets before torch loads); on a few shared cores the spinning takes CPU from
+the decoders. ``--omp-wait compare`` runs the whole benchmark once per policy (PASSIVE, and
+torch's default), each in a fresh process on the same videos, and prints the full-extract ratio.
+
     python bench/extract.py                                            # mdmf-tiny-rn, 48 videos
+    python bench/extract.py --omp-wait compare                         # PASSIVE vs OpenMP's default
     python bench/extract.py --model RN50 --pretrained none --videos 16 # real-size RN50, random weights
     python bench/extract.py --model ViT-B-16 --pretrained openai --device cuda --videos 256
 
@@ -121,7 +127,56 @@ def encode_only(cfg, backbone, items: list[dict]) -> float:
     return time.perf_counter() - t0
 
 
+POLICIES = {"passive": "PASSIVE", "default": None}  # --omp-wait value -> OMP_WAIT_POLICY (None = unset)
+
+
+def workdir(args: argparse.Namespace) -> tuple[tempfile.TemporaryDirectory | None, Path]:
+    """``--workdir`` (created), or a temporary directory the caller cleans up."""
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_extract_")
+        return tmp, Path(tmp.name)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return None, args.workdir
+
+
+def compare_policies(argv: list[str], args: argparse.Namespace) -> dict:
+    """Run this benchmark once per OpenMP wait policy, each in a fresh process, on the same videos."""
+    import subprocess
+
+    tmp, work = workdir(args)
+    rest, skip = [], False  # argv without --omp-wait and --workdir (and their values)
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--omp-wait", "--workdir"):
+            skip = True
+        elif not a.startswith(("--omp-wait=", "--workdir=")):
+            rest.append(a)
+    runs = {}
+    try:
+        for name, value in POLICIES.items():
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            if value is not None:
+                env["OMP_WAIT_POLICY"] = value
+            cmd = [sys.executable, __file__, *rest, "--omp-wait", name, "--workdir", str(work)]
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            print(out.rstrip())
+            runs[name] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    p, d = runs["passive"], runs["default"]
+    res = {"bench": "extract_omp_wait", "passive": p, "default": d,
+           "full_passive_over_default": round(p["full_vps"] / d["full_vps"], 3)}
+    print(f"\nOMP_WAIT_POLICY=PASSIVE: full {p['full_vps']:.2f} videos/s (full / serial {p['ratio_vs_serial']:.3f}); "
+          f"unset: {d['full_vps']:.2f} videos/s (full / serial {d['ratio_vs_serial']:.3f}); "
+          f"PASSIVE / unset = {res['full_passive_over_default']:.3f}")
+    print(json.dumps({k: v for k, v in res.items() if k not in POLICIES}))
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mdmf-tiny-rn", help="open_clip model (default mdmf-tiny-rn)")
     ap.add_argument("--pretrained", default="none", help="tag, checkpoint path, or 'none' (random init)")
@@ -130,20 +185,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-videos", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", type=Path, default=None, help="keep videos here and reuse them (default: temp dir)")
+    ap.add_argument("--omp-wait", choices=[*POLICIES, "compare"], default="passive",
+                    help="OpenMP wait policy of this process: passive (as mdmf-cache extract), default "
+                         "(unset), or compare (both, each in a fresh process)")
     args = ap.parse_args(argv)
+    if args.omp_wait == "compare":
+        return compare_policies(argv, args)
+    if "torch" in sys.modules:
+        raise SystemExit("torch is already imported: OMP_WAIT_POLICY cannot take effect (run as a script)")
+    if POLICIES[args.omp_wait] is None:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = POLICIES[args.omp_wait]
 
     from mdmf_cache.backbone import load_backbone
     from mdmf_cache.datasets import load_splits, resolve_paths
     from pipelines.extract import ExtractConfig, run_extract
 
     pretrained = None if args.pretrained.lower() in ("none", "") else args.pretrained
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_extract_")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
+    tmp, work = workdir(args)
     try:
         t0 = time.perf_counter()
         ids = make_videos(work / "videos", args.videos)
@@ -181,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
         "frames": FRAMES, "size": list(SIZE), "workers": args.workers, "batch_videos": args.batch_videos,
         "device": str(torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if args.device == "auto" else args.device))),
-        "cpu_cores": os.cpu_count(), "decode_vps": round(dec, 2), "encode_vps": round(enc, 2),
+        "cpu_cores": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "load_avg": round(os.getloadavg()[0], 2), "decode_vps": round(dec, 2), "encode_vps": round(enc, 2),
         "full_vps": round(full, 2), "full_wall_vps": round(n / wall, 2), "full_wall_s": round(wall, 2),
         "ratio": round(full / min(dec, enc), 3), "goal": 0.85,
         # when decoders and encoder share the same CPU cores they cannot overlap: the best is then
@@ -192,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [("decode only", dec_s, dec), ("encode only", enc_s, enc), ("full (split loop)", full_s, full),
             ("full (wall, incl. model load)", wall, n / wall)]
     print(f"\nextract benchmark: {n} videos {SIZE[0]}x{SIZE[1]}x{FRAMES} (AVI+MP4), {args.model} "
-          f"({args.pretrained}), {res['device']}, {args.workers} workers, {os.cpu_count()} CPU cores")
+          f"({args.pretrained}), {res['device']}, {args.workers} workers, {os.cpu_count()} CPU cores, "
+          f"OMP_WAIT_POLICY {res['omp_wait_policy']}, load average {res['load_avg']}")
     print(f"{'stage':32s} {'seconds':>9s} {'videos/s':>9s}")
     for name, s, r in rows:
         print(f"{name:32s} {s:9.2f} {r:9.2f}")

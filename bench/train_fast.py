@@ -118,7 +118,7 @@ def eval_time(model, split, args, device) -> dict:
     direct = score(args.method, split, eps[:m], model, args.seed, args.eval_batch, path="direct", keep_logits=True)
     _sync(device)
     direct_s = time.perf_counter() - t0
-    pairs = len(np.unique(np.concatenate([eps.support, eps.query], axis=1)))
+    videos = len(np.unique(np.concatenate([eps.support, eps.query], axis=1)))
     return {
         "episodes": n,
         "seconds": seconds,
@@ -129,7 +129,8 @@ def eval_time(model, split, args, device) -> dict:
         "eval_10k_s_direct": direct_s * FULL_TEST / m,
         "max_logit_diff": float(np.abs(fast.logits[:m] - direct.logits).max()),
         "same_predictions": bool((fast.logits[:m].argmax(-1) == direct.logits.argmax(-1)).all()),
-        "videos": pairs,
+        "videos": videos,
+        "fused": fast.fused,
         "accuracy": fast.mean * 100,
     }
 
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.classes}x{args.videos_per_class} videos, {args.way}-way {args.shot}-shot")
     test_note = (f"extrapolated from {ev['episodes']} episodes ({ev['seconds']:.2f} s)" if ev["extrapolated"]
                  else f"measured ({FULL_TEST / ev['seconds']:.0f} episodes/s)")
-    test_note += f", per-video path, {ev['videos']} distinct videos"
+    test_note += f", per-video path: {ev['videos']} videos, {ev['fused']} (video, token) pairs fused per view"
     rows = [
         (f"train, {e} episodes per step", f"{batched['episodes_per_s']:.2f} episodes/s",
          f"{batched['episodes']} episodes in {batched['seconds']:.2f} s"),
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_10k_s_direct": round(ev["eval_10k_s_direct"], 2), "eval_direct_episodes": ev["direct_episodes"],
         "eval_speedup": round(ev["eval_10k_s_direct"] / ev["eval_10k_s"], 1),
         "eval_max_logit_diff": ev["max_logit_diff"], "eval_same_predictions": ev["same_predictions"],
+        "eval_videos": ev["videos"], "eval_fused_pairs": ev["fused"],
     }
     print(json.dumps(record))
     return record

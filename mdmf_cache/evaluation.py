@@ -42,12 +42,14 @@ class EvalResult:
         episode_acc: (E,) fraction of correct queries per episode.
         class_correct / class_total: (C,) per split class, over all queries.
         logits: (E, Q, N) float32 on the CPU when asked for (``keep_logits``), else None.
+        fused: sequences fused per view by the per-video path (distinct (video, token) pairs), else None.
     """
 
     episode_acc: np.ndarray
     class_correct: np.ndarray
     class_total: np.ndarray
     logits: np.ndarray | None = None
+    fused: int | None = None
 
     @property
     def mean(self) -> float:
@@ -200,10 +202,7 @@ def evaluate_per_video(
             ctx = torch.cat([model.context(name, frames_v[i : i + seq]) for i in range(0, len(vids), seq)])  # (U, T, D)
             pv = torch.as_tensor(pair_video, device=dev)
             pk = torch.as_tensor(pair_key, device=dev)
-            tokened[name] = torch.cat([
-                model.fuse(name, frames_v[pv[i : i + seq]], ctx[pv[i : i + seq]], text_keys[pk[i : i + seq]])
-                for i in range(0, len(pv), seq)
-            ])  # (P, T+1, D)
+            tokened[name] = model.fuse_pairs(name, frames_v, ctx, text_keys, pv, pk)  # (P, T+1, D)
             if not model.query_has_token:
                 qv = torch.as_tensor(query_video, device=dev)
                 untokened[name] = torch.cat([
@@ -227,7 +226,9 @@ def evaluate_per_video(
             tally.add(model.head(support_out, query_out, n)["logits"], ep)
             if on_batch:
                 on_batch(len(ep))
-    return tally.result()
+    result = tally.result()
+    result.fused = len(pair_codes) + (0 if model.query_has_token else len(query_videos))
+    return result
 
 
 def method_logits(method: str, model=None) -> LogitsFn:

@@ -5,7 +5,8 @@ anywhere plus a horizontal flip with p 0.5, one draw per video (and view) shared
 Then CLIP mean/std normalisation (paper) or raw [0, 1] pixels (released code).
 
 Clips of the same frame size are resized in one ``interpolate`` call, so a batch of UCF101 videos
-(all 320x240) is a single kernel launch per step instead of a PIL call per frame.
+(all 320x240) is a single kernel launch per step instead of a PIL call per frame. Clamping and
+normalisation run after the crop, on the pixels that are kept.
 """
 
 from __future__ import annotations
@@ -85,20 +86,21 @@ def preprocess_clips(
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, clip in enumerate(clips):
         groups.setdefault(tuple(clip.shape), []).append(i)
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
     for shape, members in groups.items():
         t, h, w, _ = shape
         x = torch.stack([torch.as_tensor(clips[i]) for i in members]).to(device, non_blocking=True)
         x = x.reshape(len(members) * t, h, w, 3).permute(0, 3, 1, 2).float()  # (B*T, 3, H, W)
         rh, rw = resized_size(h, w, short)
         x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
-        x = x.clamp_(0, 255).div_(255.0)
-        if normalize == "clip":
-            x = (x - mean) / std
         x = x.reshape(len(members), t, 3, rh, rw)
         for j, i in enumerate(members):
             top, left = _crop_box(rh, rw, size, crops[i])
             c = x[j, :, :, top : top + size, left : left + size]
             out[i] = c.flip(-1) if crops[i].flip else c
-    return torch.stack(out)  # (B, T, 3, size, size)
+    # per-pixel arithmetic on the crops only (bit-identical to doing it before cropping; 224^2 of 256x341)
+    pix = torch.stack(out).clamp_(0, 255).div_(255.0)  # (B, T, 3, size, size)
+    if normalize == "clip":
+        mean = torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=device).view(3, 1, 1)
+        pix.sub_(mean).div_(std)
+    return pix

@@ -44,6 +44,7 @@ import logging
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -709,6 +710,25 @@ class FeatureSplit:
         return len(self.classes)
 
 
+_KEPT: dict[tuple, FeatureSplit] | None = None  # set inside keep_loaded()
+
+
+@contextmanager
+def keep_loaded():
+    """Inside this block, loading the same split again returns the split already in memory.
+
+    A sweep runs many trainings in one process; each calls :func:`load_split_features`, and the
+    cache is read once. Callers must not modify the returned tensors in place.
+    """
+    global _KEPT
+    outer = _KEPT
+    _KEPT = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _KEPT = outer
+
+
 def load_split_features(path: Path | str, split: str, device: str = "cpu", allow_incomplete: bool = False) -> FeatureSplit:
     """Load a split's usable rows and text into memory (torch tensors on ``device``).
 
@@ -718,6 +738,9 @@ def load_split_features(path: Path | str, split: str, device: str = "cpu", allow
     Raises:
         CacheError: the split is absent, has no text, or is unfinished (unless ``allow_incomplete``).
     """
+    key = (str(Path(path).resolve()), split, str(device), allow_incomplete)
+    if _KEPT is not None and key in _KEPT:
+        return _KEPT[key]
     import torch
 
     store = CacheStore(path)
@@ -748,7 +771,7 @@ def load_split_features(path: Path | str, split: str, device: str = "cpu", allow
                                                       "finished rows whose features are all zero",
                                                       keep[zero].tolist())]))
     ids = store._rows(split, "video_ids")[keep]
-    return FeatureSplit(
+    loaded = FeatureSplit(
         features=torch.from_numpy(feats).to(device),
         labels=torch.from_numpy(store._rows(split, "labels")[keep].astype(np.int64)).to(device),
         video_ids=[str(v) for v in ids],
@@ -756,6 +779,9 @@ def load_split_features(path: Path | str, split: str, device: str = "cpu", allow
         class_names=list(g.attrs["class_names"]),
         text=torch.from_numpy(np.asarray(g["text_features"][:])).to(device),
     )
+    if _KEPT is not None:
+        _KEPT[key] = loaded
+    return loaded
 
 
 def export_h5(path: Path | str, out: Path | str, overwrite: bool = False) -> Path:

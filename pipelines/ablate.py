@@ -61,6 +61,7 @@ class AblateConfig:
     preset: str = "paper"
     variant: dict[str, Any] = field(default_factory=dict)  # head overrides of the named variant
     table: int | None = None  # 3, 4 or 5: the paper's grid instead of one variant
+    lambdas: tuple[float, ...] = ()  # a grid over the distillation weight instead (the paper's Fig. 4)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every arm
     way: int = 5
     shot: int = 5
@@ -74,6 +75,10 @@ class AblateConfig:
             if self.table not in PAPER_TABLES:
                 raise ConfigError(f"--table {self.table}: choose one of {', '.join(map(str, PAPER_TABLES))}")
             return list(PAPER_TABLES[self.table])
+        if self.lambdas:
+            if len(self.lambdas) < 2 or min(self.lambdas) < 0:
+                raise ConfigError("--lambda takes two or more values >= 0, e.g. 0.25,0.5,1,2")
+            return [(f"lambda={lam:g}", {**self.variant, "lam": float(lam)}, None) for lam in self.lambdas]
         if not self.variant:
             raise ConfigError("name a variant (--no-pps, --no-distill, --view, --condition, --direction) or --table 3|4|5")
         name = ",".join(f"{k}={v}" for k, v in sorted(self.variant.items()))
@@ -146,6 +151,9 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
             row.update({"paper_k100": paper[0], "paper_ssv2_small": paper[1], "paper_hmdb": paper[2]})
         rows.append(row)
     _write_tables(out, rows)
+    from pipelines.plots import ablate_figures, plot_safely
+
+    plot_safely(ablate_figures, out)
     return {"rows": rows, "out": str(out)}
 
 

@@ -137,6 +137,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         if bar:
             bar.stop()
     atomic_write_json(out / "results.json", results)
+    from pipelines.plots import eval_figures, plot_safely
+
+    plot_safely(eval_figures, out)
     results["out"] = str(out)
     return results
 

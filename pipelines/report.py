@@ -161,3 +161,33 @@ def print_comparison(rows: list[dict], title: str) -> None:
     for r in rows:
         table.add_row(*[f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
     console.print(table)
+
+
+def print_sweep(res: dict) -> None:
+    """The best trials of a sweep and where its tables, best config and figures are."""
+    rows = res["rows"]
+    done = sorted((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: -r["value"])
+    states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    table = Table(title=f"sweep {res['out']}: {states['COMPLETE']} complete, {states['PRUNED']} pruned, "
+                        f"{states['FAIL']} failed" + (f", {states['RUNNING']} running" if states["RUNNING"] else ""))
+    params = list(dict.fromkeys(k for r in done for k in r["params"]))
+    for col in ("trial", "val %", *params, "episodes"):
+        table.add_column(col, justify="right")
+    for r in done[:10]:
+        table.add_row(str(r["number"]), f"{r['value']:.2f}", *[_short(r["params"].get(k)) for k in params],
+                      str(r["episodes"] or ""))
+    console.print(table)
+    out = res["out"]
+    console.print(f"tables: {out}/trials.csv, {out}/trials.md")
+    if res.get("best"):
+        b = res["best"]
+        console.print(f"best: trial {b['trial']}, val {b['val_acc']:.2f}%; "
+                      f"retrain it with: mdmf-cache train --config {out}/best.json --out runs/NAME")
+    if res.get("figures"):
+        console.print("figures: " + ", ".join(str(p) for p in res["figures"]))
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return "" if v is None else str(v)

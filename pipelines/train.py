@@ -17,6 +17,7 @@ issue; ``--mode full`` says so.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -83,17 +84,17 @@ class TrainConfig:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.way < 2:
             problems.append(f"--way {self.way}: an episode needs at least 2 classes")
-        for name in ("lr", "weight_decay"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                problems.append(f"--{name.replace('_', '-')} {value}: must be a finite number > 0" if name == "lr"
-                                else f"--{name.replace('_', '-')} {value}: must be a finite number >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"--lr {self.lr}: must be a finite number > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"--weight-decay {self.weight_decay}: must be a finite number >= 0")
         if problems:
             raise ConfigError("; ".join(problems))
-        try:  # every head switch, before any work (an ablation arm's bad --view fails here, not after training)
-            build_config(self.preset, 8, **{**self.heads, "method": self.method})
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("dim=8 ", "")) from e
+        # every head switch, before any work (an ablation arm's bad --view fails here, not after training);
+        # the width is the cache's, unknown here: any multiple of the attention heads checks the rest
+        heads = self.heads.get("heads", 8)
+        build_config(self.preset, 8 * heads if isinstance(heads, int) and heads > 0 else 8,
+                     **{**self.heads, "method": self.method})
 
 
 def cache_identity(cache: Path | str) -> dict[str, Any]:
@@ -150,8 +151,13 @@ def _set_rng_state(rng: np.random.Generator, state: dict[str, Any], device: torc
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+def run_train(cfg: TrainConfig, progress: bool = True,
+              on_val: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train the heads; returns ``{"best_val": %, "run": path, "episodes": n}``.
+
+    Args:
+        on_val: called with (episodes done, val accuracy %) after each validation, once ``last.pt``
+            and ``metrics.jsonl`` hold it; an exception it raises (a sweep's pruning) ends the run there.
 
     Raises:
         ConfigError: bad options, or --resume with a different config.
@@ -256,11 +262,31 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                     bar.update(task, val=acc, loss=rec["loss"])
                 else:
                     log.info("episodes %d loss %.3f val %.2f%%", done, rec["loss"], acc)
+                if on_val is not None:
+                    on_val(done, acc)
     finally:
         if bar:
             bar.stop()
-    return {"best_val": best, "run": str(out), "episodes": done,
-            "episodes_per_s": run_eps / max(time.perf_counter() - t0, 1e-9)}
+    res = {"best_val": best, "run": str(out), "episodes": done,
+           "episodes_per_s": run_eps / max(time.perf_counter() - t0, 1e-9)}
+    from pipelines.plots import plot_safely, train_curves
+
+    plot_safely(train_curves, out)  # curves.png; a figure that cannot be drawn is only a warning
+    return res
+
+
+def load_config(path: Path | str) -> TrainConfig:
+    """A TrainConfig from a run's ``config.json`` or a sweep's ``best.json`` (``mdmf-cache train --config``)."""
+    path = Path(path)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--config {path}: cannot read a JSON config ({e})") from e
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - known - {"resolved_heads", "sweep", "cache_abs", "cache_identity"})  # notes
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown TrainConfig field(s) {', '.join(unknown)}")
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
 
 def _history_upto(path: Path, done: int) -> list[dict[str, Any]]:

@@ -62,13 +62,28 @@ def test_per_video_equals_direct(arm: dict, shot: int) -> None:
     np.testing.assert_array_equal(fast.class_correct, direct.class_correct)
 
 
+def test_fuse_pairs_equals_fuse_on_gathered_pairs() -> None:
+    """The per-video/per-token split of the MMFE's work gives the MMFE's own output."""
+    for method in ("mdmf", "clip-fsar"):
+        model = _model({"preset": "paper", "method": method})
+        g = torch.Generator().manual_seed(1)
+        frames, tokens = torch.randn(6, T, D, generator=g), torch.randn(4, D, generator=g)
+        pv, pt = torch.tensor([0, 0, 5, 3, 3, 1, 2]), torch.tensor([1, 3, 0, 0, 2, 2, 1])
+        name = next(iter(model.views))
+        with torch.no_grad():
+            ctx = model.context(name, frames)
+            torch.testing.assert_close(model.fuse_pairs(name, frames, ctx, tokens, pv, pt, chunk=3),
+                                       model.fuse(name, frames[pv], ctx[pv], tokens[pt]), rtol=1e-5, atol=1e-5)
+
+
 def test_per_video_fuses_each_video_token_pair_once(monkeypatch) -> None:
     split = _split()
     model = _model({"preset": "paper"})
     eps = EpisodeSampler(split.labels.numpy(), C).sample(300, 5, 5, 1, np.random.default_rng(0))
     fused, contexts = [], []
-    fuse, context = model.fuse, model.context
-    monkeypatch.setattr(model, "fuse", lambda name, f, c, t: fused.append(len(f)) or fuse(name, f, c, t))
+    fuse_pairs, context = model.fuse_pairs, model.context
+    monkeypatch.setattr(model, "fuse_pairs",
+                        lambda name, f, c, t, pv, pt: fused.append(len(pv)) or fuse_pairs(name, f, c, t, pv, pt))
     monkeypatch.setattr(model, "context", lambda name, f, e=1: contexts.append(len(f)) or context(name, f, e))
     res = score("mdmf", split, eps, model, seed=0, batch_size=100, keep_logits=True)
 

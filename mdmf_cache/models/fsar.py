@@ -45,10 +45,9 @@ class CLIPFSAR(FewShotHead):
         chosen = torch.full((e, q), -1, dtype=torch.long, device=query.device)
         return chosen, query.new_full((e, q, n), 1.0 / n)
 
-    def fuse(self, name: str, frames: Tensor, context: Tensor, tokens: Tensor | None) -> Tensor:
-        """Supports ``(B, T, D)`` + their text ``(B, D)`` -> ``(B, T+1, D)``; queries (no token) -> ``(B, T, D)``."""
-        token = self.text_proj(tokens) if tokens is not None else None
-        return self.views[name].mmfe(token, frames, frames)
+    def token_input(self, tokens: Tensor) -> Tensor:
+        """CLIP-FSAR's text MLP ("mid layer") before the text joins the support frames."""
+        return self.text_proj(tokens)
 
     def head(self, support_out: dict[str, Tensor], query_out: dict[str, Tensor], n: int) -> dict[str, Tensor]:
         """``support_out["fsar"] (E, S, T+1, D)``, ``query_out["fsar"] (E, Q, T, D)`` -> ``logits``, ``d_fsar`` ``(E, Q, N)``."""

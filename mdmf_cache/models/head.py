@@ -64,9 +64,32 @@ class FewShotHead(nn.Module):
         """View ``name``'s temporal context ``(E*B, T, D) -> (E*B, T, D)`` (frames for no extractor)."""
         return self.views[name].context(frames, episodes)
 
+    def token_input(self, tokens: Tensor) -> Tensor:
+        """What the fusion layer takes as a token: the text itself (MDMF), or a projection of it (CLIP-FSAR)."""
+        return tokens
+
     def fuse(self, name: str, frames: Tensor, context: Tensor, tokens: Tensor | None) -> Tensor:
-        """View ``name``'s fusion ``(B, T, D), (B, T, D), (B, D) | None -> (B, L, D)``."""
-        raise NotImplementedError
+        """View ``name``'s fusion ``(B, T, D), (B, T, D), (B, D) | None -> (B, L, D)`` (L = T+1, or T without a token)."""
+        return self.views[name].mmfe(None if tokens is None else self.token_input(tokens), context, frames)
+
+    def fuse_pairs(self, name: str, frames: Tensor, context: Tensor, tokens: Tensor, pair_video: Tensor,
+                   pair_token: Tensor, chunk: int = 4096) -> Tensor:
+        """:meth:`fuse` of P (video, token) pairs, the per-position work done once per video and per token.
+
+        Args:
+            frames, context: ``(U, T, D)`` of U videos.
+            tokens: ``(M, D)`` distinct tokens.
+            pair_video, pair_token: ``(P,)`` indices into them.
+            chunk: pairs per attention/feed-forward batch.
+
+        Returns:
+            ``(P, T+1, D)``, equal to ``fuse(frames[pair_video], context[pair_video], tokens[pair_token])``.
+        """
+        mmfe = self.views[name].mmfe
+        frame_parts = mmfe.frame_parts(context, frames)  # norms and q/k/v projections once per video
+        token_parts = mmfe.token_parts(self.token_input(tokens))  # and once per token
+        return torch.cat([mmfe.attend(frame_parts, token_parts, pair_video[i : i + chunk], pair_token[i : i + chunk])
+                          for i in range(0, len(pair_video), chunk)])
 
     def head(self, support_out: dict[str, Tensor], query_out: dict[str, Tensor], n: int) -> dict[str, Tensor]:
         """Per-episode scores from fused supports ``(E, S, L, D)`` and queries ``(E, Q, L', D)`` per view."""

@@ -112,10 +112,6 @@ class MDMF(FewShotHead):
         prob = self.pps.probabilities(query, text)  # (E, Q, N)
         return self.pps.choose(prob, noise), prob
 
-    def fuse(self, name: str, frames: Tensor, context: Tensor, tokens: Tensor | None) -> Tensor:
-        """The view's MMFE: ``(B, T, D), (B, T, D), (B, D) -> (B, T+1, D)``."""
-        return self.views[name].mmfe(tokens, context, frames)
-
     def head(self, support_out: dict[str, Tensor], query_out: dict[str, Tensor], n: int) -> dict[str, Tensor]:
         """Distances, posteriors and logits from the fused outputs.
 

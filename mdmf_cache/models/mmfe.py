@@ -57,6 +57,44 @@ class MMFE(nn.Module):
         b, length, d = x.shape
         return x.reshape(b, length, self.heads, d // self.heads).transpose(1, 2)  # (B, H, T+1, D/H)
 
+    def frame_parts(self, context: Tensor, frames: Tensor) -> dict[str, Tensor]:
+        """What a video contributes, whatever its token: ``(B, T, D)`` each of ``query`` (the residual
+        input, context + positions), and the projections ``q`` (of the normed query), ``k``, ``v`` (of
+        the normed frames). The norm and the projections act per position, so they need no token."""
+        pos = self.pos_embed[1:] if self.pos_embed is not None else 0.0
+        query = context + pos  # (B, T, D)
+        normed_kv = self.norm(frames + pos)
+        return {"query": query, "q": self.to_q(self.norm(query)), "k": self.to_k(normed_kv), "v": self.to_v(normed_kv)}
+
+    def token_parts(self, token: Tensor) -> dict[str, Tensor]:
+        """What a token contributes at position 0: ``(M, D)`` each (query and key/value inputs are the same)."""
+        query = token + self.pos_embed[0] if self.pos_embed is not None else token  # (M, D)
+        normed = self.norm(query)
+        return {"query": query, "q": self.to_q(normed), "k": self.to_k(normed), "v": self.to_v(normed)}
+
+    def attend(self, frame_parts: dict[str, Tensor], token_parts: dict[str, Tensor] | None = None,
+               pair_video: Tensor | None = None, pair_token: Tensor | None = None) -> Tensor:
+        """Attention, out projection and feed-forward for (video, token) pairs.
+
+        Args:
+            frame_parts: :meth:`frame_parts` of B videos.
+            token_parts: :meth:`token_parts` of M tokens; None = no token position.
+            pair_video: ``(P,)`` video of each pair (default: 0..B-1).
+            pair_token: ``(P,)`` token of each pair (default: 0..M-1).
+
+        Returns:
+            ``(P, T+1, D)``, position 0 the token's output, or ``(P, T, D)`` without a token.
+        """
+        parts = {k: v if pair_video is None else v[pair_video] for k, v in frame_parts.items()}  # (P, T, D)
+        if token_parts is not None:
+            tok = {k: (v if pair_token is None else v[pair_token]).unsqueeze(1) for k, v in token_parts.items()}
+            parts = {k: torch.cat([tok[k], parts[k]], dim=1) for k in parts}  # (P, T+1, D)
+        q, k, v = (self._split(parts[name]) for name in ("q", "k", "v"))  # (P, H, T+1, D/H)
+        attn = F.scaled_dot_product_attention(q, k, v)  # (P, H, T+1, D/H)
+        attn = attn.transpose(1, 2).reshape(parts["query"].shape)  # (P, T+1, D)
+        x = parts["query"] + self.to_out(attn)
+        return x + self.ffn(x)
+
     def forward(self, token: Tensor | None, context: Tensor, frames: Tensor) -> Tensor:
         """Fuse.
 
@@ -69,20 +107,4 @@ class MMFE(nn.Module):
         Returns:
             ``(B, T+1, D)`` with position 0 the token's output, or ``(B, T, D)`` without a token.
         """
-        if token is None:
-            query, kv = context, frames  # (B, T, D)
-        else:
-            query = torch.cat([token.unsqueeze(1), context], dim=1)  # (B, T+1, D)
-            kv = torch.cat([token.unsqueeze(1), frames], dim=1)  # (B, T+1, D)
-        if self.pos_embed is not None:
-            pos = self.pos_embed if token is not None else self.pos_embed[1:]  # frames keep their positions
-            query = query + pos
-            kv = kv + pos
-        normed_kv = self.norm(kv)
-        q = self._split(self.to_q(self.norm(query)))  # (B, H, T+1, D/H)
-        k = self._split(self.to_k(normed_kv))
-        v = self._split(self.to_v(normed_kv))
-        attn = F.scaled_dot_product_attention(q, k, v)  # (B, H, T+1, D/H)
-        attn = attn.transpose(1, 2).reshape(query.shape)  # (B, T+1, D)
-        x = query + self.to_out(attn)
-        return x + self.ffn(x)
+        return self.attend(self.frame_parts(context, frames), None if token is None else self.token_parts(token))

@@ -1,17 +1,28 @@
-"""Temporal context extractors of the two views: LTCE (local, convolution) and GTCE (global, causal TCN)."""
+"""Temporal context extractors of the two views: LTCE (local, convolution) and GTCE (global, causal TCN).
+
+Everything runs in the ``(B, T, D)`` layout of the features. A ``Conv1d(D, D, k)`` over T is computed as
+one matmul: the k input positions each output position reads are gathered into a ``(B, T', k*D)``
+unfolding (zeros where the kernel reaches past the ends) and multiplied by the ``(D, k*D)`` view of
+the convolution's weight. The parameters stay ``nn.Conv1d`` modules (weight-normed in the TCN), so
+state dicts are those of the channels-first layers. The matmul runs at the BLAS's speed on any
+device; note that on the AMD dev CPU oneDNN's ``conv1d`` (k = 3, T = 8) was faster still, so there
+the gain comes from the pruned GTCE (``bench/heads_cpu.py`` times both).
+
+The GTCE only uses the TCN's last time step, so :meth:`TCN.last` computes, block by block, only the
+positions the next block reads: 21 of the 48 convolution positions at T = 8, kernel 3, dilations
+1, 2, 4.
+"""
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils.parametrizations import weight_norm  # torch >= 2.1: ``conv.weight`` is always current
 
-try:  # torch >= 2.1
-    from torch.nn.utils.parametrizations import weight_norm
-except ImportError:  # pragma: no cover - older torch
-    from torch.nn.utils import weight_norm  # type: ignore[no-redef]
-
-__all__ = ["EpisodeBatchNorm1d", "LTCE", "TemporalBlock", "TCN", "GTCE"]
+__all__ = ["EpisodeBatchNorm1d", "conv_as_matmul", "LTCE", "TemporalBlock", "TCN", "GTCE"]
 
 
 class EpisodeBatchNorm1d(nn.BatchNorm1d):
@@ -28,7 +39,9 @@ class EpisodeBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: Tensor, episodes: int = 1) -> Tensor:
-        """``(E*B, D, T) -> (E*B, D, T)``, statistics over (B, T) of each episode."""
+        """``(E*B, D, T) -> (E*B, D, T)``, statistics over (B, T) of each episode; or channels-last rows
+        ``(E*R, D) -> (E*R, D)`` (e.g. R = B*T rows of a ``(B, T, D)`` batch), statistics over each
+        episode's R rows."""
         if episodes == 1 or not (self.training or not self.track_running_stats):
             return super().forward(x)
         b, d = x.shape[:2]
@@ -65,6 +78,39 @@ class EpisodeBatchNorm1d(nn.BatchNorm1d):
         self.num_batches_tracked.add_(e)
 
 
+@lru_cache(maxsize=512)
+def _taps(out_pos: tuple[int, ...], in_pos: tuple[int, ...], offsets: tuple[int, ...], device: torch.device) -> Tensor:
+    """``(P_out, k)`` rows of the zero-padded input each tap reads: 0 = the zero row, i + 1 = ``in_pos[i]``.
+
+    Cached per device, so a step copies no index to the GPU.
+    """
+    where = {p: i + 1 for i, p in enumerate(in_pos)}
+    return torch.tensor([[where.get(p + o, 0) for o in offsets] for p in out_pos], dtype=torch.long, device=device)
+
+
+@lru_cache(maxsize=512)
+def _rows(wanted: tuple[int, ...], have: tuple[int, ...], device: torch.device) -> Tensor:
+    """Index of positions ``wanted`` among the rows ``have`` (cached per device)."""
+    return _taps(wanted, have, (0,), device).reshape(-1) - 1
+
+
+def conv_as_matmul(x: Tensor, conv: nn.Conv1d, index: Tensor) -> Tensor:
+    """``Conv1d(D, D', k)`` at chosen positions as one matmul: ``(B, P_in, D) -> (B, P_out, D')``.
+
+    Args:
+        x: ``(B, P_in, D)`` the input at P_in positions (channels last).
+        conv: The convolution whose ``weight (D', D, k)`` and ``bias (D',)`` are used.
+        index: ``(P_out, k)`` long, row of ``[zeros, x]`` read by tap j of output position p (see
+            :func:`_taps`); tap j multiplies ``weight[:, :, j]``, as in ``conv1d``.
+    """
+    b, _, d = x.shape
+    p_out, k = index.shape
+    padded = F.pad(x, (0, 0, 1, 0))  # (B, 1 + P_in, D), row 0 = zeros
+    cols = padded.index_select(1, index.reshape(-1)).reshape(b, p_out, k * d)  # (B, P_out, k*D) tap-major
+    weight = conv.weight  # (D', D, k)
+    return F.linear(cols, weight.transpose(1, 2).reshape(weight.shape[0], k * d), conv.bias)  # (B, P_out, D')
+
+
 class LTCE(nn.Module):
     """Local temporal context extractor: two Conv1d(D, D, 3, pad 1) over T.
 
@@ -77,6 +123,7 @@ class LTCE(nn.Module):
 
     def __init__(self, dim: int, norm: bool = False, kernel_size: int = 3) -> None:
         super().__init__()
+        self.kernel_size = kernel_size
         pad = kernel_size // 2
         layers: list[nn.Module] = []
         for _ in range(2):
@@ -87,42 +134,71 @@ class LTCE(nn.Module):
 
     def forward(self, x: Tensor, episodes: int = 1) -> Tensor:
         """``(E*B, T, D) -> (E*B, T, D)``; BatchNorm statistics per episode (E = ``episodes``)."""
-        h = x.transpose(1, 2)  # (E*B, D, T)
+        t = x.shape[1]
+        pad = self.kernel_size // 2
+        positions = tuple(range(t))
+        index = _taps(positions, positions, tuple(range(-pad, self.kernel_size - pad)), x.device)  # (T, k)
+        h = x
         for layer in self.net:
-            h = layer(h, episodes) if isinstance(layer, EpisodeBatchNorm1d) else layer(h)
-        return h.transpose(1, 2)  # (E*B, T, D)
+            if isinstance(layer, nn.Conv1d):
+                h = conv_as_matmul(h, layer, index)
+            elif isinstance(layer, EpisodeBatchNorm1d):
+                h = layer(h.reshape(-1, h.shape[-1]), episodes).reshape(h.shape)  # rows (E*B*T, D), episode-major
+            else:
+                h = layer(h)
+        return h
 
 
 class TemporalBlock(nn.Module):
     """Causal residual block: [weight_norm(Conv1d) -> right trim -> ReLU -> Dropout] x 2, ReLU(out + x).
 
+    Output t sees inputs t, t - d, ..., t - (k-1)d (zeros before 0), as the released code's
+    pad-both-sides-then-trim-the-right convolution, without computing the trimmed outputs.
+
     Args:
         dim: Width D (in = out, so no 1x1 downsample).
         kernel_size: Convolution kernel k.
-        dilation: Dilation d; output t only sees inputs <= t. The released code pads (k-1)*d on
-            both sides and trims the right; here the input is padded on the left only, which gives
-            the same outputs without computing the (k-1)*d trimmed ones (up to 2x the conv work at
-            T = 8, dilation 4).
+        dilation: Dilation d.
         dropout: Dropout probability.
     """
 
     def __init__(self, dim: int, kernel_size: int, dilation: int, dropout: float) -> None:
         super().__init__()
-        self.trim = (kernel_size - 1) * dilation  # left padding
+        self.kernel_size, self.dilation = kernel_size, dilation
         self.conv1 = weight_norm(nn.Conv1d(dim, dim, kernel_size, dilation=dilation))
         self.conv2 = weight_norm(nn.Conv1d(dim, dim, kernel_size, dilation=dilation))
         self.act = nn.ReLU()
         self.drop1 = nn.Dropout(dropout)
         self.drop2 = nn.Dropout(dropout)
 
-    def _causal(self, conv: nn.Module, x: Tensor) -> Tensor:
-        return conv(F.pad(x, (self.trim, 0)) if self.trim else x)  # (B, D, T + trim) -> (B, D, T)
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Input offsets read by taps 0..k-1: ``-(k-1)d, ..., -d, 0``."""
+        return tuple(-(self.kernel_size - 1 - j) * self.dilation for j in range(self.kernel_size))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, D, T) -> (B, D, T)`` (channels first)."""
-        out = self.drop1(self.act(self._causal(self.conv1, x)))
-        out = self.drop2(self.act(self._causal(self.conv2, out)))
-        return self.act(out + x)
+    def needs(self, out_pos: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Positions ``(inputs, first-conv outputs)`` this block reads to produce ``out_pos``."""
+        mid = tuple(sorted({p + o for p in out_pos for o in self.offsets if p + o >= 0}))
+        inp = tuple(sorted({p + o for p in mid for o in self.offsets if p + o >= 0} | set(out_pos)))
+        return inp, mid
+
+    def forward(self, x: Tensor, in_pos: tuple[int, ...] | None = None, out_pos: tuple[int, ...] | None = None) -> Tensor:
+        """``(B, P_in, D) -> (B, P_out, D)`` channels last, at positions ``out_pos`` (default: all).
+
+        Args:
+            x: The block's input at positions ``in_pos`` (default: all T); it must hold every
+                position :meth:`needs` names for ``out_pos``.
+            in_pos: Sorted time positions of the rows of ``x``.
+            out_pos: Sorted positions to compute.
+        """
+        in_pos = tuple(range(x.shape[1])) if in_pos is None else in_pos
+        out_pos = in_pos if out_pos is None else out_pos
+        _, mid = self.needs(out_pos)
+        h = self.drop1(self.act(conv_as_matmul(x, self.conv1, _taps(mid, in_pos, self.offsets, x.device))))
+        h = self.drop2(self.act(conv_as_matmul(h, self.conv2, _taps(out_pos, mid, self.offsets, x.device))))
+        if out_pos != in_pos:
+            x = x.index_select(1, _rows(out_pos, in_pos, x.device))  # the residual at the output positions
+        return self.act(h + x)
 
 
 class TCN(nn.Module):
@@ -141,7 +217,20 @@ class TCN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, T, D) -> (B, T, D)``; output t depends on inputs 0..t only."""
-        return self.blocks(x.transpose(1, 2)).transpose(1, 2)  # (B, D, T) inside
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def last(self, x: Tensor) -> Tensor:
+        """``(B, T, D) -> (B, 1, D)``: ``forward(x)[:, -1:]``, computing only the positions it depends on."""
+        outs = [(x.shape[1] - 1,)]  # output positions of each block, last block first
+        for block in reversed(self.blocks):
+            outs.append(block.needs(outs[-1])[0])
+        outs.reverse()  # outs[0]: positions of x read; outs[i + 1]: block i's outputs
+        h = x if len(outs[0]) == x.shape[1] else x.index_select(1, _rows(outs[0], tuple(range(x.shape[1])), x.device))
+        for i, block in enumerate(self.blocks):
+            h = block(h, outs[i], outs[i + 1])
+        return h
 
 
 class GTCE(nn.Module):
@@ -160,5 +249,4 @@ class GTCE(nn.Module):
 
     def forward(self, x: Tensor, episodes: int = 1) -> Tensor:
         """``(B, T, D) -> (B, T, D)``; ``episodes`` is unused (no batch statistics here)."""
-        last = self.tcn(x)[:, -1:, :]  # (B, 1, D)
-        return last.expand_as(x) + x  # (B, T, D)
+        return self.tcn.last(x).expand_as(x) + x  # (B, 1, D) over T, plus the input

@@ -1,0 +1,252 @@
+"""What a sweep can fix or sweep: options named as in ``mdmf-cache train``, and the ``--space`` syntax.
+
+The options are read from the ``TrainConfig`` dataclass and the head fields of ``MDMFConfig``, so a
+field added to either is fixable and sweepable without changes here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from mdmf_cache.errors import ConfigError
+
+# TrainConfig fields that belong to the sweep, not to a trial.
+_NOT_OPTIONS = ("cache", "out", "heads", "resume")
+# Head fields fixed by the data (the cache's D and T), or set through a TrainConfig field (method).
+_NOT_HEAD_OPTIONS = ("dim", "num_frames", "method")
+# CLI names that differ from the field names, as in ``mdmf-cache train``.
+_ALIASES: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    "lambda": ("lam", ("heads.lam",), False),
+    "view": ("views", ("heads.views",), False),
+    "dropout": ("", ("heads.mmfe_dropout", "heads.ffn_dropout", "heads.tcn_dropout"), False),
+    "otam-one-way": ("", ("heads.otam_bidirectional",), True),
+}
+
+#: Swept when ``--space`` is not given (minus whatever is fixed on the command line).
+DEFAULT_SPACE: dict[str, str] = {
+    "lr": "1e-5:1e-2:log",
+    "lambda": "0.1:2",
+    "alpha-ltc": "0.25:2",
+    "alpha-gtc": "0.25:2",
+    "dropout": "0:0.5",
+    "pps-temperature": "0.001:0.1:log",
+    "episodes-per-step": "4|8|16|32",
+    "episodes": "1000:10000:log",
+}
+
+@dataclass(frozen=True)
+class Option:
+    """One sweepable option: its CLI name, the config fields it sets, its type and allowed values."""
+
+    name: str
+    targets: tuple[str, ...]  # "lr" (a TrainConfig field) or "heads.lam" (an MDMFConfig field)
+    kind: type  # bool, int, float or str
+    choices: tuple[Any, ...] | None = None
+    invert: bool = False  # a flag that sets its bool field to False (--otam-one-way)
+
+    def parse(self, text: Any) -> Any:
+        """A value of this option from a command-line string (or a value of the right type)."""
+        if not isinstance(text, str):
+            value = text
+        elif self.kind is bool:
+            low = text.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ConfigError(f"--{self.name} {text!r}: expected true or false")
+            value = low in ("true", "1", "yes", "on")
+        else:
+            try:
+                value = self.kind(text) if self.kind is not int else _int(text)
+            except ValueError as e:
+                raise ConfigError(f"--{self.name} {text!r}: expected {self.kind.__name__}") from e
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"--{self.name} {text!r}: choose from {', '.join(map(str, self.choices))}")
+        return value
+
+
+def _int(text: str) -> int:
+    """``"2000"`` or ``"2e3"`` as 2000; ``"2.5"`` is a ValueError."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
+
+
+def _option_of(name: str, targets: tuple[str, ...], default: Any, hint: Any, invert: bool = False) -> Option:
+    choices = tuple(get_args(hint)) if get_origin(hint) is Literal else None
+    if choices:
+        kind: type = type(choices[0])
+    elif default is not None and default is not dataclasses.MISSING:
+        kind = type(default)
+    else:  # no default to read it from, e.g. ``int | None = None``: the first plain type of the hint
+        plain = [a for a in (get_args(hint) or (hint,)) if a in (bool, int, float, str)]
+        kind = plain[0] if plain else str
+    return Option(name, targets, kind, choices, invert)
+
+
+def sweep_options() -> dict[str, Option]:
+    """Every option a trial can fix or sweep, by CLI name (TrainConfig fields, then head fields)."""
+    from mdmf_cache.models.config import MDMFConfig
+    from pipelines.train import TrainConfig
+
+    opts: dict[str, Option] = {}
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in _NOT_OPTIONS:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            opts[f.name.replace("_", "-")] = _option_of(f.name.replace("_", "-"), (f.name,), default, hints[f.name])
+    hints = get_type_hints(MDMFConfig)
+    renamed = {fld: alias for alias, (fld, _, _) in _ALIASES.items() if fld}
+    head_fields = {f.name: f for f in dataclasses.fields(MDMFConfig)}
+    for f in head_fields.values():
+        if f.name in _NOT_HEAD_OPTIONS:
+            continue
+        name = renamed.get(f.name, f.name.replace("_", "-"))
+        opts.setdefault(name, _option_of(name, (f"heads.{f.name}",), f.default, hints[f.name]))
+    for alias, (_, targets, invert) in _ALIASES.items():
+        if alias not in opts:
+            first = targets[0].split(".", 1)[1]
+            opts[alias] = _option_of(alias, targets, head_fields[first].default, hints[first], invert)
+    return opts
+
+
+def _unknown(name: str, opts: dict[str, Option], what: str) -> ConfigError:
+    close = difflib.get_close_matches(name, list(opts), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown {what} {name!r}{hint}; see 'mdmf-cache sweep --help' for the names")
+
+
+def parse_fixed(args: list[str], opts: dict[str, Option] | None = None) -> dict[str, Any]:
+    """``--name value``, ``--name=value``, ``--flag`` and ``--no-flag`` pairs as {name: value}."""
+    opts = opts or sweep_options()
+    fixed: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options are written --name value")
+        key, _, text = arg[2:].partition("=")
+        value: Any
+        if key in opts and opts[key].kind is bool:
+            value = opts[key].parse(text) if text else True
+        elif key.startswith("no-") and key[3:] in opts and opts[key[3:]].kind is bool:
+            key, value = key[3:], False
+        elif key in opts:
+            if not text:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"--{key} needs a value")
+                i += 1
+                text = args[i]
+            value = opts[key].parse(text)
+        else:
+            raise _unknown(key, opts, "option --")
+        fixed[key] = value
+        i += 1
+    return fixed
+
+
+def check_fixed(fixed: dict[str, Any], opts: dict[str, Option] | None = None) -> dict[str, Any]:
+    """Fixed option values (strings or typed values) checked and typed; an unknown name is a ConfigError."""
+    opts = opts or sweep_options()
+    for name in fixed:
+        if name not in opts:
+            raise _unknown(name, opts, "option --")
+    return {name: opts[name].parse(value) for name, value in fixed.items()}
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One swept parameter: a float or int range (optionally log-scaled) or a list of values."""
+
+    name: str
+    kind: Literal["float", "int", "categorical"]
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    values: tuple[Any, ...] = ()
+
+    def suggest(self, trial) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.values))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    @property
+    def scale(self) -> str:
+        return "categorical" if self.kind == "categorical" else "log" if self.log else "linear"
+
+    def corners(self) -> list[Any]:
+        """The values that must all be valid: both ends of a range, every listed value."""
+        if self.kind == "categorical":
+            return list(self.values)
+        return [int(self.low), int(self.high)] if self.kind == "int" else [self.low, self.high]
+
+
+def parse_space(spec: dict[str, str], opts: dict[str, Option] | None = None) -> list[Dim]:
+    """``{"lr": "1e-5:1e-2:log", "episodes-per-step": "8|16"}`` as Dims; a bad name or range is a ConfigError."""
+    opts = opts or sweep_options()
+    dims = []
+    for name, text in spec.items():
+        if name not in opts:
+            raise _unknown(name, opts, "parameter")
+        opt = opts[name]
+        if "|" in text:
+            values = tuple(opt.parse(v.strip()) for v in text.split("|"))
+            if len(set(values)) < 2:
+                raise ConfigError(f"--space {name}={text}: list at least two different values")
+            dims.append(Dim(name, "categorical", values=values))
+            continue
+        parts = text.split(":")
+        if opt.kind not in (int, float) or opt.choices is not None:
+            raise ConfigError(f"--space {name}={text}: {name} takes listed values, e.g. "
+                              f"{name}={'|'.join(map(str, opt.choices or (True, False)))}")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("log", "linear")):
+            raise ConfigError(f"--space {name}={text}: write LOW:HIGH, LOW:HIGH:log or A|B|C")
+        try:
+            low, high = float(parts[0]), float(parts[1])
+        except ValueError as e:
+            raise ConfigError(f"--space {name}={text}: LOW and HIGH must be numbers") from e
+        log_scale = len(parts) == 3 and parts[2] == "log"
+        if not low < high:
+            raise ConfigError(f"--space {name}={text}: LOW must be below HIGH")
+        if log_scale and low <= 0:
+            raise ConfigError(f"--space {name}={text}: a log range needs LOW > 0")
+        if opt.kind is int and not (low.is_integer() and high.is_integer()):
+            raise ConfigError(f"--space {name}={text}: {name} is an integer")
+        dims.append(Dim(name, "int" if opt.kind is int else "float", low, high, log_scale))
+    return dims
+
+
+def parse_space_text(text: str) -> dict[str, str]:
+    """``"lr=1e-5:1e-2:log,lambda=0.1:2"`` as ``{"lr": "1e-5:1e-2:log", "lambda": "0.1:2"}``."""
+    out: dict[str, str] = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, eq, rng = item.partition("=")
+        if not eq or not rng:
+            raise ConfigError(f"--space item {item!r}: write NAME=LOW:HIGH[:log] or NAME=A|B|C")
+        out[name.strip()] = rng.strip()
+    return out
+
+
+def trial_config(base: dict[str, Any], values: dict[str, Any], opts: dict[str, Option]):
+    """A TrainConfig: ``base`` (TrainConfig fields) with option values applied to their fields."""
+    from pipelines.train import TrainConfig
+
+    cfg = json.loads(json.dumps(base))  # deep copy
+    heads = dict(cfg.get("heads") or {})
+    for name, value in values.items():
+        opt = opts[name]
+        for target in opt.targets:
+            v = (not value) if opt.invert else value
+            if target.startswith("heads."):
+                heads[target[6:]] = v
+            else:
+                cfg[target] = v
+    cfg["heads"] = heads
+    return TrainConfig(**cfg)
