@@ -502,8 +502,14 @@ def extract_lock(path: Path):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = ""
+            for _ in range(20):  # the holder writes its pid right after it takes the lock
+                f.seek(0)
+                holder = f.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            holder = holder or "another process"
             raise CacheError(f"another extract ({holder}) is writing {path}; wait for it to finish, then rerun this "
                              "command (it reuses everything finished)") from None
         f.seek(0)
