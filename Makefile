@@ -22,6 +22,7 @@ test: install
 bench: install
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train_fast.py
+	$(BIN)/python bench/verify.py
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -149,14 +149,26 @@ def export(
     cache: Annotated[Path, typer.Argument(help="A cache group (*.zarr).")],
     out: Annotated[Path, typer.Argument(help="Output file.")],
     format: Annotated[ExportFormat, typer.Option("--format")] = ExportFormat.h5,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Write a cache's arrays and attributes to HDF5."""
+    """Write a cache's arrays and attributes to HDF5 (written whole, then renamed: never half a file)."""
     _setup_logging(debug)
+    _on_interrupt(f"nothing was written to {out}; rerun the same command")
     from mdmf_cache.store import export_h5
 
-    path = export_h5(cache, out)
+    path = export_h5(cache, out, overwrite=overwrite)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command(epilog="Example:\n\n  mdmf-cache verify cache/ucf101__RN50__openai.zarr")
+def verify(cache: Annotated[Path, typer.Argument(help="A cache group (*.zarr).")], debug: DebugOpt = False) -> None:
+    """Read every chunk of a cache: name each damaged split, array, rows and file (exit 2 if any)."""
+    _setup_logging(debug)
+    _on_interrupt("nothing was changed; rerun the same command")
+    from pipelines.report import print_verify
+
+    print_verify(cache)
 
 
 class Mode(str, Enum):

@@ -246,14 +246,22 @@ def load_builtin_splits(dataset: str, splits_dir: Path, root: Path | None = None
 
 
 def _scan_classes(root: Path) -> list[str]:
+    """``class/video`` ids of the videos under ``root``; names that would collide keep what tells them
+    apart (:func:`entry_ids`)."""
     ids = []
     for cdir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for item in sorted(cdir.iterdir()):
-            if item.is_file() and item.suffix.lower() in VIDEO_EXTS:
-                ids.append(f"{cdir.name}/{item.stem}")
-            elif item.is_dir() and _has_frames(item):
-                ids.append(f"{cdir.name}/{item.name}")
+        entries = [item for item in sorted(cdir.iterdir())
+                   if (item.is_file() and item.suffix.lower() in VIDEO_EXTS) or (item.is_dir() and _has_frames(item))]
+        ids.extend(f"{cdir.name}/{name}" for name in entry_ids(entries))
     return ids
+
+
+def entry_ids(entries: list[Path]) -> list[str]:
+    """The video part of each entry's id: the file's stem or the frame folder's name, unless two entries
+    share it (``clip.mp4``, ``clip.avi``, ``clip/``): then ``clip.mp4``, ``clip.avi`` and ``clip/``."""
+    stems = [e.name if e.is_dir() else os.path.splitext(e.name)[0] for e in entries]
+    count = {st: stems.count(st) for st in stems}
+    return [st if count[st] == 1 else (e.name + "/" if e.is_dir() else e.name) for st, e in zip(stems, entries)]
 
 
 def scan_folder(root: Path) -> list[str]:
@@ -338,42 +346,62 @@ class VideoIndex:
 
     A split file's class matches a folder of the same name, else one whose :func:`folder_key` is
     the same (other case, ``_`` for spaces); SSv2's flat ``root/video`` layout is found by video name.
+    An id names a file by its stem (``class/clip``), by its full name (``class/clip.mp4``), or a frame
+    folder by its name (``class/clip``, or ``class/clip/``). A stem that names several entries
+    (``clip.mp4``, ``clip.avi``, a frame folder ``clip/``) is ambiguous: :func:`resolve_paths` refuses it.
     """
 
     def __init__(self, root: Path):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(f"video root {self.root} is not a directory; pass --root DIR")
-        self.nested: dict[tuple[str, str], Path] = {}
-        self.flat: dict[str, Path] = {}
+        self.nested: dict[tuple[str, str], list[Path]] = {}  # (class folder, stem or folder name) -> entries
+        self.exact: dict[tuple[str, str], Path] = {}  # (class folder, file name with extension) -> file
+        self.flat: dict[str, list[Path]] = {}
+        self.flat_exact: dict[str, Path] = {}
         self.folders: dict[str, list[str]] = {}  # folder_key -> class folder names
         for top in sorted(os.scandir(self.root), key=lambda e: e.name):
             if top.is_file():
                 stem, ext = os.path.splitext(top.name)
                 if ext.lower() in VIDEO_EXTS:
-                    self.flat[stem] = Path(top.path)
+                    self.flat.setdefault(stem, []).append(Path(top.path))
+                    self.flat_exact[top.name] = Path(top.path)
             elif top.is_dir():
-                self.flat.setdefault(top.name, Path(top.path))  # may be a flat frame folder
+                self.flat.setdefault(top.name, []).append(Path(top.path))  # may be a flat frame folder
                 self.folders.setdefault(folder_key(top.name), []).append(top.name)
-                for item in os.scandir(top.path):
+                for item in sorted(os.scandir(top.path), key=lambda e: e.name):
                     stem, ext = os.path.splitext(item.name)
                     if item.is_file() and ext.lower() in VIDEO_EXTS:
-                        self.nested[(top.name, stem)] = Path(item.path)
+                        self.nested.setdefault((top.name, stem), []).append(Path(item.path))
+                        self.exact[(top.name, item.name)] = Path(item.path)
                     elif item.is_dir():
-                        self.nested[(top.name, item.name)] = Path(item.path)
+                        self.nested.setdefault((top.name, item.name), []).append(Path(item.path))
+        self.ambiguous: dict[str, list[Path]] = {}  # ids that name several entries (filled by resolve)
+
+    def _pick(self, video_id: str, vid: str, by_stem: dict, exact: dict, key) -> Path | None:
+        if vid.endswith("/"):  # a frame folder, named apart from files of the same stem
+            cands = [p for p in by_stem.get(key(vid[:-1]), []) if p.is_dir()]
+        elif key(vid) in exact:
+            return exact[key(vid)]
+        else:
+            cands = by_stem.get(key(vid), [])
+        if len(cands) > 1:  # a folder without frames is no video
+            cands = [p for p in cands if not p.is_dir() or _has_frames(p)]
+        if len(cands) > 1:
+            self.ambiguous[video_id] = cands
+        return cands[0] if len(cands) == 1 else None
 
     def resolve(self, video_id: str) -> Path | None:
         cls, vid = video_id.split("/", 1)
-        path = self.nested.get((cls, vid))
-        if path is None:
-            for folder in self.folders.get(folder_key(cls), ()):
-                path = self.nested.get((folder, vid))
-                if path is not None:
-                    break
-        if path is None:
-            path = self.flat.get(vid)
-            if path is not None and path.is_dir() and not _has_frames(path):
-                path = None  # a class directory, not a frame folder
+        if video_id in self.ambiguous:
+            return None
+        for folder in (cls, *[f for f in self.folders.get(folder_key(cls), ()) if f != cls]):
+            path = self._pick(video_id, vid, self.nested, self.exact, lambda v, f=folder: (f, v))
+            if path is not None or video_id in self.ambiguous:
+                return path
+        path = self._pick(video_id, vid, self.flat, self.flat_exact, lambda v: v)
+        if path is not None and path.is_dir() and not _has_frames(path):
+            path = None  # a class directory, not a frame folder
         return path
 
 
@@ -385,6 +413,15 @@ def resolve_paths(split: Split, root: Path, index: VideoIndex | None = None) -> 
     """Fill ``split.paths``; return the ids that were not found."""
     index = index or VideoIndex(root)
     split.paths = [index.resolve(v) for v in split.video_ids]
+    ambiguous = [v for v in split.video_ids if v in index.ambiguous]
+    if ambiguous:
+        v = ambiguous[0]
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in index.ambiguous[v])
+        cls = v.split("/", 1)[0]
+        raise DatasetError(
+            f"{split.name}: {len(ambiguous)} video ids name several files (first: {v} is {names} under "
+            f"{index.ambiguous[v][0].parent}); one id must be one video: write the full name in the split file "
+            f"(e.g. {cls}/{index.ambiguous[v][0].name}) or remove the copies")
     return [v for v, p in zip(split.video_ids, split.paths) if p is None]
 
 

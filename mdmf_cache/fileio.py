@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import MdmfError
 
-__all__ = ["DiskFullError", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+__all__ = ["DiskFullError", "raise_if_disk_full", "atomic_write_file", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
 
 _LOW_SPACE = 64 << 20  # below this much free space a failed write is reported as a full disk
 
@@ -42,6 +42,11 @@ def _raise_if_disk_full(path: Path, err: BaseException) -> None:
         ) from err
 
 
+def raise_if_disk_full(path: Path | str, err: BaseException) -> None:
+    """Raise :class:`DiskFullError` naming ``path`` and the free space if ``err`` came from a full disk."""
+    _raise_if_disk_full(Path(path), err)
+
+
 def _replace(tmp: Path, path: Path, write) -> None:
     try:
         write(tmp)
@@ -51,6 +56,14 @@ def _replace(tmp: Path, path: Path, write) -> None:
         if isinstance(err, (OSError, RuntimeError)):
             _raise_if_disk_full(path, err)
         raise
+
+
+def atomic_write_file(path: Path | str, write) -> Path:
+    """``write(tmp)`` writes the content to ``tmp`` (``path.tmp``), renamed to ``path`` once complete;
+    on any failure (a kill included) the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    _replace(path.with_name(path.name + ".tmp"), path, write)
+    return path
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:

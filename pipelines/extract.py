@@ -18,9 +18,11 @@ present, unused, reused if they come back). Prompts are cheap: a changed ``--pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ import numpy as np
 from mdmf_cache.datasets import (DATASETS, SPLITS, Split, VideoIndex, clean_class_name, diagnose_missing,
                                  load_splits, resolve_paths)
 from mdmf_cache.errors import CacheError, ConfigError, DatasetError, MdmfError, VideoReadError
+from mdmf_cache.fileio import raise_if_disk_full
 from mdmf_cache.store import CacheStore, group_name
 
 log = logging.getLogger(__name__)
@@ -236,19 +239,22 @@ class ChunkWriter:
     def flush(self) -> None:
         if self.buf:
             rows = np.array([r["row"] for r in self.buf])
-            self.store.write_rows(
-                self.split,
-                rows,
-                {
-                    "features": np.stack([r["features"] for r in self.buf]),
-                    "frame_indices": np.stack([r["indices"] for r in self.buf]),
-                    "num_frames": np.array([r["num_frames"] for r in self.buf], dtype=np.int32),
-                    "failed": np.array([r["error"] != "" for r in self.buf]),
-                    "errors": np.array([r["error"] for r in self.buf], dtype=object).astype(str),
-                },
-            )
+            try:
+                self._write(rows)
+            except (OSError, RuntimeError) as err:  # a full disk: say where and how much is free
+                raise_if_disk_full(self.store.path / self.split, err)
+                raise
             self.buf = []
         self.last = time.monotonic()
+
+    def _write(self, rows: np.ndarray) -> None:
+        self.store.write_rows(self.split, rows, {
+            "features": np.stack([r["features"] for r in self.buf]),
+            "frame_indices": np.stack([r["indices"] for r in self.buf]),
+            "num_frames": np.array([r["num_frames"] for r in self.buf], dtype=np.int32),
+            "failed": np.array([r["error"] != "" for r in self.buf]),
+            "errors": np.array([r["error"] for r in self.buf], dtype=object).astype(str),
+        })
 
 
 @dataclass
@@ -263,6 +269,10 @@ class SplitResult:
     missing: int = 0  # listed videos not on disk
     vanished: list[str] = field(default_factory=list)  # finished rows whose video is gone (kept, unused)
     text: str = ""  # why the text embeddings were (re)computed this run, '' if they were reused
+    retried: int = 0  # rows that had failed before, decoded again (their files may have changed)
+    still_failing: int = 0  # of them, failed again
+    repaired: int = 0  # damaged rows marked to be extracted again (verify_and_repair)
+    damage: list[str] = field(default_factory=list)  # what was damaged
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
@@ -274,23 +284,25 @@ def extract_split(
 
     The cache's rows are matched to this process's files by video id (``split.paths``).
     """
-    import torch
     from torch.utils.data import DataLoader
-
-    from mdmf_cache.preprocess import preprocess_clips
 
     name = split.name
     views = cfg.train_views if name == "train" else 1
     found = {v: p for v, p in zip(split.video_ids, split.paths) if p is not None}
     row_ids = store.video_ids(name)
     present = np.array([v in found for v in row_ids], dtype=bool)
-    rows = store.pending_rows(name, cfg.rank, cfg.world_size, present=present)
+    owned = (np.arange(len(row_ids)) // store.chunk_rows(name)) % cfg.world_size == cfg.rank
+    done = store.done_mask(name)
+    # a failure is not final: the file may have been replaced since, so failed rows are decoded again
+    retry = done & store._rows(name, "failed").astype(bool) & present & owned
+    rows = np.union1d(store.pending_rows(name, cfg.rank, cfg.world_size, present=present), np.flatnonzero(retry))
     res = res or SplitResult(name)
     res.videos, res.missing = len(found), len(split.video_ids) - len(found)
-    owned = (np.arange(len(row_ids)) // store.chunk_rows(name)) % cfg.world_size == cfg.rank
-    res.reused = int((store.done_mask(name) & present & owned).sum())  # only this rank writes these rows
+    res.reused = int((done & ~retry & present & owned).sum())  # only this rank writes these rows
+    res.retried = int(retry.sum())
     if len(rows) == 0:
         return res
+    retried = set(np.flatnonzero(retry).tolist())
     ids = {int(r): row_ids[r] for r in rows}
     source = ClipSource(rows, [row_ids[r] for r in rows], [found[row_ids[r]] for r in rows], name == "train", views, cfg)
     loader = DataLoader(
@@ -301,34 +313,47 @@ def extract_split(
     writer = ChunkWriter(store, name, cfg.flush_seconds)
     task = progress.add_task(f"{name}", total=len(rows)) if progress else None
     t0 = time.perf_counter()
-    T, D = cfg.num_frames, backbone.dim
-    for batch in loader:
-        ok = [b for b in batch if "error" not in b]
-        feats: dict[int, np.ndarray] = {}
-        if ok:
-            clips = [b["frames"][v] for b in ok for v in range(views)]
-            crops = [b["crops"][v] for b in ok for v in range(views)]
-            pix = preprocess_clips(clips, crops, backbone.device, normalize=cfg.normalize)  # (B*V, T, 3, 224, 224)
-            emb = backbone.encode_images(pix.flatten(0, 1))  # (B*V*T, D)
-            emb = emb.view(len(ok), views, T, D).to(torch.float16).cpu().numpy()
-            feats = {b["row"]: emb[j] for j, b in enumerate(ok)}
-        for b in batch:
-            if "error" in b:
-                res.failed += 1
-                res.failures.append((ids[b["row"]], b["error"]))
-                log.debug("failed %s: %s", ids[b["row"]], b["error"])
-                writer.add({"row": b["row"], "features": np.zeros((views, T, D), np.float16),
-                            "indices": np.full((views, T), -1, np.int32), "num_frames": 0, "error": b["error"]})
-            else:
-                res.extracted += 1
-                res.short += int(b["num_frames"] < T)
-                writer.add({"row": b["row"], "features": feats[b["row"]], "indices": b["indices"],
-                            "num_frames": b["num_frames"], "error": ""})
-        if progress:
-            progress.advance(task, len(batch))
-    writer.flush()
+    try:
+        for batch in loader:
+            _encode_batch(batch, backbone, cfg, views, ids, retried, writer, res)
+            if progress:
+                progress.advance(task, len(batch))
+    finally:  # Ctrl-C or an error: the finished rows buffered so far are kept
+        writer.flush()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _encode_batch(batch: list, backbone, cfg: ExtractConfig, views: int, ids: dict, retried: set,
+                  writer: "ChunkWriter", res: SplitResult) -> None:
+    """Encode one batch of decoded clips and hand its rows (failures recorded) to the writer."""
+    import torch
+
+    from mdmf_cache.preprocess import preprocess_clips
+
+    T, D = cfg.num_frames, backbone.dim
+    ok = [b for b in batch if "error" not in b]
+    feats: dict[int, np.ndarray] = {}
+    if ok:
+        clips = [b["frames"][v] for b in ok for v in range(views)]
+        crops = [b["crops"][v] for b in ok for v in range(views)]
+        pix = preprocess_clips(clips, crops, backbone.device, normalize=cfg.normalize)  # (B*V, T, 3, 224, 224)
+        emb = backbone.encode_images(pix.flatten(0, 1))  # (B*V*T, D)
+        emb = emb.view(len(ok), views, T, D).to(torch.float16).cpu().numpy()
+        feats = {b["row"]: emb[j] for j, b in enumerate(ok)}
+    for b in batch:
+        if "error" in b:
+            res.failed += 1
+            res.still_failing += int(b["row"] in retried)
+            res.failures.append((ids[b["row"]], b["error"]))
+            log.debug("failed %s: %s", ids[b["row"]], b["error"])
+            writer.add({"row": b["row"], "features": np.zeros((views, T, D), np.float16),
+                        "indices": np.full((views, T), -1, np.int32), "num_frames": 0, "error": b["error"]})
+        else:
+            res.extracted += 1
+            res.short += int(b["num_frames"] < T)
+            writer.add({"row": b["row"], "features": feats[b["row"]], "indices": b["indices"],
+                        "num_frames": b["num_frames"], "error": ""})
 
 
 def _progress():
@@ -374,6 +399,13 @@ def find_videos(cfg: ExtractConfig, splits: dict[str, Split]) -> dict[str, list[
 def prepare_cache(store: CacheStore, splits: dict[str, Split], cfg: ExtractConfig, backbone) -> dict[str, SplitResult]:
     """Rank 0: match every split's rows to the tree and (re)compute stale text embeddings."""
     store.root.attrs["ready"] = False  # until rows and text match this run (info: not complete if killed here)
+    # damage (a deleted or garbled chunk, a corrupt zarr.json): undone here, redone by this run
+    t0 = time.perf_counter()
+    damages, redo = store.verify_and_repair(cfg.num_frames, backbone.dim)
+    for d in damages:
+        log.warning("%s is damaged: %s; repairing it", store.path, d)
+    log.debug("verified %s in %.1f s", store.path, time.perf_counter() - t0)
+    rebuilt = {d.split for d in damages if d.fix == "split"}
     results = {}
     for name, split in splits.items():
         present = np.array([p is not None for p in split.paths], dtype=bool)
@@ -382,7 +414,9 @@ def prepare_cache(store: CacheStore, splits: dict[str, Split], cfg: ExtractConfi
             views=cfg.train_views if name == "train" else 1, num_frames=cfg.num_frames, dim=backbone.dim,
             chunk_rows=cfg.chunk_rows,
         )
-        res = results[name] = SplitResult(name, added=0 if sync.created else sync.added, vanished=sync.vanished)
+        res = results[name] = SplitResult(name, added=0 if sync.created else sync.added, vanished=sync.vanished,
+                                          repaired=sync.rows if name in rebuilt else len(redo.get(name, ())),
+                                          damage=[str(d) for d in damages if d.split == name])
         if sync.vanished:
             log.warning("%s: %d extracted videos are no longer under %s (first: %s); their rows are kept but "
                         "not used until the videos are back", name, len(sync.vanished), cfg.root,
@@ -422,6 +456,72 @@ def wait_for_rows(store: CacheStore, splits: dict[str, Split], rank: int, wait_s
         time.sleep(0.5)
 
 
+def split_changes(path: Path, splits: dict[str, Split]) -> str | None:
+    """What changed between the split files a cache was made from and ``splits``: the first classes and
+    videos added or removed per split (None: no cache, or nothing to compare)."""
+    from mdmf_cache.store import meta_problem
+
+    if meta_problem(path):
+        return None
+    store = CacheStore(path)
+    old_hashes = (store.fingerprint.get("video") or {}).get("split_hashes") or {}
+    parts = []
+    for name, split in splits.items():
+        if name not in old_hashes or old_hashes[name] == split.source_hash:
+            continue
+        if name not in store.splits:
+            parts.append(f"the {name} split file changed")
+            continue
+        g = store.root[name]
+        order = store._rows(name, "order") if "order" in g else np.zeros(store.num_rows(name), dtype=np.int64)
+        before = {v for v, o in zip(store.video_ids(name), order) if o >= 0} | set(g.attrs.get("missing") or [])
+        bits = []
+        for what, old, new in (("classes", set(g.attrs["classes"]), set(split.classes)),
+                               ("videos", before, set(split.video_ids))):
+            for verb, diff in (("added", sorted(new - old)), ("removed", sorted(old - new))):
+                if diff:
+                    bits.append(f"{len(diff)} {what} {verb} ({', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''})")
+        parts.append(f"{name} split changed: {'; '.join(bits) or 'the same videos in another order'}")
+    return "; ".join(parts) or None
+
+
+@contextlib.contextmanager
+def extract_lock(path: Path):
+    """Hold ``PATH.lock`` (an OS file lock, released when the process ends, a kill included) while one
+    extract writes the cache; a second extract of the same cache is refused, naming the first."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    try:
+        f = open(lock, "a+")
+    except OSError as e:
+        raise CacheError(f"cannot write {lock} ({e.strerror}): extract needs write access to {path.parent}; "
+                         "a read-only cache can still be read by train, eval and export") from e
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            for _ in range(20):  # the holder writes its pid right after it takes the lock
+                f.seek(0)
+                holder = f.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            holder = holder or "another process"
+            raise CacheError(f"another extract ({holder}) is writing {path}; wait for it to finish, then rerun this "
+                             "command (it reuses everything finished)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
     """Run the whole extraction; returns the cache path and per-split results.
 
@@ -438,6 +538,7 @@ def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
                          labels_file=Path(cfg.labels) if cfg.labels else None)
     # the fingerprint covers every split file, so extracting --split test now and train later shares one cache
     split_hashes = {name: split.source_hash for name, split in splits.items()}
+    every_split = dict(splits)
     for name in SPLITS:
         if name not in cfg.splits:
             splits.pop(name, None)
@@ -452,7 +553,19 @@ def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
     backbone = load_backbone(cfg.model, cfg.pretrained, device)
     fp = fingerprint(cfg, backbone.weights, split_hashes)
     path = Path(cfg.cache_dir) / group_name(cfg.cache_name, cfg.model, pretrained_slug(cfg.pretrained))
-    store = CacheStore.open_for_writing(path, fp, overwrite=cfg.overwrite, rank=cfg.rank)
+    # rank 0 holds the cache's lock (other ranks of the same job follow rank 0)
+    with extract_lock(path) if cfg.rank == 0 else contextlib.nullcontext():
+        return _extract_into(path, fp, cfg, splits, every_split, backbone)
+
+
+def _extract_into(path: Path, fp: dict, cfg: ExtractConfig, splits: dict[str, Split], every_split: dict[str, Split],
+                  backbone) -> tuple[Path, list[SplitResult]]:
+    """Steps 2 (the cache) to 5 of :func:`run_extract`."""
+    note = None
+    if (path / "zarr.json").is_file() and not cfg.overwrite and cfg.rank == 0:
+        with contextlib.suppress(CacheError):  # a damaged cache: refused or repaired below
+            note = split_changes(path, every_split)
+    store = CacheStore.open_for_writing(path, fp, overwrite=cfg.overwrite, rank=cfg.rank, split_note=note)
     # 3. rows matched to the tree, text (rank 0); the other ranks wait for the rows they need
     if cfg.rank == 0:
         results = prepare_cache(store, splits, cfg, backbone)

@@ -8,6 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from mdmf_cache.errors import CacheError
+
 console = Console()
 
 
@@ -27,6 +29,13 @@ def print_extract_summary(path: Path, results) -> None:
         if r.vanished:
             console.print(f"[yellow]{r.split}: {len(r.vanished)} extracted videos are no longer on disk[/] "
                           f"(rows kept, unused until they are back), e.g. {', '.join(r.vanished[:3])}")
+        if r.retried:
+            console.print(f"{r.split}: retried {r.retried} videos that had failed: {r.retried - r.still_failing} "
+                          f"decode now, {r.still_failing} still failing")
+        if r.damage:
+            redo = f"{r.repaired} rows extracted again" if r.repaired else "no row needed extracting again"
+            console.print(f"[yellow]{r.split}: repaired {len(r.damage)} damaged parts[/] (e.g. {r.damage[0]}): {redo}",
+                          soft_wrap=True)
         if r.text and r.text != "new":
             console.print(f"{r.split}: {r.text}: text embeddings recomputed, frame features unchanged")
     failures = [f for r in results for f in r.failures]
@@ -51,10 +60,14 @@ INFO_ROWS = (  # (label, summary key or formatter): one line per field, one colu
 
 def print_info(path: Path) -> dict:
     """Print and return a cache's summary: fields down, splits across, so it reads in 80 columns."""
-    from mdmf_cache.store import CacheStore
+    from mdmf_cache.store import CacheStore, damage_message
 
     store = CacheStore(path)
-    summary = {"path": str(path), "complete": store.is_complete(), "splits": {}, "fingerprint": store.fingerprint}
+    damages = store.verify(deep=False)
+    if any(d.fix in ("meta", "split") for d in damages):  # the arrays cannot be summarised
+        raise CacheError(damage_message(path, damages))
+    summary = {"path": str(path), "complete": store.is_complete() and not damages, "splits": {},
+               "fingerprint": store.fingerprint, "damaged": [str(d) for d in damages]}
     for split in store.splits:
         summary["splits"][split] = store.split_summary(split)
     console.print(f"cache: {path}", soft_wrap=True)
@@ -65,7 +78,13 @@ def print_info(path: Path) -> dict:
     for label, fmt in INFO_ROWS:
         table.add_row(label, *[fmt(s) for s in summary["splits"].values()])
     console.print(table)
-    console.print("complete: " + ("[green]yes[/]" if summary["complete"] else "[yellow]no[/] (rerun the extract command to finish)"))
+    if damages:
+        console.print(f"complete: [red]no, damaged[/] ({len(damages)} parts; 'mdmf-cache verify {path}' reads every "
+                      "chunk; rerun the extract command to repair):", soft_wrap=True)
+        for d in damages[:5]:
+            console.print(f"  [red]damaged[/] {d}", soft_wrap=True)
+    else:
+        console.print("complete: " + ("[green]yes[/]" if summary["complete"] else "[yellow]no[/] (rerun the extract command to finish)"))
     for split, s in summary["splits"].items():
         for vid, err in s["failures"][:5]:
             console.print(f"  [yellow]failed[/] {split} {vid}: {err}")
@@ -73,6 +92,40 @@ def print_info(path: Path) -> dict:
             console.print(f"  ... and {len(s['failures']) - 5} more failures in {split}")
     console.print("fingerprint: " + json.dumps(store.fingerprint, indent=1))
     return summary
+
+
+def print_verify(path: Path) -> list:
+    """Read every chunk of a cache; print each damaged part, or what was checked. Raises CacheError if damaged."""
+    import time
+
+    from mdmf_cache.store import CacheStore
+
+    t0 = time.perf_counter()
+    store = CacheStore(path)
+    damages = store.verify(deep=True)
+    seconds = time.perf_counter() - t0
+    if damages:
+        console.print(f"[red]{path} is damaged[/] ({len(damages)} parts):", soft_wrap=True)
+        for d in damages:
+            console.print(f"  {d}", soft_wrap=True)
+        fixes = {"rows": "those rows are extracted again", "chunk": "the unreadable chunk file is removed and its rows redone",
+                 "labels": "labels are written again from the split files", "text": "the prompt embeddings are recomputed",
+                 "sync": "presence and order are written again", "meta": "the zarr.json is written again (chunks kept)",
+                 "split": "the split is rebuilt (extracted again)"}
+        for fix in dict.fromkeys(d.fix for d in damages):
+            console.print(f"  repair ({fix}): {fixes[fix]}")
+        raise CacheError(f"{len(damages)} damaged parts in {path}; rerun the extract command that made it to "
+                         "repair them (only damaged rows are extracted again)")
+    rows = {s: store.num_rows(s) for s in store.splits}
+    pending = {s: int((~store.done_mask(s) & store.present_mask(s)).sum()) for s in store.splits}
+    console.print(f"{path}: no damage ({', '.join(f'{s} {n} rows' for s, n in rows.items())}; every chunk read "
+                  f"in {seconds:.1f} s)", soft_wrap=True)
+    no_text = [s for s in store.splits if store.prompts(s) is None]
+    if any(pending.values()) or no_text:
+        todo = [f"{s}: {k} videos not extracted yet" for s, k in pending.items() if k]
+        todo += [f"{s}: no text embeddings yet" for s in no_text]
+        console.print(f"[yellow]not complete[/]: {'; '.join(todo)}; rerun the extract command to finish")
+    return damages
 
 
 def print_eval(results: dict, per_class: bool = True) -> None:
