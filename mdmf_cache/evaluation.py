@@ -211,13 +211,15 @@ def evaluate_per_video(
                 ])  # (U_q, T, D)
         del frames_v, ctx
 
-        # 4. per episode: prototypes, distances, OTAM
+        # 4. per episode: prototypes, distances, OTAM. The prototypes (class means of the supports' outputs)
+        # are averaged straight from the pair table, without gathering every support's output first, and
+        # reach the head as one "shot" per class (its mean over K = 1 shot is the identity).
         tally = _Tally(c, dev, keep_logits)
         s = episodes.support.shape[1]
         for lo in range(0, e_all, batch_size):
             ep = episodes[lo : lo + batch_size]
             sp = torch.as_tensor(slot_pair[lo : lo + len(ep)], device=dev)
-            support_out = {name: tokened[name][sp[:, :s]] for name in model.views}  # (E, S, T+1, D)
+            support_out = {name: _class_means(tokened[name], sp[:, :s], n) for name in model.views}  # (E, N, T+1, D)
             if model.query_has_token:
                 query_out = {name: tokened[name][sp[:, s:]] for name in model.views}  # (E, Q, T+1, D)
             else:
@@ -229,6 +231,14 @@ def evaluate_per_video(
     result = tally.result()
     result.fused = len(pair_codes) + (0 if model.query_has_token else len(query_videos))
     return result
+
+
+def _class_means(table: Tensor, slots: Tensor, n: int) -> Tensor:
+    """``table (P, L, D)`` fused pairs, ``slots (E, S)`` class-major support pairs -> ``(E, N, L, D)`` class means."""
+    e, s = slots.shape
+    p, length, d = table.shape
+    means = torch.nn.functional.embedding_bag(slots.reshape(e * n, s // n), table.reshape(p, length * d), mode="mean")
+    return means.reshape(e, n, length, d)
 
 
 def method_logits(method: str, model=None) -> LogitsFn:
