@@ -146,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--test-episodes", type=int, default=FULL_TEST,
                    help="test episodes scored on the per-video path; fewer than 10000 are extrapolated to 10000")
-    p.add_argument("--direct-episodes", type=int, default=100,
+    p.add_argument("--direct-episodes", type=int, default=200,
                    help="episodes scored on the direct (reference) path, extrapolated to 10000")
     p.add_argument("--method", default="mdmf", help="mdmf | clip-fsar")
     p.add_argument("--preset", default="paper", help="head preset (paper | reference)")

@@ -202,7 +202,10 @@ def evaluate_per_video(
             ctx = torch.cat([model.context(name, frames_v[i : i + seq]) for i in range(0, len(vids), seq)])  # (U, T, D)
             pv = torch.as_tensor(pair_video, device=dev)
             pk = torch.as_tensor(pair_key, device=dev)
-            tokened[name] = model.fuse_pairs(name, frames_v, ctx, text_keys, pv, pk)  # (P, T+1, D)
+            # frame positions only; position 0 (the token's output) feeds just the distillation
+            # posteriors, which evaluation does not read: it stays zero, the logits do not see it
+            fused = model.fuse_pairs(name, frames_v, ctx, text_keys, pv, pk, token_output=False)  # (P, T, D)
+            tokened[name] = torch.nn.functional.pad(fused, (0, 0, 1, 0))  # (P, T+1, D)
             if not model.query_has_token:
                 qv = torch.as_tensor(query_video, device=dev)
                 untokened[name] = torch.cat([

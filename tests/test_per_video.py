@@ -72,8 +72,11 @@ def test_fuse_pairs_equals_fuse_on_gathered_pairs() -> None:
         name = next(iter(model.views))
         with torch.no_grad():
             ctx = model.context(name, frames)
-            torch.testing.assert_close(model.fuse_pairs(name, frames, ctx, tokens, pv, pt, chunk=3),
-                                       model.fuse(name, frames[pv], ctx[pv], tokens[pt]), rtol=1e-5, atol=1e-5)
+            direct = model.fuse(name, frames[pv], ctx[pv], tokens[pt])
+            torch.testing.assert_close(model.fuse_pairs(name, frames, ctx, tokens, pv, pt, chunk=3), direct,
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model.fuse_pairs(name, frames, ctx, tokens, pv, pt, token_output=False),
+                                       direct[:, 1:], rtol=1e-5, atol=1e-5)
 
 
 def test_per_video_fuses_each_video_token_pair_once(monkeypatch) -> None:
@@ -83,7 +86,7 @@ def test_per_video_fuses_each_video_token_pair_once(monkeypatch) -> None:
     fused, contexts = [], []
     fuse_pairs, context = model.fuse_pairs, model.context
     monkeypatch.setattr(model, "fuse_pairs",
-                        lambda name, f, c, t, pv, pt: fused.append(len(pv)) or fuse_pairs(name, f, c, t, pv, pt))
+                        lambda name, f, c, t, pv, pt, **kw: fused.append(len(pv)) or fuse_pairs(name, f, c, t, pv, pt, **kw))
     monkeypatch.setattr(model, "context", lambda name, f, e=1: contexts.append(len(f)) or context(name, f, e))
     res = score("mdmf", split, eps, model, seed=0, batch_size=100, keep_logits=True)
 

@@ -73,7 +73,7 @@ class FewShotHead(nn.Module):
         return self.views[name].mmfe(None if tokens is None else self.token_input(tokens), context, frames)
 
     def fuse_pairs(self, name: str, frames: Tensor, context: Tensor, tokens: Tensor, pair_video: Tensor,
-                   pair_token: Tensor, chunk: int = 4096) -> Tensor:
+                   pair_token: Tensor, chunk: int = 4096, token_output: bool = True) -> Tensor:
         """:meth:`fuse` of P (video, token) pairs, the per-position work done once per video and per token.
 
         Args:
@@ -81,15 +81,18 @@ class FewShotHead(nn.Module):
             tokens: ``(M, D)`` distinct tokens.
             pair_video, pair_token: ``(P,)`` indices into them.
             chunk: pairs per attention/feed-forward batch.
+            token_output: False = only the frame positions' outputs ``(P, T, D)`` (the token's own
+                output feeds only the distillation posteriors, which evaluation does not read).
 
         Returns:
-            ``(P, T+1, D)``, equal to ``fuse(frames[pair_video], context[pair_video], tokens[pair_token])``.
+            ``(P, T+1, D)``, equal to ``fuse(frames[pair_video], context[pair_video], tokens[pair_token])``
+            (or its positions 1..T).
         """
         mmfe = self.views[name].mmfe
         frame_parts = mmfe.frame_parts(context, frames)  # norms and q/k/v projections once per video
         token_parts = mmfe.token_parts(self.token_input(tokens))  # and once per token
-        return torch.cat([mmfe.attend(frame_parts, token_parts, pair_video[i : i + chunk], pair_token[i : i + chunk])
-                          for i in range(0, len(pair_video), chunk)])
+        return torch.cat([mmfe.attend(frame_parts, token_parts, pair_video[i : i + chunk], pair_token[i : i + chunk],
+                                      token_output) for i in range(0, len(pair_video), chunk)])
 
     def head(self, support_out: dict[str, Tensor], query_out: dict[str, Tensor], n: int) -> dict[str, Tensor]:
         """Per-episode scores from fused supports ``(E, S, L, D)`` and queries ``(E, Q, L', D)`` per view."""

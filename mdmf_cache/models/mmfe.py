@@ -73,7 +73,8 @@ class MMFE(nn.Module):
         return {"query": query, "q": self.to_q(normed), "k": self.to_k(normed), "v": self.to_v(normed)}
 
     def attend(self, frame_parts: dict[str, Tensor], token_parts: dict[str, Tensor] | None = None,
-               pair_video: Tensor | None = None, pair_token: Tensor | None = None) -> Tensor:
+               pair_video: Tensor | None = None, pair_token: Tensor | None = None,
+               token_output: bool = True) -> Tensor:
         """Attention, out projection and feed-forward for (video, token) pairs.
 
         Args:
@@ -81,18 +82,24 @@ class MMFE(nn.Module):
             token_parts: :meth:`token_parts` of M tokens; None = no token position.
             pair_video: ``(P,)`` video of each pair (default: 0..B-1).
             pair_token: ``(P,)`` token of each pair (default: 0..M-1).
+            token_output: False = the frame positions' outputs only (the token still attends as a
+                key/value); evaluation needs no more, and skips 1/(T+1) of the work.
 
         Returns:
-            ``(P, T+1, D)``, position 0 the token's output, or ``(P, T, D)`` without a token.
+            ``(P, T+1, D)``, position 0 the token's output, or ``(P, T, D)`` without a token (or
+            without its output).
         """
         parts = {k: v if pair_video is None else v[pair_video] for k, v in frame_parts.items()}  # (P, T, D)
         if token_parts is not None:
             tok = {k: (v if pair_token is None else v[pair_token]).unsqueeze(1) for k, v in token_parts.items()}
             parts = {k: torch.cat([tok[k], parts[k]], dim=1) for k in parts}  # (P, T+1, D)
-        q, k, v = (self._split(parts[name]) for name in ("q", "k", "v"))  # (P, H, T+1, D/H)
-        attn = F.scaled_dot_product_attention(q, k, v)  # (P, H, T+1, D/H)
-        attn = attn.transpose(1, 2).reshape(parts["query"].shape)  # (P, T+1, D)
-        x = parts["query"] + self.to_out(attn)
+        query, q = parts["query"], parts["q"]
+        if token_parts is not None and not token_output:
+            query, q = query[:, 1:], q[:, 1:]  # frame positions ask, the token still answers
+        k, v = self._split(parts["k"]), self._split(parts["v"])  # (P, H, T+1, D/H)
+        attn = F.scaled_dot_product_attention(self._split(q), k, v)  # (P, H, L, D/H)
+        attn = attn.transpose(1, 2).reshape(query.shape)  # (P, L, D)
+        x = query + self.to_out(attn)
         return x + self.ffn(x)
 
     def forward(self, token: Tensor | None, context: Tensor, frames: Tensor) -> Tensor:
