@@ -167,7 +167,7 @@ def open_storage(cfg: SweepConfig, create: bool = True):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     import warnings
 
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     for attempt in range(5):
         try:
@@ -176,9 +176,13 @@ def open_storage(cfg: SweepConfig, create: bool = True):
                 return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat,
                                   grace_period=2 * cfg.heartbeat,
                                   heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3))
-        except IntegrityError:  # another worker is creating the tables of a new database right now
-            if attempt == 4:
-                raise
+        except (IntegrityError, ProgrammingError) as e:
+            # another worker is creating the schema of a new database right now: a row or, on PostgreSQL,
+            # an enum type ("type studydirection already exists") it just made; the next try finds them
+            racing = isinstance(e, IntegrityError) or "already exists" in str(e)
+            if not racing or attempt == 4:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"cannot open the study storage {_masked(url)}: {first}") from e
             time.sleep(0.5 + random.random())
         except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind mean the same to the user
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
