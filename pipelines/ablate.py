@@ -110,7 +110,9 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(f"unknown training option(s) {', '.join(unknown)}")
     tcfgs = {}
     for name, heads, _ in arms:
-        tcfgs[name] = TrainConfig(cache=cfg.cache, out=str(_arm_dir(out, name)), preset=cfg.preset, heads=dict(heads),
+        switches = dict(heads)  # an arm's "method" (MDMF vs CLIP-FSAR) is the run's, the rest are head switches
+        tcfgs[name] = TrainConfig(cache=cfg.cache, out=str(_arm_dir(out, name)), preset=cfg.preset,
+                                  method=switches.pop("method", "mdmf"), heads=switches,
                                   way=cfg.way, shot=cfg.shot, seed=cfg.seed, device=cfg.device, **cfg.train)
         tcfgs[name].validate()
     split = load_split_features(cfg.cache, cfg.split, device=str(device))

@@ -69,8 +69,6 @@ class TrainConfig:
     resume: bool = False
 
     def validate(self) -> None:
-        if "method" in self.heads:  # an ablation arm may name the method among its head switches
-            self.method = self.heads.pop("method")
         problems = []
         if self.method not in ("mdmf", "clip-fsar"):
             problems.append(f"--method {self.method!r}: choose mdmf or clip-fsar")

@@ -109,8 +109,7 @@ class MDMF(FewShotHead):
 
     def query_choice(self, query: Tensor, text: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """PPS: ``(E, Q, T, D), (E, N, D) -> chosen (E, Q), prob (E, Q, N)``."""
-        prob = self.pps.probabilities(query, text)  # (E, Q, N)
-        return self.pps.choose(prob, noise), prob
+        return self.pps(query, text, noise)
 
     def head(self, support_out: dict[str, Tensor], query_out: dict[str, Tensor], n: int) -> dict[str, Tensor]:
         """Distances, posteriors and logits from the fused outputs.

@@ -100,8 +100,8 @@ class ProbabilityPromptSelector(nn.Module):
             return below.sum(dim=-1).clamp_max(n - 1)  # inverse CDF, (E, Q)
         return prob.argmax(dim=-1)  # (E, Q)
 
-    def forward(self, query: Tensor, text: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Select the query tokens.
+    def forward(self, query: Tensor, text: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Select each query's token class.
 
         Args:
             query: ``(E, Q, T, D)`` query frame embeddings.
@@ -109,12 +109,11 @@ class ProbabilityPromptSelector(nn.Module):
             noise: Optional ``(E, Q)`` uniforms for the draws (see :meth:`choose`).
 
         Returns:
-            ``tokens (E, Q, D)`` (zeros when disabled), ``chosen (E, Q)`` long class index (-1 when
-            disabled), ``prob (E, Q, N)`` the selector distribution (computed even when disabled).
+            ``chosen (E, Q)`` long class index (-1 when disabled; :func:`token_for` gives the tokens),
+            ``prob (E, Q, N)`` the selector distribution (computed even when disabled).
         """
         prob = self.probabilities(query, text)  # (E, Q, N)
-        chosen = self.choose(prob, noise)  # (E, Q)
-        return token_for(text, chosen), chosen, prob
+        return self.choose(prob, noise), prob
 
 
 def token_for(text: Tensor, chosen: Tensor) -> Tensor:
