@@ -10,6 +10,8 @@ videos of class ``air drumming``, ``root/applyeyemakeup/`` those of ``ApplyEyeMa
 
 from __future__ import annotations
 
+import collections
+
 import csv
 import hashlib
 import itertools
@@ -260,7 +262,7 @@ def entry_ids(entries: list[Path]) -> list[str]:
     """The video part of each entry's id: the file's stem or the frame folder's name, unless two entries
     share it (``clip.mp4``, ``clip.avi``, ``clip/``): then ``clip.mp4``, ``clip.avi`` and ``clip/``."""
     stems = [e.name if e.is_dir() else os.path.splitext(e.name)[0] for e in entries]
-    count = {st: stems.count(st) for st in stems}
+    count = collections.Counter(stems)
     return [st if count[st] == 1 else (e.name + "/" if e.is_dir() else e.name) for st, e in zip(stems, entries)]
 
 

@@ -32,7 +32,9 @@ def _free(path: Path) -> int:
         return -1
 
 
-def _raise_if_disk_full(path: Path, err: BaseException) -> None:
+def raise_if_disk_full(path: Path | str, err: BaseException) -> None:
+    """Raise :class:`DiskFullError` naming ``path`` and the free space if ``err`` came from a full disk."""
+    path = Path(path)
     free = _free(path)
     full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
     if full or 0 <= free < _LOW_SPACE:
@@ -42,11 +44,6 @@ def _raise_if_disk_full(path: Path, err: BaseException) -> None:
         ) from err
 
 
-def raise_if_disk_full(path: Path | str, err: BaseException) -> None:
-    """Raise :class:`DiskFullError` naming ``path`` and the free space if ``err`` came from a full disk."""
-    _raise_if_disk_full(Path(path), err)
-
-
 def _replace(tmp: Path, path: Path, write) -> None:
     try:
         write(tmp)
@@ -54,7 +51,7 @@ def _replace(tmp: Path, path: Path, write) -> None:
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, (OSError, RuntimeError)):
-            _raise_if_disk_full(path, err)
+            raise_if_disk_full(path, err)
         raise
 
 
@@ -68,16 +65,13 @@ def atomic_write_file(path: Path | str, write) -> Path:
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (``path.tmp`` then rename)."""
-    path = Path(path)
-
     def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
 
-    _replace(path.with_name(path.name + ".tmp"), path, write)
-    return path
+    return atomic_write_file(path, write)
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> Path:
@@ -89,6 +83,4 @@ def atomic_torch_save(obj: Any, path: Path | str) -> Path:
     """``torch.save`` to ``path`` atomically; a full disk is a :class:`DiskFullError`, not a torch enforce error."""
     import torch
 
-    path = Path(path)
-    _replace(path.with_name(path.name + ".tmp"), path, lambda tmp: torch.save(obj, tmp))
-    return path
+    return atomic_write_file(path, lambda tmp: torch.save(obj, tmp))

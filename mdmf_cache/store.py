@@ -298,7 +298,11 @@ class CacheStore:
         n_old = int(g.attrs["num_videos"])
         stored = [str(v) for v in np.asarray(g["video_ids"][:n_old])] if n_old else []
         have = set(stored)
-        new = [i for i, v in enumerate(listed) if present[i] and v not in have]
+        new = []
+        for i, v in enumerate(listed):
+            if present[i] and v not in have:  # an id listed twice gets one row
+                have.add(v)
+                new.append(i)
         n = n_old + len(new)
         if n != g["done"].shape[0]:  # also undoes the growth of a run killed before it set num_videos
             for arr in (*ROW_ARRAYS, *META_ARRAYS):
@@ -391,14 +395,10 @@ class CacheStore:
             return np.ones(self.num_rows(split), dtype=bool)
         return self._rows(split, "present").astype(bool)
 
-    def pending_rows(self, split: str, rank: int = 0, world_size: int = 1, present: np.ndarray | None = None) -> np.ndarray:
-        """Rows of this rank's chunks that are not done yet and whose video is there, ascending.
-
-        Args:
-            present: (N,) bool, the videos this process found on disk (default: the stored mark).
-        """
+    def pending_rows(self, split: str, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """Rows of this rank's chunks that are not done yet and whose video is there, ascending."""
         done = self.done_mask(split)
-        present = self.present_mask(split) if present is None else np.asarray(present, dtype=bool)
+        present = self.present_mask(split)
         cr = self.chunk_rows(split)
         owner = (np.arange(len(done)) // cr) % world_size
         return np.flatnonzero(~done & present & (owner == rank))

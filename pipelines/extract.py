@@ -295,7 +295,7 @@ def extract_split(
     done = store.done_mask(name)
     # a failure is not final: the file may have been replaced since, so failed rows are decoded again
     retry = done & store._rows(name, "failed").astype(bool) & present & owned
-    rows = np.union1d(store.pending_rows(name, cfg.rank, cfg.world_size, present=present), np.flatnonzero(retry))
+    rows = np.flatnonzero((~done | retry) & present & owned)
     res = res or SplitResult(name)
     res.videos, res.missing = len(found), len(split.video_ids) - len(found)
     res.reused = int((done & ~retry & present & owned).sum())  # only this rank writes these rows

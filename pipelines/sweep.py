@@ -524,8 +524,7 @@ def sweep_figures(study, rows: list[dict[str, Any]], out: Path) -> list[Path]:
     from pipelines.plots import plot_history, plot_importances, plot_params, plot_safely
 
     settings = study.user_attrs.get("mdmf_sweep", {})
-    scales = {name: ("categorical" if d["kind"] == "categorical" else "log" if d["log"] else "linear")
-              for name, d in settings.get("space", {}).items()}
+    scales = {name: Dim(**d).scale for name, d in settings.get("space", {}).items()}
     name = study.study_name
     paths = [plot_safely(plot_history, rows, out / "history.png", f"sweep {name}: val accuracy per trial")]
     complete = [r for r in rows if r["state"] == "COMPLETE"]
