@@ -22,20 +22,54 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm  # torch >= 2.1: ``conv.weight`` is always current
 
-__all__ = ["EpisodeBatchNorm1d", "conv_as_matmul", "LTCE", "TemporalBlock", "TCN", "GTCE"]
+__all__ = ["EpisodeRunningStats", "EpisodeBatchNorm1d", "conv_as_matmul", "LTCE", "TemporalBlock", "TCN", "GTCE"]
 
 
-class EpisodeBatchNorm1d(nn.BatchNorm1d):
+class EpisodeRunningStats:
+    """Mixin for a ``nn.BatchNorm*d``: E sequential running-statistics updates in closed form.
+
+    Shared by :class:`EpisodeBatchNorm1d` (the heads) and ``mdmf_cache.finetune.EpisodeBatchNorm2d``
+    (the fine-tuned CLIP ResNet): both normalise E stacked episodes with per-episode statistics and
+    update the running statistics as E consecutive single-episode passes would. With momentum m and
+    per-episode statistics s_1..s_E: ``r <- (1 - m)^E r + sum_i m (1 - m)^(E - i) s_i``; with
+    ``momentum=None`` (cumulative average) one step per episode.
+    """
+
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+    momentum: float | None
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, unbiased: Tensor) -> None:
+        """E sequential updates from per-episode ``mean`` and unbiased variance ``unbiased``, both ``(E, D)``."""
+        e = mean.shape[0]
+        if self.momentum is None:  # cumulative moving average: one step per episode
+            for i in range(e):
+                self.num_batches_tracked.add_(1)
+                f = 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - f).add_(f * mean[i])
+                self.running_var.mul_(1 - f).add_(f * unbiased[i])
+            return
+        m = self.momentum
+        # weight of episode i's statistics after all E updates: m (1 - m)^(E - 1 - i)
+        w = m * (1 - m) ** torch.arange(e - 1, -1, -1, dtype=mean.dtype, device=mean.device)  # (E,)
+        keep = (1 - m) ** e
+        self.running_mean.mul_(keep).add_((w[:, None] * mean).sum(0).to(self.running_mean.dtype))
+        self.running_var.mul_(keep).add_((w[:, None] * unbiased).sum(0).to(self.running_var.dtype))
+        self.num_batches_tracked.add_(e)
+
+
+class EpisodeBatchNorm1d(EpisodeRunningStats, nn.BatchNorm1d):
     """BatchNorm1d whose training statistics are those of each episode, not of the whole batch.
 
     The paper (and the released code) trains on one episode per forward pass, so a BatchNorm
     normalises with that episode's statistics and updates its running statistics once per episode.
     Given ``episodes = E`` episodes stacked episode-major along the batch axis, this normalises each
     episode with its own mean and variance and updates the running statistics exactly as E
-    consecutive single-episode passes would: with momentum m and per-episode statistics s_1..s_E,
-    ``r <- (1 - m)^E r + sum_i m (1 - m)^(E - i) s_i`` (the running variance takes the unbiased
-    variance, as ``nn.BatchNorm1d`` does). In eval mode, or with E = 1, it is ``nn.BatchNorm1d``
-    (same parameters and buffers, so state dicts are interchangeable).
+    consecutive single-episode passes would (:class:`EpisodeRunningStats`; the running variance
+    takes the unbiased variance, as ``nn.BatchNorm1d`` does). In eval mode, or with E = 1, it is
+    ``nn.BatchNorm1d`` (same parameters and buffers, so state dicts are interchangeable).
     """
 
     def forward(self, x: Tensor, episodes: int = 1) -> Tensor:
@@ -54,28 +88,9 @@ class EpisodeBatchNorm1d(nn.BatchNorm1d):
         if self.affine:
             y = y * self.weight[:, None] + self.bias[:, None]
         if self.training and self.track_running_stats:
-            self._update_running(mean.reshape(episodes, d), var.reshape(episodes, d), xe.shape[1] * xe.shape[3])
+            n = xe.shape[1] * xe.shape[3]
+            self._update_running(mean.reshape(episodes, d), var.reshape(episodes, d) * (n / max(n - 1, 1)))
         return y.reshape(x.shape)
-
-    @torch.no_grad()
-    def _update_running(self, mean: Tensor, var: Tensor, n: int) -> None:
-        """E sequential running-statistics updates from per-episode ``mean``/``var`` ``(E, D)``."""
-        unbiased = var * (n / max(n - 1, 1))  # (E, D)
-        e = mean.shape[0]
-        if self.momentum is None:  # cumulative moving average: one step per episode
-            for i in range(e):
-                self.num_batches_tracked.add_(1)
-                f = 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - f).add_(f * mean[i])
-                self.running_var.mul_(1 - f).add_(f * unbiased[i])
-            return
-        m = self.momentum
-        # weight of episode i's statistics after all E updates: m (1 - m)^(E - 1 - i)
-        w = m * (1 - m) ** torch.arange(e - 1, -1, -1, dtype=mean.dtype, device=mean.device)  # (E,)
-        keep = (1 - m) ** e
-        self.running_mean.mul_(keep).add_((w[:, None] * mean).sum(0).to(self.running_mean.dtype))
-        self.running_var.mul_(keep).add_((w[:, None] * unbiased).sum(0).to(self.running_var.dtype))
-        self.num_batches_tracked.add_(e)
 
 
 @lru_cache(maxsize=512)
