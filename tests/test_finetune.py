@@ -233,3 +233,40 @@ def test_save_clip_loads_with_load_backbone(clips, model, tmp_path) -> None:
         z_untrained = clips[model].eval().encode_image(x.flatten(0, 1)).reshape(z.shape)
     assert torch.equal(z, z_loaded)
     assert not torch.allclose(z, z_untrained)  # the step changed the weights that were saved
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), EpisodeBatchNorm2d(4), nn.ReLU(), EpisodeBatchNorm2d(4, momentum=None))
+    return net.double().train()
+
+
+def _run_episodes(net: nn.Module, x: torch.Tensor, episodes: int) -> None:
+    for m in net.modules():
+        if isinstance(m, EpisodeBatchNorm2d):
+            m.episodes = episodes
+    net(x)
+
+
+def test_merged_running_stats_of_two_ranks_equal_one_process() -> None:
+    """Two ranks, each running 2 of the 4 episodes of an update from the same state, merged as
+    merge_running_stats does after its all_gather: the running statistics of one process running all 4
+    (momentum 0.1 and cumulative), over two updates. (The all_gather itself is torch.distributed's.)"""
+    from mdmf_cache.finetune import _apply_merged, _local_stats, running_stats_snapshot
+
+    x = torch.randn(2, 4 * 2, 3, 6, 6, dtype=torch.float64)  # 2 updates x 4 episodes of 2 images
+    ranks, single = [_bn_net(), _bn_net()], _bn_net()
+    for step in range(2):
+        snapshot = running_stats_snapshot(ranks[0])
+        for rank, share in zip(ranks, x[step].split(4)):  # consecutive shares in rank order
+            _run_episodes(rank, share, 2)
+        unmerged = ranks[0].state_dict()["1.running_mean"].clone()
+        gathered = torch.stack([_local_stats(r, snapshot) for r in ranks])  # (W, L), the all_gather
+        for r in ranks:
+            _apply_merged(r, snapshot, gathered)
+        _run_episodes(single, x[step], 4)
+        for r in ranks:
+            for key, value in single.state_dict().items():
+                torch.testing.assert_close(r.state_dict()[key], value, rtol=1e-12, atol=1e-12, msg=key)
+        assert not torch.allclose(unmerged, ranks[0].state_dict()["1.running_mean"])
+    assert int(ranks[0].state_dict()["3.num_batches_tracked"]) == 8
