@@ -207,22 +207,28 @@ DirectionOpt = Annotated[Optional[str], typer.Option("--direction", help="bidire
 @app.command(epilog="Examples:\n\n  mdmf-cache train cache/ucf101__RN50__openai.zarr --out runs/ucf_rn50 --shot 5\n\n"
              "  mdmf-cache train CACHE --out runs/ref --preset reference --lr 3e-4 --episodes 20000\n\n"
              "  mdmf-cache train CACHE --out runs/ucf_rn50 --resume\n\n"
-             "  mdmf-cache train --config sweeps/ucf/best.json --out runs/ucf_best   # a sweep's best trial")
+             "  mdmf-cache train --config sweeps/ucf/best.json --out runs/ucf_best   # a sweep's best trial\n\n"
+             "  mdmf-cache train --mode full ucf101 --root ~/data/UCF-101 --model RN50 --pretrained openai --out runs/ucf_full\n\n"
+             "  torchrun --nproc-per-node 8 -m cli train --mode full ssv2-small --root ~/data/ssv2 --model ViT-B-16 "
+             "--pretrained openai --out runs/ssv2_full   (from the repository root)")
 def train(
     ctx: typer.Context,
-    cache: Annotated[Optional[Path], typer.Argument(help="A complete cache group (*.zarr); optional with --config.")] = None,
+    target: Annotated[Optional[str], typer.Argument(
+        metavar="CACHE|DATASET",
+        help="Fast mode: a complete cache group (*.zarr). Full mode: a dataset (ucf101, hmdb51, kinetics100, "
+             "ssv2-small, ssv2-full, folder). Optional with --config.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Start from a run's config.json or a sweep's best.json; "
                                                         "options given on the command line override it.")] = None,
-    out: Annotated[Path, typer.Option(help="Run directory: config.json, metrics.jsonl, best.pt, last.pt.")] = Path("runs/fast"),
-    mode: Annotated[Mode, typer.Option(help="fast: heads on cached features (CLIP frozen).")] = Mode.fast,
+    out: Annotated[Path, typer.Option(help="Run directory: config.json, metrics.jsonl, best.pt, last.pt (full mode: backbone.pt).")] = Path("runs/fast"),
+    mode: Annotated[Mode, typer.Option(help="fast: heads on cached features (CLIP frozen). full: CLIP fine-tuned with the heads, from the videos.")] = Mode.fast,
     method: Annotated[Method, typer.Option(help="mdmf | clip-fsar (the paper's main rival, same trainer).")] = Method.mdmf,
     preset: Annotated[Preset, typer.Option(help="paper | reference (SPEC section 9).")] = Preset.paper,
     way: int = 5,
     shot: int = 5,
     train_queries: Annotated[int, typer.Option(help="Queries per class in training episodes.")] = 5,
     episodes: Annotated[int, typer.Option(help="Training episodes in total.")] = 10000,
-    episodes_per_step: Annotated[int, typer.Option(help="Episodes E per optimiser step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    episodes_per_step: Annotated[int, typer.Option(help="Episodes per optimiser step (full mode: accumulated, split between ranks; the paper's 16).")] = 16,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: fast 1e-4, full 1e-5 as the paper).")] = None,
     lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Distillation weight (preset: 1).")] = None,
     alpha_ltc: Annotated[Optional[float], typer.Option(help="Weight of the local view's distance.")] = None,
     alpha_gtc: Annotated[Optional[float], typer.Option(help="Weight of the global view's distance.")] = None,
@@ -245,32 +251,78 @@ def train(
     seed: int = 0,
     device: str = "auto",
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
+    root: Annotated[Optional[Path], typer.Option(help="Full mode: the video tree, as for extract.", rich_help_panel="Full mode")] = None,
+    splits: Annotated[Optional[Path], typer.Option(help="Full mode: split-file folder (default ../shared/splits).", rich_help_panel="Full mode")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Full mode: SSv2 labels.json.", rich_help_panel="Full mode")] = None,
+    model: Annotated[str, typer.Option(help="Full mode: open_clip model (RN50, ViT-B-16, mdmf-tiny-vit, ...).", rich_help_panel="Full mode")] = "RN50",
+    pretrained: Annotated[str, typer.Option(help="Full mode: open_clip tag, checkpoint path, or 'none'.", rich_help_panel="Full mode")] = "openai",
+    num_frames: Annotated[int, typer.Option(help="Full mode: T frames per video.", rich_help_panel="Full mode")] = 8,
+    sampler: Annotated[Optional[str], typer.Option(help="Full mode: tsn | linspace (overrides the preset).", rich_help_panel="Full mode")] = None,
+    normalize: Annotated[Optional[str], typer.Option(help="Full mode: clip | none (overrides the preset).", rich_help_panel="Full mode")] = None,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Full mode: random horizontal flips (--no-flip for SSv2 research runs).", rich_help_panel="Full mode")] = True,
+    prompt: Annotated[str, typer.Option(help="Full mode: prompt template.", rich_help_panel="Full mode")] = "a photo of {}",
+    clean_names: Annotated[bool, typer.Option(help="Full mode: clean class names for prompts.", rich_help_panel="Full mode")] = False,
+    decoder: Annotated[str, typer.Option(help="Full mode: auto | decord | pyav | jpeg.", rich_help_panel="Full mode")] = "auto",
+    workers: Annotated[int, typer.Option(help="Full mode: decoder processes per rank.", rich_help_panel="Full mode")] = max(1, min(8, (os.cpu_count() or 2) // 2)),
+    backbone_lr: Annotated[Optional[float], typer.Option(help="Full mode: the backbone's learning rate (default --lr).", rich_help_panel="Full mode")] = None,
+    train_text: Annotated[bool, typer.Option(help="Full mode: train the text tower too (the released code never does).", rich_help_panel="Full mode")] = False,
+    train_last_blocks: Annotated[Optional[int], typer.Option(help="Full mode: fine-tune only the last N blocks of the visual encoder (default: all).", rich_help_panel="Full mode")] = None,
+    freeze_backbone: Annotated[bool, typer.Option(help="Full mode: keep the visual encoder frozen (= --train-last-blocks 0; fresh augmentation every episode).", rich_help_panel="Full mode")] = False,
+    backbone_bn: Annotated[str, typer.Option(help="Full mode, RN backbones: episode (batch statistics per episode) | frozen (running statistics).", rich_help_panel="Full mode")] = "episode",
+    grad_checkpointing: Annotated[bool, typer.Option(help="Full mode: recompute activations in backward (less GPU memory).", rich_help_panel="Full mode")] = False,
+    episodes_per_forward: Annotated[int, typer.Option(help="Full mode: episodes per forward pass (the paper: 1).", rich_help_panel="Full mode")] = 1,
     debug: DebugOpt = False,
 ) -> None:
-    """Train the CLIP-MDMF heads from a cache (fast mode), keeping the best checkpoint by val accuracy."""
+    """Train the CLIP-MDMF heads from a cache (fast mode) or fine-tune CLIP with them from the videos (full
+    mode), keeping the best checkpoint by val accuracy."""
     _setup_logging(debug)
     _on_interrupt(f"{out}/last.pt holds the run up to its last validation; rerun the same command with --resume "
                   "to continue it")
-    from pipelines.train import TrainConfig, run_train
+    import dataclasses
+
+    from pipelines.train import FullModeConfig, TrainConfig, run_train
 
     extra = {"lam": lambda_, "alpha_ltc": alpha_ltc, "alpha_gtc": alpha_gtc, "pps_temperature": pps_temperature,
              "ltce": ltce, "pos_embed": pos_embed, "pps_score": pps_score, "pps_test": pps_test, "text_pos": text_pos,
              "cos_eps": cos_eps, "otam_bidirectional": False if otam_one_way else None}
     if dropout is not None:
         extra.update(mmfe_dropout=dropout, ffn_dropout=dropout, tcn_dropout=dropout)
+    full_opts = ("root", "splits", "labels", "model", "pretrained", "num_frames", "sampler", "normalize", "flip",
+                 "prompt", "clean_names", "decoder", "workers", "backbone_lr", "train_text", "train_last_blocks",
+                 "freeze_backbone", "backbone_bn", "grad_checkpointing", "episodes_per_forward")
+    full = {}
+    if mode == Mode.full:
+        full = dataclasses.asdict(FullModeConfig(
+            dataset=target or "", root=str(root) if root else None,
+            splits_dir=str(splits) if splits else (str(_default_splits()) if target != "folder" and _default_splits() else None),
+            labels=str(labels) if labels else None, model=model,
+            pretrained=None if pretrained.lower() in ("none", "") else pretrained, num_frames=num_frames,
+            sampler=sampler, normalize=normalize, flip=flip, prompt_template=prompt, clean_names=clean_names,
+            decoder=decoder, workers=workers, backbone_lr=backbone_lr, train_text=train_text,
+            train_last_blocks=0 if freeze_backbone else train_last_blocks, backbone_bn=backbone_bn,
+            grad_checkpointing=grad_checkpointing, episodes_per_forward=episodes_per_forward))
+    else:
+        given = [f"--{n.replace('_', '-')}" for n in full_opts
+                 if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)}: video and backbone options are for --mode full; fast mode "
+                                     "reads a cache", param_hint="--mode")
     cfg = TrainConfig(
-        cache=str(cache or ""), out=str(out), mode=mode.value, method=method.value, preset=preset.value,
-        heads=_head_overrides(no_pps, no_distill, view, condition, direction, extra),
+        cache=str(target or "") if mode == Mode.fast else "", out=str(out), mode=mode.value, method=method.value,
+        preset=preset.value, heads=_head_overrides(no_pps, no_distill, view, condition, direction, extra),
         way=way, shot=shot, train_queries=train_queries, episodes=episodes, episodes_per_step=episodes_per_step,
-        lr=lr, val_every=val_every, val_episodes=val_episodes, seed=seed, device=device, resume=resume,
+        lr=lr if lr is not None else (1e-5 if mode == Mode.full else 1e-4), val_every=val_every,
+        val_episodes=val_episodes, seed=seed, device=device, resume=resume, full=full,
     )
     if config is not None:
         cfg = _merge_config(ctx, config, cfg)
-    elif cache is None:
-        raise typer.BadParameter("name a CACHE, or --config FILE", param_hint="CACHE")
+    elif target is None:
+        raise typer.BadParameter("name a CACHE (fast mode), a DATASET (--mode full), or --config FILE",
+                                 param_hint="CACHE|DATASET")
     res = run_train(cfg)
-    typer.echo(f"best val accuracy {res['best_val']:.2f}% after {res['episodes']} episodes "
-               f"({res['episodes_per_s']:.1f} episodes/s); checkpoint {cfg.out}/best.pt")
+    if res.get("rank", 0) == 0:
+        typer.echo(f"best val accuracy {res['best_val']:.2f}% after {res['episodes']} episodes "
+                   f"({res['episodes_per_s']:.1f} episodes/s); checkpoint {cfg.out}/best.pt")
 
 
 def _merge_config(ctx: typer.Context, path: Path, cli_cfg):
@@ -281,9 +333,15 @@ def _merge_config(ctx: typer.Context, path: Path, cli_cfg):
 
     cfg = load_config(path)
     given = {n for n in ctx.params if getattr(ctx.get_parameter_source(n), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
+    given |= {"cache"} if "target" in given else set()
     for f in dataclasses.fields(cfg):
         if f.name == "heads":
             cfg.heads = {**cfg.heads, **cli_cfg.heads}  # head options default to None: all of these were given
+        elif f.name == "full" and cli_cfg.full:  # full mode's options given on the command line, by field
+            renamed = {"target": "dataset", "splits": "splits_dir", "prompt": "prompt_template",
+                       "freeze_backbone": "train_last_blocks"}
+            fields = {renamed.get(n, n) for n in given} & set(cli_cfg.full)
+            cfg.full = {**cfg.full, **{k: cli_cfg.full[k] for k in fields}}
         elif f.name in given:
             setattr(cfg, f.name, getattr(cli_cfg, f.name))
     return cfg

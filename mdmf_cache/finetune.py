@@ -19,7 +19,7 @@ in front of the few-shot heads. Its switches:
   does not update BatchNorm running statistics a second time.
 
 ViT towers have no BatchNorm; ``bn`` changes nothing there. Under DistributedDataParallel each rank
-updates BatchNorm running statistics from its own episodes; :func:`merge_running_stats` makes them
+updates BatchNorm running statistics from its own episodes; :func:`mdmf_cache.distributed.merge_running_stats` makes them
 those of one process that ran all ranks' episodes in rank order.
 """
 
@@ -41,7 +41,7 @@ from .fileio import atomic_torch_save
 from .models.temporal import EpisodeRunningStats
 
 __all__ = ["BN_MODES", "EpisodeBatchNorm2d", "CheckpointedStage", "FrameEncoder", "visual_blocks",
-           "no_running_update", "running_stats_snapshot", "merge_running_stats"]
+           "no_running_update"]
 
 BN_MODES = ("episode", "frozen")
 
@@ -310,77 +310,3 @@ class FrameEncoder(nn.Module):
         (``mdmf-cache extract --pretrained path``): the keys are those of the stock model."""
         state = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in self.clip.state_dict().items())
         return atomic_torch_save(state, path)
-
-
-def _tracking_batchnorms(module: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    return [(n, m) for n, m in module.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
-def running_stats_snapshot(module: nn.Module) -> dict[str, Tensor]:
-    """Copies of every BatchNorm's running buffers in ``module``: the start of an interval for
-    :func:`merge_running_stats` (take it right after the last merge, when all ranks agree)."""
-    return {f"{n}.{k}": getattr(m, k).detach().clone() for n, m in _tracking_batchnorms(module)
-            for k in ("running_mean", "running_var", "num_batches_tracked")}
-
-
-@torch.no_grad()
-def _local_stats(module: nn.Module, snapshot: dict[str, Tensor]) -> Tensor:
-    """``(L,)`` float64, per BatchNorm: running mean (C), running var (C), updates since ``snapshot`` (1)."""
-    parts = [torch.cat([m.running_mean.double(), m.running_var.double(),
-                        (m.num_batches_tracked - snapshot[f"{n}.num_batches_tracked"]).double().reshape(1)])
-             for n, m in _tracking_batchnorms(module)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-
-
-@torch.no_grad()
-def _apply_merged(module: nn.Module, snapshot: dict[str, Tensor], ranks: Tensor) -> None:
-    """Set every BatchNorm's running statistics from ``ranks`` ``(W, L)``, the flat statistics of W ranks
-    that all started from ``snapshot``, as one process running rank 0's batches, then rank 1's, ... would.
-
-    With momentum m, n_k updates take rank k from r_0 to ``r_k = (1 - m)^n_k r_0 + S_k``, so in rank
-    order ``r <- (1 - m)^n_k r + S_k``; with ``momentum=None`` (cumulative average from count c) the
-    result is ``(c r_0 + sum_k ((c + n_k) r_k - c r_0)) / (c + sum_k n_k)``.
-    """
-    offset = 0
-    for name, bn in _tracking_batchnorms(module):
-        c = bn.num_features
-        count0 = float(snapshot[f"{name}.num_batches_tracked"])
-        n = ranks[:, offset + 2 * c].round()  # (W,) updates on each rank
-        for key, lo in (("running_mean", offset), ("running_var", offset + c)):
-            r0 = snapshot[f"{name}.{key}"].to(ranks.dtype)  # (C,)
-            rk = ranks[:, lo:lo + c]  # (W, C)
-            if bn.momentum is None:
-                total = count0 + float(n.sum())
-                r = (count0 * r0 + ((count0 + n)[:, None] * rk - count0 * r0).sum(0)) / max(total, 1.0)
-            else:
-                keep = (1 - bn.momentum) ** n  # (W,)
-                r = r0
-                for k in range(ranks.shape[0]):
-                    r = keep[k] * r + (rk[k] - keep[k] * r0)
-            getattr(bn, key).copy_(r.to(getattr(bn, key).dtype))
-        bn.num_batches_tracked.fill_(int(count0 + float(n.sum())))
-        offset += 2 * c + 1
-
-
-def merge_running_stats(module: nn.Module, snapshot: dict[str, Tensor], group=None) -> None:
-    """Make BatchNorm running statistics under DistributedDataParallel equal one process's.
-
-    Each rank updates its BatchNorms from its own share of the episodes (wrap the model with
-    ``broadcast_buffers=False``, else rank 0's buffers overwrite the others' at every forward). Called
-    on every rank at the same point (e.g. after each optimiser update), this gathers what each rank's
-    buffers became since ``snapshot`` and sets every rank's to the statistics of one process that ran
-    rank 0's episodes, then rank 1's, ... (exact up to rounding: the updates are affine in the running
-    value). Ranks must own consecutive shares of the episodes in rank order for it to be the
-    single-process order. A no-op outside an initialised process group or with one rank.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return
-    local = _local_stats(module, snapshot)  # (L,)
-    if not local.numel():
-        return
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, local, group=group)
-    _apply_merged(module, snapshot, torch.stack(gathered))  # (W, L)

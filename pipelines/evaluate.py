@@ -80,8 +80,11 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     # 1. what is scored
     if (target / "config.json").is_file() and (target / "best.pt").is_file():
         run_cfg = json.loads((target / "config.json").read_text())
-        cache = _run_cache(target, run_cfg, cfg.cache)
-        check_identity(run_cfg.get("cache_identity"), cache, f"eval {target}")
+        if run_cfg.get("mode") == "full":  # the fine-tuned backbone's features: extracted here once, then reused
+            cache = full_run_cache(target, run_cfg, cfg.split, str(device), cfg.cache, progress, cfg.way)
+        else:
+            cache = _run_cache(target, run_cfg, cfg.cache)
+            check_identity(run_cfg.get("cache_identity"), cache, f"eval {target}")
         trained_shot = int(run_cfg.get("shot", 5))
         run_method = run_cfg.get("method", "mdmf")
         if method in ("run", *TRAINED):
@@ -142,6 +145,46 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     plot_safely(eval_figures, out)
     results["out"] = str(out)
     return results
+
+
+def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, override: str | None = None,
+                   progress: bool = True, way: int = 5) -> str:
+    """The cache of a full-mode run's split, extracted with the run's fine-tuned backbone (``backbone.pt``).
+
+    Extracted into ``RUN/eval_cache`` the first time (a progress bar), reused afterwards: its name carries
+    the checkpoint's sha256, and so does its fingerprint, so a backbone trained further gets a new cache.
+
+    Raises:
+        ConfigError: ``backbone.pt`` is missing or is not the backbone of ``best.pt`` (a run killed between the
+            two writes: ``train --resume`` rewrites both), or ``--cache`` holds other weights.
+    """
+    import torch
+
+    from mdmf_cache.backbone import weights_id
+    from mdmf_cache.store import CacheStore
+    from pipelines.extract import run_extract
+    from pipelines.train import FullModeConfig
+
+    backbone = run / "backbone.pt"
+    if not backbone.is_file():
+        raise ConfigError(f"{run} is a full-mode run without backbone.pt; train it first (or --resume it)")
+    wid = weights_id(str(backbone))
+    recorded = torch.load(run / "best.pt", map_location="cpu", weights_only=False).get("backbone")
+    if recorded != wid:
+        raise ConfigError(f"{backbone} is not the backbone of {run}/best.pt (the run was stopped between writing "
+                          "them); rerun its train command with --resume, which rewrites both")
+    if override:
+        have = (CacheStore(override).fingerprint.get("video") or {}).get("weights")
+        if have != wid:
+            raise ConfigError(f"--cache {override} was extracted with weights {have}, not this run's {backbone} ({wid})")
+        return override
+    full = FullModeConfig(**run_cfg["full"])
+    ecfg = full.extract_config(run_cfg.get("preset", "paper"), run_cfg.get("seed", 0), device, pretrained=str(backbone),
+                               cache_dir=str(run / "eval_cache"), name=f"{full.dataset}-{wid.split(':')[-1][:12]}",
+                               splits=(split,), progress=progress, way=way)
+    log.info("%s split of %s with its fine-tuned backbone: cache %s/%s", split, run, ecfg.cache_dir, ecfg.cache_name)
+    path, _ = run_extract(ecfg)
+    return str(path)
 
 
 def _run_cache(run: Path, run_cfg: dict[str, Any], override: str | None) -> str:

@@ -34,7 +34,7 @@ from mdmf_cache.datasets import (DATASETS, SPLITS, Split, VideoIndex, clean_clas
                                  load_splits, resolve_paths)
 from mdmf_cache.errors import CacheError, ConfigError, DatasetError, MdmfError, VideoReadError
 from mdmf_cache.fileio import raise_if_disk_full
-from mdmf_cache.store import CacheStore, group_name
+from mdmf_cache.store import CacheStore, FeatureSplit, group_name
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,10 @@ class ExtractConfig:
 
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun or SLURM variables; (0, 1, 0) otherwise."""
-    env = os.environ
-    if "WORLD_SIZE" in env and "RANK" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
+    from mdmf_cache.distributed import world_from_env
+
+    w = world_from_env()
+    return w.rank, w.size, w.local_rank
 
 
 def fingerprint(cfg: ExtractConfig, weights: str, split_hashes: dict[str, str]) -> dict[str, Any]:
@@ -284,8 +282,6 @@ def extract_split(
 
     The cache's rows are matched to this process's files by video id (``split.paths``).
     """
-    from torch.utils.data import DataLoader
-
     name = split.name
     views = cfg.train_views if name == "train" else 1
     found = {v: p for v, p in zip(split.video_ids, split.paths) if p is not None}
@@ -305,11 +301,7 @@ def extract_split(
     retried = set(np.flatnonzero(retry).tolist())
     ids = {int(r): row_ids[r] for r in rows}
     source = ClipSource(rows, [row_ids[r] for r in rows], [found[row_ids[r]] for r in rows], name == "train", views, cfg)
-    loader = DataLoader(
-        source, batch_size=cfg.batch_videos, num_workers=cfg.workers, collate_fn=_collate,
-        worker_init_fn=_worker_init if cfg.workers else None, prefetch_factor=4 if cfg.workers else None,
-        persistent_workers=False, pin_memory=backbone.device.type == "cuda",
-    )
+    loader = clip_loader(source, cfg, backbone.device)
     writer = ChunkWriter(store, name, cfg.flush_seconds)
     task = progress.add_task(f"{name}", total=len(rows)) if progress else None
     t0 = time.perf_counter()
@@ -324,22 +316,39 @@ def extract_split(
     return res
 
 
-def _encode_batch(batch: list, backbone, cfg: ExtractConfig, views: int, ids: dict, retried: set,
-                  writer: "ChunkWriter", res: SplitResult) -> None:
-    """Encode one batch of decoded clips and hand its rows (failures recorded) to the writer."""
+def clip_loader(source: "ClipSource", cfg: ExtractConfig, device):
+    """Batches of decoded clips from ``cfg.workers`` decoder processes (pinned for a GPU)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        source, batch_size=cfg.batch_videos, num_workers=cfg.workers, collate_fn=_collate,
+        worker_init_fn=_worker_init if cfg.workers else None, prefetch_factor=4 if cfg.workers else None,
+        persistent_workers=False, pin_memory=device.type == "cuda",
+    )
+
+
+def encode_clips(ok: list[dict[str, Any]], backbone, cfg: ExtractConfig, views: int) -> np.ndarray:
+    """Decoded clips (``ClipSource`` items without an error) -> ``(B, V, T, D)`` float16 frame embeddings."""
     import torch
 
     from mdmf_cache.preprocess import preprocess_clips
 
     T, D = cfg.num_frames, backbone.dim
+    clips = [b["frames"][v] for b in ok for v in range(views)]
+    crops = [b["crops"][v] for b in ok for v in range(views)]
+    pix = preprocess_clips(clips, crops, backbone.device, normalize=cfg.normalize)  # (B*V, T, 3, 224, 224)
+    emb = backbone.encode_images(pix.flatten(0, 1))  # (B*V*T, D)
+    return emb.view(len(ok), views, T, D).to(torch.float16).cpu().numpy()
+
+
+def _encode_batch(batch: list, backbone, cfg: ExtractConfig, views: int, ids: dict, retried: set,
+                  writer: "ChunkWriter", res: SplitResult) -> None:
+    """Encode one batch of decoded clips and hand its rows (failures recorded) to the writer."""
+    T, D = cfg.num_frames, backbone.dim
     ok = [b for b in batch if "error" not in b]
     feats: dict[int, np.ndarray] = {}
     if ok:
-        clips = [b["frames"][v] for b in ok for v in range(views)]
-        crops = [b["crops"][v] for b in ok for v in range(views)]
-        pix = preprocess_clips(clips, crops, backbone.device, normalize=cfg.normalize)  # (B*V, T, 3, 224, 224)
-        emb = backbone.encode_images(pix.flatten(0, 1))  # (B*V*T, D)
-        emb = emb.view(len(ok), views, T, D).to(torch.float16).cpu().numpy()
+        emb = encode_clips(ok, backbone, cfg, views)
         feats = {b["row"]: emb[j] for j, b in enumerate(ok)}
     for b in batch:
         if "error" in b:
@@ -360,6 +369,46 @@ def _progress():
     from pipelines.progress import make_progress
 
     return make_progress("videos")
+
+
+def embed_split(split: Split, cfg: ExtractConfig, backbone, text, progress=None) -> FeatureSplit:
+    """A split's found videos embedded in memory (test sampling, centre crop): the extraction path without a cache.
+
+    Full mode validates the backbone it is fine-tuning with this, so validation sees exactly the features
+    that ``extract --pretrained backbone.pt`` would store (float16 included). Videos that fail to decode
+    are left out (logged).
+
+    Args:
+        text: ``(C, D)`` prompt embeddings of the split's classes.
+        progress: an optional rich Progress to add a task to.
+    """
+    import torch
+
+    ids, paths, labels = split.found()
+    T, D = cfg.num_frames, backbone.dim
+    feats = np.zeros((len(ids), 1, T, D), dtype=np.float16)  # (Nv, 1, T, D)
+    ok_rows = np.zeros(len(ids), dtype=bool)
+    source = ClipSource(np.arange(len(ids)), ids, paths, False, 1, cfg)
+    task = progress.add_task(f"embed {split.name}", total=len(ids)) if progress else None
+    for batch in clip_loader(source, cfg, backbone.device):
+        ok = [b for b in batch if "error" not in b]
+        for b in batch:
+            if "error" in b:
+                log.warning("%s: %s", ids[b["row"]], b["error"])
+        if ok:
+            rows = [b["row"] for b in ok]
+            feats[rows] = encode_clips(ok, backbone, cfg, 1)
+            ok_rows[rows] = True
+        if progress:
+            progress.advance(task, len(batch))
+    if progress:
+        progress.remove_task(task)
+    keep = np.flatnonzero(ok_rows)
+    dev = backbone.device
+    return FeatureSplit(features=torch.from_numpy(feats[keep]).to(dev),
+                        labels=torch.from_numpy(labels[keep].astype(np.int64)).to(dev),
+                        video_ids=[ids[i] for i in keep], classes=list(split.classes),
+                        class_names=list(split.class_names), text=text.to(dev))
 
 
 def find_videos(cfg: ExtractConfig, splits: dict[str, Split]) -> dict[str, list[str]]:

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from mdmf_cache.errors import ConfigError
 
 # TrainConfig fields that belong to the sweep, not to a trial.
-_NOT_OPTIONS = ("cache", "out", "heads", "resume")
+_NOT_OPTIONS = ("cache", "out", "heads", "resume", "full")
 # Head fields fixed by the data (the cache's D and T), or set through a TrainConfig field (method).
 _NOT_HEAD_OPTIONS = ("dim", "num_frames", "method")
 # CLI names that differ from the field names, as in ``mdmf-cache train``.

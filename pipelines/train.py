@@ -1,24 +1,33 @@
-"""Train the CLIP-MDMF heads.
+"""Train the CLIP-MDMF heads: fast mode (CLIP frozen, cached features) or full mode (CLIP fine-tuned).
 
-Fast mode (this recipe): CLIP is frozen; frame and text embeddings come from the cache, loaded
-into memory once (on the GPU when there is one). Episodes are sampled in memory, E at a time, with a
-random cached view per train video, and the heads see E episodes per optimiser step.
+Fast mode: frame and text embeddings come from the cache, loaded into memory once (on the GPU
+when there is one). Episodes are sampled in memory, E at a time, with a random cached view per
+train video, and the heads see E episodes per optimiser step.
 
-Recipe, top to bottom:
-    1. resolve the config, save ``config.json`` in the run directory;
-    2. load train and val features, build the heads and Adam, or restore ``last.pt`` (--resume);
+Full mode (SPEC section 10, the paper's own training): the input is the dataset, not a cache. Each
+training episode is decoded from the videos by DataLoader workers with fresh augmentation
+(:mod:`mdmf_cache.video_episodes`), the CLIP visual encoder runs in front of the same heads
+(:class:`~mdmf_cache.models.endtoend.EndToEnd`) and is fine-tuned with them; gradients are
+accumulated over ``episodes_per_step`` episodes (the paper's 16 per update), split between the ranks
+of a torchrun/SLURM job (DistributedDataParallel). Validation embeds the val split with the current
+backbone in memory (the extraction path, no cache) and scores it with the per-video evaluation path.
+
+Recipe, top to bottom (both modes: one config, one loop):
+    1. resolve the config; check every input before anything is written;
+    2. load the data (fast: the cache's train and val features; full: the splits, the backbone and
+       the text embeddings), build the heads (and the backbone in front) and Adam, or restore
+       ``last.pt`` (--resume);
     3. train; every ``val_every`` episodes score the fixed val episode list, keep ``best.pt`` by val
-       accuracy (never by test), write ``metrics.jsonl`` and ``last.pt``;
+       accuracy (never by test; full mode also ``backbone.pt``), write ``metrics.jsonl`` and ``last.pt``;
     4. return the best val accuracy.
-
-Full mode (fine-tuning CLIP end to end, SPEC section 10) needs the video loader and lives in a later
-issue; ``--mode full`` says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -29,8 +38,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
-from mdmf_cache.backbone import heads_autocast, resolve_device
+from mdmf_cache.backbone import heads_autocast, resolve_device, weights_id
+from mdmf_cache.distributed import (World, barrier, destroy_process_group, init_process_group, merge_running_stats,
+                                    running_stats_snapshot, world_from_env)
 from mdmf_cache.episodes import EpisodeSampler, Episodes, gather
 from mdmf_cache.errors import CacheError, ConfigError
 from mdmf_cache.evaluation import score
@@ -45,12 +57,76 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    """Fast-mode training; saved as ``config.json`` beside the checkpoints."""
+class FullModeConfig:
+    """Full mode's data and backbone (``TrainConfig.full``); the data options keep ``extract``'s names."""
 
-    cache: str = ""
+    dataset: str = ""  # ucf101 | hmdb51 | kinetics100 | ssv2-small | ssv2-full | folder
+    root: str | None = None  # video tree
+    splits_dir: str | None = None  # split-file folder (../shared/splits)
+    labels: str | None = None  # SSv2 labels.json
+    model: str = "RN50"  # open_clip name
+    pretrained: str | None = "openai"  # tag, checkpoint path, or None (seeded random init)
+    num_frames: int = 8  # T
+    sampler: str | None = None  # tsn | linspace; None: the preset's
+    normalize: str | None = None  # clip | none; None: the preset's
+    flip: bool = True
+    prompt_template: str = "a photo of {}"
+    clean_names: bool = False
+    decoder: str = "auto"
+    workers: int = 4  # decoder processes per rank
+    backbone_lr: float | None = None  # None: TrainConfig.lr (the paper: 1e-5 for all)
+    train_text: bool = False  # the released code never trains the text tower
+    train_last_blocks: int | None = None  # None: the whole visual tower; 0: frozen; N: the last N blocks
+    backbone_bn: str = "episode"  # RN BatchNorm: episode (per-episode batch statistics) | frozen
+    grad_checkpointing: bool = False
+    episodes_per_forward: int = 1  # episodes in one forward pass (the paper: 1)
+
+    def validate(self) -> list[str]:
+        from mdmf_cache.datasets import DATASET_NAMES
+        from mdmf_cache.finetune import BN_MODES
+
+        problems = []
+        if self.dataset not in DATASET_NAMES:
+            path = Path(self.dataset)
+            if self.dataset.endswith(".zarr") or (path / "zarr.json").is_file():
+                problems.append(f"{self.dataset} is a cache: full mode fine-tunes CLIP on the videos, so it takes a "
+                                f"dataset ({', '.join(DATASET_NAMES)}) and --root; train on a cache with --mode fast")
+            else:
+                problems.append(f"full mode: unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
+        if not self.root:
+            problems.append("full mode needs --root DIR (the video tree)")
+        if self.num_frames < 1 or self.workers < 0 or self.episodes_per_forward < 1:
+            problems.append("--num-frames and --episodes-per-forward must be >= 1, --workers >= 0")
+        if self.backbone_bn not in BN_MODES:
+            problems.append(f"--backbone-bn {self.backbone_bn!r}: choose {' or '.join(BN_MODES)}")
+        if self.backbone_lr is not None and not (math.isfinite(self.backbone_lr) and self.backbone_lr > 0):
+            problems.append(f"--backbone-lr {self.backbone_lr}: must be a finite number > 0")
+        if self.train_last_blocks is not None and self.train_last_blocks < 0:
+            problems.append(f"--train-last-blocks {self.train_last_blocks}: must be >= 0 (0 freezes the backbone)")
+        return problems
+
+    def extract_config(self, preset: str, seed: int, device: str, **overrides: Any):
+        """The :class:`~pipelines.extract.ExtractConfig` of these videos (decoding, sampling, pixels, prompts),
+        with ``overrides`` (e.g. ``pretrained=run/backbone.pt``) applied."""
+        from mdmf_cache.models.config import PRESET_DATA
+        from pipelines.extract import ExtractConfig
+
+        return dataclasses.replace(ExtractConfig(
+            dataset=self.dataset, root=self.root, splits_dir=self.splits_dir, labels=self.labels, model=self.model,
+            pretrained=self.pretrained, num_frames=self.num_frames,
+            sampler=self.sampler or PRESET_DATA[preset]["sampler"],
+            normalize=self.normalize or PRESET_DATA[preset]["normalize"], flip=self.flip, seed=seed,
+            prompt_template=self.prompt_template, clean_names=self.clean_names, decoder=self.decoder,
+            workers=self.workers, device=device), **overrides)
+
+
+@dataclass
+class TrainConfig:
+    """Training, both modes; saved as ``config.json`` beside the checkpoints."""
+
+    cache: str = ""  # fast mode's input
     out: str = "runs/fast"
-    mode: str = "fast"
+    mode: str = "fast"  # fast (CLIP frozen, cache) | full (CLIP fine-tuned, videos: see ``full``)
     method: str = "mdmf"  # mdmf | clip-fsar (the paper's main rival, same trainer)
     preset: str = "paper"
     heads: dict[str, Any] = field(default_factory=dict)  # MDMFConfig overrides (ablation switches)
@@ -58,8 +134,8 @@ class TrainConfig:
     shot: int = 5
     train_queries: int = 5  # per class
     episodes: int = 10000  # training episodes in total
-    episodes_per_step: int = 16  # E per optimiser step
-    lr: float = 1e-4  # Adam; measured for fast mode (README), the paper's 1e-5 is for all of CLIP
+    episodes_per_step: int = 16  # E per optimiser step (full mode: accumulated, split between ranks)
+    lr: float = 1e-4  # Adam; measured for fast mode (README); full mode's CLI default is the paper's 1e-5
     weight_decay: float = 0.0
     val_every: int = 1000  # episodes
     val_episodes: int = 500
@@ -67,16 +143,18 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    full: dict[str, Any] = field(default_factory=dict)  # FullModeConfig fields (mode=full)
+
+    @property
+    def full_mode(self) -> FullModeConfig:
+        return FullModeConfig(**self.full)
 
     def validate(self) -> None:
         problems = []
         if self.method not in ("mdmf", "clip-fsar"):
             problems.append(f"--method {self.method!r}: choose mdmf or clip-fsar")
-        if self.mode != "fast":
-            problems.append(
-                f"--mode {self.mode}: only 'fast' is available so far (full fine-tuning of CLIP needs the "
-                "video loader and is tracked in its own issue)"
-            )
+        if self.mode not in ("fast", "full"):
+            problems.append(f"--mode {self.mode!r}: choose fast (heads on a cache) or full (CLIP fine-tuned)")
         for name in ("shot", "train_queries", "episodes", "episodes_per_step", "val_every", "val_episodes", "val_queries"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
@@ -86,6 +164,15 @@ class TrainConfig:
             problems.append(f"--lr {self.lr}: must be a finite number > 0")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             problems.append(f"--weight-decay {self.weight_decay}: must be a finite number >= 0")
+        if self.mode == "full":
+            unknown = sorted(set(self.full) - {f.name for f in dataclasses.fields(FullModeConfig)})
+            if unknown:
+                problems.append(f"unknown full-mode field(s) {', '.join(unknown)}")
+            else:
+                problems += self.full_mode.validate()
+        elif self.full:
+            problems.append("video and backbone options (--root, --model, --backbone-lr, ...) are for --mode full; "
+                            "fast mode reads a cache")
         if problems:
             raise ConfigError("; ".join(problems))
         # every head switch, before any work (an ablation arm's bad --view fails here, not after training);
@@ -149,21 +236,219 @@ def _set_rng_state(rng: np.random.Generator, state: dict[str, Any], device: torc
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class FastData:
+    """Fast mode's episodes: E at a time from the cache's features in memory (a random cached view per video)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.train = load_split_features(cfg.cache, "train", device=str(device))
+        self.val = load_split_features(cfg.cache, "val", device=str(device))
+        views, self.num_frames, self.dim = self.train.features.shape[1:]
+        self.sampler = EpisodeSampler(self.train.labels.cpu().numpy(), self.train.num_classes, views=views)
+        self.sampler.check(cfg.way, cfg.shot, cfg.train_queries, split="train")
+        self.val_labels, self.val_classes = self.val.labels.cpu().numpy(), self.val.num_classes
+
+    def record(self) -> dict[str, Any]:
+        """What config.json records of the input (the cache's identity)."""
+        return {"cache_abs": str(Path(self.cfg.cache).resolve()), "cache_identity": cache_identity(self.cfg.cache)}
+
+    def wrap(self, head: FewShotHead) -> nn.Module:
+        return head
+
+    def update(self, done: int, e: int, rng: np.random.Generator):
+        """One update's micro-batches: ``(model inputs, query labels, loss weight, last)``; fast mode: all E
+        episodes at once."""
+        ep = self.sampler.sample(e, self.cfg.way, self.cfg.shot, self.cfg.train_queries, rng, random_view=True)
+        support, query, text, labels = gather(self.train.features, self.train.text, ep)  # (E,S,T,D) (E,Q,T,D) (E,N,D) (E,Q)
+        yield (support, query, text), labels, 1.0, True
+
+    def val_split(self, model: nn.Module) -> FeatureSplit:
+        return self.val
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class FullData:
+    """Full mode's episodes: decoded from the videos by DataLoader workers; the backbone goes in front of the heads."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, world: World) -> None:
+        from mdmf_cache.backbone import load_backbone
+        from mdmf_cache.datasets import load_splits
+        from mdmf_cache.video_episodes import EpisodeVideos, check_class_sizes
+        from pipelines.extract import find_videos, prompts_for
+
+        self.cfg, self.device, self.world = cfg, device, world
+        f = self.f = cfg.full_mode
+        self.ecfg = f.extract_config(cfg.preset, cfg.seed, str(device), splits=("train", "val"), way=cfg.way)
+        self.ecfg.validate()
+        splits = load_splits(f.dataset, Path(f.splits_dir) if f.splits_dir else None, Path(f.root), cfg.seed,
+                             labels_file=Path(f.labels) if f.labels else None)
+        self.splits = {name: splits[name] for name in ("train", "val")}
+        find_videos(self.ecfg, self.splits)  # paths resolved; a tree with none of the videos is an error
+        train, val = self.splits["train"], self.splits["val"]
+        _, paths, labels = train.found()
+        what = f"{cfg.way}-way {cfg.shot}-shot training"
+        check_class_sizes(labels, train.classes, cfg.shot + cfg.train_queries, "train", f"{what} with {cfg.train_queries} queries")
+        check_class_sizes(val.found()[2], val.classes, cfg.shot + cfg.val_queries, "val", f"validation with {cfg.val_queries} queries")
+        self.val_labels, self.val_classes = val.found()[2].astype(np.int64), len(val.classes)
+        self.backbone = load_backbone(f.model, f.pretrained, str(device))
+        self.dim, self.num_frames = self.backbone.dim, f.num_frames
+        self.prompts = {name: prompts_for(split, self.ecfg) for name, split in self.splits.items()}
+        # the frozen text tower's embeddings, once; a trained text tower encodes the prompts' tokens per episode
+        self.text = {name: self.backbone.encode_texts(p).to(device) for name, p in self.prompts.items()}  # (C, D)
+        self.tokens = self.backbone.tokenizer(self.prompts["train"]).to(device) if f.train_text else None  # (C, L)
+        self.episodes = EpisodeVideos(paths, labels, len(train.classes), cfg.way, cfg.shot, cfg.train_queries,
+                                      f.num_frames, self.ecfg.sampler, f.flip, cfg.seed, f.decoder)
+        self.loader_it = None
+        self.wait_s, self.decode_s, self.decoded, self.substituted, self.updates = 0.0, 0.0, 0, 0, 0
+
+    def record(self) -> dict[str, Any]:
+        return {"backbone_weights": self.backbone.weights, "resolved_data": asdict(self.ecfg)}
+
+    def wrap(self, head: FewShotHead) -> nn.Module:
+        from mdmf_cache.finetune import FrameEncoder
+        from mdmf_cache.models.endtoend import EndToEnd
+
+        f = self.f
+        encoder = FrameEncoder(self.backbone.model, bn=f.backbone_bn, train_last_blocks=f.train_last_blocks,
+                               train_text=f.train_text, grad_checkpointing=f.grad_checkpointing)
+        return EndToEnd(encoder, head)
+
+    def _indices(self, done: int) -> list[int]:
+        """This rank's episodes from ``done`` to the end, in order: rank r takes share r of each update."""
+        out, cfg = [], self.cfg
+        while done < cfg.episodes:
+            e = min(cfg.episodes_per_step, cfg.episodes - done)
+            n = e // self.world.size
+            out += range(done + self.world.rank * n, done + (self.world.rank + 1) * n)
+            done += e
+        return out
+
+    def start(self, done: int) -> None:
+        """Start the decoder workers on this rank's episodes from ``done`` (after a resume too)."""
+        from torch.utils.data import DataLoader
+
+        from mdmf_cache.video_episodes import collate_episodes
+        from pipelines.extract import _worker_init
+
+        w = self.f.workers
+        loader = DataLoader(self.episodes, batch_size=1, sampler=self._indices(done), num_workers=w,
+                            collate_fn=collate_episodes, worker_init_fn=_worker_init if w else None,
+                            prefetch_factor=max(2, 2 * self.f.episodes_per_forward) if w else None,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        self.loader_it = iter(loader)
+
+    def update(self, done: int, e: int, rng: np.random.Generator):
+        """One update's micro-batches of ``episodes_per_forward`` episodes; the weights make the accumulated
+        gradient, averaged over the ranks by DDP, the mean over all ``e`` episodes of the update."""
+        from mdmf_cache.video_episodes import episode_pixels
+
+        if self.loader_it is None:
+            self.start(done)
+        n = e // self.world.size
+        m = self.f.episodes_per_forward
+        for lo in range(0, n, m):
+            t0 = time.perf_counter()
+            items = [next(self.loader_it)[0] for _ in range(min(m, n - lo))]
+            self.wait_s += time.perf_counter() - t0
+            self.decode_s += sum(it["decode_s"] for it in items)
+            self.decoded += len(items)
+            for it in items:
+                for err in it["errors"]:
+                    self.substituted += 1
+                    log.warning("episode %d: %s; another video of its class was used", it["index"], err)
+            support, query, classes, labels, noise = episode_pixels(items, self.device, self.ecfg.normalize)
+            text = self.tokens[classes] if self.tokens is not None else self.text["train"][classes]  # (E, N, L|D)
+            # dropout and anything else drawn from torch's RNG: seeded by the micro-batch's first episode
+            torch.manual_seed(int(np.random.SeedSequence([self.cfg.seed, 9, items[0]["index"]]).generate_state(1)[0]))
+            yield (support, query, text, None, noise), labels, len(items) * self.world.size / e, lo + m >= n
+        self.updates += 1
+
+    def val_split(self, model: nn.Module) -> FeatureSplit:
+        """The val split embedded with the backbone as it is now (eval mode), as ``extract`` would store it."""
+        from mdmf_cache.backbone import Backbone
+        from pipelines.extract import embed_split
+
+        encoder = model.encoder
+        was = encoder.training
+        encoder.eval()
+        bb = Backbone(model=encoder.clip, tokenizer=self.backbone.tokenizer, dim=self.dim, device=self.device,
+                      name=self.f.model, weights="in-training")
+        try:
+            text = bb.encode_texts(self.prompts["val"]) if self.f.train_text else self.text["val"]
+            return embed_split(self.splits["val"], self.ecfg, bb, text)
+        finally:
+            encoder.train(was)
+
+    def stats(self) -> dict[str, float]:
+        """Data-pipeline figures since the last call: decoder wait per update (0 = the GPU never waited)."""
+        out = {"loader_wait_s": self.wait_s / max(self.updates, 1), "decode_s_per_episode": self.decode_s / max(self.decoded, 1),
+               "substituted_videos": self.substituted}
+        self.wait_s, self.decode_s, self.decoded, self.substituted, self.updates = 0.0, 0.0, 0, 0, 0
+        return out
+
+    def close(self) -> None:
+        self.loader_it = None  # ends the worker processes
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam; full mode gives the backbone its own learning rate (``backbone_lr``, default ``lr``)."""
+    if cfg.mode == "fast":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": [p for p in model.head.parameters() if p.requires_grad], "lr": cfg.lr}]
+    backbone = [p for p in model.encoder.parameters() if p.requires_grad]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.full_mode.backbone_lr or cfg.lr})
+    return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+
+
+def _device(cfg: TrainConfig, world: World) -> torch.device:
+    """The compute device; under torchrun with ``--device auto`` each rank takes its local GPU."""
+    if world.distributed and cfg.device == "auto" and torch.cuda.is_available():
+        return torch.device(f"cuda:{world.local_rank % torch.cuda.device_count()}")
+    return resolve_device(cfg.device)
+
+
+OOM_HINT = ("out of GPU memory; add --grad-checkpointing, lower --episodes-per-forward (1 is the paper's), "
+            "--train-queries or --shot, or fine-tune fewer blocks (--train-last-blocks N)")
+
+
 def run_train(cfg: TrainConfig, progress: bool = True,
               on_val: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Train the heads; returns ``{"best_val": %, "run": path, "episodes": n}``.
+    """Train; returns ``{"best_val": %, "run": path, "episodes": n, "episodes_per_s": ...}``.
 
     Args:
         on_val: called with (episodes done, val accuracy %) after each validation, once ``last.pt``
             and ``metrics.jsonl`` hold it; an exception it raises (a sweep's pruning) ends the run there.
 
     Raises:
-        ConfigError: bad options, or --resume with a different config.
+        ConfigError: bad options, --resume with a different config, or (full mode) out of GPU memory.
         CacheError: the cache is missing or incomplete.
     """
     cfg.validate()
+    world = world_from_env() if cfg.mode == "full" else World()
+    if world.size > 1 and cfg.episodes_per_step % world.size:
+        raise ConfigError(f"--episodes-per-step {cfg.episodes_per_step} is not divisible by the {world.size} "
+                          "processes; each rank takes an equal share of an update")
+    if world.size > 1 and cfg.episodes % cfg.episodes_per_step:
+        raise ConfigError(f"--episodes {cfg.episodes} is not a multiple of --episodes-per-step "
+                          f"{cfg.episodes_per_step}: with {world.size} processes every update must be whole")
+    device = _device(cfg, world)
+    init_process_group(world, device)
+    try:
+        return _train(cfg, world, device, progress, on_val)
+    finally:
+        destroy_process_group()
+
+
+def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
+           on_val: Callable[[int, float], None] | None) -> dict[str, Any]:
+    """Steps 1-4 of the module docstring, in this process (one rank)."""
     out = Path(cfg.out)
-    device = resolve_device(cfg.device)
     cfg_dict = asdict(cfg)
     old = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else None
     if (out / "last.pt").is_file() and not cfg.resume:
@@ -171,69 +456,86 @@ def run_train(cfg: TrainConfig, progress: bool = True,
     if cfg.resume and old is not None and (out / "last.pt").is_file():
         # paths may be written differently (relative, moved): the cache is compared by identity below
         defaults = asdict(TrainConfig())  # a run written before a field existed had its default
-        diff = [k for k in cfg_dict if k not in ("resume", "device", "episodes", "cache", "out")
-                and old.get(k, defaults[k]) != cfg_dict[k]]
+        free = ("resume", "device", "episodes", "cache", "out")
+        diff = [k for k in cfg_dict if k not in free and _resumable(old.get(k, defaults[k])) != _resumable(cfg_dict[k])]
         if diff:
             raise ConfigError(f"--resume: {out} was trained with different {', '.join(diff)}; use another --out")
-        check_identity(old.get("cache_identity"), cfg.cache, "--resume")
+        if cfg.mode == "fast":
+            check_identity(old.get("cache_identity"), cfg.cache, "--resume")
     # 1. data and model; nothing is written before every input is checked
-    train = load_split_features(cfg.cache, "train", device=str(device))
-    val = load_split_features(cfg.cache, "val", device=str(device))
-    views, num_frames, dim = train.features.shape[1:]
-    sampler = EpisodeSampler(train.labels.cpu().numpy(), train.num_classes, views=views)
-    sampler.check(cfg.way, cfg.shot, cfg.train_queries, split="train")
-    val_sampler = EpisodeSampler(val.labels.cpu().numpy(), val.num_classes)
+    data = FastData(cfg, device) if cfg.mode == "fast" else FullData(cfg, device, world)
+    val_sampler = EpisodeSampler(data.val_labels, data.val_classes)
     val_sampler.check(cfg.way, cfg.shot, cfg.val_queries, split="val")
-    torch.manual_seed(cfg.seed)  # the heads' initialisation, then dropout and PPS draws
-    model = build_model(cfg.preset, dim, num_frames, cfg.heads, cfg.method).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    torch.manual_seed(cfg.seed)  # the heads' initialisation, then (fast mode) dropout and PPS draws
+    head = build_model(cfg.preset, data.dim, data.num_frames, cfg.heads, cfg.method)
+    core = data.wrap(head).to(device)  # the heads, or the backbone in front of them
+    opt = _optimizer(cfg, core)
     val_eps = val_sampler.sample(cfg.val_episodes, cfg.way, cfg.shot, cfg.val_queries, np.random.default_rng([cfg.seed, 1]))
-    rng = np.random.default_rng([cfg.seed, 0])
+    rng = np.random.default_rng([cfg.seed, 0])  # fast mode's episode stream (full mode's episodes are seeded by index)
     done, best, history = 0, -1.0, []
     if cfg.resume and (out / "last.pt").is_file():
         ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
+        core.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         _set_rng_state(rng, ckpt["rng"], device)
         done, best = ckpt["episodes"], ckpt["best_val"]
         # the checkpoint carries the metrics up to itself: lines written after it belong to the lost part
         history = ckpt.get("history") or _history_upto(out / "metrics.jsonl", done)
         log.info("resumed %s at %d episodes (best val %.2f%%)", out, done, best)
-    # 2. the run's files
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", {**cfg_dict, "cache_abs": str(Path(cfg.cache).resolve()),
-                                            "cache_identity": cache_identity(cfg.cache),
-                                            "resolved_heads": model.cfg.to_dict()})
-    val_eps.save(out / "val_episodes.npz")
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    model = core
+    if world.distributed:  # gradients all-reduced; BatchNorm statistics merged by merge_running_stats
+        from torch.nn.parallel import DistributedDataParallel
+
+        # buffers are equal at the start on every rank; forward must not overwrite the others' BatchNorm updates
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False})
+        model = DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None, **sync)
+    # 2. the run's files (rank 0)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", {**cfg_dict, **data.record(), "resolved_heads": head.cfg.to_dict()})
+        val_eps.save(out / "val_episodes.npz")
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
     # 3. train
-    bar = _progress() if progress else None
-    task = bar.add_task("train", total=cfg.episodes, completed=done, loss=float("nan"), val=best) if bar else None
+    bar = _progress() if progress and world.main else None
+    task = bar.add_task(f"train ({cfg.mode})", total=cfg.episodes, completed=done, loss=float("nan"), val=best) if bar else None
     if bar:
         bar.start()
-    model.train()
+    core.train()
     amp = heads_autocast(device)
     t0, run_eps, losses = time.perf_counter(), 0, []
     try:
         while done < cfg.episodes:
             e = min(cfg.episodes_per_step, cfg.episodes - done)
-            ep = sampler.sample(e, cfg.way, cfg.shot, cfg.train_queries, rng, random_view=True)
-            support, query, text, labels = gather(train.features, train.text, ep)  # (E,S,T,D) (E,Q,T,D) (E,N,D) (E,Q)
-            with amp:  # bf16 on CUDA (OTAM and the losses stay float32), float32 on CPU
-                outd = model(support, query, text)
-                loss, parts = total_loss(outd, labels, model.cfg)
+            before = running_stats_snapshot(core) if world.distributed else None
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                for inputs, labels, weight, last in data.update(done, e, rng):
+                    # DDP all-reduces the gradients once, after the update's last micro-batch
+                    with model.no_sync() if world.distributed and not last else contextlib.nullcontext():
+                        with amp:  # bf16 on CUDA (OTAM and the losses stay float32), float32 on CPU
+                            outd = model(*inputs)
+                            loss, parts = total_loss(outd, labels, head.cfg)
+                        (loss * weight).backward()  # weight: this micro-batch's share of the update's mean
+                    losses.append(parts)  # detached device tensors: no host sync per step
+            except torch.cuda.OutOfMemoryError as err:
+                raise ConfigError(f"{OOM_HINT} ({str(err).splitlines()[0]})") from err
             opt.step()
-            losses.append(parts)  # detached device tensors: no host sync per step
+            if world.distributed:  # as if one process had run the update's episodes in rank order
+                merge_running_stats(core, before)
             done += e
             run_eps += e
             if bar:  # the loss shown costs a host sync: refresh it every 10 steps only
                 bar.update(task, completed=done, **({"loss": float(parts["total"])} if len(losses) % 10 == 1 else {}))
             if done % cfg.val_every < e or done == cfg.episodes:  # crossed a validation point
-                acc = validate(model, val, val_eps, cfg.seed)
-                mean = mean_parts(losses)  # one device-to-host copy for all steps since the last one
+                mean = _mean_over_ranks(mean_parts(losses), world)  # one device-to-host copy since the last one
+                losses = []
+                stats = data.stats()
+                if not world.main:
+                    barrier(world)  # rank 0 validates and writes
+                    continue
+                acc = validate(head, data.val_split(core), val_eps, cfg.seed)
                 rec = {
                     "episodes": done,
                     "loss": mean["total"],
@@ -241,36 +543,64 @@ def run_train(cfg: TrainConfig, progress: bool = True,
                     "distill": mean["distill"],
                     "val_acc": acc,
                     "episodes_per_s": run_eps / (time.perf_counter() - t0),
+                    **stats,
                 }
-                losses = []
                 rec["best_val"] = max(best, acc)
                 history.append(rec)
-                # metrics line first, then best.pt, then last.pt (each atomic): a kill between them
-                # resumes from the previous last.pt, which drops and recomputes the later line
-                with (out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                # metrics line first, then best.pt (full mode: backbone.pt before it), then last.pt (each
+                # atomic): a kill between them resumes from the previous last.pt, which drops and
+                # recomputes the later line
+                with (out / "metrics.jsonl").open("a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
                 if acc > best:
                     best = acc
-                    atomic_torch_save({"model": model.state_dict(), "heads": model.cfg.to_dict(), "preset": cfg.preset,
-                                       "shot": cfg.shot, "episodes": done, "val_acc": acc}, out / "best.pt")
-                atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    extra = {}
+                    if cfg.mode == "full":  # the fine-tuned CLIP, loadable by extract --pretrained
+                        core.encoder.save_clip(out / "backbone.pt")
+                        extra = {"backbone": weights_id(str(out / "backbone.pt"))}
+                    atomic_torch_save({"model": head.state_dict(), "heads": head.cfg.to_dict(), "preset": cfg.preset,
+                                       "shot": cfg.shot, "episodes": done, "val_acc": acc, **extra}, out / "best.pt")
+                atomic_torch_save({"model": core.state_dict(), "optimizer": opt.state_dict(),
                                    "rng": _rng_state(rng, device), "episodes": done, "best_val": best,
                                    "history": history}, out / "last.pt")
                 if bar:
                     bar.update(task, val=acc, loss=rec["loss"])
                 else:
                     log.info("episodes %d loss %.3f val %.2f%%", done, rec["loss"], acc)
+                barrier(world)
                 if on_val is not None:
                     on_val(done, acc)
     finally:
         if bar:
             bar.stop()
+        data.close()
     res = {"best_val": best, "run": str(out), "episodes": done,
-           "episodes_per_s": run_eps / max(time.perf_counter() - t0, 1e-9)}
-    from pipelines.plots import plot_safely, train_curves
+           "episodes_per_s": run_eps / max(time.perf_counter() - t0, 1e-9), "rank": world.rank}
+    if world.main:
+        from pipelines.plots import plot_safely, train_curves
 
-    plot_safely(train_curves, out)  # curves.png; a figure that cannot be drawn is only a warning
+        plot_safely(train_curves, out)  # curves.png; a figure that cannot be drawn is only a warning
+    barrier(world)  # the ranks leave together (one rank tearing down gloo while another works aborts it)
     return res
+
+
+def _resumable(value: Any) -> Any:
+    """A config value as --resume compares it: full mode's worker count may change between runs."""
+    if isinstance(value, dict) and "workers" in value:
+        return {k: v for k, v in value.items() if k != "workers"}
+    return value
+
+
+def _mean_over_ranks(mean: dict[str, float], world: World) -> dict[str, float]:
+    """Loss parts averaged over the ranks (equal episode counts), so rank 0 logs the whole update's loss."""
+    if not world.distributed or not mean:
+        return mean
+    import torch.distributed as dist
+
+    keys = sorted(mean)
+    t = torch.tensor([mean[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world.size for k, v in zip(keys, t.tolist())}
 
 
 def load_config(path: Path | str) -> TrainConfig:

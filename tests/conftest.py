@@ -62,14 +62,23 @@ def tiny_cache(action_videos, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory) -> Path:
-    """25 classes x 10 videos (moving shapes), tiny-vit features, 2 train views: enough classes for 5-way
-    train, val and test episodes (15/5/5). Read-only; shared by the training, evaluation and reliability tests."""
+def demo_videos(tmp_path_factory) -> Path:
+    """25 classes x 10 videos (moving shapes) of 16 frames, 64x48: enough classes for 5-way train, val and test
+    episodes (15/5/5 with the folder split). Read-only."""
     from mdmf_cache.synthetic import make_action_dataset
+
+    root = tmp_path_factory.mktemp("train_demo") / "videos"
+    make_action_dataset(root, num_classes=25, videos_per_class=10, num_frames=16, size=(64, 48), seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_videos) -> Path:
+    """``demo_videos``' tiny-vit features, 2 train views. Read-only; shared by the training, evaluation and
+    reliability tests."""
     from pipelines.extract import ExtractConfig, run_extract
 
-    base = tmp_path_factory.mktemp("train_demo")
-    make_action_dataset(base / "videos", num_classes=25, videos_per_class=10, num_frames=16, size=(64, 48), seed=1)
+    base = demo_videos.parent
     path, _ = run_extract(ExtractConfig(dataset="folder", root=str(base / "videos"), cache_dir=str(base / "cache"),
                                         name="demo", model="mdmf-tiny-vit", pretrained=None, train_views=2,
                                         flip=False, workers=0, chunk_rows=16, progress=False, clean_names=True))

@@ -252,7 +252,7 @@ def test_merged_running_stats_of_two_ranks_equal_one_process() -> None:
     """Two ranks, each running 2 of the 4 episodes of an update from the same state, merged as
     merge_running_stats does after its all_gather: the running statistics of one process running all 4
     (momentum 0.1 and cumulative), over two updates. (The all_gather itself is torch.distributed's.)"""
-    from mdmf_cache.finetune import _apply_merged, _local_stats, running_stats_snapshot
+    from mdmf_cache.distributed import _apply_merged, _local_stats, running_stats_snapshot
 
     x = torch.randn(2, 4 * 2, 3, 6, 6, dtype=torch.float64)  # 2 updates x 4 episodes of 2 images
     ranks, single = [_bn_net(), _bn_net()], _bn_net()

@@ -1,0 +1,237 @@
+"""Full mode (issue 9): CLIP fine-tuned end to end with the heads, from the videos, on one or several processes.
+
+Tiny open_clip models with a seeded random init, synthetic videos, CPU. What is checked: the backbone
+learns and moves (the text tower does not), a SIGKILLed run resumed equals an uninterrupted one,
+two gloo processes compute the gradient of one process, ``eval`` of a full-mode run (re-extraction
+with ``backbone.pt``) equals scoring in memory, and bad input fails before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mdmf_cache.errors import ConfigError
+from pipelines.train import TrainConfig, run_train
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+#: Timing fields of metrics.jsonl (everything else must match between runs).
+TIMING = ("episodes_per_s", "loader_wait_s", "decode_s_per_episode")
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _full(root, **kw) -> dict:
+    return {"dataset": "folder", "root": str(root), "model": "mdmf-tiny-vit", "pretrained": None, "workers": 0,
+            "flip": False, **kw}
+
+
+def _small_args(root, out, model="mdmf-tiny-vit", **kw) -> list[str]:
+    """CLI arguments of a 2-way 1-shot run on ``action_videos`` (5/2/2 classes of 4 videos)."""
+    args = {"--root": root, "--model": model, "--pretrained": "none", "--device": "cpu", "--way": 2, "--shot": 1,
+            "--train-queries": 1, "--val-episodes": 6, "--workers": 0, "--out": out, **kw}
+    return ["train", "--mode", "full", "folder", *[str(x) for kv in args.items() for x in kv]]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(demo_videos, tmp_path_factory):
+    """A short full-mode run on the demo videos (5-way 1-shot, tiny ViT); read-only."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    cfg = TrainConfig(mode="full", out=str(out), way=5, shot=1, train_queries=1, episodes=48, episodes_per_step=8,
+                      val_every=24, val_episodes=100, lr=1e-3, device="cpu",
+                      full=_full(demo_videos, episodes_per_forward=8))
+    return cfg, run_train(cfg, progress=False)
+
+
+def test_full_mode_fine_tunes_the_backbone_and_learns(full_run, demo_videos):
+    from mdmf_cache.backbone import load_backbone
+    from mdmf_cache.distributed import World
+    from pipelines.train import FullData, build_model, validate
+
+    cfg, res = full_run
+    out = Path(cfg.out)
+    assert res["episodes"] == 48 and {"backbone.pt", "best.pt", "last.pt", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
+    lines = _metrics(out)
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert all(line["substituted_videos"] == 0 for line in lines)
+    # the untrained model (same seed, same backbone) on the same val episodes
+    data = FullData(cfg, torch.device("cpu"), World())
+    torch.manual_seed(cfg.seed)
+    untrained = data.wrap(build_model(cfg.preset, data.dim, data.num_frames, {}, "mdmf"))
+    from mdmf_cache.episodes import Episodes
+
+    val_eps = Episodes.load(out / "val_episodes.npz")
+    before = validate(untrained.head, data.val_split(untrained), val_eps, cfg.seed)
+    assert res["best_val"] > before + 3, (before, res["best_val"])
+    # the visual tower moved, the text tower did not
+    start = load_backbone("mdmf-tiny-vit", None, "cpu").model.state_dict()
+    tuned = torch.load(out / "backbone.pt", weights_only=True)
+    assert set(tuned) == set(start)
+    moved = [k for k in start if not torch.equal(start[k], tuned[k])]
+    assert moved and all(k.startswith("visual.") for k in moved)
+    assert any(k.startswith("visual.transformer") for k in moved)
+
+
+def test_eval_of_a_full_run_reextracts_with_its_backbone(full_run, demo_videos):
+    from mdmf_cache.backbone import Backbone, load_backbone
+    from mdmf_cache.datasets import load_splits
+    from mdmf_cache.evaluation import score
+    from mdmf_cache.finetune import FrameEncoder
+    from pipelines.evaluate import EvalConfig, episode_list, run_eval
+    from pipelines.extract import embed_split, find_videos, prompts_for
+    from pipelines.train import load_run
+
+    cfg, _ = full_run
+    out = Path(cfg.out)
+    res = run_eval(EvalConfig(target=str(out), way=5, episodes=200, device="cpu"), progress=False)
+    caches = list((out / "eval_cache").glob("*.zarr"))
+    assert len(caches) == 1 and res["cache"] == str(caches[0])
+    # in memory: the test split embedded by the fine-tuned encoder (the validation path), the same heads and episodes
+    ecfg = cfg.full_mode.extract_config(cfg.preset, cfg.seed, "cpu", splits=("test",))
+    test = load_splits("folder", None, demo_videos, cfg.seed)["test"]
+    find_videos(ecfg, {"test": test})
+    bb = load_backbone("mdmf-tiny-vit", str(out / "backbone.pt"), "cpu")
+    encoder = FrameEncoder(bb.model).eval()
+    split = embed_split(test, ecfg, Backbone(encoder.clip, bb.tokenizer, bb.dim, bb.device, "x", "x"),
+                        bb.encode_texts(prompts_for(test, ecfg)))
+    head, _ = load_run(out, "cpu")
+    eps = episode_list(split, 5, 1, 1, 200, 0)
+    mem = score("mdmf", split, eps, head, 0).summary()
+    assert res["shots"]["1"]["accuracy"] == pytest.approx(mem["accuracy"], abs=1e-9)
+    # a second eval reuses the cache: no feature chunk is written again
+    chunks = lambda: {f: f.stat().st_mtime_ns for f in (caches[0] / "test" / "features").rglob("*")  # noqa: E731
+                      if f.is_file() and f.name != "zarr.json"}
+    before = chunks()
+    again = run_eval(EvalConfig(target=str(out), way=5, episodes=200, device="cpu"), progress=False)
+    assert again["shots"]["1"]["accuracy"] == res["shots"]["1"]["accuracy"]
+    assert before and chunks() == before
+
+
+def test_resume_after_sigkill_equals_uninterrupted(action_videos, tmp_path):
+    common = {"--episodes": 12, "--episodes-per-step": 2, "--val-every": 4, "--lr": "1e-3", "--model": "mdmf-tiny-rn"}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    r = subprocess.run([sys.executable, "-m", "cli", *_small_args(action_videos, whole, **common)], cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    # the same command, killed after its first checkpoint and before the end, then resumed
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *_small_args(action_videos, cut, **common)], cwd=REPO,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (cut / "last.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    done = torch.load(cut / "last.pt", weights_only=False)["episodes"]
+    assert 4 <= done < 12, "the kill came too late to test a resume"
+    r = subprocess.run([sys.executable, "-m", "cli", *_small_args(action_videos, cut, **common), "--resume"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    a, b = (torch.load(p / "last.pt", weights_only=False) for p in (whole, cut))
+    assert a["episodes"] == b["episodes"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+    assert _metrics(whole) == _metrics(cut)
+
+
+def test_two_gloo_processes_equal_one(action_videos, tmp_path):
+    """One update of 4 episodes: rank 0 takes episodes 0-1, rank 1 episodes 2-3. The tiny RN's per-episode
+    BatchNorm and the heads' LTCE BatchNorm exercise the running-statistics merge."""
+    common = {"--episodes": 4, "--episodes-per-step": 4, "--val-every": 4, "--lr": "1e-4", "--model": "mdmf-tiny-rn"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "cli", *_small_args(action_videos, one, **common)], cwd=REPO,
+                       env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "cli", *_small_args(action_videos, two, **common)], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(p / "last.pt", weights_only=False) for p in (one, two))
+    # the gradient (Adam's first moment after one step is 0.1 g), equal up to float32 reduction order
+    for i, st in a["optimizer"]["state"].items():
+        g1, g2 = st["exp_avg"], b["optimizer"]["state"][i]["exp_avg"]
+        assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-5 * max(g1.abs().max().item(), 1.0)), i
+    stats = [k for k in a["model"] if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert any(k.startswith("encoder.") for k in stats) and any(k.startswith("head.") for k in stats)
+    for k in stats:
+        assert torch.allclose(a["model"][k].double(), b["model"][k].double(), atol=1e-5), k
+    ma, mb = _metrics(one), _metrics(two)
+    assert ma[0]["loss"] == pytest.approx(mb[0]["loss"], rel=1e-5)
+    # without the merge, rank 1's two episodes would be missing from the running statistics
+    assert int(b["model"]["head.views.ltc.extractor.net.2.num_batches_tracked"]) == 4
+
+
+def test_bad_input_fails_before_any_work(action_videos, demo_cache, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import cli
+
+    # the console entry: one line, exit 2
+    r = subprocess.run([sys.executable, "-m", "cli", "train", "--mode", "full", str(demo_cache), "--root",
+                        str(action_videos), "--out", str(tmp_path / "a")], cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "is a cache" in r.stderr and "--mode fast" in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 3 and "Traceback" not in r.stderr  # one line, wrapped at most
+    runner = CliRunner()
+    r = runner.invoke(cli.app, ["train", str(demo_cache), "--root", str(action_videos), "--out", str(tmp_path / "b")])
+    said = " ".join(r.output.replace("│", " ").split())  # rich's error box, unwrapped
+    assert r.exit_code == 2 and "--root" in said and "for --mode full" in said
+    # 2-way 2-shot with 3 queries needs 5 videos per class; the classes have 4: named
+    r = runner.invoke(cli.app, _small_args(action_videos, tmp_path / "c", **{"--shot": 2, "--train-queries": 3}))
+    assert isinstance(r.exception, ConfigError)
+    assert "5 videos per class" in str(r.exception) and "moving" in str(r.exception)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
+        run_train(TrainConfig(mode="full", out=str(tmp_path / "d"), full=_full(action_videos)), progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_out_of_gpu_memory_names_the_flags_that_help(action_videos, tmp_path, monkeypatch):
+    from mdmf_cache.models.endtoend import EndToEnd
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(EndToEnd, "forward", oom)
+    cfg = TrainConfig(mode="full", out=str(tmp_path / "r"), way=2, shot=1, train_queries=1, episodes=2,
+                      episodes_per_step=2, device="cpu", full=_full(action_videos))
+    with pytest.raises(ConfigError, match="--grad-checkpointing.*--episodes-per-forward"):
+        run_train(cfg, progress=False)
+
+
+def test_episodes_are_a_function_of_seed_and_index(action_videos):
+    """Any worker, rank or resumed run decodes the same episode i: classes, videos, frames, crops and PPS draws."""
+    from mdmf_cache.datasets import load_splits, resolve_paths
+    from mdmf_cache.video_episodes import EpisodeVideos
+
+    train = load_splits("folder", None, action_videos)["train"]
+    resolve_paths(train, action_videos)
+    _, paths, labels = train.found()
+    make = lambda: EpisodeVideos(paths, labels, len(train.classes), 3, 1, 1, seed=5)  # noqa: E731
+    a, b = make()[17], make()[17]
+    assert np.array_equal(a["classes"], b["classes"]) and np.array_equal(a["noise"], b["noise"])
+    assert all(torch.equal(x, y) for x, y in zip(a["frames"], b["frames"])) and a["crops"] == b["crops"]
+    c = make()[18]
+    assert not (np.array_equal(a["classes"], c["classes"]) and all(
+        x.shape == y.shape and torch.equal(x, y) for x, y in zip(a["frames"], c["frames"])))
+    assert len(a["frames"]) == 6 and a["frames"][0].shape[0] == 8 and a["errors"] == []
