@@ -23,6 +23,7 @@ bench: install
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train_fast.py
 	$(BIN)/python bench/verify.py
+	$(BIN)/python bench/train_full.py
 
 clean:
 	rm -rf demo_out .pytest_cache

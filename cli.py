@@ -528,14 +528,16 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the synthetic videos, cache and runs go.")] = Path("demo_out"),
     model: Annotated[str, typer.Option(help="Tiny backbone.")] = "mdmf-tiny-vit",
     workers: int = 2,
+    full: Annotated[bool, typer.Option("--full", help="Add a short full-mode stage (the tiny CLIP fine-tuned with the heads from the videos).")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Synthetic action videos -> cache -> fast-mode heads -> evaluation against baselines, on a CPU in ~2 min."""
+    """Synthetic action videos -> cache -> fast-mode heads -> evaluation against baselines, on a CPU in ~1 min
+    (--full: a full-mode stage too)."""
     _setup_logging(debug)
     _on_interrupt(f"finished stages are kept in {out}; rerun the same command to go on")
     from pipelines.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=str(out), model=model, workers=workers))
+    run_demo(DemoConfig(out=str(out), model=model, workers=workers, full=full))
 
 
 def _click_exceptions() -> tuple[type, ...]:

@@ -6,9 +6,10 @@ and each of its videos' frame indices, crop and flip from a generator seeded ``[
 So any process can decode any episode: DataLoader workers in any order, DDP ranks taking different
 shares of an update, and a resumed run (the sampler's state is the episode counter alone).
 
-Decoding, TSN/linspace train sampling and the random crop and flip are those of ``extract``; the
-resize, crop and normalisation run in the training process on the compute device
-(:func:`episode_pixels`), as in ``extract``.
+Decoding, TSN/linspace train sampling and the random crop and flip are those of ``extract``. The
+resize, crop and normalisation (``preprocess_clips``, as in ``extract``) run on the GPU in the training
+process when it trains on a GPU (:func:`episode_pixels`), and in the workers when it trains on the CPU
+(``normalize`` set), where they would otherwise stall the model's cores.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class EpisodeVideos(Dataset):
         flip: random horizontal flips.
         seed: the run's seed.
         decoder: video backend (``auto``, ``pyav``, ...).
+        normalize: ``clip`` | ``none``: preprocess in the worker (CPU training); None: return decoded frames.
     """
 
     paths: list[Path]
@@ -76,6 +78,7 @@ class EpisodeVideos(Dataset):
     flip: bool = True
     seed: int = 0
     decoder: str = "auto"
+    normalize: str | None = None
 
     def __post_init__(self) -> None:
         self._sampler = EpisodeSampler(self.labels, self.num_classes)
@@ -117,6 +120,8 @@ class EpisodeVideos(Dataset):
             frames.append(f)
             crops.append(c)
             errors += err
+        if self.normalize is not None:  # (S+Q, T, 3, 224, 224) float32, ready for the model
+            frames = preprocess_clips(frames, crops, "cpu", normalize=self.normalize)
         return {"index": int(index), "frames": frames, "crops": crops, "classes": ep.classes[0],
                 "labels": ep.query_labels[0], "noise": noise, "support": ep.shot * ep.way, "errors": errors,
                 "decode_s": time.perf_counter() - t0}
@@ -136,10 +141,13 @@ def episode_pixels(items: list[dict[str, Any]], device: torch.device, normalize:
     if not items:
         raise ConfigError("no episodes to stack")
     e, s = len(items), items[0]["support"]
-    clips = [f for it in items for f in it["frames"]]
-    crops = [c for it in items for c in it["crops"]]
-    pix = preprocess_clips(clips, crops, device, normalize=normalize)  # (E*(S+Q), T, 3, 224, 224)
-    pix = pix.reshape(e, len(items[0]["frames"]), *pix.shape[1:])
+    if torch.is_tensor(items[0]["frames"]):  # preprocessed by the worker
+        pix = torch.stack([it["frames"] for it in items]).to(device, non_blocking=True)  # (E, S+Q, T, 3, 224, 224)
+    else:
+        clips = [f for it in items for f in it["frames"]]
+        crops = [c for it in items for c in it["crops"]]
+        pix = preprocess_clips(clips, crops, device, normalize=normalize)  # (E*(S+Q), T, 3, 224, 224)
+        pix = pix.reshape(e, len(items[0]["frames"]), *pix.shape[1:])
     classes = torch.as_tensor(np.stack([it["classes"] for it in items]), device=device)
     labels = torch.as_tensor(np.stack([it["labels"] for it in items]), device=device)
     noise = torch.as_tensor(np.stack([it["noise"] for it in items]), device=device)

@@ -3,6 +3,10 @@
 Classes are coloured shapes moving in a direction (``a red circle moving left``), written with
 PyAV as MP4 (H.264) and AVI (MPEG-4 with B-frames, like UCF101). The classes are split
 class-disjointly (train/val/test) and extracted with a tiny open_clip backbone.
+
+With ``full=True`` (``mdmf-cache demo --full``) a short full-mode stage follows: the same tiny
+backbone fine-tuned with the heads straight from the videos, evaluated on the same test episodes
+(its test split re-extracted with the fine-tuned backbone).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ class DemoConfig:
     lr: float = 1e-3
     eval_episodes: int = 1000
     shots: tuple[int, ...] = (1, 5)
+    full: bool = False  # add a full-mode stage (CLIP fine-tuned from the videos)
+    full_episodes: int = 96
+    full_shot: int = 1  # full mode decodes every episode: 5-way 1-shot, 1 query per class keeps it short on a CPU
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -46,14 +53,15 @@ def run_demo(cfg: DemoConfig) -> dict:
                           "(mdmf-tiny-vit or mdmf-tiny-rn)")
     out = Path(cfg.out)
     videos = out / "videos"
+    stages = 5 if cfg.full else 4
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     if not (videos / ".complete").is_file():
-        console.print(f"[bold]1/4[/] writing {cfg.num_classes * cfg.videos_per_class} synthetic videos to {videos}")
+        console.print(f"[bold]1/{stages}[/] writing {cfg.num_classes * cfg.videos_per_class} synthetic videos to {videos}")
         make_action_dataset(videos, num_classes=cfg.num_classes, videos_per_class=cfg.videos_per_class,
                             num_frames=cfg.num_frames, seed=cfg.seed)
         (videos / ".complete").write_text("ok\n")
-    console.print(f"[bold]2/4[/] extracting with {cfg.model}")
+    console.print(f"[bold]2/{stages}[/] extracting with {cfg.model}")
     ecfg = ExtractConfig(dataset="folder", root=str(videos), cache_dir=str(out / "cache"), name="demo",
                          model=cfg.model, pretrained=None, train_views=cfg.train_views, workers=cfg.workers,
                          seed=cfg.seed, clean_names=True, chunk_rows=16,
@@ -62,23 +70,36 @@ def run_demo(cfg: DemoConfig) -> dict:
     print_extract_summary(path, results)
     summary = print_info(path)
 
-    console.print(f"[bold]3/4[/] training the heads for {cfg.train_episodes} episodes (fast mode, CLIP frozen)")
+    console.print(f"[bold]3/{stages}[/] training the heads for {cfg.train_episodes} episodes (fast mode, CLIP frozen)")
     run = out / "runs" / "demo"
     tcfg = TrainConfig(cache=str(path), out=str(run), episodes=cfg.train_episodes, lr=cfg.lr, val_every=200,
                        val_episodes=300, seed=cfg.seed, resume=(run / "last.pt").is_file())
     trained = run_train(tcfg)
 
-    console.print(f"[bold]4/4[/] evaluating on {cfg.eval_episodes} identical test episodes per shot")
+    full_run = out / "runs" / "demo_full"
+    if cfg.full:
+        console.print(f"[bold]4/{stages}[/] full mode: fine-tuning {cfg.model} with the heads from the videos for "
+                      f"{cfg.full_episodes} episodes (5-way {cfg.full_shot}-shot, fresh augmentation each)")
+        fcfg = TrainConfig(mode="full", out=str(full_run), shot=cfg.full_shot, train_queries=1, episodes=cfg.full_episodes,
+                           episodes_per_step=8, lr=cfg.lr, val_every=cfg.full_episodes // 2, val_episodes=300,
+                           seed=cfg.seed, resume=(full_run / "last.pt").is_file(),
+                           full={"dataset": "folder", "root": str(videos), "model": cfg.model, "pretrained": None,
+                                 "clean_names": True, "flip": False, "workers": cfg.workers,
+                                 "episodes_per_forward": 8})
+        trained_full = run_train(fcfg)
+    console.print(f"[bold]{stages}/{stages}[/] evaluating on {cfg.eval_episodes} identical test episodes per shot")
     rows = []
-    for method in ("mdmf", "protonet", "otam", "zero-shot"):
-        res = run_eval(EvalConfig(target=str(run if method == "mdmf" else path), method=method, shots=cfg.shots,
-                                  episodes=cfg.eval_episodes, seed=cfg.seed, out=str(out / "eval" / method)),
-                       progress=False)
-        row = {"method": method}
+    for method in ("mdmf", *(("mdmf-full",) if cfg.full else ()), "protonet", "otam", "zero-shot"):
+        target = {"mdmf": run, "mdmf-full": full_run}.get(method, path)
+        res = run_eval(EvalConfig(target=str(target), method="run" if method == "mdmf-full" else method,
+                                  shots=cfg.shots, episodes=cfg.eval_episodes, seed=cfg.seed,
+                                  out=str(out / "eval" / method)), progress=False)
+        row = {"method": {"mdmf": "mdmf (fast)", "mdmf-full": "mdmf (full)"}.get(method, method)}
         for shot, r in res["shots"].items():
             row[f"{shot}-shot %"] = r["accuracy"]
             row[f"{shot}-shot ±"] = r["ci95"]
         rows.append(row)
     print_comparison(rows, f"5-way test accuracy, synthetic demo ({cfg.model}, random init; chance 20%)")
-    (out / "demo_results.json").write_text(json.dumps({"train": trained, "eval": rows}, indent=2))
-    return {"cache": str(path), "info": summary, "train": trained, "eval": rows}
+    results = {"train": trained, "eval": rows, **({"train_full": trained_full} if cfg.full else {})}
+    (out / "demo_results.json").write_text(json.dumps(results, indent=2))
+    return {"cache": str(path), "info": summary, **results}

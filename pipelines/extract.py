@@ -371,12 +371,13 @@ def _progress():
     return make_progress("videos")
 
 
-def embed_split(split: Split, cfg: ExtractConfig, backbone, text, progress=None) -> FeatureSplit:
+def embed_split(split: Split, cfg: ExtractConfig, backbone, text, progress=None, keep_failed: bool = False) -> FeatureSplit:
     """A split's found videos embedded in memory (test sampling, centre crop): the extraction path without a cache.
 
     Full mode validates the backbone it is fine-tuning with this, so validation sees exactly the features
     that ``extract --pretrained backbone.pt`` would store (float16 included). Videos that fail to decode
-    are left out (logged).
+    are logged and left out, or kept as all-zero rows with ``keep_failed`` (so that the rows stay those of
+    ``split.found()``, which a fixed episode list indexes).
 
     Args:
         text: ``(C, D)`` prompt embeddings of the split's classes.
@@ -403,7 +404,7 @@ def embed_split(split: Split, cfg: ExtractConfig, backbone, text, progress=None)
             progress.advance(task, len(batch))
     if progress:
         progress.remove_task(task)
-    keep = np.flatnonzero(ok_rows)
+    keep = np.arange(len(ids)) if keep_failed else np.flatnonzero(ok_rows)
     dev = backbone.device
     return FeatureSplit(features=torch.from_numpy(feats[keep]).to(dev),
                         labels=torch.from_numpy(labels[keep].astype(np.int64)).to(dev),

@@ -302,7 +302,8 @@ class FullData:
         self.text = {name: self.backbone.encode_texts(p).to(device) for name, p in self.prompts.items()}  # (C, D)
         self.tokens = self.backbone.tokenizer(self.prompts["train"]).to(device) if f.train_text else None  # (C, L)
         self.episodes = EpisodeVideos(paths, labels, len(train.classes), cfg.way, cfg.shot, cfg.train_queries,
-                                      f.num_frames, self.ecfg.sampler, f.flip, cfg.seed, f.decoder)
+                                      f.num_frames, self.ecfg.sampler, f.flip, cfg.seed, f.decoder,
+                                      normalize=self.ecfg.normalize if device.type == "cpu" else None)
         self.loader_it = None
         self.wait_s, self.decode_s, self.decoded, self.substituted, self.updates = 0.0, 0.0, 0, 0, 0
 
@@ -380,7 +381,7 @@ class FullData:
                       name=self.f.model, weights="in-training")
         try:
             text = bb.encode_texts(self.prompts["val"]) if self.f.train_text else self.text["val"]
-            return embed_split(self.splits["val"], self.ecfg, bb, text)
+            return embed_split(self.splits["val"], self.ecfg, bb, text, keep_failed=True)  # rows = val_eps' rows
         finally:
             encoder.train(was)
 
@@ -504,10 +505,11 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
         bar.start()
     core.train()
     amp = heads_autocast(device)
-    t0, run_eps, losses = time.perf_counter(), 0, []
+    train_s, run_eps, losses = 0.0, 0, []  # training time excludes validation
     try:
         while done < cfg.episodes:
             e = min(cfg.episodes_per_step, cfg.episodes - done)
+            t0 = time.perf_counter()
             before = running_stats_snapshot(core) if world.distributed else None
             opt.zero_grad(set_to_none=True)
             try:
@@ -526,6 +528,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
                 merge_running_stats(core, before)
             done += e
             run_eps += e
+            train_s += time.perf_counter() - t0
             if bar:  # the loss shown costs a host sync: refresh it every 10 steps only
                 bar.update(task, completed=done, **({"loss": float(parts["total"])} if len(losses) % 10 == 1 else {}))
             if done % cfg.val_every < e or done == cfg.episodes:  # crossed a validation point
@@ -542,7 +545,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
                     "main": mean["main"],
                     "distill": mean["distill"],
                     "val_acc": acc,
-                    "episodes_per_s": run_eps / (time.perf_counter() - t0),
+                    "episodes_per_s": run_eps / max(train_s, 1e-9),  # training only, data wait included
                     **stats,
                 }
                 rec["best_val"] = max(best, acc)
@@ -575,7 +578,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
             bar.stop()
         data.close()
     res = {"best_val": best, "run": str(out), "episodes": done,
-           "episodes_per_s": run_eps / max(time.perf_counter() - t0, 1e-9), "rank": world.rank}
+           "episodes_per_s": run_eps / max(train_s, 1e-9), "rank": world.rank}
     if world.main:
         from pipelines.plots import plot_safely, train_curves
 
@@ -611,7 +614,8 @@ def load_config(path: Path | str) -> TrainConfig:
     except (OSError, ValueError) as e:
         raise ConfigError(f"--config {path}: cannot read a JSON config ({e})") from e
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(saved) - known - {"resolved_heads", "sweep", "cache_abs", "cache_identity"})  # notes
+    unknown = sorted(set(saved) - known - {"resolved_heads", "sweep", "cache_abs", "cache_identity", "backbone_weights",
+                                           "resolved_data"})  # notes
     if unknown:
         raise ConfigError(f"--config {path}: unknown TrainConfig field(s) {', '.join(unknown)}")
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})

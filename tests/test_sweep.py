@@ -72,7 +72,7 @@ def test_options_come_from_the_dataclasses():
 
     opts = sweep_options()
     targets = {t for o in opts.values() for t in o.targets}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"cache", "out", "heads", "resume"}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"cache", "out", "heads", "resume", "full"}
     head_fields = {f"heads.{f.name}" for f in dataclasses.fields(MDMFConfig)} - {"heads.dim", "heads.num_frames",
                                                                                  "heads.method"}  # TrainConfig.method
     assert train_fields | head_fields == targets  # every field is reachable, nothing else
