@@ -235,3 +235,51 @@ def test_episodes_are_a_function_of_seed_and_index(action_videos):
     assert not (np.array_equal(a["classes"], c["classes"]) and all(
         x.shape == y.shape and torch.equal(x, y) for x, y in zip(a["frames"], c["frames"])))
     assert len(a["frames"]) == 6 and a["frames"][0].shape[0] == 8 and a["errors"] == []
+
+
+@pytest.mark.parametrize("full, method, expect", [
+    ({"train_text": True}, "mdmf", "visual+text"),
+    ({"model": "mdmf-tiny-rn", "train_last_blocks": 1, "backbone_bn": "frozen", "grad_checkpointing": True},
+     "mdmf", "last block"),
+    ({"train_last_blocks": 0, "episodes_per_forward": 2}, "clip-fsar", "frozen"),
+])
+def test_backbone_switches_train_what_they_say(action_videos, tmp_path, full, method, expect):
+    from mdmf_cache.backbone import load_backbone
+
+    cfg = TrainConfig(mode="full", out=str(tmp_path / "r"), method=method, way=2, shot=1, train_queries=1, episodes=4,
+                      episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu",
+                      full=_full(action_videos, **full))
+    run_train(cfg, progress=False)
+    start = load_backbone(cfg.full_mode.model, None, "cpu").model.state_dict()
+    tuned = torch.load(tmp_path / "r" / "backbone.pt", weights_only=True)
+    moved = {k for k in start if not torch.equal(start[k], tuned[k])}
+    if expect == "visual+text":  # --train-text: both towers move (logit_scale never does)
+        assert any(k.startswith("visual.") for k in moved) and any(k.startswith("transformer.") for k in moved)
+        assert "logit_scale" not in moved
+    elif expect == "last block":  # the last bottleneck and the attention pool only; frozen BatchNorm statistics
+        assert moved and all(k.startswith(("visual.layer4.0.", "visual.attnpool.")) for k in moved), sorted(moved)
+        assert not any("running_" in k for k in moved)
+    else:  # --freeze-backbone: the backbone is the initial one, the heads trained (CLIP-FSAR's text MLP included)
+        assert not moved
+        head = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+        assert head["heads"]["method"] == "clip-fsar" and any(k.startswith("text_proj.") for k in head["model"])
+
+
+def test_demo_full_adds_a_full_mode_row(demo_videos, demo_cache, tmp_path):
+    """``mdmf-cache demo --full`` (shortened): a full-mode stage after the fast one, both beside the baselines on
+    the same test episodes. The demo's videos and cache are the session fixtures' (same settings)."""
+    import shutil
+
+    from pipelines.demo import DemoConfig, run_demo
+
+    out = tmp_path / "demo"
+    shutil.copytree(demo_videos, out / "videos")
+    (out / "videos" / ".complete").write_text("ok\n")
+    shutil.copytree(demo_cache, out / "cache" / demo_cache.name)
+    res = run_demo(DemoConfig(out=str(out), workers=0, train_episodes=32, eval_episodes=50, full=True,
+                              full_episodes=16))
+    rows = {r["method"]: r for r in res["eval"]}
+    assert list(rows) == ["mdmf (fast)", "mdmf (full)", "protonet", "otam", "zero-shot"]
+    assert res["train_full"]["episodes"] == 16 and (out / "runs" / "demo_full" / "backbone.pt").is_file()
+    assert all(0 <= rows["mdmf (full)"][f"{k}-shot %"] <= 100 for k in (1, 5))
+    assert json.loads((out / "demo_results.json").read_text())["eval"][1]["method"] == "mdmf (full)"
