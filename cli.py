@@ -271,6 +271,7 @@ def train(
     backbone_bn: Annotated[str, typer.Option(help="Full mode, RN backbones: episode (batch statistics per episode) | frozen (running statistics).", rich_help_panel="Full mode")] = "episode",
     grad_checkpointing: Annotated[bool, typer.Option(help="Full mode: recompute activations in backward (less GPU memory).", rich_help_panel="Full mode")] = False,
     episodes_per_forward: Annotated[int, typer.Option(help="Full mode: episodes per forward pass (the paper: 1).", rich_help_panel="Full mode")] = 1,
+    init_heads: Annotated[Optional[Path], typer.Option(help="Full mode: start from this run's heads (best.pt), e.g. a fast-mode run on the same backbone's cache.", rich_help_panel="Full mode")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Train the CLIP-MDMF heads from a cache (fast mode) or fine-tune CLIP with them from the videos (full
@@ -289,7 +290,7 @@ def train(
         extra.update(mmfe_dropout=dropout, ffn_dropout=dropout, tcn_dropout=dropout)
     full_opts = ("root", "splits", "labels", "model", "pretrained", "num_frames", "sampler", "normalize", "flip",
                  "prompt", "clean_names", "decoder", "workers", "backbone_lr", "train_text", "train_last_blocks",
-                 "freeze_backbone", "backbone_bn", "grad_checkpointing", "episodes_per_forward")
+                 "freeze_backbone", "backbone_bn", "grad_checkpointing", "episodes_per_forward", "init_heads")
     full = {}
     if mode == Mode.full:
         full = dataclasses.asdict(FullModeConfig(
@@ -300,7 +301,8 @@ def train(
             sampler=sampler, normalize=normalize, flip=flip, prompt_template=prompt, clean_names=clean_names,
             decoder=decoder, workers=workers, backbone_lr=backbone_lr, train_text=train_text,
             train_last_blocks=0 if freeze_backbone else train_last_blocks, backbone_bn=backbone_bn,
-            grad_checkpointing=grad_checkpointing, episodes_per_forward=episodes_per_forward))
+            grad_checkpointing=grad_checkpointing, episodes_per_forward=episodes_per_forward,
+            init_heads=str(init_heads) if init_heads else None))
     else:
         given = [f"--{n.replace('_', '-')}" for n in full_opts
                  if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"]

@@ -80,6 +80,7 @@ class FullModeConfig:
     backbone_bn: str = "episode"  # RN BatchNorm: episode (per-episode batch statistics) | frozen
     grad_checkpointing: bool = False
     episodes_per_forward: int = 1  # episodes in one forward pass (the paper: 1)
+    init_heads: str | None = None  # a run (fast or full) whose best.pt heads start this one (linear probe, then fine-tune)
 
     def validate(self) -> list[str]:
         from mdmf_cache.datasets import DATASET_NAMES
@@ -101,6 +102,8 @@ class FullModeConfig:
             problems.append(f"--backbone-bn {self.backbone_bn!r}: choose {' or '.join(BN_MODES)}")
         if self.backbone_lr is not None and not (math.isfinite(self.backbone_lr) and self.backbone_lr > 0):
             problems.append(f"--backbone-lr {self.backbone_lr}: must be a finite number > 0")
+        if self.init_heads and not (Path(self.init_heads) / "best.pt").is_file():
+            problems.append(f"--init-heads {self.init_heads}: no best.pt there (a run directory of mdmf-cache train)")
         if self.train_last_blocks is not None and self.train_last_blocks < 0:
             problems.append(f"--train-last-blocks {self.train_last_blocks}: must be >= 0 (0 freezes the backbone)")
         return problems
@@ -315,6 +318,14 @@ class FullData:
         from mdmf_cache.models.endtoend import EndToEnd
 
         f = self.f
+        if f.init_heads:  # e.g. a fast-mode run on this backbone's cache: its heads, then fine-tuning
+            ckpt = torch.load(Path(f.init_heads) / "best.pt", map_location="cpu", weights_only=False)
+            if ckpt["heads"] != head.cfg.to_dict():
+                diff = sorted(k for k in ckpt["heads"] if ckpt["heads"][k] != head.cfg.to_dict().get(k))
+                raise ConfigError(f"--init-heads {f.init_heads}: its heads differ from this run's in {', '.join(diff)}; "
+                                  "use the same --method, --preset, head switches and backbone (width D, frames T)")
+            head.load_state_dict(ckpt["model"])
+            log.info("heads initialised from %s/best.pt (val %.2f%%)", f.init_heads, ckpt.get("val_acc", float("nan")))
         encoder = FrameEncoder(self.backbone.model, bn=f.backbone_bn, train_last_blocks=f.train_last_blocks,
                                train_text=f.train_text, grad_checkpointing=f.grad_checkpointing)
         return EndToEnd(encoder, head)

@@ -283,3 +283,22 @@ def test_demo_full_adds_a_full_mode_row(demo_videos, demo_cache, tmp_path):
     assert res["train_full"]["episodes"] == 16 and (out / "runs" / "demo_full" / "backbone.pt").is_file()
     assert all(0 <= rows["mdmf (full)"][f"{k}-shot %"] <= 100 for k in (1, 5))
     assert json.loads((out / "demo_results.json").read_text())["eval"][1]["method"] == "mdmf (full)"
+
+
+def test_init_heads_starts_from_a_fast_mode_run(demo_videos, demo_cache, tmp_path):
+    """Linear probe, then fine-tune: a fast-mode run on the backbone's cache gives full mode its starting heads."""
+    fast = tmp_path / "fast"
+    run_train(TrainConfig(cache=str(demo_cache), out=str(fast), shot=1, train_queries=1, episodes=16,
+                          episodes_per_step=8, val_every=16, val_episodes=20, lr=1e-3), progress=False)
+    cfg = TrainConfig(mode="full", out=str(tmp_path / "full"), shot=1, train_queries=1, episodes=2, episodes_per_step=2,
+                      val_every=2, val_episodes=20, lr=1e-12, device="cpu",
+                      full=_full(demo_videos, clean_names=True, init_heads=str(fast)))
+    run_train(cfg, progress=False)
+    a = torch.load(fast / "best.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "full" / "best.pt", weights_only=False)["model"]
+    params = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(params) > 10 and all(torch.allclose(a[k], b[k], atol=1e-6) for k in params)  # lr 1e-12: the loaded heads
+    cfg.out, cfg.method = str(tmp_path / "fsar"), "clip-fsar"
+    with pytest.raises(ConfigError, match="heads differ"):
+        run_train(cfg, progress=False)
+    assert not (tmp_path / "fsar").exists()
