@@ -64,6 +64,8 @@ def init_process_group(world: World, device: torch.device, timeout_min: float = 
         raise ConfigError(f"rank {world.rank} of {world.size}: MASTER_ADDR and MASTER_PORT are not set; launch with "
                           "torchrun (it sets them), or export them in the SLURM script")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":  # NCCL's communicators and barriers use the current device: this rank's GPU
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=world.rank, world_size=world.size,
                             timeout=datetime.timedelta(minutes=timeout_min))
 

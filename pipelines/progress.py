@@ -23,3 +23,15 @@ def make_progress(unit: str, *extra: ProgressColumn) -> Progress:
     """Description, bar, done/total, rate, extra columns, elapsed and ETA."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
                     *extra, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+
+
+class FieldColumn(ProgressColumn):
+    """A task field, e.g. ``FieldColumn("loss", "loss {:.3f}")``; blank for tasks without it (a sub-task on the bar)."""
+
+    def __init__(self, name: str, fmt: str):
+        super().__init__()
+        self.name = name
+        self.fmt = fmt
+
+    def render(self, task) -> Text:
+        return Text(self.fmt.format(task.fields[self.name]) if self.name in task.fields else "")

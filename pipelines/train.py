@@ -265,7 +265,7 @@ class FastData:
         support, query, text, labels = gather(self.train.features, self.train.text, ep)  # (E,S,T,D) (E,Q,T,D) (E,N,D) (E,Q)
         yield (support, query, text), labels, 1.0, True
 
-    def val_split(self, model: nn.Module) -> FeatureSplit:
+    def val_split(self, model: nn.Module, progress=None) -> FeatureSplit:
         return self.val
 
     def stats(self) -> dict[str, float]:
@@ -380,8 +380,9 @@ class FullData:
             yield (support, query, text, None, noise), labels, len(items) * self.world.size / e, lo + m >= n
         self.updates += 1
 
-    def val_split(self, model: nn.Module) -> FeatureSplit:
-        """The val split embedded with the backbone as it is now (eval mode), as ``extract`` would store it."""
+    def val_split(self, model: nn.Module, progress=None) -> FeatureSplit:
+        """The val split embedded with the backbone as it is now (eval mode), as ``extract`` would store it
+        (a task on ``progress``, the training bar, while it runs)."""
         from mdmf_cache.backbone import Backbone
         from pipelines.extract import embed_split
 
@@ -392,7 +393,7 @@ class FullData:
                       name=self.f.model, weights="in-training")
         try:
             text = bb.encode_texts(self.prompts["val"]) if self.f.train_text else self.text["val"]
-            return embed_split(self.splits["val"], self.ecfg, bb, text, keep_failed=True)  # rows = val_eps' rows
+            return embed_split(self.splits["val"], self.ecfg, bb, text, progress, keep_failed=True)  # rows = val_eps' rows
         finally:
             encoder.train(was)
 
@@ -543,13 +544,13 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
             if bar:  # the loss shown costs a host sync: refresh it every 10 steps only
                 bar.update(task, completed=done, **({"loss": float(parts["total"])} if len(losses) % 10 == 1 else {}))
             if done % cfg.val_every < e or done == cfg.episodes:  # crossed a validation point
-                mean = _mean_over_ranks(mean_parts(losses), world)  # one device-to-host copy since the last one
+                mean = _mean_over_ranks(mean_parts(losses), world, device)  # one device-to-host copy since the last one
                 losses = []
                 stats = data.stats()
                 if not world.main:
                     barrier(world)  # rank 0 validates and writes
                     continue
-                acc = validate(head, data.val_split(core), val_eps, cfg.seed)
+                acc = validate(head, data.val_split(core, bar), val_eps, cfg.seed)
                 rec = {
                     "episodes": done,
                     "loss": mean["total"],
@@ -605,14 +606,14 @@ def _resumable(value: Any) -> Any:
     return value
 
 
-def _mean_over_ranks(mean: dict[str, float], world: World) -> dict[str, float]:
+def _mean_over_ranks(mean: dict[str, float], world: World, device: torch.device) -> dict[str, float]:
     """Loss parts averaged over the ranks (equal episode counts), so rank 0 logs the whole update's loss."""
     if not world.distributed or not mean:
         return mean
     import torch.distributed as dist
 
     keys = sorted(mean)
-    t = torch.tensor([mean[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([mean[k] for k in keys], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
     dist.all_reduce(t)
     return {k: float(v) / world.size for k, v in zip(keys, t.tolist())}
 
@@ -660,8 +661,6 @@ def load_run(run: Path | str, device: str = "auto") -> tuple[FewShotHead, dict[s
 
 
 def _progress():
-    from rich.progress import TextColumn
+    from pipelines.progress import FieldColumn, make_progress
 
-    from pipelines.progress import make_progress
-
-    return make_progress("episodes", TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("val {task.fields[val]:.1f}%"))
+    return make_progress("episodes", FieldColumn("loss", "loss {:.3f}"), FieldColumn("val", "val {:.1f}%"))
