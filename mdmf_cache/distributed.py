@@ -51,7 +51,7 @@ def world_from_env() -> World:
 def init_process_group(world: World, device: torch.device, timeout_min: float = 120.0) -> None:
     """Join the process group (NCCL on GPUs, gloo on CPUs); a no-op for one process.
 
-    The timeout is long because rank 0 validates alone while the others wait at a barrier.
+    The timeout is long because rank 0 scores the val episodes and writes checkpoints while the others wait.
 
     Raises:
         ConfigError: the rendezvous variables are missing (a SLURM job without MASTER_ADDR/PORT).
@@ -156,3 +156,28 @@ def merge_running_stats(module: nn.Module, snapshot: dict[str, Tensor], group=No
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     _apply_merged(module, snapshot, torch.stack(gathered))  # (W, L)
+
+
+def gather_shares(x: Tensor, world: World) -> Tensor:
+    """Every rank's rows ``rank::world`` of ``x`` ``(N, ...)`` put together: the whole ``x`` on every rank.
+
+    Each rank computed only its share (the other rows are ignored); the shares are padded to one size,
+    all-gathered (in float32 when ``x`` is half: exact) and interleaved back. A no-op for one process.
+    """
+    if not world.distributed:
+        return x
+    import torch.distributed as dist
+
+    n = x.shape[0]
+    size = -(-n // world.size)  # ceil
+    mine = x[world.rank::world.size]
+    wire = x.dtype if x.dtype not in (torch.float16, torch.bfloat16) else torch.float32
+    padded = x.new_zeros((size, *x.shape[1:]), dtype=wire)
+    padded[: len(mine)] = mine.to(wire)
+    gathered = [torch.empty_like(padded) for _ in range(world.size)]
+    dist.all_gather(gathered, padded)
+    out = x.clone()
+    for k, g in enumerate(gathered):
+        count = len(range(k, n, world.size))
+        out[k::world.size] = g[:count].to(x.dtype)
+    return out

@@ -371,7 +371,8 @@ def _progress():
     return make_progress("videos")
 
 
-def embed_split(split: Split, cfg: ExtractConfig, backbone, text, progress=None, keep_failed: bool = False) -> FeatureSplit:
+def embed_split(split: Split, cfg: ExtractConfig, backbone, text, progress=None, keep_failed: bool = False,
+                share: tuple[int, int] = (0, 1)) -> FeatureSplit:
     """A split's found videos embedded in memory (test sampling, centre crop): the extraction path without a cache.
 
     Full mode validates the backbone it is fine-tuning with this, so validation sees exactly the features
@@ -382,6 +383,8 @@ def embed_split(split: Split, cfg: ExtractConfig, backbone, text, progress=None,
     Args:
         text: ``(C, D)`` prompt embeddings of the split's classes.
         progress: an optional rich Progress to add a task to.
+        share: (rank, world): embed only rows ``rank::world`` (the others stay zero; several processes
+            each take a share and gather them, see :func:`mdmf_cache.distributed.gather_shares`).
     """
     import torch
 
@@ -389,13 +392,14 @@ def embed_split(split: Split, cfg: ExtractConfig, backbone, text, progress=None,
     T, D = cfg.num_frames, backbone.dim
     feats = np.zeros((len(ids), 1, T, D), dtype=np.float16)  # (Nv, 1, T, D)
     ok_rows = np.zeros(len(ids), dtype=bool)
-    source = ClipSource(np.arange(len(ids)), ids, paths, False, 1, cfg)
-    task = progress.add_task(f"embed {split.name}", total=len(ids)) if progress else None
+    mine = np.arange(share[0], len(ids), share[1])
+    source = ClipSource(mine, [ids[i] for i in mine], [paths[i] for i in mine], False, 1, cfg)
+    task = progress.add_task(f"embed {split.name}", total=len(mine)) if progress else None
     for batch in clip_loader(source, cfg, backbone.device):
         ok = [b for b in batch if "error" not in b]
         for b in batch:
             if "error" in b:
-                log.warning("%s: %s", ids[b["row"]], b["error"])
+                log.warning("%s: %s", ids[b["row"]], b["error"])  # "row" is the index into split.found()
         if ok:
             rows = [b["row"] for b in ok]
             feats[rows] = encode_clips(ok, backbone, cfg, 1)

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from mdmf_cache.backbone import heads_autocast, resolve_device, weights_id
-from mdmf_cache.distributed import (World, barrier, destroy_process_group, init_process_group, merge_running_stats,
-                                    running_stats_snapshot, world_from_env)
+from mdmf_cache.distributed import (World, barrier, destroy_process_group, gather_shares, init_process_group,
+                                    merge_running_stats, running_stats_snapshot, world_from_env)
 from mdmf_cache.episodes import EpisodeSampler, Episodes, gather
 from mdmf_cache.errors import CacheError, ConfigError
 from mdmf_cache.evaluation import score
@@ -382,7 +382,8 @@ class FullData:
 
     def val_split(self, model: nn.Module, progress=None) -> FeatureSplit:
         """The val split embedded with the backbone as it is now (eval mode), as ``extract`` would store it
-        (a task on ``progress``, the training bar, while it runs)."""
+        (a task on ``progress``, the training bar, while it runs). With several ranks each embeds a share of
+        the videos and every rank gets them all (a collective: every rank calls this)."""
         from mdmf_cache.backbone import Backbone
         from pipelines.extract import embed_split
 
@@ -393,7 +394,11 @@ class FullData:
                       name=self.f.model, weights="in-training")
         try:
             text = bb.encode_texts(self.prompts["val"]) if self.f.train_text else self.text["val"]
-            return embed_split(self.splits["val"], self.ecfg, bb, text, progress, keep_failed=True)  # rows = val_eps' rows
+            # keep_failed: the rows stay val_eps' rows
+            split = embed_split(self.splits["val"], self.ecfg, bb, text, progress, keep_failed=True,
+                                share=(self.world.rank, self.world.size))
+            split.features = gather_shares(split.features, self.world)  # (Nv, 1, T, D)
+            return split
         finally:
             encoder.train(was)
 
@@ -547,10 +552,11 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
                 mean = _mean_over_ranks(mean_parts(losses), world, device)  # one device-to-host copy since the last one
                 losses = []
                 stats = data.stats()
+                val_split = data.val_split(core, bar)  # full mode: every rank embeds a share of the videos
                 if not world.main:
-                    barrier(world)  # rank 0 validates and writes
+                    barrier(world)  # rank 0 scores and writes
                     continue
-                acc = validate(head, data.val_split(core, bar), val_eps, cfg.seed)
+                acc = validate(head, val_split, val_eps, cfg.seed)
                 rec = {
                     "episodes": done,
                     "loss": mean["total"],

@@ -155,8 +155,10 @@ def test_resume_after_sigkill_equals_uninterrupted(action_videos, tmp_path):
 
 def test_two_gloo_processes_equal_one(action_videos, tmp_path):
     """One update of 4 episodes: rank 0 takes episodes 0-1, rank 1 episodes 2-3. The tiny RN's per-episode
-    BatchNorm and the heads' LTCE BatchNorm exercise the running-statistics merge."""
-    common = {"--episodes": 4, "--episodes-per-step": 4, "--val-every": 4, "--lr": "1e-4", "--model": "mdmf-tiny-rn"}
+    BatchNorm and the heads' LTCE BatchNorm exercise the running-statistics merge; validation, the split
+    embedding."""
+    common = {"--episodes": 4, "--episodes-per-step": 4, "--val-every": 4, "--lr": "1e-4", "--model": "mdmf-tiny-rn",
+              "--val-episodes": 40}
     one, two = tmp_path / "one", tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "cli", *_small_args(action_videos, one, **common)], cwd=REPO,
                        env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
@@ -176,6 +178,8 @@ def test_two_gloo_processes_equal_one(action_videos, tmp_path):
         assert torch.allclose(a["model"][k].double(), b["model"][k].double(), atol=1e-5), k
     ma, mb = _metrics(one), _metrics(two)
     assert ma[0]["loss"] == pytest.approx(mb[0]["loss"], rel=1e-5)
+    # validation: each rank embedded half of the val videos, gathered on rank 0
+    assert ma[0]["val_acc"] == mb[0]["val_acc"]
     # without the merge, rank 1's two episodes would be missing from the running statistics
     assert int(b["model"]["head.views.ltc.extractor.net.2.num_batches_tracked"]) == 4
 
