@@ -93,20 +93,25 @@ class EpisodeVideos(Dataset):
         ep = self._sampler.sample(1, self.way, self.shot, self.queries, rng)
         return ep, rng.random(ep.query.shape[1])
 
-    def _decode(self, index: int, slot: int, video: int, members: np.ndarray) -> tuple[torch.Tensor, Crop, list[str]]:
+    def _decode(self, index: int, slot: int, video: int) -> tuple[torch.Tensor, Crop, list[str]]:
         """One video of the episode (or a substitute of its class when it cannot be decoded): frames, crop, errors."""
         rng = np.random.default_rng([self.seed, 8, index, slot])
         errors: list[str] = []
-        candidates = [video] + list(rng.permutation(members[members != video])[:SUBSTITUTES])
-        for v in candidates:
+        candidates = [video]
+        while candidates:
+            v = candidates.pop(0)
             try:
                 clip = decode_clip(self.paths[v], lambda n: sample_indices(n, self.num_frames, self.sampler, True, rng),
                                    backend=self.decoder)
             except Exception as e:  # noqa: BLE001 - VideoReadError or any decoder error: try another video
                 errors.append(f"{self.paths[v]}: {e}")
+                if len(errors) == 1:  # substitutes: other videos of the class, in a seeded order
+                    c = self.labels[video]
+                    members = self._sampler.members[c, : self._sampler.counts[c]]
+                    candidates = list(rng.permutation(members[members != video])[:SUBSTITUTES])
                 continue
             return torch.from_numpy(clip.frames), Crop.random(rng, self.flip), errors  # (T, H, W, 3) uint8
-        raise VideoReadError(f"episode {index}: none of {len(candidates)} videos of one class could be decoded: "
+        raise VideoReadError(f"episode {index}: {len(errors)} videos of one class could not be decoded: "
                              + "; ".join(errors[:3]))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -115,8 +120,7 @@ class EpisodeVideos(Dataset):
         videos = np.concatenate([ep.support[0], ep.query[0]])  # (S+Q,) support then query rows
         frames, crops, errors = [], [], []
         for slot, v in enumerate(videos):
-            members = np.flatnonzero(self.labels == self.labels[v])
-            f, c, err = self._decode(int(index), slot, int(v), members)
+            f, c, err = self._decode(int(index), slot, int(v))
             frames.append(f)
             crops.append(c)
             errors += err

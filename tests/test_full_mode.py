@@ -306,3 +306,23 @@ def test_init_heads_starts_from_a_fast_mode_run(demo_videos, demo_cache, tmp_pat
     with pytest.raises(ConfigError, match="heads differ"):
         run_train(cfg, progress=False)
     assert not (tmp_path / "fsar").exists()
+
+
+def test_an_undecodable_video_is_replaced_by_another_of_its_class(action_videos, tmp_path):
+    import shutil
+
+    from mdmf_cache.datasets import load_splits, resolve_paths
+    from mdmf_cache.video_episodes import EpisodeVideos
+
+    root = tmp_path / "videos"
+    shutil.copytree(action_videos, root)
+    train = load_splits("folder", None, root)["train"]
+    resolve_paths(train, root)
+    _, paths, labels = train.found()
+    eps = EpisodeVideos(paths, labels, len(train.classes), 2, 1, 1, seed=0)
+    ep, _ = eps.plan(3)
+    broken = paths[ep.support[0, 0]]
+    broken.write_bytes(b"not a video")
+    item = eps[3]
+    assert len(item["errors"]) == 1 and str(broken) in item["errors"][0]
+    assert len(item["frames"]) == 4 and item["frames"][0].shape[0] == 8  # the episode is whole
