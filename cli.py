@@ -366,7 +366,8 @@ def _floats(value: Optional[str], option: str) -> tuple[float, ...]:
 @app.command("eval", epilog="Examples:\n\n  mdmf-cache eval runs/ucf_rn50 --episodes 10000\n\n"
              "  mdmf-cache eval runs/ucf_rn50 --shot 1,3,5\n\n"
              "  mdmf-cache eval runs/ucf_fsar --method clip-fsar   # same --seed: the same episodes as the mdmf run\n\n"
-             "  mdmf-cache eval cache/ucf101__RN50__openai.zarr --method protonet")
+             "  mdmf-cache eval cache/ucf101__RN50__openai.zarr --method protonet\n\n"
+             "  mdmf-cache eval runs/ucf_full --shot 1,3,5   # a full-mode run: its test split extracted with backbone.pt once")
 def eval_(
     target: Annotated[Path, typer.Argument(help="A run directory (its trained head) or a cache (*.zarr, baselines).")],
     method: Annotated[str, typer.Option(help="run (the head the run was trained with) | mdmf | clip-fsar | zero-shot | protonet | otam.")] = "run",
@@ -380,6 +381,7 @@ def eval_(
     path: Annotated[str, typer.Option(help="Trained heads: per-video (fast) | direct (the reference path, same logits).")] = "per-video",
     pps_test: Annotated[Optional[str], typer.Option(help="MDMF: PPS rule at test for this evaluation: sample | argmax (default: the run's).")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="The run's cache, if it moved (checked against the run's record).")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="A full-mode run's video tree, if it moved.")] = None,
     device: str = "auto",
     debug: DebugOpt = False,
 ) -> None:
@@ -392,7 +394,8 @@ def eval_(
     res = run_eval(EvalConfig(target=str(target), method=method, split=split, way=way, shots=_shots(shot) if shot else None,
                               episodes=episodes, queries_per_class=queries_per_class, seed=seed,
                               out=str(out) if out else None, device=device, path=path,
-                              pps_test=pps_test, cache=str(cache) if cache else None))
+                              pps_test=pps_test, cache=str(cache) if cache else None,
+                              root=str(root) if root else None))
     print_eval(res)
 
 

@@ -46,6 +46,7 @@ class EvalConfig:
     path: str = "per-video"  # trained heads: per-video (fast) or direct (the reference path)
     pps_test: str | None = None  # MDMF: override the run's PPS rule at test (sample | argmax)
     cache: str | None = None  # a run's cache at another path (moved); checked against the run's record
+    root: str | None = None  # a full-mode run's video tree at another path (moved)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -81,7 +82,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if (target / "config.json").is_file() and (target / "best.pt").is_file():
         run_cfg = json.loads((target / "config.json").read_text())
         if run_cfg.get("mode") == "full":  # the fine-tuned backbone's features: extracted here once, then reused
-            cache = full_run_cache(target, run_cfg, cfg.split, str(device), cfg.cache, progress, cfg.way)
+            cache = full_run_cache(target, run_cfg, cfg.split, str(device), cfg.cache, progress, cfg.way, cfg.root)
         else:
             cache = _run_cache(target, run_cfg, cfg.cache)
             check_identity(run_cfg.get("cache_identity"), cache, f"eval {target}")
@@ -148,7 +149,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, override: str | None = None,
-                   progress: bool = True, way: int = 5) -> str:
+                   progress: bool = True, way: int = 5, root: str | None = None) -> str:
     """The cache of a full-mode run's split, extracted with the run's fine-tuned backbone (``backbone.pt``).
 
     Extracted into ``RUN/eval_cache`` the first time (a progress bar), reused afterwards: its name carries
@@ -178,7 +179,7 @@ def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, 
         if have != wid:
             raise ConfigError(f"--cache {override} was extracted with weights {have}, not this run's {backbone} ({wid})")
         return override
-    full = FullModeConfig(**run_cfg["full"])
+    full = FullModeConfig(**{**run_cfg["full"], **({"root": root} if root else {})})
     ecfg = full.extract_config(run_cfg.get("preset", "paper"), run_cfg.get("seed", 0), device, pretrained=str(backbone),
                                cache_dir=str(run / "eval_cache"), name=f"{full.dataset}-{wid.split(':')[-1][:12]}",
                                splits=(split,), progress=progress, way=way)

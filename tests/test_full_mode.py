@@ -90,7 +90,7 @@ def test_full_mode_fine_tunes_the_backbone_and_learns(full_run, demo_videos):
     assert any(k.startswith("visual.transformer") for k in moved)
 
 
-def test_eval_of_a_full_run_reextracts_with_its_backbone(full_run, demo_videos):
+def test_eval_of_a_full_run_reextracts_with_its_backbone(full_run, demo_videos, tmp_path):
     from mdmf_cache.backbone import Backbone, load_backbone
     from mdmf_cache.datasets import load_splits
     from mdmf_cache.evaluation import score
@@ -123,6 +123,12 @@ def test_eval_of_a_full_run_reextracts_with_its_backbone(full_run, demo_videos):
     again = run_eval(EvalConfig(target=str(out), way=5, episodes=200, device="cpu"), progress=False)
     assert again["shots"]["1"]["accuracy"] == res["shots"]["1"]["accuracy"]
     assert before and chunks() == before
+    # a moved video tree: --root points eval's extraction at it
+    from mdmf_cache.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="nowhere"):
+        run_eval(EvalConfig(target=str(out), way=5, episodes=20, device="cpu", split="val",
+                            root=str(tmp_path / "nowhere")), progress=False)
 
 
 def test_resume_after_sigkill_equals_uninterrupted(action_videos, tmp_path):
