@@ -248,6 +248,7 @@ def train(
     otam_one_way: Annotated[bool, typer.Option("--otam-one-way", help="OTAM(D) only (released Kinetics 1-shot config).")] = False,
     val_every: Annotated[int, typer.Option(help="Validate every this many episodes.")] = 1000,
     val_episodes: Annotated[int, typer.Option(help="Fixed val episode list size.")] = 500,
+    save_every: Annotated[int, typer.Option(help="Also save last.pt every this many episodes between validations (0: at validations only).")] = 0,
     seed: int = 0,
     device: str = "auto",
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
@@ -314,7 +315,7 @@ def train(
         preset=preset.value, heads=_head_overrides(no_pps, no_distill, view, condition, direction, extra),
         way=way, shot=shot, train_queries=train_queries, episodes=episodes, episodes_per_step=episodes_per_step,
         lr=lr if lr is not None else (1e-5 if mode == Mode.full else 1e-4), val_every=val_every,
-        val_episodes=val_episodes, seed=seed, device=device, resume=resume, full=full,
+        val_episodes=val_episodes, save_every=save_every, seed=seed, device=device, resume=resume, full=full,
     )
     if config is not None:
         cfg = _merge_config(ctx, config, cfg)

@@ -143,6 +143,7 @@ class TrainConfig:
     val_every: int = 1000  # episodes
     val_episodes: int = 500
     val_queries: int = 1
+    save_every: int = 0  # episodes between extra last.pt saves (0: at validations only; full mode's steps are slow)
     seed: int = 0
     device: str = "auto"
     resume: bool = False
@@ -161,6 +162,8 @@ class TrainConfig:
         for name in ("shot", "train_queries", "episodes", "episodes_per_step", "val_every", "val_episodes", "val_queries"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
+        if self.save_every < 0:
+            problems.append("--save-every must be >= 0 (0: save at validations only)")
         if self.way < 2:
             problems.append(f"--way {self.way}: an episode needs at least 2 classes")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -490,7 +493,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
     opt = _optimizer(cfg, core)
     val_eps = val_sampler.sample(cfg.val_episodes, cfg.way, cfg.shot, cfg.val_queries, np.random.default_rng([cfg.seed, 1]))
     rng = np.random.default_rng([cfg.seed, 0])  # fast mode's episode stream (full mode's episodes are seeded by index)
-    done, best, history = 0, -1.0, []
+    done, best, history, losses = 0, -1.0, [], []
     if cfg.resume and (out / "last.pt").is_file():
         ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
         core.load_state_dict(ckpt["model"])
@@ -499,6 +502,8 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
         done, best = ckpt["episodes"], ckpt["best_val"]
         # the checkpoint carries the metrics up to itself: lines written after it belong to the lost part
         history = ckpt.get("history") or _history_upto(out / "metrics.jsonl", done)
+        # loss parts since the last validation (a save between validations): the next metrics line needs them
+        losses = [{k: v.to(device) for k, v in p.items()} for p in ckpt.get("pending_losses", [])]
         log.info("resumed %s at %d episodes (best val %.2f%%)", out, done, best)
     model = core
     if world.distributed:  # gradients all-reduced; BatchNorm statistics merged by merge_running_stats
@@ -522,7 +527,13 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
         bar.start()
     core.train()
     amp = heads_autocast(device)
-    train_s, run_eps, losses = 0.0, 0, []  # training time excludes validation
+    train_s, run_eps = 0.0, 0  # training time excludes validation
+
+    def save_last() -> None:  # the resumable state; rank 0
+        atomic_torch_save({"model": core.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(rng, device),
+                           "episodes": done, "best_val": best, "history": history,
+                           "pending_losses": [{k: v.cpu() for k, v in p.items()} for p in losses]}, out / "last.pt")
+
     try:
         while done < cfg.episodes:
             e = min(cfg.episodes_per_step, cfg.episodes - done)
@@ -581,9 +592,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
                         extra = {"backbone": weights_id(str(out / "backbone.pt"))}
                     atomic_torch_save({"model": head.state_dict(), "heads": head.cfg.to_dict(), "preset": cfg.preset,
                                        "shot": cfg.shot, "episodes": done, "val_acc": acc, **extra}, out / "best.pt")
-                atomic_torch_save({"model": core.state_dict(), "optimizer": opt.state_dict(),
-                                   "rng": _rng_state(rng, device), "episodes": done, "best_val": best,
-                                   "history": history}, out / "last.pt")
+                save_last()
                 if bar:
                     bar.update(task, val=acc, loss=rec["loss"])
                 else:
@@ -591,6 +600,8 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
                 barrier(world)
                 if on_val is not None:
                     on_val(done, acc)
+            elif cfg.save_every and done % cfg.save_every < e and world.main:  # crossed a save point
+                save_last()
     finally:
         if bar:
             bar.stop()

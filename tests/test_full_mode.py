@@ -132,21 +132,30 @@ def test_eval_of_a_full_run_reextracts_with_its_backbone(full_run, demo_videos, 
 
 
 def test_resume_after_sigkill_equals_uninterrupted(action_videos, tmp_path):
-    common = {"--episodes": 12, "--episodes-per-step": 2, "--val-every": 4, "--lr": "1e-3", "--model": "mdmf-tiny-rn"}
+    common = {"--episodes": 12, "--episodes-per-step": 2, "--val-every": 4, "--save-every": 2, "--lr": "1e-3",
+              "--model": "mdmf-tiny-rn"}
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     r = subprocess.run([sys.executable, "-m", "cli", *_small_args(action_videos, whole, **common)], cwd=REPO,
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    # the same command, killed after its first checkpoint and before the end, then resumed
+    # the same command, killed right after a save between two validations (episode 6: the loss parts since
+    # the validation at 4 travel in last.pt), then resumed
     proc = subprocess.Popen([sys.executable, "-m", "cli", *_small_args(action_videos, cut, **common)], cwd=REPO,
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not (cut / "last.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+
+    def saved() -> int:
+        try:
+            return torch.load(cut / "last.pt", weights_only=False)["episodes"]
+        except (FileNotFoundError, RuntimeError, EOFError):
+            return 0
+
+    while saved() < 6 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    done = torch.load(cut / "last.pt", weights_only=False)["episodes"]
-    assert 4 <= done < 12, "the kill came too late to test a resume"
+    done = saved()
+    assert 6 <= done < 12, "the kill came too late to test a resume"
     r = subprocess.run([sys.executable, "-m", "cli", *_small_args(action_videos, cut, **common), "--resume"],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
