@@ -164,9 +164,7 @@ def test_resume_after_sigkill_equals_uninterrupted(action_videos, tmp_path):
     proc.communicate(timeout=60)
     done = saved()
     assert 6 <= done < 12, "the kill came too late to test a resume"
-    r = subprocess.run([sys.executable, "-m", "cli", *_small_args(action_videos, cut, **common), "--resume"],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    _cli_in_process([*_small_args(action_videos, cut, **common), "--resume"])
     a, b = (torch.load(p / "last.pt", weights_only=False) for p in (whole, cut))
     assert a["episodes"] == b["episodes"] == 12
     for k in a["model"]:
@@ -185,9 +183,12 @@ def test_two_gloo_processes_equal_one(action_videos, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # one thread, as torchrun gives each of its processes: this tiny random ResNet is sensitive to the order of
     # float32 reductions (2 threads vs 1 move its gradient by ~1e-3 relative)
-    r = subprocess.run([sys.executable, "-m", "cli", *_small_args(action_videos, one, **common)], cwd=REPO,
-                       env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _cli_in_process(_small_args(action_videos, one, **common))
+    finally:
+        torch.set_num_threads(threads)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         "-m", "cli", *_small_args(action_videos, two, **common)], cwd=REPO, env=_env(),
                        capture_output=True, text=True, timeout=600)
