@@ -14,7 +14,6 @@ process when it trains on a GPU (:func:`episode_pixels`), and in the workers whe
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,6 @@ from .errors import ConfigError, VideoReadError
 from .preprocess import Crop, preprocess_clips
 from .sampling import sample_indices
 from .video import decode_clip
-
-log = logging.getLogger(__name__)
 
 #: Other videos of the same class tried when one of an episode's videos cannot be decoded.
 SUBSTITUTES = 5
