@@ -125,7 +125,7 @@ class EpisodeVideos(Dataset):
             frames = preprocess_clips(frames, crops, "cpu", normalize=self.normalize)
         return {"index": int(index), "frames": frames, "crops": crops, "classes": ep.classes[0],
                 "labels": ep.query_labels[0], "noise": noise, "support": ep.shot * ep.way, "errors": errors,
-                "decode_s": time.perf_counter() - t0}
+                "decode_s": time.perf_counter() - t0}  # decoding, plus preprocessing when done here
 
 
 def collate_episodes(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -140,7 +140,7 @@ def episode_pixels(items: list[dict[str, Any]], device: torch.device, normalize:
         (split class indices), query labels ``(E, Q)`` and PPS uniforms ``(E, Q)``.
     """
     if not items:
-        raise ConfigError("no episodes to stack")
+        raise ValueError("no episodes to stack")
     e, s = len(items), items[0]["support"]
     if torch.is_tensor(items[0]["frames"]):  # preprocessed by the worker
         pix = torch.stack([it["frames"] for it in items]).to(device, non_blocking=True)  # (E, S+Q, T, 3, 224, 224)

@@ -161,8 +161,8 @@ def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, 
     """
     import torch
 
-    from mdmf_cache.backbone import weights_id
-    from mdmf_cache.store import CacheStore
+    from mdmf_cache.backbone import pretrained_slug, weights_id
+    from mdmf_cache.store import CacheStore, group_name, meta_problem
     from pipelines.extract import run_extract
     from pipelines.train import FullModeConfig
 
@@ -183,7 +183,12 @@ def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, 
     ecfg = full.extract_config(run_cfg.get("preset", "paper"), run_cfg.get("seed", 0), device, pretrained=str(backbone),
                                cache_dir=str(run / "eval_cache"), name=f"{full.dataset}-{wid.split(':')[-1][:12]}",
                                splits=(split,), progress=progress, way=way)
-    log.info("%s split of %s with its fine-tuned backbone: cache %s/%s", split, run, ecfg.cache_dir, ecfg.cache_name)
+    path = Path(ecfg.cache_dir) / group_name(ecfg.cache_name, ecfg.model, pretrained_slug(ecfg.pretrained))
+    if (path / "zarr.json").is_file() and not meta_problem(path):
+        store = CacheStore(path)
+        if split in store.splits and store.is_complete():  # extracted before: no backbone to load
+            return str(path)
+    log.info("%s split of %s with its fine-tuned backbone: cache %s", split, run, path)
     path, _ = run_extract(ecfg)
     return str(path)
 

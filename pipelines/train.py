@@ -297,10 +297,10 @@ class FullData:
         find_videos(self.ecfg, self.splits)  # paths resolved; a tree with none of the videos is an error
         train, val = self.splits["train"], self.splits["val"]
         _, paths, labels = train.found()
+        self.val_labels, self.val_classes = val.found()[2].astype(np.int64), len(val.classes)
         what = f"{cfg.way}-way {cfg.shot}-shot training"
         check_class_sizes(labels, train.classes, cfg.shot + cfg.train_queries, "train", f"{what} with {cfg.train_queries} queries")
-        check_class_sizes(val.found()[2], val.classes, cfg.shot + cfg.val_queries, "val", f"validation with {cfg.val_queries} queries")
-        self.val_labels, self.val_classes = val.found()[2].astype(np.int64), len(val.classes)
+        check_class_sizes(self.val_labels, val.classes, cfg.shot + cfg.val_queries, "val", f"validation with {cfg.val_queries} queries")
         self.backbone = load_backbone(f.model, f.pretrained, str(device))
         self.dim, self.num_frames = self.backbone.dim, f.num_frames
         self.prompts = {name: prompts_for(split, self.ecfg) for name, split in self.splits.items()}
@@ -478,7 +478,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
         # paths may be written differently (relative, moved): the cache is compared by identity below
         defaults = asdict(TrainConfig())  # a run written before a field existed had its default
         free = ("resume", "device", "episodes", "cache", "out")
-        diff = [k for k in cfg_dict if k not in free and _resumable(old.get(k, defaults[k])) != _resumable(cfg_dict[k])]
+        diff = [k for k in cfg_dict if k not in free and _resumable(k, old.get(k, defaults[k])) != _resumable(k, cfg_dict[k])]
         if diff:
             raise ConfigError(f"--resume: {out} was trained with different {', '.join(diff)}; use another --out")
         if cfg.mode == "fast":
@@ -616,11 +616,9 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
     return res
 
 
-def _resumable(value: Any) -> Any:
-    """A config value as --resume compares it: full mode's worker count may change between runs."""
-    if isinstance(value, dict) and "workers" in value:
-        return {k: v for k, v in value.items() if k != "workers"}
-    return value
+def _resumable(key: str, value: Any) -> Any:
+    """A config value as --resume compares it: full mode's decoder worker count may change between runs."""
+    return {k: v for k, v in value.items() if k != "workers"} if key == "full" else value
 
 
 def _mean_over_ranks(mean: dict[str, float], world: World, device: torch.device) -> dict[str, float]:
