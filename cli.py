@@ -110,32 +110,29 @@ def extract(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _setup_logging(debug)
     _on_interrupt("the videos finished so far are in the cache; rerun the same command to extract the rest")
-    from mdmf_cache.models.config import PRESET_DATA  # data-side switches of SPEC section 9 (no torch import)
-    from pipelines.extract import ExtractConfig, distributed_env, run_extract
+    from mdmf_cache.configs import ExtractConfig
+    from mdmf_cache.extraction import distributed_env
+    from pipelines.extract import run
 
     env_rank, env_world, _ = distributed_env()
     cfg = ExtractConfig(
         dataset=dataset.value, root=str(root), labels=str(labels) if labels else None, splits_dir=str(splits) if splits else (str(_default_splits()) if dataset != Dataset.folder and _default_splits() else None),
         cache_dir=str(cache_dir), name=name, model=model,
         pretrained=None if pretrained.lower() in ("none", "") else pretrained,
-        num_frames=num_frames, sampler=sampler or PRESET_DATA[preset.value]["sampler"],
-        normalize=normalize or PRESET_DATA[preset.value]["normalize"], train_views=train_views, flip=flip,
+        num_frames=num_frames, preset=preset.value, sampler=sampler, normalize=normalize, train_views=train_views, flip=flip,
         seed=seed, prompt_template=prompt, clean_names=clean_names, decoder=decoder, workers=workers,
         batch_videos=batch_videos, chunk_rows=chunk_rows, device=device,
         splits=tuple(split) if split else ("train", "val", "test"), overwrite=overwrite, strict=strict,
         rank=env_rank if rank is None else rank, world_size=env_world if world_size is None else world_size,
     )
-    path, results = run_extract(cfg)
-    from pipelines.report import print_extract_summary
-
-    print_extract_summary(path, results)
+    run(cfg)
 
 
 @app.command(epilog="Example:\n\n  mdmf-cache info cache/ucf101__RN50__openai.zarr")
 def info(cache: Annotated[Path, typer.Argument(help="A cache group (*.zarr).")], debug: DebugOpt = False) -> None:
     """Print splits, counts, completeness, failures and the fingerprint of a cache."""
     _setup_logging(debug)
-    from pipelines.report import print_info
+    from mdmf_cache.report import print_info
 
     print_info(cache)
 
@@ -166,7 +163,7 @@ def verify(cache: Annotated[Path, typer.Argument(help="A cache group (*.zarr).")
     """Read every chunk of a cache: name each damaged split, array, rows and file (exit 2 if any)."""
     _setup_logging(debug)
     _on_interrupt("nothing was changed; rerun the same command")
-    from pipelines.report import print_verify
+    from mdmf_cache.report import print_verify
 
     print_verify(cache)
 
@@ -282,7 +279,8 @@ def train(
                   "to continue it")
     import dataclasses
 
-    from pipelines.train import FullModeConfig, TrainConfig, run_train
+    from mdmf_cache.configs import FullModeConfig, TrainConfig
+    from pipelines.train import run
 
     extra = {"lam": lambda_, "alpha_ltc": alpha_ltc, "alpha_gtc": alpha_gtc, "pps_temperature": pps_temperature,
              "ltce": ltce, "pos_embed": pos_embed, "pps_score": pps_score, "pps_test": pps_test, "text_pos": text_pos,
@@ -314,7 +312,7 @@ def train(
         cache=str(target or "") if mode == Mode.fast else "", out=str(out), mode=mode.value, method=method.value,
         preset=preset.value, heads=_head_overrides(no_pps, no_distill, view, condition, direction, extra),
         way=way, shot=shot, train_queries=train_queries, episodes=episodes, episodes_per_step=episodes_per_step,
-        lr=lr if lr is not None else (1e-5 if mode == Mode.full else 1e-4), val_every=val_every,
+        lr=lr, val_every=val_every,
         val_episodes=val_episodes, save_every=save_every, seed=seed, device=device, resume=resume, full=full,
     )
     if config is not None:
@@ -322,17 +320,14 @@ def train(
     elif target is None:
         raise typer.BadParameter("name a CACHE (fast mode), a DATASET (--mode full), or --config FILE",
                                  param_hint="CACHE|DATASET")
-    res = run_train(cfg)
-    if res.get("rank", 0) == 0:
-        typer.echo(f"best val accuracy {res['best_val']:.2f}% after {res['episodes']} episodes "
-                   f"({res['episodes_per_s']:.1f} episodes/s); checkpoint {cfg.out}/best.pt")
+    run(cfg)
 
 
 def _merge_config(ctx: typer.Context, path: Path, cli_cfg):
     """The config in ``path``, with the options given on the command line (not their defaults) on top."""
     import dataclasses
 
-    from pipelines.train import load_config
+    from mdmf_cache.runs import load_config
 
     cfg = load_config(path)
     given = {n for n in ctx.params if getattr(ctx.get_parameter_source(n), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
@@ -389,15 +384,14 @@ def eval_(
     """Accuracy +- 1.96 std/sqrt(n) on a seeded, saved episode list, per shot, with per-class accuracy."""
     _setup_logging(debug)
     _on_interrupt("no results were written; rerun the same command (the episode list is the same)")
-    from pipelines.evaluate import EvalConfig, run_eval
-    from pipelines.report import print_eval
+    from mdmf_cache.configs import EvalConfig
+    from pipelines.evaluate import run
 
-    res = run_eval(EvalConfig(target=str(target), method=method, split=split, way=way, shots=_shots(shot) if shot else None,
+    run(EvalConfig(target=str(target), method=method, split=split, way=way, shots=_shots(shot) if shot else None,
                               episodes=episodes, queries_per_class=queries_per_class, seed=seed,
                               out=str(out) if out else None, device=device, path=path,
                               pps_test=pps_test, cache=str(cache) if cache else None,
                               root=str(root) if root else None))
-    print_eval(res)
 
 
 @app.command(epilog="Examples:\n\n  mdmf-cache ablate CACHE --no-pps\n\n  mdmf-cache ablate CACHE --view gtc --episodes 5000\n\n"
@@ -432,7 +426,7 @@ def ablate(
     _on_interrupt(f"finished arms are kept in {out}; rerun the same command: they are reused and the "
                   "interrupted arm resumes")
     from pipelines.ablate import AblateConfig, run_ablate
-    from pipelines.report import print_comparison
+    from mdmf_cache.report import print_comparison
 
     cfg = AblateConfig(
         cache=str(cache), out=str(out), preset=preset.value, table=table, lambdas=_floats(lambdas, "--lambda"),
@@ -508,7 +502,7 @@ def sweep(
                           heartbeat=heartbeat)
         cfg.out = str(out) if out else f"sweeps/{study or Path(cache).name.split('__')[0].removesuffix('.zarr')}"
         res = run_sweep(cfg)
-    from pipelines.report import print_sweep
+    from mdmf_cache.report import print_sweep
 
     print_sweep(res)
 
@@ -522,9 +516,14 @@ def plot(
 ) -> None:
     """Redraw the figures of a run (curves), an evaluation, an ablation or a sweep."""
     _setup_logging(debug)
-    from pipelines.plots import redraw
+    from mdmf_cache.plots import redraw
 
-    paths = redraw(target, storage)
+    paths = []
+    if (target / "sweep.json").is_file():  # a sweep's figures come from its study
+        from pipelines.sweep import load_sweep, summarize
+
+        paths += summarize(load_sweep(target, storage))["figures"]
+    paths += redraw(target, allow_empty=bool(paths) or (target / "sweep.json").is_file())
     for p in paths:
         typer.echo(f"wrote {p}")
 

@@ -25,9 +25,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines.demo import DemoConfig, run_demo  # noqa: E402
-from pipelines.evaluate import EvalConfig, run_eval  # noqa: E402
-from pipelines.extract import ExtractConfig, run_extract  # noqa: E402
-from pipelines.train import TrainConfig, run_train  # noqa: E402
+from mdmf_cache.configs import EvalConfig
+from mdmf_cache.evaluation import run_eval  # noqa: E402
+from mdmf_cache.cache_build import run_extract
+from mdmf_cache.configs import ExtractConfig  # noqa: E402
+from mdmf_cache.configs import TrainConfig
+from mdmf_cache.training import run_train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -87,7 +87,7 @@ def decode_only(cfg, split) -> tuple[float, list[dict]]:
     """Seconds to decode every video of the split through the extractor's loader; the items."""
     from torch.utils.data import DataLoader
 
-    from pipelines.extract import ClipSource, _collate, _worker_init
+    from mdmf_cache.extraction import ClipSource, collate as _collate, worker_init as _worker_init
 
     paths = [p for p in split.paths if p is not None]
     source = ClipSource(np.arange(len(paths)), paths, False, 1, cfg)
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mdmf_cache.backbone import load_backbone
     from mdmf_cache.datasets import load_splits, resolve_paths
-    from pipelines.extract import ExtractConfig, run_extract
+    from mdmf_cache.cache_build import run_extract
+    from mdmf_cache.configs import ExtractConfig
 
     pretrained = None if args.pretrained.lower() in ("none", "") else args.pretrained
     tmp, work = workdir(args)

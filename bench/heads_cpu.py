@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from mdmf_cache.episodes import EpisodeSampler, gather  # noqa: E402
 from mdmf_cache.losses import total_loss  # noqa: E402
-from pipelines.train import build_model  # noqa: E402
+from mdmf_cache.runs import build_model  # noqa: E402
 from reference_temporal import RefGTCE, RefLTCE  # noqa: E402
 from train_fast import synthetic_split, train_rate  # noqa: E402
 

@@ -35,7 +35,8 @@ def demo_cache(work: Path) -> Path:
     """The demo's synthetic cache (same settings as ``mdmf-cache demo``), built once under ``work``."""
     from mdmf_cache.synthetic import make_action_dataset
     from pipelines.demo import DemoConfig
-    from pipelines.extract import ExtractConfig, run_extract
+    from mdmf_cache.cache_build import run_extract
+    from mdmf_cache.configs import ExtractConfig
 
     d = DemoConfig()
     cache = work / "cache" / f"demo__{d.model}__random.zarr"
@@ -79,7 +80,9 @@ def step_and_val_cost(cache: Path, fixed: dict, steps: int) -> tuple[float, floa
 
     from mdmf_cache.episodes import EpisodeSampler
     from mdmf_cache.store import load_split_features
-    from pipelines.train import TrainConfig, build_model, resolve_device, validate
+    from mdmf_cache.backbone import resolve_device
+    from mdmf_cache.configs import TrainConfig
+    from mdmf_cache.runs import build_model, validate
     from train_fast import train_rate  # bench/train_fast.py: the trainer's step, timed on its own
 
     cfg = TrainConfig(cache=str(cache), **{k.replace("-", "_"): v for k, v in fixed.items()})

@@ -39,7 +39,8 @@ from mdmf_cache.backbone import heads_autocast  # noqa: E402
 from mdmf_cache.evaluation import score  # noqa: E402
 from mdmf_cache.losses import mean_parts, total_loss  # noqa: E402
 from mdmf_cache.store import FeatureSplit  # noqa: E402
-from pipelines.train import build_model, resolve_device  # noqa: E402
+from mdmf_cache.backbone import resolve_device
+from mdmf_cache.runs import build_model  # noqa: E402
 
 FULL_TEST = 10_000
 

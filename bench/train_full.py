@@ -41,7 +41,11 @@ from mdmf_cache.backbone import heads_autocast  # noqa: E402
 from mdmf_cache.distributed import World  # noqa: E402
 from mdmf_cache.losses import total_loss  # noqa: E402
 from mdmf_cache.video_episodes import episode_pixels  # noqa: E402
-from pipelines.train import FullData, TrainConfig, _optimizer, build_model, resolve_device, run_train  # noqa: E402
+from mdmf_cache.backbone import resolve_device
+from mdmf_cache.configs import TrainConfig
+from mdmf_cache.runs import build_model
+from mdmf_cache.train_data import FullData
+from mdmf_cache.training import _optimizer, run_train  # noqa: E402
 
 
 def config(args, root: Path, out: Path, workers: int, model: str | None = None, shot: int | None = None,

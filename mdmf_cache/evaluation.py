@@ -17,21 +17,29 @@ seed and the episode list only, so both paths (and every batch size) make the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .backbone import heads_autocast
-from .baselines import get_baseline
-from .episodes import Episodes, gather, mean_ci
+from .baselines import BASELINES, get_baseline
+from .episodes import EpisodeSampler, Episodes, gather, mean_ci
+from .configs import EvalConfig
+from .errors import ConfigError
 from .store import FeatureSplit
+
+log = logging.getLogger(__name__)
 
 # (support (E,S,T,D), query (E,Q,T,D), text (E,N,D), pps uniforms (E,Q)) -> logits (E,Q,N)
 LogitsFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 TRAINED = ("mdmf", "clip-fsar")
+METHODS = ("run", *TRAINED, *BASELINES)
 
 
 @dataclass
@@ -274,3 +282,94 @@ def score(method: str, split: FeatureSplit, episodes: Episodes, model=None, seed
         with heads_autocast(dev) if method in TRAINED else torch.autocast(dev.type, enabled=False):
             return evaluate_episodes(method_logits(method, model), split, episodes, batch_size, on_batch, uniforms,
                                      keep_logits)
+
+
+# ----------------------------------------------------------------------- scoring a run or a baseline
+
+
+def episode_list(split: FeatureSplit, way: int, shot: int, queries: int, n: int, seed: int) -> Episodes:
+    """The seeded test episode list: a function of (split labels, way, shot, queries, n, seed) only."""
+    sampler = EpisodeSampler(split.labels.cpu().numpy(), split.num_classes)
+    return sampler.sample(n, way, shot, queries, np.random.default_rng([seed, 2, shot]))
+
+
+def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Evaluate; returns the results dict that is also written to ``results.json``."""
+    from mdmf_cache.backbone import resolve_device
+    from mdmf_cache.fileio import atomic_write_json
+    from mdmf_cache.runs import check_identity, full_run_cache, load_run, run_cache
+    from mdmf_cache.store import load_split_features
+
+    cfg.validate()
+    target = Path(cfg.target)
+    device = resolve_device(cfg.device)
+    model = None
+    method, trained_shot = cfg.method, None
+    # 1. what is scored
+    if (target / "config.json").is_file() and (target / "best.pt").is_file():
+        run_cfg = json.loads((target / "config.json").read_text())
+        if run_cfg.get("mode") == "full":  # the fine-tuned backbone's features: extracted here once, then reused
+            cache = full_run_cache(target, run_cfg, cfg.split, str(device), cfg.cache, progress, cfg.way, cfg.root)
+        else:
+            cache = run_cache(target, run_cfg, cfg.cache)
+            check_identity(run_cfg.get("cache_identity"), cache, f"eval {target}")
+        trained_shot = int(run_cfg.get("shot", 5))
+        run_method = run_cfg.get("method", "mdmf")
+        if method in ("run", *TRAINED):
+            if method != "run" and method != run_method:
+                raise ConfigError(f"--method {method}: {target} was trained as {run_method}; evaluate a "
+                                  f"{method} run (mdmf-cache train CACHE --method {method}) on the same --seed "
+                                  "for identical episodes, or compare both in one table with mdmf-cache ablate "
+                                  "CACHE --method clip-fsar")
+            method = run_method
+            model, _ = load_run(target, str(device))
+            if cfg.pps_test and method == "mdmf":  # the same trained heads under the other test rule
+                model.cfg.pps_test = model.pps.test_rule = cfg.pps_test
+        default_out = target / f"eval_{method}_{cfg.split}"
+    elif (target / "zarr.json").is_file():
+        cache = str(target)
+        if method in ("run", *TRAINED):
+            raise ConfigError(f"{target} is a cache: a trained head needs its run directory "
+                              f"(mdmf-cache train {target} --out runs/NAME), or pick a baseline: {', '.join(BASELINES)}")
+        default_out = target.parent / f"eval_{target.stem}_{method}_{cfg.split}"
+    else:
+        raise ConfigError(f"{target} is neither a run directory (config.json + best.pt) nor a cache (*.zarr)")
+    shots = cfg.shots or ((trained_shot,) if trained_shot else (1, 3, 5))
+    # 2. features; every shot checked against the split before anything is scored or written
+    split = load_split_features(cache, cfg.split, device=str(device))
+    sampler = EpisodeSampler(split.labels.cpu().numpy(), split.num_classes)
+    for shot in shots:
+        sampler.check(cfg.way, shot, cfg.queries_per_class, split=cfg.split)
+    out = Path(cfg.out) if cfg.out else default_out
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "eval_config.json", asdict(cfg))
+    # 3. episodes and scores
+    results: dict[str, Any] = {"method": method, "split": cfg.split, "target": str(target), "cache": cache,
+                               "way": cfg.way, "queries_per_class": cfg.queries_per_class, "seed": cfg.seed,
+                               "trained_shot": trained_shot, "shots": {}}
+    if model is not None and method == "mdmf":
+        results["pps_test"] = model.cfg.pps_test
+    bar = None
+    if progress:
+        from mdmf_cache.progress import make_progress
+
+        bar = make_progress("episodes")
+        bar.start()
+    try:
+        for shot in shots:
+            eps = episode_list(split, cfg.way, shot, cfg.queries_per_class, cfg.episodes, cfg.seed)
+            eps.save(out / f"episodes_{cfg.way}way_{shot}shot.npz")
+            task = bar.add_task(f"{method} {shot}-shot", total=len(eps)) if bar else None
+            res = score(method, split, eps, model, cfg.seed, cfg.batch_size,
+                        (lambda k, t=task: bar.advance(t, k)) if bar else None, path=cfg.path)
+            results["shots"][str(shot)] = res.summary(split.class_names)
+            np.save(out / f"episode_acc_{shot}shot.npy", res.episode_acc)
+    finally:
+        if bar:
+            bar.stop()
+    atomic_write_json(out / "results.json", results)
+    from mdmf_cache.plots import eval_figures, plot_safely
+
+    plot_safely(eval_figures, out)
+    results["out"] = str(out)
+    return results

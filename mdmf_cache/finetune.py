@@ -43,7 +43,7 @@ from .models.temporal import EpisodeRunningStats
 __all__ = ["BN_MODES", "EpisodeBatchNorm2d", "CheckpointedStage", "FrameEncoder", "visual_blocks",
            "no_running_update"]
 
-BN_MODES = ("episode", "frozen")
+from mdmf_cache.choices import BN_MODES  # noqa: E402  (declared once)
 
 _state = threading.local()  # per thread: the backward pass may run the recomputation on another thread
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .backbone import CLIP_MEAN, CLIP_STD
 
-NORMALIZATIONS = ("clip", "none")
+from .choices import NORMALIZATIONS  # noqa: E402  (declared once)
 
 
 @dataclass(frozen=True)

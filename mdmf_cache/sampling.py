@@ -17,7 +17,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("tsn", "linspace")
+from .choices import SAMPLERS  # noqa: E402  (declared once)
 
 
 def video_key(video_id: str) -> int:

@@ -47,7 +47,7 @@ from .errors import ConfigError, VideoReadError
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "decord", "pyav", "jpeg")
+from .choices import DECODERS as BACKENDS  # noqa: E402  (declared once)
 
 #: Extensions where decord was measured to return the right frames.
 _DECORD_SAFE_EXTS = (".mp4", ".mkv", ".webm")

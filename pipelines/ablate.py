@@ -92,8 +92,11 @@ def _arm_dir(out: Path, name: str) -> Path:
 def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
     """Train and score every arm; returns the rows written to ``ablation.csv``."""
     from mdmf_cache.evaluation import score
-    from pipelines.evaluate import episode_list
-    from pipelines.train import TrainConfig, load_run, resolve_device, run_train
+    from mdmf_cache.evaluation import episode_list
+    from mdmf_cache.backbone import resolve_device
+    from mdmf_cache.configs import TrainConfig
+    from mdmf_cache.runs import load_run
+    from mdmf_cache.training import run_train
     from mdmf_cache.store import load_split_features
 
     from mdmf_cache.episodes import EpisodeSampler
@@ -153,7 +156,7 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
             row.update({"paper_k100": paper[0], "paper_ssv2_small": paper[1], "paper_hmdb": paper[2]})
         rows.append(row)
     _write_tables(out, rows)
-    from pipelines.plots import ablate_figures, plot_safely
+    from mdmf_cache.plots import ablate_figures, plot_safely
 
     plot_safely(ablate_figures, out)
     return {"rows": rows, "out": str(out)}

@@ -40,10 +40,13 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> dict:
     from mdmf_cache.synthetic import make_action_dataset
-    from pipelines.extract import ExtractConfig, run_extract
-    from pipelines.evaluate import EvalConfig, run_eval
-    from pipelines.report import console, print_comparison, print_extract_summary, print_info
-    from pipelines.train import TrainConfig, run_train
+    from mdmf_cache.cache_build import run_extract
+    from mdmf_cache.configs import ExtractConfig
+    from mdmf_cache.configs import EvalConfig
+    from mdmf_cache.evaluation import run_eval
+    from mdmf_cache.report import console, print_comparison, print_extract_summary, print_info
+    from mdmf_cache.configs import TrainConfig
+    from mdmf_cache.training import run_train
 
     from mdmf_cache.backbone import list_models
     from mdmf_cache.errors import ConfigError

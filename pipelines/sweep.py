@@ -1,6 +1,6 @@
 """Hyperparameter sweeps of fast-mode training on cached features, on Optuna.
 
-A trial is one fast-mode training run (:func:`pipelines.train.run_train`, called as a function),
+A trial is one fast-mode training run (:func:`mdmf_cache.training.run_train`, called as a function),
 scored by its best accuracy on the run's fixed, seeded val episode list; the test split is never
 loaded. Every fast-mode option can be fixed or swept under its ``train`` name (``lr``, ``lambda``,
 ``dropout``, ``episodes``, ``method``, ...); the names come from the ``TrainConfig`` dataclass and
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mdmf_cache.errors import CacheError, ConfigError
-from pipelines.sweep_space import (DEFAULT_SPACE, Dim, Option, check_fixed, parse_fixed, parse_space, parse_space_text,
+from mdmf_cache.sweep_space import (DEFAULT_SPACE, Dim, Option, check_fixed, parse_fixed, parse_space, parse_space_text,
                                    sweep_options, trial_config)
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def plan(cfg: SweepConfig) -> Plan:
     """Check the options, the space and the cache; nothing is written."""
     from mdmf_cache.models.config import build_config
     from mdmf_cache.store import CacheStore
-    from pipelines.train import TrainConfig
+    from mdmf_cache.configs import TrainConfig
 
     cfg.validate()
     opts = sweep_options()
@@ -235,7 +235,7 @@ def _validation_step(done: int, episodes: int, val_every: int) -> int:
 def _objective(cfg: SweepConfig, p: Plan, study_trials: int):
     import optuna
 
-    from pipelines.train import run_train
+    from mdmf_cache.training import run_train
 
     trials_dir = Path(cfg.out) / "trials"
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -299,7 +299,7 @@ def run_worker(cfg: SweepConfig, worker_index: int = 0, on_trial=None) -> None:
     study = _study(cfg, p, storage, _seed_of(cfg, worker_index, existing))
     objective = _objective(cfg, p, cfg.trials)
     callbacks = [_log_trial] + ([on_trial] if on_trial else [])
-    train_log = logging.getLogger("pipelines.train")
+    train_log = logging.getLogger("mdmf_cache.training")
     level = train_log.level
     train_log.setLevel(logging.WARNING)  # one line per trial (the callback), not one per validation
     with keep_loaded(), _restore_level(train_log, level):
@@ -428,7 +428,7 @@ class _Bar:
     def __init__(self, total: int):
         from rich.progress import TextColumn
 
-        from pipelines.progress import make_progress
+        from mdmf_cache.progress import make_progress
 
         self.progress = make_progress("trials", TextColumn("best val {task.fields[best]:.1f}%"),
                                       TextColumn("pruned {task.fields[pruned]}"))
@@ -521,7 +521,7 @@ def summarize(cfg: SweepConfig, figures: bool = True) -> dict[str, Any]:
 
 def sweep_figures(study, rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """``history.png``, ``importances.png`` (>= 3 complete trials) and ``params.png``."""
-    from pipelines.plots import plot_history, plot_importances, plot_params, plot_safely
+    from mdmf_cache.plots import plot_history, plot_importances, plot_params, plot_safely
 
     settings = study.user_attrs.get("mdmf_sweep", {})
     scales = {name: Dim(**d).scale for name, d in settings.get("space", {}).items()}

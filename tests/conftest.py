@@ -54,7 +54,8 @@ def action_videos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(action_videos, tmp_path_factory) -> Path:
     """A complete cache of ``action_videos`` (tiny ViT, random init, V=2 train views); read-only."""
-    from pipelines.extract import ExtractConfig, run_extract
+    from mdmf_cache.cache_build import run_extract
+    from mdmf_cache.configs import ExtractConfig
 
     cache_dir = tmp_path_factory.mktemp("tiny_cache")
     path, _ = run_extract(ExtractConfig(root=str(action_videos), cache_dir=str(cache_dir), **TINY_EXTRACT))
@@ -76,7 +77,8 @@ def demo_videos(tmp_path_factory) -> Path:
 def demo_cache(demo_videos) -> Path:
     """``demo_videos``' tiny-vit features, 2 train views. Read-only; shared by the training, evaluation and
     reliability tests."""
-    from pipelines.extract import ExtractConfig, run_extract
+    from mdmf_cache.cache_build import run_extract
+    from mdmf_cache.configs import ExtractConfig
 
     base = demo_videos.parent
     path, _ = run_extract(ExtractConfig(dataset="folder", root=str(base / "videos"), cache_dir=str(base / "cache"),

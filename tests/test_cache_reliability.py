@@ -20,7 +20,8 @@ import pytest
 from mdmf_cache.datasets import SPLITS, VideoIndex, load_splits, resolve_paths, scan_folder
 from mdmf_cache.errors import CacheError, DatasetError
 from mdmf_cache.store import CacheStore, export_h5, load_split_features
-from pipelines.extract import ExtractConfig, extract_lock, run_extract
+from mdmf_cache.cache_build import extract_lock, run_extract
+from mdmf_cache.configs import ExtractConfig
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -82,7 +83,7 @@ def test_deleted_chunks_are_found_named_and_repaired(tiny_cache, action_videos, 
     assert "train/features rows 4-7: chunk file missing" in out and "(train/features/c/1/0/0/0)" in out
     assert "val/labels rows 0-7" in out and "test/text_features" in out
     assert res.stderr.startswith("error: 3 damaged parts in") and "Traceback" not in res.stderr
-    from pipelines.report import print_info
+    from mdmf_cache.report import print_info
 
     assert print_info(cache)["complete"] is False
     assert "complete: no, damaged" in " ".join(capsys.readouterr().out.split())
@@ -137,7 +138,7 @@ def _mark_failed(cache: Path, split: str, row: int) -> None:
 
 def test_rerun_retries_failed_videos_and_says_so(tiny_cache, action_videos, tiny_extract_settings, tmp_path,
                                                  same_cache, capsys):
-    from pipelines.report import print_extract_summary
+    from mdmf_cache.report import print_extract_summary
 
     root = tmp_path / "videos"
     shutil.copytree(action_videos, root)
@@ -270,7 +271,7 @@ def test_a_second_extract_of_the_same_cache_is_refused(action_videos, tmp_path, 
 # Runs the CLI with every decoded video slowed down (in the DataLoader worker too), so it can be interrupted midway.
 SLOW_CLI = r"""
 import sys, time
-from pipelines import extract as ex
+from mdmf_cache import extraction as ex
 get = ex.ClipSource.__getitem__
 def slow(self, i):
     time.sleep(0.4)
@@ -379,7 +380,7 @@ def test_full_disk_while_writing_rows_is_named(tiny_cache, action_videos, tiny_e
 def test_verify_says_unfinished_is_not_damaged(tiny_cache, tmp_path, capsys):
     cache = _copy(tiny_cache, tmp_path)
     (cache / "val/done/c/1").unlink()  # rows 4-7 no longer finished: pending, not damage
-    from pipelines.report import print_verify
+    from mdmf_cache.report import print_verify
 
     capsys.readouterr()
     assert print_verify(cache) == []  # no CacheError: exit 0

@@ -20,7 +20,8 @@ from mdmf_cache.datasets import VideoIndex, load_splits
 from mdmf_cache.errors import CacheError, DatasetError, MdmfError
 from mdmf_cache.sampling import sample_indices, video_rng
 from mdmf_cache.store import CacheStore, group_name, load_split_features
-from pipelines.extract import ExtractConfig, run_extract
+from mdmf_cache.cache_build import run_extract
+from mdmf_cache.configs import ExtractConfig
 
 T = 8
 SIZES = {"train": (20, 2), "val": (8, 1), "test": (8, 1)}  # (videos, views) of tiny_cache
@@ -29,7 +30,7 @@ SIZES = {"train": (20, 2), "val": (8, 1), "test": (8, 1)}  # (videos, views) of 
 # seconds (wrapping the decoder source: results are unchanged), so the run can be killed midway.
 SCRIPT = r"""
 import json, sys, time
-from pipelines import extract as ex
+from mdmf_cache import cache_build, configs, extraction as ex
 kw, delay = json.loads(sys.argv[1]), float(sys.argv[2])
 if delay:
     get = ex.ClipSource.__getitem__
@@ -37,7 +38,7 @@ if delay:
         time.sleep(delay)
         return get(self, i)
     ex.ClipSource.__getitem__ = slow
-ex.run_extract(ex.ExtractConfig(**kw))
+cache_build.run_extract(configs.ExtractConfig(**kw))
 """
 
 
@@ -277,7 +278,7 @@ def corrupt_cache(action_videos, folder_splits, tiny_extract_settings, tmp_path_
 
 @pytest.mark.integration
 def test_corrupt_videos_recorded(corrupt_cache, capsys):
-    from pipelines.report import print_info
+    from mdmf_cache.report import print_info
 
     root, _, path, cls, results = corrupt_cache
     assert results["test"].failed == 2 and results["test"].extracted == 9 and results["test"].short == 1

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from mdmf_cache.errors import ConfigError
-from pipelines.train import TrainConfig, run_train
+from mdmf_cache.configs import TrainConfig
+from mdmf_cache.training import run_train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -74,7 +75,8 @@ def full_run(demo_videos, tmp_path_factory):
 def test_full_mode_fine_tunes_the_backbone_and_learns(full_run, demo_videos):
     from mdmf_cache.backbone import load_backbone
     from mdmf_cache.distributed import World
-    from pipelines.train import FullData, build_model, validate
+    from mdmf_cache.runs import build_model, validate
+    from mdmf_cache.train_data import FullData
 
     cfg, res = full_run
     out = Path(cfg.out)
@@ -105,9 +107,10 @@ def test_eval_of_a_full_run_reextracts_with_its_backbone(full_run, demo_videos, 
     from mdmf_cache.datasets import load_splits
     from mdmf_cache.evaluation import score
     from mdmf_cache.finetune import FrameEncoder
-    from pipelines.evaluate import EvalConfig, episode_list, run_eval
-    from pipelines.extract import embed_split, find_videos, prompts_for
-    from pipelines.train import load_run
+    from mdmf_cache.configs import EvalConfig
+    from mdmf_cache.evaluation import episode_list, run_eval
+    from mdmf_cache.extraction import embed_split, find_videos, prompts_for
+    from mdmf_cache.runs import load_run
 
     cfg, _ = full_run
     out = Path(cfg.out)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import plots
+from mdmf_cache import plots
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -18,8 +18,10 @@ import torch
 from mdmf_cache.errors import CacheError, ConfigError
 from mdmf_cache.fileio import DiskFullError, atomic_torch_save, atomic_write_text
 from mdmf_cache.store import CacheStore
-from pipelines.evaluate import EvalConfig, run_eval
-from pipelines.train import TrainConfig, run_train
+from mdmf_cache.configs import EvalConfig
+from mdmf_cache.evaluation import run_eval
+from mdmf_cache.configs import TrainConfig
+from mdmf_cache.training import run_train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -86,7 +88,7 @@ def test_run_is_bound_to_its_cache(demo_cache, tmp_path):
 
 
 def test_kill_between_metrics_and_checkpoint_loses_nothing(demo_cache, tmp_path, monkeypatch):
-    import pipelines.train as train_mod
+    import mdmf_cache.training as train_mod
 
     whole = tmp_path / "whole"
     run_train(_cfg(demo_cache, whole), progress=False)

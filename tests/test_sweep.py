@@ -68,7 +68,7 @@ def _env() -> dict[str, str]:
 
 def test_options_come_from_the_dataclasses():
     from mdmf_cache.models.config import MDMFConfig
-    from pipelines.train import TrainConfig
+    from mdmf_cache.configs import TrainConfig
 
     opts = sweep_options()
     targets = {t for o in opts.values() for t in o.targets}

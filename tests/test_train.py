@@ -13,8 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mdmf_cache.store import load_split_features  # noqa: E402
 from mdmf_cache.evaluation import score  # noqa: E402
-from pipelines.evaluate import EvalConfig, episode_list, run_eval  # noqa: E402
-from pipelines.train import TrainConfig, build_model, load_run, run_train  # noqa: E402
+from mdmf_cache.configs import EvalConfig
+from mdmf_cache.evaluation import episode_list, run_eval  # noqa: E402
+from mdmf_cache.configs import TrainConfig
+from mdmf_cache.runs import build_model, load_run
+from mdmf_cache.training import run_train  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

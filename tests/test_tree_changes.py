@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from mdmf_cache.store import CacheStore, group_name, load_split_features
-from pipelines.extract import ExtractConfig, run_extract
+from mdmf_cache.cache_build import run_extract
+from mdmf_cache.configs import ExtractConfig
 
 from test_extract import _done_count, spawn_and_kill
 

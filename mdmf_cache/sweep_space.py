@@ -90,7 +90,7 @@ def _option_of(name: str, targets: tuple[str, ...], default: Any, hint: Any, inv
 def sweep_options() -> dict[str, Option]:
     """Every option a trial can fix or sweep, by CLI name (TrainConfig fields, then head fields)."""
     from mdmf_cache.models.config import MDMFConfig
-    from pipelines.train import TrainConfig
+    from mdmf_cache.configs import TrainConfig
 
     opts: dict[str, Option] = {}
     hints = get_type_hints(TrainConfig)
@@ -236,7 +236,7 @@ def parse_space_text(text: str) -> dict[str, str]:
 
 def trial_config(base: dict[str, Any], values: dict[str, Any], opts: dict[str, Option]):
     """A TrainConfig: ``base`` (TrainConfig fields) with option values applied to their fields."""
-    from pipelines.train import TrainConfig
+    from mdmf_cache.configs import TrainConfig
 
     cfg = json.loads(json.dumps(base))  # deep copy
     heads = dict(cfg.get("heads") or {})

@@ -1,4 +1,4 @@
-"""rich progress bars shared by the pipelines (library code never prints)."""
+"""rich progress bars for long work (extraction, training, evaluation, sweeps); shown only when a caller asks."""
 
 from __future__ import annotations
 

@@ -316,16 +316,16 @@ def plot_params(rows: list[dict[str, Any]], params: dict[str, str], path: Path, 
 # --------------------------------------------------------------------------------------------- redraw
 
 
-def redraw(target: Path | str, storage: str | None = None) -> list[Path]:
-    """Every figure of a sweep, run, evaluation or ablation directory (and of the evaluations inside a run)."""
+def redraw(target: Path | str, allow_empty: bool = False) -> list[Path]:
+    """Every figure of a run, evaluation or ablation directory (and of the evaluations inside a run).
+
+    A sweep directory's figures come from its study (``pipelines.sweep.summarize``); ``allow_empty``
+    says the caller drew those, so finding nothing else here is no error.
+    """
     from mdmf_cache.errors import ConfigError
 
     target = Path(target)
     paths: list[Path | None] = []
-    if (target / "sweep.json").is_file():
-        from pipelines.sweep import load_sweep, summarize
-
-        paths += summarize(load_sweep(target, storage))["figures"]
     if (target / "metrics.jsonl").is_file():
         paths.append(train_curves(target))
     if (target / "results.json").is_file():
@@ -334,6 +334,6 @@ def redraw(target: Path | str, storage: str | None = None) -> list[Path]:
         paths += ablate_figures(target)
     for sub in sorted(target.glob("*/results.json")) if target.is_dir() else []:
         paths += eval_figures(sub.parent)
-    if not any(p is not None for p in paths) and not (target / "sweep.json").is_file():
+    if not any(p is not None for p in paths) and not allow_empty:
         raise ConfigError(f"{target}: nothing to plot (expected a run, eval, ablation or sweep directory)")
     return [p for p in paths if p is not None]

@@ -1,0 +1,284 @@
+"""The configs of extraction, training and evaluation: every default is defined here, once.
+
+One dataclass per task, saved beside its outputs (the cache's ``config`` attribute, a run's
+``config.json``, an evaluation's ``eval_config.json``). The CLI reads its defaults from these
+classes and this module imports neither torch nor open_clip, so ``mdmf-cache --help`` stays instant.
+
+:class:`VideoOptions` holds what ``extract`` and ``train --mode full`` share (the videos and how
+they become frame embeddings), under the same names in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mdmf_cache.choices import BN_MODES, DECODERS, EVAL_PATHS, MODES, NORMALIZATIONS, PPS_TEST_RULES, SAMPLERS, SPLITS
+from mdmf_cache.errors import ConfigError
+from mdmf_cache.models.config import PRESET_DATA
+
+__all__ = ["VideoOptions", "ExtractConfig", "FullModeConfig", "TrainConfig", "EvalConfig", "default_workers",
+           "FAST_LR", "FULL_LR"]
+
+#: Adam's learning rate when none is given. Fast mode trains the heads alone, which want far more than the
+#: paper's 1e-5 (docs/measurements.md); full mode fine-tunes CLIP with them at the paper's value.
+FAST_LR = 1e-4
+FULL_LR = 1e-5
+
+
+def default_workers() -> int:
+    """Decoder processes by default: half the cores, at most 8 (each also runs decord's decode thread)."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+@dataclass
+class VideoOptions:
+    """The videos and how they become frame embeddings (``extract`` and ``train --mode full``)."""
+
+    dataset: str = "ucf101"  # ucf101 | hmdb51 | kinetics100 | ssv2-small | ssv2-full | folder
+    root: str | None = None  # the video tree
+    splits_dir: str | None = None  # split-file folder; None: the split files shipped with the package
+    labels: str | None = None  # SSv2-Full labels.json (default: looked for beside root)
+    model: str = "RN50"  # open_clip name
+    pretrained: str | None = "openai"  # tag, checkpoint path, or None (seeded random init)
+    num_frames: int = 8  # T
+    sampler: str | None = None  # tsn | linspace; None: the preset's
+    normalize: str | None = None  # clip | none; None: the preset's
+    flip: bool = True  # train views / episodes: every dataset, SSv2 included, as the paper and the released code
+    prompt_template: str = "a photo of {}"
+    clean_names: bool = False
+    decoder: str = "auto"
+    workers: int = field(default_factory=default_workers)  # decoder processes (per rank)
+
+    def video_problems(self) -> list[str]:
+        """What is wrong with these options (empty when nothing is)."""
+        from mdmf_cache.datasets import DATASETS
+
+        problems = []
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            problems.append(f"--sampler {self.sampler!r} (choose {', '.join(SAMPLERS)})")
+        if self.normalize is not None and self.normalize not in NORMALIZATIONS:
+            problems.append(f"--normalize {self.normalize!r} (choose {', '.join(NORMALIZATIONS)})")
+        if self.decoder not in DECODERS:
+            problems.append(f"--decoder {self.decoder!r} (choose {', '.join(DECODERS)})")
+        if self.num_frames < 1:
+            problems.append(f"--num-frames {self.num_frames}: must be >= 1")
+        if self.workers < 0:
+            problems.append(f"--workers {self.workers}: must be >= 0 (0 decodes in this process)")
+        if "{}" not in self.prompt_template:
+            problems.append(f"--prompt {self.prompt_template!r} needs a '{{}}' for the class name")
+        if self.labels and not (DATASETS.get(self.dataset) and DATASETS[self.dataset].numeric_labels):
+            problems.append("--labels names SSv2-Full's label ids; other datasets take names from the split files")
+        return problems
+
+
+@dataclass
+class ExtractConfig(VideoOptions):
+    """Everything that decides what ``extract`` computes (saved in the cache's attributes).
+
+    ``sampler`` and ``normalize`` left at None take the ``preset``'s (SPEC 9), so a saved config
+    always names the values used.
+    """
+
+    preset: str = "paper"  # paper: TSN + CLIP mean/std; reference: linspace + [0, 1] pixels
+    cache_dir: str = "cache"
+    name: str | None = None  # cache group dataset name (default: dataset, or the folder's name)
+    train_views: int = 1  # V for the train split
+    seed: int = 0
+    batch_videos: int = 8
+    chunk_rows: int = 64
+    flush_seconds: float = 30.0
+    device: str = "auto"
+    splits: tuple[str, ...] = SPLITS
+    overwrite: bool = False
+    strict: bool = False
+    rank: int = 0
+    world_size: int = 1
+    progress: bool = True
+    way: int = 5  # a folder split with fewer val/test classes than this is warned about
+
+    def __post_init__(self) -> None:
+        data = PRESET_DATA.get(self.preset)
+        if data is not None:
+            self.sampler = self.sampler or data["sampler"]
+            self.normalize = self.normalize or data["normalize"]
+
+    def validate(self) -> None:
+        problems = self.video_problems()
+        if self.preset not in PRESET_DATA:
+            problems.append(f"--preset {self.preset!r} (choose {', '.join(PRESET_DATA)})")
+        if self.train_views < 1 or self.batch_videos < 1 or self.chunk_rows < 1:
+            problems.append("--train-views, --batch-videos and --chunk-rows must be >= 1")
+        bad = [s for s in self.splits if s not in SPLITS]
+        if bad:
+            problems.append(f"--split {bad[0]!r} (choose {', '.join(SPLITS)})")
+        if not 0 <= self.rank < self.world_size:
+            problems.append(f"rank {self.rank} outside world size {self.world_size}")
+        if self.root is None:
+            problems.append("--root DIR (the video tree) is required")
+        if problems:
+            raise ConfigError("bad options: " + "; ".join(problems))
+
+    @property
+    def cache_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.dataset == "folder" and self.root:
+            return Path(self.root).resolve().name
+        return self.dataset
+
+
+@dataclass
+class FullModeConfig(VideoOptions):
+    """Full mode's data and backbone (``TrainConfig.full``); the data options keep ``extract``'s names."""
+
+    backbone_lr: float | None = None  # None: TrainConfig.lr (the paper: 1e-5 for all)
+    train_text: bool = False  # the released code never trains the text tower
+    train_last_blocks: int | None = None  # None: the whole visual tower; 0: frozen; N: the last N blocks
+    backbone_bn: str = "episode"  # RN BatchNorm: episode (per-episode batch statistics) | frozen
+    grad_checkpointing: bool = False
+    episodes_per_forward: int = 1  # episodes in one forward pass (the paper: 1)
+    init_heads: str | None = None  # a run (fast or full) whose best.pt heads start this one (linear probe, then fine-tune)
+
+    def validate(self) -> list[str]:
+        from mdmf_cache.datasets import DATASET_NAMES
+
+        problems = self.video_problems()
+        if self.dataset not in DATASET_NAMES:
+            path = Path(self.dataset)
+            if self.dataset.endswith(".zarr") or (path / "zarr.json").is_file():
+                problems.append(f"{self.dataset} is a cache: full mode fine-tunes CLIP on the videos, so it takes a "
+                                f"dataset ({', '.join(DATASET_NAMES)}) and --root; train on a cache with --mode fast")
+            else:
+                problems.append(f"full mode: unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
+        if not self.root:
+            problems.append("full mode needs --root DIR (the video tree)")
+        if self.episodes_per_forward < 1:
+            problems.append("--episodes-per-forward must be >= 1")
+        if self.backbone_bn not in BN_MODES:
+            problems.append(f"--backbone-bn {self.backbone_bn!r}: choose {' or '.join(BN_MODES)}")
+        if self.backbone_lr is not None and not (math.isfinite(self.backbone_lr) and self.backbone_lr > 0):
+            problems.append(f"--backbone-lr {self.backbone_lr}: must be a finite number > 0")
+        if self.init_heads and not (Path(self.init_heads) / "best.pt").is_file():
+            problems.append(f"--init-heads {self.init_heads}: no best.pt there (a run directory of mdmf-cache train)")
+        if self.train_last_blocks is not None and self.train_last_blocks < 0:
+            problems.append(f"--train-last-blocks {self.train_last_blocks}: must be >= 0 (0 freezes the backbone)")
+        return problems
+
+    def extract_config(self, preset: str, seed: int, device: str, **overrides: Any) -> ExtractConfig:
+        """The :class:`ExtractConfig` of these videos (decoding, sampling, pixels, prompts), with ``overrides``
+        (e.g. ``pretrained=run/backbone.pt``) applied."""
+        video = {f.name: getattr(self, f.name) for f in dataclasses.fields(VideoOptions)}
+        return ExtractConfig(**{**video, "preset": preset if preset in PRESET_DATA else "paper", "seed": seed,
+                                "device": device, **overrides})
+
+
+@dataclass
+class TrainConfig:
+    """Training, both modes; saved as ``config.json`` beside the checkpoints."""
+
+    cache: str = ""  # fast mode's input
+    out: str = "runs/fast"
+    mode: str = "fast"  # fast (CLIP frozen, cache) | full (CLIP fine-tuned, videos: see ``full``)
+    method: str = "mdmf"  # a registered head (mdmf_cache.heads): mdmf, clip-fsar, ...
+    preset: str = "paper"
+    heads: dict[str, Any] = field(default_factory=dict)  # the head's option overrides (ablation switches)
+    way: int = 5
+    shot: int = 5
+    train_queries: int = 5  # per class
+    episodes: int = 10000  # training episodes in total
+    episodes_per_step: int = 16  # E per optimiser step (full mode: accumulated, split between ranks)
+    lr: float | None = None  # Adam; None: FAST_LR in fast mode, FULL_LR (the paper's) in full mode
+    weight_decay: float = 0.0
+    val_every: int = 1000  # episodes
+    val_episodes: int = 500
+    val_queries: int = 1
+    save_every: int = 0  # episodes between extra last.pt saves (0: at validations only; full mode's steps are slow)
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    full: dict[str, Any] = field(default_factory=dict)  # FullModeConfig fields (mode=full)
+
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = FULL_LR if self.mode == "full" else FAST_LR
+
+    @property
+    def full_mode(self) -> FullModeConfig:
+        return FullModeConfig(**self.full)
+
+    def validate(self) -> None:
+        from mdmf_cache.models.config import build_config
+
+        problems = []
+        if self.method not in ("mdmf", "clip-fsar"):
+            problems.append(f"--method {self.method!r}: choose mdmf or clip-fsar")
+        if self.mode not in MODES:
+            problems.append(f"--mode {self.mode!r}: choose fast (heads on a cache) or full (CLIP fine-tuned)")
+        for name in ("shot", "train_queries", "episodes", "episodes_per_step", "val_every", "val_episodes", "val_queries"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1")
+        if self.save_every < 0:
+            problems.append("--save-every must be >= 0 (0: save at validations only)")
+        if self.way < 2:
+            problems.append(f"--way {self.way}: an episode needs at least 2 classes")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"--lr {self.lr}: must be a finite number > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"--weight-decay {self.weight_decay}: must be a finite number >= 0")
+        if self.mode == "full":
+            unknown = sorted(set(self.full) - {f.name for f in dataclasses.fields(FullModeConfig)})
+            if unknown:
+                problems.append(f"unknown full-mode field(s) {', '.join(unknown)}")
+            else:
+                problems += self.full_mode.validate()
+        elif self.full:
+            problems.append("video and backbone options (--root, --model, --backbone-lr, ...) are for --mode full; "
+                            "fast mode reads a cache")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        # every head switch, before any work (an ablation arm's bad --view fails here, not after training);
+        # the width is the cache's, unknown here: any multiple of the attention heads checks the rest
+        heads = self.heads.get("heads", 8)
+        build_config(self.preset, 8 * heads if isinstance(heads, int) and heads > 0 else 8,
+                     **{**self.heads, "method": self.method})
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings; saved as ``eval_config.json`` beside the results."""
+
+    target: str = ""  # a run directory (its trained head) or a cache group (baselines)
+    method: str = "run"  # run = the head the run was trained with; or a baseline
+    split: str = "test"
+    way: int = 5
+    shots: tuple[int, ...] | None = None  # default: the run's training shot; baselines 1, 3, 5
+    episodes: int = 10000
+    queries_per_class: int = 1
+    seed: int = 0
+    batch_size: int = 500
+    out: str | None = None  # default: <run>/eval_<method>_<split> or <cache-parent>/eval_<cache>_<method>_<split>
+    device: str = "auto"
+    path: str = "per-video"  # trained heads: per-video (fast) or direct (the reference path)
+    pps_test: str | None = None  # MDMF: override the run's PPS rule at test (sample | argmax)
+    cache: str | None = None  # a run's cache at another path (moved); checked against the run's record
+    root: str | None = None  # a full-mode run's video tree at another path (moved)
+
+    def validate(self) -> None:
+        from mdmf_cache.evaluation import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"--split {self.split!r}: choose {', '.join(SPLITS)}")
+        if (self.shots is not None and (not self.shots or min(self.shots) < 1)) or self.episodes < 1 \
+                or self.way < 2 or self.queries_per_class < 1:
+            raise ConfigError("--shot values, --episodes and --queries-per-class must be >= 1 and --way >= 2")
+        if self.path not in EVAL_PATHS:
+            raise ConfigError(f"--path {self.path!r}: choose {' or '.join(EVAL_PATHS)}")
+        if self.pps_test not in (None, *PPS_TEST_RULES):
+            raise ConfigError(f"--pps-test {self.pps_test!r}: choose {' or '.join(PPS_TEST_RULES)}")

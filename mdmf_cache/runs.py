@@ -1,0 +1,163 @@
+"""Runs on disk: what binds a run to its cache, its checkpoints, and the caches its evaluation reads.
+
+A run directory holds ``config.json`` (the resolved :class:`~mdmf_cache.configs.TrainConfig` and the
+identity of its input), ``best.pt`` (the heads kept by val accuracy), ``last.pt`` (the resumable
+state) and ``metrics.jsonl``; a full-mode run also ``backbone.pt`` (the fine-tuned CLIP) and, once
+evaluated, ``eval_cache/`` (its test split extracted with that backbone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mdmf_cache.backbone import resolve_device
+from mdmf_cache.configs import FullModeConfig, TrainConfig
+from mdmf_cache.episodes import Episodes
+from mdmf_cache.errors import CacheError, ConfigError
+from mdmf_cache.evaluation import score
+from mdmf_cache.models.config import MDMFConfig, build_config
+from mdmf_cache.models.head import FewShotHead
+from mdmf_cache.models.mdmf import build_head
+from mdmf_cache.store import CacheStore, FeatureSplit, fingerprint_diff
+
+log = logging.getLogger(__name__)
+
+__all__ = ["cache_identity", "check_identity", "build_model", "validate", "load_config", "load_run", "run_cache",
+           "full_run_cache"]
+
+def cache_identity(cache: Path | str) -> dict[str, Any]:
+    """What binds a run to its cache: the extraction fingerprint and each split's class list (hashed).
+
+    A run trained on one cache must not be resumed or evaluated on a cache with other settings or
+    another class split (another ``--seed`` of a folder dataset gives other test classes).
+    """
+    store = CacheStore(cache)
+    classes = {split: hashlib.sha1("\n".join(store.root[split].attrs.get("classes", [])).encode()).hexdigest()[:16]
+               for split in store.splits}
+    return {"fingerprint": store.fingerprint, "classes": classes}
+
+def check_identity(recorded: dict[str, Any] | None, cache: Path | str, what: str) -> None:
+    """Refuse a cache whose identity differs from the run's (fields named). Runs without a record pass."""
+    if not recorded:
+        return
+    now = cache_identity(cache)
+    diff = fingerprint_diff(recorded.get("fingerprint", {}), now["fingerprint"])
+    diff = [d.replace("cache has", "run has").replace("asked", "cache has") for d in diff]
+    diff += [f"{split} classes differ" for split in sorted(set(recorded.get("classes", {})) & set(now["classes"]))
+             if recorded["classes"][split] != now["classes"][split]]
+    if diff:
+        raise CacheError(f"{what}: {cache} is not the cache this run was trained on ({'; '.join(diff)}); "
+                         "point at the original cache, or train a new run on this one")
+
+def build_model(preset: str, dim: int, num_frames: int, heads: dict[str, Any], method: str = "mdmf") -> FewShotHead:
+    """The head of a preset with overrides: MDMF or CLIP-FSAR (``method``)."""
+    return build_head(build_config(preset, dim, num_frames=num_frames, **{**heads, "method": method}))
+
+def validate(model: FewShotHead, split: FeatureSplit, episodes: Episodes, seed: int) -> float:
+    """Mean val accuracy (%) on the fixed list, per-video path (RNG forked: training draws are unaffected)."""
+    was_training = model.training
+    model.eval()
+    acc = score(model.cfg.method, split, episodes, model, seed).mean * 100
+    model.train(was_training)
+    return acc
+
+def load_config(path: Path | str) -> TrainConfig:
+    """A TrainConfig from a run's ``config.json`` or a sweep's ``best.json`` (``mdmf-cache train --config``)."""
+    path = Path(path)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--config {path}: cannot read a JSON config ({e})") from e
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - known - {"resolved_heads", "sweep", "cache_abs", "cache_identity", "backbone_weights",
+                                           "resolved_data"})  # notes
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown TrainConfig field(s) {', '.join(unknown)}")
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+def history_upto(path: Path, done: int) -> list[dict[str, Any]]:
+    """Metrics lines of a run written before checkpoints carried them, up to ``done`` episodes."""
+    if not path.is_file():
+        return []
+    recs = []
+    for line in path.read_text().splitlines():
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    return [r for r in recs if r.get("episodes", 0) <= done]
+
+def load_run(run: Path | str, device: str = "auto") -> tuple[FewShotHead, dict[str, Any]]:
+    """The best checkpoint of a run as an eval-mode head (MDMF or CLIP-FSAR), and the run's config."""
+    run = Path(run)
+    cfg = json.loads((run / "config.json").read_text())
+    if not (run / "best.pt").is_file():
+        raise ConfigError(f"{run} has no best.pt; train first (mdmf-cache train --out {run})")
+    dev = resolve_device(device)
+    ckpt = torch.load(run / "best.pt", map_location=dev, weights_only=False)
+    model = build_head(MDMFConfig(**ckpt["heads"])).to(dev)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, cfg
+
+
+def run_cache(run: Path, run_cfg: dict[str, Any], override: str | None) -> str:
+    """The cache a run was trained on: ``--cache`` if given, else the recorded path as written, then as resolved
+    at training time; a clear error when neither exists (a moved cache)."""
+    if override:
+        return override
+    recorded = run_cfg["cache"]
+    for cand in (Path(recorded), Path(run_cfg.get("cache_abs", recorded))):
+        if (cand / "zarr.json").is_file():
+            return str(cand)
+    raise ConfigError(f"{run} was trained on {recorded}, which is not there any more; pass its new location "
+                      "with --cache PATH (it is checked against the run's record)")
+
+
+def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, override: str | None = None,
+                   progress: bool = True, way: int = 5, root: str | None = None) -> str:
+    """The cache of a full-mode run's split, extracted with the run's fine-tuned backbone (``backbone.pt``).
+
+    Extracted into ``RUN/eval_cache`` the first time (a progress bar), reused afterwards: its name carries
+    the checkpoint's sha256, and so does its fingerprint, so a backbone trained further gets a new cache.
+
+    Raises:
+        ConfigError: ``backbone.pt`` is missing or is not the backbone of ``best.pt`` (a run killed between the
+            two writes: ``train --resume`` rewrites both), or ``--cache`` holds other weights.
+    """
+    from mdmf_cache.backbone import pretrained_slug, weights_id
+    from mdmf_cache.cache_build import run_extract
+    from mdmf_cache.store import group_name, meta_problem
+
+    backbone = run / "backbone.pt"
+    if not backbone.is_file():
+        raise ConfigError(f"{run} is a full-mode run without backbone.pt; train it first (or --resume it)")
+    wid = weights_id(str(backbone))
+    recorded = torch.load(run / "best.pt", map_location="cpu", weights_only=False).get("backbone")
+    if recorded != wid:
+        raise ConfigError(f"{backbone} is not the backbone of {run}/best.pt (the run was stopped between writing "
+                          "them); rerun its train command with --resume, which rewrites both")
+    if override:
+        have = (CacheStore(override).fingerprint.get("video") or {}).get("weights")
+        if have != wid:
+            raise ConfigError(f"--cache {override} was extracted with weights {have}, not this run's {backbone} ({wid})")
+        return override
+    full = FullModeConfig(**{**run_cfg["full"], **({"root": root} if root else {})})
+    ecfg = full.extract_config(run_cfg.get("preset", "paper"), run_cfg.get("seed", 0), device, pretrained=str(backbone),
+                               cache_dir=str(run / "eval_cache"), name=f"{full.dataset}-{wid.split(':')[-1][:12]}",
+                               splits=(split,), progress=progress, way=way)
+    path = Path(ecfg.cache_dir) / group_name(ecfg.cache_name, ecfg.model, pretrained_slug(ecfg.pretrained))
+    if (path / "zarr.json").is_file() and not meta_problem(path):
+        store = CacheStore(path)
+        if split in store.splits and store.is_complete():  # extracted before: no backbone to load
+            return str(path)
+    log.info("%s split of %s with its fine-tuned backbone: cache %s", split, run, path)
+    path, _ = run_extract(ecfg)
+    return str(path)
