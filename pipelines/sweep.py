@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from mdmf_cache.errors import CacheError, ConfigError
-from mdmf_cache.sweep_space import (DEFAULT_SPACE, Dim, Option, check_fixed, parse_fixed, parse_space, parse_space_text,
-                                   sweep_options, trial_config)
+from mdmf_cache.sweep_space import (DEFAULT_SPACE, Dim, Option, check_fixed, default_space, method_of, parse_fixed,
+                                   parse_space, parse_space_text, sweep_options, trial_config)
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +117,18 @@ class Plan:
 
 def plan(cfg: SweepConfig) -> Plan:
     """Check the options, the space and the cache; nothing is written."""
-    from mdmf_cache.models.config import build_config
-    from mdmf_cache.store import CacheStore
     from mdmf_cache.configs import TrainConfig
+    from mdmf_cache import heads
+    from mdmf_cache.heads.spec import DataInfo
+    from mdmf_cache.store import CacheStore
 
     cfg.validate()
-    opts = sweep_options()
+    method = method_of(cfg.fixed)
+    opts = sweep_options(method)
     fixed = check_fixed(cfg.fixed, opts)
-    given_space = dict(cfg.space) if cfg.space else {k: v for k, v in DEFAULT_SPACE.items() if k in opts}
+    if "method" in cfg.space:
+        raise ConfigError("a sweep tunes one head: fix it with --method NAME (compare heads with mdmf-cache compare)")
+    given_space = dict(cfg.space) if cfg.space else {k: v for k, v in default_space(method).items() if k in opts}
     both = sorted(set(given_space) & set(fixed))
     if both and cfg.space:
         raise ConfigError(f"{', '.join(both)} both swept (--space) and fixed (--{both[0]}); drop one")
@@ -139,13 +143,15 @@ def plan(cfg: SweepConfig) -> Plan:
     if not store.is_complete():
         raise CacheError(f"{cfg.cache} is not complete; rerun the same 'mdmf-cache extract' command to finish it")
     _, _, num_frames, dim = store.root["train"]["features"].shape
+    num_classes = len(store.root["train"].attrs.get("classes", []))
     fingerprint = hashlib.sha256(json.dumps(store.fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
     base = asdict(TrainConfig(cache=str(cfg.cache)))
     # every corner of the space must give a valid config, so no trial fails on a bad range
     for values in [{}] + [{d.name: v} for d in dims for v in d.corners()]:
-        tcfg = trial_config(base, {**fixed, **values}, opts)
+        tcfg = trial_config(base, {**fixed, **values}, opts).resolved()
         tcfg.validate()
-        build_config(tcfg.preset, int(dim), num_frames=int(num_frames), **tcfg.heads)
+        heads.get(tcfg.method).make_options(tcfg.preset, tcfg.heads, DataInfo(
+            dim=int(dim), num_frames=int(num_frames), num_classes=num_classes, shot=tcfg.shot))
     return Plan(opts, dims, fixed, base, fingerprint)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from mdmf_cache.losses import total_loss
 from mdmf_cache.models.config import PRESET_DATA, PRESETS, MDMFConfig, build_config, list_presets
-from mdmf_cache.models.mdmf import MDMF
+from mdmf_cache.heads.mdmf import MDMF
 from mdmf_cache.models.mmfe import MMFE
 from mdmf_cache.models.otam import cosine_distance, cosine_similarity, otam_distance
 from mdmf_cache.models.pps import ProbabilityPromptSelector, pps_scores, token_for

@@ -8,8 +8,8 @@ import torch
 
 from mdmf_cache.episodes import EpisodeSampler
 from mdmf_cache.evaluation import pps_uniforms, score
+from mdmf_cache.heads.mdmf import MDMF
 from mdmf_cache.models.config import build_config
-from mdmf_cache.models.mdmf import build_head
 from mdmf_cache.store import FeatureSplit
 
 C, PER, T, D = 8, 7, 4, 32
@@ -28,7 +28,7 @@ def _split(seed: int = 0) -> FeatureSplit:
 def _model(cfg_kwargs: dict, seed: int = 0):
     torch.manual_seed(seed)
     cfg = build_config(cfg_kwargs.pop("preset"), D, num_frames=T, heads=4, ffn_dim=64, **cfg_kwargs)
-    model = build_head(cfg)
+    model = MDMF(cfg)
     for m in model.modules():  # non-default running statistics, so eval-mode BatchNorm matters
         if isinstance(m, torch.nn.BatchNorm1d):
             m.running_mean.normal_(0, 0.5)
@@ -43,9 +43,7 @@ ARMS = [
     {"preset": "paper", "pps": False},
     {"preset": "paper", "views": "ntc"},
     {"preset": "reference", "views": "gtc"},
-    {"preset": "paper", "method": "clip-fsar"},
-    {"preset": "reference", "method": "clip-fsar"},
-]
+]  # every registered head's per-video path against its direct one: tests/test_heads.py
 
 
 @pytest.mark.parametrize("shot", [1, 5])
@@ -54,8 +52,8 @@ def test_per_video_equals_direct(arm: dict, shot: int) -> None:
     split = _split()
     model = _model(dict(arm))
     eps = EpisodeSampler(split.labels.numpy(), C).sample(60, 5, shot, 1, np.random.default_rng(shot))
-    direct = score(model.cfg.method, split, eps, model, seed=3, batch_size=16, path="direct", keep_logits=True)
-    fast = score(model.cfg.method, split, eps, model, seed=3, batch_size=16, keep_logits=True)
+    direct = score("mdmf", split, eps, model, seed=3, batch_size=16, path="direct", keep_logits=True)
+    fast = score("mdmf", split, eps, model, seed=3, batch_size=16, keep_logits=True)
     np.testing.assert_array_equal(fast.logits.argmax(-1), direct.logits.argmax(-1))
     np.testing.assert_allclose(fast.logits, direct.logits, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(fast.episode_acc, direct.episode_acc)
@@ -64,8 +62,8 @@ def test_per_video_equals_direct(arm: dict, shot: int) -> None:
 
 def test_fuse_pairs_equals_fuse_on_gathered_pairs() -> None:
     """The per-video/per-token split of the MMFE's work gives the MMFE's own output."""
-    for method in ("mdmf", "clip-fsar"):
-        model = _model({"preset": "paper", "method": method})
+    for preset in ("paper", "reference"):
+        model = _model({"preset": preset})
         g = torch.Generator().manual_seed(1)
         frames, tokens = torch.randn(6, T, D, generator=g), torch.randn(4, D, generator=g)
         pv, pt = torch.tensor([0, 0, 5, 3, 3, 1, 2]), torch.tensor([1, 3, 0, 0, 2, 2, 1])
