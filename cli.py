@@ -50,13 +50,6 @@ CacheDirOpt = Annotated[Path, typer.Option("--cache-dir", help="Where cache grou
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
-def _default_splits() -> Path | None:
-    for cand in (Path("../shared/splits"), Path(__file__).resolve().parent.parent / "shared" / "splits"):
-        if cand.is_dir():
-            return cand
-    return None
-
-
 def _setup_logging(debug: bool) -> None:
     from rich.logging import RichHandler
 
@@ -72,12 +65,12 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@app.command(epilog="Examples:\n\n  mdmf-cache extract ucf101 --root ~/data/UCF-101 --splits ../shared/splits --model RN50 --pretrained openai\n\n"
+@app.command(epilog="Examples:\n\n  mdmf-cache extract ucf101 --root ~/data/UCF-101 --model RN50 --pretrained openai\n\n"
              "  torchrun --nproc-per-node 4 -m cli extract ssv2-full --root ~/data/ssv2 --train-views 4   (from the repository root)")
 def extract(
     dataset: Annotated[Dataset, typer.Argument(help="Built-in dataset, or 'folder' for root/class/video.ext.")],
     root: Annotated[Path, typer.Option(help="Video tree (files or JPEG frame folders).")] = Path("data"),
-    splits: Annotated[Optional[Path], typer.Option(help="Split-file folder (holds ucf_ARN/, ...). Folder datasets: optional.")] = None,
+    splits: Annotated[Optional[Path], typer.Option(help="Split-file folder (holds ucf_ARN/, ...; default: the copies shipped with the package). Folder datasets: optional.")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="SSv2 labels.json (default: labels.json, labels/labels.json or something-something-v2-labels.json in --root or its parent).")] = None,
     cache_dir: CacheDirOpt = Path("cache"),
     name: Annotated[Optional[str], typer.Option(help="Cache group name instead of the dataset's.")] = None,
@@ -116,7 +109,7 @@ def extract(
 
     env_rank, env_world, _ = distributed_env()
     cfg = ExtractConfig(
-        dataset=dataset.value, root=str(root), labels=str(labels) if labels else None, splits_dir=str(splits) if splits else (str(_default_splits()) if dataset != Dataset.folder and _default_splits() else None),
+        dataset=dataset.value, root=str(root), labels=str(labels) if labels else None, splits_dir=str(splits) if splits else None,
         cache_dir=str(cache_dir), name=name, model=model,
         pretrained=None if pretrained.lower() in ("none", "") else pretrained,
         num_frames=num_frames, preset=preset.value, sampler=sampler, normalize=normalize, train_views=train_views, flip=flip,
@@ -250,7 +243,7 @@ def train(
     device: str = "auto",
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
     root: Annotated[Optional[Path], typer.Option(help="Full mode: the video tree, as for extract.", rich_help_panel="Full mode")] = None,
-    splits: Annotated[Optional[Path], typer.Option(help="Full mode: split-file folder (default ../shared/splits).", rich_help_panel="Full mode")] = None,
+    splits: Annotated[Optional[Path], typer.Option(help="Full mode: split-file folder (default: the copies shipped with the package).", rich_help_panel="Full mode")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="Full mode: SSv2 labels.json.", rich_help_panel="Full mode")] = None,
     model: Annotated[str, typer.Option(help="Full mode: open_clip model (RN50, ViT-B-16, mdmf-tiny-vit, ...).", rich_help_panel="Full mode")] = "RN50",
     pretrained: Annotated[str, typer.Option(help="Full mode: open_clip tag, checkpoint path, or 'none'.", rich_help_panel="Full mode")] = "openai",
@@ -294,7 +287,7 @@ def train(
     if mode == Mode.full:
         full = dataclasses.asdict(FullModeConfig(
             dataset=target or "", root=str(root) if root else None,
-            splits_dir=str(splits) if splits else (str(_default_splits()) if target != "folder" and _default_splits() else None),
+            splits_dir=str(splits) if splits else None,
             labels=str(labels) if labels else None, model=model,
             pretrained=None if pretrained.lower() in ("none", "") else pretrained, num_frames=num_frames,
             sampler=sampler, normalize=normalize, flip=flip, prompt_template=prompt, clean_names=clean_names,
