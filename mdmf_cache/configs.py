@@ -80,7 +80,7 @@ class VideoOptions:
 class ExtractConfig(VideoOptions):
     """Everything that decides what ``extract`` computes (saved in the cache's attributes).
 
-    ``sampler`` and ``normalize`` left at None take the ``preset``'s (SPEC 9), so a saved config
+    ``sampler`` and ``normalize`` left at None take the ``preset``'s (docs/method.md §9), so a saved config
     always names the values used.
     """
 

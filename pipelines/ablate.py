@@ -24,7 +24,7 @@ from mdmf_cache.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# SPEC section 11, CLIP-RN50, 5-way 5-shot, as (K100, SSv2-Small, HMDB).
+# docs/method.md §11, CLIP-RN50, 5-way 5-shot, as (K100, SSv2-Small, HMDB).
 PAPER_TABLES: dict[int, list[tuple[str, dict[str, Any], tuple[float, float, float]]]] = {
     3: [
         ("GTC", {"views": "gtc", "pps": False}, (92.0, 58.1, 82.4)),
