@@ -9,7 +9,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 SPLITS = ("train", "val", "test")
-SAMPLERS = ("tsn", "linspace")  # SPEC 3: TSN segments (paper), the released code's linspace
+SAMPLERS = ("tsn", "linspace")  # method.md §3: TSN segments (paper), the released code's linspace
 NORMALIZATIONS = ("clip", "none")  # CLIP mean/std (paper), raw [0, 1] pixels (released code)
 DECODERS = ("auto", "decord", "pyav", "jpeg")  # auto: a backend that returns the frames asked for, per container
 BN_MODES = ("episode", "frozen")  # full mode, RN backbones: per-episode batch statistics, or running ones

@@ -4,7 +4,7 @@ Fast mode: frame and text embeddings come from the cache, loaded into memory onc
 when there is one). Episodes are sampled in memory, E at a time, with a random cached view per
 train video, and the heads see E episodes per optimiser step.
 
-Full mode (SPEC section 10, the paper's own training): the input is the dataset, not a cache. Each
+Full mode (docs/method.md §10, the paper's own training): the input is the dataset, not a cache. Each
 training episode is decoded from the videos by DataLoader workers with fresh augmentation
 (:mod:`mdmf_cache.video_episodes`), the CLIP visual encoder runs in front of the same heads
 (:class:`~mdmf_cache.models.endtoend.EndToEnd`) and is fine-tuned with them; gradients are

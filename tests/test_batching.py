@@ -1,4 +1,4 @@
-"""E episodes in one forward pass train exactly like E single-episode passes (SPEC 8, Batching).
+"""E episodes in one forward pass train exactly like E single-episode passes (method.md §8, Batching).
 
 The paper and the released code run one episode per iteration and average gradients over 16.
 Batching episodes must not change the arithmetic: same loss, same gradients, same BatchNorm

@@ -1,6 +1,6 @@
 """Configuration of the CLIP-MDMF heads: one dataclass holding every switch, plus named presets.
 
-Two presets exist (SPEC section 9):
+Two presets exist (docs/method.md §9):
 
 * ``paper``: the method as described in the paper (Conv-ReLU-BN LTCE, learned position embeddings,
   mean-pooled PPS score, text compared at position 0, a tiny cosine eps). Where the paper is silent
@@ -144,7 +144,7 @@ class MDMFConfig:
         return dataclasses.asdict(self)
 
 
-# Switches of SPEC section 9 that concern the heads. Items equal in both presets are listed too, so
+# Switches of docs/method.md §9 that concern the heads. Items equal in both presets are listed too, so
 # a preset fully pins the method regardless of the dataclass defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {

@@ -1,4 +1,4 @@
-"""Cosine frame distances and the OTAM alignment distance (SPEC section 7), as pure batched functions."""
+"""Cosine frame distances and the OTAM alignment distance (docs/method.md §7), as pure batched functions."""
 
 from __future__ import annotations
 
