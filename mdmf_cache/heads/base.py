@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from mdmf_cache.models.otam import at_least_float32
+
 __all__ = ["FewShotHead", "PerVideoScorer", "check_episode_shapes", "episode_ce", "support_classes",
            "query_classes", "class_means", "with_correct"]
 
@@ -81,7 +83,7 @@ def episode_ce(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tenso
     """Cross-entropy of each episode's queries (``mean``: the released code's ``F.cross_entropy``; ``sum``:
     summed over the queries), then the mean over episodes: ``(E, Q, N), (E, Q) -> ()``."""
     e, q, n = logits.shape
-    ce = F.cross_entropy(logits.reshape(e * q, n).float(), labels.reshape(e * q), reduction="none").reshape(e, q)
+    ce = F.cross_entropy(at_least_float32(logits.reshape(e * q, n)), labels.reshape(e * q), reduction="none").reshape(e, q)
     return (ce.sum(dim=1) if reduction == "sum" else ce.mean(dim=1)).mean()
 
 

@@ -180,7 +180,7 @@ class CLIPFSAR(FewShotHead):
             logits = out["class_logits"]  # (E, S+Q, C)
             e, sq, c = logits.shape
             ids = torch.cat([support_classes(classes, sq - labels.shape[1]), query_classes(classes, labels)], dim=1)
-            text = F.cross_entropy(logits.reshape(e * sq, c).float(), ids.reshape(-1), reduction="none").reshape(e, sq)
+            text = F.cross_entropy(at_least_float32(logits.reshape(e * sq, c)), ids.reshape(-1), reduction="none").reshape(e, sq)
             text = text.mean(dim=1).mean()
             total = main + self.options.text_loss_weight * text
             parts["text"] = text.detach()
