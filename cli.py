@@ -20,7 +20,8 @@ import typer
 
 from mdmf_cache import heads
 from mdmf_cache.choices import BASELINES, BN_MODES, DECODERS, EVAL_PATHS, MODES, NORMALIZATIONS, PPS_TEST_RULES, SAMPLERS
-from mdmf_cache.configs import EvalConfig, ExtractConfig, FullModeConfig, TrainConfig, VideoOptions, default_workers
+from mdmf_cache.configs import (EvalConfig, ExtractConfig, FullModeConfig, PredictConfig, TrainConfig, VideoOptions,
+                                default_workers)
 from mdmf_cache.datasets import DATASET_NAMES
 from mdmf_cache.models.config import PRESET_DATA, _CHOICES as MDMF_CHOICES
 from pipelines.ablate import AblateConfig
@@ -474,6 +475,51 @@ def eval_(
                    episodes=episodes, queries_per_class=queries_per_class, seed=seed, out=str(out) if out else None,
                    device=device, path=path, pps_test=pps_test, cache=str(cache) if cache else None,
                    root=str(root) if root else None))
+
+
+_P = PredictConfig
+
+
+@app.command(epilog="Examples:\n\n  mdmf-cache predict runs/ucf_rn50 --support my_actions/ --query unlabelled/\n\n"
+             "  mdmf-cache predict runs/ucf_rn50 --support my_actions/ --query clips/*.mp4 --out predictions/\n\n"
+             "  mdmf-cache predict runs/ucf_full --support my_actions/ --query unlabelled/   # a full-mode run: its backbone.pt")
+def predict(
+    run: Annotated[Path, typer.Argument(help="A run directory of mdmf-cache train (fast or full mode).")],
+    more: Annotated[Optional[list[Path]], typer.Argument(help="More query videos or folders (e.g. the rest of a shell "
+                                                              "glob after --query).", show_default=False)] = None,
+    support: Annotated[Optional[Path], typer.Option(help="SUPPORT/<class>/<video>: a few labelled videos (files or JPEG "
+                                                         "frame folders) per class.", show_default=False)] = None,
+    query: Annotated[Optional[list[Path]], typer.Option(help="Videos to label: a folder (searched recursively) or "
+                                                             "files; repeatable.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where predictions.csv goes (default: RUN/predict).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="The videos' features (default: "
+                                                                          "RUN/predict_cache).")] = None,
+    shot: Annotated[Optional[int], typer.Option(help="K supports per class and pass (default: the smallest class's "
+                                                     "count).")] = _P.shot,
+    subsets: Annotated[int, typer.Option(help="K-subsets averaged when a class has more than K supports.")] = _P.subsets,
+    pps_test: Annotated[str, typer.Option(help=f"MDMF's prompt selector: {_choices(PPS_TEST_RULES)} (sample: a draw "
+                                               "seeded per query).")] = _P.pps_test,
+    seed: Annotated[int, typer.Option(help="Seed of the subsets and of the PPS draws.")] = _P.seed,
+    batch_size: Annotated[int, typer.Option(help="Queries per forward pass.")] = _P.batch_size,
+    weights: Annotated[Optional[Path], typer.Option(help="The backbone checkpoint of a fast run, if the recorded one "
+                                                         "moved (checked by its sha256).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="A fast run's cache, if it moved.")] = None,
+    workers: WorkersOpt = default_workers(),
+    show: Annotated[int, typer.Option(help="Queries shown in the table.")] = _P.show,
+    device: DeviceOpt = _P.device,
+    debug: DebugOpt = False,
+) -> None:
+    """Label videos with a trained run: support videos per class in, predictions.csv (class + probabilities) out."""
+    _setup_logging(debug)
+    _on_interrupt("predictions.csv was not written; the videos extracted so far are cached: rerun the same command")
+    from pipelines.predict import run as run_predict
+
+    queries = tuple(str(q) for q in [*(query or []), *(more or [])])
+    run_predict(PredictConfig(run=str(run), support=str(support) if support else "", query=queries,
+                              out=str(out) if out else None, cache_dir=str(cache_dir) if cache_dir else None,
+                              shot=shot, subsets=subsets, pps_test=pps_test, seed=seed, batch_size=batch_size,
+                              weights=str(weights) if weights else None, cache=str(cache) if cache else None,
+                              workers=workers, show=show, device=device))
 
 
 _A = AblateConfig

@@ -222,3 +222,27 @@ def print_heads(name: str | None = None) -> None:
     console.print(table)
     console.print(f"training episodes for a K-shot run: {spec.train_shot(1)}-shot at K=1, {spec.train_shot(5)}-shot at "
                   f"K=5, {spec.train_queries(5)} queries per class")
+
+
+def print_predictions(res: dict, show: int = 10) -> None:
+    """``predict``'s outcome: the first ``show`` queries with their class and its probability, then how many
+    queries each class got (with its supports), then where the CSV is."""
+    rows = res["rows"]
+    table = Table(title=f"predictions ({len(rows)} queries; first {min(show, len(rows))})")
+    table.add_column("query", overflow="fold")
+    table.add_column("predicted", overflow="fold")
+    table.add_column("probability", justify="right")
+    for r in rows[:show]:
+        table.add_row(r["query"], r["predicted"] or "[yellow]not decodable[/]",
+                      f"{r['probability']:.3f}" if r["predicted"] else "-")
+    console.print(table)
+    counts = Table(title=f"per class (K={res['shot']} supports per pass, {res['passes']} pass"
+                         f"{'es' if res['passes'] > 1 else ''})")
+    for col in ("class", "supports", "predicted"):
+        counts.add_column(col, justify="left" if col == "class" else "right")
+    for c in res["classes"]:
+        counts.add_row(c, str(res["supports"][c]), str(res["counts"][c]))
+    console.print(counts)
+    if res["failed"]:
+        console.print(f"[yellow]{len(res['failed'])} queries could not be decoded[/] (empty rows), e.g. {res['failed'][0]}")
+    console.print(f"predictions: {res['csv']}")
