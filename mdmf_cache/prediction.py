@@ -97,36 +97,44 @@ def pps_rule(head, rule: str | None):
         pps.test_rule = old
 
 
-def _one_query_episodes(num_support: int, num_query: int, way: int) -> Episodes:
-    """Q episodes over rows ``[supports (S); queries (Q)]``: episode j holds every support, class-major, and query j."""
-    e, s = num_query, num_support
+def _episodes(passes: list[list[np.ndarray]], counts: list[int], num_query: int) -> Episodes:
+    """Episodes over rows ``[every support, class after class; the Q queries]``: for pass p and query j (episode
+    ``p * Q + j``) the supports of pass p, class-major, and query j alone."""
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    support = np.stack([np.concatenate([o + idx for o, idx in zip(offsets, picks)]) for picks in passes])  # (P, S)
+    p, s, q, n = len(passes), support.shape[1], num_query, len(counts)
+    e = p * q
     zeros = np.zeros((e, 1), dtype=np.int64)
-    return Episodes(classes=np.broadcast_to(np.arange(way), (e, way)).copy(),
-                    support=np.broadcast_to(np.arange(s), (e, s)).copy(),
-                    query=(s + np.arange(e)).reshape(e, 1), query_labels=zeros,
+    return Episodes(classes=np.broadcast_to(np.arange(n), (e, n)).copy(), support=np.repeat(support, q, axis=0),
+                    query=np.tile(sum(counts) + np.arange(q), p).reshape(e, 1), query_labels=zeros,
                     support_view=np.zeros((e, s), dtype=np.int64), query_view=zeros)
 
 
 @torch.no_grad()
-def _logits(head, support: Tensor, query: Tensor, text: Tensor, uniforms: np.ndarray, batch_size: int,
-            path: str) -> Tensor:
-    """``support (S, T, D)`` class-major, ``query (Q, T, D)``, ``text (N, D)`` -> ``(Q, N)`` logits, one episode per query."""
-    s, q, n = support.shape[0], query.shape[0], text.shape[0]
-    dev = support.device
+def _logits(head, support: Sequence[Tensor], passes: list[list[np.ndarray]], query: Tensor, text: Tensor,
+            uniforms: np.ndarray, batch_size: int, path: str) -> Tensor:
+    """``(P, Q, N)`` logits of every pass and query, one episode per (pass, query) (module docstring)."""
+    q, n, dev = query.shape[0], text.shape[0], query.device
     if path == "per-video" and head_registry.get(head.method).per_video:
-        episodes = _one_query_episodes(s, q, n)
-        scorer = head.per_video(torch.cat([support, query]), text, episodes, uniforms.reshape(q, 1), batch_size)
-        return torch.cat([scorer.logits(lo, min(lo + batch_size, q)) for lo in range(0, q, batch_size)])[:, 0].float()
+        # one scorer for every pass: each video's own work once, the per-episode stage per (pass, query)
+        episodes = _episodes(passes, [x.shape[0] for x in support], q)
+        e = len(episodes)
+        scorer = head.per_video(torch.cat([*support, query]), text, episodes, np.tile(uniforms, len(passes)).reshape(e, 1),
+                                batch_size)
+        logits = torch.cat([scorer.logits(lo, min(lo + batch_size, e)) for lo in range(0, e, batch_size)])  # (P*Q, 1, N)
+        return logits.float().reshape(len(passes), q, n)
     out = []
     with heads_autocast(dev):
-        for lo in range(0, q, batch_size):
-            hi = min(lo + batch_size, q)
-            e = hi - lo
-            u = torch.as_tensor(uniforms[lo:hi].reshape(e, 1), device=dev)
-            logits = head(support.expand(e, *support.shape), query[lo:hi].unsqueeze(1),
-                          text.expand(e, *text.shape), pps_noise=u)["logits"]  # (E, 1, N), E = queries of the batch
-            out.append(logits[:, 0].float())
-    return torch.cat(out)
+        for picks in passes:
+            chosen = torch.cat([x[torch.as_tensor(idx, device=dev)] for x, idx in zip(support, picks)])  # (S, T, D) class-major
+            for lo in range(0, q, batch_size):
+                hi = min(lo + batch_size, q)
+                e = hi - lo  # episodes of this batch: one per query
+                u = torch.as_tensor(uniforms[lo:hi].reshape(e, 1), device=dev)
+                logits = head(chosen.expand(e, *chosen.shape), query[lo:hi].unsqueeze(1), text.expand(e, *text.shape),
+                              pps_noise=u)["logits"]  # (E, 1, N)
+                out.append(logits[:, 0].float())
+    return torch.cat(out).reshape(len(passes), q, n)
 
 
 def class_probabilities(head, support: Sequence[Tensor], query: Tensor, text: Tensor, *, shot: int | None = None,
@@ -169,13 +177,10 @@ def class_probabilities(head, support: Sequence[Tensor], query: Tensor, text: Te
     keys = [str(i) for i in range(query.shape[0])] if query_keys is None else list(query_keys)
     uniforms = query_uniforms(keys, seed)  # (Q,) used only by a selector that draws
     dev = query.device
-    probs = torch.zeros(query.shape[0], n, dtype=torch.float64, device=dev)
     if query.shape[0] == 0:
-        return probs.cpu()
+        return torch.zeros(0, n, dtype=torch.float64)
     with pps_rule(head, pps_test), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        for picks in passes:
-            chosen = torch.cat([x[torch.as_tensor(idx, device=x.device)] for x, idx in zip(support, picks)])  # (N*K, T, D)
-            logits = _logits(head, chosen.to(dev).float(), query.float(), text.to(dev).float(), uniforms, batch_size, path)
-            probs += torch.softmax(logits.double(), dim=-1)  # (Q, N)
-    return (probs / len(passes)).cpu()
+        logits = _logits(head, [x.to(dev).float() for x in support], passes, query.float(), text.to(dev).float(),
+                         uniforms, batch_size, path)  # (P, Q, N)
+    return torch.softmax(logits.double(), dim=-1).mean(dim=0).cpu()  # (Q, N)
