@@ -504,7 +504,7 @@ def predict(
     weights: Annotated[Optional[Path], typer.Option(help="The backbone checkpoint of a fast run, if the recorded one "
                                                          "moved (checked by its sha256).")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="A fast run's cache, if it moved.")] = None,
-    workers: WorkersOpt = default_workers(),
+    workers: Annotated[int, typer.Option(help="Decoder processes (default: half the cores, at most 8).")] = default_workers(),
     show: Annotated[int, typer.Option(help="Queries shown in the table.")] = _P.show,
     device: DeviceOpt = _P.device,
     debug: DebugOpt = False,
