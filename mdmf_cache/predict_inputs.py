@@ -154,14 +154,16 @@ class RunBackbone:
                 "normalize": e.normalize}
 
 
-def _fast_run_fingerprint(run: Path, run_cfg: dict[str, Any], cache: str | None) -> tuple[dict, dict | None]:
+def _fast_run_fingerprint(run: Path, run_cfg: dict[str, Any], cache: str | None,
+                          weights: str | None) -> tuple[dict, dict | None]:
     """(fingerprint, the cache's saved ExtractConfig or None) of a fast run's cache: the fingerprint from
-    ``config.json``'s record when the cache is not needed, else from the cache."""
+    ``config.json``'s record when the cache is not needed (the weights are a tag, a random init, or given as
+    ``weights``), else from the cache."""
     from mdmf_cache.runs import run_cache
     from mdmf_cache.store import CacheStore
 
     recorded = (run_cfg.get("cache_identity") or {}).get("fingerprint")
-    if recorded and not str(recorded["video"].get("weights", "")).startswith("sha256:") and not cache:
+    if recorded and not cache and (weights or not str(recorded["video"].get("weights", "")).startswith("sha256:")):
         return recorded, None
     try:
         store = CacheStore(run_cache(run, run_cfg, cache))
@@ -194,7 +196,7 @@ def run_backbone(run: Path, run_cfg: dict[str, Any], cfg: PredictConfig) -> RunB
         keep = ("model", "num_frames", "sampler", "normalize", "prompt_template", "clean_names", "decoder")
         ecfg = ExtractConfig(**{k: data[k] for k in keep}, pretrained=str(path), **common)
         return RunBackbone(ecfg, wid, f"{data['model']} fine-tuned by {run} ({path})")
-    fp, saved = _fast_run_fingerprint(run, run_cfg, cfg.cache)
+    fp, saved = _fast_run_fingerprint(run, run_cfg, cfg.cache, cfg.weights)
     video, text = fp["video"], fp.get("text") or {}
     wid = str(video["weights"])
     if wid.startswith("sha256:"):

@@ -270,6 +270,12 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(fast_run, demo_cache, 
     cfg["cache_identity"]["fingerprint"]["video"]["weights"] = "openai"
     (moved / "config.json").write_text(json.dumps(cfg))
     fails(moved, support, queries[0], match="downloads its 'openai' weights on first use")
+    # a checkpoint whose path only the (moved) cache knew, and a --weights file that is another checkpoint
+    cfg["cache_identity"]["fingerprint"]["video"]["weights"] = "sha256:" + "0" * 64
+    cfg["cache"] = cfg["cache_abs"] = str(tmp_path / "gone.zarr")
+    (moved / "config.json").write_text(json.dumps(cfg))
+    fails(moved, support, queries[0], match="whose path only its cache records")
+    fails(moved, support, queries[0], match="pass --weights PATH to that checkpoint", extra=("--weights", moved / "best.pt"))
     assert not list((tmp_path / "pcache").glob("*openai*.zarr"))  # nothing half-made
 
 
