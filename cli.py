@@ -24,6 +24,7 @@ from mdmf_cache.configs import EvalConfig, ExtractConfig, FullModeConfig, TrainC
 from mdmf_cache.datasets import DATASET_NAMES
 from mdmf_cache.models.config import PRESET_DATA, _CHOICES as MDMF_CHOICES
 from pipelines.ablate import AblateConfig
+from pipelines.compare import CompareConfig
 from pipelines.demo import DemoConfig
 from pipelines.sweep import SweepConfig
 
@@ -622,6 +623,48 @@ def plot(
     paths += redraw(target, allow_empty=(target / "sweep.json").is_file())
     for p in paths:
         typer.echo(f"wrote {p}")
+
+
+_C = CompareConfig
+
+
+@app.command(epilog="Examples:\n\n  mdmf-cache compare CACHE --methods mdmf,clip-fsar,otam,tsn --shot 1,3,5 --out results/ucf_rn50\n\n"
+             "  mdmf-cache compare CACHE --methods mdmf,clip-fsar --shot 5 --episodes 20000 --lr 3e-4 --out results/ucf_5shot")
+def compare(
+    cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
+    methods: Annotated[str, typer.Option(help=f"Comma-separated: {_choices((*heads.METHODS, *BASELINES))} "
+                                              "(default: every registered head).")] = ",".join(heads.METHODS),
+    shot: Annotated[str, typer.Option(help="Shots, comma-separated: one column each, one trained run per method and shot.")] = ",".join(map(str, _C.shots)),
+    reference: Annotated[str, typer.Option(help="Paired differences are to this method.")] = _C.reference,
+    out: Annotated[Path, typer.Option(help="Results directory: runs/, scores/, episode lists, table.csv, table.md, table.png.")] = Path(_C.out),
+    episodes: Annotated[int, typer.Option(help="Training episodes of every trained method.")] = _T.episodes,
+    episodes_per_step: int = _T.episodes_per_step,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of every trained method (default: fast mode's 1e-4).")] = None,
+    train_queries: Annotated[Optional[int], typer.Option(help="Queries per class in training (default: each head's released choice).")] = None,
+    val_every: int = _T.val_every,
+    val_episodes: int = _T.val_episodes,
+    test_episodes: Annotated[int, typer.Option(help="Test episodes per shot (the same list for every method).")] = _C.test_episodes,
+    way: int = _C.way,
+    seed: int = _C.seed,
+    device: DeviceOpt = _C.device,
+    debug: DebugOpt = False,
+) -> None:
+    """Several heads on one cache: each trained with its released defaults, all scored on identical seeded test
+    episodes per shot, in the layout of the paper's Tables 1-2 with paired CIs and the numbers the papers report."""
+    _setup_logging(debug)
+    _on_interrupt(f"finished runs and scores are kept in {out}; rerun the same command: it does only what is missing")
+    from mdmf_cache.report import print_compare
+    from pipelines.compare import run_compare
+
+    train = {"episodes": episodes, "episodes_per_step": episodes_per_step, "val_every": val_every,
+             "val_episodes": val_episodes, **({"lr": lr} if lr is not None else {}),
+             **({"train_queries": train_queries} if train_queries is not None else {})}
+    cfg = CompareConfig(cache=str(cache), out=str(out), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                        shots=_shots(shot), reference=reference, train=train, way=way, test_episodes=test_episodes,
+                        seed=seed, device=device)
+    res = run_compare(cfg)
+    print_compare(res["rows"], cfg.shots, f"{way}-way, {test_episodes} identical test episodes per shot")
+    typer.echo(f"tables: {res['out']}/table.md, table.csv, table.png")
 
 
 @app.command("heads", epilog="Examples:\n\n  mdmf-cache heads\n\n  mdmf-cache heads clip-fsar")

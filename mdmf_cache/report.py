@@ -222,3 +222,23 @@ def print_heads(name: str | None = None) -> None:
     console.print(table)
     console.print(f"training episodes for a K-shot run: {spec.train_shot(1)}-shot at K=1, {spec.train_shot(5)}-shot at "
                   f"K=5, {spec.train_queries(5)} queries per class")
+
+
+def print_compare(rows: list[dict], shots, title: str) -> None:
+    """``compare``'s table: per method and shot the accuracy, the paired difference to the reference, the reported one."""
+    table = Table(title=title)
+    table.add_column("method")
+    for k in shots:
+        table.add_column(f"{k}-shot %", justify="right")
+        table.add_column("vs ref", justify="right")
+    table.add_column("reported (backbone)")
+    for r in rows:
+        cells = [r["method"]]
+        for k in shots:
+            cells.append(f"{r[f'{k}shot']:.1f} ± {r[f'{k}shot_ci95']:.1f}")
+            cells.append(f"{r[f'{k}shot_diff']:+.1f} ± {r[f'{k}shot_diff_ci95']:.1f}" if f"{k}shot_diff" in r else "ref")
+        rep = [f"{r[f'{k}shot_reported']:.1f}" if f"{k}shot_reported" in r else "-" for k in shots]
+        backbones = sorted({r[f"{k}shot_reported_backbone"] for k in shots if f"{k}shot_reported_backbone" in r})
+        cells.append(f"{'/'.join(rep)} ({', '.join(backbones)})" if backbones else "-")
+        table.add_row(*cells)
+    console.print(table)

@@ -116,3 +116,21 @@ def test_pps_draws_seeded_and_independent_of_batch_size() -> None:
     d = score("mdmf", split, eps, argmax, seed=1, keep_logits=True).logits
     e = score("mdmf", split, eps, argmax, seed=2, keep_logits=True).logits
     np.testing.assert_array_equal(d, e)  # argmax: no draw, no seed dependence
+
+
+def test_query_pairs_in_chunks_give_the_same_logits() -> None:
+    """Query pairs fused chunk by chunk (the memory bound) score what one table of every pair scores."""
+    from mdmf_cache.evaluation import pps_uniforms
+    from mdmf_cache.heads.mdmf import MDMFScorer
+
+    split = _split()
+    model = _model({"preset": "paper", "pps_temperature": 0.5})  # a soft selector: queries pair with many tokens
+    eps = EpisodeSampler(split.labels.numpy(), C).sample(50, 5, 2, 1, np.random.default_rng(4))
+    u = pps_uniforms(eps, 0)
+    whole = MDMFScorer(model, split.features[:, 0], split.text, eps, u, chunk_episodes=10_000)
+    chunked = MDMFScorer(model, split.features[:, 0], split.text, eps, u, chunk_episodes=7)
+    a = torch.cat([whole.logits(lo, min(lo + 5, 50)) for lo in range(0, 50, 5)])
+    b = torch.cat([chunked.logits(lo, min(lo + 5, 50)) for lo in range(0, 50, 5)])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert chunked.fused > whole.fused  # a query pair shared by two chunks is fused in each
+    assert chunked.query_table[next(iter(model.views))].shape[0] < whole.query_table[next(iter(model.views))].shape[0]
