@@ -548,7 +548,7 @@ def _sweep_epilog() -> str:
   mdmf-cache sweep show sweeps/ucf                                       # trials table, best.json, figures
 
 Fixed options: any fast-mode option of 'train', written as there (--episodes 2000, --shot 1, --preset reference,
---no-pps, --view gtc, --method clip-fsar, ...), and any option of the head by its field name (--merge-before true);
+--no-pps, --view gtc, --method clip-fsar, ...), and any option of the head by its field name (--merge-before, --no-merge-before, --heads 4);
 a fixed option leaves the default space.
 
 Default space (without --space): {space}, plus the head's own (mdmf: lambda=0.1:2, alpha-ltc=0.25:2,
@@ -628,7 +628,7 @@ def plot(
 _C = CompareConfig
 
 
-@app.command(epilog="Examples:\n\n  mdmf-cache compare CACHE --methods mdmf,clip-fsar,otam,tsn --shot 1,3,5 --out results/ucf_rn50\n\n"
+@app.command(epilog="Examples:\n\n  mdmf-cache compare CACHE --methods mdmf,clip-fsar,protonet --shot 1,3,5 --out results/ucf_rn50\n\n"
              "  mdmf-cache compare CACHE --methods mdmf,clip-fsar --shot 5 --episodes 20000 --lr 3e-4 --out results/ucf_5shot")
 def compare(
     cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
@@ -690,8 +690,8 @@ def demo(
     full: Annotated[bool, typer.Option("--full", help="Add a short full-mode stage (the tiny CLIP fine-tuned with the heads from the videos).")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Synthetic action videos -> cache -> fast-mode heads -> evaluation against baselines, on a CPU in ~1 min
-    (--full: a full-mode stage too)."""
+    """Synthetic action videos -> cache -> fast-mode heads -> evaluation against baselines, on a CPU in a few
+    minutes (--full: a full-mode stage too)."""
     _setup_logging(debug)
     _on_interrupt(f"finished stages are kept in {out}; rerun the same command to go on")
     from pipelines.demo import run_demo

@@ -134,3 +134,16 @@ def test_query_pairs_in_chunks_give_the_same_logits() -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert chunked.fused > whole.fused  # a query pair shared by two chunks is fused in each
     assert chunked.query_table[next(iter(model.views))].shape[0] < whole.query_table[next(iter(model.views))].shape[0]
+
+
+def test_a_chunk_with_nothing_new_to_fuse() -> None:
+    """A chunk whose query pairs are all support pairs fuses nothing (an empty table, not an error)."""
+    from mdmf_cache.evaluation import pps_uniforms
+    from mdmf_cache.heads.mdmf import MDMFScorer
+
+    split = _split()
+    model = _model({"preset": "paper"})
+    eps = EpisodeSampler(split.labels.numpy(), C).sample(6, 5, 5, 1, np.random.default_rng(0))
+    scorer = MDMFScorer(model, split.features[:, 0], split.text, eps, pps_uniforms(eps, 0))
+    empty = scorer._fuse(np.empty(0, dtype=np.int64))
+    assert all(t.shape == (0, T, D) for t in empty.values())

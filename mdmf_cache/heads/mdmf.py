@@ -294,6 +294,9 @@ class MDMFScorer:
     def _fuse(self, codes: np.ndarray) -> dict[str, Tensor]:
         """Frame-position outputs of the pairs ``codes`` (video * keys + token), per view: ``(P, T, D)``."""
         model, dev = self.model, self.features.device
+        if len(codes) == 0:  # every query pair of the chunk is a support pair
+            t, d = self.features.shape[1:]
+            return {name: self.features.new_zeros((0, t, d), dtype=torch.float32) for name in model.views}
         videos, pair_video = np.unique(codes // self.keys, return_inverse=True)
         at = torch.as_tensor(np.searchsorted(self.videos, videos), device=dev)  # their rows in self.context
         frames_v = self.features[torch.as_tensor(videos, device=dev)].float()  # (U', T, D)
