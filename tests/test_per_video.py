@@ -82,9 +82,11 @@ def test_per_video_fuses_each_video_token_pair_once(monkeypatch) -> None:
     model = _model({"preset": "paper"})
     eps = EpisodeSampler(split.labels.numpy(), C).sample(300, 5, 5, 1, np.random.default_rng(0))
     fused, contexts = [], []
-    fuse_pairs, context = model.fuse_pairs, model.context
-    monkeypatch.setattr(model, "fuse_pairs",
-                        lambda name, f, c, t, pv, pt, **kw: fused.append(len(pv)) or fuse_pairs(name, f, c, t, pv, pt, **kw))
+    context = model.context
+    for view in model.views.values():  # every fusion of a pair goes through its view's attention
+        attend = view.mmfe.attend
+        monkeypatch.setattr(view.mmfe, "attend", lambda fp, tp=None, pv=None, pt=None, token_output=True, attend=attend:
+                            fused.append(len(pv)) or attend(fp, tp, pv, pt, token_output))
     monkeypatch.setattr(model, "context", lambda name, f, e=1: contexts.append(len(f)) or context(name, f, e))
     res = score("mdmf", split, eps, model, seed=0, batch_size=100, keep_logits=True)
 
@@ -97,7 +99,7 @@ def test_per_video_fuses_each_video_token_pair_once(monkeypatch) -> None:
     pairs = set(zip(eps.support.ravel(), np.repeat(eps.classes, 5, axis=1).ravel()))
     pairs |= set(zip(eps.query.ravel(), query_cls.ravel()))
     videos = set(eps.support.ravel()) | set(eps.query.ravel())
-    assert sum(fused) == 2 * len(pairs)  # two views
+    assert sum(fused) == 2 * len(pairs) and res.fused == len(pairs)  # two views
     assert sum(contexts) == 2 * len(videos)
     assert len(pairs) < 0.05 * 300 * 30  # the direct path fuses every slot of every episode
     assert 0.2 < res.mean < 1.0

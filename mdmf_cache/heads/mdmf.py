@@ -252,7 +252,7 @@ class MDMFScorer:
     """
 
     def __init__(self, model: MDMF, features: Tensor, text: Tensor, episodes, uniforms: np.ndarray,
-                 batch_size: int = 500, chunk_episodes: int = 2000, pair_batch: int = 1024) -> None:
+                 batch_size: int = 500, chunk_episodes: int = 1000, pair_batch: int = 1024) -> None:
         if model.training:
             raise ValueError("the per-video path needs the model in eval mode (dropout off, running statistics)")
         self.model, self.episodes, self.features = model, episodes, features
@@ -292,36 +292,40 @@ class MDMFScorer:
 
     @torch.no_grad()
     def _fuse(self, codes: np.ndarray) -> dict[str, Tensor]:
-        """Frame-position outputs of the pairs ``codes`` (video * keys + token), per view: ``(P, T, D)``."""
+        """Frame-position outputs of the pairs ``codes`` (video * keys + token, sorted), per view: ``(P, T, D)``.
+
+        ``pair_batch`` pairs at a time, each batch's videos' norms and projections computed for that batch
+        (the codes are sorted by video, so a video's pairs fall in one or two batches)."""
         model, dev = self.model, self.features.device
-        if len(codes) == 0:  # every query pair of the chunk is a support pair
-            t, d = self.features.shape[1:]
-            return {name: self.features.new_zeros((0, t, d), dtype=torch.float32) for name in model.views}
-        videos, pair_video = np.unique(codes // self.keys, return_inverse=True)
-        at = torch.as_tensor(np.searchsorted(self.videos, videos), device=dev)  # their rows in self.context
-        frames_v = self.features[torch.as_tensor(videos, device=dev)].float()  # (U', T, D)
-        pv = torch.as_tensor(pair_video, device=dev)
-        pk = torch.as_tensor(codes % self.keys, device=dev)
+        t, d = self.features.shape[1:]
+        out = {name: self.features.new_empty((len(codes), t, d), dtype=torch.float32) for name in model.views}
         with heads_autocast(dev):
-            return {name: model.fuse_pairs(name, frames_v, self.context[name][at], self.text_keys, pv, pk,
-                                           chunk=self.pair_batch, token_output=False)  # (P, T, D): no token output
-                    for name in model.views}
+            tokens = {name: model.views[name].mmfe.token_parts(self.text_keys) for name in model.views}  # (C+1, D) each
+            for lo in range(0, len(codes), self.pair_batch):
+                batch = codes[lo : lo + self.pair_batch]
+                videos, pair_video = np.unique(batch // self.keys, return_inverse=True)
+                at = torch.as_tensor(np.searchsorted(self.videos, videos), device=dev)  # rows in self.context
+                frames_v = self.features[torch.as_tensor(videos, device=dev)].float()  # (U_b, T, D)
+                pv = torch.as_tensor(pair_video, device=dev)
+                pk = torch.as_tensor(batch % self.keys, device=dev)
+                for name in model.views:
+                    mmfe = model.views[name].mmfe
+                    parts = mmfe.frame_parts(self.context[name][at], frames_v)
+                    out[name][lo : lo + len(batch)] = mmfe.attend(parts, tokens[name], pv, pk, token_output=False)
+        return out
 
     def _query_chunk(self, lo: int, hi: int) -> None:
-        """The query pairs of episodes ``lo .. lo + chunk`` (covering ``hi``): those that are support pairs from the
-        support table, the others fused now; the previous chunk's are dropped first."""
+        """The query pairs of episodes ``lo .. lo + chunk`` (covering ``hi``): those that are support pairs are
+        read from the support table, the others fused now; the previous chunk's are dropped first."""
         start, stop = lo, min(len(self.episodes), max(hi, lo + self.chunk_episodes))
         self.query_table = {}
         rows = self.episodes.query[start:stop] * self.keys + self.query_key[start:stop]  # (E', Q)
         codes, slot = np.unique(rows, return_inverse=True)
         at = np.minimum(np.searchsorted(self.support_codes, codes), len(self.support_codes) - 1)
         known = self.support_codes[at] == codes
-        new = self._fuse(codes[~known])
-        dev = self.features.device
-        order = torch.as_tensor(np.argsort(np.concatenate([np.flatnonzero(known), np.flatnonzero(~known)]),
-                                           kind="stable"), device=dev)  # rows of [known; new] in code order
-        self.query_table = {name: torch.cat([self.support_table[name][torch.as_tensor(at[known], device=dev)],
-                                             new[name]])[order] for name in self.model.views}
+        index = np.where(known, at, np.cumsum(~known) - 1)  # into the support table, or into the new pairs
+        self.query_table = self._fuse(codes[~known])
+        self.query_known, self.query_index = known, index
         self.query_slot = slot.reshape(rows.shape)
         self.query_range = (start, stop)
         self.fused += int((~known).sum())
@@ -336,10 +340,17 @@ class MDMFScorer:
         model, n = self.model, self.episodes.way
         dev = self.features.device
         sp = torch.as_tensor(self.support_slot[lo:hi], device=dev)
-        qs = torch.as_tensor(self.query_slot[lo - self.query_range[0] : hi - self.query_range[0]], device=dev)
+        slots = self.query_slot[lo - self.query_range[0] : hi - self.query_range[0]]  # (E, Q) into the chunk's pairs
+        known = torch.as_tensor(self.query_known[slots], device=dev)
+        index = torch.as_tensor(self.query_index[slots], device=dev)
         with heads_autocast(dev):
             support_out = {name: _pair_class_means(self.support_table[name], sp, n) for name in model.views}  # (E, N, T, D)
-            query_out = {name: self.query_table[name][qs] for name in model.views}  # (E, Q, T, D)
+            query_out = {}
+            for name in model.views:
+                q = self.support_table[name].new_empty((*slots.shape, *self.support_table[name].shape[1:]))  # (E, Q, T, D)
+                q[known] = self.support_table[name][index[known]]
+                q[~known] = self.query_table[name][index[~known]]
+                query_out[name] = q
             return model.head(support_out, query_out, n, frames_only=True)["logits"]
 
 
