@@ -248,16 +248,19 @@ class MDMFScorer:
         uniforms: ``(E, Q)`` the seeded PPS uniforms of the list.
         batch_size: episodes per PPS batch.
         chunk_episodes: episodes whose query pairs are fused and kept at once.
-        pair_batch: pairs per attention/feed-forward batch.
+        pair_batch: videos per extractor batch and pairs per attention/feed-forward batch (default: 256 on a
+            CPU, 4096 on a GPU).
     """
 
     def __init__(self, model: MDMF, features: Tensor, text: Tensor, episodes, uniforms: np.ndarray,
-                 batch_size: int = 500, chunk_episodes: int = 1000, pair_batch: int = 1024) -> None:
+                 batch_size: int = 500, chunk_episodes: int = 1000, pair_batch: int | None = None) -> None:
         if model.training:
             raise ValueError("the per-video path needs the model in eval mode (dropout off, running statistics)")
         self.model, self.episodes, self.features = model, episodes, features
-        self.chunk_episodes, self.pair_batch = max(chunk_episodes, 1), pair_batch
         dev = features.device
+        # sequences per extractor/attention batch: small on a CPU (its memory is the host's), large on a GPU
+        self.chunk_episodes = max(chunk_episodes, 1)
+        self.pair_batch = pair_batch or (4096 if dev.type == "cuda" else 256)
         c, e_all, k = text.shape[0], len(episodes), episodes.shot
         self.keys = c + 1  # token keys: 0..C-1 class texts, C the zero token of PPS-off queries
         self.text_keys = torch.cat([text.float(), text.new_zeros(1, text.shape[1]).float()])  # (C+1, D)
@@ -278,8 +281,9 @@ class MDMFScorer:
         self.videos = np.unique(np.concatenate([episodes.support.ravel(), episodes.query.ravel()]))  # (U,)
         with torch.no_grad(), heads_autocast(dev):
             frames_v = features[torch.as_tensor(self.videos, device=dev)].float()  # (U, T, D)
-            self.context = {name: torch.cat([model.context(name, frames_v[i : i + 4096])
-                                             for i in range(0, len(self.videos), 4096)]) for name in model.views}
+            b = self.pair_batch
+            self.context = {name: torch.cat([model.context(name, frames_v[i : i + b]) for i in range(0, len(self.videos), b)])
+                            for name in model.views}
         del frames_v
 
         # 3. the support pairs, fused once for the whole list
@@ -337,6 +341,9 @@ class MDMFScorer:
         reach the head as one "shot" per class (its mean over K = 1 shot is the identity)."""
         if not (self.query_range[0] <= lo and hi <= self.query_range[1]):
             self._query_chunk(lo, hi)
+        step = max(1, self.pair_batch // 2)  # episodes per per-episode pass (its prototypes and queries in float32)
+        if hi - lo > step:
+            return torch.cat([self.logits(a, min(a + step, hi)) for a in range(lo, hi, step)])
         model, n = self.model, self.episodes.way
         dev = self.features.device
         sp = torch.as_tensor(self.support_slot[lo:hi], device=dev)
