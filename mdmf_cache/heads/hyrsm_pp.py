@@ -1,4 +1,4 @@
-"""HyRSM++ (Wang et al., 2023), HyRSM with a temporal-coherence regulariser, as its authors released it.
+"""HyRSM++ (Wang et al., arXiv 2301.03330), HyRSM with a temporal-coherence regulariser, as its authors released it.
 
 The released ``CNN_HyRSM_plusplus_1shot`` / ``_5shot`` heads (alibaba-mmai-research/CLIP-FSAR,
 ``models/base/few_shot.py``) compute HyRSM's logits unchanged (:mod:`mdmf_cache.heads.hyrsm`, whose module
@@ -129,8 +129,8 @@ SPEC = HeadSpec(
     options=HyRSMPlusPlusOptions,
     build=HyRSMPlusPlus,
     summary="HyRSM++ as released: HyRSM plus a temporal-coherence regulariser on each video's frame self-distances",
-    source="Wang et al., HyRSM++: Hybrid relation guided temporal set matching for few-shot action recognition, "
-           "Pattern Recognition 2024 (arXiv 2301.03330); released code alibaba-mmai-research/CLIP-FSAR "
+    source="Wang et al., HyRSM++: Hybrid relation guided temporal set matching for few-shot action recognition "
+           "(arXiv 2301.03330); released code alibaba-mmai-research/CLIP-FSAR "
            "models/base/few_shot.py (CNN_HyRSM_plusplus_1shot, CNN_HyRSM_plusplus_5shot), configs/projects/hyrsmplusplus",
     per_video=False,  # HyRSM's set module: every support depends on the query and the whole episode
     space={"class-loss-weight": "0:1", "temporal-loss-weight": "0:1"},
