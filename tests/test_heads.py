@@ -168,7 +168,7 @@ def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
     from mdmf_cache.training import run_train
 
     res = run_train(TrainConfig(cache=str(demo_cache), out=str(tmp_path / "r"), method=method, episodes=192,
-                                episodes_per_step=16, val_every=96, val_episodes=200, lr=1e-3, seed=0), progress=False)
+                                episodes_per_step=16, val_every=96, val_episodes=200, lr=3e-3, seed=0), progress=False)
     val = load_split_features(demo_cache, "val")
     torch.manual_seed(0)
     untrained = build_model(None, val.features.shape[-1], val.features.shape[2], {}, method,
