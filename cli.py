@@ -316,6 +316,7 @@ def train(
     episodes: Annotated[int, typer.Option(help="Training episodes in total.")] = _T.episodes,
     episodes_per_step: Annotated[int, typer.Option(help="Episodes per optimiser step (full mode: accumulated, split between ranks; the paper's 16).")] = _T.episodes_per_step,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: fast mode 1e-4, full mode 1e-5 as the paper).")] = None,
+    weight_decay: Annotated[float, typer.Option(help="Adam's (coupled L2) weight decay; the released FSAR loop uses 1e-3.")] = _T.weight_decay,
     head_opt: HeadOptOpt = None,
     dropout: Annotated[Optional[float], typer.Option(help="One value for every dropout of the head.")] = None,
     lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Distillation weight (preset: 1).", rich_help_panel=MDMF_PANEL)] = None,
@@ -394,7 +395,8 @@ def train(
     cfg = TrainConfig(
         cache=str(target or "") if mode.value == "fast" else "", out=str(out), mode=mode.value, method=method,
         preset=preset, heads=head_overrides, way=way, shot=shot, train_shot=train_shot, train_queries=train_queries,
-        episodes=episodes, episodes_per_step=episodes_per_step, lr=lr, val_every=val_every, val_episodes=val_episodes,
+        episodes=episodes, episodes_per_step=episodes_per_step, lr=lr, weight_decay=weight_decay, val_every=val_every,
+        val_episodes=val_episodes,
         save_every=save_every, seed=seed, device=device, resume=resume, full=full,
     )
     if config is not None:
@@ -640,6 +642,7 @@ def compare(
     episodes: Annotated[int, typer.Option(help="Training episodes of every trained method.")] = _T.episodes,
     episodes_per_step: int = _T.episodes_per_step,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of every trained method (default: fast mode's 1e-4).")] = None,
+    weight_decay: Annotated[float, typer.Option(help="Adam's weight decay of every trained method.")] = _T.weight_decay,
     train_queries: Annotated[Optional[int], typer.Option(help="Queries per class in training (default: each head's released choice).")] = None,
     val_every: int = _T.val_every,
     val_episodes: int = _T.val_episodes,
@@ -657,7 +660,7 @@ def compare(
     from pipelines.compare import run_compare
 
     train = {"episodes": episodes, "episodes_per_step": episodes_per_step, "val_every": val_every,
-             "val_episodes": val_episodes, **({"lr": lr} if lr is not None else {}),
+             "val_episodes": val_episodes, "weight_decay": weight_decay, **({"lr": lr} if lr is not None else {}),
              **({"train_queries": train_queries} if train_queries is not None else {})}
     cfg = CompareConfig(cache=str(cache), out=str(out), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                         shots=_shots(shot), reference=reference, train=train, way=way, test_episodes=test_episodes,
