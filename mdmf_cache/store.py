@@ -31,27 +31,26 @@ a chunk silently lose rows. Within a chunk the data arrays are written before ``
 writes each chunk file atomically, so a SIGKILL at any moment leaves either finished rows or rows
 that the next run redoes. Rows are appended and re-marked by rank 0 alone, before the ranks start.
 
-Damage (a chunk file deleted or truncated, a ``zarr.json`` corrupted) is found by :meth:`CacheStore.verify`:
-every ``zarr.json`` readable, every chunk that must hold data present and readable, labels in range, no
-all-zero finished row, text present. Readers run its cheap part (metadata, chunk files present, the
-small arrays) before they load; ``extract`` runs all of it and re-extracts only the damaged rows.
+Damage (a chunk file deleted or truncated, a ``zarr.json`` corrupted) is found by :meth:`CacheStore.verify`
+(:mod:`mdmf_cache.store_verify`); readers are in :mod:`mdmf_cache.store_read`. This module holds the layout,
+creating and reopening a cache, matching rows to the tree, and writing; it re-exports the rest
+(``from mdmf_cache.store import load_split_features, Damage, ...``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
-from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import store_verify
 from .errors import CacheError
+from .store_verify import Damage, damage_message, meta_problem
 
 log = logging.getLogger(__name__)
 
@@ -77,60 +76,6 @@ def _zarr():
 
     return zarr
 
-
-def meta_problem(node: Path) -> str | None:
-    """What is wrong with ``node/zarr.json`` (None: a readable zarr v3 node)."""
-    f = Path(node) / "zarr.json"
-    if not f.is_file():
-        return "zarr.json missing"
-    try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return f"unreadable zarr.json: {type(e).__name__}: {e}"
-    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or "node_type" not in meta:
-        return "zarr.json is not zarr v3 metadata"
-    return None
-
-
-def _ranges(rows: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5' (at most 4 ranges shown)."""
-    parts, start = [], None
-    rows = sorted(set(int(r) for r in rows))
-    for i, r in enumerate(rows):
-        if start is None:
-            start = r
-        if i + 1 == len(rows) or rows[i + 1] != r + 1:
-            parts.append(str(start) if start == r else f"{start}-{r}")
-            start = None
-    return ", ".join(parts[:4]) + (f", ... ({len(rows)} rows)" if len(parts) > 4 else "")
-
-
-@dataclass
-class Damage:
-    """One damaged part of a cache, and how an ``extract`` rerun repairs it.
-
-    ``fix``: ``rows`` re-extract ``rows``; ``chunk`` delete the unreadable chunk ``file`` first (then as
-    ``rows``, or rewritten by the rerun); ``labels`` rewritten from the split files; ``text`` prompts
-    recomputed; ``sync`` present/order rewritten by the rerun; ``meta`` the array's ``zarr.json`` written
-    again (chunks kept); ``split`` the split is rebuilt (its group metadata or video ids are lost).
-    """
-
-    split: str
-    array: str
-    file: str  # relative to the cache
-    what: str
-    rows: list[int] = field(default_factory=list)
-    fix: str = "rows"
-
-    def __str__(self) -> str:
-        rows = f" rows {_ranges(self.rows)}" if self.rows else ""
-        return f"{self.split}/{self.array}{rows}: {self.what} ({self.file})"
-
-
-def damage_message(path: Path | str, damages: list[Damage]) -> str:
-    more = f" (and {len(damages) - 1} more)" if len(damages) > 1 else ""
-    return (f"{path} is damaged: {damages[0]}{more}; rerun the extract command that made it to repair it "
-            f"(only damaged rows are extracted again); 'mdmf-cache verify {path}' lists everything")
 
 
 def owned_chunks(num_chunks: int, rank: int, world_size: int) -> list[int]:
@@ -481,359 +426,27 @@ class CacheStore:
             (self.done_mask(s) | ~self.present_mask(s)).all() and self.prompts(s) is not None for s in self.splits
         )
 
-    # ---- damage ---------------------------------------------------------------------------------
-    def _chunk_files(self, split: str, name: str, n: int):
-        """(lo, hi, file relative to the cache, exists) of each chunk holding rows [0, n) of an array."""
-        arr = self.root[split][name]
-        step, ndim = arr.chunks[0], len(arr.shape)
-        for c in range(-(-n // step)):
-            rel = f"{split}/{name}/c/" + "/".join([str(c)] + ["0"] * (ndim - 1))
-            yield c * step, min(n, (c + 1) * step), rel, (self.path / rel).is_file()
 
-    def _read_checked(self, split: str, name: str, n: int, damages: list[Damage], fix: str = "chunk",
-                      on_chunk=None) -> np.ndarray | None:
-        """Rows [0, n) of an array: one read, or chunk by chunk if that fails, recording each unreadable
-        chunk (its rows read as the fill value). With ``on_chunk(lo, hi, rel, exists, block)`` every chunk
-        is read on its own and handed to it, and nothing is kept (``features``: memory stays one chunk)."""
-        arr = self.root[split][name]
-        if on_chunk is None:  # the fast path: one read; chunk by chunk only to find an unreadable one
-            try:
-                whole = np.asarray(arr[:n])
-                return whole.astype(object) if whole.dtype.kind in "OUT" else whole
-            except Exception:
-                pass
-        parts = []
-        for lo, hi, rel, exists in self._chunk_files(split, name, n):
-            block = None
-            if exists:
-                try:
-                    block = np.asarray(arr[lo:hi])
-                except Exception as e:  # a truncated or garbled chunk: zstd, blosc or shape errors
-                    damages.append(Damage(split, name, rel, f"unreadable chunk ({type(e).__name__}: {e})",
-                                          list(range(lo, hi)), fix))
-            if block is None:
-                block = np.full((hi - lo, *arr.shape[1:]), arr.fill_value,
-                                dtype=object if arr.dtype.kind in "OUT" or str(arr.dtype).startswith("<U") else None)
-            if block.dtype.kind in "OUT":
-                block = block.astype(object)
-            if on_chunk is not None:
-                on_chunk(lo, hi, rel, exists, block)
-            else:
-                parts.append(block)
-        if on_chunk is not None:
-            return None
-        if not parts:
-            return np.zeros((0, *arr.shape[1:]), dtype=object if arr.dtype.kind in "OUT" else None)
-        return np.concatenate(parts)
-
+    # ---- damage (mdmf_cache.store_verify) -------------------------------------------------------
     def verify(self, deep: bool = True, splits: list[str] | None = None) -> list[Damage]:
-        """Every damaged part of the cache (all splits, or ``splits``), each naming split, array, rows and file.
-
-        ``deep=False`` (what readers run before loading): metadata, the chunk files that must hold data,
-        and the small per-row arrays. ``deep=True`` (``verify``, ``extract``) also reads every chunk of
-        ``features`` and ``text_features``.
-        """
-        damages: list[Damage] = []
-        for split in splits or [s for s in ("train", "val", "test") if (self.path / s).is_dir()]:
-            damages += self._verify_split(split, deep)
-        return damages
-
-    def _verify_split(self, split: str, deep: bool) -> list[Damage]:
-        gpath = self.path / split
-        why = meta_problem(gpath)
-        if why:
-            return [Damage(split, "", f"{split}/zarr.json", why, fix="split")]
-        g = self.root[split]
-        if "num_videos" not in g.attrs:
-            return []  # a split a killed run was creating: the rerun makes it again
-        names = [*ROW_ARRAYS, *META_ARRAYS] if "present" in g else [*ROW_ARRAYS, "video_ids", "labels"]
-        has_text = g.attrs.get("prompts") is not None
-        out = [Damage(split, name, f"{split}/{name}/zarr.json", why,
-                      fix="text" if name == "text_features" else "split" if name == "video_ids" else "meta")
-               for name in (*names, *(("text_features",) if has_text else ()))
-               if (why := meta_problem(gpath / name))]
-        if out:
-            return out
-        n, classes = int(g.attrs["num_videos"]), list(g.attrs["classes"])
-
-        def missing(name: str, need: np.ndarray, what: str, fix: str) -> None:
-            for lo, hi, rel, exists in self._chunk_files(split, name, n):
-                rows = lo + np.flatnonzero(need[lo:hi])
-                if not exists and len(rows):
-                    out.append(Damage(split, name, rel, f"chunk file missing ({what})", rows.tolist(), fix))
-
-        def bad(name: str, rows: np.ndarray, what: str, fix: str = "rows") -> None:
-            rows = np.flatnonzero(rows)
-            if len(rows):
-                out.append(Damage(split, name, f"{split}/{name}", what, rows.tolist(), fix))
-
-        ids = self._read_checked(split, "video_ids", n, out, fix="split")
-        every = np.ones(n, dtype=bool)
-        missing("video_ids", every, "the rows lost their video ids", "split")
-        if not any(d.array == "video_ids" for d in out):
-            bad("video_ids", np.array([not v for v in ids], dtype=bool), "empty video ids", "split")
-            counts = Counter(ids.tolist())
-            bad("video_ids", np.array([counts[v] > 1 for v in ids], dtype=bool), "repeated video ids", "split")
-        labels = self._read_checked(split, "labels", n, out)
-        order = self._read_checked(split, "order", n, out) if "present" in g else np.zeros(n, dtype=np.int64)
-        listed = order >= 0  # a row no split file lists now keeps whatever label; it is unused
-        missing("labels", listed, "labels of listed videos", "labels")
-        lost = np.zeros(n, dtype=bool)
-        for lo, hi, _, exists in self._chunk_files(split, "labels", n):
-            lost[lo:hi] = not exists
-        bad("labels", listed & ~lost & ((labels < 0) | (labels >= len(classes))),
-            f"labels outside 0..{len(classes) - 1}", "labels")
-        done = self._read_checked(split, "done", n, out).astype(bool)
-        failed = self._read_checked(split, "failed", n, out).astype(bool)
-        errors = self._read_checked(split, "errors", n, out)
-        has_error = np.array([bool(e) for e in errors], dtype=bool)
-        bad("failed", done & ~failed & has_error, "rows with an error message are not marked failed")
-        bad("errors", done & failed & ~has_error, "failed rows without their error message")
-        ok = done & ~failed  # finished rows that hold features
-        num_frames = self._read_checked(split, "num_frames", n, out)
-        bad("num_frames", ok & (num_frames <= 0), "finished rows with no frame count")
-        fi = self._read_checked(split, "frame_indices", n, out)
-        bad("frame_indices", ok & (fi.reshape(n, -1) < 0).any(1) if n else ok, "finished rows without frame indices")
-        if "present" in g:
-            present = self._read_checked(split, "present", n, out).astype(bool)
-            gone = set(g.attrs.get("missing") or [])
-            bad("present", ~present & (order >= 0) & np.array([v not in gone for v in ids], dtype=bool),
-                "listed videos on disk marked absent", "sync")
-            bad("order", present & (order < 0), "videos on disk without a listing position", "sync")
-        for name in ("features", "frame_indices", "num_frames"):
-            missing(name, ok, "finished rows lost their data", "rows")
-        if deep:
-            zero = np.zeros(n, dtype=bool)
-
-            def check(lo, hi, rel, exists, block):
-                if exists:  # a missing chunk is reported above
-                    zero[lo:hi] = (block.reshape(hi - lo, block.shape[1], -1) == 0).all(-1).any(-1)
-
-            self._read_checked(split, "features", n, out, on_chunk=check)
-            bad("features", ok & zero, "finished rows whose features are all zero")
-        if has_text:
-            c = len(classes)
-            text = self._read_checked(split, "text_features", c, out, fix="text")
-            missing("text_features", np.ones(c, dtype=bool), "the prompt embeddings", "text")
-            said = any(d.array == "text_features" for d in out)
-            if not said and (text.shape[0] != c or (c and (text.reshape(c, -1) == 0).all(1).any())):
-                out.append(Damage(split, "text_features", f"{split}/text_features",
-                                  "prompt embeddings missing or all zero", fix="text"))
-        # a chunk reported twice (unreadable, then its rows as wrong values): keep the first word on it
-        seen, unique = set(), []
-        for d in out:
-            key = (d.array, d.file if d.fix == "chunk" else d.what, tuple(d.rows))
-            if key not in seen and not (d.fix != "chunk" and any(
-                    u.fix == "chunk" and u.array == d.array and set(d.rows) <= set(u.rows) for u in unique)):
-                seen.add(key)
-                unique.append(d)
-        return unique
+        """Every damaged part of the cache (all splits, or ``splits``): :func:`mdmf_cache.store_verify.verify`."""
+        return store_verify.verify(self, deep, splits)
 
     def check(self, splits: list[str] | None = None) -> None:
         """The cheap part of :meth:`verify`; raises CacheError naming the first damage."""
-        damages = self.verify(deep=False, splits=splits)
-        if damages:
-            raise CacheError(damage_message(self.path, damages))
+        store_verify.check(self, splits)
 
     def verify_and_repair(self, num_frames: int, dim: int) -> tuple[list[Damage], dict[str, np.ndarray]]:
-        """:meth:`verify` then :meth:`repair` (rank 0 of ``extract``): array metadata is written again
-        first, then what it hid is verified. Returns (damage found, rows to extract again per split)."""
-        damages = self.verify()
-        meta = [d for d in damages if d.fix == "meta"]
-        for d in meta:
-            log.warning("%s: %s; writing it again (its chunks are kept)", self.path, d)
-            self.rewrite_array_meta(d.split, d.array, num_frames, dim)
-        if meta:
-            damages = meta + self.verify()
-        return damages, self.repair(damages)
+        """:meth:`verify`, then :meth:`repair` (rank 0 of ``extract``): :func:`mdmf_cache.store_verify.verify_and_repair`."""
+        return store_verify.verify_and_repair(self, num_frames, dim)
 
     def repair(self, damages: list[Damage]) -> dict[str, np.ndarray]:
-        """Undo damage so that the next sync and extraction redo it (rank 0, before any rank extracts).
-
-        Returns per split the rows marked to be extracted again. Splits whose metadata or ids are
-        lost are deleted (rebuilt by ``sync_rows``); unreadable chunk files are deleted; damaged
-        rows are marked not done; damaged text is marked stale.
-        """
-        rebuild = {d.split for d in damages if d.fix == "split"}
-        for split in sorted(rebuild):
-            log.warning("%s split %s: %s; rebuilding the split", self.path, split,
-                        next(str(d) for d in damages if d.split == split and d.fix == "split"))
-            shutil.rmtree(self.path / split)
-        redo: dict[str, set[int]] = {}
-        for d in damages:
-            if d.split in rebuild:
-                continue
-            if d.fix == "chunk":
-                (self.path / d.file).unlink(missing_ok=True)
-            if d.fix in ("chunk", "rows") and d.array in ROW_ARRAYS:
-                redo.setdefault(d.split, set()).update(d.rows)
-            if d.fix == "text":
-                if d.file.endswith("zarr.json"):
-                    shutil.rmtree(self.path / d.split / "text_features")
-                self.root[d.split].attrs["prompts"] = None
-        out = {}
-        for split, rows in redo.items():
-            n = self.num_rows(split)
-            rows = np.array(sorted(r for r in rows if r < n), dtype=np.int64)
-            done = self.root[split]["done"]
-            cr = self.chunk_rows(split)
-            for c in np.unique(rows // cr):
-                lo, hi = int(c * cr), int(min(n, (c + 1) * cr))
-                block = np.asarray(done[lo:hi]).astype(bool)
-                block[rows[(rows >= lo) & (rows < hi)] - lo] = False
-                done[lo:hi] = block
-            out[split] = rows
-        return out
+        """Undo damage so that the next sync and extraction redo it: :func:`mdmf_cache.store_verify.repair`."""
+        return store_verify.repair(self, damages)
 
 
-@dataclass
-class FeatureSplit:
-    """One split of a cache in memory, the input of fast-mode training and evaluation.
+# re-exported: readers import everything from here
+from .store_read import FeatureSplit, export_h5, keep_loaded, load_split_features  # noqa: E402
 
-    Attributes:
-        features: (N, V, T, D) float16 frame embeddings of the usable videos (done, not failed).
-        labels: (N,) int64 class index into ``classes``.
-        video_ids: (N,) ids.
-        classes: (C,) class keys; class_names: (C,) prompt names.
-        text: (C, D) float32 prompt embeddings.
-    """
-
-    features: Any
-    labels: Any
-    video_ids: list[str]
-    classes: list[str]
-    class_names: list[str]
-    text: Any
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-_KEPT: dict[tuple, FeatureSplit] | None = None  # set inside keep_loaded()
-
-
-@contextmanager
-def keep_loaded():
-    """Inside this block, loading the same split again returns the split already in memory.
-
-    A sweep runs many trainings in one process; each calls :func:`load_split_features`, and the
-    cache is read once. Callers must not modify the returned tensors in place.
-    """
-    global _KEPT
-    outer = _KEPT
-    _KEPT = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _KEPT = outer
-
-
-def load_split_features(path: Path | str, split: str, device: str = "cpu", allow_incomplete: bool = False) -> FeatureSplit:
-    """Load a split's usable rows and text into memory (torch tensors on ``device``).
-
-    Usable rows are finished, decodable, and on disk at the last extract run, in split-file
-    order (``order``): what a fresh extraction of the current tree holds, row for row.
-
-    Raises:
-        CacheError: the split is absent, has no text, or is unfinished (unless ``allow_incomplete``).
-    """
-    key = (str(Path(path).resolve()), split, str(device), allow_incomplete)
-    if _KEPT is not None and key in _KEPT:
-        return _KEPT[key]
-    import torch
-
-    store = CacheStore(path)
-    if split not in store.splits:
-        raise CacheError(f"{path} has no split {split!r} (has: {', '.join(store.splits) or 'none'})")
-    store.check([split])
-    g = store.root[split]
-    done, present = store.done_mask(split), store.present_mask(split)
-    pending = present & ~done
-    if pending.any() and not allow_incomplete:
-        raise CacheError(
-            f"{path} split {split}: {int(pending.sum())} of {int(present.sum())} videos not extracted yet; "
-            "rerun the same 'mdmf-cache extract' command to finish it"
-        )
-    if store.prompts(split) is None:
-        raise CacheError(f"{path} split {split} has no text embeddings; rerun 'mdmf-cache extract'")
-    keep = np.flatnonzero(done & present & ~store._rows(split, "failed").astype(bool))
-    if "order" in g:  # format 1 caches: rows are already in split-file order
-        keep = keep[np.argsort(store._rows(split, "order")[keep], kind="stable")]
-    try:
-        feats = np.asarray(g["features"][: store.num_rows(split)])[keep]
-    except Exception as e:  # a garbled chunk: name it
-        damages = store.verify(splits=[split])
-        raise CacheError(damage_message(path, damages) if damages else f"{path} split {split}: {e}") from e
-    zero = (feats.reshape(*feats.shape[:2], -1) == 0).all(-1).any(-1)
-    if zero.any():
-        raise CacheError(damage_message(path, [Damage(split, "features", f"{split}/features",
-                                                      "finished rows whose features are all zero",
-                                                      keep[zero].tolist())]))
-    ids = store._rows(split, "video_ids")[keep]
-    loaded = FeatureSplit(
-        features=torch.from_numpy(feats).to(device),
-        labels=torch.from_numpy(store._rows(split, "labels")[keep].astype(np.int64)).to(device),
-        video_ids=[str(v) for v in ids],
-        classes=list(g.attrs["classes"]),
-        class_names=list(g.attrs["class_names"]),
-        text=torch.from_numpy(np.asarray(g["text_features"][:])).to(device),
-    )
-    if _KEPT is not None:
-        _KEPT[key] = loaded
-    return loaded
-
-
-def export_h5(path: Path | str, out: Path | str, overwrite: bool = False) -> Path:
-    """Write every split's arrays and every attribute (root and splits, JSON-encoded) to one HDF5 file.
-
-    The file is written beside ``out`` and renamed once complete: a failed or killed export leaves no
-    half-written file (and an older ``out`` untouched).
-
-    Raises:
-        CacheError: the cache is missing or damaged, ``out`` is inside a cache, or exists (unless ``overwrite``).
-    """
-    import h5py
-
-    from .fileio import atomic_write_file
-
-    store = CacheStore(path)
-    out = Path(out)
-    inside = next((p for p in (out.resolve(), *out.resolve().parents) if p.suffix == ".zarr" and (p / "zarr.json").is_file()), None)
-    if inside is not None:
-        raise CacheError(f"{out} is inside the cache {inside}; write the export outside any *.zarr folder")
-    if out.is_dir():
-        raise CacheError(f"{out} is a directory; give a file name such as {out / (store.path.stem + '.h5')}")
-    if out.exists() and not overwrite:
-        raise CacheError(f"{out} exists; pass --overwrite to replace it, or choose another file")
-    store.check(store.splits)
-    if not store.is_complete():
-        pending = {s: int((~store.done_mask(s) & store.present_mask(s)).sum()) for s in store.splits}
-        log.warning("%s is not complete (%s); exporting it as it is: rows with done=False hold no features. "
-                    "Rerun the extract command first for a complete export", path,
-                    ", ".join(f"{s}: {k} videos not extracted" for s, k in pending.items() if k) or "not ready")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
-            for key, val in store.root.attrs.items():
-                f.attrs[key] = json.dumps(val)
-            for split in store.splits:
-                g = store.root[split]
-                n = store.num_rows(split)
-                hg = f.create_group(split)
-                for name in g.array_keys():
-                    try:
-                        data = np.asarray(g[name][:] if name == "text_features" else g[name][:n])
-                    except Exception as e:  # a garbled chunk: name it
-                        damages = store.verify(splits=[split])
-                        raise CacheError(damage_message(path, damages) if damages else f"{split}/{name}: {e}") from e
-                    if data.dtype.kind in "OUT":
-                        data = data.astype(object)
-                        hg.create_dataset(name, data=data, dtype=h5py.string_dtype())
-                    else:
-                        hg.create_dataset(name, data=data)
-                for key, val in g.attrs.items():
-                    hg.attrs[key] = json.dumps(val)
-
-    return atomic_write_file(out, write)
+__all__ = ["CacheStore", "Damage", "FeatureSplit", "RowSync", "damage_message", "export_h5", "fingerprint_diff",
+           "group_name", "keep_loaded", "load_split_features", "meta_problem"]
