@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 
 from .errors import CacheError
-from .store_verify import Damage, damage_message
+from .store_verify import NONFINITE, ZERO, Damage, damage_message, row_problems
 
 log = logging.getLogger(__name__)
+
+BLOCK_BYTES = 32 << 20  # read and copied at a time: what loading or exporting holds beyond its result
 
 
 @dataclass
@@ -62,6 +64,61 @@ def keep_loaded():
         _KEPT = outer
 
 
+def blocks(arr, n: int, max_bytes: int | None = None):
+    """(lo, hi) ranges covering rows [0, n) of a zarr array in whole chunks, about ``max_bytes`` each
+    (default :data:`BLOCK_BYTES`), at least one chunk."""
+    max_bytes = max_bytes or BLOCK_BYTES
+    step = arr.chunks[0]
+    row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+    rows = max(step, max_bytes // row_bytes // step * step)
+    for lo in range(0, n, rows):
+        yield lo, min(n, lo + rows)
+
+
+def read_rows(store, split: str, name: str, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` of a split's per-row array (``features``), read block by block into one array.
+
+    Memory: the result plus one block; blocks holding none of ``rows`` are not read. Finished rows
+    that are all zero or hold NaN or inf are refused (checked per block, as read).
+
+    Raises:
+        CacheError: a chunk is unreadable, or rows are damaged (named, with what to do).
+    """
+    arr = store.root[split][name]
+    n = store.num_rows(split)
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
+    dest = np.full(n, -1, dtype=np.int64)  # cache row -> position in ``out``
+    dest[rows] = np.arange(len(rows))
+    zero, nonfinite = [], []
+    for lo, hi in blocks(arr, n):
+        sel = np.flatnonzero(dest[lo:hi] >= 0)
+        if not len(sel):
+            continue
+        try:
+            block = np.asarray(arr[lo:hi])
+        except Exception as e:  # a garbled chunk: name it
+            damages = store.verify(splits=[split])
+            raise CacheError(damage_message(store.path, damages) if damages else
+                             f"{store.path} split {split}: {e}") from e
+        if len(sel) < hi - lo:
+            block = block[sel]
+        z, bad = row_problems(block)
+        zero += (lo + sel[z]).tolist()
+        nonfinite += (lo + sel[bad]).tolist()
+        pos = dest[lo + sel]
+        if pos[-1] - pos[0] == len(pos) - 1 and (len(pos) == 1 or (np.diff(pos) == 1).all()):
+            out[pos[0]:pos[-1] + 1] = block  # rows in split-file order (a fresh cache): one copy
+        else:
+            out[pos] = block
+        del block
+    damages = [Damage(split, name, f"{split}/{name}", what, bad)
+               for what, bad in ((NONFINITE, nonfinite), (ZERO, zero)) if bad]
+    if damages:
+        raise CacheError(damage_message(store.path, damages))
+    return out
+
+
 def load_split_features(path: Path | str, split: str, device: str = "cpu", allow_incomplete: bool = False) -> FeatureSplit:
     """Load a split's usable rows and text into memory (torch tensors on ``device``).
 
@@ -95,16 +152,7 @@ def load_split_features(path: Path | str, split: str, device: str = "cpu", allow
     keep = np.flatnonzero(done & present & ~store._rows(split, "failed").astype(bool))
     if "order" in g:  # format 1 caches: rows are already in split-file order
         keep = keep[np.argsort(store._rows(split, "order")[keep], kind="stable")]
-    try:
-        feats = np.asarray(g["features"][: store.num_rows(split)])[keep]
-    except Exception as e:  # a garbled chunk: name it
-        damages = store.verify(splits=[split])
-        raise CacheError(damage_message(path, damages) if damages else f"{path} split {split}: {e}") from e
-    zero = (feats.reshape(*feats.shape[:2], -1) == 0).all(-1).any(-1)
-    if zero.any():
-        raise CacheError(damage_message(path, [Damage(split, "features", f"{split}/features",
-                                                      "finished rows whose features are all zero",
-                                                      keep[zero].tolist())]))
+    feats = read_rows(store, split, "features", keep)
     ids = store._rows(split, "video_ids")[keep]
     loaded = FeatureSplit(
         features=torch.from_numpy(feats).to(device),
@@ -150,6 +198,13 @@ def export_h5(path: Path | str, out: Path | str, overwrite: bool = False) -> Pat
                     ", ".join(f"{s}: {k} videos not extracted" for s, k in pending.items() if k) or "not ready")
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    def read(split: str, arr, lo: int, hi: int) -> np.ndarray:
+        try:
+            return np.asarray(arr[lo:hi])
+        except Exception as e:  # a garbled chunk: name it
+            damages = store.verify(splits=[split])
+            raise CacheError(damage_message(path, damages) if damages else f"{split}/{arr.basename}: {e}") from e
+
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             for key, val in store.root.attrs.items():
@@ -159,16 +214,15 @@ def export_h5(path: Path | str, out: Path | str, overwrite: bool = False) -> Pat
                 n = store.num_rows(split)
                 hg = f.create_group(split)
                 for name in g.array_keys():
-                    try:
-                        data = np.asarray(g[name][:] if name == "text_features" else g[name][:n])
-                    except Exception as e:  # a garbled chunk: name it
-                        damages = store.verify(splits=[split])
-                        raise CacheError(damage_message(path, damages) if damages else f"{split}/{name}: {e}") from e
-                    if data.dtype.kind in "OUT":
-                        data = data.astype(object)
-                        hg.create_dataset(name, data=data, dtype=h5py.string_dtype())
-                    else:
-                        hg.create_dataset(name, data=data)
+                    arr = g[name]
+                    rows = arr.shape[0] if name == "text_features" else n
+                    if arr.dtype.kind in "OUT" or str(arr.dtype).startswith("<U"):  # ids, errors: small
+                        hg.create_dataset(name, data=read(split, arr, 0, rows).astype(object),
+                                          dtype=h5py.string_dtype())
+                        continue
+                    ds = hg.create_dataset(name, shape=(rows, *arr.shape[1:]), dtype=arr.dtype)
+                    for lo, hi in blocks(arr, rows):  # memory: one block, not the array
+                        ds[lo:hi] = read(split, arr, lo, hi)
                 for key, val in g.attrs.items():
                     hg.attrs[key] = json.dumps(val)
 

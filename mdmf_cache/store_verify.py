@@ -78,6 +78,29 @@ def damage_message(path: Path | str, damages: list[Damage]) -> str:
             f"(only damaged rows are extracted again); 'mdmf-cache verify {path}' lists everything")
 
 
+ZERO = "finished rows whose features are all zero"
+NONFINITE = "finished rows with NaN or inf in their features"
+
+
+def row_problems(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(all zero in some view, holds NaN or inf) per row of a (rows, V, ...) block of features.
+
+    float16 is checked on its bits (exponent all ones: inf or NaN; all bits but the sign clear: zero),
+    which costs one pass without converting to float32."""
+    k = len(block)
+    if k == 0:
+        return np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
+    if block.dtype == np.float16:
+        bits = block.view(np.uint16).reshape(k, block.shape[1] if block.ndim > 1 else 1, -1)
+        zero = ((bits & 0x7FFF) == 0).all(-1).any(-1)
+        nonfinite = ((bits & 0x7C00) == 0x7C00).reshape(k, -1).any(-1)
+    else:
+        flat = block.reshape(k, block.shape[1] if block.ndim > 1 else 1, -1)
+        zero = (flat == 0).all(-1).any(-1)
+        nonfinite = ~np.isfinite(flat).reshape(k, -1).all(-1)
+    return zero, nonfinite
+
+
 def chunk_files(store, split: str, name: str, n: int):
     """(lo, hi, file relative to the cache, exists) of each chunk holding rows [0, n) of an array."""
     arr = store.root[split][name]
@@ -204,14 +227,15 @@ def _verify_split(store, split: str, deep: bool) -> list[Damage]:
     for name in ("features", "frame_indices", "num_frames"):
         missing(name, ok, "finished rows lost their data", "rows")
     if deep:
-        zero = np.zeros(n, dtype=bool)
+        zero, nonfinite = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
 
         def check(lo, hi, rel, exists, block):
             if exists:  # a missing chunk is reported above
-                zero[lo:hi] = (block.reshape(hi - lo, block.shape[1], -1) == 0).all(-1).any(-1)
+                zero[lo:hi], nonfinite[lo:hi] = row_problems(block)
 
         read_checked(store, split, "features", n, out, on_chunk=check)
-        bad("features", ok & zero, "finished rows whose features are all zero")
+        bad("features", ok & nonfinite, NONFINITE)
+        bad("features", ok & zero & ~nonfinite, ZERO)
     if has_text:
         c = len(classes)
         text = read_checked(store, split, "text_features", c, out, fix="text")
