@@ -102,6 +102,8 @@ def extract(
     world_size: Annotated[Optional[int], typer.Option(help="Number of processes (default: torchrun/SLURM env).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a cache made with other settings.")] = False,
     strict: Annotated[bool, typer.Option(help="Missing or undecodable videos are an error.")] = False,
+    verify_deep: Annotated[bool, typer.Option(help="Read every feature chunk for damage first (default: only those changed since the last clean verify).")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="Decode videos that failed before again, even if their files did not change.")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Decode T frames per video, encode them with CLIP, and store them with the prompt embeddings."""
@@ -122,7 +124,7 @@ def extract(
         num_frames=num_frames, preset=preset.value, sampler=sampler, normalize=normalize, train_views=train_views, flip=flip,
         seed=seed, prompt_template=prompt, clean_names=clean_names, decoder=decoder, workers=workers,
         batch_videos=batch_videos, chunk_rows=chunk_rows, device=device,
-        splits=tuple(split) if split else ("train", "val", "test"), overwrite=overwrite, strict=strict,
+        splits=tuple(split) if split else ("train", "val", "test"), overwrite=overwrite, strict=strict, verify_deep=verify_deep, retry_failed=retry_failed,
         rank=env_rank if rank is None else rank, world_size=env_world if world_size is None else world_size,
     )
     run(cfg)

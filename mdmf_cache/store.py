@@ -4,14 +4,16 @@ Layout (one group per dataset x backbone x weights under ``--cache-dir``)::
 
     cache/ucf101__RN50__openai.zarr/
         zarr.json                attrs: format, fingerprint {video, text}, ready, config
-        train/                   attrs: classes, class_names, prompts, views V, chunk_rows, num_videos,
-                                        missing (listed ids not on disk at the last run)
+        train/                   attrs: classes, class_names, prompts, views V, chunk_rows, unit_rows,
+                                        num_videos, missing (listed ids not on disk at the last run)
             features       (N, V, T, D) float16   CLIP frame embeddings (encode_image, not normalised)
             frame_indices  (N, V, T)    int32     frames actually decoded (after clamping)
             num_frames     (N,)         int32     decodable frames of the video
             done           (N,)         bool      row finished (features valid, or failure recorded)
             failed         (N,)         bool      video could not be decoded
             errors         (N,)         str       why it failed ('' otherwise)
+            file_size      (N,)         int64     size of the video file when it was extracted (-1: unknown)
+            file_mtime     (N,)         int64     its modification time, ns (-1: unknown)
             video_ids      (N,)         str       ``class/video``: what identifies a row
             labels         (N,)         int32     index into attrs.classes
             present        (N,)         bool      the video was on disk at the last run
@@ -25,11 +27,21 @@ and marks rows whose video vanished as not ``present``: their features are kept,
 the video is back. Readers take ``done & ~failed & present`` rows, sorted by ``order``, which is
 exactly what a fresh extraction of the current tree holds.
 
-Every per-row array is chunked by the same ``chunk_rows``, and a writer only ever writes rows of the
-chunks it owns (rank r owns chunks c with c % world_size == r): two processes writing rows that share
-a chunk silently lose rows. Within a chunk the data arrays are written before ``done``, and zarr
-writes each chunk file atomically, so a SIGKILL at any moment leaves either finished rows or rows
-that the next run redoes. Rows are appended and re-marked by rank 0 alone, before the ranks start.
+``features`` is chunked by ``chunk_rows``; the small per-row arrays the writers fill with it (frame
+indices to done, file size and mtime) by ``unit_rows``, a multiple of ``chunk_rows`` chosen when the split
+is made (at least ~256 units per split, at most 4,096 rows: fewer files to read for ``info`` and every
+check, while ranks still share a split evenly); caches made before record no ``unit_rows`` and use
+``chunk_rows`` for both. A writer only ever writes rows of the units it owns (rank r owns units u with
+u % world_size == r): two processes writing rows that share a chunk silently lose rows. Within a chunk
+the data arrays are written before ``done``, and zarr writes each chunk file atomically, so a SIGKILL at
+any moment leaves either finished rows or rows that the next run redoes. Rows are appended and re-marked
+by rank 0 alone, before the ranks start; the per-row arrays only rank 0 writes (ids to order) are chunked
+by ``META_CHUNK``.
+
+``file_size`` and ``file_mtime`` say which file a row was extracted from: a rerun extracts a row again
+when its video's size or mtime changed (a replaced file), and decodes a failed row again only then (or
+with ``--retry-failed``). Caches made before these arrays get them at the next rerun, filled with -1
+(unknown: the row is kept as it is).
 
 Damage (a chunk file deleted or truncated, a ``zarr.json`` corrupted) is found by :meth:`CacheStore.verify`
 (:mod:`mdmf_cache.store_verify`); readers are in :mod:`mdmf_cache.store_read`. This module holds the layout,
@@ -57,7 +69,10 @@ log = logging.getLogger(__name__)
 #: 2: rows keyed by video id (present, order), train views seeded by the id, fingerprint {video, text}.
 FORMAT_VERSION = 2
 ROW_ARRAYS = ("features", "frame_indices", "num_frames", "failed", "errors", "done")
+STAT_ARRAYS = ("file_size", "file_mtime")  # written with the rows; absent from caches made before them
 META_ARRAYS = ("video_ids", "labels", "present", "order")
+UNITS_PER_SPLIT = 256  # a new split's unit_rows aims at this many units (ranks share them evenly)
+MAX_UNIT_ROWS = 4096
 META_CHUNK = 1 << 16  # rows per chunk of the small per-row arrays only rank 0 writes
 
 
@@ -78,8 +93,17 @@ def _zarr():
 
 
 
-def owned_chunks(num_chunks: int, rank: int, world_size: int) -> list[int]:
-    return [c for c in range(num_chunks) if c % world_size == rank]
+def _remove(path: Path) -> None:
+    """Delete a cache and what was recorded of its verification."""
+    shutil.rmtree(path)
+    store_verify.record_path(path).unlink(missing_ok=True)
+
+
+def unit_rows_for(rows: int, chunk_rows: int) -> int:
+    """``unit_rows`` of a new split of ``rows`` videos: a multiple of ``chunk_rows``, ~UNITS_PER_SPLIT units."""
+    cr = max(1, chunk_rows)
+    k = max(1, min(rows // (cr * UNITS_PER_SPLIT), MAX_UNIT_ROWS // cr))
+    return cr * k
 
 
 @dataclass
@@ -105,6 +129,8 @@ class CacheStore:
                 raise CacheError(f"{self.path / 'zarr.json'} is damaged ({why}): the cache's settings are lost; "
                                  "extract again with --overwrite")
         self.root = _zarr().open_group(store=str(self.path), mode=mode)
+        # a reader reads each small per-row array once (info, checks, summaries); a writer always reads afresh
+        self._memo: dict[tuple, np.ndarray] | None = {} if mode == "r" else None
 
     # ---- creation and fingerprint -------------------------------------------------------------
     @classmethod
@@ -152,7 +178,7 @@ class CacheStore:
                 time.sleep(0.5)
         if (path / "zarr.json").is_file() and overwrite and meta_problem(path):
             log.warning("overwriting %s (its zarr.json is damaged)", path)
-            shutil.rmtree(path)
+            _remove(path)
         if (path / "zarr.json").is_file():
             store = cls(path, mode="a")
             old = store.root.attrs.get("fingerprint")
@@ -180,7 +206,7 @@ class CacheStore:
                     "Use the same options, another --cache-dir, or --overwrite to replace it."
                 )
             log.warning("overwriting %s (settings changed)", path)
-            shutil.rmtree(path)
+            _remove(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         store = cls(path, mode="w")
         store.root.attrs.update({"format": FORMAT_VERSION, "fingerprint": fingerprint, "ready": False})
@@ -235,12 +261,19 @@ class CacheStore:
             del self.root[name]  # a run killed while creating it: create it again
         created = name not in self.root
         if created:
-            self._create_split(name, views, num_frames, dim, chunk_rows, classes)
+            rows = len({v for v, p in zip(listed, present) if p})
+            self._create_split(name, views, num_frames, dim, chunk_rows, classes, unit_rows_for(rows, chunk_rows))
         g = self.root[name]
         if list(g.attrs["classes"]) != list(classes):
             raise CacheError(f"{self.path} split {name}: the cache has classes other than the split files name; "
                              "extract with --overwrite")
         n_old = int(g.attrs["num_videos"])
+        specs = self.array_specs(int(g.attrs["views"]), num_frames, dim, self.chunk_rows(name), self.unit_rows(name))
+        for arr in STAT_ARRAYS:  # a cache made before them: every row's file unknown
+            if not (self.path / name / arr).is_dir():
+                tail, rows, dtype, fill = specs[arr]
+                g.create_array(arr, shape=(g["done"].shape[0], *tail), chunks=(rows, *tail), dtype=dtype,
+                               fill_value=fill)
         stored = [str(v) for v in np.asarray(g["video_ids"][:n_old])] if n_old else []
         have = set(stored)
         new = []
@@ -250,7 +283,7 @@ class CacheStore:
                 new.append(i)
         n = n_old + len(new)
         if n != g["done"].shape[0]:  # also undoes the growth of a run killed before it set num_videos
-            for arr in (*ROW_ARRAYS, *META_ARRAYS):
+            for arr in (*ROW_ARRAYS, *STAT_ARRAYS, *META_ARRAYS):
                 g[arr].resize((n, *g[arr].shape[1:]))
         if new:
             g["video_ids"][n_old:n] = np.array([listed[i] for i in new], dtype=object).astype(str)
@@ -259,9 +292,11 @@ class CacheStore:
         ids = stored + [listed[i] for i in new]
         pos = {v: i for i, v in enumerate(listed)}
         on_disk = {v for v, p in zip(listed, present) if p}
-        if n:
-            g["present"][:n] = np.array([v in on_disk for v in ids], dtype=bool)
-            g["order"][:n] = np.array([pos.get(v, -1) for v in ids], dtype=np.int64)
+        if n:  # written only when they changed: a rerun with nothing to do leaves the files as they are
+            for arr, val in (("present", np.array([v in on_disk for v in ids], dtype=bool)),
+                             ("order", np.array([pos.get(v, -1) for v in ids], dtype=np.int64))):
+                if not np.array_equal(np.asarray(g[arr][:n]), val):
+                    g[arr][:n] = val
             # labels of listed rows from the split files: repairs a lost labels chunk; others are unused
             old = np.asarray(g["labels"][:n])
             new_labels = np.array([labels[pos[v]] if v in pos else old[i] for i, v in enumerate(ids)], dtype=np.int32)
@@ -274,16 +309,20 @@ class CacheStore:
         return RowSync(rows=n, added=len(new), created=created, vanished=vanished)
 
     @staticmethod
-    def array_specs(views: int, num_frames: int, dim: int, chunk_rows: int) -> dict[str, tuple]:
+    def array_specs(views: int, num_frames: int, dim: int, chunk_rows: int, unit_rows: int | None = None
+                    ) -> dict[str, tuple]:
         """name -> (shape after the row axis, rows per chunk, dtype, fill value) of a split's per-row arrays."""
         cr = max(1, chunk_rows)
+        unit = unit_rows or cr
         return {
             "features": ((views, num_frames, dim), cr, "float16", 0),
-            "frame_indices": ((views, num_frames), cr, "int32", -1),
-            "num_frames": ((), cr, "int32", 0),
-            "failed": ((), cr, bool, False),
-            "errors": ((), cr, str, ""),
-            "done": ((), cr, bool, False),
+            "frame_indices": ((views, num_frames), unit, "int32", -1),
+            "num_frames": ((), unit, "int32", 0),
+            "failed": ((), unit, bool, False),
+            "errors": ((), unit, str, ""),
+            "done": ((), unit, bool, False),
+            "file_size": ((), unit, "int64", -1),
+            "file_mtime": ((), unit, "int64", -1),
             "video_ids": ((), META_CHUNK, str, ""),
             "labels": ((), META_CHUNK, "int32", -1),
             "present": ((), META_CHUNK, bool, False),
@@ -291,11 +330,12 @@ class CacheStore:
         }
 
     def _create_split(self, name: str, views: int, num_frames: int, dim: int, chunk_rows: int,
-                      classes: list[str]) -> None:
+                      classes: list[str], unit_rows: int) -> None:
         g = self.root.create_group(name)
-        for arr, (tail, rows, dtype, fill) in self.array_specs(views, num_frames, dim, chunk_rows).items():
+        for arr, (tail, rows, dtype, fill) in self.array_specs(views, num_frames, dim, chunk_rows, unit_rows).items():
             g.create_array(arr, shape=(0, *tail), chunks=(rows, *tail), dtype=dtype, fill_value=fill)
-        g.attrs.update({"classes": list(classes), "views": views, "chunk_rows": max(1, chunk_rows), "num_videos": 0})
+        g.attrs.update({"classes": list(classes), "views": views, "chunk_rows": max(1, chunk_rows),
+                        "unit_rows": unit_rows, "num_videos": 0})
 
     def rewrite_array_meta(self, split: str, name: str, num_frames: int, dim: int) -> None:
         """Write a damaged ``zarr.json`` of a per-row array again (its chunk files are kept)."""
@@ -304,8 +344,8 @@ class CacheStore:
         from .fileio import atomic_write_text
 
         g = self.root[split]
-        tail, rows, dtype, fill = self.array_specs(int(g.attrs["views"]), num_frames, dim,
-                                                   int(g.attrs["chunk_rows"]))[name]
+        tail, rows, dtype, fill = self.array_specs(int(g.attrs["views"]), num_frames, dim, self.chunk_rows(split),
+                                                   self.unit_rows(split))[name]
         with tempfile.TemporaryDirectory(dir=self.path.parent) as tmp:
             fresh = _zarr().open_group(store=tmp, mode="w")
             fresh.create_array(name, shape=(int(g.attrs["num_videos"]), *tail), chunks=(rows, *tail), dtype=dtype,
@@ -322,14 +362,36 @@ class CacheStore:
     def chunk_rows(self, split: str) -> int:
         return int(self.root[split].attrs["chunk_rows"])
 
-    def num_chunks(self, split: str) -> int:
-        return -(-self.num_rows(split) // self.chunk_rows(split))
+    def unit_rows(self, split: str) -> int:
+        """Rows per chunk of the small per-row arrays, the unit a writer owns (``chunk_rows`` in older caches)."""
+        attrs = self.root[split].attrs
+        return int(attrs.get("unit_rows") or attrs["chunk_rows"])
+
+    def owner(self, split: str, world_size: int) -> np.ndarray:
+        """(N,) the rank that writes each row: whole units, dealt round robin."""
+        return (np.arange(self.num_rows(split)) // self.unit_rows(split)) % world_size
 
     def video_ids(self, split: str) -> list[str]:
-        return [str(v) for v in np.asarray(self.root[split]["video_ids"][: self.num_rows(split)])]
+        return [str(v) for v in self._rows(split, "video_ids")]
 
     def _rows(self, split: str, name: str) -> np.ndarray:
-        return np.asarray(self.root[split][name][: self.num_rows(split)])
+        """Rows [0, num_videos) of a small per-row array (read once per reader: see ``_memo``)."""
+        return self._read(split, name, self.num_rows(split), lambda: np.asarray(self.root[split][name][: self.num_rows(split)]))
+
+    def _read(self, split: str, name: str, n: int, read) -> np.ndarray:
+        if self._memo is None or name == "features":
+            return read()
+        key = (split, name, n)
+        if key not in self._memo:
+            self._memo[key] = read()
+        return self._memo[key]
+
+    def file_stats(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) size and (N,) mtime in ns of each row's video when it was extracted; -1 where unknown."""
+        if not (self.path / split / "file_size").is_dir():
+            unknown = np.full(self.num_rows(split), -1, dtype=np.int64)
+            return unknown, unknown
+        return self._rows(split, "file_size").astype(np.int64), self._rows(split, "file_mtime").astype(np.int64)
 
     def done_mask(self, split: str) -> np.ndarray:
         return self._rows(split, "done").astype(bool)
@@ -341,19 +403,18 @@ class CacheStore:
         return self._rows(split, "present").astype(bool)
 
     def pending_rows(self, split: str, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        """Rows of this rank's chunks that are not done yet and whose video is there, ascending."""
+        """Rows of this rank's units that are not done yet and whose video is there, ascending."""
         done = self.done_mask(split)
         present = self.present_mask(split)
-        cr = self.chunk_rows(split)
-        owner = (np.arange(len(done)) // cr) % world_size
-        return np.flatnonzero(~done & present & (owner == rank))
+        return np.flatnonzero(~done & present & (self.owner(split, world_size) == rank))
+
     def write_rows(self, split: str, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
-        """Write finished rows, all inside one chunk, data first and ``done`` last.
+        """Write finished rows, all inside one chunk of ``features``, data first and ``done`` last.
 
         Args:
             rows: ascending row indices, all in the same chunk.
             values: array name -> values for those rows (``features``, ``frame_indices``,
-                ``num_frames``, ``failed``, ``errors``).
+                ``num_frames``, ``failed``, ``errors``, and ``file_size``/``file_mtime`` when recorded).
         """
         g = self.root[split]
         cr = self.chunk_rows(split)
@@ -428,17 +489,19 @@ class CacheStore:
 
 
     # ---- damage (mdmf_cache.store_verify) -------------------------------------------------------
-    def verify(self, deep: bool = True, splits: list[str] | None = None) -> list[Damage]:
-        """Every damaged part of the cache (all splits, or ``splits``): :func:`mdmf_cache.store_verify.verify`."""
+    def verify(self, deep: bool | str = True, splits: list[str] | None = None) -> list[Damage]:
+        """Every damaged part of the cache (all splits, or ``splits``); ``deep``: True reads every feature chunk,
+        ``"changed"`` those changed since the last clean verify, False none (:func:`mdmf_cache.store_verify.verify`)."""
         return store_verify.verify(self, deep, splits)
 
     def check(self, splits: list[str] | None = None) -> None:
         """The cheap part of :meth:`verify`; raises CacheError naming the first damage."""
         store_verify.check(self, splits)
 
-    def verify_and_repair(self, num_frames: int, dim: int) -> tuple[list[Damage], dict[str, np.ndarray]]:
+    def verify_and_repair(self, num_frames: int, dim: int, deep: bool | str = "changed"
+                          ) -> tuple[list[Damage], dict[str, np.ndarray]]:
         """:meth:`verify`, then :meth:`repair` (rank 0 of ``extract``): :func:`mdmf_cache.store_verify.verify_and_repair`."""
-        return store_verify.verify_and_repair(self, num_frames, dim)
+        return store_verify.verify_and_repair(self, num_frames, dim, deep)
 
     def repair(self, damages: list[Damage]) -> dict[str, np.ndarray]:
         """Undo damage so that the next sync and extraction redo it: :func:`mdmf_cache.store_verify.repair`."""

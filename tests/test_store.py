@@ -407,3 +407,75 @@ def test_nonfinite_features_are_refused_by_readers_and_named_by_verify(tmp_path,
     block[:] = np.nan
     g["features"][5] = block
     assert [d.rows for d in CacheStore(path).verify()] == [[40, 41, 333]]
+
+
+# ---- the layout: small per-row arrays in units of several chunks, older caches -------------------------
+def test_large_split_gets_units_of_chunks_and_ranks_own_whole_units(tmp_path):
+    from mdmf_cache.store import UNITS_PER_SPLIT, unit_rows_for
+
+    assert unit_rows_for(10, 4) == 4 and unit_rows_for(67013, 64) == 256 and unit_rows_for(200000, 64) == 768
+    assert unit_rows_for(10**7, 64) == 4096  # at most 4,096 rows
+    n, cr = 4 * UNITS_PER_SPLIT, 1  # 4 rows a unit
+    store = CacheStore.open_for_writing(tmp_path / "c.zarr", FP)
+    ids = [f"c{i % C}/v{i}" for i in range(n)]
+    _sync(store, ids, chunk_rows=cr)
+    g = store.root["train"]
+    assert store.unit_rows("train") == 4 and g.attrs["unit_rows"] == 4
+    assert g["features"].chunks[0] == 1 and g["done"].chunks[0] == 4 and g["file_size"].chunks[0] == 4
+    assert g["video_ids"].chunks[0] == 1 << 16
+    parts = [store.pending_rows("train", r, 2) for r in range(2)]
+    assert parts[0][:8].tolist() == [0, 1, 2, 3, 8, 9, 10, 11] and parts[1][:4].tolist() == [4, 5, 6, 7]
+    # two writers filling their own units row by row, interleaved: no row lost (they share no chunk)
+    for a, b in zip(parts[0], parts[1]):
+        for r in (a, b):
+            store.write_rows("train", np.array([r]), {**_rows([r]), "file_size": np.array([r], np.int64),
+                                                      "file_mtime": np.array([r + 1], np.int64)})
+    assert store.done_mask("train").all()
+    size, mtime = store.file_stats("train")
+    assert size.tolist() == list(range(n)) and mtime.tolist() == list(range(1, n + 1))
+
+
+def test_a_cache_in_the_layout_before_units_and_file_stats_reads_and_grows(tmp_path):
+    """What the previous version wrote: no unit_rows, every per-row array chunked by chunk_rows, no file stats."""
+    import shutil
+
+    import zarr
+
+    path = tmp_path / "c.zarr"
+    expected = _write_all(_new_store(path), failed=(2,))
+    g = zarr.open_group(str(path / "train"), mode="a")
+    del g.attrs["unit_rows"]
+    for name in ("file_size", "file_mtime"):
+        shutil.rmtree(path / "train" / name)
+    store = CacheStore(path)
+    assert store.unit_rows("train") == 4 and store.file_stats("train")[0].tolist() == [-1] * N  # unknown
+    assert store.verify() == [] and store.is_complete()
+    fs = load_split_features(path, "train")
+    keep = np.setdiff1d(np.arange(N), [2])
+    assert np.array_equal(fs.features.numpy(), expected["features"][keep])
+    # an extract rerun's sync adds the stat arrays (unknown) and grows them with the split
+    writer = CacheStore(path, mode="a")
+    ids = [f"c{i % C}/v{i}" for i in range(N)]
+    _sync(writer, ids[:3] + ["c0/gone"] + ids[3:] + ["c1/new"], chunk_rows=4)
+    assert writer.root["train"]["file_size"].shape == (N + 2,) and writer.file_stats("train")[0].tolist() == [-1] * (N + 2)
+    assert writer.root["train"]["file_size"].chunks == (4,)  # the chunking of its siblings
+    assert writer.verify() == []
+
+
+def test_a_reader_reads_each_small_array_once(tiny_cache, monkeypatch):
+    """``info`` verifies (cheap part), summarises and checks completeness: every small per-row array is read once."""
+    import zarr
+
+    from mdmf_cache.report import print_info
+
+    reads: dict[str, int] = {}
+    real = zarr.Array.__getitem__
+
+    def counting(self, sel):
+        reads[self.path] = reads.get(self.path, 0) + 1
+        return real(self, sel)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", counting)
+    print_info(tiny_cache)
+    assert reads and max(reads.values()) == 1, reads
+    assert "train/done" in reads and not any(k.endswith("/features") for k in reads)
