@@ -401,6 +401,13 @@ def test_nonfinite_features_are_refused_by_readers_and_named_by_verify(tmp_path,
     assert "train/features rows 40-41, 333: finished rows with NaN or inf" in msg and "rerun the extract" in msg
     damages = CacheStore(path).verify()
     assert [(d.array, d.what, d.rows, d.fix) for d in damages] == [("features", NONFINITE, [40, 41, 333], "rows")]
+    from mdmf_cache import report
+
+    with report.console.capture() as cap, pytest.raises(CacheError, match="rerun the extract command"):
+        report.print_verify(path)  # mdmf-cache verify: named, with what a rerun does about it
+    out = " ".join(cap.get().split())
+    assert "train/features rows 40-41, 333: finished rows with NaN or inf" in out
+    assert "repair (rows): those rows are extracted again" in out
     assert CacheStore(path).verify(deep=False) == []  # the cheap check reads no features
     # a failed row's features are never read: NaN there is nobody's business
     block = np.asarray(g["features"][5])
