@@ -80,7 +80,7 @@ class VideoOptions:
 class ExtractConfig(VideoOptions):
     """Everything that decides what ``extract`` computes (saved in the cache's attributes).
 
-    ``sampler`` and ``normalize`` left at None take the ``preset``'s (SPEC 9), so a saved config
+    ``sampler`` and ``normalize`` left at None take the ``preset``'s (docs/method.md §9), so a saved config
     always names the values used.
     """
 
@@ -187,11 +187,12 @@ class TrainConfig:
     out: str = "runs/fast"
     mode: str = "fast"  # fast (CLIP frozen, cache) | full (CLIP fine-tuned, videos: see ``full``)
     method: str = "mdmf"  # a registered head (mdmf_cache.heads): mdmf, clip-fsar, ...
-    preset: str = "paper"
+    preset: str | None = None  # the head's named option set; None: its default (mdmf: paper)
     heads: dict[str, Any] = field(default_factory=dict)  # the head's option overrides (ablation switches)
     way: int = 5
-    shot: int = 5
-    train_queries: int = 5  # per class
+    shot: int = 5  # K the run is for: validation episodes, best.pt, eval's default
+    train_shot: int | None = None  # K of the training episodes; None: the head's released choice (CLIP-FSAR: 1)
+    train_queries: int | None = None  # per class in training episodes; None: the head's released choice (5 mostly)
     episodes: int = 10000  # training episodes in total
     episodes_per_step: int = 16  # E per optimiser step (full mode: accumulated, split between ranks)
     lr: float | None = None  # Adam; None: FAST_LR in fast mode, FULL_LR (the paper's) in full mode
@@ -213,16 +214,32 @@ class TrainConfig:
     def full_mode(self) -> FullModeConfig:
         return FullModeConfig(**self.full)
 
-    def validate(self) -> None:
-        from mdmf_cache.models.config import build_config
+    def resolved(self) -> "TrainConfig":
+        """A copy with the head's defaults filled in: its preset, training shot and queries for ``shot``.
 
+        Raises:
+            ConfigError: an unknown method (the registered ones listed).
+        """
+        from mdmf_cache import heads
+
+        spec = heads.get(self.method)
+        return dataclasses.replace(
+            self, preset=self.preset or spec.default_preset,
+            train_shot=self.train_shot if self.train_shot is not None else spec.train_shot(self.shot),
+            train_queries=self.train_queries if self.train_queries is not None else spec.train_queries(self.shot))
+
+    def validate(self) -> None:
+        """Every option checked, the head's included, before any work (nothing is read or written)."""
+        from mdmf_cache import heads
+        from mdmf_cache.heads.spec import DataInfo
+
+        r = self.resolved()
         problems = []
-        if self.method not in ("mdmf", "clip-fsar"):
-            problems.append(f"--method {self.method!r}: choose mdmf or clip-fsar")
         if self.mode not in MODES:
             problems.append(f"--mode {self.mode!r}: choose fast (heads on a cache) or full (CLIP fine-tuned)")
-        for name in ("shot", "train_queries", "episodes", "episodes_per_step", "val_every", "val_episodes", "val_queries"):
-            if getattr(self, name) < 1:
+        for name in ("shot", "train_shot", "train_queries", "episodes", "episodes_per_step", "val_every", "val_episodes",
+                     "val_queries"):
+            if getattr(r, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.save_every < 0:
             problems.append("--save-every must be >= 0 (0: save at validations only)")
@@ -241,13 +258,16 @@ class TrainConfig:
         elif self.full:
             problems.append("video and backbone options (--root, --model, --backbone-lr, ...) are for --mode full; "
                             "fast mode reads a cache")
+        if self.mode == "fast" and not heads.REGISTRY[self.method].parametric:
+            problems.append(f"{self.method} has no trainable parameters: nothing to train on a frozen cache; score it "
+                            f"with mdmf-cache eval CACHE --method {self.method}, or fine-tune CLIP with it (--mode full)")
         if problems:
             raise ConfigError("; ".join(problems))
         # every head switch, before any work (an ablation arm's bad --view fails here, not after training);
         # the width is the cache's, unknown here: any multiple of the attention heads checks the rest
-        heads = self.heads.get("heads", 8)
-        build_config(self.preset, 8 * heads if isinstance(heads, int) and heads > 0 else 8,
-                     **{**self.heads, "method": self.method})
+        attn = self.heads.get("heads", 8)
+        width = 64 * attn if isinstance(attn, int) and attn > 0 else 512
+        heads.get(self.method).make_options(r.preset, self.heads, DataInfo(dim=width, shot=self.shot))
 
 
 @dataclass

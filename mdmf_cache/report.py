@@ -197,3 +197,54 @@ def _short(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     return "" if v is None else str(v)
+
+
+def print_heads(name: str | None = None) -> None:
+    """The registered heads (name, parameters or not, per-video evaluation, summary), or one head's options."""
+    import dataclasses
+
+    from mdmf_cache import heads
+
+    if name is None:
+        table = Table(title="registered heads (--method)")
+        for col in ("method", "trainable", "per-video eval", "presets", "what it is"):
+            table.add_column(col)
+        for entry in heads.REGISTRY.values():
+            spec = heads.get(entry.name)
+            table.add_row(entry.name, "yes" if spec.parametric else "no", "yes" if spec.per_video else "no",
+                          ", ".join(spec.presets), spec.summary)
+        console.print(table)
+        return
+    spec = heads.get(name)
+    table = Table(title=f"{name}: options (--head-opt KEY=VALUE); {spec.source}")
+    for col in ("option", "default", *(f"preset {p}" for p in spec.presets)):
+        table.add_column(col)
+    for f in dataclasses.fields(spec.options):
+        if f.name not in spec.option_names:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else "(data)"
+        table.add_row(f.name, "released per dataset/shot" if default is None else repr(default),
+                      *(repr(spec.presets[p][f.name]) if f.name in spec.presets[p] else "" for p in spec.presets))
+    console.print(table)
+    console.print(f"training episodes for a K-shot run: {spec.train_shot(1)}-shot at K=1, {spec.train_shot(5)}-shot at "
+                  f"K=5, {spec.train_queries(5)} queries per class")
+
+
+def print_compare(rows: list[dict], shots, title: str) -> None:
+    """``compare``'s table: per method and shot the accuracy, the paired difference to the reference, the reported one."""
+    table = Table(title=title)
+    table.add_column("method")
+    for k in shots:
+        table.add_column(f"{k}-shot %", justify="right")
+        table.add_column("vs ref", justify="right")
+    table.add_column("reported (backbone)")
+    for r in rows:
+        cells = [r["method"]]
+        for k in shots:
+            cells.append(f"{r[f'{k}shot']:.1f} ± {r[f'{k}shot_ci95']:.1f}")
+            cells.append(f"{r[f'{k}shot_diff']:+.1f} ± {r[f'{k}shot_diff_ci95']:.1f}" if f"{k}shot_diff" in r else "ref")
+        rep = [f"{r[f'{k}shot_reported']:.1f}" if f"{k}shot_reported" in r else "-" for k in shots]
+        backbones = sorted({r[f"{k}shot_reported_backbone"] for k in shots if f"{k}shot_reported_backbone" in r})
+        cells.append(f"{'/'.join(rep)} ({', '.join(backbones)})" if backbones else "-")
+        table.add_row(*cells)
+    console.print(table)

@@ -21,16 +21,18 @@ from mdmf_cache.backbone import resolve_device
 from mdmf_cache.configs import FullModeConfig, TrainConfig
 from mdmf_cache.episodes import Episodes
 from mdmf_cache.errors import CacheError, ConfigError
+from mdmf_cache import heads as head_registry
 from mdmf_cache.evaluation import score
-from mdmf_cache.models.config import MDMFConfig, build_config
-from mdmf_cache.models.head import FewShotHead
-from mdmf_cache.models.mdmf import build_head
+from mdmf_cache.heads.base import FewShotHead
+from mdmf_cache.heads.spec import DataInfo
+from mdmf_cache.models.config import MDMFConfig
 from mdmf_cache.store import CacheStore, FeatureSplit, fingerprint_diff
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cache_identity", "check_identity", "build_model", "validate", "load_config", "load_run", "run_cache",
-           "full_run_cache"]
+__all__ = ["cache_identity", "check_identity", "build_head", "build_model", "head_record", "head_from_record", "validate",
+           "load_config", "load_run", "run_cache", "full_run_cache"]
+
 
 def cache_identity(cache: Path | str) -> dict[str, Any]:
     """What binds a run to its cache: the extraction fingerprint and each split's class list (hashed).
@@ -42,6 +44,7 @@ def cache_identity(cache: Path | str) -> dict[str, Any]:
     classes = {split: hashlib.sha1("\n".join(store.root[split].attrs.get("classes", [])).encode()).hexdigest()[:16]
                for split in store.splits}
     return {"fingerprint": store.fingerprint, "classes": classes}
+
 
 def check_identity(recorded: dict[str, Any] | None, cache: Path | str, what: str) -> None:
     """Refuse a cache whose identity differs from the run's (fields named). Runs without a record pass."""
@@ -56,17 +59,49 @@ def check_identity(recorded: dict[str, Any] | None, cache: Path | str, what: str
         raise CacheError(f"{what}: {cache} is not the cache this run was trained on ({'; '.join(diff)}); "
                          "point at the original cache, or train a new run on this one")
 
-def build_model(preset: str, dim: int, num_frames: int, heads: dict[str, Any], method: str = "mdmf") -> FewShotHead:
-    """The head of a preset with overrides: MDMF or CLIP-FSAR (``method``)."""
-    return build_head(build_config(preset, dim, num_frames=num_frames, **{**heads, "method": method}))
+
+def build_head(method: str, preset: str | None, overrides: dict[str, Any], data: DataInfo) -> FewShotHead:
+    """The registered head ``method`` with its preset (None: the head's default), overrides and the data's values."""
+    spec = head_registry.get(method)
+    return spec.build(spec.make_options(preset, overrides, data))
+
+
+def build_model(preset: str | None, dim: int, num_frames: int, heads: dict[str, Any] | None = None,
+                method: str = "mdmf", **data: Any) -> FewShotHead:
+    """:func:`build_head` for a width and frame count (``data``: ``num_classes``, ``dataset``, ``shot``)."""
+    return build_head(method, preset, heads or {}, DataInfo(dim=dim, num_frames=num_frames, **data))
+
+
+def head_record(head: FewShotHead) -> dict[str, Any]:
+    """What a checkpoint stores to rebuild ``head``: its registry name and resolved options."""
+    return {"method": head.method, "options": dataclasses.asdict(head.options)}
+
+
+def head_from_record(ckpt: dict[str, Any]) -> FewShotHead:
+    """The head a checkpoint describes (:func:`head_record`), weights not loaded.
+
+    Checkpoints of earlier versions stored MDMF's options under ``heads`` (with the method among them):
+    MDMF ones load; their CLIP-FSAR head differed from the released one and is refused.
+    """
+    if "options" in ckpt:
+        spec = head_registry.get(ckpt["method"])
+        return spec.build(spec.load_options(ckpt["options"]))
+    old = dict(ckpt["heads"])
+    if old.pop("method", "mdmf") != "mdmf":
+        raise ConfigError("this run's CLIP-FSAR head was trained by an earlier version of mdmf-cache, whose CLIP-FSAR "
+                          "differed from the released one; train it again (mdmf-cache train ... --method clip-fsar)")
+    return head_registry.get("mdmf").build(MDMFConfig(**old))
+
 
 def validate(model: FewShotHead, split: FeatureSplit, episodes: Episodes, seed: int) -> float:
-    """Mean val accuracy (%) on the fixed list, per-video path (RNG forked: training draws are unaffected)."""
+    """Mean val accuracy (%) on the fixed list, per-video path where the head has one (RNG forked: training
+    draws are unaffected)."""
     was_training = model.training
     model.eval()
-    acc = score(model.cfg.method, split, episodes, model, seed).mean * 100
+    acc = score(model.method, split, episodes, model, seed).mean * 100
     model.train(was_training)
     return acc
+
 
 def load_config(path: Path | str) -> TrainConfig:
     """A TrainConfig from a run's ``config.json`` or a sweep's ``best.json`` (``mdmf-cache train --config``)."""
@@ -82,6 +117,7 @@ def load_config(path: Path | str) -> TrainConfig:
         raise ConfigError(f"--config {path}: unknown TrainConfig field(s) {', '.join(unknown)}")
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
+
 def history_upto(path: Path, done: int) -> list[dict[str, Any]]:
     """Metrics lines of a run written before checkpoints carried them, up to ``done`` episodes."""
     if not path.is_file():
@@ -94,15 +130,16 @@ def history_upto(path: Path, done: int) -> list[dict[str, Any]]:
             continue
     return [r for r in recs if r.get("episodes", 0) <= done]
 
+
 def load_run(run: Path | str, device: str = "auto") -> tuple[FewShotHead, dict[str, Any]]:
-    """The best checkpoint of a run as an eval-mode head (MDMF or CLIP-FSAR), and the run's config."""
+    """The best checkpoint of a run as an eval-mode head, and the run's config."""
     run = Path(run)
     cfg = json.loads((run / "config.json").read_text())
     if not (run / "best.pt").is_file():
         raise ConfigError(f"{run} has no best.pt; train first (mdmf-cache train --out {run})")
     dev = resolve_device(device)
     ckpt = torch.load(run / "best.pt", map_location=dev, weights_only=False)
-    model = build_head(MDMFConfig(**ckpt["heads"])).to(dev)
+    model = head_from_record(ckpt).to(dev)
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, cfg

@@ -89,12 +89,10 @@ def demo_cache(demo_videos) -> Path:
 
 @pytest.fixture(scope="session")
 def splits_dir() -> Path:
-    """The real split files (``../shared/splits`` next to the repository); skips when absent."""
-    for cand in (Path(__file__).resolve().parents[2] / "shared" / "splits", REPO.parent / "shared" / "splits",
-                 Path("../shared/splits").resolve()):
-        if cand.is_dir():
-            return cand
-    pytest.skip("split files ../shared/splits not found")
+    """The split files of the built-in datasets, as shipped with the package (``mdmf_cache/splits``)."""
+    from mdmf_cache.datasets import shipped_splits_dir
+
+    return shipped_splits_dir()
 
 
 @pytest.fixture
