@@ -117,7 +117,10 @@ class RowSync:
 
 
 class CacheStore:
-    """Read and write one cache group (``*.zarr``)."""
+    """Read and write one cache group (``*.zarr``).
+
+    Opened for reading (``mode="r"``) it reads each small per-row array once and keeps it: open a new one
+    to see what a writer changed since."""
 
     def __init__(self, path: Path | str, mode: str = "r"):
         self.path = Path(path)
