@@ -151,6 +151,8 @@ def extract(
     world_size: Annotated[Optional[int], typer.Option(help="Number of processes (default: torchrun/SLURM env).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a cache made with other settings.")] = _X.overwrite,
     strict: Annotated[bool, typer.Option(help="Missing or undecodable videos are an error.")] = _X.strict,
+    verify_deep: Annotated[bool, typer.Option(help="Read every feature chunk for damage first (default: only those changed since the last clean verify).")] = _X.verify_deep,
+    retry_failed: Annotated[bool, typer.Option(help="Decode videos that failed before again, even if their files did not change.")] = _X.retry_failed,
     debug: DebugOpt = False,
 ) -> None:
     """Decode T frames per video, encode them with CLIP, and store them with the prompt embeddings."""
@@ -170,7 +172,8 @@ def extract(
                  decoder, workers, dataset.value),
         preset=preset.value, cache_dir=str(cache_dir), name=name, train_views=train_views, seed=seed,
         batch_videos=batch_videos, chunk_rows=chunk_rows, device=device,
-        splits=tuple(split) if split else _X.splits, overwrite=overwrite, strict=strict,
+        splits=tuple(split) if split else _X.splits, overwrite=overwrite, strict=strict, verify_deep=verify_deep,
+        retry_failed=retry_failed,
         rank=env_rank if rank is None else rank, world_size=env_world if world_size is None else world_size,
     )
     run(cfg)

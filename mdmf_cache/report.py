@@ -29,9 +29,15 @@ def print_extract_summary(path: Path, results) -> None:
         if r.vanished:
             console.print(f"[yellow]{r.split}: {len(r.vanished)} extracted videos are no longer on disk[/] "
                           f"(rows kept, unused until they are back), e.g. {', '.join(r.vanished[:3])}")
+        if r.changed:
+            console.print(f"{r.split}: {r.changed} videos changed on disk since they were extracted (size or mtime): "
+                          "extracted again")
         if r.retried:
             console.print(f"{r.split}: retried {r.retried} videos that had failed: {r.retried - r.still_failing} "
                           f"decode now, {r.still_failing} still failing")
+        if r.kept_failed:
+            console.print(f"{r.split}: {r.kept_failed} videos that failed before were not decoded again (their files "
+                          "did not change; --retry-failed decodes them again)")
         if r.damage:
             redo = f"{r.repaired} rows extracted again" if r.repaired else "no row needed extracting again"
             console.print(f"[yellow]{r.split}: repaired {len(r.damage)} damaged parts[/] (e.g. {r.damage[0]}): {redo}",
