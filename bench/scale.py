@@ -16,7 +16,10 @@ no backbone), over a tree of zero-byte placeholder files named like the rows, wi
 - ``info_s`` / ``verify_s``: ``mdmf-cache info`` and ``mdmf-cache verify`` (every chunk read), in process,
   their tables printed to nowhere;
 - ``export_peak_over_array``: a fresh process runs ``export --format h5``; its peak resident memory above
-  the baseline over the bytes of the largest array (the train features).
+  the baseline over the bytes of the largest array (the train features);
+- ``eval_peak_rss_gb``: a fresh process scores 10,000 5-way 5-shot test episodes with MDMF (random init,
+  the per-video path): its peak resident memory in total (``eval_above_start_gb``: above what it held
+  with the model and the test features loaded), and the seconds.
 
     python bench/scale.py --rows 67013 --views 4 --dim 1024
     python bench/scale.py --quick          # 2,000 rows, D = 64, small val/test: seconds
@@ -168,6 +171,20 @@ what, path = sys.argv[2], sys.argv[3]
 if what == "load":
     fs = load_split_features(path, "train")
     nbytes = fs.features.numel() * fs.features.element_size()
+elif what == "eval":  # eval's own path for MDMF (random init) on the test split, from a fresh process
+    from mdmf_cache.evaluation import episode_list, score
+    from mdmf_cache.runs import build_model
+    import time as _time
+    test = load_split_features(path, "test")
+    torch.manual_seed(0)
+    model = build_model("paper", test.features.shape[-1], test.features.shape[2], {}, "mdmf").eval()
+    eps = episode_list(test, 5, 5, 1, int(sys.argv[4]), 0)
+    before = status("VmRSS")
+    t0 = _time.perf_counter()
+    res = score("mdmf", test, eps, model, 0)
+    print(json.dumps({"peak_gb": status("VmHWM") / 1e9, "above_gb": (status("VmHWM") - before) / 1e9,
+                      "seconds": _time.perf_counter() - t0, "fused": res.fused, "episodes": len(eps)}))
+    sys.exit(0)
 else:
     export_h5(path, sys.argv[4])
     nbytes = CacheStore(path).root["train"]["features"].nbytes
@@ -182,6 +199,19 @@ def peak_over(what: str, path: Path, *extra: str) -> float:
         raise RuntimeError(f"{what} child failed: {res.stderr[-2000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
     return out["peak"] / out["bytes"]
+
+
+def measure_eval(path: Path, episodes: int) -> dict:
+    """Eval's peak resident memory for ``episodes`` 5-way 5-shot test episodes (MDMF, per-video path), in a
+    fresh process: in total (torch, the model and the features included) and above what it held before."""
+    res = subprocess.run([sys.executable, "-c", CHILD, str(REPO), "eval", str(path), str(episodes)], capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if res.returncode:
+        raise RuntimeError(f"eval child failed: {res.stderr[-2000:]}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return {"eval_episodes": out["episodes"], "eval_peak_rss_gb": round(out["peak_gb"], 3),
+            "eval_above_start_gb": round(out["above_gb"], 3), "eval_s": round(out["seconds"], 1),
+            "eval_fused": out["fused"]}
 
 
 def quiet(fn, *a):
@@ -229,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
                "features_gb": round(args.rows * args.views * args.frames * args.dim * 2 / 1e9, 3),
                "build_s": round(build_s, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
         out.update(measure_store(cfg, path, args.dim, base))
+        out.update(measure_eval(path, 200 if args.quick else 10_000))
         # further figures on the same cache join ``out`` here (one function each, returning its fields)
     print(json.dumps(out))
     return out
