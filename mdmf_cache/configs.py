@@ -96,6 +96,8 @@ class ExtractConfig(VideoOptions):
     splits: tuple[str, ...] = SPLITS
     overwrite: bool = False
     strict: bool = False
+    verify_deep: bool = False  # read every feature chunk before extracting (default: those changed since the last clean verify)
+    retry_failed: bool = False  # decode failed videos again even if their files did not change
     rank: int = 0
     world_size: int = 1
     progress: bool = True

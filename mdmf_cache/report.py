@@ -29,9 +29,15 @@ def print_extract_summary(path: Path, results) -> None:
         if r.vanished:
             console.print(f"[yellow]{r.split}: {len(r.vanished)} extracted videos are no longer on disk[/] "
                           f"(rows kept, unused until they are back), e.g. {', '.join(r.vanished[:3])}")
+        if r.changed:
+            console.print(f"{r.split}: {r.changed} videos changed on disk since they were extracted (size or mtime): "
+                          "extracted again")
         if r.retried:
             console.print(f"{r.split}: retried {r.retried} videos that had failed: {r.retried - r.still_failing} "
                           f"decode now, {r.still_failing} still failing")
+        if r.kept_failed:
+            console.print(f"{r.split}: {r.kept_failed} videos that failed before were not decoded again (their files "
+                          "did not change; --retry-failed decodes them again)")
         if r.damage:
             redo = f"{r.repaired} rows extracted again" if r.repaired else "no row needed extracting again"
             console.print(f"[yellow]{r.split}: repaired {len(r.damage)} damaged parts[/] (e.g. {r.damage[0]}): {redo}",
@@ -222,6 +228,26 @@ def print_heads(name: str | None = None) -> None:
     console.print(table)
     console.print(f"training episodes for a K-shot run: {spec.train_shot(1)}-shot at K=1, {spec.train_shot(5)}-shot at "
                   f"K=5, {spec.train_queries(5)} queries per class")
+
+
+def print_compare(rows: list[dict], shots, title: str) -> None:
+    """``compare``'s table: per method and shot the accuracy, the paired difference to the reference, the reported one."""
+    table = Table(title=title)
+    table.add_column("method")
+    for k in shots:
+        table.add_column(f"{k}-shot %", justify="right")
+        table.add_column("vs ref", justify="right")
+    table.add_column("reported (backbone)")
+    for r in rows:
+        cells = [r["method"]]
+        for k in shots:
+            cells.append(f"{r[f'{k}shot']:.1f} ± {r[f'{k}shot_ci95']:.1f}")
+            cells.append(f"{r[f'{k}shot_diff']:+.1f} ± {r[f'{k}shot_diff_ci95']:.1f}" if f"{k}shot_diff" in r else "ref")
+        rep = [f"{r[f'{k}shot_reported']:.1f}" if f"{k}shot_reported" in r else "-" for k in shots]
+        backbones = sorted({r[f"{k}shot_reported_backbone"] for k in shots if f"{k}shot_reported_backbone" in r})
+        cells.append(f"{'/'.join(rep)} ({', '.join(backbones)})" if backbones else "-")
+        table.add_row(*cells)
+    console.print(table)
 
 
 def print_predictions(res: dict, show: int = 10) -> None:

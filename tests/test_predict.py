@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import cli
+from mdmf_cache import heads as head_registry
 from mdmf_cache.configs import PredictConfig, TrainConfig
 from mdmf_cache.errors import ConfigError
 from mdmf_cache.predict_inputs import SPLIT, find_queries, find_support
@@ -173,17 +174,18 @@ def _features(demo_cache, n_classes=3, per_class=4):
     return support, feats[qi], test.text[:n_classes].float()
 
 
-@pytest.mark.parametrize("method", ["mdmf", "clip-fsar"])
+@pytest.mark.parametrize("method", head_registry.METHODS)
 def test_scoring_rules(demo_cache, method):
     from mdmf_cache.runs import build_model
 
     support, query, text = _features(demo_cache)
     torch.manual_seed(0)
     head = build_model(None, int(query.shape[-1]), int(query.shape[1]), method=method).eval()
-    # balanced supports: one pass, the softmax of the head's logits with every query in one episode
+    # balanced supports: one pass, the softmax of the head's logits of an episode with every support and one query
     p = class_probabilities(head, support, query, text)
     with pps_rule(head, "argmax"), torch.no_grad():
-        logits = head(torch.cat(support)[None], query[None], text[None])["logits"][0]
+        logits = torch.cat([head(torch.cat(support)[None], query[j : j + 1][None], text[None])["logits"][0]
+                            for j in range(len(query))])  # (Q, N)
     torch.testing.assert_close(p, torch.softmax(logits.double(), -1), atol=1e-5, rtol=0)
     assert torch.allclose(p.sum(1), torch.ones(len(query), dtype=torch.float64))
     # more supports than K: the mean over the seeded K-subsets, the same on both paths and call after call

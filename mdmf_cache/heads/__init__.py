@@ -37,6 +37,8 @@ class Entry:
 REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("mdmf", "mdmf_cache.heads.mdmf", "CLIP-MDMF: prompt selector, two temporal views, MMFE fusion, OTAM, mutual distillation"),
     Entry("clip-fsar", "mdmf_cache.heads.clip_fsar", "CLIP-FSAR (IJCV 2023) as released: text-conditioned supports, temporal transformer, OTAM"),
+    Entry("hyrsm", "mdmf_cache.heads.hyrsm", "HyRSM (CVPR 2022) as released: 1-shot and 5-shot forms, per-query set attention, Bi-MHM"),
+    Entry("hyrsm++", "mdmf_cache.heads.hyrsm_pp", "HyRSM++ as released: HyRSM plus the temporal-coherence regulariser"),
 )}
 
 #: Every ``--method`` a run can be trained or scored with.
