@@ -13,12 +13,12 @@ The Python API (docs/python-api.md), with the CLI's defaults::
 
 from __future__ import annotations
 
-from mdmf_cache.configs import EvalConfig, ExtractConfig, FullModeConfig, TrainConfig
+from mdmf_cache.configs import EvalConfig, ExtractConfig, FullModeConfig, PredictConfig, TrainConfig
 
-_API = ("extract", "open_cache", "load_split", "episode_list", "train", "evaluate", "ablate", "compare", "Run",
-        "load_run", "list_heads")
+_API = ("extract", "open_cache", "load_split", "episode_list", "train", "evaluate", "ablate", "compare", "predict",
+        "Run", "load_run", "list_heads")
 
-__all__ = ["ExtractConfig", "TrainConfig", "FullModeConfig", "EvalConfig", *_API]
+__all__ = ["ExtractConfig", "TrainConfig", "FullModeConfig", "EvalConfig", "PredictConfig", *_API]
 __version__ = "0.1.0"
 
 

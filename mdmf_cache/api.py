@@ -21,8 +21,8 @@ from typing import Any
 
 from mdmf_cache.configs import EvalConfig, ExtractConfig, TrainConfig
 
-__all__ = ["extract", "open_cache", "load_split", "episode_list", "train", "evaluate", "ablate", "compare", "Run",
-           "load_run", "list_heads"]
+__all__ = ["extract", "open_cache", "load_split", "episode_list", "train", "evaluate", "ablate", "compare", "predict",
+           "Run", "load_run", "list_heads"]
 
 
 def _config(cls, cfg, kwargs: dict[str, Any]):
@@ -96,6 +96,19 @@ def compare(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
     from pipelines.compare import CompareConfig, run_compare
 
     return run_compare(_config(CompareConfig, cfg, kwargs), progress=progress)
+
+
+def predict(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """``mdmf-cache predict``: label new videos with a run and a few labelled supports per class; writes
+    ``predictions.csv`` and returns ``{"rows": [...], "classes": [...], "out": ...}``. Fields:
+    :class:`~mdmf_cache.configs.PredictConfig` (``run``, ``support``, ``query``, ...)."""
+    from mdmf_cache.configs import PredictConfig
+    from pipelines.predict import run
+
+    if isinstance(kwargs.get("query"), (str, Path)):
+        kwargs["query"] = (str(kwargs["query"]),)
+    kwargs = {k: str(v) if k in ("run", "support") else v for k, v in kwargs.items()}
+    return run(_config(PredictConfig, cfg, kwargs), progress=progress, show=False)
 
 
 def list_heads() -> dict[str, str]:

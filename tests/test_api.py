@@ -26,6 +26,7 @@ def test_the_documented_session_runs(tmp_path, monkeypatch):
     assert (tmp_path / "api_demo" / "runs" / "mdmf" / "best.pt").is_file()
     assert scope["logits"].shape == (4, 5, 5)
     assert (tmp_path / "api_demo" / "compare" / "table.md").is_file()
+    assert len(scope["labels"]["rows"]) == 3 and (tmp_path / "api_demo" / "predict" / "predictions.csv").is_file()
 
 
 def test_api_defaults_are_the_configs_and_the_cli_s():
