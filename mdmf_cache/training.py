@@ -354,8 +354,10 @@ def _full_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _finite(model: nn.Module) -> bool:
-    """Every floating-point parameter and buffer finite (one host sync)."""
-    ts = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    """Every floating-point parameter and normalisation statistic finite (one host sync); other buffers may hold
+    inf on purpose (CLIP's causal attention mask)."""
+    stats = [b for name, b in model.named_buffers() if "running_" in name]
+    ts = [t for t in (*model.parameters(), *stats) if t.is_floating_point()]
     return not ts or bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
 
 

@@ -127,6 +127,21 @@ def test_weights_that_stop_being_finite_are_caught_even_with_a_finite_loss(tiny_
     assert not (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_distillation_of_an_episode_without_reliable_queries_has_a_finite_gradient():
+    """An episode whose reliability weights are all zero contributes 0, and no NaN gradient (this made a full-mode
+    run's weights NaN within two updates; the loss itself stayed finite)."""
+    from mdmf_cache.losses import _weighted_mean
+
+    values = torch.tensor([[9.0, 7.0], [9.0, 7.0]], requires_grad=True)  # (E, Q) KL terms
+    gate = torch.tensor([[0.0, 0.0], [1.0, 0.0]])  # episode 0: no reliable query
+    conf = torch.tensor([[1.5, 1.2], [1.5, 1.2]], requires_grad=True)
+    mean = _weighted_mean(values, gate * conf)
+    assert mean.tolist() == [0.0, 9.0]
+    mean.sum().backward()
+    assert torch.isfinite(values.grad).all() and torch.isfinite(conf.grad).all()
+    assert values.grad[0].tolist() == [0.0, 0.0] and values.grad[1].tolist() == [1.0, 0.0]
+
+
 # ------------------------------------------------------------------------------------------ run lock
 
 
@@ -288,3 +303,152 @@ def test_os_errors_are_one_line_naming_the_path(tiny_cache, tmp_path, capsys, mo
     blocker.write_text("x")
     code, out = _main(_fast_args(tiny_cache, blocker / "run"), capsys, monkeypatch)
     _one_line(code, out, f"cannot create {blocker / 'run'}", "writable storage")
+
+
+# ---------------------------------------------------------------------------------------------- full mode
+
+
+def _full_cfg(root, out, **kw) -> TrainConfig:
+    full = {"dataset": "folder", "root": str(root), "model": "mdmf-tiny-vit", "pretrained": None, "workers": 0,
+            "flip": False, **kw.pop("full", {})}
+    base = dict(mode="full", out=str(out), way=2, shot=1, train_queries=1, episodes=4, episodes_per_step=2, val_every=4,
+                val_episodes=6, lr=1e-3, device="cpu", heads={"ffn_dim": 64}, full=full)
+    return TrainConfig(**{**base, **kw})
+
+
+def _full_args(root, out, *extra: str) -> list[str]:
+    return ["train", "--mode", "full", "folder", "--root", str(root), "--model", "mdmf-tiny-vit", "--pretrained", "none",
+            "--workers", "0", "--no-flip", "--out", str(out), "--way", "2", "--shot", "1", "--train-queries", "1",
+            "--episodes", "4", "--episodes-per-step", "2", "--val-every", "4", "--val-episodes", "6", "--lr", "1e-3",
+            "--head-opt", "ffn_dim=64", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def full_run(action_videos, tmp_path_factory):
+    """A finished one-validation full-mode run on a copy of ``action_videos`` (read-only: tests copy it)."""
+    base = tmp_path_factory.mktemp("full")
+    root = base / "videos"
+    shutil.copytree(action_videos, root)
+    out = base / "run"
+    run_train(_full_cfg(root, out), progress=False)
+    return root, out
+
+
+def _test_videos(cache: str) -> list[str]:
+    from mdmf_cache.store import load_split_features
+
+    return load_split_features(cache, "test").video_ids
+
+
+def test_eval_of_a_full_run_follows_its_video_tree(full_run, tmp_path):
+    from mdmf_cache.datasets import load_splits
+
+    root0, run0 = full_run
+    root, run = tmp_path / "videos", tmp_path / "run"
+    shutil.copytree(root0, root)
+    shutil.copytree(run0, run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["full"]["root"] = str(root)
+    (run / "config.json").write_text(json.dumps(cfg))
+    test = load_splits("folder", None, root, 0)["test"]
+    gone = root / f"{test.video_ids[0]}.mp4" if (root / f"{test.video_ids[0]}.mp4").exists() else \
+        next(root.glob(f"{test.video_ids[0]}.*"))
+    aside = tmp_path / gone.name
+    gone.rename(aside)
+    ev = lambda **kw: run_eval(EvalConfig(target=str(run), way=2, episodes=20, device="cpu", **kw), progress=False)  # noqa: E731
+    first = ev()
+    assert len(_test_videos(first["cache"])) == len(test) - 1
+    aside.rename(gone)  # restored: the next eval extracts it into the same cache
+    second = ev()
+    assert second["cache"] == first["cache"] and len(_test_videos(second["cache"])) == len(test)
+    # the eval cache damaged (a feature chunk garbled, the split's metadata garbled): eval repairs it itself
+    cache = Path(second["cache"])
+    chunk = next(f for f in sorted((cache / "test" / "features").rglob("*")) if f.is_file() and f.name != "zarr.json")
+    chunk.write_bytes(b"garbage")
+    assert ev()["shots"]["1"] == second["shots"]["1"]
+    (cache / "test" / "zarr.json").write_text("{")
+    assert ev()["shots"]["1"] == second["shots"]["1"]
+    # elsewhere (a run on read-only storage): --eval-cache
+    other = ev(eval_cache=str(tmp_path / "ec"), out=str(tmp_path / "ev"))
+    assert Path(other["cache"]).parent == tmp_path / "ec" and other["shots"]["1"] == second["shots"]["1"]
+    # the tree moved: --root is used (and compared with the cache, not skipped)
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    with pytest.raises(DatasetError, match="is not a directory; pass --root"):
+        ev()
+    assert ev(root=str(moved))["shots"]["1"] == second["shots"]["1"]
+
+
+def test_eval_cache_that_cannot_be_written_says_eval_cache(full_run, tmp_path, monkeypatch):
+    root, run0 = full_run
+    run = _copy(run0, tmp_path / "run")
+
+    def read_only(self, *a, **k):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "touch", read_only)
+    with pytest.raises(ConfigError, match=r"cannot write .*eval_cache \(Read-only file system\).*--eval-cache DIR"):
+        run_eval(EvalConfig(target=str(run), way=2, episodes=10, device="cpu"), progress=False)
+
+
+def test_a_damaged_backbone_is_named_and_resume_rebuilds_it(full_run, tmp_path, capsys, monkeypatch):
+    root, run0 = full_run
+    run = _copy(run0, tmp_path / "run")
+    _truncate(run / "backbone.pt")
+    code, err = _main(["eval", str(run), "--way", "2", "--episodes", "10", "--device", "cpu"], capsys, monkeypatch)
+    _one_line(code, err, f"{run / 'backbone.pt'} is damaged", "--resume")
+    assert "stopped between" not in err
+    code, err = _main(_full_args(root, run, "--resume"), capsys, monkeypatch)  # finished; its only validation is the best
+    assert code == 0, err
+    a, b = torch.load(run0 / "backbone.pt", weights_only=True), torch.load(run / "backbone.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert run_eval(EvalConfig(target=str(run), way=2, episodes=10, device="cpu"), progress=False)["shots"]["1"]
+
+
+def test_resume_of_a_full_run_from_a_moved_tree(full_run, tmp_path, capsys, monkeypatch):
+    root0, run0 = full_run
+    run = _copy(run0, tmp_path / "run")
+    moved = tmp_path / "moved"
+    shutil.copytree(root0, moved)
+    # another setting inside full: named
+    code, err = _main(_full_args(moved, run, "--resume", "--episodes", "6", "--num-frames", "4"), capsys, monkeypatch)
+    _one_line(code, err, "trained with different full.num_frames")
+    # the same videos elsewhere: continued
+    code, err = _main(_full_args(moved, run, "--resume", "--episodes", "6"), capsys, monkeypatch)
+    assert code == 0, err
+    assert torch.load(run / "last.pt", weights_only=False)["episodes"] == 6
+    assert json.loads((run / "config.json").read_text())["full"]["root"] == str(moved)
+    # other videos there (one train video gone): refused, naming the split
+    from mdmf_cache.datasets import load_splits
+
+    train = load_splits("folder", None, moved, 0)["train"]
+    next(moved.glob(f"{train.video_ids[0]}.*")).unlink()
+    code, err = _main(_full_args(moved, run, "--resume", "--episodes", "8"), capsys, monkeypatch)
+    _one_line(code, err, "not those this run was trained on", "train: other videos (19 found now, 20 at training)")
+
+
+def test_videos_shorter_than_t_frames_are_warned_about(action_videos, tmp_path, caplog):
+    """action_videos have 20 frames: --num-frames 24 repeats frames, said once per split (extract and full mode)."""
+    import logging
+
+    from mdmf_cache.configs import ExtractConfig
+    from pipelines.extract import run as extract
+
+    ids = sorted(f"{p.parent.name}/{p.stem}" for p in action_videos.glob("*/*"))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for name, part in (("train", ids[0:2]), ("val", ids[4:6]), ("test", ids[8:11])):
+        (lists / f"{name}.txt").write_text("\n".join(part) + "\n")
+    caplog.set_level(logging.WARNING)
+    extract(ExtractConfig(dataset="folder", root=str(action_videos), splits_dir=str(lists), cache_dir=str(tmp_path / "c"),
+                          model="mdmf-tiny-vit", pretrained=None, workers=0, progress=False, way=1, num_frames=24))
+    said = [r.getMessage() for r in caplog.records if "fewer than --num-frames 24" in r.getMessage()]
+    assert sorted(said) == sorted(f"{s}: {n} of {n} videos have fewer than --num-frames 24 decodable frames: their frame "
+                                  f"indices repeat (mdmf-cache info {tmp_path / 'c' / 'videos__mdmf-tiny-vit__random.zarr'}"
+                                  " counts them)" for s, n in (("train", 2), ("val", 2), ("test", 3)))
+    caplog.clear()
+    run_train(_full_cfg(action_videos, tmp_path / "run", episodes=4, val_every=2, full={"num_frames": 24}),
+              progress=False)
+    said = [r.getMessage() for r in caplog.records if "fewer than --num-frames 24" in r.getMessage()]
+    assert len(said) == 2 and said[0].startswith("train: ") and "of the" in said[0]  # once each, not per validation
+    assert said[1] == "val: 8 of 8 videos have fewer than --num-frames 24 decodable frames: their frames repeat"
