@@ -691,10 +691,16 @@ def _os_error_line(err: BaseException) -> str | None:
     import errno
     import shutil
 
-    seen = 0
-    while err is not None and not (isinstance(err, OSError) and err.filename) and seen < 5:
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    if not isinstance(err, OSError) or not err.filename:
+    chain = []
+    while err is not None and len(chain) < 6:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    os_errors = [e for e in chain if isinstance(e, OSError)]
+    err = next((e for e in os_errors if e.filename), None)
+    if err is None:
+        full = next((e for e in os_errors if e.errno in (errno.ENOSPC, errno.EDQUOT)), None)  # a write names no file
+        if full is not None:
+            return f"disk full ({full.strerror}); free some space and rerun the same command (finished work is kept)"
         return None
     path = Path(err.filename)
     what = err.strerror or type(err).__name__

@@ -236,7 +236,7 @@ def episode_list(split: FeatureSplit, way: int, shot: int, queries: int, n: int,
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Evaluate; returns the results dict that is also written to ``results.json``."""
     from mdmf_cache.backbone import resolve_device
-    from mdmf_cache.fileio import atomic_write_json
+    from mdmf_cache.fileio import atomic_write_json, writing
     from mdmf_cache.errors import CacheError
     from mdmf_cache.runs import check_identity, full_run_cache, load_run, read_run_file, run_cache
     from mdmf_cache.store import load_split_features
@@ -315,12 +315,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     try:
         for shot in shots:
             eps = episode_list(split, cfg.way, shot, cfg.queries_per_class, cfg.episodes, cfg.seed)
-            eps.save(out / f"episodes_{cfg.way}way_{shot}shot.npz")
+            with writing(out / f"episodes_{cfg.way}way_{shot}shot.npz"):
+                eps.save(out / f"episodes_{cfg.way}way_{shot}shot.npz")
             task = bar.add_task(f"{method} {shot}-shot", total=len(eps)) if bar else None
             res = score(method, split, eps, model, cfg.seed, cfg.batch_size,
                         (lambda k, t=task: bar.advance(t, k)) if bar else None, path=cfg.path)
             results["shots"][str(shot)] = res.summary(split.class_names)
-            np.save(out / f"episode_acc_{shot}shot.npy", res.episode_acc)
+            with writing(out / f"episode_acc_{shot}shot.npy"):
+                np.save(out / f"episode_acc_{shot}shot.npy", res.episode_acc)
     finally:
         if bar:
             bar.stop()

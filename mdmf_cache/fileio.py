@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 from .errors import MdmfError
 
 __all__ = ["DiskFullError", "raise_if_disk_full", "atomic_write_file", "atomic_write_text", "atomic_write_json",
-           "atomic_torch_save", "process_lock"]
+           "atomic_torch_save", "process_lock", "writing"]
 
 _LOW_SPACE = 64 << 20  # below this much free space a failed write is reported as a full disk
 
@@ -89,6 +89,21 @@ def atomic_torch_save(obj: Any, path: Path | str) -> Path:
     import torch
 
     return atomic_write_file(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Writes to ``path`` (not atomic: an append, numpy's savez): a full disk is a :class:`DiskFullError` naming it,
+    and any other OSError names ``path`` when it named no file (``write`` errors carry none)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as err:
+        raise_if_disk_full(path, err)
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ from mdmf_cache.distributed import (World, barrier, destroy_process_group, init_
                                     running_stats_snapshot, world_from_env)
 from mdmf_cache.episodes import EpisodeSampler
 from mdmf_cache.errors import ConfigError, TrainingError
-from mdmf_cache.fileio import atomic_torch_save, atomic_write_json, atomic_write_text
+from mdmf_cache.fileio import atomic_torch_save, atomic_write_json, atomic_write_text, writing
 from mdmf_cache.heads.spec import DataInfo
 from mdmf_cache.losses import mean_parts
 from mdmf_cache.runs import (RunFileError, build_head, check_identity, head_record, history_upto, read_run_file, run_lock,
@@ -203,7 +203,8 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", {**cfg_dict, **data.record(), "resolved_heads": head_record(head)["options"]})
-        val_eps.save(out / "val_episodes.npz")
+        with writing(out / "val_episodes.npz"):
+            val_eps.save(out / "val_episodes.npz")
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
     # 3. train
@@ -304,7 +305,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
                 # metrics line first, then best.pt (full mode: backbone.pt before it), then last.pt (each
                 # atomic): a kill between them resumes from the previous last.pt, which drops and
                 # recomputes the later line
-                with (out / "metrics.jsonl").open("a") as fh:
+                with writing(out / "metrics.jsonl"), (out / "metrics.jsonl").open("a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                 if acc > best:
                     best = acc
@@ -376,6 +377,8 @@ def _best_needs_repair(out: Path, cfg: TrainConfig, done: int, best: float, hist
     Raises:
         ConfigError: one is missing or damaged and last.pt is not the best validation (nothing to rebuild it from).
     """
+    if not history:  # saved between validations before the first one: there is no best.pt yet
+        return False
     problem = None
     try:
         ckpt = read_run_file(out / "best.pt")

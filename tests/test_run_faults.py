@@ -290,6 +290,7 @@ def test_os_errors_are_one_line_naming_the_path(tiny_cache, tmp_path, capsys, mo
 
     target = tmp_path / "run" / "last.pt"
     for err, needle in ((OSError(errno.ENOSPC, "No space left on device", str(target)), f"disk full while writing {target}"),
+                        (OSError(errno.ENOSPC, "No space left on device"), "disk full (No space left on device)"),
                         (PermissionError(errno.EROFS, "Read-only file system", str(target)), f"cannot access {target}")):
         def fails(cfg, err=err):
             raise RuntimeError("zarr could not write its metadata") from err
@@ -297,6 +298,13 @@ def test_os_errors_are_one_line_naming_the_path(tiny_cache, tmp_path, capsys, mo
         monkeypatch.setattr(pipelines.train, "run", fails)
         code, out = _main(_fast_args(tiny_cache, tmp_path / "run"), capsys, monkeypatch)
         _one_line(code, out, needle)
+    # a write that names no file (an append, numpy's savez) is given its path
+    from mdmf_cache.fileio import writing
+
+    with pytest.raises(OSError) as got:
+        with writing(target):
+            raise OSError(errno.EIO, "Input/output error")
+    assert got.value.filename == str(target) and got.value.errno == errno.EIO
     # a run directory that cannot be created: said before any work
     monkeypatch.undo()
     blocker = tmp_path / "file"
@@ -452,3 +460,42 @@ def test_videos_shorter_than_t_frames_are_warned_about(action_videos, tmp_path, 
     said = [r.getMessage() for r in caplog.records if "fewer than --num-frames 24" in r.getMessage()]
     assert len(said) == 2 and said[0].startswith("train: ") and "of the" in said[0]  # once each, not per validation
     assert said[1] == "val: 8 of 8 videos have fewer than --num-frames 24 decodable frames: their frames repeat"
+
+
+# ----------------------------------------------------------------------------------------------- sweeps
+
+
+def test_ctrl_c_in_a_sweep_says_what_finished_and_resume_goes_on(tiny_cache, tmp_path):
+    import optuna
+
+    from pipelines.sweep import SweepConfig, run_sweep
+
+    out = tmp_path / "sw"
+    trial = {"way": 2, "shot": 1, "train-queries": 1, "episodes": 8, "episodes-per-step": 4, "val-every": 4,
+             "val-episodes": 4, "ffn-dim": 64}
+    args = [str(tiny_cache), "--out", str(out), "--trials", "50", "--no-prune", "--space", "lr=1e-4:1e-2:log",
+            *[x for k, v in trial.items() for x in (f"--{k}", str(v))]]
+    proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "sweep", *args], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{out / 'study.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    finished = 0
+    deadline = time.monotonic() + 240
+    while finished < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            finished = sum(t.state.name == "COMPLETE" for t in optuna.load_study(study_name="sw", storage=storage).trials)
+        except Exception:  # noqa: BLE001 - not created yet
+            continue
+    assert proc.poll() is None and finished >= 2, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    done = sum(t.state.name == "COMPLETE" for t in optuna.load_study(study_name="sw", storage=storage).trials)
+    assert f"interrupted: {done} of 50 trials finished" in err and "rerun the same command with --resume" in err, err
+    cfg = SweepConfig(cache=str(tiny_cache), out=str(out), trials=done + 1, prune=False, space={"lr": "1e-4:1e-2:log"},
+                      fixed=trial, resume=True)
+    run_sweep(cfg, progress=False)
+    states = [t.state.name for t in optuna.load_study(study_name="sw", storage=storage).trials]
+    assert states.count("COMPLETE") == done + 1
