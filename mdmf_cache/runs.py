@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -408,9 +409,18 @@ def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, 
                           "backbone there; pass --eval-cache DIR on writable storage (and --out DIR for the results)") from e
     if rebuild and path.exists():
         log.warning("%s cannot be read; extracting the %s split again", path, split)
-        import shutil
-
         shutil.rmtree(path)
     log.info("%s split of %s with its fine-tuned backbone: cache %s", split, run, path)
-    path, _ = run_extract(ecfg)
+    try:
+        path, _ = run_extract(ecfg)
+    except CacheError as e:
+        from mdmf_cache.cache_build import extract_lock
+
+        with extract_lock(path):  # another eval extracting it now: its error stands (raised here)
+            pass
+        if rebuild or not path.exists():
+            raise
+        log.warning("%s; extracting the %s split again", e, split)  # damage its extract could not repair
+        shutil.rmtree(path)
+        path, _ = run_extract(ecfg)
     return str(path)
