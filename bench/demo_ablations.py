@@ -12,7 +12,7 @@
     python bench/demo_ablations.py --quick    # seconds, not a measurement: a 2-way mini demo in a temporary directory
 
 ``--quick`` does not run the demo (its 250 videos take minutes on a CPU): it makes a mini demo the same way
-(10 classes x 3 tiny videos, the demo's extraction settings with T = 4, 4 training episodes, 2-way 1-shot) and
+(10 classes x 2 tiny videos, the demo's extraction settings with T = 4, 4 training episodes, 2-way 1-shot) and
 runs both ablations on it through the same calls.
 
 Prints a table and one JSON line (``{"bench": "demo_ablations", ...}``).
@@ -54,7 +54,7 @@ def mini_demo(out: Path) -> tuple[DemoConfig, Path, dict]:
     """A 2-way mini demo made the way ``run_demo`` makes it (videos, the demo's extraction settings, fast-mode heads)."""
     from mdmf_cache.synthetic import make_action_dataset
 
-    cfg = DemoConfig(out=str(out), num_classes=10, videos_per_class=3, num_frames=8, train_views=1, workers=0,
+    cfg = DemoConfig(out=str(out), num_classes=10, videos_per_class=2, num_frames=8, train_views=1, workers=0,
                      train_episodes=4, shots=(1,))
     small = {"extract": {"num_frames": 4, "way": 2},
              "train": {"way": 2, "shot": 1, "train_queries": 1, "episodes_per_step": 2, "val_every": 4, "val_episodes": 10},

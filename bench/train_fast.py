@@ -46,8 +46,8 @@ from mdmf_cache.runs import build_model  # noqa: E402
 
 FULL_TEST = 10_000
 #: --quick's sizes (seconds on a CPU: the same code paths, tiny sizes); options given explicitly win.
-QUICK = {"dim": 32, "steps": 2, "episodes_per_step": 4, "test_episodes": 40, "direct_episodes": 8, "eval_batch": 16,
-         "classes": 8, "videos_per_class": 10}
+QUICK = {"dim": 32, "steps": 1, "episodes_per_step": 2, "test_episodes": 20, "direct_episodes": 4, "eval_batch": 16,
+         "classes": 5, "videos_per_class": 10}
 #: The keys of the JSON line (tests/test_bench.py checks them).
 KEYS = ("bench", "device", "dim", "train_eps_batched", "train_eps_single", "train_speedup", "eval_10k_s",
         "eval_10k_s_direct", "eval_speedup", "eval_max_logit_diff", "eval_same_predictions", "quick")
@@ -193,8 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--videos-per-class", type=int, help="(100)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="seconds, not a measurement: D=32, 2 steps of 4 episodes, "
-                                                        "40 test episodes (the same code paths)")
+    p.add_argument("--quick", action="store_true", help="seconds, not a measurement: D=32, 1 step of 2 episodes, "
+                                                        "20 test episodes (the same code paths)")
     args = p.parse_args(argv)
     for k, v in (QUICK if args.quick else FULL).items():
         if getattr(args, k) is None:

@@ -12,7 +12,7 @@ Measures, in one run:
   and peak GPU memory (``torch.cuda.max_memory_allocated``, the weights and Adam's state included) of
   full-mode updates for each ``--memory-models`` x 5-way ``--memory-shots`` x gradient checkpointing
   off/on (5 queries per class, as in training), on random pixels: one episode per forward/backward, 4
-  accumulated per Adam step, after a warm-up update.
+  accumulated per Adam step (``--memory-accumulate``), after a warm-up update.
 
 The videos are synthetic (moving shapes, MP4/AVI as UCF101), 320x240 and ``--video-frames`` long.
 Accuracy is meaningless here, only time and memory are measured.
@@ -56,10 +56,10 @@ from mdmf_cache.video_episodes import episode_pixels  # noqa: E402
 #: given explicitly win. memory_models None: RN50,ViT-B-16 on CUDA, none on a CPU.
 FULL = {"model": "mdmf-tiny-vit", "way": 5, "episodes": 16, "episodes_per_step": 8, "workers": "0,1,2",
         "video_frames": 48, "classes": 25, "videos_per_class": 4, "size": (320, 240), "memory_models": None,
-        "memory_shots": "1,5", "memory_queries": 5}
+        "memory_shots": "1,5", "memory_queries": 5, "memory_accumulate": 4}
 QUICK = {"model": "mdmf-tiny-vit", "way": 2, "episodes": 2, "episodes_per_step": 2, "workers": "0,1",
          "video_frames": 12, "classes": 10, "videos_per_class": 3, "size": (64, 48), "memory_models": "mdmf-tiny-vit",
-         "memory_shots": "1", "memory_queries": 1}
+         "memory_shots": "1", "memory_queries": 1, "memory_accumulate": 1}
 #: The keys of the JSON line (tests/test_bench.py checks them).
 KEYS = ("bench", "device", "model", "compute_only_eps", "full_eps", "ratio", "workers_needed", "pixel_updates",
         "memory_gib", "quick")
@@ -194,6 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "CUDA, none on a CPU)")
     ap.add_argument("--memory-shots", help="(1,5)")
     ap.add_argument("--memory-queries", type=int, help="queries per class of the random-pixel updates (5)")
+    ap.add_argument("--memory-accumulate", type=int, help="one-episode passes per Adam step of the random-pixel updates (4)")
     ap.add_argument("--quick", action="store_true", help="seconds, not a measurement: 2-way, 2 episodes, tiny "
                                                          "videos, the tiny ViT's random-pixel updates (the same code paths)")
     args = ap.parse_args(argv)
@@ -245,7 +246,8 @@ def _run(args, device: torch.device, tmp: Path) -> dict:
     for model in filter(None, args.memory_models.split(",")):
         for shot in (int(x) for x in args.memory_shots.split(",")):
             for ckpt in (False, True):
-                r = random_pixel_updates(root, model, args.way, shot, args.memory_queries, ckpt, device)
+                r = random_pixel_updates(root, model, args.way, shot, args.memory_queries, ckpt, device,
+                                         accumulate=args.memory_accumulate)
                 key = f"{model} {shot}-shot{' ckpt' if ckpt else ''}"
                 out["pixel_updates"][key] = r
                 out["memory_gib"][key] = r["peak_gib"]

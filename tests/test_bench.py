@@ -1,0 +1,67 @@
+"""Every benchmark script in bench/ still runs: ``bench/X.py --quick`` in a fresh process (the way it is run).
+
+The list is the files in bench/, so a new benchmark is picked up without touching this file. Each must take
+``--quick`` (tiny sizes, the same code paths as its measured run), exit 0, and print last one JSON line
+holding the keys it promises in its module-level ``KEYS`` tuple, with ``bench`` its own name and ``quick``
+true, after a human-readable table. Nothing here is timed: --quick runs measure nothing.
+
+``bench/gpu.py`` needs a CUDA device: without one it must stop at its device check (exit status 3, after
+its imports and its argument parsing), which is what is checked on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py"))
+
+
+def promised_keys(path: Path) -> tuple[str, ...]:
+    """The script's ``KEYS = (...)`` (read from its source: importing it would run its imports here)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "KEYS" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    pytest.fail(f"bench/{path.name} defines no KEYS tuple (the keys its JSON line promises)")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_benches_are_found():
+    assert {"extract.py", "train_fast.py", "gpu.py"} <= set(BENCHES)
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_bench_runs_quick(name, tmp_path):
+    path = REPO / "bench" / name
+    keys = promised_keys(path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # from an empty folder: a bench must not need (or litter) the working directory
+    r = subprocess.run([sys.executable, str(path), "--quick"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    if "unrecognized arguments: --quick" in r.stderr:
+        pytest.fail(f"bench/{name} has no --quick mode (tiny sizes, the same code paths, seconds)")
+    if name == "gpu.py" and not _cuda():
+        assert r.returncode == 3, (r.returncode, r.stderr[-3000:])
+        assert "imports and arguments OK; no CUDA device" in r.stderr, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+        return
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) >= 2, f"bench/{name} printed no table before its JSON line: {r.stdout!r}"
+    record = json.loads(lines[-1])
+    missing = [k for k in keys if k not in record]
+    assert not missing, f"bench/{name}'s JSON line lacks {missing}: {lines[-1][:500]}"
+    assert record["bench"] == path.stem and record["quick"] is True
+    assert not list(tmp_path.iterdir()), f"bench/{name} wrote into the working directory: {list(tmp_path.iterdir())}"
