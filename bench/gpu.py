@@ -308,6 +308,10 @@ def device_check(args: argparse.Namespace) -> torch.device:
     if args.allow_cpu:
         log("no CUDA device (or --device cpu): the tiny version on the CPU (--allow-cpu); nothing here is a measurement")
         return torch.device("cpu")
+    if torch.cuda.is_available():
+        print("bench/gpu.py: --device cpu measures nothing of the GPU paths; add --allow-cpu to run the tiny CPU "
+              "version anyway", file=sys.stderr)
+        raise SystemExit(NO_DEVICE)
     print(f"bench/gpu.py: imports and arguments OK; no CUDA device here (torch {torch.__version__}, CUDA build "
           f"{torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Run it on "
           "a GPU machine (make bench-gpu), or pass --allow-cpu for the tiny CPU version.", file=sys.stderr)

@@ -134,7 +134,7 @@ def trial_rows_of(out: Path) -> list[dict[str, float]]:
 
 #: --quick's sizes (seconds: a tiny random cache in a temporary directory; the sweep, its worker processes and
 #: the cost split run as in the measured run); options given explicitly win.
-QUICK = {"synthetic_dim": 32, "jobs": "1", "trials": 2, "episodes": 4, "val_every": 4, "val_episodes": 5}
+QUICK = {"synthetic_dim": 32, "jobs": "1", "trials": 1, "episodes": 4, "val_every": 4, "val_episodes": 5}
 QUICK_FIXED = {"shot": 1, "train-queries": 1, "episodes-per-step": 4}  # 4 videos per class suffice
 FULL = {"jobs": "1,2", "trials": 6, "episodes": 200, "val_every": 100, "val_episodes": 300}
 #: The keys of the JSON line (tests/test_bench.py checks them).
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--val-episodes", type=int, help="(300)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="seconds, not a measurement: a tiny random cache (D=32), "
-                                                        "2 trials of 4 episodes, --jobs 1")
+                                                        "1 trial of 4 episodes, --jobs 1")
     args = p.parse_args(argv)
     for k, v in (QUICK if args.quick else FULL).items():
         if getattr(args, k) is None:

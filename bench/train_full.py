@@ -56,10 +56,10 @@ from mdmf_cache.video_episodes import episode_pixels  # noqa: E402
 #: given explicitly win. memory_models None: RN50,ViT-B-16 on CUDA, none on a CPU.
 FULL = {"model": "mdmf-tiny-vit", "way": 5, "episodes": 16, "episodes_per_step": 8, "workers": "0,1,2",
         "video_frames": 48, "classes": 25, "videos_per_class": 4, "size": (320, 240), "memory_models": None,
-        "memory_shots": "1,5", "memory_queries": 5, "memory_accumulate": 4}
-QUICK = {"model": "mdmf-tiny-vit", "way": 2, "episodes": 2, "episodes_per_step": 2, "workers": "0,1",
+        "memory_shots": "1,5", "memory_queries": 5, "memory_accumulate": 4, "frames": 8}
+QUICK = {"model": "mdmf-tiny-vit", "way": 2, "episodes": 2, "episodes_per_step": 2, "workers": "1",
          "video_frames": 12, "classes": 10, "videos_per_class": 3, "size": (64, 48), "memory_models": "mdmf-tiny-vit",
-         "memory_shots": "1", "memory_queries": 1, "memory_accumulate": 1}
+         "memory_shots": "1", "memory_queries": 1, "memory_accumulate": 1, "frames": 4}
 #: The keys of the JSON line (tests/test_bench.py checks them).
 KEYS = ("bench", "device", "model", "compute_only_eps", "full_eps", "ratio", "workers_needed", "pixel_updates",
         "memory_gib", "quick")
@@ -67,19 +67,21 @@ KEYS = ("bench", "device", "model", "compute_only_eps", "full_eps", "ratio", "wo
 
 def config(root: Path, out: Path, *, model: str, way: int, shot: int, queries: int, episodes: int,
            episodes_per_step: int, episodes_per_forward: int, workers: int, device: str,
-           checkpointing: bool = False) -> TrainConfig:
+           checkpointing: bool = False, frames: int = 8) -> TrainConfig:
     """A full-mode TrainConfig on the synthetic folder dataset ``root`` (random init, one validation at the end)."""
     return TrainConfig(
         mode="full", out=str(out), way=way, shot=shot, train_queries=queries, episodes=episodes,
         episodes_per_step=episodes_per_step, val_every=episodes, val_episodes=5, lr=1e-5, device=device, seed=0,
         full={"dataset": "folder", "root": str(root), "model": model, "pretrained": None, "workers": workers,
-              "flip": True, "episodes_per_forward": episodes_per_forward, "grad_checkpointing": checkpointing})
+              "flip": True, "episodes_per_forward": episodes_per_forward, "grad_checkpointing": checkpointing,
+              "num_frames": frames})
 
 
 def _config(args, root: Path, out: Path, workers: int) -> TrainConfig:
     return config(root, out, model=args.model, way=args.way, shot=args.shot, queries=args.queries,
                   episodes=args.episodes, episodes_per_step=args.episodes_per_step,
-                  episodes_per_forward=args.episodes_per_forward, workers=workers, device=args.device)
+                  episodes_per_forward=args.episodes_per_forward, workers=workers, device=args.device,
+                  frames=args.frames)
 
 
 def _adam(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -125,7 +127,7 @@ def compute_only(cfg: TrainConfig, device: torch.device) -> float:
 
 
 def random_pixel_updates(root: Path, model: str, way: int, shot: int, queries: int, checkpointing: bool,
-                         device: torch.device, updates: int = 1, accumulate: int = 4) -> dict:
+                         device: torch.device, updates: int = 1, accumulate: int = 4, frames: int = 8) -> dict:
     """Full-mode updates on random pixels: ``updates`` timed updates of ``accumulate`` one-episode forward/backward
     passes and one Adam step each, after a warm-up update.
 
@@ -136,7 +138,7 @@ def random_pixel_updates(root: Path, model: str, way: int, shot: int, queries: i
     # the data only gives the backbone, its width and the text: a 1-shot 1-query config fits any synthetic tree
     cfg = config(root, root.parent / "pixel_updates", model=model, way=way, shot=1, queries=1,
                  episodes=accumulate, episodes_per_step=accumulate, episodes_per_forward=1, workers=0,
-                 device=str(device), checkpointing=checkpointing)
+                 device=str(device), checkpointing=checkpointing, frames=frames)
     data = FullData(cfg, device, World())
     torch.manual_seed(0)
     head = build_model(cfg.preset, data.dim, data.num_frames, {}, cfg.method)
@@ -185,6 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--episodes", type=int, help="episodes timed per measurement (16)")
     ap.add_argument("--episodes-per-step", type=int, help="(8)")
     ap.add_argument("--episodes-per-forward", type=int, default=1)
+    ap.add_argument("--frames", type=int, help="T frames per video the model sees (8)")
     ap.add_argument("--workers", help="comma-separated decoder worker counts (0,1,2)")
     ap.add_argument("--video-frames", type=int, help="frames per synthetic video (48)")
     ap.add_argument("--classes", type=int, help="classes of the synthetic dataset (25)")
@@ -196,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--memory-queries", type=int, help="queries per class of the random-pixel updates (5)")
     ap.add_argument("--memory-accumulate", type=int, help="one-episode passes per Adam step of the random-pixel updates (4)")
     ap.add_argument("--quick", action="store_true", help="seconds, not a measurement: 2-way, 2 episodes, tiny "
-                                                         "videos, the tiny ViT's random-pixel updates (the same code paths)")
+                                                         "videos, 1 decoder worker, the tiny ViT's random-pixel updates "
+                                                         "(the same code paths)")
     args = ap.parse_args(argv)
     for k, v in (QUICK if args.quick else FULL).items():
         if getattr(args, k) is None:
@@ -226,7 +230,8 @@ def _run(args, device: torch.device, tmp: Path) -> dict:
                         num_frames=args.video_frames, size=args.size)
     out = {"bench": "train_full", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
            f"cpu ({os.cpu_count()} cores)", "model": args.model, "way": args.way, "shot": args.shot,
-           "queries": args.queries, "episodes_per_forward": args.episodes_per_forward, "quick": args.quick}
+           "queries": args.queries, "frames": args.frames, "episodes_per_forward": args.episodes_per_forward,
+           "quick": args.quick}
     if args.quick:
         print("train_full --quick: not a measurement (tiny sizes)")
     out["compute_only_eps"] = compute_only(_config(args, root, tmp / "c", 0), device)
@@ -247,7 +252,7 @@ def _run(args, device: torch.device, tmp: Path) -> dict:
         for shot in (int(x) for x in args.memory_shots.split(",")):
             for ckpt in (False, True):
                 r = random_pixel_updates(root, model, args.way, shot, args.memory_queries, ckpt, device,
-                                         accumulate=args.memory_accumulate)
+                                         accumulate=args.memory_accumulate, frames=args.frames)
                 key = f"{model} {shot}-shot{' ckpt' if ckpt else ''}"
                 out["pixel_updates"][key] = r
                 out["memory_gib"][key] = r["peak_gib"]
