@@ -326,7 +326,8 @@ def describe(device: torch.device) -> dict:
         info.update(device=torch.cuda.get_device_name(device), gpus=torch.cuda.device_count(),
                     gpu_memory_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported())
         try:
-            info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+            v = torch.cuda.nccl.version()  # a tuple (2, 21, 5) or, in older builds, an int
+            info["nccl"] = ".".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
         except Exception as e:  # noqa: BLE001 - a build without NCCL
             info["nccl"] = f"unavailable ({type(e).__name__})"
     else:
