@@ -56,10 +56,10 @@ from mdmf_cache.video_episodes import episode_pixels  # noqa: E402
 #: given explicitly win. memory_models None: RN50,ViT-B-16 on CUDA, none on a CPU.
 FULL = {"model": "mdmf-tiny-vit", "way": 5, "episodes": 16, "episodes_per_step": 8, "workers": "0,1,2",
         "video_frames": 48, "classes": 25, "videos_per_class": 4, "size": (320, 240), "memory_models": None,
-        "memory_shots": "1,5", "memory_queries": 5, "memory_accumulate": 4, "frames": 8}
+        "memory_shots": "1,5", "memory_queries": 5, "memory_accumulate": 4, "memory_checkpointing": "off,on", "frames": 8}
 QUICK = {"model": "mdmf-tiny-vit", "way": 2, "episodes": 2, "episodes_per_step": 2, "workers": "1",
          "video_frames": 12, "classes": 10, "videos_per_class": 3, "size": (64, 48), "memory_models": "mdmf-tiny-vit",
-         "memory_shots": "1", "memory_queries": 1, "memory_accumulate": 1, "frames": 4}
+         "memory_shots": "1", "memory_queries": 1, "memory_accumulate": 1, "memory_checkpointing": "on", "frames": 4}
 #: The keys of the JSON line (tests/test_bench.py checks them).
 KEYS = ("bench", "device", "model", "compute_only_eps", "full_eps", "ratio", "workers_needed", "pixel_updates",
         "memory_gib", "quick")
@@ -197,6 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "CUDA, none on a CPU)")
     ap.add_argument("--memory-shots", help="(1,5)")
     ap.add_argument("--memory-queries", type=int, help="queries per class of the random-pixel updates (5)")
+    ap.add_argument("--memory-checkpointing", help="gradient checkpointing of the random-pixel updates: off,on "
+                                                   "(--quick: on; off is compute only's path)")
     ap.add_argument("--memory-accumulate", type=int, help="one-episode passes per Adam step of the random-pixel updates (4)")
     ap.add_argument("--quick", action="store_true", help="seconds, not a measurement: 2-way, 2 episodes, tiny "
                                                          "videos, 1 decoder worker, the tiny ViT's random-pixel updates "
@@ -250,7 +252,7 @@ def _run(args, device: torch.device, tmp: Path) -> dict:
     out["pixel_updates"], out["memory_gib"] = {}, {}
     for model in filter(None, args.memory_models.split(",")):
         for shot in (int(x) for x in args.memory_shots.split(",")):
-            for ckpt in (False, True):
+            for ckpt in (v == "on" for v in args.memory_checkpointing.split(",")):
                 r = random_pixel_updates(root, model, args.way, shot, args.memory_queries, ckpt, device,
                                          accumulate=args.memory_accumulate, frames=args.frames)
                 key = f"{model} {shot}-shot{' ckpt' if ckpt else ''}"
