@@ -12,8 +12,7 @@ Measures, in one run:
   and peak GPU memory (``torch.cuda.max_memory_allocated``, the weights and Adam's state included) of
   full-mode updates for each ``--memory-models`` x 5-way ``--memory-shots`` x gradient checkpointing
   off/on (``--memory-checkpointing``; 5 queries per class, as in training), on random pixels: one episode per
-  forward/backward, 4
-  accumulated per Adam step (``--memory-accumulate``), after a warm-up update.
+  forward/backward, 4 accumulated per Adam step (``--memory-accumulate``), after a warm-up update.
 
 The videos are synthetic (moving shapes, MP4/AVI as UCF101), 320x240 and ``--video-frames`` long.
 Accuracy is meaningless here, only time and memory are measured.
