@@ -1,18 +1,33 @@
 """mdmf-cache: a thin typer CLI. Options are parsed here; the work happens in ``pipelines/``.
 
-torch and open_clip are imported inside the commands so ``mdmf-cache --help`` stays instant.
+Every default comes from the configs (:mod:`mdmf_cache.configs`, the recipes' config dataclasses) and
+every fixed set of choices from where it is declared (:mod:`mdmf_cache.choices`, the head registry
+:mod:`mdmf_cache.heads`, MDMF's switches in :mod:`mdmf_cache.models.config`, the datasets). None of
+these imports torch, and torch and open_clip are imported inside the commands, so ``mdmf-cache
+--help`` stays instant.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+from mdmf_cache import heads
+from mdmf_cache.choices import BASELINES, BN_MODES, DECODERS, EVAL_PATHS, MODES, NORMALIZATIONS, PPS_TEST_RULES, SAMPLERS
+from mdmf_cache.configs import (EvalConfig, ExtractConfig, FullModeConfig, PredictConfig, TrainConfig, VideoOptions,
+                                default_workers)
+from mdmf_cache.datasets import DATASET_NAMES
+from mdmf_cache.models.config import PRESET_DATA, _CHOICES as MDMF_CHOICES
+from pipelines.ablate import AblateConfig
+from pipelines.compare import CompareConfig
+from pipelines.demo import DemoConfig
+from pipelines.sweep import SweepConfig
 
 app = typer.Typer(
     name="mdmf-cache",
@@ -31,30 +46,65 @@ def _on_interrupt(text: str) -> None:
     INTERRUPT_HINT["text"] = text
 
 
-class Dataset(str, Enum):
-    ucf101 = "ucf101"
-    hmdb51 = "hmdb51"
-    kinetics100 = "kinetics100"
-    ssv2_small = "ssv2-small"
-    ssv2_full = "ssv2-full"
-    folder = "folder"
+def _choices(values) -> str:
+    return " | ".join(str(v) for v in values)
 
 
-class Preset(str, Enum):
-    paper = "paper"
-    reference = "reference"
+def _enum(name: str, values) -> type[Enum]:
+    """A str Enum of declared values (typer shows and checks them)."""
+    return Enum(name, {str(v).replace("-", "_"): str(v) for v in values}, type=str)
 
 
+Dataset = _enum("Dataset", DATASET_NAMES)
+Mode = _enum("Mode", MODES)
+DataPreset = _enum("DataPreset", PRESET_DATA)
 
+_T, _X, _E = TrainConfig, ExtractConfig, EvalConfig  # defaults below are these classes' field defaults
 CacheDirOpt = Annotated[Path, typer.Option("--cache-dir", help="Where cache groups live.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (a GPU when there is one) | cpu | cuda | cuda:N.")]
+
+# ---- the video and backbone options shared by extract and train --mode full, declared once ----------------------
+VIDEO = "Videos and backbone (extract; train --mode full)"
+RootOpt = Annotated[Optional[Path], typer.Option(help="The video tree (files or JPEG frame folders).", rich_help_panel=VIDEO)]
+SplitsOpt = Annotated[Optional[Path], typer.Option(help="Split-file folder (default: the split files shipped with mdmf-cache; "
+                                                        "folder datasets: your own lists, optional).", rich_help_panel=VIDEO)]
+LabelsOpt = Annotated[Optional[Path], typer.Option(help="SSv2-Full labels.json (default: labels.json, labels/labels.json or "
+                                                        "something-something-v2-labels.json in --root or its parent).",
+                                                   rich_help_panel=VIDEO)]
+ModelOpt = Annotated[str, typer.Option(help="open_clip model name: RN50, ViT-B-16, mdmf-tiny-vit, ...", rich_help_panel=VIDEO)]
+PretrainedOpt = Annotated[str, typer.Option(help="open_clip tag, checkpoint path, or 'none' (random init).", rich_help_panel=VIDEO)]
+NumFramesOpt = Annotated[int, typer.Option(help="T frames per video.", rich_help_panel=VIDEO)]
+SamplerOpt = Annotated[Optional[str], typer.Option(help=f"{_choices(SAMPLERS)} (default: the preset's).", rich_help_panel=VIDEO)]
+NormalizeOpt = Annotated[Optional[str], typer.Option(help=f"{_choices(NORMALIZATIONS)} (default: the preset's).", rich_help_panel=VIDEO)]
+FlipOpt = Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips of training videos (on for every "
+                                       "dataset, SSv2 included, as the paper and the released code; --no-flip for SSv2 "
+                                       "research runs: left/right classes).", rich_help_panel=VIDEO)]
+PromptOpt = Annotated[str, typer.Option(help="Prompt template.", rich_help_panel=VIDEO)]
+CleanNamesOpt = Annotated[bool, typer.Option(help="Clean class names for prompts: split CamelCase, underscores to spaces, "
+                                                  "drop \\[brackets].", rich_help_panel=VIDEO)]
+DecoderOpt = Annotated[str, typer.Option(help=f"{_choices(DECODERS)}. auto picks a correct backend per container.",
+                                         rich_help_panel=VIDEO)]
+WorkersOpt = Annotated[int, typer.Option(help="Decoder processes (default: half the cores, at most 8; each also runs decord's "
+                                              "decode thread).", rich_help_panel=VIDEO)]
 
 
-def _default_splits() -> Path | None:
-    for cand in (Path("../shared/splits"), Path(__file__).resolve().parent.parent / "shared" / "splits"):
-        if cand.is_dir():
-            return cand
-    return None
+def _video(root, splits, labels, model, pretrained, num_frames, sampler, normalize, flip, prompt, clean_names, decoder,
+           workers, dataset: str) -> dict[str, Any]:
+    """The :class:`VideoOptions` fields from the shared options above."""
+    values = dict(dataset=dataset, root=str(root) if root else None, splits_dir=str(splits) if splits else None,
+                  labels=str(labels) if labels else None, model=model,
+                  pretrained=None if pretrained.lower() in ("none", "") else pretrained, num_frames=num_frames,
+                  sampler=sampler, normalize=normalize, flip=flip, prompt_template=prompt, clean_names=clean_names,
+                  decoder=decoder, workers=workers)
+    assert set(values) == {f.name for f in dataclasses.fields(VideoOptions)}
+    return values
+
+
+# CLI names of the shared video options, and the VideoOptions field each sets
+VIDEO_OPTS = {"root": "root", "splits": "splits_dir", "labels": "labels", "model": "model", "pretrained": "pretrained",
+              "num_frames": "num_frames", "sampler": "sampler", "normalize": "normalize", "flip": "flip",
+              "prompt": "prompt_template", "clean_names": "clean_names", "decoder": "decoder", "workers": "workers"}
 
 
 def _setup_logging(debug: bool) -> None:
@@ -72,57 +122,59 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@app.command(epilog="Examples:\n\n  mdmf-cache extract ucf101 --root ~/data/UCF-101 --splits ../shared/splits --model RN50 --pretrained openai\n\n"
+@app.command(epilog="Examples:\n\n  mdmf-cache extract ucf101 --root ~/data/UCF-101 --model RN50 --pretrained openai\n\n"
              "  torchrun --nproc-per-node 4 -m cli extract ssv2-full --root ~/data/ssv2 --train-views 4   (from the repository root)")
 def extract(
     dataset: Annotated[Dataset, typer.Argument(help="Built-in dataset, or 'folder' for root/class/video.ext.")],
-    root: Annotated[Path, typer.Option(help="Video tree (files or JPEG frame folders).")] = Path("data"),
-    splits: Annotated[Optional[Path], typer.Option(help="Split-file folder (holds ucf_ARN/, ...). Folder datasets: optional.")] = None,
-    labels: Annotated[Optional[Path], typer.Option(help="SSv2 labels.json (default: labels.json, labels/labels.json or something-something-v2-labels.json in --root or its parent).")] = None,
-    cache_dir: CacheDirOpt = Path("cache"),
+    root: RootOpt = None,
+    splits: SplitsOpt = None,
+    labels: LabelsOpt = None,
+    cache_dir: CacheDirOpt = Path(_X.cache_dir),
     name: Annotated[Optional[str], typer.Option(help="Cache group name instead of the dataset's.")] = None,
-    model: Annotated[str, typer.Option(help="open_clip model name: RN50, ViT-B-16, mdmf-tiny-vit, ...")] = "RN50",
-    pretrained: Annotated[str, typer.Option(help="open_clip tag, checkpoint path, or 'none' (random init).")] = "openai",
-    preset: Annotated[Preset, typer.Option(help="paper: tsn + CLIP normalisation; reference: linspace + [0,1] pixels.")] = Preset.paper,
-    sampler: Annotated[Optional[str], typer.Option(help="tsn | linspace (overrides the preset).")] = None,
-    normalize: Annotated[Optional[str], typer.Option(help="clip | none (overrides the preset).")] = None,
-    num_frames: Annotated[int, typer.Option(help="T frames per video.")] = 8,
-    train_views: Annotated[int, typer.Option(help="V random augmented views per train video.")] = 1,
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips of train views (on for every dataset, SSv2 included, as the paper and the released code; --no-flip for SSv2 research runs: left/right classes).")] = True,
-    seed: int = 0,
-    prompt: Annotated[str, typer.Option(help="Prompt template.")] = "a photo of {}",
-    clean_names: Annotated[bool, typer.Option(help="Clean class names for prompts: split CamelCase, underscores to spaces, drop \\[brackets].")] = False,
-    decoder: Annotated[str, typer.Option(help="auto | decord | pyav | jpeg. auto picks a correct backend per container.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Decoder processes (default: half the cores, at most 8; each also runs decord's decode thread).")] = max(1, min(8, (os.cpu_count() or 2) // 2)),
-    batch_videos: Annotated[int, typer.Option(help="Videos per encoder batch.")] = 8,
-    chunk_rows: Annotated[int, typer.Option(help="Videos per Zarr chunk (the unit a writer owns).")] = 64,
-    device: str = "auto",
+    model: ModelOpt = _X.model,
+    pretrained: PretrainedOpt = _X.pretrained,
+    preset: Annotated[DataPreset, typer.Option(help="paper: tsn + CLIP normalisation; reference: linspace + [0,1] pixels.")] = _X.preset,
+    sampler: SamplerOpt = None,
+    normalize: NormalizeOpt = None,
+    num_frames: NumFramesOpt = _X.num_frames,
+    train_views: Annotated[int, typer.Option(help="V random augmented views per train video.")] = _X.train_views,
+    flip: FlipOpt = _X.flip,
+    seed: int = _X.seed,
+    prompt: PromptOpt = _X.prompt_template,
+    clean_names: CleanNamesOpt = _X.clean_names,
+    decoder: DecoderOpt = _X.decoder,
+    workers: WorkersOpt = default_workers(),
+    batch_videos: Annotated[int, typer.Option(help="Videos per encoder batch.")] = _X.batch_videos,
+    chunk_rows: Annotated[int, typer.Option(help="Videos per Zarr chunk (the unit a writer owns).")] = _X.chunk_rows,
+    device: DeviceOpt = _X.device,
     split: Annotated[Optional[list[str]], typer.Option(help="Only these splits (repeatable).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="This process's rank (default: torchrun/SLURM env).")] = None,
     world_size: Annotated[Optional[int], typer.Option(help="Number of processes (default: torchrun/SLURM env).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a cache made with other settings.")] = False,
-    strict: Annotated[bool, typer.Option(help="Missing or undecodable videos are an error.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a cache made with other settings.")] = _X.overwrite,
+    strict: Annotated[bool, typer.Option(help="Missing or undecodable videos are an error.")] = _X.strict,
+    verify_deep: Annotated[bool, typer.Option(help="Read every feature chunk for damage first (default: only those changed since the last clean verify).")] = _X.verify_deep,
+    retry_failed: Annotated[bool, typer.Option(help="Decode videos that failed before again, even if their files did not change.")] = _X.retry_failed,
     debug: DebugOpt = False,
 ) -> None:
     """Decode T frames per video, encode them with CLIP, and store them with the prompt embeddings."""
+    import os
+
     # Decoder processes share the cores with this one: its OpenMP threads must sleep, not spin, while
     # they wait (bench/extract.py --omp-wait compare). Read when torch loads, so set before; yours wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _setup_logging(debug)
     _on_interrupt("the videos finished so far are in the cache; rerun the same command to extract the rest")
-    from mdmf_cache.configs import ExtractConfig
     from mdmf_cache.extraction import distributed_env
     from pipelines.extract import run
 
     env_rank, env_world, _ = distributed_env()
     cfg = ExtractConfig(
-        dataset=dataset.value, root=str(root), labels=str(labels) if labels else None, splits_dir=str(splits) if splits else (str(_default_splits()) if dataset != Dataset.folder and _default_splits() else None),
-        cache_dir=str(cache_dir), name=name, model=model,
-        pretrained=None if pretrained.lower() in ("none", "") else pretrained,
-        num_frames=num_frames, preset=preset.value, sampler=sampler, normalize=normalize, train_views=train_views, flip=flip,
-        seed=seed, prompt_template=prompt, clean_names=clean_names, decoder=decoder, workers=workers,
+        **_video(root, splits, labels, model, pretrained, num_frames, sampler, normalize, flip, prompt, clean_names,
+                 decoder, workers, dataset.value),
+        preset=preset.value, cache_dir=str(cache_dir), name=name, train_views=train_views, seed=seed,
         batch_videos=batch_videos, chunk_rows=chunk_rows, device=device,
-        splits=tuple(split) if split else ("train", "val", "test"), overwrite=overwrite, strict=strict,
+        splits=tuple(split) if split else _X.splits, overwrite=overwrite, strict=strict, verify_deep=verify_deep,
+        retry_failed=retry_failed,
         rank=env_rank if rank is None else rank, world_size=env_world if world_size is None else world_size,
     )
     run(cfg)
@@ -168,41 +220,79 @@ def verify(cache: Annotated[Path, typer.Argument(help="A cache group (*.zarr).")
     print_verify(cache)
 
 
-class Mode(str, Enum):
-    fast = "fast"
-    full = "full"
+# ---- head options: MDMF's switches by name, any head's options by --head-opt KEY=VALUE ------------------------------
+MDMF_PANEL = "MDMF switches (--method mdmf)"
+METHOD_HELP = f"The head: {_choices(heads.METHODS)}."
+NoPpsOpt = Annotated[bool, typer.Option("--no-pps", help="Turn the Probability Prompt Selector off.", rich_help_panel=MDMF_PANEL)]
+NoDistillOpt = Annotated[bool, typer.Option("--no-distill", help="Turn mutual distillation off.", rich_help_panel=MDMF_PANEL)]
+ViewOpt = Annotated[Optional[str], typer.Option("--view", help=f"Single view: {_choices(MDMF_CHOICES['views'][1:])}.",
+                                                rich_help_panel=MDMF_PANEL)]
+ConditionOpt = Annotated[Optional[str], typer.Option("--condition", help=f"Reliability: {_choices(MDMF_CHOICES['condition'])}.",
+                                                     rich_help_panel=MDMF_PANEL)]
+DirectionOpt = Annotated[Optional[str], typer.Option("--direction", help=f"{_choices(MDMF_CHOICES['direction'])}.",
+                                                     rich_help_panel=MDMF_PANEL)]
+HeadOptOpt = Annotated[Optional[list[str]], typer.Option(
+    "--head-opt", metavar="KEY=VALUE", help="Any option of the head, e.g. merge_before=true (repeatable; "
+    "mdmf-cache heads NAME lists them).")]
 
 
-class Method(str, Enum):
-    mdmf = "mdmf"
-    clip_fsar = "clip-fsar"
+def _head_opts(items: Optional[list[str]]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise typer.BadParameter(f"{item!r}: write KEY=VALUE, e.g. merge_before=true", param_hint="--head-opt")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
 
 
 def _head_overrides(no_pps: bool, no_distill: bool, view: Optional[str], condition: Optional[str],
                     direction: Optional[str], extra: dict) -> dict:
-    heads = {k: v for k, v in extra.items() if v is not None}
+    heads_ = {k: v for k, v in extra.items() if v is not None}
     if no_pps:
-        heads["pps"] = False
+        heads_["pps"] = False
     if no_distill:
-        heads["distill"] = False
+        heads_["distill"] = False
     if view:
-        heads["views"] = view
+        heads_["views"] = view
     if condition:
-        heads["condition"] = condition
+        heads_["condition"] = condition
     if direction:
-        heads["direction"] = direction
-    return heads
+        heads_["direction"] = direction
+    return heads_
 
 
-NoPpsOpt = Annotated[bool, typer.Option("--no-pps", help="Turn the Probability Prompt Selector off.")]
-NoDistillOpt = Annotated[bool, typer.Option("--no-distill", help="Turn mutual distillation off.")]
-ViewOpt = Annotated[Optional[str], typer.Option("--view", help="Single view: gtc | ltc | ntc.")]
-ConditionOpt = Annotated[Optional[str], typer.Option("--condition", help="Reliability: both | text | visual | none.")]
-DirectionOpt = Annotated[Optional[str], typer.Option("--direction", help="bidirectional | up-down | down-up.")]
+def _typed_head_options(method: str, overrides: dict[str, Any], dropout: Optional[float]) -> dict[str, Any]:
+    """Head overrides with ``--head-opt`` strings parsed by the head's option types and ``--dropout`` set on every
+    dropout the head has (the head module is imported here, at run time)."""
+    from mdmf_cache.errors import ConfigError
+    from mdmf_cache.sweep_space import sweep_options
+
+    opts = sweep_options(method)
+    by_field = {o.targets[0][len("heads."):]: o for o in opts.values() if len(o.targets) == 1
+                and o.targets[0].startswith("heads.") and not o.invert}
+    typed = {}
+    for key, value in overrides.items():
+        if key in by_field:
+            typed[key] = by_field[key].parse(value)
+        elif isinstance(value, str) and key not in by_field:
+            raise ConfigError(f"unknown {method} option {key!r}; {method} takes: "
+                              f"{', '.join(sorted(by_field))}")
+        else:
+            typed[key] = value
+    if dropout is not None:
+        if "dropout" not in opts:
+            raise ConfigError(f"--dropout: {method} has no dropout")
+        typed.update({t[len("heads."):]: dropout for t in opts["dropout"].targets})
+    return typed
+
+
+FULL = "Full mode (--mode full)"
 
 
 @app.command(epilog="Examples:\n\n  mdmf-cache train cache/ucf101__RN50__openai.zarr --out runs/ucf_rn50 --shot 5\n\n"
              "  mdmf-cache train CACHE --out runs/ref --preset reference --lr 3e-4 --episodes 20000\n\n"
+             "  mdmf-cache train CACHE --out runs/ucf_fsar --method clip-fsar --shot 5   # trains on 1-shot episodes, as released\n\n"
              "  mdmf-cache train CACHE --out runs/ucf_rn50 --resume\n\n"
              "  mdmf-cache train --config sweeps/ucf/best.json --out runs/ucf_best   # a sweep's best trial\n\n"
              "  mdmf-cache train --mode full ucf101 --root ~/data/UCF-101 --model RN50 --pretrained openai --out runs/ucf_full\n\n"
@@ -212,108 +302,106 @@ def train(
     ctx: typer.Context,
     target: Annotated[Optional[str], typer.Argument(
         metavar="CACHE|DATASET",
-        help="Fast mode: a complete cache group (*.zarr). Full mode: a dataset (ucf101, hmdb51, kinetics100, "
-             "ssv2-small, ssv2-full, folder). Optional with --config.")] = None,
+        help="Fast mode: a complete cache group (*.zarr). Full mode: a dataset (" + ", ".join(DATASET_NAMES) + "). "
+             "Optional with --config.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Start from a run's config.json or a sweep's best.json; "
                                                         "options given on the command line override it.")] = None,
-    out: Annotated[Path, typer.Option(help="Run directory: config.json, metrics.jsonl, best.pt, last.pt (full mode: backbone.pt).")] = Path("runs/fast"),
-    mode: Annotated[Mode, typer.Option(help="fast: heads on cached features (CLIP frozen). full: CLIP fine-tuned with the heads, from the videos.")] = Mode.fast,
-    method: Annotated[Method, typer.Option(help="mdmf | clip-fsar (the paper's main rival, same trainer).")] = Method.mdmf,
-    preset: Annotated[Preset, typer.Option(help="paper | reference (SPEC section 9).")] = Preset.paper,
-    way: int = 5,
-    shot: int = 5,
-    train_queries: Annotated[int, typer.Option(help="Queries per class in training episodes.")] = 5,
-    episodes: Annotated[int, typer.Option(help="Training episodes in total.")] = 10000,
-    episodes_per_step: Annotated[int, typer.Option(help="Episodes per optimiser step (full mode: accumulated, split between ranks; the paper's 16).")] = 16,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: fast 1e-4, full 1e-5 as the paper).")] = None,
-    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Distillation weight (preset: 1).")] = None,
-    alpha_ltc: Annotated[Optional[float], typer.Option(help="Weight of the local view's distance.")] = None,
-    alpha_gtc: Annotated[Optional[float], typer.Option(help="Weight of the global view's distance.")] = None,
-    pps_temperature: Annotated[Optional[float], typer.Option(help="PPS softmax temperature (0.005).")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="One value for every head dropout.")] = None,
+    out: Annotated[Path, typer.Option(help="Run directory: config.json, metrics.jsonl, best.pt, last.pt (full mode: backbone.pt).")] = Path(_T.out),
+    mode: Annotated[Mode, typer.Option(help="fast: heads on cached features (CLIP frozen). full: CLIP fine-tuned with the heads, from the videos.")] = _T.mode,
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = _T.method,
+    preset: Annotated[Optional[str], typer.Option(help="The head's named options (mdmf: paper | reference; the rivals: "
+                                                       "released). Default: the head's first.")] = None,
+    way: int = _T.way,
+    shot: Annotated[int, typer.Option(help="K the run is for: its validation episodes and eval's default.")] = _T.shot,
+    train_shot: Annotated[Optional[int], typer.Option(help="K of the training episodes (default: the head's released "
+                                                           "choice for --shot; CLIP-FSAR trains on 1-shot).")] = None,
+    train_queries: Annotated[Optional[int], typer.Option(help="Queries per class in training episodes (default: the "
+                                                              "head's released choice).")] = None,
+    episodes: Annotated[int, typer.Option(help="Training episodes in total.")] = _T.episodes,
+    episodes_per_step: Annotated[int, typer.Option(help="Episodes per optimiser step (full mode: accumulated, split between ranks; the paper's 16).")] = _T.episodes_per_step,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: fast mode 1e-4, full mode 1e-5 as the paper).")] = None,
+    weight_decay: Annotated[float, typer.Option(help="Adam's (coupled L2) weight decay; the released FSAR loop uses 1e-3.")] = _T.weight_decay,
+    head_opt: HeadOptOpt = None,
+    dropout: Annotated[Optional[float], typer.Option(help="One value for every dropout of the head.")] = None,
+    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Distillation weight (preset: 1).", rich_help_panel=MDMF_PANEL)] = None,
+    alpha_ltc: Annotated[Optional[float], typer.Option(help="Weight of the local view's distance.", rich_help_panel=MDMF_PANEL)] = None,
+    alpha_gtc: Annotated[Optional[float], typer.Option(help="Weight of the global view's distance.", rich_help_panel=MDMF_PANEL)] = None,
+    pps_temperature: Annotated[Optional[float], typer.Option(help="PPS softmax temperature (0.005).", rich_help_panel=MDMF_PANEL)] = None,
     no_pps: NoPpsOpt = False,
     no_distill: NoDistillOpt = False,
     view: ViewOpt = None,
     condition: ConditionOpt = None,
     direction: DirectionOpt = None,
-    ltce: Annotated[Optional[str], typer.Option(help="Local extractor: bn (paper) | linear (reference).")] = None,
-    pos_embed: Annotated[Optional[bool], typer.Option("--pos-embed/--no-pos-embed", help="MMFE position embeddings.")] = None,
-    pps_score: Annotated[Optional[str], typer.Option(help="PPS score: mean (paper) | top4 (reference).")] = None,
-    pps_test: Annotated[Optional[str], typer.Option(help="PPS at test: sample (both presets, seeded) | argmax.")] = None,
-    text_pos: Annotated[Optional[int], typer.Option(help="Text-compare position: 0 (paper) | 1 (reference).")] = None,
+    ltce: Annotated[Optional[str], typer.Option(help=f"Local extractor: {_choices(MDMF_CHOICES['ltce'])} (paper: bn).", rich_help_panel=MDMF_PANEL)] = None,
+    pos_embed: Annotated[Optional[bool], typer.Option("--pos-embed/--no-pos-embed", help="MMFE position embeddings.", rich_help_panel=MDMF_PANEL)] = None,
+    pps_score: Annotated[Optional[str], typer.Option(help=f"PPS score: {_choices(MDMF_CHOICES['pps_score'])} (paper: mean).", rich_help_panel=MDMF_PANEL)] = None,
+    pps_test: Annotated[Optional[str], typer.Option(help=f"PPS at test: {_choices(PPS_TEST_RULES)} (both presets: sample, seeded).", rich_help_panel=MDMF_PANEL)] = None,
+    text_pos: Annotated[Optional[int], typer.Option(help="Text-compare position: 0 (paper) | 1 (reference).", rich_help_panel=MDMF_PANEL)] = None,
     cos_eps: Annotated[Optional[float], typer.Option(help="Cosine eps on the norm product (reference 0.01).")] = None,
     otam_one_way: Annotated[bool, typer.Option("--otam-one-way", help="OTAM(D) only (released Kinetics 1-shot config).")] = False,
-    val_every: Annotated[int, typer.Option(help="Validate every this many episodes.")] = 1000,
-    val_episodes: Annotated[int, typer.Option(help="Fixed val episode list size.")] = 500,
-    save_every: Annotated[int, typer.Option(help="Also save last.pt every this many episodes between validations (0: at validations only).")] = 0,
-    seed: int = 0,
-    device: str = "auto",
+    val_every: Annotated[int, typer.Option(help="Validate every this many episodes.")] = _T.val_every,
+    val_episodes: Annotated[int, typer.Option(help="Fixed val episode list size.")] = _T.val_episodes,
+    save_every: Annotated[int, typer.Option(help="Also save last.pt every this many episodes between validations (0: at validations only).")] = _T.save_every,
+    seed: int = _T.seed,
+    device: DeviceOpt = _T.device,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
-    root: Annotated[Optional[Path], typer.Option(help="Full mode: the video tree, as for extract.", rich_help_panel="Full mode")] = None,
-    splits: Annotated[Optional[Path], typer.Option(help="Full mode: split-file folder (default ../shared/splits).", rich_help_panel="Full mode")] = None,
-    labels: Annotated[Optional[Path], typer.Option(help="Full mode: SSv2 labels.json.", rich_help_panel="Full mode")] = None,
-    model: Annotated[str, typer.Option(help="Full mode: open_clip model (RN50, ViT-B-16, mdmf-tiny-vit, ...).", rich_help_panel="Full mode")] = "RN50",
-    pretrained: Annotated[str, typer.Option(help="Full mode: open_clip tag, checkpoint path, or 'none'.", rich_help_panel="Full mode")] = "openai",
-    num_frames: Annotated[int, typer.Option(help="Full mode: T frames per video.", rich_help_panel="Full mode")] = 8,
-    sampler: Annotated[Optional[str], typer.Option(help="Full mode: tsn | linspace (overrides the preset).", rich_help_panel="Full mode")] = None,
-    normalize: Annotated[Optional[str], typer.Option(help="Full mode: clip | none (overrides the preset).", rich_help_panel="Full mode")] = None,
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Full mode: random horizontal flips (--no-flip for SSv2 research runs).", rich_help_panel="Full mode")] = True,
-    prompt: Annotated[str, typer.Option(help="Full mode: prompt template.", rich_help_panel="Full mode")] = "a photo of {}",
-    clean_names: Annotated[bool, typer.Option(help="Full mode: clean class names for prompts.", rich_help_panel="Full mode")] = False,
-    decoder: Annotated[str, typer.Option(help="Full mode: auto | decord | pyav | jpeg.", rich_help_panel="Full mode")] = "auto",
-    workers: Annotated[int, typer.Option(help="Full mode: decoder processes per rank.", rich_help_panel="Full mode")] = max(1, min(8, (os.cpu_count() or 2) // 2)),
-    backbone_lr: Annotated[Optional[float], typer.Option(help="Full mode: the backbone's learning rate (default --lr).", rich_help_panel="Full mode")] = None,
-    train_text: Annotated[bool, typer.Option(help="Full mode: train the text tower too (the released code never does).", rich_help_panel="Full mode")] = False,
-    train_last_blocks: Annotated[Optional[int], typer.Option(help="Full mode: fine-tune only the last N blocks of the visual encoder (default: all).", rich_help_panel="Full mode")] = None,
-    freeze_backbone: Annotated[bool, typer.Option(help="Full mode: keep the visual encoder frozen (= --train-last-blocks 0; fresh augmentation every episode).", rich_help_panel="Full mode")] = False,
-    backbone_bn: Annotated[str, typer.Option(help="Full mode, RN backbones: episode (batch statistics per episode) | frozen (running statistics).", rich_help_panel="Full mode")] = "episode",
-    grad_checkpointing: Annotated[bool, typer.Option(help="Full mode: recompute activations in backward (less GPU memory).", rich_help_panel="Full mode")] = False,
-    episodes_per_forward: Annotated[int, typer.Option(help="Full mode: episodes per forward pass (the paper: 1).", rich_help_panel="Full mode")] = 1,
-    init_heads: Annotated[Optional[Path], typer.Option(help="Full mode: start from this run's heads (best.pt), e.g. a fast-mode run on the same backbone's cache.", rich_help_panel="Full mode")] = None,
+    root: RootOpt = None,
+    splits: SplitsOpt = None,
+    labels: LabelsOpt = None,
+    model: ModelOpt = VideoOptions.model,
+    pretrained: PretrainedOpt = VideoOptions.pretrained,
+    num_frames: NumFramesOpt = VideoOptions.num_frames,
+    sampler: SamplerOpt = None,
+    normalize: NormalizeOpt = None,
+    flip: FlipOpt = VideoOptions.flip,
+    prompt: PromptOpt = VideoOptions.prompt_template,
+    clean_names: CleanNamesOpt = VideoOptions.clean_names,
+    decoder: DecoderOpt = VideoOptions.decoder,
+    workers: WorkersOpt = default_workers(),
+    backbone_lr: Annotated[Optional[float], typer.Option(help="The backbone's learning rate (default --lr).", rich_help_panel=FULL)] = None,
+    train_text: Annotated[bool, typer.Option(help="Train the text tower too (the released code never does).", rich_help_panel=FULL)] = FullModeConfig.train_text,
+    train_last_blocks: Annotated[Optional[int], typer.Option(help="Fine-tune only the last N blocks of the visual encoder (default: all).", rich_help_panel=FULL)] = None,
+    freeze_backbone: Annotated[bool, typer.Option(help="Keep the visual encoder frozen (= --train-last-blocks 0; fresh augmentation every episode).", rich_help_panel=FULL)] = False,
+    backbone_bn: Annotated[str, typer.Option(help=f"RN backbones' BatchNorm: {_choices(BN_MODES)} (per-episode batch statistics, or running ones).", rich_help_panel=FULL)] = FullModeConfig.backbone_bn,
+    grad_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward (less GPU memory).", rich_help_panel=FULL)] = FullModeConfig.grad_checkpointing,
+    episodes_per_forward: Annotated[int, typer.Option(help="Episodes per forward pass (the paper: 1).", rich_help_panel=FULL)] = FullModeConfig.episodes_per_forward,
+    init_heads: Annotated[Optional[Path], typer.Option(help="Start from this run's heads (best.pt), e.g. a fast-mode run on the same backbone's cache.", rich_help_panel=FULL)] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Train the CLIP-MDMF heads from a cache (fast mode) or fine-tune CLIP with them from the videos (full
-    mode), keeping the best checkpoint by val accuracy."""
+    """Train a head from a cache (fast mode) or fine-tune CLIP with it from the videos (full mode), keeping the
+    best checkpoint by val accuracy."""
     _setup_logging(debug)
     _on_interrupt(f"{out}/last.pt holds the run up to its last validation; rerun the same command with --resume "
                   "to continue it")
-    import dataclasses
-
-    from mdmf_cache.configs import FullModeConfig, TrainConfig
     from pipelines.train import run
 
     extra = {"lam": lambda_, "alpha_ltc": alpha_ltc, "alpha_gtc": alpha_gtc, "pps_temperature": pps_temperature,
              "ltce": ltce, "pos_embed": pos_embed, "pps_score": pps_score, "pps_test": pps_test, "text_pos": text_pos,
-             "cos_eps": cos_eps, "otam_bidirectional": False if otam_one_way else None}
-    if dropout is not None:
-        extra.update(mmfe_dropout=dropout, ffn_dropout=dropout, tcn_dropout=dropout)
-    full_opts = ("root", "splits", "labels", "model", "pretrained", "num_frames", "sampler", "normalize", "flip",
-                 "prompt", "clean_names", "decoder", "workers", "backbone_lr", "train_text", "train_last_blocks",
-                 "freeze_backbone", "backbone_bn", "grad_checkpointing", "episodes_per_forward", "init_heads")
+             "cos_eps": cos_eps, "otam_bidirectional": False if otam_one_way else None, **_head_opts(head_opt)}
+    head_overrides = _typed_head_options(method, _head_overrides(no_pps, no_distill, view, condition, direction, extra),
+                                         dropout)
+    full_only = (*VIDEO_OPTS, "backbone_lr", "train_text", "train_last_blocks", "freeze_backbone", "backbone_bn",
+                 "grad_checkpointing", "episodes_per_forward", "init_heads")
     full = {}
-    if mode == Mode.full:
+    if mode.value == "full":
         full = dataclasses.asdict(FullModeConfig(
-            dataset=target or "", root=str(root) if root else None,
-            splits_dir=str(splits) if splits else (str(_default_splits()) if target != "folder" and _default_splits() else None),
-            labels=str(labels) if labels else None, model=model,
-            pretrained=None if pretrained.lower() in ("none", "") else pretrained, num_frames=num_frames,
-            sampler=sampler, normalize=normalize, flip=flip, prompt_template=prompt, clean_names=clean_names,
-            decoder=decoder, workers=workers, backbone_lr=backbone_lr, train_text=train_text,
-            train_last_blocks=0 if freeze_backbone else train_last_blocks, backbone_bn=backbone_bn,
-            grad_checkpointing=grad_checkpointing, episodes_per_forward=episodes_per_forward,
+            **_video(root, splits, labels, model, pretrained, num_frames, sampler, normalize, flip, prompt, clean_names,
+                     decoder, workers, target or ""),
+            backbone_lr=backbone_lr, train_text=train_text, train_last_blocks=0 if freeze_backbone else train_last_blocks,
+            backbone_bn=backbone_bn, grad_checkpointing=grad_checkpointing, episodes_per_forward=episodes_per_forward,
             init_heads=str(init_heads) if init_heads else None))
     else:
-        given = [f"--{n.replace('_', '-')}" for n in full_opts
+        given = [f"--{n.replace('_', '-')}" for n in full_only
                  if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"]
         if given:
             raise typer.BadParameter(f"{', '.join(given)}: video and backbone options are for --mode full; fast mode "
                                      "reads a cache", param_hint="--mode")
     cfg = TrainConfig(
-        cache=str(target or "") if mode == Mode.fast else "", out=str(out), mode=mode.value, method=method.value,
-        preset=preset.value, heads=_head_overrides(no_pps, no_distill, view, condition, direction, extra),
-        way=way, shot=shot, train_queries=train_queries, episodes=episodes, episodes_per_step=episodes_per_step,
-        lr=lr, val_every=val_every,
-        val_episodes=val_episodes, save_every=save_every, seed=seed, device=device, resume=resume, full=full,
+        cache=str(target or "") if mode.value == "fast" else "", out=str(out), mode=mode.value, method=method,
+        preset=preset, heads=head_overrides, way=way, shot=shot, train_shot=train_shot, train_queries=train_queries,
+        episodes=episodes, episodes_per_step=episodes_per_step, lr=lr, weight_decay=weight_decay, val_every=val_every,
+        val_episodes=val_episodes,
+        save_every=save_every, seed=seed, device=device, resume=resume, full=full,
     )
     if config is not None:
         cfg = _merge_config(ctx, config, cfg)
@@ -323,10 +411,8 @@ def train(
     run(cfg)
 
 
-def _merge_config(ctx: typer.Context, path: Path, cli_cfg):
+def _merge_config(ctx: typer.Context, path: Path, cli_cfg: TrainConfig) -> TrainConfig:
     """The config in ``path``, with the options given on the command line (not their defaults) on top."""
-    import dataclasses
-
     from mdmf_cache.runs import load_config
 
     cfg = load_config(path)
@@ -336,8 +422,7 @@ def _merge_config(ctx: typer.Context, path: Path, cli_cfg):
         if f.name == "heads":
             cfg.heads = {**cfg.heads, **cli_cfg.heads}  # head options default to None: all of these were given
         elif f.name == "full" and cli_cfg.full:  # full mode's options given on the command line, by field
-            renamed = {"target": "dataset", "splits": "splits_dir", "prompt": "prompt_template",
-                       "freeze_backbone": "train_last_blocks"}
+            renamed = {**VIDEO_OPTS, "target": "dataset", "freeze_backbone": "train_last_blocks"}
             fields = {renamed.get(n, n) for n in given} & set(cli_cfg.full)
             cfg.full = {**cfg.full, **{k: cli_cfg.full[k] for k in fields}}
         elif f.name in given:
@@ -359,39 +444,91 @@ def _floats(value: Optional[str], option: str) -> tuple[float, ...]:
         raise typer.BadParameter(f"{option} takes comma-separated numbers like 0.5,1,2, got {value!r}") from e
 
 
+def _eval_methods() -> str:
+    return _choices(("run", *heads.METHODS, *BASELINES))
+
+
 @app.command("eval", epilog="Examples:\n\n  mdmf-cache eval runs/ucf_rn50 --episodes 10000\n\n"
              "  mdmf-cache eval runs/ucf_rn50 --shot 1,3,5\n\n"
-             "  mdmf-cache eval runs/ucf_fsar --method clip-fsar   # same --seed: the same episodes as the mdmf run\n\n"
-             "  mdmf-cache eval cache/ucf101__RN50__openai.zarr --method protonet\n\n"
+             "  mdmf-cache eval runs/ucf_fsar   # a CLIP-FSAR run: the same episodes for the same --seed\n\n"
+             "  mdmf-cache eval cache/ucf101__RN50__openai.zarr --method otam   # heads without parameters, baselines\n\n"
              "  mdmf-cache eval runs/ucf_full --shot 1,3,5   # a full-mode run: its test split extracted with backbone.pt once")
 def eval_(
-    target: Annotated[Path, typer.Argument(help="A run directory (its trained head) or a cache (*.zarr, baselines).")],
-    method: Annotated[str, typer.Option(help="run (the head the run was trained with) | mdmf | clip-fsar | zero-shot | protonet | otam.")] = "run",
-    split: str = "test",
-    episodes: int = 10000,
-    shot: Annotated[Optional[str], typer.Option(help="Shots, comma-separated (default: the run's training shot; baselines 1,3,5).")] = None,
-    way: int = 5,
-    queries_per_class: int = 1,
-    seed: int = 0,
+    target: Annotated[Path, typer.Argument(help="A run directory (its trained head) or a cache (*.zarr: heads without "
+                                                "parameters and baselines).")],
+    method: Annotated[str, typer.Option(help=f"{_eval_methods()} (run: the head the run was trained with).")] = _E.method,
+    split: str = _E.split,
+    episodes: int = _E.episodes,
+    shot: Annotated[Optional[str], typer.Option(help="Shots, comma-separated (default: the run's shot; a cache: 1,3,5).")] = None,
+    way: int = _E.way,
+    queries_per_class: int = _E.queries_per_class,
+    seed: int = _E.seed,
     out: Annotated[Optional[Path], typer.Option(help="Results directory.")] = None,
-    path: Annotated[str, typer.Option(help="Trained heads: per-video (fast) | direct (the reference path, same logits).")] = "per-video",
-    pps_test: Annotated[Optional[str], typer.Option(help="MDMF: PPS rule at test for this evaluation: sample | argmax (default: the run's).")] = None,
+    path: Annotated[str, typer.Option(help=f"{_choices(EVAL_PATHS)}: per-video (each video once, where the head allows "
+                                           "it) or direct (every episode through the head: the reference, same logits).")] = _E.path,
+    pps_test: Annotated[Optional[str], typer.Option(help=f"MDMF: PPS rule at test for this evaluation: {_choices(PPS_TEST_RULES)} (default: the run's).")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="The run's cache, if it moved (checked against the run's record).")] = None,
     root: Annotated[Optional[Path], typer.Option(help="A full-mode run's video tree, if it moved.")] = None,
-    device: str = "auto",
+    device: DeviceOpt = _E.device,
     debug: DebugOpt = False,
 ) -> None:
     """Accuracy +- 1.96 std/sqrt(n) on a seeded, saved episode list, per shot, with per-class accuracy."""
     _setup_logging(debug)
     _on_interrupt("no results were written; rerun the same command (the episode list is the same)")
-    from mdmf_cache.configs import EvalConfig
     from pipelines.evaluate import run
 
     run(EvalConfig(target=str(target), method=method, split=split, way=way, shots=_shots(shot) if shot else None,
-                              episodes=episodes, queries_per_class=queries_per_class, seed=seed,
-                              out=str(out) if out else None, device=device, path=path,
-                              pps_test=pps_test, cache=str(cache) if cache else None,
-                              root=str(root) if root else None))
+                   episodes=episodes, queries_per_class=queries_per_class, seed=seed, out=str(out) if out else None,
+                   device=device, path=path, pps_test=pps_test, cache=str(cache) if cache else None,
+                   root=str(root) if root else None))
+
+
+_P = PredictConfig
+
+
+@app.command(epilog="Examples:\n\n  mdmf-cache predict runs/ucf_rn50 --support my_actions/ --query unlabelled/\n\n"
+             "  mdmf-cache predict runs/ucf_rn50 --support my_actions/ --query clips/*.mp4 --out predictions/\n\n"
+             "  mdmf-cache predict runs/ucf_full --support my_actions/ --query unlabelled/   # a full-mode run: its backbone.pt")
+def predict(
+    run: Annotated[Path, typer.Argument(help="A run directory of mdmf-cache train (fast or full mode).")],
+    more: Annotated[Optional[list[Path]], typer.Argument(help="More query videos or folders (e.g. the rest of a shell "
+                                                              "glob after --query).", show_default=False)] = None,
+    support: Annotated[Optional[Path], typer.Option(help="SUPPORT/<class>/<video>: a few labelled videos (files or JPEG "
+                                                         "frame folders) per class.", show_default=False)] = None,
+    query: Annotated[Optional[list[Path]], typer.Option(help="Videos to label: a folder (searched recursively) or "
+                                                             "files; repeatable.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where predictions.csv goes (default: RUN/predict).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="The videos' features (default: "
+                                                                          "RUN/predict_cache).")] = None,
+    shot: Annotated[Optional[int], typer.Option(help="K supports per class and pass (default: the smallest class's "
+                                                     "count).")] = _P.shot,
+    subsets: Annotated[int, typer.Option(help="K-subsets averaged when a class has more than K supports.")] = _P.subsets,
+    pps_test: Annotated[str, typer.Option(help=f"MDMF's prompt selector: {_choices(PPS_TEST_RULES)} (sample: a draw "
+                                               "seeded per query).")] = _P.pps_test,
+    seed: Annotated[int, typer.Option(help="Seed of the subsets and of the PPS draws.")] = _P.seed,
+    batch_size: Annotated[int, typer.Option(help="Queries per forward pass.")] = _P.batch_size,
+    weights: Annotated[Optional[Path], typer.Option(help="The backbone checkpoint of a fast run, if the recorded one "
+                                                         "moved (checked by its sha256).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="A fast run's cache, if it moved.")] = None,
+    workers: Annotated[int, typer.Option(help="Decoder processes (default: half the cores, at most 8).")] = default_workers(),
+    show: Annotated[int, typer.Option(help="Queries shown in the table.")] = _P.show,
+    device: DeviceOpt = _P.device,
+    debug: DebugOpt = False,
+) -> None:
+    """Label videos with a trained run: support videos per class in, predictions.csv (class + probabilities) out."""
+    _setup_logging(debug)
+    _on_interrupt("predictions.csv was not written; the videos extracted so far are cached: rerun the same command")
+    from pipelines.predict import run as run_predict
+
+    queries = tuple(str(q) for q in [*(query or []), *(more or [])])
+    run_predict(PredictConfig(run=str(run), support=str(support) if support else "", query=queries,
+                              out=str(out) if out else None, cache_dir=str(cache_dir) if cache_dir else None,
+                              shot=shot, subsets=subsets, pps_test=pps_test, seed=seed, batch_size=batch_size,
+                              weights=str(weights) if weights else None, cache=str(cache) if cache else None,
+                              workers=workers, show=show, device=device))
+
+
+_A = AblateConfig
 
 
 @app.command(epilog="Examples:\n\n  mdmf-cache ablate CACHE --no-pps\n\n  mdmf-cache ablate CACHE --view gtc --episodes 5000\n\n"
@@ -399,7 +536,7 @@ def eval_(
              "  mdmf-cache ablate CACHE --table 5 --out runs/table5\n\n  mdmf-cache ablate CACHE --lambda 0,0.25,0.5,1,1.5,2 --out runs/lambda")
 def ablate(
     cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
-    method: Annotated[Optional[Method], typer.Option(help="Compare the full MDMF with this method (clip-fsar).")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"Compare the full MDMF with this head: {_choices(heads.METHODS[1:])}.")] = None,
     no_pps: NoPpsOpt = False,
     no_distill: NoDistillOpt = False,
     view: ViewOpt = None,
@@ -408,43 +545,50 @@ def ablate(
     table: Annotated[Optional[int], typer.Option(help="Run the paper's ablation grid 3, 4 or 5.")] = None,
     lambdas: Annotated[Optional[str], typer.Option("--lambda", help="A grid over the distillation weight, e.g. "
                                                    "0.25,0.5,1,2 (accuracy vs lambda, the paper's Fig. 4).")] = None,
-    out: Annotated[Path, typer.Option(help="Study directory (one run per arm).")] = Path("runs/ablate"),
-    preset: Annotated[Preset, typer.Option()] = Preset.paper,
-    episodes: Annotated[int, typer.Option(help="Training episodes per arm.")] = 10000,
-    episodes_per_step: int = 16,
-    lr: float = 1e-4,
-    val_every: int = 1000,
-    test_episodes: Annotated[int, typer.Option(help="Test episodes (the same list for every arm).")] = 10000,
-    way: int = 5,
-    shot: int = 5,
-    seed: int = 0,
-    device: str = "auto",
+    out: Annotated[Path, typer.Option(help="Study directory (one run per arm).")] = Path(_A.out),
+    preset: Annotated[str, typer.Option(help="MDMF's preset: paper | reference.")] = _A.preset,
+    episodes: Annotated[int, typer.Option(help="Training episodes per arm.")] = _T.episodes,
+    episodes_per_step: int = _T.episodes_per_step,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: fast mode's 1e-4).")] = None,
+    val_every: int = _T.val_every,
+    test_episodes: Annotated[int, typer.Option(help="Test episodes (the same list for every arm).")] = _A.test_episodes,
+    way: int = _A.way,
+    shot: int = _A.shot,
+    seed: int = _A.seed,
+    device: DeviceOpt = _A.device,
     debug: DebugOpt = False,
 ) -> None:
     """Train the full model and a variant (or a paper table's grid); score all on identical episodes."""
     _setup_logging(debug)
     _on_interrupt(f"finished arms are kept in {out}; rerun the same command: they are reused and the "
                   "interrupted arm resumes")
-    from pipelines.ablate import AblateConfig, run_ablate
+    from pipelines.ablate import run_ablate
     from mdmf_cache.report import print_comparison
 
+    train_opts = {"episodes": episodes, "episodes_per_step": episodes_per_step, "val_every": val_every,
+                  **({"lr": lr} if lr is not None else {})}
     cfg = AblateConfig(
-        cache=str(cache), out=str(out), preset=preset.value, table=table, lambdas=_floats(lambdas, "--lambda"),
+        cache=str(cache), out=str(out), preset=preset, table=table, lambdas=_floats(lambdas, "--lambda"),
         variant=_head_overrides(no_pps, no_distill, view, condition, direction,
-                                {"method": method.value if method and method != Method.mdmf else None}),
-        train={"episodes": episodes, "episodes_per_step": episodes_per_step, "lr": lr, "val_every": val_every},
-        way=way, shot=shot, test_episodes=test_episodes, seed=seed, device=device,
+                                {"method": method if method and method != "mdmf" else None}),
+        train=train_opts, way=way, shot=shot, test_episodes=test_episodes, seed=seed, device=device,
     )
     res = run_ablate(cfg)
     print_comparison(res["rows"], f"ablation, {way}-way {shot}-shot, {test_episodes} identical test episodes")
     typer.echo(f"tables: {res['out']}/ablation.csv, ablation.md")
 
 
-SWEEP_EPILOG = """Examples:
+def _sweep_epilog() -> str:
+    from mdmf_cache.sweep_space import DEFAULT_SPACE
+
+    space = ", ".join(f"{k}={v}" for k, v in DEFAULT_SPACE.items())
+    return f"""Examples:
 
   mdmf-cache sweep cache/ucf101__RN50__openai.zarr --out sweeps/ucf --trials 100 --shot 5
 
   mdmf-cache sweep CACHE --out sweeps/ucf --space lr=1e-5:1e-2:log,lambda=0.1:2,dropout=0:0.5,pps-temperature=0.001:0.1:log
+
+  mdmf-cache sweep CACHE --out sweeps/ucf_fsar --method clip-fsar          # tune another head (one per sweep)
 
   mdmf-cache sweep CACHE --out sweeps/ucf --jobs 4                      # 4 concurrent trials on this machine
 
@@ -455,15 +599,19 @@ SWEEP_EPILOG = """Examples:
   mdmf-cache sweep show sweeps/ucf                                       # trials table, best.json, figures
 
 Fixed options: any fast-mode option of 'train', written as there (--episodes 2000, --shot 1, --preset reference,
---no-pps, --view gtc, --method clip-fsar, ...); a fixed option leaves the default space.
+--no-pps, --view gtc, --method clip-fsar, ...), and any option of the head by its field name (--merge-before, --no-merge-before, --heads 4);
+a fixed option leaves the default space.
 
-Default space (without --space): lr=1e-5:1e-2:log, lambda=0.1:2, alpha-ltc=0.25:2, alpha-gtc=0.25:2,
-dropout=0:0.5, pps-temperature=0.001:0.1:log, episodes-per-step=4|8|16|32, episodes=1000:10000:log.
+Default space (without --space): {space}, plus the head's own (mdmf: lambda=0.1:2, alpha-ltc=0.25:2,
+alpha-gtc=0.25:2, pps-temperature=0.001:0.1:log).
 --space syntax: NAME=LOW:HIGH (uniform), NAME=LOW:HIGH:log, NAME=A|B|C (listed values), comma-separated.
 """
 
 
-@app.command(epilog=SWEEP_EPILOG, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+_S = SweepConfig
+
+
+@app.command(epilog=_sweep_epilog(), context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def sweep(
     ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="A complete cache group (*.zarr); or 'show' followed by a sweep directory.")],
@@ -472,24 +620,24 @@ def sweep(
     study: Annotated[Optional[str], typer.Option(help="Study name (default: the name of --out).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///OUT/study.db), e.g. "
                                                         "postgresql://user@db/sweeps for several machines.")] = None,
-    trials: Annotated[int, typer.Option(help="Finished trials of the study, all workers together.")] = 100,
-    jobs: Annotated[int, typer.Option(help="Concurrent trials (worker processes) on this machine.")] = 1,
+    trials: Annotated[int, typer.Option(help="Finished trials of the study, all workers together.")] = _S.trials,
+    jobs: Annotated[int, typer.Option(help="Concurrent trials (worker processes) on this machine.")] = _S.jobs,
     space: Annotated[Optional[str], typer.Option(help="Swept parameters, e.g. lr=1e-5:1e-2:log,lambda=0.1:2 "
                                                       "(default: see below).")] = None,
-    prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Stop bad trials early at a validation.")] = True,
-    pruner: Annotated[str, typer.Option(help="median | halving (successive halving).")] = "median",
-    prune_startup: Annotated[int, typer.Option(help="Finished trials before the median pruner acts.")] = 5,
+    prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Stop bad trials early at a validation.")] = _S.prune,
+    pruner: Annotated[str, typer.Option(help="median | halving (successive halving).")] = _S.pruner,
+    prune_startup: Annotated[int, typer.Option(help="Finished trials before the median pruner acts.")] = _S.prune_startup,
     prune_below: Annotated[Optional[float], typer.Option(help="Also stop a trial whose val accuracy (%) falls "
                                                               "below this at a validation, e.g. chance level.")] = None,
-    sampler_seed: Annotated[int, typer.Option("--sampler-seed", help="Seed of the TPE sampler.")] = 0,
+    sampler_seed: Annotated[int, typer.Option("--sampler-seed", help="Seed of the TPE sampler.")] = _S.seed,
     resume: Annotated[bool, typer.Option(help="Continue the study in --out to --trials finished trials.")] = False,
     heartbeat: Annotated[int, typer.Option(help="Seconds between a trial's heartbeats; a trial silent for twice "
-                                                "this is failed and requeued.")] = 30,
+                                                "this is failed and requeued.")] = _S.heartbeat,
     debug: DebugOpt = False,
 ) -> None:
     """Tune fast-mode training on a cache with Optuna: each trial trains the heads and is scored on val (never test)."""
     _setup_logging(debug)
-    from pipelines.sweep import SweepConfig, load_sweep, parse_fixed, parse_space_text, run_sweep, summarize
+    from pipelines.sweep import load_sweep, parse_fixed, parse_space_text, run_sweep, summarize
 
     if cache == "show":
         if len(ctx.args) != 1 or ctx.args[0].startswith("-"):
@@ -498,8 +646,8 @@ def sweep(
     else:
         cfg = SweepConfig(cache=cache, study=study, storage=storage, trials=trials, jobs=jobs,
                           space=parse_space_text(space) if space else {}, fixed=parse_fixed(ctx.args), prune=prune,
-                          pruner=pruner, prune_startup=prune_startup, prune_below=prune_below, seed=sampler_seed, resume=resume,
-                          heartbeat=heartbeat)
+                          pruner=pruner, prune_startup=prune_startup, prune_below=prune_below, seed=sampler_seed,
+                          resume=resume, heartbeat=heartbeat)
         cfg.out = str(out) if out else f"sweeps/{study or Path(cache).name.split('__')[0].removesuffix('.zarr')}"
         res = run_sweep(cfg)
     from mdmf_cache.report import print_sweep
@@ -523,24 +671,82 @@ def plot(
         from pipelines.sweep import load_sweep, summarize
 
         paths += summarize(load_sweep(target, storage))["figures"]
-    paths += redraw(target, allow_empty=bool(paths) or (target / "sweep.json").is_file())
+    paths += redraw(target, allow_empty=(target / "sweep.json").is_file())
     for p in paths:
         typer.echo(f"wrote {p}")
 
 
+_C = CompareConfig
+
+
+@app.command(epilog="Examples:\n\n  mdmf-cache compare CACHE --methods mdmf,clip-fsar,protonet --shot 1,3,5 --out results/ucf_rn50\n\n"
+             "  mdmf-cache compare CACHE --methods mdmf,clip-fsar --shot 5 --episodes 20000 --lr 3e-4 --out results/ucf_5shot")
+def compare(
+    cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
+    methods: Annotated[str, typer.Option(help=f"Comma-separated: {_choices((*heads.METHODS, *BASELINES))} "
+                                              "(default: every registered head).")] = ",".join(heads.METHODS),
+    shot: Annotated[str, typer.Option(help="Shots, comma-separated: one column each, one trained run per method and shot.")] = ",".join(map(str, _C.shots)),
+    reference: Annotated[str, typer.Option(help="Paired differences are to this method.")] = _C.reference,
+    out: Annotated[Path, typer.Option(help="Results directory: runs/, scores/, episode lists, table.csv, table.md, table.png.")] = Path(_C.out),
+    episodes: Annotated[int, typer.Option(help="Training episodes of every trained method.")] = _T.episodes,
+    episodes_per_step: int = _T.episodes_per_step,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of every trained method (default: fast mode's 1e-4).")] = None,
+    weight_decay: Annotated[float, typer.Option(help="Adam's weight decay of every trained method.")] = _T.weight_decay,
+    train_queries: Annotated[Optional[int], typer.Option(help="Queries per class in training (default: each head's released choice).")] = None,
+    val_every: int = _T.val_every,
+    val_episodes: int = _T.val_episodes,
+    test_episodes: Annotated[int, typer.Option(help="Test episodes per shot (the same list for every method).")] = _C.test_episodes,
+    way: int = _C.way,
+    seed: int = _C.seed,
+    device: DeviceOpt = _C.device,
+    debug: DebugOpt = False,
+) -> None:
+    """Several heads on one cache: each trained with its released defaults, all scored on identical seeded test
+    episodes per shot, in the layout of the paper's Tables 1-2 with paired CIs and the numbers the papers report."""
+    _setup_logging(debug)
+    _on_interrupt(f"finished runs and scores are kept in {out}; rerun the same command: it does only what is missing")
+    from mdmf_cache.report import print_compare
+    from pipelines.compare import run_compare
+
+    train = {"episodes": episodes, "episodes_per_step": episodes_per_step, "val_every": val_every,
+             "val_episodes": val_episodes, "weight_decay": weight_decay, **({"lr": lr} if lr is not None else {}),
+             **({"train_queries": train_queries} if train_queries is not None else {})}
+    cfg = CompareConfig(cache=str(cache), out=str(out), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                        shots=_shots(shot), reference=reference, train=train, way=way, test_episodes=test_episodes,
+                        seed=seed, device=device)
+    res = run_compare(cfg)
+    print_compare(res["rows"], cfg.shots, f"{way}-way, {test_episodes} identical test episodes per shot")
+    typer.echo(f"tables: {res['out']}/table.md, table.csv, table.png")
+
+
+@app.command("heads", epilog="Examples:\n\n  mdmf-cache heads\n\n  mdmf-cache heads clip-fsar")
+def heads_(
+    name: Annotated[Optional[str], typer.Argument(help="A registered head: its options and defaults.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """List the registered heads, or one head's options with their defaults (what --head-opt sets)."""
+    _setup_logging(debug)
+    from mdmf_cache.report import print_heads
+
+    print_heads(name)
+
+
+_D = DemoConfig
+
+
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Where the synthetic videos, cache and runs go.")] = Path("demo_out"),
-    model: Annotated[str, typer.Option(help="Tiny backbone.")] = "mdmf-tiny-vit",
-    workers: int = 2,
+    out: Annotated[Path, typer.Option(help="Where the synthetic videos, cache and runs go.")] = Path(_D.out),
+    model: Annotated[str, typer.Option(help="Tiny backbone.")] = _D.model,
+    workers: int = _D.workers,
     full: Annotated[bool, typer.Option("--full", help="Add a short full-mode stage (the tiny CLIP fine-tuned with the heads from the videos).")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Synthetic action videos -> cache -> fast-mode heads -> evaluation against baselines, on a CPU in ~1 min
-    (--full: a full-mode stage too)."""
+    """Synthetic action videos -> cache -> fast-mode heads -> evaluation against baselines, on a CPU in a few
+    minutes (--full: a full-mode stage too)."""
     _setup_logging(debug)
     _on_interrupt(f"finished stages are kept in {out}; rerun the same command to go on")
-    from pipelines.demo import DemoConfig, run_demo
+    from pipelines.demo import run_demo
 
     run_demo(DemoConfig(out=str(out), model=model, workers=workers, full=full))
 

@@ -9,10 +9,11 @@ Nothing here imports torch.
 from __future__ import annotations
 
 SPLITS = ("train", "val", "test")
-SAMPLERS = ("tsn", "linspace")  # SPEC 3: TSN segments (paper), the released code's linspace
+SAMPLERS = ("tsn", "linspace")  # method.md §3: TSN segments (paper), the released code's linspace
 NORMALIZATIONS = ("clip", "none")  # CLIP mean/std (paper), raw [0, 1] pixels (released code)
 DECODERS = ("auto", "decord", "pyav", "jpeg")  # auto: a backend that returns the frames asked for, per container
 BN_MODES = ("episode", "frozen")  # full mode, RN backbones: per-episode batch statistics, or running ones
 MODES = ("fast", "full")  # fast: heads on a cache (CLIP frozen); full: CLIP fine-tuned from the videos
 EVAL_PATHS = ("per-video", "direct")
 PPS_TEST_RULES = ("sample", "argmax")
+BASELINES = ("zero-shot", "protonet", "otam")  # training-free baselines scored on a cache (mdmf_cache.baselines)

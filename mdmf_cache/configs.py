@@ -21,8 +21,8 @@ from mdmf_cache.choices import BN_MODES, DECODERS, EVAL_PATHS, MODES, NORMALIZAT
 from mdmf_cache.errors import ConfigError
 from mdmf_cache.models.config import PRESET_DATA
 
-__all__ = ["VideoOptions", "ExtractConfig", "FullModeConfig", "TrainConfig", "EvalConfig", "default_workers",
-           "FAST_LR", "FULL_LR"]
+__all__ = ["VideoOptions", "ExtractConfig", "FullModeConfig", "TrainConfig", "EvalConfig", "PredictConfig",
+           "default_workers", "FAST_LR", "FULL_LR"]
 
 #: Adam's learning rate when none is given. Fast mode trains the heads alone, which want far more than the
 #: paper's 1e-5 (docs/measurements.md); full mode fine-tunes CLIP with them at the paper's value.
@@ -80,7 +80,7 @@ class VideoOptions:
 class ExtractConfig(VideoOptions):
     """Everything that decides what ``extract`` computes (saved in the cache's attributes).
 
-    ``sampler`` and ``normalize`` left at None take the ``preset``'s (SPEC 9), so a saved config
+    ``sampler`` and ``normalize`` left at None take the ``preset``'s (docs/method.md §9), so a saved config
     always names the values used.
     """
 
@@ -96,6 +96,8 @@ class ExtractConfig(VideoOptions):
     splits: tuple[str, ...] = SPLITS
     overwrite: bool = False
     strict: bool = False
+    verify_deep: bool = False  # read every feature chunk before extracting (default: those changed since the last clean verify)
+    retry_failed: bool = False  # decode failed videos again even if their files did not change
     rank: int = 0
     world_size: int = 1
     progress: bool = True
@@ -185,11 +187,12 @@ class TrainConfig:
     out: str = "runs/fast"
     mode: str = "fast"  # fast (CLIP frozen, cache) | full (CLIP fine-tuned, videos: see ``full``)
     method: str = "mdmf"  # a registered head (mdmf_cache.heads): mdmf, clip-fsar, ...
-    preset: str = "paper"
+    preset: str | None = None  # the head's named option set; None: its default (mdmf: paper)
     heads: dict[str, Any] = field(default_factory=dict)  # the head's option overrides (ablation switches)
     way: int = 5
-    shot: int = 5
-    train_queries: int = 5  # per class
+    shot: int = 5  # K the run is for: validation episodes, best.pt, eval's default
+    train_shot: int | None = None  # K of the training episodes; None: the head's released choice (CLIP-FSAR: 1)
+    train_queries: int | None = None  # per class in training episodes; None: the head's released choice (5 mostly)
     episodes: int = 10000  # training episodes in total
     episodes_per_step: int = 16  # E per optimiser step (full mode: accumulated, split between ranks)
     lr: float | None = None  # Adam; None: FAST_LR in fast mode, FULL_LR (the paper's) in full mode
@@ -211,16 +214,32 @@ class TrainConfig:
     def full_mode(self) -> FullModeConfig:
         return FullModeConfig(**self.full)
 
-    def validate(self) -> None:
-        from mdmf_cache.models.config import build_config
+    def resolved(self) -> "TrainConfig":
+        """A copy with the head's defaults filled in: its preset, training shot and queries for ``shot``.
 
+        Raises:
+            ConfigError: an unknown method (the registered ones listed).
+        """
+        from mdmf_cache import heads
+
+        spec = heads.get(self.method)
+        return dataclasses.replace(
+            self, preset=self.preset or spec.default_preset,
+            train_shot=self.train_shot if self.train_shot is not None else spec.train_shot(self.shot),
+            train_queries=self.train_queries if self.train_queries is not None else spec.train_queries(self.shot))
+
+    def validate(self) -> None:
+        """Every option checked, the head's included, before any work (nothing is read or written)."""
+        from mdmf_cache import heads
+        from mdmf_cache.heads.spec import DataInfo
+
+        r = self.resolved()
         problems = []
-        if self.method not in ("mdmf", "clip-fsar"):
-            problems.append(f"--method {self.method!r}: choose mdmf or clip-fsar")
         if self.mode not in MODES:
             problems.append(f"--mode {self.mode!r}: choose fast (heads on a cache) or full (CLIP fine-tuned)")
-        for name in ("shot", "train_queries", "episodes", "episodes_per_step", "val_every", "val_episodes", "val_queries"):
-            if getattr(self, name) < 1:
+        for name in ("shot", "train_shot", "train_queries", "episodes", "episodes_per_step", "val_every", "val_episodes",
+                     "val_queries"):
+            if getattr(r, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.save_every < 0:
             problems.append("--save-every must be >= 0 (0: save at validations only)")
@@ -239,13 +258,16 @@ class TrainConfig:
         elif self.full:
             problems.append("video and backbone options (--root, --model, --backbone-lr, ...) are for --mode full; "
                             "fast mode reads a cache")
+        if self.mode == "fast" and not heads.REGISTRY[self.method].parametric:
+            problems.append(f"{self.method} has no trainable parameters: nothing to train on a frozen cache; score it "
+                            f"with mdmf-cache eval CACHE --method {self.method}, or fine-tune CLIP with it (--mode full)")
         if problems:
             raise ConfigError("; ".join(problems))
         # every head switch, before any work (an ablation arm's bad --view fails here, not after training);
         # the width is the cache's, unknown here: any multiple of the attention heads checks the rest
-        heads = self.heads.get("heads", 8)
-        build_config(self.preset, 8 * heads if isinstance(heads, int) and heads > 0 else 8,
-                     **{**self.heads, "method": self.method})
+        attn = self.heads.get("heads", 8)
+        width = 64 * attn if isinstance(attn, int) and attn > 0 else 512
+        heads.get(self.method).make_options(r.preset, self.heads, DataInfo(dim=width, shot=self.shot))
 
 
 @dataclass
@@ -282,3 +304,46 @@ class EvalConfig:
             raise ConfigError(f"--path {self.path!r}: choose {' or '.join(EVAL_PATHS)}")
         if self.pps_test not in (None, *PPS_TEST_RULES):
             raise ConfigError(f"--pps-test {self.pps_test!r}: choose {' or '.join(PPS_TEST_RULES)}")
+
+
+@dataclass
+class PredictConfig:
+    """``mdmf-cache predict``: label new videos with a trained run and a few labelled supports per class;
+    saved as ``predict_config.json`` beside ``predictions.csv`` (docs/predict.md)."""
+
+    run: str = ""  # a run directory of mdmf-cache train (fast or full mode)
+    support: str = ""  # SUPPORT/<class>/<video>: videos or JPEG frame folders, a few per class
+    query: tuple[str, ...] = ()  # folders (searched recursively) and/or video files to label
+    out: str | None = None  # default: RUN/predict
+    cache_dir: str | None = None  # the features of support and query videos; default: RUN/predict_cache
+    shot: int | None = None  # K supports per class and pass; None: the smallest class's count
+    subsets: int = 10  # K-subsets averaged when some class has more than K supports (seeded)
+    pps_test: str = "argmax"  # MDMF's prompt selector at prediction: argmax | sample (a draw seeded per query)
+    seed: int = 0  # the subsets and the PPS draws
+    batch_size: int = 128  # queries scored per forward pass
+    weights: str | None = None  # the backbone checkpoint, if the recorded one moved (checked by its sha256)
+    cache: str | None = None  # a fast run's cache, if it moved (only its fingerprint is read)
+    workers: int = field(default_factory=default_workers)  # decoder processes
+    device: str = "auto"
+    show: int = 10  # queries shown in the printed table
+
+    def validate(self) -> None:
+        problems = []
+        if not self.run:
+            problems.append("RUN (a run directory) is required")
+        if not self.support:
+            problems.append("--support DIR is required")
+        if not self.query:
+            problems.append("--query DIR_OR_FILE is required (repeatable)")
+        if self.shot is not None and self.shot < 1:
+            problems.append(f"--shot {self.shot}: must be >= 1")
+        if self.subsets < 1 or self.batch_size < 1:
+            problems.append("--subsets and --batch-size must be >= 1")
+        if self.workers < 0:
+            problems.append(f"--workers {self.workers}: must be >= 0 (0 decodes in this process)")
+        if self.pps_test not in PPS_TEST_RULES:
+            problems.append(f"--pps-test {self.pps_test!r}: choose {' or '.join(PPS_TEST_RULES)}")
+        if self.show < 0:
+            problems.append(f"--show {self.show}: must be >= 0")
+        if problems:
+            raise ConfigError("bad options: " + "; ".join(problems))

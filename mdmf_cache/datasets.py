@@ -1,6 +1,8 @@
 """Datasets: split files, class maps, and resolving split entries to video files.
 
-A split file line is ``class/video`` (SPEC section 2). The class index map of each split is built
+A split file line is ``class/video`` (docs/method.md §2). The split files of the five built-in
+datasets ship inside the package (``mdmf_cache/splits/``, :func:`shipped_splits_dir`); ``--splits DIR``
+points at other copies. The class index map of each split is built
 from the split file itself (sorted class names; SSv2-Full label ids sort numerically), never from a
 hand-written list. Entries resolve to a video file (``.avi .mp4 .webm .mkv .mov``) or a folder of
 frames, under ``root/class/video`` or, as the SSv2 download is laid out, ``root/video``. Class
@@ -14,6 +16,7 @@ import collections
 
 import csv
 import hashlib
+import importlib.resources
 import itertools
 import json
 import logging
@@ -67,6 +70,13 @@ DATASETS: dict[str, DatasetSpec] = {
 DATASET_NAMES = (*DATASETS, "folder")
 
 
+def shipped_splits_dir() -> Path:
+    """The split files of the built-in datasets shipped with the package: ``mdmf_cache/splits``
+    (holding ``ucf_ARN/``, ``hmdb_ARN/``, ``kinetics_CMN/``, ``ssv2_CMN/``, ``ssv2_OTAM/``), in a
+    checkout and in an installed wheel alike."""
+    return Path(str(importlib.resources.files(__package__) / "splits"))
+
+
 @dataclass
 class Split:
     """One split of a dataset.
@@ -102,7 +112,7 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
 def clean_class_name(name: str) -> str:
-    """SPEC section 5 ``clean``: split CamelCase (lower-cased), underscores to spaces, drop SSv2
+    """method.md §5 ``clean``: split CamelCase (lower-cased), underscores to spaces, drop SSv2
     brackets, squeeze spaces.
 
     ``ApplyEyeMakeup`` -> ``apply eye makeup``, ``brush_hair`` -> ``brush hair``,
@@ -220,18 +230,19 @@ def _make_split(name: str, lines: list[str], numeric: bool, names: dict[str, str
     return Split(name, classes, class_names, list(lines), labels, source_hash)
 
 
-def load_builtin_splits(dataset: str, splits_dir: Path, root: Path | None = None,
+def load_builtin_splits(dataset: str, splits_dir: Path | None = None, root: Path | None = None,
                         labels_file: Path | None = None) -> dict[str, Split]:
     """Parse the three split files of a built-in dataset.
 
     Args:
         dataset: a key of ``DATASETS``.
-        splits_dir: directory holding ``<split_dir>/trainlist03.txt`` etc. (or the files themselves).
+        splits_dir: directory holding ``<split_dir>/trainlist03.txt`` etc. (or the files themselves);
+            None: the copies shipped with the package (:func:`shipped_splits_dir`).
         root: video root, only used to find SSv2's labels file.
         labels_file: SSv2 labels file (``--labels``); default: looked for beside ``root``.
     """
     spec = DATASETS[dataset]
-    base = Path(splits_dir)
+    base = shipped_splits_dir() if splits_dir is None else Path(splits_dir)
     if (base / spec.split_dir).is_dir():
         base = base / spec.split_dir
     names = _ssv2_names(base, root, labels_file) if spec.numeric_labels else None
@@ -239,7 +250,9 @@ def load_builtin_splits(dataset: str, splits_dir: Path, root: Path | None = None
     for split, fname in spec.files.items():
         path = base / fname
         if not path.is_file():
-            raise DatasetError(f"{dataset}: split file {path} not found; --splits should point at the folder holding {spec.split_dir}/")
+            fix = ("the package's own copy is missing: reinstall mdmf-cache, or pass --splits DIR" if splits_dir is None
+                   else f"--splits should point at the folder holding {spec.split_dir}/")
+            raise DatasetError(f"{dataset}: split file {path} not found; {fix}")
         lines = read_split_file(path)
         if spec.drop_stray:
             lines = _drop_stray(lines)
@@ -331,15 +344,17 @@ def load_folder_splits(
 
 def load_splits(dataset: str, splits_dir: Path | None, root: Path | None, seed: int = 0,
                 labels_file: Path | None = None) -> dict[str, Split]:
-    """Splits of a built-in dataset or of ``folder``; raises DatasetError naming valid datasets."""
+    """Splits of a built-in dataset or of ``folder``; raises DatasetError naming valid datasets.
+
+    ``splits_dir`` None: a built-in dataset reads the split files shipped with the package, ``folder``
+    divides its classes with ``seed``.
+    """
     if dataset == "folder":
         if root is None:
             raise DatasetError("dataset 'folder' needs --root DIR (a root/class/video.ext tree)")
         return load_folder_splits(root, splits_dir, seed)
     if dataset not in DATASETS:
         raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
-    if splits_dir is None:
-        raise DatasetError(f"{dataset} needs --splits DIR (the folder holding {DATASETS[dataset].split_dir}/)")
     return load_builtin_splits(dataset, splits_dir, root, labels_file)
 
 

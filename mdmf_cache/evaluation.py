@@ -3,13 +3,14 @@
 Two paths give the same logits:
 
 * **direct** (:func:`evaluate_episodes`): gather each batch of episodes and run the method on it.
-  Used for the training-free baselines, and kept as the reference for the trained heads.
-* **per video** (:func:`evaluate_per_video`, the default for trained heads): in eval mode every
-  per-video part of a head depends only on the video and the text token it is paired with (the
-  extractors on the video alone, the fusion on (video, token)). So the expensive stages run once
-  per distinct (video, token) pair that the episode list uses, and only prototypes, frame
-  distances and OTAM run per episode. 10,000 episodes over a test split of a few thousand videos
-  cost about as much as fusing those videos a few times, instead of 300,000 fusions.
+  Used for the training-free baselines and for heads that cannot be split per video (HyRSM: every
+  support's representation depends on the query and the whole episode), and kept as the reference.
+* **per video** (:func:`evaluate_per_video`, the default for heads whose ``SPEC.per_video`` is True):
+  in eval mode the per-video part of such a head depends only on the video (and, for MDMF, the text
+  token it is paired with). The head's scorer (``head.per_video``) runs that part once per distinct
+  video (or (video, token) pair) the episode list uses, and only the per-episode stage (prototypes,
+  distances, OTAM) per episode. 10,000 episodes over a test split of a few thousand videos cost about
+  as much as running those videos through the head a few times, instead of 300,000 times.
 
 The PPS draws of both paths use the same seeded uniforms, one per (episode, query), a function of the
 seed and the episode list only, so both paths (and every batch size) make the same draws.
@@ -27,9 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import heads as head_registry
 from .backbone import heads_autocast
 from .baselines import BASELINES, get_baseline
 from .episodes import EpisodeSampler, Episodes, gather, mean_ci
+from .heads.spec import DataInfo
 from .configs import EvalConfig
 from .errors import ConfigError
 from .store import FeatureSplit
@@ -38,8 +41,8 @@ log = logging.getLogger(__name__)
 
 # (support (E,S,T,D), query (E,Q,T,D), text (E,N,D), pps uniforms (E,Q)) -> logits (E,Q,N)
 LogitsFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-TRAINED = ("mdmf", "clip-fsar")
-METHODS = ("run", *TRAINED, *BASELINES)
+#: What ``eval`` scores: ``run`` (the head a run was trained with), a registered head, or a training-free baseline.
+METHODS = ("run", *head_registry.METHODS, *BASELINES)
 
 
 @dataclass
@@ -151,115 +154,42 @@ def evaluate_per_video(
     on_batch: Callable[[int], None] | None = None,
     keep_logits: bool = False,
 ) -> EvalResult:
-    """Per-video path for a trained head in eval mode (see the module docstring); same logits as the direct path.
+    """Per-video path of a head in eval mode (see the module docstring); the direct path's logits.
 
     Args:
-        model: a :class:`~mdmf_cache.models.head.FewShotHead` in eval mode.
-        split: features on the compute device.
-        episodes: the fixed episode list (view 0 of every video: val/test caches hold one view).
+        model: a head whose ``SPEC.per_video`` is True, in eval mode.
+        split: features on the compute device (view 0 of every video: val/test caches hold one view).
+        episodes: the fixed episode list.
         uniforms: ``(E, Q)`` PPS uniforms, as given to the direct path.
-        batch_size: episodes (and, times 30, fused sequences) per batch.
+        batch_size: episodes per batch (and the scorer's per-video batches, times 30).
         on_batch: called with the number of episodes just scored.
         keep_logits: also return every episode's logits.
     """
     if model.training:
         raise ValueError("the per-video path needs the model in eval mode (dropout off, running statistics)")
-    dev = split.features.device
-    feats = split.features  # (Nv, V, T, D)
-    c, n, e_all = split.num_classes, episodes.way, len(episodes)
-    k = episodes.shot
-    zero_token = c  # token key of PPS-off queries (a zero token); keys 0..C-1 are class texts
-    text_keys = torch.cat([split.text.float(), split.text.new_zeros(1, split.text.shape[1]).float()])  # (C+1, D)
-
-    # 1. each query's token: the PPS draw on its own episode (cheap: cosines of mean frames)
-    if model.query_has_token:
-        query_key = np.empty(episodes.query.shape, dtype=np.int64)  # (E, Q) split class of the token
-        for lo in range(0, e_all, batch_size):
-            ep = episodes[lo : lo + batch_size]
-            query = feats[torch.as_tensor(ep.query, device=dev), torch.as_tensor(ep.query_view, device=dev)].float()
-            text = split.text[torch.as_tensor(ep.classes, device=dev)].float()  # (E, N, D)
-            chosen, _ = model.query_choice(query, text, torch.as_tensor(uniforms[lo : lo + batch_size], device=dev))
-            chosen = chosen.cpu().numpy()  # (E, Q) episode class, -1 = PPS off
-            split_cls = np.take_along_axis(ep.classes, np.clip(chosen, 0, None), axis=1)
-            query_key[lo : lo + len(ep)] = np.where(chosen >= 0, split_cls, zero_token)
-    support_key = np.repeat(episodes.classes, k, axis=1)  # (E, S) each support's own class
-
-    # 2. the distinct (video, token) pairs, and each episode slot's pair
-    if model.query_has_token:
-        rows = np.concatenate([episodes.support, episodes.query], axis=1)  # (E, S+Q)
-        keys = np.concatenate([support_key, query_key], axis=1)
-    else:  # queries are fused without a token: their pairs are the videos alone
-        rows, keys = episodes.support, support_key
-    pair_codes, slot_pair = np.unique(rows * (c + 1) + keys, return_inverse=True)
-    slot_pair = slot_pair.reshape(rows.shape)
-    pair_row, pair_key = pair_codes // (c + 1), pair_codes % (c + 1)
-    video_rows, pair_video = np.unique(pair_row, return_inverse=True)
-    if not model.query_has_token:
-        query_videos, query_slot = np.unique(episodes.query, return_inverse=True)
-        video_rows, inv = np.unique(np.concatenate([pair_row, query_videos]), return_inverse=True)
-        pair_video, query_video = inv[: len(pair_row)], inv[len(pair_row) :]
-
-    # 3. per view: context once per video, fusion once per pair
-    seq = max(batch_size * 30, 1)  # sequences per forward
-    vids = torch.as_tensor(video_rows, device=dev)
-    tokened: dict[str, Tensor] = {}
-    untokened: dict[str, Tensor] = {}
-    frames_v = feats[vids, 0].float()  # (U, T, D)
-    with heads_autocast(dev):
-        for name in model.views:
-            ctx = torch.cat([model.context(name, frames_v[i : i + seq]) for i in range(0, len(vids), seq)])  # (U, T, D)
-            pv = torch.as_tensor(pair_video, device=dev)
-            pk = torch.as_tensor(pair_key, device=dev)
-            # frame positions only; position 0 (the token's output) feeds just the distillation
-            # posteriors, which evaluation does not read: it stays zero, the logits do not see it
-            fused = model.fuse_pairs(name, frames_v, ctx, text_keys, pv, pk, token_output=False)  # (P, T, D)
-            tokened[name] = torch.nn.functional.pad(fused, (0, 0, 1, 0))  # (P, T+1, D)
-            if not model.query_has_token:
-                qv = torch.as_tensor(query_video, device=dev)
-                untokened[name] = torch.cat([
-                    model.fuse(name, frames_v[qv[i : i + seq]], ctx[qv[i : i + seq]], None)
-                    for i in range(0, len(qv), seq)
-                ])  # (U_q, T, D)
-        del frames_v, ctx
-
-        # 4. per episode: prototypes, distances, OTAM. The prototypes (class means of the supports' outputs)
-        # are averaged straight from the pair table, without gathering every support's output first, and
-        # reach the head as one "shot" per class (its mean over K = 1 shot is the identity).
-        tally = _Tally(c, dev, keep_logits)
-        s = episodes.support.shape[1]
-        for lo in range(0, e_all, batch_size):
-            ep = episodes[lo : lo + batch_size]
-            sp = torch.as_tensor(slot_pair[lo : lo + len(ep)], device=dev)
-            support_out = {name: _class_means(tokened[name], sp[:, :s], n) for name in model.views}  # (E, N, T+1, D)
-            if model.query_has_token:
-                query_out = {name: tokened[name][sp[:, s:]] for name in model.views}  # (E, Q, T+1, D)
-            else:
-                qs = torch.as_tensor(query_slot.reshape(episodes.query.shape)[lo : lo + len(ep)], device=dev)
-                query_out = {name: untokened[name][qs] for name in model.views}  # (E, Q, T, D)
-            tally.add(model.head(support_out, query_out, n)["logits"], ep)
-            if on_batch:
-                on_batch(len(ep))
+    scorer = model.per_video(split.features[:, 0], split.text, episodes, uniforms, batch_size)  # per-video work, once
+    tally = _Tally(split.num_classes, split.features.device, keep_logits)
+    for lo in range(0, len(episodes), batch_size):
+        hi = min(lo + batch_size, len(episodes))
+        tally.add(scorer.logits(lo, hi), episodes[lo:hi])  # per-episode work
+        if on_batch:
+            on_batch(hi - lo)
     result = tally.result()
-    result.fused = len(pair_codes) + (0 if model.query_has_token else len(query_videos))
+    result.fused = scorer.fused
     return result
 
 
-def _class_means(table: Tensor, slots: Tensor, n: int) -> Tensor:
-    """``table (P, L, D)`` fused pairs, ``slots (E, S)`` class-major support pairs -> ``(E, N, L, D)`` class means."""
-    e, s = slots.shape
-    p, length, d = table.shape
-    means = torch.nn.functional.embedding_bag(slots.reshape(e * n, s // n), table.reshape(p, length * d), mode="mean")
-    return means.reshape(e, n, length, d)
+def head_logits(model) -> LogitsFn:
+    """An eval-mode head as a LogitsFn (the direct path)."""
+    return lambda support, query, text, u: model(support, query, text, pps_noise=u)["logits"]
 
 
-def method_logits(method: str, model=None) -> LogitsFn:
-    """A trained head (``mdmf``, ``clip-fsar``: an eval-mode model's logits) or a baseline name, as a LogitsFn."""
-    if method in TRAINED:
-        if model is None:
-            raise ValueError(f"method {method!r} needs a trained model")
-        return lambda support, query, text, u: model(support, query, text, pps_noise=u)["logits"]
-    baseline = get_baseline(method)
-    return lambda support, query, text, u: baseline(support, query, text)
+def parameter_free_head(method: str, split: FeatureSplit):
+    """A registered head without parameters (OTAM, TSN), built for the split's width and frames, in eval mode."""
+    spec = head_registry.get(method)
+    _, _, t, d = split.features.shape
+    info = DataInfo(dim=int(d), num_frames=int(t), num_classes=split.num_classes)
+    return spec.build(spec.make_options(None, {}, info)).to(split.features.device).eval()
 
 
 def score(method: str, split: FeatureSplit, episodes: Episodes, model=None, seed: int = 0, batch_size: int = 500,
@@ -267,21 +197,32 @@ def score(method: str, split: FeatureSplit, episodes: Episodes, model=None, seed
           keep_logits: bool = False) -> EvalResult:
     """Score one method on one episode list.
 
-    Trained heads take the per-video path unless ``path="direct"``; baselines always the direct
-    one. The PPS draws use :func:`pps_uniforms` (seeded). torch's RNG is forked, so a caller's
-    training RNG stream is untouched.
+    Args:
+        method: the head's registry name (``model`` given, or a head without parameters) or a baseline.
+        model: a trained head in eval mode (None: a baseline, or a head without parameters built here).
+        path: ``per-video`` (heads that declare it; the others and the baselines take the direct path)
+            or ``direct``.
+
+    The PPS draws use :func:`pps_uniforms` (seeded). torch's RNG is forked, so a caller's training RNG
+    stream is untouched.
     """
     if path not in ("per-video", "direct"):
         raise ValueError(f"path {path!r}: choose 'per-video' or 'direct'")
+    if model is None and method in head_registry.parameter_free():
+        model = parameter_free_head(method, split)
     dev = split.features.device
     uniforms = pps_uniforms(episodes, seed)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        if method in TRAINED and path == "per-video":
+        if model is None:  # a training-free baseline
+            baseline = get_baseline(method)
+            with torch.autocast(dev.type, enabled=False):
+                return evaluate_episodes(lambda support, query, text, u: baseline(support, query, text), split,
+                                         episodes, batch_size, on_batch, uniforms, keep_logits)
+        if path == "per-video" and head_registry.get(model.method).per_video:
             return evaluate_per_video(model, split, episodes, uniforms, batch_size, on_batch, keep_logits)
-        with heads_autocast(dev) if method in TRAINED else torch.autocast(dev.type, enabled=False):
-            return evaluate_episodes(method_logits(method, model), split, episodes, batch_size, on_batch, uniforms,
-                                     keep_logits)
+        with heads_autocast(dev):
+            return evaluate_episodes(head_logits(model), split, episodes, batch_size, on_batch, uniforms, keep_logits)
 
 
 # ----------------------------------------------------------------------- scoring a run or a baseline
@@ -315,12 +256,12 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
             check_identity(run_cfg.get("cache_identity"), cache, f"eval {target}")
         trained_shot = int(run_cfg.get("shot", 5))
         run_method = run_cfg.get("method", "mdmf")
-        if method in ("run", *TRAINED):
+        if method in ("run", *head_registry.METHODS):
             if method != "run" and method != run_method:
                 raise ConfigError(f"--method {method}: {target} was trained as {run_method}; evaluate a "
                                   f"{method} run (mdmf-cache train CACHE --method {method}) on the same --seed "
-                                  "for identical episodes, or compare both in one table with mdmf-cache ablate "
-                                  "CACHE --method clip-fsar")
+                                  "for identical episodes, or compare both in one table with mdmf-cache compare "
+                                  f"CACHE --methods {run_method},{method}")
             method = run_method
             model, _ = load_run(target, str(device))
             if cfg.pps_test and method == "mdmf":  # the same trained heads under the other test rule
@@ -328,9 +269,10 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         default_out = target / f"eval_{method}_{cfg.split}"
     elif (target / "zarr.json").is_file():
         cache = str(target)
-        if method in ("run", *TRAINED):
+        if method == "run" or (method in head_registry.METHODS and method not in head_registry.parameter_free()):
+            scored = ", ".join((*head_registry.parameter_free(), *BASELINES))
             raise ConfigError(f"{target} is a cache: a trained head needs its run directory "
-                              f"(mdmf-cache train {target} --out runs/NAME), or pick a baseline: {', '.join(BASELINES)}")
+                              f"(mdmf-cache train {target} --out runs/NAME), or pick one that needs no training: {scored}")
         default_out = target.parent / f"eval_{target.stem}_{method}_{cfg.split}"
     else:
         raise ConfigError(f"{target} is neither a run directory (config.json + best.pt) nor a cache (*.zarr)")

@@ -58,7 +58,7 @@ def fingerprint(cfg: ExtractConfig, weights: str, split_hashes: dict[str, str]) 
     }
 
 def prompts_for(split: Split, cfg: ExtractConfig) -> list[str]:
-    """One prompt per class of the split (SPEC section 5), in class order."""
+    """One prompt per class of the split (docs/method.md §5), in class order."""
     names = [clean_class_name(n) if cfg.clean_names else n for n in split.class_names]
     return [cfg.prompt_template.format(n) for n in names]
 

@@ -7,7 +7,7 @@ in front of the few-shot heads. Its switches:
 - ``bn``: ``"episode"`` turns every ``BatchNorm2d`` of the visual tower into :class:`EpisodeBatchNorm2d`,
   so E episodes stacked in one forward pass are normalised with each episode's own statistics and the
   running statistics advance as E single-episode passes would (the paper runs one episode per
-  iteration; SPEC 8, Batching). ``"frozen"`` keeps every BatchNorm in eval mode (running statistics
+  iteration; docs/method.md §8, Batching). ``"frozen"`` keeps every BatchNorm in eval mode (running statistics
   used, never updated); its affine weights still train with their block.
 - ``train_last_blocks``: ``None`` trains the whole visual tower, ``0`` freezes it, ``N`` trains the last N
   blocks (:func:`visual_blocks`) and everything after them (ViT: ``ln_post``, ``proj``; ResNet:

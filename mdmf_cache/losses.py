@@ -1,4 +1,4 @@
-"""Losses of CLIP-MDMF (SPEC section 8): episodic cross-entropy and reliability-gated mutual distillation.
+"""Losses of CLIP-MDMF (docs/method.md §8): episodic cross-entropy and reliability-gated mutual distillation.
 
 Every loss is defined per episode, as in the released code (which trains on one episode at a time),
 and then **averaged** over the E episodes of a batch: a batch of E episodes behaves like
@@ -99,7 +99,7 @@ def _weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
 def distillation_terms(out: dict[str, Tensor], cfg: MDMFConfig) -> dict[str, Tensor]:
     """Per-direction distillation losses and reliability fractions.
 
-    ``l2g`` is the SPEC's ``L_l->g`` (GTC teaches LTC: ``KL(P_g || P_l)`` over global-reliable
+    ``l2g`` is method.md §8's ``L_l->g`` (GTC teaches LTC: ``KL(P_g || P_l)`` over global-reliable
     queries, weights ``c_q = v_g + t_g``); ``g2l`` is ``L_g->l`` (LTC teaches GTC). Each is a
     weighted mean over the episode's reliable queries; for condition ``none`` (the paper gives no
     formula) it is the released code's unweighted **sum** over all the episode's queries. Then the
@@ -118,7 +118,7 @@ def distillation_terms(out: dict[str, Tensor], cfg: MDMFConfig) -> dict[str, Ten
     t_l, t_g = out["p_text_ltc"].max(dim=-1).values, out["p_text_gtc"].max(dim=-1).values  # (E, Q)
     local, glob = reliability_masks(v_l, v_g, t_l, t_g, cfg.condition)  # (E, Q) bool
     kl_l2g, kl_g2l = kl_div(p_g, p_l), kl_div(p_l, p_g)  # (E, Q) each
-    if cfg.condition == "none":  # SPEC 8: every query, unweighted, summed over the queries
+    if cfg.condition == "none":  # method.md §8: every query, unweighted, summed over the queries
         l2g, g2l = kl_l2g.sum(dim=-1), kl_g2l.sum(dim=-1)  # (E,)
     else:
         l2g = _weighted_mean(kl_l2g, glob * (v_g + t_g))  # (E,)

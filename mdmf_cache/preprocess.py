@@ -1,4 +1,4 @@
-"""Pixel preprocessing (SPEC section 4), batched on the compute device.
+"""Pixel preprocessing (docs/method.md §4), batched on the compute device.
 
 Resize the short side to 256 (bilinear), then a 224 crop: centre at test; at train a random crop
 anywhere plus a horizontal flip with p 0.5, one draw per video (and view) shared by all its frames.

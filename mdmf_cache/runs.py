@@ -21,16 +21,18 @@ from mdmf_cache.backbone import resolve_device
 from mdmf_cache.configs import FullModeConfig, TrainConfig
 from mdmf_cache.episodes import Episodes
 from mdmf_cache.errors import CacheError, ConfigError
+from mdmf_cache import heads as head_registry
 from mdmf_cache.evaluation import score
-from mdmf_cache.models.config import MDMFConfig, build_config
-from mdmf_cache.models.head import FewShotHead
-from mdmf_cache.models.mdmf import build_head
+from mdmf_cache.heads.base import FewShotHead
+from mdmf_cache.heads.spec import DataInfo
+from mdmf_cache.models.config import MDMFConfig
 from mdmf_cache.store import CacheStore, FeatureSplit, fingerprint_diff
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cache_identity", "check_identity", "build_model", "validate", "load_config", "load_run", "run_cache",
-           "full_run_cache"]
+__all__ = ["cache_identity", "check_identity", "build_head", "build_model", "head_record", "head_from_record", "validate",
+           "load_config", "read_run_config", "load_run", "run_cache", "full_run_backbone", "full_run_cache"]
+
 
 def cache_identity(cache: Path | str) -> dict[str, Any]:
     """What binds a run to its cache: the extraction fingerprint and each split's class list (hashed).
@@ -42,6 +44,7 @@ def cache_identity(cache: Path | str) -> dict[str, Any]:
     classes = {split: hashlib.sha1("\n".join(store.root[split].attrs.get("classes", [])).encode()).hexdigest()[:16]
                for split in store.splits}
     return {"fingerprint": store.fingerprint, "classes": classes}
+
 
 def check_identity(recorded: dict[str, Any] | None, cache: Path | str, what: str) -> None:
     """Refuse a cache whose identity differs from the run's (fields named). Runs without a record pass."""
@@ -56,17 +59,49 @@ def check_identity(recorded: dict[str, Any] | None, cache: Path | str, what: str
         raise CacheError(f"{what}: {cache} is not the cache this run was trained on ({'; '.join(diff)}); "
                          "point at the original cache, or train a new run on this one")
 
-def build_model(preset: str, dim: int, num_frames: int, heads: dict[str, Any], method: str = "mdmf") -> FewShotHead:
-    """The head of a preset with overrides: MDMF or CLIP-FSAR (``method``)."""
-    return build_head(build_config(preset, dim, num_frames=num_frames, **{**heads, "method": method}))
+
+def build_head(method: str, preset: str | None, overrides: dict[str, Any], data: DataInfo) -> FewShotHead:
+    """The registered head ``method`` with its preset (None: the head's default), overrides and the data's values."""
+    spec = head_registry.get(method)
+    return spec.build(spec.make_options(preset, overrides, data))
+
+
+def build_model(preset: str | None, dim: int, num_frames: int, heads: dict[str, Any] | None = None,
+                method: str = "mdmf", **data: Any) -> FewShotHead:
+    """:func:`build_head` for a width and frame count (``data``: ``num_classes``, ``dataset``, ``shot``)."""
+    return build_head(method, preset, heads or {}, DataInfo(dim=dim, num_frames=num_frames, **data))
+
+
+def head_record(head: FewShotHead) -> dict[str, Any]:
+    """What a checkpoint stores to rebuild ``head``: its registry name and resolved options."""
+    return {"method": head.method, "options": dataclasses.asdict(head.options)}
+
+
+def head_from_record(ckpt: dict[str, Any]) -> FewShotHead:
+    """The head a checkpoint describes (:func:`head_record`), weights not loaded.
+
+    Checkpoints of earlier versions stored MDMF's options under ``heads`` (with the method among them):
+    MDMF ones load; their CLIP-FSAR head differed from the released one and is refused.
+    """
+    if "options" in ckpt:
+        spec = head_registry.get(ckpt["method"])
+        return spec.build(spec.load_options(ckpt["options"]))
+    old = dict(ckpt["heads"])
+    if old.pop("method", "mdmf") != "mdmf":
+        raise ConfigError("this run's CLIP-FSAR head was trained by an earlier version of mdmf-cache, whose CLIP-FSAR "
+                          "differed from the released one; train it again (mdmf-cache train ... --method clip-fsar)")
+    return head_registry.get("mdmf").build(MDMFConfig(**old))
+
 
 def validate(model: FewShotHead, split: FeatureSplit, episodes: Episodes, seed: int) -> float:
-    """Mean val accuracy (%) on the fixed list, per-video path (RNG forked: training draws are unaffected)."""
+    """Mean val accuracy (%) on the fixed list, per-video path where the head has one (RNG forked: training
+    draws are unaffected)."""
     was_training = model.training
     model.eval()
-    acc = score(model.cfg.method, split, episodes, model, seed).mean * 100
+    acc = score(model.method, split, episodes, model, seed).mean * 100
     model.train(was_training)
     return acc
+
 
 def load_config(path: Path | str) -> TrainConfig:
     """A TrainConfig from a run's ``config.json`` or a sweep's ``best.json`` (``mdmf-cache train --config``)."""
@@ -82,6 +117,7 @@ def load_config(path: Path | str) -> TrainConfig:
         raise ConfigError(f"--config {path}: unknown TrainConfig field(s) {', '.join(unknown)}")
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
+
 def history_upto(path: Path, done: int) -> list[dict[str, Any]]:
     """Metrics lines of a run written before checkpoints carried them, up to ``done`` episodes."""
     if not path.is_file():
@@ -94,15 +130,35 @@ def history_upto(path: Path, done: int) -> list[dict[str, Any]]:
             continue
     return [r for r in recs if r.get("episodes", 0) <= done]
 
-def load_run(run: Path | str, device: str = "auto") -> tuple[FewShotHead, dict[str, Any]]:
-    """The best checkpoint of a run as an eval-mode head (MDMF or CLIP-FSAR), and the run's config."""
+
+def read_run_config(run: Path | str) -> dict[str, Any]:
+    """A run directory's ``config.json``.
+
+    Raises:
+        ConfigError: ``run`` is not a run directory of ``mdmf-cache train`` (a cache is named as one), or its
+            ``config.json`` is unreadable.
+    """
     run = Path(run)
-    cfg = json.loads((run / "config.json").read_text())
+    if not (run / "config.json").is_file():
+        what = ("a cache, not a run: train one on it first (mdmf-cache train CACHE --out runs/NAME)"
+                if (run / "zarr.json").is_file() else
+                "not a run directory (config.json and best.pt, written by mdmf-cache train --out DIR)")
+        raise ConfigError(f"{run} is {what}")
+    try:
+        return json.loads((run / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{run / 'config.json'} is unreadable ({e}); is this a run directory?") from e
+
+
+def load_run(run: Path | str, device: str = "auto") -> tuple[FewShotHead, dict[str, Any]]:
+    """The best checkpoint of a run as an eval-mode head, and the run's config."""
+    run = Path(run)
+    cfg = read_run_config(run)
     if not (run / "best.pt").is_file():
         raise ConfigError(f"{run} has no best.pt; train first (mdmf-cache train --out {run})")
     dev = resolve_device(device)
     ckpt = torch.load(run / "best.pt", map_location=dev, weights_only=False)
-    model = build_head(MDMFConfig(**ckpt["heads"])).to(dev)
+    model = head_from_record(ckpt).to(dev)
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, cfg
@@ -121,6 +177,26 @@ def run_cache(run: Path, run_cfg: dict[str, Any], override: str | None) -> str:
                       "with --cache PATH (it is checked against the run's record)")
 
 
+def full_run_backbone(run: Path) -> tuple[Path, str]:
+    """A full-mode run's fine-tuned CLIP, ``RUN/backbone.pt``, and its weights id (``sha256:...``).
+
+    Raises:
+        ConfigError: ``backbone.pt`` is missing or is not the backbone of ``best.pt`` (a run killed between the
+            two writes: ``train --resume`` rewrites both).
+    """
+    from mdmf_cache.backbone import weights_id
+
+    backbone = Path(run) / "backbone.pt"
+    if not backbone.is_file():
+        raise ConfigError(f"{run} is a full-mode run without backbone.pt; train it first (or --resume it)")
+    wid = weights_id(str(backbone))
+    recorded = torch.load(Path(run) / "best.pt", map_location="cpu", weights_only=False).get("backbone")
+    if recorded != wid:
+        raise ConfigError(f"{backbone} is not the backbone of {run}/best.pt (the run was stopped between writing "
+                          "them); rerun its train command with --resume, which rewrites both")
+    return backbone, wid
+
+
 def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, override: str | None = None,
                    progress: bool = True, way: int = 5, root: str | None = None) -> str:
     """The cache of a full-mode run's split, extracted with the run's fine-tuned backbone (``backbone.pt``).
@@ -132,18 +208,11 @@ def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, 
         ConfigError: ``backbone.pt`` is missing or is not the backbone of ``best.pt`` (a run killed between the
             two writes: ``train --resume`` rewrites both), or ``--cache`` holds other weights.
     """
-    from mdmf_cache.backbone import pretrained_slug, weights_id
+    from mdmf_cache.backbone import pretrained_slug
     from mdmf_cache.cache_build import run_extract
     from mdmf_cache.store import group_name, meta_problem
 
-    backbone = run / "backbone.pt"
-    if not backbone.is_file():
-        raise ConfigError(f"{run} is a full-mode run without backbone.pt; train it first (or --resume it)")
-    wid = weights_id(str(backbone))
-    recorded = torch.load(run / "best.pt", map_location="cpu", weights_only=False).get("backbone")
-    if recorded != wid:
-        raise ConfigError(f"{backbone} is not the backbone of {run}/best.pt (the run was stopped between writing "
-                          "them); rerun its train command with --resume, which rewrites both")
+    backbone, wid = full_run_backbone(run)
     if override:
         have = (CacheStore(override).fingerprint.get("video") or {}).get("weights")
         if have != wid:

@@ -1,4 +1,4 @@
-"""Frame samplers (SPEC section 3): which T frame indices of an n-frame video to decode.
+"""Frame samplers (docs/method.md §3): which T frame indices of an n-frame video to decode.
 
 * ``tsn`` (design default): T equal segments of ``[0, n)``; test takes each segment's middle
   frame, train a uniformly random frame inside each segment.

@@ -1,7 +1,8 @@
 """What a sweep can fix or sweep: options named as in ``mdmf-cache train``, and the ``--space`` syntax.
 
-The options are read from the ``TrainConfig`` dataclass and the head fields of ``MDMFConfig``, so a
-field added to either is fixable and sweepable without changes here.
+The options are read from the ``TrainConfig`` dataclass and from the options dataclass of the swept
+head (``--method``, MDMF by default), so a field added to either is fixable and sweepable without
+changes here.
 """
 
 from __future__ import annotations
@@ -14,29 +15,31 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from mdmf_cache.errors import ConfigError
 
-# TrainConfig fields that belong to the sweep, not to a trial.
+# TrainConfig fields that belong to the sweep, not to a trial; ``method`` is fixed for a whole sweep.
 _NOT_OPTIONS = ("cache", "out", "heads", "resume", "full")
-# Head fields fixed by the data (the cache's D and T), or set through a TrainConfig field (method).
-_NOT_HEAD_OPTIONS = ("dim", "num_frames", "method")
-# CLI names that differ from the field names, as in ``mdmf-cache train``.
-_ALIASES: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    "lambda": ("lam", ("heads.lam",), False),
-    "view": ("views", ("heads.views",), False),
-    "dropout": ("", ("heads.mmfe_dropout", "heads.ffn_dropout", "heads.tcn_dropout"), False),
-    "otam-one-way": ("", ("heads.otam_bidirectional",), True),
-}
+# CLI names that differ from the field names, as in ``mdmf-cache train``: alias -> (field, invert).
+_RENAMED: dict[str, tuple[str, bool]] = {"lambda": ("lam", False), "view": ("views", False),
+                                         "otam-one-way": ("otam_bidirectional", True)}
 
-#: Swept when ``--space`` is not given (minus whatever is fixed on the command line).
+#: Swept when ``--space`` is not given (minus whatever is fixed on the command line), for every head; the
+#: head's own ``SPEC.space`` is added (MDMF: lambda, alpha-ltc, alpha-gtc, pps-temperature).
 DEFAULT_SPACE: dict[str, str] = {
     "lr": "1e-5:1e-2:log",
-    "lambda": "0.1:2",
-    "alpha-ltc": "0.25:2",
-    "alpha-gtc": "0.25:2",
     "dropout": "0:0.5",
-    "pps-temperature": "0.001:0.1:log",
     "episodes-per-step": "4|8|16|32",
     "episodes": "1000:10000:log",
 }
+
+
+def default_space(method: str = "mdmf") -> dict[str, str]:
+    """The default sweep space of a head: :data:`DEFAULT_SPACE` plus the head's own (dropout only where it has one)."""
+    from mdmf_cache import heads
+
+    spec = heads.get(method)
+    space = {**DEFAULT_SPACE, **spec.space}
+    if not any(n.endswith("dropout") for n in spec.option_names):
+        space.pop("dropout")
+    return space
 
 @dataclass(frozen=True)
 class Option:
@@ -87,30 +90,41 @@ def _option_of(name: str, targets: tuple[str, ...], default: Any, hint: Any, inv
     return Option(name, targets, kind, choices, invert)
 
 
-def sweep_options() -> dict[str, Option]:
-    """Every option a trial can fix or sweep, by CLI name (TrainConfig fields, then head fields)."""
-    from mdmf_cache.models.config import MDMFConfig
+def sweep_options(method: str = "mdmf") -> dict[str, Option]:
+    """Every option a trial of a ``method`` sweep can fix or sweep, by CLI name (TrainConfig fields, then the head's)."""
+    from mdmf_cache import heads
     from mdmf_cache.configs import TrainConfig
 
+    spec = heads.get(method)
     opts: dict[str, Option] = {}
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _NOT_OPTIONS:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             opts[f.name.replace("_", "-")] = _option_of(f.name.replace("_", "-"), (f.name,), default, hints[f.name])
-    hints = get_type_hints(MDMFConfig)
-    renamed = {fld: alias for alias, (fld, _, _) in _ALIASES.items() if fld}
-    head_fields = {f.name: f for f in dataclasses.fields(MDMFConfig)}
-    for f in head_fields.values():
-        if f.name in _NOT_HEAD_OPTIONS:
-            continue
-        name = renamed.get(f.name, f.name.replace("_", "-"))
-        opts.setdefault(name, _option_of(name, (f"heads.{f.name}",), f.default, hints[f.name]))
-    for alias, (_, targets, invert) in _ALIASES.items():
-        if alias not in opts:
-            first = targets[0].split(".", 1)[1]
-            opts[alias] = _option_of(alias, targets, head_fields[first].default, hints[first], invert)
+    hints = get_type_hints(spec.options)
+    fields = {f.name: f for f in dataclasses.fields(spec.options) if f.name in spec.option_names}
+    renamed = {fld: (alias, invert) for alias, (fld, invert) in _RENAMED.items() if fld in fields}
+    for f in fields.values():
+        name, invert = renamed.get(f.name, (f.name.replace("_", "-"), False))
+        opts.setdefault(name, _option_of(name, (f"heads.{f.name}",), f.default, hints[f.name], invert))
+    dropouts = tuple(f"heads.{n}" for n in fields if n.endswith("dropout"))
+    if dropouts and "dropout" not in opts:  # one value for every dropout of the head, as train --dropout
+        first = dropouts[0][len("heads."):]
+        opts["dropout"] = _option_of("dropout", dropouts, fields[first].default, hints[first])
     return opts
+
+
+def method_of(args: list[str] | dict[str, Any]) -> str:
+    """The ``--method`` among fixed options (a sweep tunes one head), default mdmf."""
+    if isinstance(args, dict):
+        return str(args.get("method", "mdmf"))
+    for i, arg in enumerate(args):
+        if arg == "--method" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return "mdmf"
 
 
 def _unknown(name: str, opts: dict[str, Option], what: str) -> ConfigError:
@@ -121,7 +135,7 @@ def _unknown(name: str, opts: dict[str, Option], what: str) -> ConfigError:
 
 def parse_fixed(args: list[str], opts: dict[str, Option] | None = None) -> dict[str, Any]:
     """``--name value``, ``--name=value``, ``--flag`` and ``--no-flag`` pairs as {name: value}."""
-    opts = opts or sweep_options()
+    opts = opts or sweep_options(method_of(args))
     fixed: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -150,7 +164,7 @@ def parse_fixed(args: list[str], opts: dict[str, Option] | None = None) -> dict[
 
 def check_fixed(fixed: dict[str, Any], opts: dict[str, Option] | None = None) -> dict[str, Any]:
     """Fixed option values (strings or typed values) checked and typed; an unknown name is a ConfigError."""
-    opts = opts or sweep_options()
+    opts = opts or sweep_options(method_of(fixed))
     for name in fixed:
         if name not in opts:
             raise _unknown(name, opts, "option --")

@@ -1,7 +1,9 @@
 """Where training episodes come from: the cache (fast mode) or the videos themselves (full mode).
 
-Both give the trainer (:mod:`mdmf_cache.training`) the same things: the val split to score, the
-model to train (the heads, or the backbone in front of them) and each update's micro-batches.
+Both give the trainer (:mod:`mdmf_cache.training`) the same things: what the head's options take
+from the data (D, T, the train classes, the dataset), the val split to score, the model to train (the
+heads, or the backbone in front of them) and each update's micro-batches as keyword arguments of the
+head's ``forward`` (:mod:`mdmf_cache.heads.base`).
 """
 
 from __future__ import annotations
@@ -21,24 +23,27 @@ from mdmf_cache.distributed import World, gather_shares
 from mdmf_cache.episodes import EpisodeSampler, gather
 from mdmf_cache.errors import ConfigError
 from mdmf_cache.extraction import embed_split, find_videos, prompts_for, worker_init
-from mdmf_cache.models.head import FewShotHead
-from mdmf_cache.runs import cache_identity
-from mdmf_cache.store import FeatureSplit, load_split_features
+from mdmf_cache.heads.base import FewShotHead
+from mdmf_cache.runs import cache_identity, head_from_record, head_record
+from mdmf_cache.store import CacheStore, FeatureSplit, load_split_features
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FastData", "FullData"]
 
+
 class FastData:
     """Fast mode's episodes: E at a time from the cache's features in memory (a random cached view per video)."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = cfg.resolved()  # the head's training shot and queries
         self.train = load_split_features(cfg.cache, "train", device=str(device))
         self.val = load_split_features(cfg.cache, "val", device=str(device))
         views, self.num_frames, self.dim = self.train.features.shape[1:]
+        self.num_classes = self.train.num_classes
+        self.dataset = (CacheStore(cfg.cache).fingerprint.get("video") or {}).get("dataset", "")
         self.sampler = EpisodeSampler(self.train.labels.cpu().numpy(), self.train.num_classes, views=views)
-        self.sampler.check(cfg.way, cfg.shot, cfg.train_queries, split="train")
+        self.sampler.check(cfg.way, cfg.train_shot, cfg.train_queries, split="train")
         self.val_labels, self.val_classes = self.val.labels.cpu().numpy(), self.val.num_classes
 
     def record(self) -> dict[str, Any]:
@@ -49,11 +54,13 @@ class FastData:
         return head
 
     def update(self, done: int, e: int, rng: np.random.Generator):
-        """One update's micro-batches: ``(model inputs, query labels, loss weight, last)``; fast mode: all E
-        episodes at once."""
-        ep = self.sampler.sample(e, self.cfg.way, self.cfg.shot, self.cfg.train_queries, rng, random_view=True)
+        """One update's micro-batches: ``(forward kwargs, query labels, episode classes, loss weight, last)``;
+        fast mode: all E episodes at once."""
+        ep = self.sampler.sample(e, self.cfg.way, self.cfg.train_shot, self.cfg.train_queries, rng, random_view=True)
         support, query, text, labels = gather(self.train.features, self.train.text, ep)  # (E,S,T,D) (E,Q,T,D) (E,N,D) (E,Q)
-        yield (support, query, text), labels, 1.0, True
+        classes = torch.as_tensor(ep.classes, device=labels.device)  # (E, N) train-split classes
+        yield ({"support": support, "query": query, "text": text, "classes": classes,
+                "class_text": self.train.text.float()}, labels, classes, 1.0, True)
 
     def val_split(self, model: nn.Module, progress=None) -> FeatureSplit:
         return self.val
@@ -64,6 +71,7 @@ class FastData:
     def close(self) -> None:
         pass
 
+
 class FullData:
     """Full mode's episodes: decoded from the videos by DataLoader workers; the backbone goes in front of the heads."""
 
@@ -72,6 +80,7 @@ class FullData:
         from mdmf_cache.datasets import load_splits
         from mdmf_cache.video_episodes import EpisodeVideos, check_class_sizes
 
+        cfg = cfg.resolved()  # the head's training shot and queries
         self.cfg, self.device, self.world = cfg, device, world
         f = self.f = cfg.full_mode
         self.ecfg = f.extract_config(cfg.preset, cfg.seed, str(device), splits=("train", "val"), way=cfg.way)
@@ -83,16 +92,18 @@ class FullData:
         train, val = self.splits["train"], self.splits["val"]
         _, paths, labels = train.found()
         self.val_labels, self.val_classes = val.found()[2].astype(np.int64), len(val.classes)
-        what = f"{cfg.way}-way {cfg.shot}-shot training"
-        check_class_sizes(labels, train.classes, cfg.shot + cfg.train_queries, "train", f"{what} with {cfg.train_queries} queries")
+        what = f"{cfg.way}-way {cfg.train_shot}-shot training"
+        check_class_sizes(labels, train.classes, cfg.train_shot + cfg.train_queries, "train",
+                          f"{what} with {cfg.train_queries} queries")
         check_class_sizes(self.val_labels, val.classes, cfg.shot + cfg.val_queries, "val", f"validation with {cfg.val_queries} queries")
         self.backbone = load_backbone(f.model, f.pretrained, str(device))
         self.dim, self.num_frames = self.backbone.dim, f.num_frames
+        self.num_classes, self.dataset = len(train.classes), f.dataset
         self.prompts = {name: prompts_for(split, self.ecfg) for name, split in self.splits.items()}
         # the frozen text tower's embeddings, once; a trained text tower encodes the prompts' tokens per episode
         self.text = {name: self.backbone.encode_texts(p).to(device) for name, p in self.prompts.items()}  # (C, D)
         self.tokens = self.backbone.tokenizer(self.prompts["train"]).to(device) if f.train_text else None  # (C, L)
-        self.episodes = EpisodeVideos(paths, labels, len(train.classes), cfg.way, cfg.shot, cfg.train_queries,
+        self.episodes = EpisodeVideos(paths, labels, len(train.classes), cfg.way, cfg.train_shot, cfg.train_queries,
                                       f.num_frames, self.ecfg.sampler, f.flip, cfg.seed, f.decoder,
                                       normalize=self.ecfg.normalize if device.type == "cpu" else None)
         self.loader_it = None
@@ -108,8 +119,10 @@ class FullData:
         f = self.f
         if f.init_heads:  # e.g. a fast-mode run on this backbone's cache: its heads, then fine-tuning
             ckpt = torch.load(Path(f.init_heads) / "best.pt", map_location="cpu", weights_only=False)
-            if ckpt["heads"] != head.cfg.to_dict():
-                diff = sorted(k for k in ckpt["heads"] if ckpt["heads"][k] != head.cfg.to_dict().get(k))
+            theirs, ours = head_record(head_from_record(ckpt)), head_record(head)
+            if theirs != ours:
+                diff = ["method"] if theirs["method"] != ours["method"] else sorted(
+                    k for k in ours["options"] if theirs["options"].get(k) != ours["options"][k])
                 raise ConfigError(f"--init-heads {f.init_heads}: its heads differ from this run's in {', '.join(diff)}; "
                                   "use the same --method, --preset, head switches and backbone (width D, frames T)")
             head.load_state_dict(ckpt["model"])
@@ -164,7 +177,9 @@ class FullData:
             text = self.tokens[classes] if self.tokens is not None else self.text["train"][classes]  # (E, N, L|D)
             # dropout and anything else drawn from torch's RNG: seeded by the micro-batch's first episode
             torch.manual_seed(int(np.random.SeedSequence([self.cfg.seed, 9, items[0]["index"]]).generate_state(1)[0]))
-            yield (support, query, text, None, noise), labels, len(items) * self.world.size / e, lo + m >= n
+            kwargs = {"support": support, "query": query, "text": text, "pps_noise": noise, "classes": classes,
+                      "class_text": self.text["train"]}
+            yield kwargs, labels, classes, len(items) * self.world.size / e, lo + m >= n
         self.updates += 1
 
     def val_split(self, model: nn.Module, progress=None) -> FeatureSplit:

@@ -4,7 +4,7 @@ Fast mode: frame and text embeddings come from the cache, loaded into memory onc
 when there is one). Episodes are sampled in memory, E at a time, with a random cached view per
 train video, and the heads see E episodes per optimiser step.
 
-Full mode (SPEC section 10, the paper's own training): the input is the dataset, not a cache. Each
+Full mode (docs/method.md §10, the paper's own training): the input is the dataset, not a cache. Each
 training episode is decoded from the videos by DataLoader workers with fresh augmentation
 (:mod:`mdmf_cache.video_episodes`), the CLIP visual encoder runs in front of the same heads
 (:class:`~mdmf_cache.models.endtoend.EndToEnd`) and is fine-tuned with them; gradients are
@@ -44,8 +44,9 @@ from mdmf_cache.distributed import (World, barrier, destroy_process_group, init_
 from mdmf_cache.episodes import EpisodeSampler
 from mdmf_cache.errors import ConfigError
 from mdmf_cache.fileio import atomic_torch_save, atomic_write_json, atomic_write_text
-from mdmf_cache.losses import mean_parts, total_loss
-from mdmf_cache.runs import build_model, check_identity, history_upto, validate
+from mdmf_cache.heads.spec import DataInfo
+from mdmf_cache.losses import mean_parts
+from mdmf_cache.runs import build_head, check_identity, head_record, history_upto, validate
 from mdmf_cache.train_data import FastData, FullData
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def run_train(cfg: TrainConfig, progress: bool = True,
         ConfigError: bad options, --resume with a different config, or (full mode) out of GPU memory.
         CacheError: the cache is missing or incomplete.
     """
+    cfg = cfg.resolved()  # the head's preset, training shot and queries, as config.json records them
     cfg.validate()
     world = world_from_env() if cfg.mode == "full" else World()
     if world.size > 1 and cfg.episodes_per_step % world.size:
@@ -127,7 +129,9 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if cfg.resume and old is not None and (out / "last.pt").is_file():
         # paths may be written differently (relative, moved): the cache is compared by identity below
-        defaults = asdict(TrainConfig())  # a run written before a field existed had its default
+        # a run written before a field existed had its default (resolved for that run's head and shot)
+        defaults = asdict(TrainConfig(method=old.get("method", "mdmf"), shot=old.get("shot", 5),
+                                      mode=old.get("mode", "fast")).resolved())
         free = ("resume", "device", "episodes", "cache", "out")
         diff = [k for k in cfg_dict if k not in free and _resumable(k, old.get(k, defaults[k])) != _resumable(k, cfg_dict[k])]
         if diff:
@@ -139,7 +143,9 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
     val_sampler = EpisodeSampler(data.val_labels, data.val_classes)
     val_sampler.check(cfg.way, cfg.shot, cfg.val_queries, split="val")
     torch.manual_seed(cfg.seed)  # the heads' initialisation, then (fast mode) dropout and PPS draws
-    head = build_model(cfg.preset, data.dim, data.num_frames, cfg.heads, cfg.method)
+    head = build_head(cfg.method, cfg.preset, cfg.heads, DataInfo(dim=int(data.dim), num_frames=int(data.num_frames),
+                                                                num_classes=data.num_classes, dataset=data.dataset,
+                                                                shot=cfg.shot))
     core = data.wrap(head).to(device)  # the heads, or the backbone in front of them
     opt = _optimizer(cfg, core)
     val_eps = val_sampler.sample(cfg.val_episodes, cfg.way, cfg.shot, cfg.val_queries, np.random.default_rng([cfg.seed, 1]))
@@ -167,7 +173,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
     # 2. the run's files (rank 0)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", {**cfg_dict, **data.record(), "resolved_heads": head.cfg.to_dict()})
+        atomic_write_json(out / "config.json", {**cfg_dict, **data.record(), "resolved_heads": head_record(head)["options"]})
         val_eps.save(out / "val_episodes.npz")
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
@@ -192,12 +198,12 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
             before = running_stats_snapshot(core) if world.distributed else None
             opt.zero_grad(set_to_none=True)
             try:
-                for inputs, labels, weight, last in data.update(done, e, rng):
+                for inputs, labels, classes, weight, last in data.update(done, e, rng):
                     # DDP all-reduces the gradients once, after the update's last micro-batch
                     with model.no_sync() if world.distributed and not last else contextlib.nullcontext():
                         with amp:  # bf16 on CUDA (OTAM and the losses stay float32), float32 on CPU
-                            outd = model(*inputs)
-                            loss, parts = total_loss(outd, labels, head.cfg)
+                            outd = model(**inputs)
+                            loss, parts = head.loss(outd, labels, classes)
                         (loss * weight).backward()  # weight: this micro-batch's share of the update's mean
                     losses.append(parts)  # detached device tensors: no host sync per step
             except torch.cuda.OutOfMemoryError as err:
@@ -223,7 +229,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
                     "episodes": done,
                     "loss": mean["total"],
                     "main": mean["main"],
-                    "distill": mean["distill"],
+                    **{k: v for k, v in mean.items() if k not in ("total", "main")},  # the head's own loss terms
                     "val_acc": acc,
                     "episodes_per_s": run_eps / max(train_s, 1e-9),  # training only, data wait included
                     **stats,
@@ -241,8 +247,9 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
                     if cfg.mode == "full":  # the fine-tuned CLIP, loadable by extract --pretrained
                         core.encoder.save_clip(out / "backbone.pt")
                         extra = {"backbone": weights_id(str(out / "backbone.pt"))}
-                    atomic_torch_save({"model": head.state_dict(), "heads": head.cfg.to_dict(), "preset": cfg.preset,
-                                       "shot": cfg.shot, "episodes": done, "val_acc": acc, **extra}, out / "best.pt")
+                    atomic_torch_save({"model": head.state_dict(), **head_record(head), "preset": cfg.preset,
+                                       "shot": cfg.shot, "train_shot": cfg.train_shot, "episodes": done, "val_acc": acc,
+                                       **extra}, out / "best.pt")
                 save_last()
                 if bar:
                     bar.update(task, val=acc, loss=rec["loss"])

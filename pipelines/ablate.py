@@ -24,7 +24,7 @@ from mdmf_cache.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# SPEC section 11, CLIP-RN50, 5-way 5-shot, as (K100, SSv2-Small, HMDB).
+# docs/method.md §11, CLIP-RN50, 5-way 5-shot, as (K100, SSv2-Small, HMDB).
 PAPER_TABLES: dict[int, list[tuple[str, dict[str, Any], tuple[float, float, float]]]] = {
     3: [
         ("GTC", {"views": "gtc", "pps": False}, (92.0, 58.1, 82.4)),
@@ -113,9 +113,11 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(f"unknown training option(s) {', '.join(unknown)}")
     tcfgs = {}
     for name, heads, _ in arms:
-        switches = dict(heads)  # an arm's "method" (MDMF vs CLIP-FSAR) is the run's, the rest are head switches
-        tcfgs[name] = TrainConfig(cache=cfg.cache, out=str(_arm_dir(out, name)), preset=cfg.preset,
-                                  method=switches.pop("method", "mdmf"), heads=switches,
+        switches = dict(heads)  # an arm's "method" (MDMF vs a rival) is the run's, the rest are head switches
+        method = switches.pop("method", "mdmf")
+        tcfgs[name] = TrainConfig(cache=cfg.cache, out=str(_arm_dir(out, name)),
+                                  preset=cfg.preset if method == "mdmf" else None,  # a rival runs as released
+                                  method=method, heads=switches,
                                   way=cfg.way, shot=cfg.shot, seed=cfg.seed, device=cfg.device, **cfg.train)
         tcfgs[name].validate()
     split = load_split_features(cfg.cache, cfg.split, device=str(device))
@@ -143,7 +145,7 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
     accs = {}
     for name, _, _ in arms:
         model, _ = load_run(runs[name], str(device))
-        accs[name] = score(model.cfg.method, split, eps, model, cfg.seed).episode_acc * 100
+        accs[name] = score(model.method, split, eps, model, cfg.seed).episode_acc * 100
     # 4. tables
     base = accs.get("full")
     rows = []

@@ -1,4 +1,4 @@
-"""E episodes in one forward pass train exactly like E single-episode passes (SPEC 8, Batching).
+"""E episodes in one forward pass train exactly like E single-episode passes (method.md §8, Batching).
 
 The paper and the released code run one episode per iteration and average gradients over 16.
 Batching episodes must not change the arithmetic: same loss, same gradients, same BatchNorm
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from mdmf_cache.losses import total_loss
+from mdmf_cache.heads.mdmf import MDMF
 from mdmf_cache.models.config import build_config
-from mdmf_cache.models.mdmf import build_head
 from mdmf_cache.models.temporal import EpisodeBatchNorm1d
 
 D, T, E, N, K, QC = 16, 4, 3, 3, 2, 2  # width, frames, episodes, ways, shots, queries per class
@@ -34,7 +34,7 @@ def _episodes(seed: int = 0):
 
 
 ARMS = [(preset, {"views": v}) for preset in ("paper", "reference") for v in ("both", "ltc", "gtc", "ntc")]
-ARMS += [("paper", {"method": "clip-fsar"}), ("paper", {"condition": "none"}), ("reference", {"ltce": "bn"})]
+ARMS += [("paper", {"condition": "none"}), ("reference", {"ltce": "bn"})]  # every other head: tests/test_heads.py
 
 
 @pytest.mark.parametrize("preset,overrides", ARMS, ids=[f"{p}-{o}" for p, o in ARMS])
@@ -42,7 +42,7 @@ def test_batched_step_equals_single_episode_passes(preset: str, overrides: dict)
     torch.manual_seed(0)
     cfg = build_config(preset, D, num_frames=T, heads=2, ffn_dim=32, mmfe_dropout=0.0, ffn_dropout=0.0,
                        tcn_dropout=0.0, **overrides)
-    batched = build_head(cfg).double().train()
+    batched = MDMF(cfg).double().train()
     single = copy.deepcopy(batched)
     support, query, text, labels, noise = _episodes()
 
@@ -67,7 +67,7 @@ def test_batched_step_equals_single_episode_passes(preset: str, overrides: dict)
     assert grads > 0
     for (name, b), (_, b1) in zip(batched.named_buffers(), single.named_buffers()):
         torch.testing.assert_close(b, b1, rtol=1e-12, atol=1e-12, msg=name)
-    if cfg.method == "mdmf" and cfg.ltce == "bn" and "ltc" in cfg.view_names:
+    if cfg.ltce == "bn" and "ltc" in cfg.view_names:
         assert int(batched.views["ltc"].extractor.net[2].num_batches_tracked) == E  # one update per episode
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import cli
-from mdmf_cache.errors import CacheError
+from mdmf_cache.errors import CacheError, DatasetError
 
 BIN = Path(sys.executable).parent / "mdmf-cache"
 
@@ -75,6 +75,14 @@ def test_extract_info_export(cli_runner, action_videos, tiny_cache, tmp_path, sa
     assert max(len(line) for line in res.output.splitlines() if not line.startswith("cache: ")) <= 80
     assert "complete: yes" in out and '"num_frames": 8' in out
 
+    # the rerun options reach the config (saved in the cache); nothing to extract
+    res = cli_runner.invoke(cli.app, args + ["--verify-deep", "--retry-failed"])
+    assert res.exit_code == 0, res.output
+    from mdmf_cache.store import CacheStore
+
+    config = CacheStore(path).root.attrs["config"]
+    assert config["verify_deep"] is True and config["retry_failed"] is True
+
     # other settings: refused, the differing field named
     res = cli_runner.invoke(cli.app, args + ["--num-frames", "4"])
     assert res.exit_code != 0 and isinstance(res.exception, CacheError)
@@ -85,8 +93,6 @@ def test_extract_info_export(cli_runner, action_videos, tiny_cache, tmp_path, sa
     assert res.exit_code == 0, res.output
     assert "wrote" in res.output
     import h5py
-
-    from mdmf_cache.store import CacheStore
 
     g = CacheStore(path).root["train"]
     root_attrs = dict(CacheStore(path).root.attrs)
@@ -115,6 +121,18 @@ def test_missing_video_warning_is_shown(cli_runner, action_videos, tmp_path):
     out = _flat(res.output)
     assert "1 videos listed in the split files are not under" in out
     assert "No pretrained weights" not in out
+
+
+def test_full_mode_of_a_builtin_dataset_reads_the_shipped_splits(cli_runner, tmp_path, monkeypatch):
+    """No --splits, run from an unrelated folder: the package's lists are read and the videos looked for."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(tmp_path)
+    res = cli_runner.invoke(cli.app, ["train", "--mode", "full", "ucf101", "--root", str(empty), "--out",
+                                      str(tmp_path / "run"), "--device", "cpu"])
+    assert isinstance(res.exception, DatasetError), res.output
+    assert str(res.exception).startswith(f"none of the {9154 + 1421} videos of the split files is under {empty}")
+    assert not (tmp_path / "run").exists()
 
 
 def test_console_entry_errors_are_one_line(tmp_path):

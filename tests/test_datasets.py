@@ -1,4 +1,4 @@
-"""Split files, class maps and video resolution (SPEC section 2)."""
+"""Split files, class maps and video resolution (docs/method.md §2)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from mdmf_cache.datasets import (DATASETS, SPLITS, VideoIndex, clean_class_name,
                                  load_splits, read_split_file, resolve_paths)
 from mdmf_cache.errors import DatasetError
 
-# SPEC section 2: classes and videos per split (train, val, test).
+# method.md §2: classes and videos per split (train, val, test).
 EXPECTED = {
     "ucf101": ((70, 10, 21), (9154, 1421, 2745)),
     "hmdb51": ((31, 10, 10), (4280, 1194, 1292)),
@@ -107,14 +107,38 @@ def test_ssv2_full_names_from_user_labels_json(real_splits, splits_dir, tmp_path
 def test_builtin_errors(splits_dir, tmp_path):
     with pytest.raises(DatasetError, match="ucf101.*folder"):
         load_splits("ucf", splits_dir, None)
-    with pytest.raises(DatasetError, match="--splits"):
-        load_splits("ucf101", None, None)
-    with pytest.raises(DatasetError, match="not found"):
+    with pytest.raises(DatasetError, match="not found.*--splits should point at the folder holding ucf_ARN/"):
         load_splits("ucf101", tmp_path, None)
     bad = tmp_path / "bad.txt"
     bad.write_text("a/b\n\nno_slash_here\n")
     with pytest.raises(DatasetError, match="no_slash_here"):
         read_split_file(bad)
+
+
+def test_builtin_splits_default_to_the_shipped_files(real_splits, splits_dir, tmp_path, monkeypatch):
+    """No splits folder: the package's own copies, from any working directory; --splits DIR overrides."""
+    from mdmf_cache import datasets
+
+    assert splits_dir == Path(datasets.__file__).parent / "splits"
+    monkeypatch.chdir(tmp_path)
+    default = load_splits("ucf101", None, None)
+    for s in SPLITS:
+        assert default[s].video_ids == real_splits["ucf101"][s].video_ids
+        assert default[s].source_hash == real_splits["ucf101"][s].source_hash
+    own = tmp_path / "mine" / "ucf_ARN"  # a user's own lists in the same layout win over the shipped ones
+    own.mkdir(parents=True)
+    for s, fname in DATASETS["ucf101"].files.items():
+        (own / fname).write_text(f"{s}Class/v_{s}_1\n{s}Class/v_{s}_2\n")
+    mine = load_splits("ucf101", own.parent, None)
+    assert [mine[s].video_ids for s in SPLITS] == [[f"{s}Class/v_{s}_1", f"{s}Class/v_{s}_2"] for s in SPLITS]
+
+
+def test_missing_shipped_split_file_says_reinstall(tmp_path, monkeypatch):
+    from mdmf_cache import datasets
+
+    monkeypatch.setattr(datasets, "shipped_splits_dir", lambda: tmp_path)
+    with pytest.raises(DatasetError, match="package's own copy is missing: reinstall"):
+        load_splits("hmdb51", None, None)
 
 
 def test_read_split_file_skips_blank_lines(tmp_path):
@@ -215,7 +239,7 @@ def test_resolve_paths_reports_missing(tmp_path):
     ("brush_hair", "brush hair"),
     ("Pouring [something] into [something]", "Pouring something into something"),
     ("  playing  ice_hockey ", "playing ice hockey"),
-    ("ApplyEyeMakeup", "apply eye makeup"),  # UCF101 CamelCase (SPEC section 5)
+    ("ApplyEyeMakeup", "apply eye makeup"),  # UCF101 CamelCase (method.md §5)
     ("YoYo", "yo yo"),
     ("HandstandPushups", "handstand pushups"),
     ("Skiing", "Skiing"),

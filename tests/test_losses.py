@@ -102,7 +102,7 @@ def test_distillation_weights_and_none_condition() -> None:
     torch.testing.assert_close(terms["g2l"], want_g2l)
     torch.testing.assert_close(terms["l2g"], kl_div(p_g[1], p_l[1]))
     assert v_g[1] + t_g[1] > 0
-    # none: both terms for every query, unweighted, summed over the queries (SPEC 8).
+    # none: both terms for every query, unweighted, summed over the queries (method.md §8).
     none = distillation_loss(out, build_config("paper", 8, condition="none"))
     torch.testing.assert_close(none, kl_div(p_g, p_l).sum() + kl_div(p_l, p_g).sum())
 

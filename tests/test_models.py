@@ -10,7 +10,7 @@ from torch import nn
 
 from mdmf_cache.losses import total_loss
 from mdmf_cache.models.config import PRESET_DATA, PRESETS, MDMFConfig, build_config, list_presets
-from mdmf_cache.models.mdmf import MDMF
+from mdmf_cache.heads.mdmf import MDMF
 from mdmf_cache.models.mmfe import MMFE
 from mdmf_cache.models.otam import cosine_distance, cosine_similarity, otam_distance
 from mdmf_cache.models.pps import ProbabilityPromptSelector, pps_scores, token_for
@@ -42,7 +42,7 @@ def test_presets_set_spec_section_9_switches() -> None:
     assert (paper.ltce, ref.ltce) == ("bn", "linear")
     assert (paper.pos_embed, ref.pos_embed) == (True, False)
     assert (paper.pps_score, ref.pps_score) == ("mean", "top4")
-    assert (paper.pps_test, ref.pps_test) == ("sample", "sample")  # both draw at test (SPEC 6)
+    assert (paper.pps_test, ref.pps_test) == ("sample", "sample")  # both draw at test (method.md §6)
     assert (paper.text_pos, ref.text_pos) == (0, 1)
     assert ref.cos_eps == 0.01 and paper.cos_eps < 1e-6
     for cfg in (paper, ref):

@@ -1,4 +1,4 @@
-"""OTAM and cosine distances against a plain-Python transcription of SPEC section 7."""
+"""OTAM and cosine distances against a plain-Python transcription of docs/method.md §7."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _soft_min(values: list[float], lam: float) -> float:
 
 
 def _otam_loop(dist: list[list[float]], lam: float) -> float:
-    """SPEC 7 written out cell by cell: pad a zero column each side, row 0 a running sum, then
+    """method.md §7 written out cell by cell: pad a zero column each side, row 0 a running sum, then
     column 0 stays 0, column 1 and the last column smin(up-left, left, up), inner smin(up-left, left)."""
     rows = len(dist)
     padded = [[0.0, *row, 0.0] for row in dist]

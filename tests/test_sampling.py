@@ -1,4 +1,4 @@
-"""Frame samplers (SPEC section 3)."""
+"""Frame samplers (docs/method.md §3)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from mdmf_cache.sampling import SAMPLERS, sample_indices, video_key, video_rng
 
 
 def _linspace_reference(n: int, train: bool, rng=None) -> list[int]:
-    """SPEC section 3 written out longhand, T = 8."""
+    """method.md §3 written out longhand, T = 8."""
     if train:
         pad = int(min(5, (n - 8) / 2))
         if pad >= 1:

@@ -73,8 +73,7 @@ def test_options_come_from_the_dataclasses():
     opts = sweep_options()
     targets = {t for o in opts.values() for t in o.targets}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"cache", "out", "heads", "resume", "full"}
-    head_fields = {f"heads.{f.name}" for f in dataclasses.fields(MDMFConfig)} - {"heads.dim", "heads.num_frames",
-                                                                                 "heads.method"}  # TrainConfig.method
+    head_fields = {f"heads.{f.name}" for f in dataclasses.fields(MDMFConfig)} - {"heads.dim", "heads.num_frames"}
     assert train_fields | head_fields == targets  # every field is reachable, nothing else
     # the names of `train`
     assert opts["lambda"].targets == ("heads.lam",) and "lam" not in opts

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from mdmf_cache.losses import total_loss
+from mdmf_cache.heads.mdmf import MDMF
 from mdmf_cache.models.config import build_config
-from mdmf_cache.models.mdmf import build_head
 from mdmf_cache.models.temporal import GTCE, LTCE, TCN, conv_as_matmul
 from reference_temporal import RefGTCE, RefLTCE, RefTCN
 
@@ -105,7 +105,7 @@ def test_heads_with_matmul_layers_equal_heads_with_conv1d_layers(preset: str) ->
     torch.manual_seed(3)
     cfg = build_config(preset, D, num_frames=8, heads=2, ffn_dim=24, mmfe_dropout=0.0, ffn_dropout=0.0,
                        tcn_dropout=0.0)
-    new = build_head(cfg).double().train()
+    new = MDMF(cfg).double().train()
     ref = copy.deepcopy(new)
     ref.views["ltc"].extractor = RefLTCE(D, norm=cfg.ltce == "bn").double()
     ref.views["gtc"].extractor = RefGTCE(D, cfg.tcn_levels, cfg.tcn_kernel, 0.0).double()

@@ -136,13 +136,15 @@ def test_clip_fsar_trains_and_ablate_compares_it_on_identical_episodes(demo_cach
     res = _train(demo_cache, tmp_path / "fsar", method="clip-fsar", episodes=480, episodes_per_step=16,
                  val_every=160, val_episodes=300)
     metrics = [json.loads(x) for x in (tmp_path / "fsar" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["loss"] < 0.85 * metrics[0]["loss"], metrics
+    assert metrics[-1]["main"] < metrics[0]["main"], metrics  # the few-shot loss falls
+    # the released video-text loss: on a frozen cache only its scale learns (about log C with scale ~1)
+    assert all(0 < m["text"] < 1.1 * np.log(15) for m in metrics) and metrics[-1]["loss"] > metrics[-1]["main"]
     fsar, cfg = load_run(tmp_path / "fsar", "cpu")
     assert type(fsar).__name__ == "CLIPFSAR" and cfg["method"] == "clip-fsar"
     val = load_split_features(demo_cache, "val")
     eps = episode_list(val, 5, 5, 1, 300, seed=7)
     torch.manual_seed(0)
-    untrained = build_model("paper", val.features.shape[-1], val.features.shape[2], {}, "clip-fsar").eval()
+    untrained = build_model(None, val.features.shape[-1], val.features.shape[2], {}, "clip-fsar").eval()
     assert res["best_val"] > score("clip-fsar", val, eps, untrained).mean * 100 + 4
 
     # ablate --method clip-fsar: both methods on one saved test list, with the paired difference

@@ -1,6 +1,6 @@
 """Configuration of the CLIP-MDMF heads: one dataclass holding every switch, plus named presets.
 
-Two presets exist (SPEC section 9):
+Two presets exist (docs/method.md §9):
 
 * ``paper``: the method as described in the paper (Conv-ReLU-BN LTCE, learned position embeddings,
   mean-pooled PPS score, text compared at position 0, a tiny cosine eps). Where the paper is silent
@@ -27,7 +27,6 @@ from mdmf_cache.errors import ConfigError
 __all__ = ["MDMFConfig", "PRESETS", "PRESET_DATA", "list_presets", "build_config"]
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
-    "method": ("mdmf", "clip-fsar"),
     "ltce": ("linear", "bn"),
     "pps_score": ("mean", "top4"),
     "pps_test": ("argmax", "sample"),
@@ -44,10 +43,6 @@ class MDMFConfig:
 
     Attributes:
         dim: Embedding width D (1024 for CLIP RN50, 512 for ViT-B/16).
-        method: ``"mdmf"`` (this method) or ``"clip-fsar"`` (the paper's main rival, SPEC 11: support
-            frames plus their class text through one temporal transformer, OTAM; it uses ``dim``,
-            ``num_frames``, ``pos_embed``, the MMFE widths and dropouts, ``cos_eps`` and the OTAM
-            fields, and ignores the MDMF-only switches).
         num_frames: Frames per video T.
         ltce: Local extractor: ``"linear"`` = Conv1d, Conv1d (released code); ``"bn"`` =
             Conv-ReLU-BN x2 (paper Eq. 3).
@@ -84,7 +79,6 @@ class MDMFConfig:
     """
 
     dim: int
-    method: Literal["mdmf", "clip-fsar"] = "mdmf"
     num_frames: int = 8
     ltce: Literal["linear", "bn"] = "bn"
     pos_embed: bool = True
@@ -137,22 +131,20 @@ class MDMFConfig:
 
     @property
     def view_names(self) -> tuple[str, ...]:
-        """Names of the active views, e.g. ``("ltc", "gtc")`` (CLIP-FSAR: ``("fsar",)``)."""
-        if self.method == "clip-fsar":
-            return ("fsar",)
+        """Names of the active views, e.g. ``("ltc", "gtc")``."""
         return ("ltc", "gtc") if self.views == "both" else (self.views,)
 
     @property
     def distills(self) -> bool:
-        """Mutual distillation is part of the loss (MDMF, both views, distillation on)."""
-        return self.method == "mdmf" and self.views == "both" and self.distill
+        """Mutual distillation is part of the loss (both views, distillation on)."""
+        return self.views == "both" and self.distill
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict copy (JSON serialisable)."""
         return dataclasses.asdict(self)
 
 
-# Switches of SPEC section 9 that concern the heads. Items equal in both presets are listed too, so
+# Switches of docs/method.md §9 that concern the heads. Items equal in both presets are listed too, so
 # a preset fully pins the method regardless of the dataclass defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {

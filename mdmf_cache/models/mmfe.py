@@ -10,7 +10,7 @@ __all__ = ["MMFE"]
 
 
 class MMFE(nn.Module):
-    """One-layer cross-attention transformer of one view (SPEC section 6).
+    """One-layer cross-attention transformer of one view (docs/method.md §6).
 
     Query = concat(token, context), key = value = concat(token, frames), token at position 0.
     One LayerNorm is shared by q, k and v (pre-norm) and the residual adds the un-normed query;

@@ -1,11 +1,16 @@
-"""Cosine frame distances and the OTAM alignment distance (SPEC section 7), as pure batched functions."""
+"""Cosine frame distances and the OTAM alignment distance (docs/method.md §7), as pure batched functions."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["cosine_similarity", "cosine_distance", "otam", "otam_distance"]
+__all__ = ["at_least_float32", "cosine_similarity", "cosine_distance", "frame_distances", "otam", "otam_distance"]
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is in a half type (bf16/fp16 under autocast); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def cosine_similarity(a: Tensor, b: Tensor, eps: float) -> Tensor:
@@ -36,6 +41,14 @@ def cosine_distance(a: Tensor, b: Tensor, eps: float) -> Tensor:
         ``(..., M, P)``.
     """
     return 1.0 - cosine_similarity(a, b, eps)
+
+
+def frame_distances(query_frames: Tensor, proto_frames: Tensor, eps: float) -> Tensor:
+    """All query-prototype frame distances ``1 - cos``: ``(E, Q, T, D), (E, N, T, D) -> (E, Q, N, T, T)``."""
+    e, q, t, d = query_frames.shape
+    n = proto_frames.shape[1]
+    dist = cosine_distance(query_frames.reshape(e, q * t, d), proto_frames.reshape(e, n * t, d), eps)  # (E, Q*T, N*T)
+    return dist.reshape(e, q, t, n, t).permute(0, 1, 3, 2, 4)  # (E, Q, N, T, T)
 
 
 def otam(dist: Tensor, lam: float = 0.5) -> Tensor:

@@ -1,4 +1,4 @@
-"""Probability Prompt Selector (PPS): picks a class text embedding as each query's token (SPEC section 6)."""
+"""Probability Prompt Selector (PPS): picks a class text embedding as each query's token (docs/method.md §6)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,302 @@
+"""Every registered head, by the same contract: shapes, no NaN, batched training equals per-episode training,
+the per-video evaluation path equals the direct one, a checkpoint round trip, and learning on the demo cache.
+
+The suite is parametrised over :data:`mdmf_cache.heads.METHODS`: a new head is picked up with no edit here.
+Each head's equality with its authors' released code is checked against a per-episode re-derivation in
+``tests/reference_heads.py`` (see the ``*_matches_reference`` tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from mdmf_cache import heads
+from mdmf_cache.episodes import EpisodeSampler
+from mdmf_cache.evaluation import score
+from mdmf_cache.heads.spec import DataInfo
+from mdmf_cache.runs import build_head, head_from_record, head_record
+from mdmf_cache.store import FeatureSplit
+
+D, T, C = 16, 4, 6  # width, frames, classes
+E, N, K, QC = 3, 3, 2, 2  # episodes, ways, shots, queries per class
+
+
+def _head(method: str, dtype=torch.float32, dropout_off: bool = False, seed: int = 0, **overrides):
+    spec = heads.get(method)
+    if dropout_off:
+        overrides = {**{n: 0.0 for n in spec.option_names if n.endswith("dropout")}, **overrides}
+    torch.manual_seed(seed)
+    return build_head(method, None, overrides, DataInfo(dim=D, num_frames=T, num_classes=C, dataset="ucf101",
+                                                        shot=K)).to(dtype)
+
+
+def _episodes(dtype=torch.float32, e: int = E, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.stack([torch.randperm(C, generator=g)[:N] for _ in range(e)])  # (E, N) split classes
+    class_text = torch.randn(C, D, generator=g, dtype=dtype)
+    text = class_text[classes]  # (E, N, D)
+    support = torch.randn(e, N * K, T, D, generator=g, dtype=dtype) + 0.5 * text.repeat_interleave(K, 1)[:, :, None]
+    labels = torch.arange(N).repeat_interleave(QC).expand(e, -1).contiguous()  # (E, Q)
+    query = torch.randn(e, N * QC, T, D, generator=g, dtype=dtype) + 0.5 * text.gather(
+        1, labels[..., None].expand(-1, -1, D))[:, :, None]
+    noise = torch.rand(e, N * QC, generator=g, dtype=dtype)
+    return {"support": support, "query": query, "text": text, "pps_noise": noise, "classes": classes,
+            "class_text": class_text, "labels": labels}
+
+
+def _forward(model, ep: dict, lo: int = 0, hi: int | None = None):
+    sl = slice(lo, hi)
+    return model(ep["support"][sl], ep["query"][sl], ep["text"][sl], pps_noise=ep["pps_noise"][sl],
+                 classes=ep["classes"][sl], class_text=ep["class_text"])
+
+
+def test_registry_is_consistent() -> None:
+    import cli
+
+    assert heads.METHODS == tuple(heads.REGISTRY) and "mdmf" in heads.METHODS
+    for name in heads.METHODS:
+        spec = heads.get(name)
+        assert spec.name == name and spec.default_preset in spec.presets
+        assert spec.parametric == heads.REGISTRY[name].parametric
+        assert name in cli.METHOD_HELP  # the CLI's choices are the registry's
+        assert {"dim", "num_frames"} <= {f.name for f in dataclasses.fields(spec.options)}
+    with pytest.raises(Exception, match="registered heads"):
+        heads.get("no-such-head")
+
+
+@pytest.mark.parametrize("method", heads.METHODS)
+def test_shapes_finite_and_gradients(method: str) -> None:
+    model = _head(method).train()
+    ep = _episodes()
+    out = _forward(model, ep)
+    assert out["logits"].shape == (E, N * QC, N)
+    for key, value in out.items():
+        assert torch.isfinite(value.float()).all(), key
+    loss, parts = model.loss(out, ep["labels"], ep["classes"])
+    assert loss.dim() == 0 and torch.isfinite(loss) and {"main", "total"} <= set(parts)
+    assert all(not p.requires_grad for p in parts.values())  # detached: no graph kept per logged number
+    if heads.get(method).parametric:
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    else:
+        assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError):
+        model(ep["support"][:, :5], ep["query"], ep["text"])  # 5 supports for 3 classes
+
+
+@pytest.mark.parametrize("method", heads.METHODS)
+def test_batched_step_equals_single_episode_passes(method: str) -> None:
+    """E episodes in one forward pass: the same loss, gradients and buffers as E one-episode passes averaged
+    (the released loop), float64, dropout off (its masks cannot be drawn alike for two batch shapes)."""
+    if not heads.get(method).parametric:
+        pytest.skip(f"{method} has no parameters (its batched forward is checked by the per-video test)")
+    batched = _head(method, torch.float64, dropout_off=True).train()
+    single = copy.deepcopy(batched)
+    ep = _episodes(torch.float64)
+    loss, _ = batched.loss(_forward(batched, ep), ep["labels"], ep["classes"])
+    loss.backward()
+    total = 0.0
+    for i in range(E):
+        li, _ = single.loss(_forward(single, ep, i, i + 1), ep["labels"][i:i + 1], ep["classes"][i:i + 1])
+        (li / E).backward()
+        total += li.item() / E
+    assert loss.item() == pytest.approx(total, rel=1e-10, abs=1e-12)
+    for (name, p), (_, p1) in zip(batched.named_parameters(), single.named_parameters()):
+        if p.grad is None:
+            assert p1.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, p1.grad, rtol=1e-8, atol=1e-10, msg=name)
+    for (name, b), (_, b1) in zip(batched.named_buffers(), single.named_buffers()):
+        torch.testing.assert_close(b, b1, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def _split(seed: int = 0) -> FeatureSplit:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(8, D, generator=g)
+    labels = torch.arange(8).repeat_interleave(6)
+    feats = (0.3 * text[labels][:, None, None, :] + torch.randn(len(labels), 1, T, D, generator=g)).half()
+    names = [f"c{i}" for i in range(8)]
+    return FeatureSplit(feats, labels, [f"v{i}" for i in range(len(labels))], names, names, text)
+
+
+@pytest.mark.parametrize("shot", [1, 3])
+@pytest.mark.parametrize("method", heads.METHODS)
+def test_per_video_equals_direct(method: str, shot: int) -> None:
+    """Where a head declares a per-video path, it scores the direct path's logits; else eval takes the direct path."""
+    split = _split()
+    model = _head(method).eval()
+    eps = EpisodeSampler(split.labels.numpy(), 8).sample(40, 5, shot, 1, np.random.default_rng(shot))
+    direct = score(method, split, eps, model, seed=3, batch_size=16, path="direct", keep_logits=True)
+    fast = score(method, split, eps, model, seed=3, batch_size=16, keep_logits=True)
+    np.testing.assert_allclose(fast.logits, direct.logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(fast.episode_acc, direct.episode_acc)
+    assert (fast.fused is not None) == heads.get(method).per_video
+
+
+@pytest.mark.parametrize("method", heads.METHODS)
+def test_checkpoint_round_trip(method: str) -> None:
+    model = _head(method, seed=1).eval()
+    for p in model.parameters():  # weights unlike any fresh initialisation
+        p.data.add_(0.01 * torch.randn_like(p))
+    for b in model.buffers():
+        if b.is_floating_point():
+            b.data.add_(0.1)
+    record = copy.deepcopy(head_record(model))
+    rebuilt = head_from_record(record)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.eval()
+    ep = _episodes()
+    with torch.no_grad():
+        torch.testing.assert_close(_forward(rebuilt, ep)["logits"], _forward(model, ep)["logits"])
+    assert record["options"] == dataclasses.asdict(rebuilt.options)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", [m for m in heads.METHODS if heads.REGISTRY[m].parametric])
+def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
+    """A short fast-mode run beats the same head untrained on the fixed val episodes."""
+    from mdmf_cache.configs import TrainConfig
+    from mdmf_cache.evaluation import episode_list
+    from mdmf_cache.runs import build_model
+    from mdmf_cache.store import load_split_features
+    from mdmf_cache.training import run_train
+
+    res = run_train(TrainConfig(cache=str(demo_cache), out=str(tmp_path / "r"), method=method, episodes=192,
+                                episodes_per_step=16, val_every=96, val_episodes=200, lr=3e-3, seed=0), progress=False)
+    val = load_split_features(demo_cache, "val")
+    torch.manual_seed(0)
+    untrained = build_model(None, val.features.shape[-1], val.features.shape[2], {}, method,
+                            num_classes=15, shot=5).eval()
+    eps = episode_list(val, 5, 5, 1, 200, seed=0)
+    before = score(method, val, eps, untrained).mean * 100
+    assert res["best_val"] > before + 3, (res["best_val"], before)
+
+
+# ------------------------------------------------------------------------------ equal to the released code
+
+
+@pytest.mark.parametrize("merge_before", [False, True])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_clip_fsar_matches_reference(merge_before: bool, depth: int) -> None:
+    """CLIP-FSAR's logits, loss (mean CE + the video-text loss) and gradients equal the released forward,
+    re-derived per episode with supports shuffled, the token appended after the frames, a cell-by-cell OTAM."""
+    from tests.reference_heads import clip_fsar_episode
+
+    model = _head("clip-fsar", torch.float64, dropout_off=True, merge_before=merge_before, depth=depth).train()
+    model.scale.data.fill_(1.7)
+    ref = copy.deepcopy(model)
+    ep = _episodes(torch.float64)
+    out = _forward(model, ep)
+    loss, parts = model.loss(out, ep["labels"], ep["classes"])
+    loss.backward()
+    assert model.options.text_loss_weight == 1.5 and "text" in parts  # UCF101's USE_CLASSIFICATION_VALUE
+    g = torch.Generator().manual_seed(5)
+    ref_total = 0.0
+    for i in range(E):
+        perm = torch.randperm(N * K, generator=g)  # the released loader shuffles the supports
+        sup_labels = torch.arange(N).repeat_interleave(K)[perm]
+        real = torch.cat([ep["classes"][i][sup_labels], ep["classes"][i][ep["labels"][i]]])
+        logits, li = clip_fsar_episode(ref, ep["support"][i][perm], sup_labels, ep["query"][i], ep["labels"][i],
+                                       ep["text"][i][sup_labels], ep["class_text"], real)
+        torch.testing.assert_close(out["logits"][i], logits, rtol=1e-5, atol=1e-5)
+        (li / E).backward()
+        ref_total += li.item() / E
+    assert loss.item() == pytest.approx(ref_total, rel=1e-5)
+    for (name, p), (_, p1) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, p1.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_clip_fsar_released_defaults() -> None:
+    spec = heads.get("clip-fsar")
+    five = spec.make_options(None, {}, DataInfo(dim=D, num_frames=T, dataset="ssv2-small", shot=5))
+    one = spec.make_options(None, {}, DataInfo(dim=D, num_frames=T, dataset="hmdb51", shot=1))
+    assert (five.merge_before, five.text_loss_weight, one.merge_before, one.text_loss_weight) == (True, 3.0, False, 1.2)
+    assert (five.mid_layer, five.ce, five.cos_eps, five.otam_lambda, five.attn_dropout) == ("identity", "mean", 0.01, 0.5, 0.2)
+    assert spec.train_shot(5) == 1 and spec.train_queries(5) == 5  # the 5-shot configs train on 1-shot episodes
+    model = spec.build(five)
+    assert isinstance(model.mid_layer, torch.nn.Identity) and model.context2[0].pos_embed is None
+    # 4 D^2 + 4100 D + 2049 parameters at width D (the released count, scale included)
+    assert sum(p.numel() for p in model.parameters()) == 4 * D * D + 4100 * D + 2049
+
+
+@pytest.mark.parametrize("method,form,overrides", [
+    ("hyrsm", "1shot", {}), ("hyrsm", "5shot", {}),
+    ("hyrsm", "5shot", {"heads": 2, "position_a": 2048.0, "position_b": 0.01}),
+    ("hyrsm++", "1shot", {}),  # UCF101's window 3 covers all T = 4 frames: m = 1 everywhere
+    ("hyrsm++", "1shot", {"window": 1, "temporal_balance": 2.0}),  # beta's hinge outside the window is active
+    ("hyrsm++", "5shot", {"window": 1, "temporal_balance": 2.0, "position_a": 50.0}),
+])
+def test_hyrsm_matches_reference(method: str, form: str, overrides: dict) -> None:
+    """HyRSM's and HyRSM++'s logits, loss (query CE + the per-frame CE, + the temporal regulariser) and gradients
+    equal the released forward, re-derived per episode with supports and queries shuffled, prototypes grouped by
+    ``unique(labels)``, one query at a time and ``layer2`` as a Conv1d on the concatenation."""
+    from tests.reference_heads import hyrsm_episode
+
+    model = _head(method, torch.float64, dropout_off=True, form=form, **overrides).train()
+    ref = copy.deepcopy(model)
+    ep = _episodes(torch.float64)
+    out = _forward(model, ep)
+    loss, parts = model.loss(out, ep["labels"], ep["classes"])
+    loss.backward()
+    assert {"frames", *(["temporal"] if method == "hyrsm++" else [])} <= set(parts)
+    g = torch.Generator().manual_seed(5)
+    ref_total = 0.0
+    for i in range(E):
+        perm = torch.randperm(N * K, generator=g)  # the released loader shuffles supports and queries
+        qperm = torch.randperm(N * QC, generator=g)
+        sup_labels = torch.arange(N).repeat_interleave(K)[perm]
+        tgt_labels = ep["labels"][i][qperm]
+        real = torch.cat([ep["classes"][i][sup_labels], ep["classes"][i][tgt_labels]])
+        logits, li = hyrsm_episode(ref, ep["support"][i][perm], sup_labels, ep["query"][i][qperm], tgt_labels, real,
+                                   plus_plus=method == "hyrsm++")
+        torch.testing.assert_close(out["logits"][i][qperm], logits, rtol=1e-5, atol=1e-5)
+        (li / E).backward()
+        ref_total += li.item() / E
+    assert loss.item() == pytest.approx(ref_total, rel=1e-5)
+    for (name, p), (_, p1) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, p1.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_hyrsm_released_defaults() -> None:
+    hyrsm, plus = heads.get("hyrsm"), heads.get("hyrsm++")
+    opts = lambda spec, dataset, shot: spec.make_options(None, {}, DataInfo(dim=D, num_frames=T, num_classes=C,
+                                                                          dataset=dataset, shot=shot))
+    got = {ds: (opts(hyrsm, ds, 1).class_loss_weight, opts(hyrsm, ds, 1).position_a, opts(hyrsm, ds, 1).position_b)
+           for ds in ("ssv2-full", "ssv2-small", "hmdb51", "ucf101", "kinetics100", "folder")}
+    assert got == {"ssv2-full": (0.6, 10, 1), "ssv2-small": (0.15, 10, 1), "hmdb51": (0.15, 10, 1),
+                   "ucf101": (0.15, 10, 1), "kinetics100": (0.4, 2048, 0.01), "folder": (0.15, 10, 1)}
+    fields = ("class_loss_weight", "position_a", "position_b", "window", "temporal_balance", "balance_coeff",
+              "temporal_loss_weight")
+    got = {ds: tuple(getattr(opts(plus, ds, 5), f) for f in fields)
+           for ds in ("hmdb51", "ucf101", "kinetics100", "ssv2-full", "ssv2-small", "folder")}
+    assert got == {"hmdb51": (0.15, 50, 1, 1, 51, 20, 0.2), "ucf101": (0.6, 10, 1, 3, 23, 10, 0.1),
+                   "kinetics100": (0.1, 10, 1, 3, 23, 10, 0.1), "ssv2-full": (0.6, 10, 1, 1, 51, 10, 0.3),
+                   "ssv2-small": (0.2, 10, 1, 3, 23, 10, 0.3), "folder": (0.6, 10, 1, 3, 23, 10, 0.1)}
+    for spec in (hyrsm, plus):  # the released configs: the 1-shot head at K = 1, the 5-shot head at K >= 2
+        assert [opts(spec, "ucf101", k).form for k in (1, 2, 5)] == ["1shot", "5shot", "5shot"]
+        assert [spec.train_shot(k) for k in (1, 5)] == [1, 5] and [spec.train_queries(k) for k in (1, 3, 5)] == [7, 5, 3]
+        assert not spec.per_video
+        o = opts(spec, "ucf101", 5)
+        assert (o.heads, o.pe_dropout, o.attn_dropout, o.set_attn_dropout, o.set_dropout) == (8, 0.1, 0.2, 0.1, 0.05)
+        explicit = spec.make_options(None, {"class_loss_weight": 0.0, "form": "1shot"}, DataInfo(dim=D, shot=5))
+        assert (explicit.class_loss_weight, explicit.form) == (0.0, "1shot")  # an explicit value wins
+        # 10 D^2 + 7 D + C (D + 1) parameters at width D (HEADS.md's count; the classifier over the C train classes)
+        model = spec.build(o)
+        assert sum(p.numel() for p in model.parameters()) == 10 * D * D + 7 * D + C * (D + 1)
+    # the set attention's released init: normal(0, sqrt(2 / (D + D/8))) projections, xavier-normal fc
+    torch.manual_seed(0)
+    wide = hyrsm.build(hyrsm.make_options(None, {}, DataInfo(dim=512, num_frames=T, num_classes=C)))
+    mha = wide.temporal_atte
+    for w in (mha.w_qs.weight, mha.w_ks.weight, mha.w_vs.weight):
+        assert w.std().item() == pytest.approx((2 / (512 + 64)) ** 0.5, rel=0.02)
+    assert mha.fc.weight.std().item() == pytest.approx((2 / (512 + 512)) ** 0.5, rel=0.02)
+    # the released position table: pe[p, i] = sin(p / 1e4^(2i/D)) at even i, cos(p / 1e4^(2(i+1)/D)) at i+1
+    pe = wide.pe.pe
+    assert pe[3, 4].item() == pytest.approx(math.sin(3 / 1e4 ** (8 / 512)), abs=1e-7)
+    assert pe[3, 5].item() == pytest.approx(math.cos(3 / 1e4 ** (10 / 512)), abs=1e-7)  # 2 (i + 1) = 10
