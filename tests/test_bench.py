@@ -5,6 +5,9 @@ The list is the files in bench/, so a new benchmark is picked up without touchin
 holding the keys it promises in its module-level ``KEYS`` tuple, with ``bench`` its own name and ``quick``
 true, after a human-readable table. Nothing here is timed: --quick runs measure nothing.
 
+A bench with a test file of its own (``tests/test_bench_<name>.py``, e.g. ``bench/scale.py``'s, which checks its
+figures) is left to that file: running it twice would only cost time.
+
 ``bench/gpu.py`` needs a CUDA device: without one it must stop at its device check (exit status 3, after
 its imports and its argument parsing), which is what is checked on a CPU machine.
 """
@@ -22,6 +25,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py"))
+#: Benches whose own test file runs them (tests/test_bench_<stem>.py).
+OWN_TEST = {b for b in BENCHES if (REPO / "tests" / f"test_bench_{Path(b).stem}.py").is_file()}
 
 
 def promised_keys(path: Path) -> tuple[str, ...]:
@@ -39,10 +44,10 @@ def _cuda() -> bool:
 
 
 def test_benches_are_found():
-    assert {"extract.py", "train_fast.py", "gpu.py"} <= set(BENCHES)
+    assert {"extract.py", "train_fast.py", "gpu.py"} <= set(BENCHES) - OWN_TEST
 
 
-@pytest.mark.parametrize("name", BENCHES)
+@pytest.mark.parametrize("name", sorted(set(BENCHES) - OWN_TEST))
 def test_bench_runs_quick(name, tmp_path):
     path = REPO / "bench" / name
     keys = promised_keys(path)
