@@ -79,7 +79,7 @@ FULL = {
     "extract_models": ("ViT-B-16", "RN50"), "extract_videos": 160, "extract_batch": 16, "extract_frames": 64,
     "extract_size": "320x240",
     "dim": 1024, "classes": (64, 16, 16), "per_class": 20, "signal": 0.05, "episodes_per_step": 16,
-    "train_seconds": 20.0, "max_steps": 400, "val_episodes": 500,
+    "train_seconds": 20.0, "probe_steps": 3, "max_steps": 400, "val_episodes": 500,
     "test_episodes": 10_000, "direct_episodes": 200, "test_classes": 24, "test_per_class": 100,
     "full_models": ("RN50", "ViT-B-16"), "full_way": 5, "full_shots": (1, 5), "full_queries": 5, "full_updates": 2,
     "videos": (25, 3, 16, (64, 48)), "torchrun_episodes": 32, "torchrun_way": 5, "torchrun_workers": 4,
@@ -87,9 +87,9 @@ FULL = {
 QUICK = {
     "extract_models": ("mdmf-tiny-rn",), "extract_videos": 4, "extract_batch": 2, "extract_frames": 16,
     "extract_size": "96x72",
-    "dim": 32, "classes": (6, 5, 5), "per_class": 10, "signal": 0.05, "episodes_per_step": 4,
-    "train_seconds": 1.0, "max_steps": 4, "val_episodes": 20,
-    "test_episodes": 40, "direct_episodes": 8, "test_classes": 8, "test_per_class": 10,
+    "dim": 32, "classes": (5, 5, 5), "per_class": 10, "signal": 0.05, "episodes_per_step": 2,
+    "train_seconds": 1.0, "probe_steps": 1, "max_steps": 2, "val_episodes": 10,
+    "test_episodes": 20, "direct_episodes": 4, "test_classes": 5, "test_per_class": 10,
     "full_models": ("mdmf-tiny-rn", "mdmf-tiny-vit"), "full_way": 2, "full_shots": (1,), "full_queries": 1,
     "full_updates": 1, "videos": (10, 3, 12, (64, 48)), "torchrun_episodes": 4, "torchrun_way": 2,
     "torchrun_workers": 1,
@@ -178,10 +178,13 @@ def part_extract(sizes: dict, device: torch.device, work: Path, budget: Budget) 
     return out
 
 
+METHOD = "mdmf"  # the head fast_train and eval_10k build and score
+
+
 def _accuracy(model, split, episodes, seed: int) -> list[float]:
     """[mean %, 95% CI %] of the trained head on ``episodes`` (per-video path, as the trainer validates)."""
     model.eval()
-    r = score(model.cfg.method, split, episodes, model, seed)
+    r = score(METHOD, split, episodes, model, seed)
     model.train()
     return [round(r.mean * 100, 2), round(r.ci95 * 100, 2)]
 
@@ -208,11 +211,12 @@ def part_fast_train(sizes: dict, device: torch.device, work: Path, budget: Budge
 
     def fresh():
         torch.manual_seed(seed)  # every device's generator: the same initialisation and dropout draws
-        return build_model("paper", dim, frames, {}, "mdmf").to(device)
+        return build_model("paper", dim, frames, {}, METHOD).to(device)
 
     # steps: what bf16 runs in ~train_seconds (from a short probe), the same for both precisions
-    probe = train_rate(fresh(), train, sampler, args, np.random.default_rng([seed, 9]), e, 3, device, amp=True)
-    steps = int(min(sizes["max_steps"], max(3, probe["episodes_per_s"] * sizes["train_seconds"] / e)))
+    probe = train_rate(fresh(), train, sampler, args, np.random.default_rng([seed, 9]), e, sizes["probe_steps"], device,
+                       amp=True)
+    steps = int(min(sizes["max_steps"], max(sizes["probe_steps"], probe["episodes_per_s"] * sizes["train_seconds"] / e)))
     log(f"fast_train: probe {probe['episodes_per_s']:.0f} episodes/s in bf16; {steps} steps of {e} episodes each")
     out = {"dim": dim, "episodes_per_step": e, "steps": steps, "episodes": steps * e, "val_episodes": len(val_eps),
            "protonet_val": _baseline(val, val_eps, seed)}
@@ -235,9 +239,9 @@ def part_fast_train(sizes: dict, device: torch.device, work: Path, budget: Budge
 def part_eval_10k(sizes: dict, device: torch.device, seed: int = 0) -> dict:
     split = synthetic_split(sizes["test_classes"], sizes["test_per_class"], 8, sizes["dim"], device, seed)
     args = argparse.Namespace(test_episodes=sizes["test_episodes"], direct_episodes=sizes["direct_episodes"],
-                              way=5, shot=5, seed=seed, method="mdmf", eval_batch=500)
+                              way=5, shot=5, seed=seed, method=METHOD, eval_batch=500)
     torch.manual_seed(seed)
-    model = build_model("paper", sizes["dim"], 8, {}, "mdmf").to(device)
+    model = build_model("paper", sizes["dim"], 8, {}, METHOD).to(device)
     ev = eval_time(model, split, args, device)
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in ev.items()}
 

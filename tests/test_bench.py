@@ -70,3 +70,22 @@ def test_bench_runs_quick(name, tmp_path):
     assert not missing, f"bench/{name}'s JSON line lacks {missing}: {lines[-1][:500]}"
     assert record["bench"] == path.stem and record["quick"] is True
     assert not list(tmp_path.iterdir()), f"bench/{name} wrote into the working directory: {list(tmp_path.iterdir())}"
+
+
+@pytest.mark.skipif("_cuda()", reason="with a GPU, test_bench_runs_quick runs gpu.py itself")
+def test_gpu_bench_parts_run_on_a_cpu(tmp_path):
+    """gpu.py's own parts (bf16 against float32 training, the 10,000-episode timing) in their tiny CPU version.
+    The other parts run code the other benches' quick runs cover (extract.py, random_pixel_updates, cli train).
+    On a CPU both "precisions" are float32 (heads_autocast is a no-op there), so the two runs, from the same
+    initialisation on the same episodes, must end with the same val accuracy."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--allow-cpu", "--parts", "fast_train,eval_10k"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert record["errors"] == [] and record["quick"] is True, record
+    fast = record["fast_train"]
+    assert fast["bf16"]["val_acc"] == fast["float32"]["val_acc"] == fast["bf16"]["val_acc_cpu_float32"]
+    assert fast["val_acc_diff_cpu_float32"] == 0
+    assert record["eval_10k"]["same_predictions"] and record["eval_10k"]["episodes"] == 20
+    assert not list(tmp_path.iterdir())
