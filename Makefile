@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-gpu install clean
 
 $(BIN)/mdmf-cache: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ bench: install
 	$(BIN)/python bench/train_fast.py
 	$(BIN)/python bench/verify.py
 	$(BIN)/python bench/train_full.py
+
+# every GPU path once (< 8 min on one GPU): extraction, fast training bf16 vs float32, 10k test episodes,
+# full mode RN50/ViT-B-16 memory, a torchrun of full mode; one JSON line
+bench-gpu: install
+	$(BIN)/python bench/gpu.py
 
 clean:
 	rm -rf demo_out .pytest_cache

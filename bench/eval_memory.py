@@ -41,6 +41,10 @@ from mdmf_cache.heads import hyrsm  # noqa: E402
 from mdmf_cache.runs import build_model  # noqa: E402
 from mdmf_cache.store import FeatureSplit  # noqa: E402
 
+#: The keys of the JSON line (tests/test_bench.py checks them).
+KEYS = ("bench", "method", "dim", "episodes", "path", "wall_s", "episodes_per_s", "peak_rss_above_mb", "accuracy",
+        "quick")
+
 
 def synthetic_split(classes: int, per_class: int, frames: int, dim: int, signal: float) -> FeatureSplit:
     """Random float16 features ``(N, 1, T, D)`` around each class's text direction (``signal`` x the text)."""
@@ -96,7 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
            "threads": torch.get_num_threads(), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
            "episodes_per_s": round(args.episodes / wall, 1), "rss_before_mb": round(before), "peak_rss_mb": round(peak),
            "peak_rss_above_mb": round(peak - before), "fused": res.fused, "accuracy": round(res.mean * 100, 2),
-           "loadavg": os.getloadavg()[0]}
+           "loadavg": os.getloadavg()[0], "quick": args.quick}
+    print(f"eval_memory{' (--quick: not a measurement)' if args.quick else ''}: {args.method}, D={args.dim}, "
+          f"{out['videos']} videos, {args.episodes} 5-way {args.shot}-shot episodes on the {out['path']} path: "
+          f"{out['wall_s']} s ({out['episodes_per_s']} episodes/s), peak RSS +{out['peak_rss_above_mb']} MB")
     print(json.dumps(out))
     return out
 

@@ -23,6 +23,7 @@ the decoders. ``--omp-wait compare`` runs the whole benchmark once per policy (P
 torch's default), each in a fresh process on the same videos, and prints the full-extract ratio.
 
     python bench/extract.py                                            # mdmf-tiny-rn, 48 videos
+    python bench/extract.py --quick                                    # seconds: a check that it runs, not a measurement
     python bench/extract.py --omp-wait compare                         # PASSIVE vs OpenMP's default
     python bench/extract.py --model RN50 --pretrained none --videos 16 # real-size RN50, random weights
     python bench/extract.py --model ViT-B-16 --pretrained openai --device cuda --videos 256
@@ -47,18 +48,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 
 FRAMES, SIZE = 64, (320, 240)  # UCF101: 320x240, ~7 s at 25 fps (median ~170 frames; 64 keeps setup short)
+#: The measured run's sizes, and --quick's (seconds on a CPU: the same code paths, tiny sizes).
+FULL = {"videos": 48, "workers": 2, "batch_videos": 8, "video_frames": FRAMES, "size": SIZE}
+QUICK = {"videos": 4, "workers": 1, "batch_videos": 2, "video_frames": 16, "size": (96, 72)}
+#: The keys of the JSON line (tests/test_bench.py checks them).
+KEYS = ("bench", "model", "videos", "device", "decode_vps", "encode_vps", "full_vps", "full_wall_s", "ratio",
+        "serial_vps", "ratio_vs_serial", "quick")
 
 
-def make_videos(root: Path, n: int, seed: int = 0) -> list[str]:
-    """n synthetic videos, alternating AVI and MP4; returns their ``class/video`` ids."""
+def make_videos(root: Path, n: int, seed: int = 0, frames: int = FRAMES, size: tuple[int, int] = SIZE) -> list[str]:
+    """n synthetic videos (``frames`` long, ``size`` = (width, height)), alternating AVI and MP4; returns their
+    ``class/video`` ids. Kept under ``root`` and reused by a later call with the same settings."""
     from mdmf_cache.synthetic import make_action_dataset
 
     classes = min(48, max(3, -(-n // 4)))
     per_class = -(-n // classes)
-    marker = root / f".bench-{n}-{classes}-{per_class}-{seed}"
+    marker = root / f".bench-{n}-{classes}-{per_class}-{seed}-{frames}-{size[0]}x{size[1]}"
     if not marker.is_file():
         shutil.rmtree(root, ignore_errors=True)
-        make_action_dataset(root, num_classes=classes, videos_per_class=per_class, num_frames=FRAMES, size=SIZE,
+        make_action_dataset(root, num_classes=classes, videos_per_class=per_class, num_frames=frames, size=size,
                             seed=seed, formats=(".avi", ".mp4"))
         marker.write_text("ok\n")
     ids = sorted(f"{p.parent.name}/{p.stem}" for p in root.glob("*/*") if p.suffix in (".avi", ".mp4"))
@@ -83,19 +91,14 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode_only(cfg, split) -> tuple[float, list[dict]]:
-    """Seconds to decode every video of the split through the extractor's loader; the items."""
-    from torch.utils.data import DataLoader
+def decode_only(cfg, split, device) -> tuple[float, list[dict]]:
+    """Seconds to decode every video of the split through the extractor's own source and loader; the items."""
+    from mdmf_cache.extraction import ClipSource, clip_loader
 
-    from mdmf_cache.extraction import ClipSource, collate as _collate, worker_init as _worker_init
-
-    paths = [p for p in split.paths if p is not None]
-    source = ClipSource(np.arange(len(paths)), paths, False, 1, cfg)
+    ids, paths, _ = split.found()
+    source = ClipSource(np.arange(len(ids)), ids, paths, False, 1, cfg)
     t0 = time.perf_counter()
-    loader = DataLoader(source, batch_size=cfg.batch_videos, num_workers=cfg.workers, collate_fn=_collate,
-                        worker_init_fn=_worker_init if cfg.workers else None,
-                        prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
-    items = [item for batch in loader for item in batch]
+    items = [item for batch in clip_loader(source, cfg, device) for item in batch]
     seconds = time.perf_counter() - t0
     bad = [it for it in items if "error" in it]
     if bad:
@@ -104,25 +107,16 @@ def decode_only(cfg, split) -> tuple[float, list[dict]]:
 
 
 def encode_only(cfg, backbone, items: list[dict]) -> float:
-    """Seconds to preprocess + encode pre-decoded clips, in the extractor's batches."""
-    import torch
+    """Seconds to preprocess + encode pre-decoded clips (``encode_clips``: the float16 copy to the host
+    included), in the extractor's batches, after one warm-up batch."""
+    from mdmf_cache.extraction import encode_clips
 
-    from mdmf_cache.preprocess import preprocess_clips
-
-    T, D = cfg.num_frames, backbone.dim
     batches = [items[i : i + cfg.batch_videos] for i in range(0, len(items), cfg.batch_videos)]
-
-    def run(batch) -> np.ndarray:
-        pix = preprocess_clips([b["frames"][0] for b in batch], [b["crops"][0] for b in batch], backbone.device,
-                               normalize=cfg.normalize)
-        emb = backbone.encode_images(pix.flatten(0, 1))
-        return emb.view(len(batch), 1, T, D).to(torch.float16).cpu().numpy()
-
-    run(batches[0])  # warm-up (allocator, kernels)
+    encode_clips(batches[0], backbone, cfg, 1)  # warm-up (allocator, kernels)
     _sync(backbone.device)
     t0 = time.perf_counter()
     for batch in batches:
-        run(batch)
+        encode_clips(batch, backbone, cfg, 1)
     _sync(backbone.device)
     return time.perf_counter() - t0
 
@@ -180,15 +174,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mdmf-tiny-rn", help="open_clip model (default mdmf-tiny-rn)")
     ap.add_argument("--pretrained", default="none", help="tag, checkpoint path, or 'none' (random init)")
-    ap.add_argument("--workers", type=int, default=2, help="decoder processes (default 2)")
-    ap.add_argument("--videos", type=int, default=48, help="number of synthetic videos (default 48)")
-    ap.add_argument("--batch-videos", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=None, help=f"decoder processes (default {FULL['workers']})")
+    ap.add_argument("--videos", type=int, default=None, help=f"number of synthetic videos (default {FULL['videos']})")
+    ap.add_argument("--batch-videos", type=int, default=None, help=f"default {FULL['batch_videos']}")
+    ap.add_argument("--video-frames", type=int, default=None, help=f"frames per synthetic video (default {FRAMES})")
+    ap.add_argument("--size", type=lambda v: tuple(int(x) for x in v.split("x")), default=None,
+                    help=f"WIDTHxHEIGHT of the synthetic videos (default {SIZE[0]}x{SIZE[1]})")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"seconds, not a measurement: {QUICK['videos']} small videos, 1 worker (the same code paths)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", type=Path, default=None, help="keep videos here and reuse them (default: temp dir)")
     ap.add_argument("--omp-wait", choices=[*POLICIES, "compare"], default="passive",
                     help="OpenMP wait policy of this process: passive (as mdmf-cache extract), default "
                          "(unset), or compare (both, each in a fresh process)")
     args = ap.parse_args(argv)
+    for k, v in (QUICK if args.quick else FULL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.omp_wait == "compare":
         return compare_policies(argv, args)
     if "torch" in sys.modules:
@@ -198,16 +200,17 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         os.environ["OMP_WAIT_POLICY"] = POLICIES[args.omp_wait]
 
-    from mdmf_cache.backbone import load_backbone
+    from mdmf_cache.backbone import load_backbone, resolve_device
     from mdmf_cache.datasets import load_splits, resolve_paths
     from mdmf_cache.cache_build import run_extract
     from mdmf_cache.configs import ExtractConfig
 
     pretrained = None if args.pretrained.lower() in ("none", "") else args.pretrained
+    device = resolve_device(args.device)
     tmp, work = workdir(args)
     try:
         t0 = time.perf_counter()
-        ids = make_videos(work / "videos", args.videos)
+        ids = make_videos(work / "videos", args.videos, frames=args.video_frames, size=args.size)
         made = time.perf_counter() - t0
         lists = write_split_lists(work / "lists", ids)
         cfg = ExtractConfig(dataset="folder", root=str(work / "videos"), splits_dir=str(lists),
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         assert not resolve_paths(split, work / "videos")
         n = len(split)
 
-        dec_s, items = decode_only(cfg, split)
+        dec_s, items = decode_only(cfg, split, device)
         backbone = load_backbone(args.model, pretrained, args.device)
         enc_s = encode_only(cfg, backbone, items)
         del items, backbone
@@ -234,14 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
         if tmp is not None:
             tmp.cleanup()
 
-    import torch
-
     dec, enc, full = n / dec_s, n / enc_s, n / full_s
     res = {
         "bench": "extract", "model": args.model, "pretrained": args.pretrained, "videos": n,
-        "frames": FRAMES, "size": list(SIZE), "workers": args.workers, "batch_videos": args.batch_videos,
-        "device": str(torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if args.device == "auto" else args.device))),
+        "frames": args.video_frames, "size": list(args.size), "workers": args.workers,
+        "batch_videos": args.batch_videos, "device": str(device),
         "cpu_cores": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "load_avg": round(os.getloadavg()[0], 2), "decode_vps": round(dec, 2), "encode_vps": round(enc, 2),
         "full_vps": round(full, 2), "full_wall_vps": round(n / wall, 2), "full_wall_s": round(wall, 2),
@@ -249,11 +249,12 @@ def main(argv: list[str] | None = None) -> dict:
         # when decoders and encoder share the same CPU cores they cannot overlap: the best is then
         # the serial rate 1 / (1/decode + 1/encode)
         "serial_vps": round(1 / (1 / dec + 1 / enc), 2), "ratio_vs_serial": round(full * (1 / dec + 1 / enc), 3),
-        "setup_videos_s": round(made, 1),
+        "setup_videos_s": round(made, 1), "quick": args.quick,
     }
     rows = [("decode only", dec_s, dec), ("encode only", enc_s, enc), ("full (split loop)", full_s, full),
             ("full (wall, incl. model load)", wall, n / wall)]
-    print(f"\nextract benchmark: {n} videos {SIZE[0]}x{SIZE[1]}x{FRAMES} (AVI+MP4), {args.model} "
+    print(f"\nextract benchmark{' (--quick: not a measurement)' if args.quick else ''}: {n} videos "
+          f"{args.size[0]}x{args.size[1]}x{args.video_frames} (AVI+MP4), {args.model} "
           f"({args.pretrained}), {res['device']}, {args.workers} workers, {os.cpu_count()} CPU cores, "
           f"OMP_WAIT_POLICY {res['omp_wait_policy']}, load average {res['load_avg']}")
     print(f"{'stage':32s} {'seconds':>9s} {'videos/s':>9s}")

@@ -43,6 +43,9 @@ from mdmf_cache.store import FeatureSplit  # noqa: E402
 
 FULL_TEST = 10_000
 
+#: The keys of the JSON line (tests/test_bench.py checks them).
+KEYS = ("bench", "dim", "device", "threads", "rows", "quick")
+
 
 def synthetic_split(classes: int, per_class: int, frames: int, dim: int, device: torch.device) -> FeatureSplit:
     g = torch.Generator().manual_seed(0)
@@ -132,7 +135,7 @@ def main() -> None:
         print(f"{r['method']:<11} {r['params_m']:>10.2f} {train_rate:>20} {r['test_10k_s']:>17.1f} "
               f"{r['eval_path']:>10} {str(r['fused']):>8}{note}")
     print(json.dumps({"bench": "heads", "dim": args.dim, "device": str(device), "threads": torch.get_num_threads(),
-                      "rows": rows}))
+                      "rows": rows, "quick": args.quick}))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ actually ran (with more threads it would include OpenMP's spinning).
     python bench/heads_cpu.py                                   # D=1024, 1 thread, CPU time
     python bench/heads_cpu.py --threads 0 --clock wall          # all cores, elapsed time (a quiet machine)
     python bench/heads_cpu.py --dim 64 --steps 20      # the demo's width
+    python bench/heads_cpu.py --quick                  # seconds: a check that it runs, not a measurement
 
 Prints a table and one JSON line (``{"bench": "heads_cpu", ...}``).
 """
@@ -56,6 +57,13 @@ from mdmf_cache.losses import total_loss  # noqa: E402
 from mdmf_cache.runs import build_model  # noqa: E402
 from reference_temporal import RefGTCE, RefLTCE  # noqa: E402
 from train_fast import synthetic_split, train_rate  # noqa: E402
+
+#: The measured run's sizes, and --quick's (seconds: the same code paths, tiny sizes); options given explicitly win.
+FULL = {"dim": 1024, "episodes_per_step": 16, "rounds": 2, "classes": 64, "videos_per_class": 100}
+QUICK = {"dim": 32, "episodes_per_step": 2, "rounds": 1, "classes": 8, "videos_per_class": 10}
+#: The keys of the JSON line (tests/test_bench.py checks them).
+KEYS = ("bench", "dim", "matmul_gflops", "train_eps_batched", "limit_eps", "of_limit", "gflop_per_episode",
+        "eval_fwd_eps", "old_train_eps_batched", "speedup", "quick")
 
 
 def matmul_limit(m: int, dim: int, ffn: int, m_conv: int, kernel: int, repeats: int = 1) -> float:
@@ -130,25 +138,30 @@ def eval_rate(model, split, sampler, args) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--dim", type=int, help="(1024)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="cpu: this process's CPU time (with --threads 1, the time it ran, not the time it "
                         "waited for a core on a shared machine); wall: elapsed time")
-    p.add_argument("--episodes-per-step", type=int, default=16)
+    p.add_argument("--episodes-per-step", type=int, help="(16)")
     p.add_argument("--steps", type=int, default=1, help="timed optimiser steps per variant and round (after 1 warm-up)")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="rounds of (matmul limit, each layer set); the best of the rounds is kept")
+    p.add_argument("--rounds", type=int,
+                   help="(2) rounds of (matmul limit, each layer set); the best of the rounds is kept")
     p.add_argument("--preset", default="paper")
     p.add_argument("--way", type=int, default=5)
     p.add_argument("--shot", type=int, default=5)
     p.add_argument("--train-queries", type=int, default=5)
-    p.add_argument("--classes", type=int, default=64)
-    p.add_argument("--videos-per-class", type=int, default=100)
+    p.add_argument("--classes", type=int, help="(64)")
+    p.add_argument("--videos-per-class", type=int, help="(100)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-old", action="store_true", help="time only the project's layers")
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="seconds, not a measurement: D=32, E=2, 1 round")
+    args = p.parse_args(argv)
+    for k, v in (QUICK if args.quick else FULL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -201,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         r["of_limit"] = r["eps"] / r["limit_eps"]
 
     threads = torch.get_num_threads()
-    print(f"heads_cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} torch threads, "
+    print(f"heads_cpu{' (--quick: not a measurement)' if args.quick else ''}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} torch threads, "
           f"torch {torch.__version__}, preset {args.preset}, D={d}, T={t}, {n}-way {args.shot}-shot, "
           f"{args.train_queries} queries/class, E={e}; {args.clock} clock; load average {load_before:.1f} -> "
           f"{load_after:.1f}")
@@ -222,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         "of_limit": round(res["new"]["of_limit"], 3), "goal": 0.85,
         "gflop_per_episode": round(res["new"]["gflop_per_episode"], 2),
         "ltce_fb_s": round(res["new"]["ltce_s"], 3), "gtce_fb_s": round(res["new"]["gtce_s"], 3),
-        "eval_fwd_eps": round(res["new"]["eval_eps"], 2),
+        "eval_fwd_eps": round(res["new"]["eval_eps"], 2), "quick": args.quick,
     }
     if "old" in res:
         old = res["old"]

@@ -17,6 +17,7 @@ T=8 frames, width D, in float16 as in the cache. Accuracy is meaningless here, o
     python bench/train_fast.py                      # GPU if there is one, D=1024
     python bench/train_fast.py --dim 1024 --steps 2                         # a CPU-sized run
     python bench/train_fast.py --dim 64             # the demo's tiny backbone width
+    python bench/train_fast.py --quick              # seconds: a check that it runs, not a measurement
 
 Prints a table and one JSON line (``{"bench": "train_fast", ...}``).
 """
@@ -24,6 +25,7 @@ Prints a table and one JSON line (``{"bench": "train_fast", ...}``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -39,10 +41,16 @@ from mdmf_cache.backbone import heads_autocast  # noqa: E402
 from mdmf_cache.evaluation import score  # noqa: E402
 from mdmf_cache.losses import mean_parts, total_loss  # noqa: E402
 from mdmf_cache.store import FeatureSplit  # noqa: E402
-from mdmf_cache.backbone import resolve_device
+from mdmf_cache.backbone import resolve_device  # noqa: E402
 from mdmf_cache.runs import build_model  # noqa: E402
 
 FULL_TEST = 10_000
+#: --quick's sizes (seconds on a CPU: the same code paths, tiny sizes); options given explicitly win.
+QUICK = {"dim": 32, "steps": 1, "episodes_per_step": 2, "test_episodes": 20, "direct_episodes": 4, "eval_batch": 16,
+         "classes": 5, "videos_per_class": 10}
+#: The keys of the JSON line (tests/test_bench.py checks them).
+KEYS = ("bench", "device", "dim", "train_eps_batched", "train_eps_single", "train_speedup", "eval_10k_s",
+        "eval_10k_s_direct", "eval_speedup", "eval_max_logit_diff", "eval_same_predictions", "quick")
 
 
 def synthetic_split(
@@ -63,15 +71,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_rate(model, split, sampler, args, rng, per_forward: int, steps: int, device) -> dict:
+def float32_context(device: torch.device):
+    """Plain float32 on ``device``: no autocast, and no TF32 matmuls on CUDA (restored on exit).
+
+    The trainer's :func:`~mdmf_cache.backbone.heads_autocast` turns TF32 on for CUDA as it enters bf16
+    autocast; this is the float32 reference it is compared with.
+    """
+    @contextlib.contextmanager
+    def ctx():
+        if device.type != "cuda":
+            yield
+            return
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return ctx()
+
+
+def train_rate(model, split, sampler, args, rng, per_forward: int, steps: int, device, amp: bool = True,
+               lr: float = 1e-4) -> dict:
     """Episodes/s of ``steps`` optimiser steps of ``args.episodes_per_step`` episodes each.
 
     ``per_forward`` = E: one forward/backward over all E episodes (this project's loop);
     ``per_forward`` = 1: E forward/backward passes of one episode, gradients accumulated (released code).
+    ``amp``: the trainer's precision (``heads_autocast``: bf16 on CUDA); False: float32 (``float32_context``).
     """
     e = args.episodes_per_step
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
+    precision = (lambda: heads_autocast(device)) if amp else (lambda: float32_context(device))
 
     def step() -> dict:
         opt.zero_grad(set_to_none=True)
@@ -80,7 +111,7 @@ def train_rate(model, split, sampler, args, rng, per_forward: int, steps: int, d
         for lo in range(0, e, per_forward):
             ep = ep_all[lo : lo + per_forward]
             support, query, text, labels = gather(split.features, split.text, ep)
-            with heads_autocast(device):  # bf16 on CUDA, as the trainer
+            with precision():  # amp: bf16 on CUDA, as the trainer
                 loss, parts = total_loss(model(support, query, text), labels, model.cfg)
             (loss * (len(ep) / e)).backward()  # the mean over the E episodes, as one batched step
         opt.step()
@@ -136,30 +167,38 @@ def eval_time(model, split, args, device) -> dict:
     }
 
 
+FULL = {"dim": 1024, "steps": 20, "episodes_per_step": 16, "test_episodes": FULL_TEST, "direct_episodes": 200,
+        "eval_batch": 500, "classes": 24, "videos_per_class": 100}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--dim", type=int, default=1024,
-                   help="feature width D (1024 = CLIP RN50, 64 = the demo's tiny backbone)")
-    p.add_argument("--episodes-per-step", type=int, default=16, help="E episodes per optimiser step")
-    p.add_argument("--steps", type=int, default=20, help="timed optimiser steps per training variant (after 1 warm-up)")
+    p.add_argument("--dim", type=int, help="feature width D (1024 = CLIP RN50, 64 = the demo's tiny backbone)")
+    p.add_argument("--episodes-per-step", type=int, help="E episodes per optimiser step (16)")
+    p.add_argument("--steps", type=int, help="timed optimiser steps per training variant, after 1 warm-up (20)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--test-episodes", type=int, default=FULL_TEST,
+    p.add_argument("--test-episodes", type=int,
                    help="test episodes scored on the per-video path; fewer than 10000 are extrapolated to 10000")
-    p.add_argument("--direct-episodes", type=int, default=200,
-                   help="episodes scored on the direct (reference) path, extrapolated to 10000")
+    p.add_argument("--direct-episodes", type=int,
+                   help="episodes scored on the direct (reference) path, extrapolated to 10000 (200)")
     p.add_argument("--method", default="mdmf", help="mdmf | clip-fsar")
     p.add_argument("--preset", default="paper", help="head preset (paper | reference)")
     p.add_argument("--way", type=int, default=5)
     p.add_argument("--shot", type=int, default=5)
     p.add_argument("--train-queries", type=int, default=5, help="queries per class in training episodes")
-    p.add_argument("--eval-batch", type=int, default=500, help="episodes per evaluation batch")
-    p.add_argument("--classes", type=int, default=24, help="classes of the synthetic split (a test split: 24)")
-    p.add_argument("--videos-per-class", type=int, default=100)
+    p.add_argument("--eval-batch", type=int, help="episodes per evaluation batch (500)")
+    p.add_argument("--classes", type=int, help="classes of the synthetic split (a test split: 24)")
+    p.add_argument("--videos-per-class", type=int, help="(100)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="seconds, not a measurement: D=32, 1 step of 2 episodes, "
+                                                        "20 test episodes (the same code paths)")
     args = p.parse_args(argv)
+    for k, v in (QUICK if args.quick else FULL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     for name in ("dim", "episodes_per_step", "steps", "test_episodes", "eval_batch", "direct_episodes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -186,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
-    print(f"train_fast: {name}, torch {torch.__version__}, preset {args.preset}, D={args.dim}, T={args.frames}, "
+    print(f"train_fast{' (--quick: not a measurement)' if args.quick else ''}: {name}, torch {torch.__version__}, preset {args.preset}, D={args.dim}, T={args.frames}, "
           f"{args.classes}x{args.videos_per_class} videos, {args.way}-way {args.shot}-shot")
     test_note = (f"extrapolated from {ev['episodes']} episodes ({ev['seconds']:.2f} s)" if ev["extrapolated"]
                  else f"measured ({FULL_TEST / ev['seconds']:.0f} episodes/s)")
@@ -221,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_10k_s_direct": round(ev["eval_10k_s_direct"], 2), "eval_direct_episodes": ev["direct_episodes"],
         "eval_speedup": round(ev["eval_10k_s_direct"] / ev["eval_10k_s"], 1),
         "eval_max_logit_diff": ev["max_logit_diff"], "eval_same_predictions": ev["same_predictions"],
-        "eval_videos": ev["videos"], "eval_fused_pairs": ev["fused"],
+        "eval_videos": ev["videos"], "eval_fused_pairs": ev["fused"], "quick": args.quick,
     }
     print(json.dumps(record))
     return record

@@ -6,8 +6,9 @@ A synthetic cache is written through ``CacheStore`` (random float16 features, no
 (every chunk read) and ``read`` (the features array read once with zarr).
 
     python bench/verify.py --rows 10000 --dim 512
+    python bench/verify.py --quick              # seconds: a check that it runs, not a measurement
 
-Prints one JSON line (``{"bench": "verify", ...}``) with seconds and ratios measured in this one run.
+Prints a table and one JSON line (``{"bench": "verify", ...}``) with seconds and ratios measured in this one run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mdmf_cache.store import CacheStore, load_split_features  # noqa: E402
 
+#: The measured run's sizes, and --quick's (the same code paths, tiny sizes); options given explicitly win.
+FULL = {"rows": 10000, "dim": 512}
+QUICK = {"rows": 256, "dim": 32}
+#: The keys of the JSON line (tests/test_bench.py checks them).
+KEYS = ("bench", "rows", "cache_mb", "read_s", "load_s", "check_s", "verify_s", "check_over_load", "verify_over_read",
+        "quick")
+
 
 def timed(fn, repeat: int = 3) -> float:
     best = float("inf")
@@ -37,11 +45,15 @@ def timed(fn, repeat: int = 3) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=10000)
-    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--rows", type=int, help="(10000)")
+    p.add_argument("--dim", type=int, help="(512)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--chunk-rows", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="seconds, not a measurement: 256 rows, D=32")
     args = p.parse_args(argv)
+    for k, v in (QUICK if args.quick else FULL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     n, T, D = args.rows, args.frames, args.dim
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.zarr"
@@ -71,7 +83,15 @@ def main(argv: list[str] | None = None) -> dict:
         }
     res = {"bench": "verify", "rows": n, "T": T, "D": D, "cache_mb": round(mb, 1),
            **{f"{k}_s": round(v, 3) for k, v in out.items()},
-           "check_over_load": round(out["check"] / out["load"], 3), "verify_over_read": round(out["verify"] / out["read"], 2)}
+           "check_over_load": round(out["check"] / out["load"], 3), "verify_over_read": round(out["verify"] / out["read"], 2),
+           "quick": args.quick}
+    print(f"verify{' (--quick: not a measurement)' if args.quick else ''}: a synthetic {n}-row cache, T={T}, D={D}, "
+          f"{res['cache_mb']} MB, best of 3")
+    what = {"read": "zarr read of the features", "load": "load_split_features (check included)",
+            "check": "the cheap check alone", "verify": "full verify (every chunk)"}
+    for k, v in out.items():
+        print(f"  {what[k]:<40} {v:8.3f} s")
+    print(f"  check / load {res['check_over_load']:.3f}, verify / read {res['verify_over_read']:.2f}")
     print(json.dumps(res))
     return res
 

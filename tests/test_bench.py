@@ -1,0 +1,91 @@
+"""Every benchmark script in bench/ still runs: ``bench/X.py --quick`` in a fresh process (the way it is run).
+
+The list is the files in bench/, so a new benchmark is picked up without touching this file. Each must take
+``--quick`` (tiny sizes, the same code paths as its measured run), exit 0, and print last one JSON line
+holding the keys it promises in its module-level ``KEYS`` tuple, with ``bench`` its own name and ``quick``
+true, after a human-readable table. Nothing here is timed: --quick runs measure nothing.
+
+A bench with a test file of its own (``tests/test_bench_<name>.py``, e.g. ``bench/scale.py``'s, which checks its
+figures) is left to that file: running it twice would only cost time.
+
+``bench/gpu.py`` needs a CUDA device: without one it must stop at its device check (exit status 3, after
+its imports and its argument parsing), which is what is checked on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py"))
+#: Benches whose own test file runs them (tests/test_bench_<stem>.py).
+OWN_TEST = {b for b in BENCHES if (REPO / "tests" / f"test_bench_{Path(b).stem}.py").is_file()}
+
+
+def promised_keys(path: Path) -> tuple[str, ...]:
+    """The script's ``KEYS = (...)`` (read from its source: importing it would run its imports here)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "KEYS" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    pytest.fail(f"bench/{path.name} defines no KEYS tuple (the keys its JSON line promises)")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_benches_are_found():
+    assert {"extract.py", "train_fast.py", "gpu.py"} <= set(BENCHES) - OWN_TEST
+
+
+@pytest.mark.parametrize("name", sorted(set(BENCHES) - OWN_TEST))
+def test_bench_runs_quick(name, tmp_path):
+    path = REPO / "bench" / name
+    keys = promised_keys(path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # from an empty folder: a bench must not need (or litter) the working directory
+    r = subprocess.run([sys.executable, str(path), "--quick"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    if "unrecognized arguments: --quick" in r.stderr:
+        pytest.fail(f"bench/{name} has no --quick mode (tiny sizes, the same code paths, seconds)")
+    if name == "gpu.py" and not _cuda():
+        assert r.returncode == 3, (r.returncode, r.stderr[-3000:])
+        assert "imports and arguments OK; no CUDA device" in r.stderr, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+        return
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) >= 2, f"bench/{name} printed no table before its JSON line: {r.stdout!r}"
+    record = json.loads(lines[-1])
+    missing = [k for k in keys if k not in record]
+    assert not missing, f"bench/{name}'s JSON line lacks {missing}: {lines[-1][:500]}"
+    assert record["bench"] == path.stem and record["quick"] is True
+    assert not list(tmp_path.iterdir()), f"bench/{name} wrote into the working directory: {list(tmp_path.iterdir())}"
+
+
+@pytest.mark.skipif("_cuda()", reason="with a GPU, test_bench_runs_quick runs gpu.py itself")
+def test_gpu_bench_parts_run_on_a_cpu(tmp_path):
+    """gpu.py's own parts (bf16 against float32 training, the 10,000-episode timing) in their tiny CPU version.
+    The other parts run code the other benches' quick runs cover (extract.py, random_pixel_updates, cli train).
+    On a CPU both "precisions" are float32 (heads_autocast is a no-op there), so the two runs, from the same
+    initialisation on the same episodes, must end with the same val accuracy."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--allow-cpu", "--parts", "fast_train,eval_10k"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert record["errors"] == [] and record["quick"] is True, record
+    fast = record["fast_train"]
+    assert fast["bf16"]["val_acc"] == fast["float32"]["val_acc"] == fast["bf16"]["val_acc_cpu_float32"]
+    assert fast["val_acc_diff_cpu_float32"] == 0
+    assert record["eval_10k"]["same_predictions"] and record["eval_10k"]["episodes"] == 20
+    assert not list(tmp_path.iterdir())
