@@ -28,6 +28,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun (or SLURM): joins a process group even alone
 
     @property
     def main(self) -> bool:
@@ -35,14 +36,17 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """Runs under DDP with a process group: several processes, or one that torchrun launched (so a 1-GPU
+        torchrun exercises NCCL, DDP and the statistics merge exactly as a larger job does)."""
+        return self.size > 1 or self.launched
 
 
 def world_from_env() -> World:
     """(rank, world size, local rank) from torchrun's or SLURM's variables; a single process otherwise."""
     env = os.environ
     if "WORLD_SIZE" in env and "RANK" in env:
-        return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                     launched="MASTER_ADDR" in env)  # torchrun sets it; a bare RANK/WORLD_SIZE does not
     if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and int(env["SLURM_NTASKS"]) > 1:
         return World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
     return World()

@@ -213,6 +213,37 @@ def test_two_gloo_processes_equal_one(action_videos, tmp_path):
     assert int(b["model"]["head.views.ltc.extractor.net.2.num_batches_tracked"]) == 4
 
 
+def test_a_torchrun_launched_single_process_joins_a_group_and_equals_a_plain_one(action_videos, tmp_path, monkeypatch):
+    """torchrun with one process (a 1-GPU job) runs under DDP with a process group (gloo here, NCCL on a GPU):
+    the same weights and statistics as a process that was not launched."""
+    import socket
+
+    import mdmf_cache.training as training
+
+    common = {"--episodes": 2, "--episodes-per-step": 2, "--val-every": 2, "--lr": "1e-4", "--model": "mdmf-tiny-rn",
+              "--val-episodes": 6}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    joined = []
+    real = training.init_process_group
+    monkeypatch.setattr(training, "init_process_group", lambda world, device: joined.append(world.distributed)
+                        or real(world, device))
+    try:
+        _cli_in_process(_small_args(action_videos, tmp_path / "plain", **common))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(key, value)
+        _cli_in_process(_small_args(action_videos, tmp_path / "launched", **common))
+    finally:
+        torch.set_num_threads(threads)
+    assert joined == [False, True]  # the launched process joined a process group
+    a, b = (torch.load(tmp_path / p / "last.pt", weights_only=False)["model"] for p in ("plain", "launched"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_input_fails_before_any_work(action_videos, demo_cache, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
