@@ -222,3 +222,49 @@ def test_clip_fsar_released_defaults() -> None:
     assert isinstance(model.mid_layer, torch.nn.Identity) and model.context2[0].pos_embed is None
     # 4 D^2 + 4100 D + 2049 parameters at width D (the released count, scale included)
     assert sum(p.numel() for p in model.parameters()) == 4 * D * D + 4100 * D + 2049
+
+
+def _shuffled(ep: dict, i: int, g: torch.Generator) -> tuple:
+    """Episode ``i``'s supports shuffled with their episode labels, as the released loader gives them."""
+    perm = torch.randperm(N * K, generator=g)
+    return ep["support"][i][perm], torch.arange(N).repeat_interleave(K)[perm]
+
+
+@pytest.mark.parametrize("cardinalities", [(2, 3), (1, 4)])
+def test_trx_matches_reference(cardinalities: tuple) -> None:
+    """TRX's logits, loss and gradients equal the released ``CNN_TRX`` forward re-derived per episode (supports
+    shuffled, concatenated tuples through ``k_linear``/``v_linear``, a loop over classes, a softmax per query)."""
+    from tests.reference_heads import trx_episode
+
+    model = _head("trx", torch.float64, dropout_off=True, cardinalities=cardinalities, tuple_dim=24).train()
+    ref = copy.deepcopy(model)
+    ep = _episodes(torch.float64)
+    out = _forward(model, ep)
+    loss, _ = model.loss(out, ep["labels"], ep["classes"])
+    loss.backward()
+    g = torch.Generator().manual_seed(5)
+    ref_total = 0.0
+    for i in range(E):
+        support, sup_labels = _shuffled(ep, i, g)
+        logits, li = trx_episode(ref, support, sup_labels, ep["query"][i], ep["labels"][i])
+        torch.testing.assert_close(out["logits"][i], logits, rtol=1e-5, atol=1e-5)
+        (li / E).backward()
+        ref_total += li.item() / E
+    assert loss.item() == pytest.approx(ref_total, rel=1e-5)
+    for (name, p), (_, p1) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, p1.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_trx_released_defaults() -> None:
+    spec = heads.get("trx")
+    o = spec.make_options(None, {}, DataInfo(dim=D, num_frames=8, shot=5))
+    assert (o.cardinalities, o.tuple_dim, o.pe_dropout, o.pe_scale) == ((2, 3), 1152, 0.1, 0.1)
+    assert spec.train_shot(5) == 5 and spec.train_shot(1) == 1 and spec.train_queries(5) == 5  # the shared loop's
+    model = spec.build(o)
+    assert [tr.num_tuples for tr in model.transformers] == [28, 56]
+    assert [tuple(tr.pe.pe.shape) for tr in model.transformers] == [(12, D)] * 2  # max_len int(1.5 T)
+    # the released module has 11520 D + 13824 trainable parameters: 2 x 2304 of them are norm_v, which it never
+    # applies and which is left out here
+    assert sum(p.numel() for p in model.parameters()) == 11520 * D + 13824 - 2 * 2 * 1152
+    assert not any("norm_v" in name for name, _ in model.named_parameters())
+

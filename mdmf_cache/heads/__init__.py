@@ -37,6 +37,7 @@ class Entry:
 REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("mdmf", "mdmf_cache.heads.mdmf", "CLIP-MDMF: prompt selector, two temporal views, MMFE fusion, OTAM, mutual distillation"),
     Entry("clip-fsar", "mdmf_cache.heads.clip_fsar", "CLIP-FSAR (IJCV 2023) as released: text-conditioned supports, temporal transformer, OTAM"),
+    Entry("trx", "mdmf_cache.heads.trx", "TRX (CVPR 2021) as released: cross-transformers over frame pairs and triples"),
 )}
 
 #: Every ``--method`` a run can be trained or scored with.
