@@ -175,3 +175,34 @@ def trx_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, t
     logits = torch.stack(all_logits, dim=-1).mean(dim=-1)
     return logits, F.cross_entropy(logits, target_labels) / batch_size
 
+
+def otam_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, target_labels: Tensor,
+                 batch_size: int = 1) -> tuple[Tensor, Tensor]:
+    """``CNN_OTAM.forward`` and the training loop's loss for one episode: ``1 - cos_sim`` of the flattened
+    frames, ``(tb ts) (sb ss) -> tb sb ts ss``, the cell-by-cell OTAM in both directions (lambda from the
+    model's options, 0.1 released), the mean over the supports of each ``unique(support_labels)`` class.
+
+    Returns:
+        logits ``(Q, N)`` and the loss (``F.cross_entropy`` mean, divided by ``batch_size``).
+    """
+    o = model.options
+    n_q, t, d = query.shape
+    n_s = support.shape[0]
+    frame_dists = 1 - cos_sim(query.reshape(-1, d), support.reshape(-1, d), o.cos_eps)  # (Q*T, S*T)
+    dists = frame_dists.reshape(n_q, t, n_s, t).permute(0, 2, 1, 3)  # tb sb ts ss
+    cum = otam_cum_dist(dists, o.otam_lambda) + otam_cum_dist(dists.permute(0, 1, 3, 2), o.otam_lambda)
+    class_dists = torch.stack([cum[:, torch.nonzero(support_labels == c).reshape(-1)].mean(dim=1)
+                               for c in torch.unique(support_labels)])  # (N, Q)
+    logits = -class_dists.transpose(0, 1)
+    return logits, F.cross_entropy(logits, target_labels) / batch_size
+
+
+def tsn_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, target_labels: Tensor,
+                batch_size: int = 1) -> tuple[Tensor, Tensor]:
+    """``CNN_TSN.forward`` (``norm_sq_dist`` False) and the loss for one episode: mean over T, ``cos_sim`` of
+    each query to each support, the mean over the supports of each ``unique(support_labels)`` class."""
+    sim = cos_sim(query.mean(dim=1), support.mean(dim=1), model.options.cos_eps)  # (Q, S)
+    class_sim = torch.stack([sim[:, torch.nonzero(support_labels == c).reshape(-1)].mean(dim=1)
+                             for c in torch.unique(support_labels)])  # (N, Q)
+    logits = class_sim.transpose(0, 1)
+    return logits, F.cross_entropy(logits, target_labels) / batch_size

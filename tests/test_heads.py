@@ -268,3 +268,44 @@ def test_trx_released_defaults() -> None:
     assert sum(p.numel() for p in model.parameters()) == 11520 * D + 13824 - 2 * 2 * 1152
     assert not any("norm_v" in name for name, _ in model.named_parameters())
 
+
+@pytest.mark.parametrize("method", ["otam", "tsn"])
+def test_parameter_free_heads_match_reference(method: str) -> None:
+    """OTAM's and TSN's logits, loss and gradients with respect to the features (what full mode back-propagates
+    into CLIP) equal the released ``CNN_OTAM`` / ``CNN_TSN`` re-derived per episode, supports shuffled (OTAM:
+    the cell-by-cell recurrence with its naive soft-min)."""
+    from tests import reference_heads
+
+    episode = {"otam": reference_heads.otam_episode, "tsn": reference_heads.tsn_episode}[method]
+    model = _head(method, torch.float64).train()
+    ep = _episodes(torch.float64)
+    support, query = ep["support"].clone().requires_grad_(), ep["query"].clone().requires_grad_()
+    out = model(support, query, ep["text"])
+    loss, _ = model.loss(out, ep["labels"])
+    loss.backward()
+    g = torch.Generator().manual_seed(5)
+    ref_total = 0.0
+    for i in range(E):
+        perm = torch.randperm(N * K, generator=g)
+        sup_i = ep["support"][i][perm].clone().requires_grad_()
+        qry_i = ep["query"][i].clone().requires_grad_()
+        logits, li = episode(model, sup_i, torch.arange(N).repeat_interleave(K)[perm], qry_i, ep["labels"][i])
+        torch.testing.assert_close(out["logits"][i], logits, rtol=1e-5, atol=1e-5)
+        (li / E).backward()
+        ref_total += li.item() / E
+        grad_support = torch.empty_like(sup_i.grad)
+        grad_support[perm] = sup_i.grad  # back to class-major order
+        torch.testing.assert_close(support.grad[i], grad_support, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(query.grad[i], qry_i.grad, rtol=1e-5, atol=1e-8)
+    assert loss.item() == pytest.approx(ref_total, rel=1e-5)
+
+
+def test_parameter_free_heads_released_defaults() -> None:
+    otam = heads.get("otam").make_options(None, {}, DataInfo(dim=D, num_frames=T))
+    tsn = heads.get("tsn").make_options(None, {}, DataInfo(dim=D, num_frames=T))
+    assert (otam.cos_eps, otam.otam_lambda, tsn.cos_eps) == (0.01, 0.1, 0.01)
+    for method in ("otam", "tsn"):
+        spec = heads.get(method)
+        assert not spec.parametric and not heads.REGISTRY[method].parametric and method in heads.parameter_free()
+        assert spec.train_shot(5) == 5 and spec.train_shot(1) == 1 and spec.train_queries(1) == 5  # the shared loop's
+        assert not list(spec.build(spec.make_options(None, {}, DataInfo(dim=D, num_frames=T))).parameters())
