@@ -16,7 +16,7 @@ backbone.
 
 The soft-min is :func:`mdmf_cache.models.otam.otam` (a stable log-sum-exp, row by row), the released
 recurrence cell by cell: the same value wherever the released naive ``log(sum(exp))`` is finite (where
-every term underflows, about cumulative distances above 9 at lambda 0.1 in float32, the released one
+every term underflows, about cumulative distances above 10 at lambda 0.1 in float32, the released one
 returns ``inf``). Distances are computed in float32 (float64 stays float64) with autocast off.
 Evaluation takes the direct path: nothing costly is done per video (the DP is per (query, support)).
 """
