@@ -309,3 +309,19 @@ def test_parameter_free_heads_released_defaults() -> None:
         assert not spec.parametric and not heads.REGISTRY[method].parametric and method in heads.parameter_free()
         assert spec.train_shot(5) == 5 and spec.train_shot(1) == 1 and spec.train_queries(1) == 5  # the shared loop's
         assert not list(spec.build(spec.make_options(None, {}, DataInfo(dim=D, num_frames=T))).parameters())
+
+
+def test_trx_chunks_score_as_one_pass(monkeypatch) -> None:
+    """TRX's forward and per-video scorer run episodes in memory-bounded chunks: one episode per chunk gives the
+    logits of one pass, on both paths."""
+    import mdmf_cache.heads.trx as trx
+
+    split = _split()
+    model = _head("trx", tuple_dim=24).eval()
+    eps = EpisodeSampler(split.labels.numpy(), 8).sample(7, 5, 2, 2, np.random.default_rng(0))
+    whole = {p: score("trx", split, eps, model, batch_size=4, path=p, keep_logits=True).logits for p in ("direct", "per-video")}
+    monkeypatch.setattr(trx, "MATCH_BUDGET", 1)  # one episode (and one video for the tables) per chunk
+    assert trx.episode_chunk(model, 10, 10, 5) == 1
+    for path, logits in whole.items():
+        chunked = score("trx", split, eps, model, batch_size=4, path=path, keep_logits=True).logits
+        np.testing.assert_allclose(chunked, logits, rtol=1e-5, atol=1e-5)
