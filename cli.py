@@ -20,10 +20,12 @@ import typer
 
 from mdmf_cache import heads
 from mdmf_cache.choices import BASELINES, BN_MODES, DECODERS, EVAL_PATHS, MODES, NORMALIZATIONS, PPS_TEST_RULES, SAMPLERS
-from mdmf_cache.configs import EvalConfig, ExtractConfig, FullModeConfig, TrainConfig, VideoOptions, default_workers
+from mdmf_cache.configs import (EvalConfig, ExtractConfig, FullModeConfig, PredictConfig, TrainConfig, VideoOptions,
+                                default_workers)
 from mdmf_cache.datasets import DATASET_NAMES
 from mdmf_cache.models.config import PRESET_DATA, _CHOICES as MDMF_CHOICES
 from pipelines.ablate import AblateConfig
+from pipelines.compare import CompareConfig
 from pipelines.demo import DemoConfig
 from pipelines.sweep import SweepConfig
 
@@ -150,6 +152,8 @@ def extract(
     world_size: Annotated[Optional[int], typer.Option(help="Number of processes (default: torchrun/SLURM env).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a cache made with other settings.")] = _X.overwrite,
     strict: Annotated[bool, typer.Option(help="Missing or undecodable videos are an error.")] = _X.strict,
+    verify_deep: Annotated[bool, typer.Option(help="Read every feature chunk for damage first (default: only those changed since the last clean verify).")] = _X.verify_deep,
+    retry_failed: Annotated[bool, typer.Option(help="Decode videos that failed before again, even if their files did not change.")] = _X.retry_failed,
     debug: DebugOpt = False,
 ) -> None:
     """Decode T frames per video, encode them with CLIP, and store them with the prompt embeddings."""
@@ -169,7 +173,8 @@ def extract(
                  decoder, workers, dataset.value),
         preset=preset.value, cache_dir=str(cache_dir), name=name, train_views=train_views, seed=seed,
         batch_videos=batch_videos, chunk_rows=chunk_rows, device=device,
-        splits=tuple(split) if split else _X.splits, overwrite=overwrite, strict=strict,
+        splits=tuple(split) if split else _X.splits, overwrite=overwrite, strict=strict, verify_deep=verify_deep,
+        retry_failed=retry_failed,
         rank=env_rank if rank is None else rank, world_size=env_world if world_size is None else world_size,
     )
     run(cfg)
@@ -315,6 +320,7 @@ def train(
     episodes: Annotated[int, typer.Option(help="Training episodes in total.")] = _T.episodes,
     episodes_per_step: Annotated[int, typer.Option(help="Episodes per optimiser step (full mode: accumulated, split between ranks; the paper's 16).")] = _T.episodes_per_step,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: fast mode 1e-4, full mode 1e-5 as the paper).")] = None,
+    weight_decay: Annotated[float, typer.Option(help="Adam's (coupled L2) weight decay; the released FSAR loop uses 1e-3.")] = _T.weight_decay,
     head_opt: HeadOptOpt = None,
     dropout: Annotated[Optional[float], typer.Option(help="One value for every dropout of the head.")] = None,
     lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Distillation weight (preset: 1).", rich_help_panel=MDMF_PANEL)] = None,
@@ -393,7 +399,8 @@ def train(
     cfg = TrainConfig(
         cache=str(target or "") if mode.value == "fast" else "", out=str(out), mode=mode.value, method=method,
         preset=preset, heads=head_overrides, way=way, shot=shot, train_shot=train_shot, train_queries=train_queries,
-        episodes=episodes, episodes_per_step=episodes_per_step, lr=lr, val_every=val_every, val_episodes=val_episodes,
+        episodes=episodes, episodes_per_step=episodes_per_step, lr=lr, weight_decay=weight_decay, val_every=val_every,
+        val_episodes=val_episodes,
         save_every=save_every, seed=seed, device=device, resume=resume, full=full,
     )
     if config is not None:
@@ -476,6 +483,51 @@ def eval_(
                    root=str(root) if root else None))
 
 
+_P = PredictConfig
+
+
+@app.command(epilog="Examples:\n\n  mdmf-cache predict runs/ucf_rn50 --support my_actions/ --query unlabelled/\n\n"
+             "  mdmf-cache predict runs/ucf_rn50 --support my_actions/ --query clips/*.mp4 --out predictions/\n\n"
+             "  mdmf-cache predict runs/ucf_full --support my_actions/ --query unlabelled/   # a full-mode run: its backbone.pt")
+def predict(
+    run: Annotated[Path, typer.Argument(help="A run directory of mdmf-cache train (fast or full mode).")],
+    more: Annotated[Optional[list[Path]], typer.Argument(help="More query videos or folders (e.g. the rest of a shell "
+                                                              "glob after --query).", show_default=False)] = None,
+    support: Annotated[Optional[Path], typer.Option(help="SUPPORT/<class>/<video>: a few labelled videos (files or JPEG "
+                                                         "frame folders) per class.", show_default=False)] = None,
+    query: Annotated[Optional[list[Path]], typer.Option(help="Videos to label: a folder (searched recursively) or "
+                                                             "files; repeatable.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where predictions.csv goes (default: RUN/predict).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="The videos' features (default: "
+                                                                          "RUN/predict_cache).")] = None,
+    shot: Annotated[Optional[int], typer.Option(help="K supports per class and pass (default: the smallest class's "
+                                                     "count).")] = _P.shot,
+    subsets: Annotated[int, typer.Option(help="K-subsets averaged when a class has more than K supports.")] = _P.subsets,
+    pps_test: Annotated[str, typer.Option(help=f"MDMF's prompt selector: {_choices(PPS_TEST_RULES)} (sample: a draw "
+                                               "seeded per query).")] = _P.pps_test,
+    seed: Annotated[int, typer.Option(help="Seed of the subsets and of the PPS draws.")] = _P.seed,
+    batch_size: Annotated[int, typer.Option(help="Queries per forward pass.")] = _P.batch_size,
+    weights: Annotated[Optional[Path], typer.Option(help="The backbone checkpoint of a fast run, if the recorded one "
+                                                         "moved (checked by its sha256).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="A fast run's cache, if it moved.")] = None,
+    workers: Annotated[int, typer.Option(help="Decoder processes (default: half the cores, at most 8).")] = default_workers(),
+    show: Annotated[int, typer.Option(help="Queries shown in the table.")] = _P.show,
+    device: DeviceOpt = _P.device,
+    debug: DebugOpt = False,
+) -> None:
+    """Label videos with a trained run: support videos per class in, predictions.csv (class + probabilities) out."""
+    _setup_logging(debug)
+    _on_interrupt("predictions.csv was not written; the videos extracted so far are cached: rerun the same command")
+    from pipelines.predict import run as run_predict
+
+    queries = tuple(str(q) for q in [*(query or []), *(more or [])])
+    run_predict(PredictConfig(run=str(run), support=str(support) if support else "", query=queries,
+                              out=str(out) if out else None, cache_dir=str(cache_dir) if cache_dir else None,
+                              shot=shot, subsets=subsets, pps_test=pps_test, seed=seed, batch_size=batch_size,
+                              weights=str(weights) if weights else None, cache=str(cache) if cache else None,
+                              workers=workers, show=show, device=device))
+
+
 _A = AblateConfig
 
 
@@ -547,7 +599,7 @@ def _sweep_epilog() -> str:
   mdmf-cache sweep show sweeps/ucf                                       # trials table, best.json, figures
 
 Fixed options: any fast-mode option of 'train', written as there (--episodes 2000, --shot 1, --preset reference,
---no-pps, --view gtc, --method clip-fsar, ...), and any option of the head by its field name (--merge-before true);
+--no-pps, --view gtc, --method clip-fsar, ...), and any option of the head by its field name (--merge-before, --no-merge-before, --heads 4);
 a fixed option leaves the default space.
 
 Default space (without --space): {space}, plus the head's own (mdmf: lambda=0.1:2, alpha-ltc=0.25:2,
@@ -624,6 +676,49 @@ def plot(
         typer.echo(f"wrote {p}")
 
 
+_C = CompareConfig
+
+
+@app.command(epilog="Examples:\n\n  mdmf-cache compare CACHE --methods mdmf,clip-fsar,protonet --shot 1,3,5 --out results/ucf_rn50\n\n"
+             "  mdmf-cache compare CACHE --methods mdmf,clip-fsar --shot 5 --episodes 20000 --lr 3e-4 --out results/ucf_5shot")
+def compare(
+    cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
+    methods: Annotated[str, typer.Option(help=f"Comma-separated: {_choices((*heads.METHODS, *BASELINES))} "
+                                              "(default: every registered head).")] = ",".join(heads.METHODS),
+    shot: Annotated[str, typer.Option(help="Shots, comma-separated: one column each, one trained run per method and shot.")] = ",".join(map(str, _C.shots)),
+    reference: Annotated[str, typer.Option(help="Paired differences are to this method.")] = _C.reference,
+    out: Annotated[Path, typer.Option(help="Results directory: runs/, scores/, episode lists, table.csv, table.md, table.png.")] = Path(_C.out),
+    episodes: Annotated[int, typer.Option(help="Training episodes of every trained method.")] = _T.episodes,
+    episodes_per_step: int = _T.episodes_per_step,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of every trained method (default: fast mode's 1e-4).")] = None,
+    weight_decay: Annotated[float, typer.Option(help="Adam's weight decay of every trained method.")] = _T.weight_decay,
+    train_queries: Annotated[Optional[int], typer.Option(help="Queries per class in training (default: each head's released choice).")] = None,
+    val_every: int = _T.val_every,
+    val_episodes: int = _T.val_episodes,
+    test_episodes: Annotated[int, typer.Option(help="Test episodes per shot (the same list for every method).")] = _C.test_episodes,
+    way: int = _C.way,
+    seed: int = _C.seed,
+    device: DeviceOpt = _C.device,
+    debug: DebugOpt = False,
+) -> None:
+    """Several heads on one cache: each trained with its released defaults, all scored on identical seeded test
+    episodes per shot, in the layout of the paper's Tables 1-2 with paired CIs and the numbers the papers report."""
+    _setup_logging(debug)
+    _on_interrupt(f"finished runs and scores are kept in {out}; rerun the same command: it does only what is missing")
+    from mdmf_cache.report import print_compare
+    from pipelines.compare import run_compare
+
+    train = {"episodes": episodes, "episodes_per_step": episodes_per_step, "val_every": val_every,
+             "val_episodes": val_episodes, "weight_decay": weight_decay, **({"lr": lr} if lr is not None else {}),
+             **({"train_queries": train_queries} if train_queries is not None else {})}
+    cfg = CompareConfig(cache=str(cache), out=str(out), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                        shots=_shots(shot), reference=reference, train=train, way=way, test_episodes=test_episodes,
+                        seed=seed, device=device)
+    res = run_compare(cfg)
+    print_compare(res["rows"], cfg.shots, f"{way}-way, {test_episodes} identical test episodes per shot")
+    typer.echo(f"tables: {res['out']}/table.md, table.csv, table.png")
+
+
 @app.command("heads", epilog="Examples:\n\n  mdmf-cache heads\n\n  mdmf-cache heads clip-fsar")
 def heads_(
     name: Annotated[Optional[str], typer.Argument(help="A registered head: its options and defaults.")] = None,
@@ -647,8 +742,8 @@ def demo(
     full: Annotated[bool, typer.Option("--full", help="Add a short full-mode stage (the tiny CLIP fine-tuned with the heads from the videos).")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Synthetic action videos -> cache -> fast-mode heads -> evaluation against baselines, on a CPU in ~1 min
-    (--full: a full-mode stage too)."""
+    """Synthetic action videos -> cache -> fast-mode heads -> evaluation against baselines, on a CPU in a few
+    minutes (--full: a full-mode stage too)."""
     _setup_logging(debug)
     _on_interrupt(f"finished stages are kept in {out}; rerun the same command to go on")
     from pipelines.demo import run_demo

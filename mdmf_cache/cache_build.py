@@ -3,8 +3,11 @@
 Steps, top to bottom (:func:`run_extract`):
     1. resolve the splits and the video files;
     2. load the backbone, fingerprint the settings, open (or resume) the cache, under the cache's lock;
-    3. rank 0 matches every split's rows to the tree, repairs damage, writes the text embeddings;
-    4. a pool of decoder processes feeds clips to the model; rows are written by whole chunks;
+    3. rank 0 checks the cache (reading in full the feature chunks changed since its last clean verify, every
+       one with ``verify_deep``), repairs damage, matches every split's rows to the tree, writes the text
+       embeddings;
+    4. a pool of decoder processes feeds clips to the model; rows are written by whole chunks, then read
+       back and recorded as verified (one process);
     5. with ``strict``, missing or failed videos are an error.
 
 Resumable: killed at any moment, the same call continues where the cache says it stopped, and the
@@ -12,7 +15,9 @@ final cache equals an uninterrupted run's (sampling and crops are seeded per vid
 
 Rows belong to video ids. Rerun after the tree changed, the same call extracts the videos that
 appeared (new rows), reuses finished rows, and keeps the rows of videos that vanished (marked not
-present, unused, reused if they come back). Prompts are cheap: a changed ``prompt_template``,
+present, unused, reused if they come back). Each row records its file's size and mtime: a video replaced
+by another file under the same name is extracted again, and a video that failed is decoded again only
+when its file changed (or with ``retry_failed``). Prompts are cheap: a changed ``prompt_template``,
 ``clean_names`` or SSv2 names file only recomputes the text embeddings.
 """
 
@@ -44,11 +49,18 @@ __all__ = ["SplitResult", "run_extract", "extract_lock", "split_changes"]
 # ---- the writing side -----------------------------------------------------------------------------
 
 class ChunkWriter:
-    """Buffers finished rows and writes them one chunk at a time (this rank owns the chunk)."""
+    """Buffers finished rows and writes them one chunk at a time (this rank owns the chunk's unit).
 
-    def __init__(self, store: CacheStore, split: str, flush_seconds: float):
+    ``stats``: row -> (size, mtime ns) of the file it is extracted from, recorded with the row.
+    """
+
+    def __init__(self, store: CacheStore, split: str, flush_seconds: float,
+                 stats: dict[int, tuple[int, int]] | None = None):
         self.store = store
         self.split = split
+        # a cache made before file stats were recorded gets the arrays from rank 0's sync; a rank that
+        # started before that leaves its rows' files unknown
+        self.stats = stats if stats is not None and (store.path / split / "file_size").is_dir() else None
         self.cr = store.chunk_rows(split)
         self.flush_seconds = flush_seconds
         self.buf: list[dict[str, Any]] = []
@@ -73,13 +85,18 @@ class ChunkWriter:
         self.last = time.monotonic()
 
     def _write(self, rows: np.ndarray) -> None:
-        self.store.write_rows(self.split, rows, {
+        values = {
             "features": np.stack([r["features"] for r in self.buf]),
             "frame_indices": np.stack([r["indices"] for r in self.buf]),
             "num_frames": np.array([r["num_frames"] for r in self.buf], dtype=np.int32),
             "failed": np.array([r["error"] != "" for r in self.buf]),
             "errors": np.array([r["error"] for r in self.buf], dtype=object).astype(str),
-        })
+        }
+        if self.stats is not None:
+            st = [self.stats.get(int(r), (-1, -1)) for r in rows]
+            values["file_size"] = np.array([a for a, _ in st], dtype=np.int64)
+            values["file_mtime"] = np.array([b for _, b in st], dtype=np.int64)
+        self.store.write_rows(self.split, rows, values)
 
 
 @dataclass
@@ -94,8 +111,10 @@ class SplitResult:
     missing: int = 0  # listed videos not on disk
     vanished: list[str] = field(default_factory=list)  # finished rows whose video is gone (kept, unused)
     text: str = ""  # why the text embeddings were (re)computed this run, '' if they were reused
-    retried: int = 0  # rows that had failed before, decoded again (their files may have changed)
+    retried: int = 0  # rows that had failed before, decoded again (their files changed, or --retry-failed)
     still_failing: int = 0  # of them, failed again
+    changed: int = 0  # finished rows whose video file changed since (size or mtime): extracted again
+    kept_failed: int = 0  # failed rows whose files did not change: not decoded again (--retry-failed does)
     repaired: int = 0  # damaged rows marked to be extracted again (verify_and_repair)
     damage: list[str] = field(default_factory=list)  # what was damaged
     seconds: float = 0.0
@@ -105,31 +124,46 @@ class SplitResult:
 def extract_split(
     store: CacheStore, split: Split, cfg: ExtractConfig, backbone, progress=None, res: SplitResult | None = None
 ) -> SplitResult:
-    """Decode and encode the pending rows of this rank's chunks of one split.
+    """Decode and encode the pending rows of this rank's units of one split.
 
-    The cache's rows are matched to this process's files by video id (``split.paths``).
+    The cache's rows are matched to this process's files by video id (``split.paths``). Pending: rows not
+    done, finished rows whose file changed since (size or mtime: a replaced video), and failed rows whose
+    file changed (or every failed row with ``cfg.retry_failed``). A row whose file was never recorded
+    (a cache made before) counts as unchanged.
     """
     name = split.name
     views = cfg.train_views if name == "train" else 1
     found = {v: p for v, p in zip(split.video_ids, split.paths) if p is not None}
     row_ids = store.video_ids(name)
     present = np.array([v in found for v in row_ids], dtype=bool)
-    owned = (np.arange(len(row_ids)) // store.chunk_rows(name)) % cfg.world_size == cfg.rank
+    owned = store.owner(name, cfg.world_size) == cfg.rank
     done = store.done_mask(name)
-    # a failure is not final: the file may have been replaced since, so failed rows are decoded again
-    retry = done & store._rows(name, "failed").astype(bool) & present & owned
-    rows = np.flatnonzero((~done | retry) & present & owned)
+    failed = store._rows(name, "failed").astype(bool)
+    mine = np.flatnonzero(present & owned)
+    stats = {int(r): file_stat(found[row_ids[r]]) for r in mine}  # what the file is now
+    size, mtime = store.file_stats(name)
+    changed = np.zeros(len(row_ids), dtype=bool)
+    for r, (now_size, now_mtime) in stats.items():
+        changed[r] = size[r] != -1 and (size[r] != now_size or mtime[r] != now_mtime)
+    changed &= done
+    retry = done & failed & present & owned & (changed | cfg.retry_failed)
+    redo = changed & ~failed & present & owned
+    rows = np.flatnonzero((~done | retry | redo) & present & owned)
     res = res or SplitResult(name)
     res.videos, res.missing = len(found), len(split.video_ids) - len(found)
-    res.reused = int((done & ~retry & present & owned).sum())  # only this rank writes these rows
-    res.retried = int(retry.sum())
+    res.reused = int((done & ~retry & ~redo & present & owned).sum())  # only this rank writes these rows
+    res.retried, res.changed = int(retry.sum()), int(redo.sum())
+    res.kept_failed = int((done & failed & present & owned & ~retry).sum())
+    if redo.any():
+        log.info("%s: %d videos changed on disk since they were extracted (first: %s); extracting them again",
+                 name, int(redo.sum()), row_ids[int(np.flatnonzero(redo)[0])])
     if len(rows) == 0:
         return res
     retried = set(np.flatnonzero(retry).tolist())
     ids = {int(r): row_ids[r] for r in rows}
     source = ClipSource(rows, [row_ids[r] for r in rows], [found[row_ids[r]] for r in rows], name == "train", views, cfg)
     loader = clip_loader(source, cfg, backbone.device)
-    writer = ChunkWriter(store, name, cfg.flush_seconds)
+    writer = ChunkWriter(store, name, cfg.flush_seconds, stats)
     task = progress.add_task(f"{name}", total=len(rows)) if progress else None
     t0 = time.perf_counter()
     try:
@@ -151,6 +185,9 @@ def _encode_batch(batch: list, backbone, cfg: ExtractConfig, views: int, ids: di
     if ok:
         emb = encode_clips(ok, backbone, cfg, views)
         feats = {b["row"]: emb[j] for j, b in enumerate(ok)}
+    for b in ok:  # NaN or inf from the encoder (or float16 overflow): recorded as a failure, never as features
+        if not np.isfinite(feats[b["row"]]).all():
+            b["error"] = "the encoder gave NaN or inf for this video's frames"
     for b in batch:
         if "error" in b:
             res.failed += 1
@@ -165,6 +202,16 @@ def _encode_batch(batch: list, backbone, cfg: ExtractConfig, views: int, ids: di
             writer.add({"row": b["row"], "features": feats[b["row"]], "indices": b["indices"],
                         "num_frames": b["num_frames"], "error": ""})
 
+def file_stat(path) -> tuple[int, int]:
+    """(size, mtime in ns) of a video file or frame folder (a folder: its own entry, which changes when frames
+    are added or removed, not when one is rewritten in place); (-2, -2) if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -2, -2
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
 def _progress():
     from mdmf_cache.progress import make_progress
 
@@ -175,7 +222,8 @@ def prepare_cache(store: CacheStore, splits: dict[str, Split], cfg: ExtractConfi
     store.root.attrs["ready"] = False  # until rows and text match this run (info: not complete if killed here)
     # damage (a deleted or garbled chunk, a corrupt zarr.json): undone here, redone by this run
     t0 = time.perf_counter()
-    damages, redo = store.verify_and_repair(cfg.num_frames, backbone.dim)
+    # every feature chunk with --verify-deep; otherwise those changed since the last clean verify
+    damages, redo = store.verify_and_repair(cfg.num_frames, backbone.dim, deep=True if cfg.verify_deep else "changed")
     for d in damages:
         log.warning("%s is damaged: %s; repairing it", store.path, d)
     log.debug("verified %s in %.1f s", store.path, time.perf_counter() - t0)
@@ -351,6 +399,12 @@ def _extract_into(path: Path, fp: dict, cfg: ExtractConfig, splits: dict[str, Sp
     else:
         for split in splits.values():
             extract_split(store, split, cfg, backbone, res=results[split.name])
+    # what this run wrote is read back (likely still in the page cache) and recorded as verified, so the next
+    # rerun starts at once; with several ranks the others may still be writing: their chunks wait for that rerun
+    if cfg.rank == 0 and cfg.world_size == 1 and any(r.extracted or r.failed for r in results.values()):
+        damages = store.verify(deep="changed")
+        if damages:
+            log.warning("%s: %s right after writing it; the next extract run repairs it", path, damages[0])
     # 5. strictness: failures recorded in the cache count too (a --strict rerun of a finished cache)
     failed = sum(store.split_summary(name)["failed"] for name in splits) if cfg.strict else 0
     if cfg.strict and failed:

@@ -21,8 +21,8 @@ from mdmf_cache.choices import BN_MODES, DECODERS, EVAL_PATHS, MODES, NORMALIZAT
 from mdmf_cache.errors import ConfigError
 from mdmf_cache.models.config import PRESET_DATA
 
-__all__ = ["VideoOptions", "ExtractConfig", "FullModeConfig", "TrainConfig", "EvalConfig", "default_workers",
-           "FAST_LR", "FULL_LR"]
+__all__ = ["VideoOptions", "ExtractConfig", "FullModeConfig", "TrainConfig", "EvalConfig", "PredictConfig",
+           "default_workers", "FAST_LR", "FULL_LR"]
 
 #: Adam's learning rate when none is given. Fast mode trains the heads alone, which want far more than the
 #: paper's 1e-5 (docs/measurements.md); full mode fine-tunes CLIP with them at the paper's value.
@@ -96,6 +96,8 @@ class ExtractConfig(VideoOptions):
     splits: tuple[str, ...] = SPLITS
     overwrite: bool = False
     strict: bool = False
+    verify_deep: bool = False  # read every feature chunk before extracting (default: those changed since the last clean verify)
+    retry_failed: bool = False  # decode failed videos again even if their files did not change
     rank: int = 0
     world_size: int = 1
     progress: bool = True
@@ -302,3 +304,46 @@ class EvalConfig:
             raise ConfigError(f"--path {self.path!r}: choose {' or '.join(EVAL_PATHS)}")
         if self.pps_test not in (None, *PPS_TEST_RULES):
             raise ConfigError(f"--pps-test {self.pps_test!r}: choose {' or '.join(PPS_TEST_RULES)}")
+
+
+@dataclass
+class PredictConfig:
+    """``mdmf-cache predict``: label new videos with a trained run and a few labelled supports per class;
+    saved as ``predict_config.json`` beside ``predictions.csv`` (docs/predict.md)."""
+
+    run: str = ""  # a run directory of mdmf-cache train (fast or full mode)
+    support: str = ""  # SUPPORT/<class>/<video>: videos or JPEG frame folders, a few per class
+    query: tuple[str, ...] = ()  # folders (searched recursively) and/or video files to label
+    out: str | None = None  # default: RUN/predict
+    cache_dir: str | None = None  # the features of support and query videos; default: RUN/predict_cache
+    shot: int | None = None  # K supports per class and pass; None: the smallest class's count
+    subsets: int = 10  # K-subsets averaged when some class has more than K supports (seeded)
+    pps_test: str = "argmax"  # MDMF's prompt selector at prediction: argmax | sample (a draw seeded per query)
+    seed: int = 0  # the subsets and the PPS draws
+    batch_size: int = 128  # queries scored per forward pass
+    weights: str | None = None  # the backbone checkpoint, if the recorded one moved (checked by its sha256)
+    cache: str | None = None  # a fast run's cache, if it moved (only its fingerprint is read)
+    workers: int = field(default_factory=default_workers)  # decoder processes
+    device: str = "auto"
+    show: int = 10  # queries shown in the printed table
+
+    def validate(self) -> None:
+        problems = []
+        if not self.run:
+            problems.append("RUN (a run directory) is required")
+        if not self.support:
+            problems.append("--support DIR is required")
+        if not self.query:
+            problems.append("--query DIR_OR_FILE is required (repeatable)")
+        if self.shot is not None and self.shot < 1:
+            problems.append(f"--shot {self.shot}: must be >= 1")
+        if self.subsets < 1 or self.batch_size < 1:
+            problems.append("--subsets and --batch-size must be >= 1")
+        if self.workers < 0:
+            problems.append(f"--workers {self.workers}: must be >= 0 (0 decodes in this process)")
+        if self.pps_test not in PPS_TEST_RULES:
+            problems.append(f"--pps-test {self.pps_test!r}: choose {' or '.join(PPS_TEST_RULES)}")
+        if self.show < 0:
+            problems.append(f"--show {self.show}: must be >= 0")
+        if problems:
+            raise ConfigError("bad options: " + "; ".join(problems))

@@ -105,13 +105,15 @@ class EpisodeSampler:
         # classes: the first `way` of a random permutation of the eligible classes, per episode
         pick = np.argsort(rng.random((n, len(eligible))), axis=1)[:, :way]
         classes = eligible[pick]  # (E, N)
-        # videos: the first m of a random permutation of each class's members
+        # videos: the first m of a random permutation of each class's members, i.e. the members with the m
+        # smallest random keys in key order; argpartition finds them without sorting the whole class
+        # (the same slots as a full argsort: keys are distinct)
         cnt = self.counts[classes]  # (E, N)
         width = self.members.shape[1]
         keys = rng.random((n, way, width))
         keys[np.arange(width)[None, None, :] >= cnt[..., None]] = np.inf  # padding sorts last
-        slots = np.argsort(keys, axis=2)[:, :, :m]  # (E, N, m)
-        rows = np.take_along_axis(self.members[classes], slots, axis=2)  # (E, N, m)
+        slots = _smallest(keys, m)  # (E, N, m)
+        rows = self.members[classes[..., None], slots]  # (E, N, m)
         support = rows[:, :, :shot].reshape(n, way * shot)  # (E, S)
         query = rows[:, :, shot:].reshape(n, way * queries)  # (E, Q)
         labels = np.broadcast_to(np.arange(way)[None, :, None], (n, way, queries)).reshape(n, -1)
@@ -121,6 +123,17 @@ class EpisodeSampler:
         else:
             sv, qv = np.zeros_like(support), np.zeros_like(query)
         return Episodes(classes, support, query, np.ascontiguousarray(labels), sv, qv)
+
+
+def _smallest(keys: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the ``m`` smallest keys along the last axis, in ascending key order (``argsort(keys)[..., :m]``
+    for distinct keys) in O(width) per row instead of a full sort."""
+    width = keys.shape[-1]
+    if m >= width:
+        return np.argsort(keys, axis=-1)[..., :m]
+    part = np.argpartition(keys, m - 1, axis=-1)[..., :m]  # the m smallest, in no order
+    order = np.argsort(np.take_along_axis(keys, part, axis=-1), axis=-1)
+    return np.take_along_axis(part, order, axis=-1)
 
 
 def gather(features, text, ep: Episodes, device=None, dtype=None):

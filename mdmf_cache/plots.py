@@ -337,3 +337,24 @@ def redraw(target: Path | str, allow_empty: bool = False) -> list[Path]:
     if not any(p is not None for p in paths) and not allow_empty:
         raise ConfigError(f"{target}: nothing to plot (expected a run, eval, ablation or sweep directory)")
     return [p for p in paths if p is not None]
+
+
+# -------------------------------------------------------------------------------------------- compare
+
+
+def compare_figure(rows: list[dict[str, Any]], shots: tuple[int, ...], path: Path, title: str = "") -> Path:
+    """Accuracy against K per method (95% CI bars), the reported numbers as open markers on their backbone."""
+    fig = _figure(WIDE)
+    ax = fig.subplots()
+    width = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        x = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(shots))]
+        ax.errorbar(x, [r[f"{k}shot"] for k in shots], yerr=[r[f"{k}shot_ci95"] for k in shots], fmt="o", capsize=3,
+                    color=f"C{i}", label=r["method"])
+        rep = [(xi, r[f"{k}shot_reported"]) for xi, k in zip(x, shots) if f"{k}shot_reported" in r]
+        if rep:
+            ax.plot([a for a, _ in rep], [b for _, b in rep], "D", mfc="none", color=f"C{i}", ms=6)
+    ax.set_xticks(range(len(shots)), [f"{k}-shot" for k in shots])
+    ax.plot([], [], "D", mfc="none", color="gray", label="reported (its paper's backbone)")
+    _label(ax, "", "test accuracy (%), 95% CI", title)
+    return _save(fig, path)

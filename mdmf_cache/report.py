@@ -29,9 +29,15 @@ def print_extract_summary(path: Path, results) -> None:
         if r.vanished:
             console.print(f"[yellow]{r.split}: {len(r.vanished)} extracted videos are no longer on disk[/] "
                           f"(rows kept, unused until they are back), e.g. {', '.join(r.vanished[:3])}")
+        if r.changed:
+            console.print(f"{r.split}: {r.changed} videos changed on disk since they were extracted (size or mtime): "
+                          "extracted again")
         if r.retried:
             console.print(f"{r.split}: retried {r.retried} videos that had failed: {r.retried - r.still_failing} "
                           f"decode now, {r.still_failing} still failing")
+        if r.kept_failed:
+            console.print(f"{r.split}: {r.kept_failed} videos that failed before were not decoded again (their files "
+                          "did not change; --retry-failed decodes them again)")
         if r.damage:
             redo = f"{r.repaired} rows extracted again" if r.repaired else "no row needed extracting again"
             console.print(f"[yellow]{r.split}: repaired {len(r.damage)} damaged parts[/] (e.g. {r.damage[0]}): {redo}",
@@ -222,3 +228,47 @@ def print_heads(name: str | None = None) -> None:
     console.print(table)
     console.print(f"training episodes for a K-shot run: {spec.train_shot(1)}-shot at K=1, {spec.train_shot(5)}-shot at "
                   f"K=5, {spec.train_queries(5)} queries per class")
+
+
+def print_compare(rows: list[dict], shots, title: str) -> None:
+    """``compare``'s table: per method and shot the accuracy, the paired difference to the reference, the reported one."""
+    table = Table(title=title)
+    table.add_column("method")
+    for k in shots:
+        table.add_column(f"{k}-shot %", justify="right")
+        table.add_column("vs ref", justify="right")
+    table.add_column("reported (backbone)")
+    for r in rows:
+        cells = [r["method"]]
+        for k in shots:
+            cells.append(f"{r[f'{k}shot']:.1f} ± {r[f'{k}shot_ci95']:.1f}")
+            cells.append(f"{r[f'{k}shot_diff']:+.1f} ± {r[f'{k}shot_diff_ci95']:.1f}" if f"{k}shot_diff" in r else "ref")
+        rep = [f"{r[f'{k}shot_reported']:.1f}" if f"{k}shot_reported" in r else "-" for k in shots]
+        backbones = sorted({r[f"{k}shot_reported_backbone"] for k in shots if f"{k}shot_reported_backbone" in r})
+        cells.append(f"{'/'.join(rep)} ({', '.join(backbones)})" if backbones else "-")
+        table.add_row(*cells)
+    console.print(table)
+
+
+def print_predictions(res: dict, show: int = 10) -> None:
+    """``predict``'s outcome: the first ``show`` queries with their class and its probability, then how many
+    queries each class got (with its supports), then where the CSV is."""
+    rows = res["rows"]
+    table = Table(title=f"predictions ({len(rows)} queries; first {min(show, len(rows))})")
+    table.add_column("query", overflow="fold")
+    table.add_column("predicted", overflow="fold")
+    table.add_column("probability", justify="right")
+    for r in rows[:show]:
+        table.add_row(r["query"], r["predicted"] or "[yellow]not decodable[/]",
+                      f"{r['probability']:.3f}" if r["predicted"] else "-")
+    console.print(table)
+    counts = Table(title=f"per class (K={res['shot']} supports per pass, {res['passes']} pass"
+                         f"{'es' if res['passes'] > 1 else ''})")
+    for col in ("class", "supports", "predicted"):
+        counts.add_column(col, justify="left" if col == "class" else "right")
+    for c in res["classes"]:
+        counts.add_row(c, str(res["supports"][c]), str(res["counts"][c]))
+    console.print(counts)
+    if res["failed"]:
+        console.print(f"[yellow]{len(res['failed'])} queries could not be decoded[/] (empty rows), e.g. {res['failed'][0]}")
+    console.print(f"predictions: {res['csv']}")

@@ -31,7 +31,7 @@ from mdmf_cache.store import CacheStore, FeatureSplit, fingerprint_diff
 log = logging.getLogger(__name__)
 
 __all__ = ["cache_identity", "check_identity", "build_head", "build_model", "head_record", "head_from_record", "validate",
-           "load_config", "load_run", "run_cache", "full_run_cache"]
+           "load_config", "read_run_config", "load_run", "run_cache", "full_run_backbone", "full_run_cache"]
 
 
 def cache_identity(cache: Path | str) -> dict[str, Any]:
@@ -131,10 +131,29 @@ def history_upto(path: Path, done: int) -> list[dict[str, Any]]:
     return [r for r in recs if r.get("episodes", 0) <= done]
 
 
+def read_run_config(run: Path | str) -> dict[str, Any]:
+    """A run directory's ``config.json``.
+
+    Raises:
+        ConfigError: ``run`` is not a run directory of ``mdmf-cache train`` (a cache is named as one), or its
+            ``config.json`` is unreadable.
+    """
+    run = Path(run)
+    if not (run / "config.json").is_file():
+        what = ("a cache, not a run: train one on it first (mdmf-cache train CACHE --out runs/NAME)"
+                if (run / "zarr.json").is_file() else
+                "not a run directory (config.json and best.pt, written by mdmf-cache train --out DIR)")
+        raise ConfigError(f"{run} is {what}")
+    try:
+        return json.loads((run / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{run / 'config.json'} is unreadable ({e}); is this a run directory?") from e
+
+
 def load_run(run: Path | str, device: str = "auto") -> tuple[FewShotHead, dict[str, Any]]:
     """The best checkpoint of a run as an eval-mode head, and the run's config."""
     run = Path(run)
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = read_run_config(run)
     if not (run / "best.pt").is_file():
         raise ConfigError(f"{run} has no best.pt; train first (mdmf-cache train --out {run})")
     dev = resolve_device(device)
@@ -158,6 +177,26 @@ def run_cache(run: Path, run_cfg: dict[str, Any], override: str | None) -> str:
                       "with --cache PATH (it is checked against the run's record)")
 
 
+def full_run_backbone(run: Path) -> tuple[Path, str]:
+    """A full-mode run's fine-tuned CLIP, ``RUN/backbone.pt``, and its weights id (``sha256:...``).
+
+    Raises:
+        ConfigError: ``backbone.pt`` is missing or is not the backbone of ``best.pt`` (a run killed between the
+            two writes: ``train --resume`` rewrites both).
+    """
+    from mdmf_cache.backbone import weights_id
+
+    backbone = Path(run) / "backbone.pt"
+    if not backbone.is_file():
+        raise ConfigError(f"{run} is a full-mode run without backbone.pt; train it first (or --resume it)")
+    wid = weights_id(str(backbone))
+    recorded = torch.load(Path(run) / "best.pt", map_location="cpu", weights_only=False).get("backbone")
+    if recorded != wid:
+        raise ConfigError(f"{backbone} is not the backbone of {run}/best.pt (the run was stopped between writing "
+                          "them); rerun its train command with --resume, which rewrites both")
+    return backbone, wid
+
+
 def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, override: str | None = None,
                    progress: bool = True, way: int = 5, root: str | None = None) -> str:
     """The cache of a full-mode run's split, extracted with the run's fine-tuned backbone (``backbone.pt``).
@@ -169,18 +208,11 @@ def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, 
         ConfigError: ``backbone.pt`` is missing or is not the backbone of ``best.pt`` (a run killed between the
             two writes: ``train --resume`` rewrites both), or ``--cache`` holds other weights.
     """
-    from mdmf_cache.backbone import pretrained_slug, weights_id
+    from mdmf_cache.backbone import pretrained_slug
     from mdmf_cache.cache_build import run_extract
     from mdmf_cache.store import group_name, meta_problem
 
-    backbone = run / "backbone.pt"
-    if not backbone.is_file():
-        raise ConfigError(f"{run} is a full-mode run without backbone.pt; train it first (or --resume it)")
-    wid = weights_id(str(backbone))
-    recorded = torch.load(run / "best.pt", map_location="cpu", weights_only=False).get("backbone")
-    if recorded != wid:
-        raise ConfigError(f"{backbone} is not the backbone of {run}/best.pt (the run was stopped between writing "
-                          "them); rerun its train command with --resume, which rewrites both")
+    backbone, wid = full_run_backbone(run)
     if override:
         have = (CacheStore(override).fingerprint.get("video") or {}).get("weights")
         if have != wid:

@@ -4,14 +4,16 @@ Layout (one group per dataset x backbone x weights under ``--cache-dir``)::
 
     cache/ucf101__RN50__openai.zarr/
         zarr.json                attrs: format, fingerprint {video, text}, ready, config
-        train/                   attrs: classes, class_names, prompts, views V, chunk_rows, num_videos,
-                                        missing (listed ids not on disk at the last run)
+        train/                   attrs: classes, class_names, prompts, views V, chunk_rows, unit_rows,
+                                        num_videos, missing (listed ids not on disk at the last run)
             features       (N, V, T, D) float16   CLIP frame embeddings (encode_image, not normalised)
             frame_indices  (N, V, T)    int32     frames actually decoded (after clamping)
             num_frames     (N,)         int32     decodable frames of the video
             done           (N,)         bool      row finished (features valid, or failure recorded)
             failed         (N,)         bool      video could not be decoded
             errors         (N,)         str       why it failed ('' otherwise)
+            file_size      (N,)         int64     size of the video file when it was extracted (-1: unknown)
+            file_mtime     (N,)         int64     its modification time, ns (-1: unknown)
             video_ids      (N,)         str       ``class/video``: what identifies a row
             labels         (N,)         int32     index into attrs.classes
             present        (N,)         bool      the video was on disk at the last run
@@ -25,40 +27,52 @@ and marks rows whose video vanished as not ``present``: their features are kept,
 the video is back. Readers take ``done & ~failed & present`` rows, sorted by ``order``, which is
 exactly what a fresh extraction of the current tree holds.
 
-Every per-row array is chunked by the same ``chunk_rows``, and a writer only ever writes rows of the
-chunks it owns (rank r owns chunks c with c % world_size == r): two processes writing rows that share
-a chunk silently lose rows. Within a chunk the data arrays are written before ``done``, and zarr
-writes each chunk file atomically, so a SIGKILL at any moment leaves either finished rows or rows
-that the next run redoes. Rows are appended and re-marked by rank 0 alone, before the ranks start.
+``features`` is chunked by ``chunk_rows``; the small per-row arrays the writers fill with it (frame
+indices to done, file size and mtime) by ``unit_rows``, a multiple of ``chunk_rows`` chosen when the split
+is made (at least ~256 units per split, at most 4,096 rows: fewer files to read for ``info`` and every
+check, while ranks still share a split evenly); caches made before record no ``unit_rows`` and use
+``chunk_rows`` for both. A writer only ever writes rows of the units it owns (rank r owns units u with
+u % world_size == r): two processes writing rows that share a chunk silently lose rows. Within a chunk
+the data arrays are written before ``done``, and zarr writes each chunk file atomically, so a SIGKILL at
+any moment leaves either finished rows or rows that the next run redoes. Rows are appended and re-marked
+by rank 0 alone, before the ranks start; the per-row arrays only rank 0 writes (ids to order) are chunked
+by ``META_CHUNK``.
 
-Damage (a chunk file deleted or truncated, a ``zarr.json`` corrupted) is found by :meth:`CacheStore.verify`:
-every ``zarr.json`` readable, every chunk that must hold data present and readable, labels in range, no
-all-zero finished row, text present. Readers run its cheap part (metadata, chunk files present, the
-small arrays) before they load; ``extract`` runs all of it and re-extracts only the damaged rows.
+``file_size`` and ``file_mtime`` say which file a row was extracted from: a rerun extracts a row again
+when its video's size or mtime changed (a replaced file), and decodes a failed row again only then (or
+with ``--retry-failed``). Caches made before these arrays get them at the next rerun, filled with -1
+(unknown: the row is kept as it is).
+
+Damage (a chunk file deleted or truncated, a ``zarr.json`` corrupted) is found by :meth:`CacheStore.verify`
+(:mod:`mdmf_cache.store_verify`); readers are in :mod:`mdmf_cache.store_read`. This module holds the layout,
+creating and reopening a cache, matching rows to the tree, and writing; it re-exports the rest
+(``from mdmf_cache.store import load_split_features, Damage, ...``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
-from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import store_verify
 from .errors import CacheError
+from .store_verify import Damage, damage_message, meta_problem
 
 log = logging.getLogger(__name__)
 
 #: 2: rows keyed by video id (present, order), train views seeded by the id, fingerprint {video, text}.
 FORMAT_VERSION = 2
 ROW_ARRAYS = ("features", "frame_indices", "num_frames", "failed", "errors", "done")
+STAT_ARRAYS = ("file_size", "file_mtime")  # written with the rows; absent from caches made before them
 META_ARRAYS = ("video_ids", "labels", "present", "order")
+UNITS_PER_SPLIT = 256  # a new split's unit_rows aims at this many units (ranks share them evenly)
+MAX_UNIT_ROWS = 4096
 META_CHUNK = 1 << 16  # rows per chunk of the small per-row arrays only rank 0 writes
 
 
@@ -78,63 +92,18 @@ def _zarr():
     return zarr
 
 
-def meta_problem(node: Path) -> str | None:
-    """What is wrong with ``node/zarr.json`` (None: a readable zarr v3 node)."""
-    f = Path(node) / "zarr.json"
-    if not f.is_file():
-        return "zarr.json missing"
-    try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return f"unreadable zarr.json: {type(e).__name__}: {e}"
-    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or "node_type" not in meta:
-        return "zarr.json is not zarr v3 metadata"
-    return None
+
+def _remove(path: Path) -> None:
+    """Delete a cache and what was recorded of its verification."""
+    shutil.rmtree(path)
+    store_verify.record_path(path).unlink(missing_ok=True)
 
 
-def _ranges(rows: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5' (at most 4 ranges shown)."""
-    parts, start = [], None
-    rows = sorted(set(int(r) for r in rows))
-    for i, r in enumerate(rows):
-        if start is None:
-            start = r
-        if i + 1 == len(rows) or rows[i + 1] != r + 1:
-            parts.append(str(start) if start == r else f"{start}-{r}")
-            start = None
-    return ", ".join(parts[:4]) + (f", ... ({len(rows)} rows)" if len(parts) > 4 else "")
-
-
-@dataclass
-class Damage:
-    """One damaged part of a cache, and how an ``extract`` rerun repairs it.
-
-    ``fix``: ``rows`` re-extract ``rows``; ``chunk`` delete the unreadable chunk ``file`` first (then as
-    ``rows``, or rewritten by the rerun); ``labels`` rewritten from the split files; ``text`` prompts
-    recomputed; ``sync`` present/order rewritten by the rerun; ``meta`` the array's ``zarr.json`` written
-    again (chunks kept); ``split`` the split is rebuilt (its group metadata or video ids are lost).
-    """
-
-    split: str
-    array: str
-    file: str  # relative to the cache
-    what: str
-    rows: list[int] = field(default_factory=list)
-    fix: str = "rows"
-
-    def __str__(self) -> str:
-        rows = f" rows {_ranges(self.rows)}" if self.rows else ""
-        return f"{self.split}/{self.array}{rows}: {self.what} ({self.file})"
-
-
-def damage_message(path: Path | str, damages: list[Damage]) -> str:
-    more = f" (and {len(damages) - 1} more)" if len(damages) > 1 else ""
-    return (f"{path} is damaged: {damages[0]}{more}; rerun the extract command that made it to repair it "
-            f"(only damaged rows are extracted again); 'mdmf-cache verify {path}' lists everything")
-
-
-def owned_chunks(num_chunks: int, rank: int, world_size: int) -> list[int]:
-    return [c for c in range(num_chunks) if c % world_size == rank]
+def unit_rows_for(rows: int, chunk_rows: int) -> int:
+    """``unit_rows`` of a new split of ``rows`` videos: a multiple of ``chunk_rows``, ~UNITS_PER_SPLIT units."""
+    cr = max(1, chunk_rows)
+    k = max(1, min(rows // (cr * UNITS_PER_SPLIT), MAX_UNIT_ROWS // cr))
+    return cr * k
 
 
 @dataclass
@@ -148,7 +117,10 @@ class RowSync:
 
 
 class CacheStore:
-    """Read and write one cache group (``*.zarr``)."""
+    """Read and write one cache group (``*.zarr``).
+
+    Opened for reading (``mode="r"``) it reads each small per-row array once and keeps it: open a new one
+    to see what a writer changed since."""
 
     def __init__(self, path: Path | str, mode: str = "r"):
         self.path = Path(path)
@@ -160,6 +132,8 @@ class CacheStore:
                 raise CacheError(f"{self.path / 'zarr.json'} is damaged ({why}): the cache's settings are lost; "
                                  "extract again with --overwrite")
         self.root = _zarr().open_group(store=str(self.path), mode=mode)
+        # a reader reads each small per-row array once (info, checks, summaries); a writer always reads afresh
+        self._memo: dict[tuple, np.ndarray] | None = {} if mode == "r" else None
 
     # ---- creation and fingerprint -------------------------------------------------------------
     @classmethod
@@ -207,7 +181,7 @@ class CacheStore:
                 time.sleep(0.5)
         if (path / "zarr.json").is_file() and overwrite and meta_problem(path):
             log.warning("overwriting %s (its zarr.json is damaged)", path)
-            shutil.rmtree(path)
+            _remove(path)
         if (path / "zarr.json").is_file():
             store = cls(path, mode="a")
             old = store.root.attrs.get("fingerprint")
@@ -235,7 +209,7 @@ class CacheStore:
                     "Use the same options, another --cache-dir, or --overwrite to replace it."
                 )
             log.warning("overwriting %s (settings changed)", path)
-            shutil.rmtree(path)
+            _remove(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         store = cls(path, mode="w")
         store.root.attrs.update({"format": FORMAT_VERSION, "fingerprint": fingerprint, "ready": False})
@@ -290,12 +264,19 @@ class CacheStore:
             del self.root[name]  # a run killed while creating it: create it again
         created = name not in self.root
         if created:
-            self._create_split(name, views, num_frames, dim, chunk_rows, classes)
+            rows = len({v for v, p in zip(listed, present) if p})
+            self._create_split(name, views, num_frames, dim, chunk_rows, classes, unit_rows_for(rows, chunk_rows))
         g = self.root[name]
         if list(g.attrs["classes"]) != list(classes):
             raise CacheError(f"{self.path} split {name}: the cache has classes other than the split files name; "
                              "extract with --overwrite")
         n_old = int(g.attrs["num_videos"])
+        specs = self.array_specs(int(g.attrs["views"]), num_frames, dim, self.chunk_rows(name), self.unit_rows(name))
+        for arr in STAT_ARRAYS:  # a cache made before them: every row's file unknown
+            if not (self.path / name / arr).is_dir():
+                tail, rows, dtype, fill = specs[arr]
+                g.create_array(arr, shape=(g["done"].shape[0], *tail), chunks=(rows, *tail), dtype=dtype,
+                               fill_value=fill)
         stored = [str(v) for v in np.asarray(g["video_ids"][:n_old])] if n_old else []
         have = set(stored)
         new = []
@@ -305,7 +286,7 @@ class CacheStore:
                 new.append(i)
         n = n_old + len(new)
         if n != g["done"].shape[0]:  # also undoes the growth of a run killed before it set num_videos
-            for arr in (*ROW_ARRAYS, *META_ARRAYS):
+            for arr in (*ROW_ARRAYS, *STAT_ARRAYS, *META_ARRAYS):
                 g[arr].resize((n, *g[arr].shape[1:]))
         if new:
             g["video_ids"][n_old:n] = np.array([listed[i] for i in new], dtype=object).astype(str)
@@ -314,9 +295,11 @@ class CacheStore:
         ids = stored + [listed[i] for i in new]
         pos = {v: i for i, v in enumerate(listed)}
         on_disk = {v for v, p in zip(listed, present) if p}
-        if n:
-            g["present"][:n] = np.array([v in on_disk for v in ids], dtype=bool)
-            g["order"][:n] = np.array([pos.get(v, -1) for v in ids], dtype=np.int64)
+        if n:  # written only when they changed: a rerun with nothing to do leaves the files as they are
+            for arr, val in (("present", np.array([v in on_disk for v in ids], dtype=bool)),
+                             ("order", np.array([pos.get(v, -1) for v in ids], dtype=np.int64))):
+                if not np.array_equal(np.asarray(g[arr][:n]), val):
+                    g[arr][:n] = val
             # labels of listed rows from the split files: repairs a lost labels chunk; others are unused
             old = np.asarray(g["labels"][:n])
             new_labels = np.array([labels[pos[v]] if v in pos else old[i] for i, v in enumerate(ids)], dtype=np.int32)
@@ -329,16 +312,20 @@ class CacheStore:
         return RowSync(rows=n, added=len(new), created=created, vanished=vanished)
 
     @staticmethod
-    def array_specs(views: int, num_frames: int, dim: int, chunk_rows: int) -> dict[str, tuple]:
+    def array_specs(views: int, num_frames: int, dim: int, chunk_rows: int, unit_rows: int | None = None
+                    ) -> dict[str, tuple]:
         """name -> (shape after the row axis, rows per chunk, dtype, fill value) of a split's per-row arrays."""
         cr = max(1, chunk_rows)
+        unit = unit_rows or cr
         return {
             "features": ((views, num_frames, dim), cr, "float16", 0),
-            "frame_indices": ((views, num_frames), cr, "int32", -1),
-            "num_frames": ((), cr, "int32", 0),
-            "failed": ((), cr, bool, False),
-            "errors": ((), cr, str, ""),
-            "done": ((), cr, bool, False),
+            "frame_indices": ((views, num_frames), unit, "int32", -1),
+            "num_frames": ((), unit, "int32", 0),
+            "failed": ((), unit, bool, False),
+            "errors": ((), unit, str, ""),
+            "done": ((), unit, bool, False),
+            "file_size": ((), unit, "int64", -1),
+            "file_mtime": ((), unit, "int64", -1),
             "video_ids": ((), META_CHUNK, str, ""),
             "labels": ((), META_CHUNK, "int32", -1),
             "present": ((), META_CHUNK, bool, False),
@@ -346,11 +333,12 @@ class CacheStore:
         }
 
     def _create_split(self, name: str, views: int, num_frames: int, dim: int, chunk_rows: int,
-                      classes: list[str]) -> None:
+                      classes: list[str], unit_rows: int) -> None:
         g = self.root.create_group(name)
-        for arr, (tail, rows, dtype, fill) in self.array_specs(views, num_frames, dim, chunk_rows).items():
+        for arr, (tail, rows, dtype, fill) in self.array_specs(views, num_frames, dim, chunk_rows, unit_rows).items():
             g.create_array(arr, shape=(0, *tail), chunks=(rows, *tail), dtype=dtype, fill_value=fill)
-        g.attrs.update({"classes": list(classes), "views": views, "chunk_rows": max(1, chunk_rows), "num_videos": 0})
+        g.attrs.update({"classes": list(classes), "views": views, "chunk_rows": max(1, chunk_rows),
+                        "unit_rows": unit_rows, "num_videos": 0})
 
     def rewrite_array_meta(self, split: str, name: str, num_frames: int, dim: int) -> None:
         """Write a damaged ``zarr.json`` of a per-row array again (its chunk files are kept)."""
@@ -359,8 +347,8 @@ class CacheStore:
         from .fileio import atomic_write_text
 
         g = self.root[split]
-        tail, rows, dtype, fill = self.array_specs(int(g.attrs["views"]), num_frames, dim,
-                                                   int(g.attrs["chunk_rows"]))[name]
+        tail, rows, dtype, fill = self.array_specs(int(g.attrs["views"]), num_frames, dim, self.chunk_rows(split),
+                                                   self.unit_rows(split))[name]
         with tempfile.TemporaryDirectory(dir=self.path.parent) as tmp:
             fresh = _zarr().open_group(store=tmp, mode="w")
             fresh.create_array(name, shape=(int(g.attrs["num_videos"]), *tail), chunks=(rows, *tail), dtype=dtype,
@@ -377,14 +365,36 @@ class CacheStore:
     def chunk_rows(self, split: str) -> int:
         return int(self.root[split].attrs["chunk_rows"])
 
-    def num_chunks(self, split: str) -> int:
-        return -(-self.num_rows(split) // self.chunk_rows(split))
+    def unit_rows(self, split: str) -> int:
+        """Rows per chunk of the small per-row arrays, the unit a writer owns (``chunk_rows`` in older caches)."""
+        attrs = self.root[split].attrs
+        return int(attrs.get("unit_rows") or attrs["chunk_rows"])
+
+    def owner(self, split: str, world_size: int) -> np.ndarray:
+        """(N,) the rank that writes each row: whole units, dealt round robin."""
+        return (np.arange(self.num_rows(split)) // self.unit_rows(split)) % world_size
 
     def video_ids(self, split: str) -> list[str]:
-        return [str(v) for v in np.asarray(self.root[split]["video_ids"][: self.num_rows(split)])]
+        return [str(v) for v in self._rows(split, "video_ids")]
 
     def _rows(self, split: str, name: str) -> np.ndarray:
-        return np.asarray(self.root[split][name][: self.num_rows(split)])
+        """Rows [0, num_videos) of a small per-row array (read once per reader: see ``_memo``)."""
+        return self._read(split, name, self.num_rows(split), lambda: np.asarray(self.root[split][name][: self.num_rows(split)]))
+
+    def _read(self, split: str, name: str, n: int, read) -> np.ndarray:
+        if self._memo is None or name == "features":
+            return read()
+        key = (split, name, n)
+        if key not in self._memo:
+            self._memo[key] = read()
+        return self._memo[key]
+
+    def file_stats(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) size and (N,) mtime in ns of each row's video when it was extracted; -1 where unknown."""
+        if not (self.path / split / "file_size").is_dir():
+            unknown = np.full(self.num_rows(split), -1, dtype=np.int64)
+            return unknown, unknown
+        return self._rows(split, "file_size").astype(np.int64), self._rows(split, "file_mtime").astype(np.int64)
 
     def done_mask(self, split: str) -> np.ndarray:
         return self._rows(split, "done").astype(bool)
@@ -396,19 +406,18 @@ class CacheStore:
         return self._rows(split, "present").astype(bool)
 
     def pending_rows(self, split: str, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        """Rows of this rank's chunks that are not done yet and whose video is there, ascending."""
+        """Rows of this rank's units that are not done yet and whose video is there, ascending."""
         done = self.done_mask(split)
         present = self.present_mask(split)
-        cr = self.chunk_rows(split)
-        owner = (np.arange(len(done)) // cr) % world_size
-        return np.flatnonzero(~done & present & (owner == rank))
+        return np.flatnonzero(~done & present & (self.owner(split, world_size) == rank))
+
     def write_rows(self, split: str, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
-        """Write finished rows, all inside one chunk, data first and ``done`` last.
+        """Write finished rows, all inside one chunk of ``features``, data first and ``done`` last.
 
         Args:
             rows: ascending row indices, all in the same chunk.
             values: array name -> values for those rows (``features``, ``frame_indices``,
-                ``num_frames``, ``failed``, ``errors``).
+                ``num_frames``, ``failed``, ``errors``, and ``file_size``/``file_mtime`` when recorded).
         """
         g = self.root[split]
         cr = self.chunk_rows(split)
@@ -481,359 +490,29 @@ class CacheStore:
             (self.done_mask(s) | ~self.present_mask(s)).all() and self.prompts(s) is not None for s in self.splits
         )
 
-    # ---- damage ---------------------------------------------------------------------------------
-    def _chunk_files(self, split: str, name: str, n: int):
-        """(lo, hi, file relative to the cache, exists) of each chunk holding rows [0, n) of an array."""
-        arr = self.root[split][name]
-        step, ndim = arr.chunks[0], len(arr.shape)
-        for c in range(-(-n // step)):
-            rel = f"{split}/{name}/c/" + "/".join([str(c)] + ["0"] * (ndim - 1))
-            yield c * step, min(n, (c + 1) * step), rel, (self.path / rel).is_file()
 
-    def _read_checked(self, split: str, name: str, n: int, damages: list[Damage], fix: str = "chunk",
-                      on_chunk=None) -> np.ndarray | None:
-        """Rows [0, n) of an array: one read, or chunk by chunk if that fails, recording each unreadable
-        chunk (its rows read as the fill value). With ``on_chunk(lo, hi, rel, exists, block)`` every chunk
-        is read on its own and handed to it, and nothing is kept (``features``: memory stays one chunk)."""
-        arr = self.root[split][name]
-        if on_chunk is None:  # the fast path: one read; chunk by chunk only to find an unreadable one
-            try:
-                whole = np.asarray(arr[:n])
-                return whole.astype(object) if whole.dtype.kind in "OUT" else whole
-            except Exception:
-                pass
-        parts = []
-        for lo, hi, rel, exists in self._chunk_files(split, name, n):
-            block = None
-            if exists:
-                try:
-                    block = np.asarray(arr[lo:hi])
-                except Exception as e:  # a truncated or garbled chunk: zstd, blosc or shape errors
-                    damages.append(Damage(split, name, rel, f"unreadable chunk ({type(e).__name__}: {e})",
-                                          list(range(lo, hi)), fix))
-            if block is None:
-                block = np.full((hi - lo, *arr.shape[1:]), arr.fill_value,
-                                dtype=object if arr.dtype.kind in "OUT" or str(arr.dtype).startswith("<U") else None)
-            if block.dtype.kind in "OUT":
-                block = block.astype(object)
-            if on_chunk is not None:
-                on_chunk(lo, hi, rel, exists, block)
-            else:
-                parts.append(block)
-        if on_chunk is not None:
-            return None
-        if not parts:
-            return np.zeros((0, *arr.shape[1:]), dtype=object if arr.dtype.kind in "OUT" else None)
-        return np.concatenate(parts)
-
-    def verify(self, deep: bool = True, splits: list[str] | None = None) -> list[Damage]:
-        """Every damaged part of the cache (all splits, or ``splits``), each naming split, array, rows and file.
-
-        ``deep=False`` (what readers run before loading): metadata, the chunk files that must hold data,
-        and the small per-row arrays. ``deep=True`` (``verify``, ``extract``) also reads every chunk of
-        ``features`` and ``text_features``.
-        """
-        damages: list[Damage] = []
-        for split in splits or [s for s in ("train", "val", "test") if (self.path / s).is_dir()]:
-            damages += self._verify_split(split, deep)
-        return damages
-
-    def _verify_split(self, split: str, deep: bool) -> list[Damage]:
-        gpath = self.path / split
-        why = meta_problem(gpath)
-        if why:
-            return [Damage(split, "", f"{split}/zarr.json", why, fix="split")]
-        g = self.root[split]
-        if "num_videos" not in g.attrs:
-            return []  # a split a killed run was creating: the rerun makes it again
-        names = [*ROW_ARRAYS, *META_ARRAYS] if "present" in g else [*ROW_ARRAYS, "video_ids", "labels"]
-        has_text = g.attrs.get("prompts") is not None
-        out = [Damage(split, name, f"{split}/{name}/zarr.json", why,
-                      fix="text" if name == "text_features" else "split" if name == "video_ids" else "meta")
-               for name in (*names, *(("text_features",) if has_text else ()))
-               if (why := meta_problem(gpath / name))]
-        if out:
-            return out
-        n, classes = int(g.attrs["num_videos"]), list(g.attrs["classes"])
-
-        def missing(name: str, need: np.ndarray, what: str, fix: str) -> None:
-            for lo, hi, rel, exists in self._chunk_files(split, name, n):
-                rows = lo + np.flatnonzero(need[lo:hi])
-                if not exists and len(rows):
-                    out.append(Damage(split, name, rel, f"chunk file missing ({what})", rows.tolist(), fix))
-
-        def bad(name: str, rows: np.ndarray, what: str, fix: str = "rows") -> None:
-            rows = np.flatnonzero(rows)
-            if len(rows):
-                out.append(Damage(split, name, f"{split}/{name}", what, rows.tolist(), fix))
-
-        ids = self._read_checked(split, "video_ids", n, out, fix="split")
-        every = np.ones(n, dtype=bool)
-        missing("video_ids", every, "the rows lost their video ids", "split")
-        if not any(d.array == "video_ids" for d in out):
-            bad("video_ids", np.array([not v for v in ids], dtype=bool), "empty video ids", "split")
-            counts = Counter(ids.tolist())
-            bad("video_ids", np.array([counts[v] > 1 for v in ids], dtype=bool), "repeated video ids", "split")
-        labels = self._read_checked(split, "labels", n, out)
-        order = self._read_checked(split, "order", n, out) if "present" in g else np.zeros(n, dtype=np.int64)
-        listed = order >= 0  # a row no split file lists now keeps whatever label; it is unused
-        missing("labels", listed, "labels of listed videos", "labels")
-        lost = np.zeros(n, dtype=bool)
-        for lo, hi, _, exists in self._chunk_files(split, "labels", n):
-            lost[lo:hi] = not exists
-        bad("labels", listed & ~lost & ((labels < 0) | (labels >= len(classes))),
-            f"labels outside 0..{len(classes) - 1}", "labels")
-        done = self._read_checked(split, "done", n, out).astype(bool)
-        failed = self._read_checked(split, "failed", n, out).astype(bool)
-        errors = self._read_checked(split, "errors", n, out)
-        has_error = np.array([bool(e) for e in errors], dtype=bool)
-        bad("failed", done & ~failed & has_error, "rows with an error message are not marked failed")
-        bad("errors", done & failed & ~has_error, "failed rows without their error message")
-        ok = done & ~failed  # finished rows that hold features
-        num_frames = self._read_checked(split, "num_frames", n, out)
-        bad("num_frames", ok & (num_frames <= 0), "finished rows with no frame count")
-        fi = self._read_checked(split, "frame_indices", n, out)
-        bad("frame_indices", ok & (fi.reshape(n, -1) < 0).any(1) if n else ok, "finished rows without frame indices")
-        if "present" in g:
-            present = self._read_checked(split, "present", n, out).astype(bool)
-            gone = set(g.attrs.get("missing") or [])
-            bad("present", ~present & (order >= 0) & np.array([v not in gone for v in ids], dtype=bool),
-                "listed videos on disk marked absent", "sync")
-            bad("order", present & (order < 0), "videos on disk without a listing position", "sync")
-        for name in ("features", "frame_indices", "num_frames"):
-            missing(name, ok, "finished rows lost their data", "rows")
-        if deep:
-            zero = np.zeros(n, dtype=bool)
-
-            def check(lo, hi, rel, exists, block):
-                if exists:  # a missing chunk is reported above
-                    zero[lo:hi] = (block.reshape(hi - lo, block.shape[1], -1) == 0).all(-1).any(-1)
-
-            self._read_checked(split, "features", n, out, on_chunk=check)
-            bad("features", ok & zero, "finished rows whose features are all zero")
-        if has_text:
-            c = len(classes)
-            text = self._read_checked(split, "text_features", c, out, fix="text")
-            missing("text_features", np.ones(c, dtype=bool), "the prompt embeddings", "text")
-            said = any(d.array == "text_features" for d in out)
-            if not said and (text.shape[0] != c or (c and (text.reshape(c, -1) == 0).all(1).any())):
-                out.append(Damage(split, "text_features", f"{split}/text_features",
-                                  "prompt embeddings missing or all zero", fix="text"))
-        # a chunk reported twice (unreadable, then its rows as wrong values): keep the first word on it
-        seen, unique = set(), []
-        for d in out:
-            key = (d.array, d.file if d.fix == "chunk" else d.what, tuple(d.rows))
-            if key not in seen and not (d.fix != "chunk" and any(
-                    u.fix == "chunk" and u.array == d.array and set(d.rows) <= set(u.rows) for u in unique)):
-                seen.add(key)
-                unique.append(d)
-        return unique
+    # ---- damage (mdmf_cache.store_verify) -------------------------------------------------------
+    def verify(self, deep: bool | str = True, splits: list[str] | None = None) -> list[Damage]:
+        """Every damaged part of the cache (all splits, or ``splits``); ``deep``: True reads every feature chunk,
+        ``"changed"`` those changed since the last clean verify, False none (:func:`mdmf_cache.store_verify.verify`)."""
+        return store_verify.verify(self, deep, splits)
 
     def check(self, splits: list[str] | None = None) -> None:
         """The cheap part of :meth:`verify`; raises CacheError naming the first damage."""
-        damages = self.verify(deep=False, splits=splits)
-        if damages:
-            raise CacheError(damage_message(self.path, damages))
+        store_verify.check(self, splits)
 
-    def verify_and_repair(self, num_frames: int, dim: int) -> tuple[list[Damage], dict[str, np.ndarray]]:
-        """:meth:`verify` then :meth:`repair` (rank 0 of ``extract``): array metadata is written again
-        first, then what it hid is verified. Returns (damage found, rows to extract again per split)."""
-        damages = self.verify()
-        meta = [d for d in damages if d.fix == "meta"]
-        for d in meta:
-            log.warning("%s: %s; writing it again (its chunks are kept)", self.path, d)
-            self.rewrite_array_meta(d.split, d.array, num_frames, dim)
-        if meta:
-            damages = meta + self.verify()
-        return damages, self.repair(damages)
+    def verify_and_repair(self, num_frames: int, dim: int, deep: bool | str = "changed"
+                          ) -> tuple[list[Damage], dict[str, np.ndarray]]:
+        """:meth:`verify`, then :meth:`repair` (rank 0 of ``extract``): :func:`mdmf_cache.store_verify.verify_and_repair`."""
+        return store_verify.verify_and_repair(self, num_frames, dim, deep)
 
     def repair(self, damages: list[Damage]) -> dict[str, np.ndarray]:
-        """Undo damage so that the next sync and extraction redo it (rank 0, before any rank extracts).
-
-        Returns per split the rows marked to be extracted again. Splits whose metadata or ids are
-        lost are deleted (rebuilt by ``sync_rows``); unreadable chunk files are deleted; damaged
-        rows are marked not done; damaged text is marked stale.
-        """
-        rebuild = {d.split for d in damages if d.fix == "split"}
-        for split in sorted(rebuild):
-            log.warning("%s split %s: %s; rebuilding the split", self.path, split,
-                        next(str(d) for d in damages if d.split == split and d.fix == "split"))
-            shutil.rmtree(self.path / split)
-        redo: dict[str, set[int]] = {}
-        for d in damages:
-            if d.split in rebuild:
-                continue
-            if d.fix == "chunk":
-                (self.path / d.file).unlink(missing_ok=True)
-            if d.fix in ("chunk", "rows") and d.array in ROW_ARRAYS:
-                redo.setdefault(d.split, set()).update(d.rows)
-            if d.fix == "text":
-                if d.file.endswith("zarr.json"):
-                    shutil.rmtree(self.path / d.split / "text_features")
-                self.root[d.split].attrs["prompts"] = None
-        out = {}
-        for split, rows in redo.items():
-            n = self.num_rows(split)
-            rows = np.array(sorted(r for r in rows if r < n), dtype=np.int64)
-            done = self.root[split]["done"]
-            cr = self.chunk_rows(split)
-            for c in np.unique(rows // cr):
-                lo, hi = int(c * cr), int(min(n, (c + 1) * cr))
-                block = np.asarray(done[lo:hi]).astype(bool)
-                block[rows[(rows >= lo) & (rows < hi)] - lo] = False
-                done[lo:hi] = block
-            out[split] = rows
-        return out
+        """Undo damage so that the next sync and extraction redo it: :func:`mdmf_cache.store_verify.repair`."""
+        return store_verify.repair(self, damages)
 
 
-@dataclass
-class FeatureSplit:
-    """One split of a cache in memory, the input of fast-mode training and evaluation.
+# re-exported: readers import everything from here
+from .store_read import FeatureSplit, export_h5, keep_loaded, load_split_features  # noqa: E402
 
-    Attributes:
-        features: (N, V, T, D) float16 frame embeddings of the usable videos (done, not failed).
-        labels: (N,) int64 class index into ``classes``.
-        video_ids: (N,) ids.
-        classes: (C,) class keys; class_names: (C,) prompt names.
-        text: (C, D) float32 prompt embeddings.
-    """
-
-    features: Any
-    labels: Any
-    video_ids: list[str]
-    classes: list[str]
-    class_names: list[str]
-    text: Any
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-_KEPT: dict[tuple, FeatureSplit] | None = None  # set inside keep_loaded()
-
-
-@contextmanager
-def keep_loaded():
-    """Inside this block, loading the same split again returns the split already in memory.
-
-    A sweep runs many trainings in one process; each calls :func:`load_split_features`, and the
-    cache is read once. Callers must not modify the returned tensors in place.
-    """
-    global _KEPT
-    outer = _KEPT
-    _KEPT = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _KEPT = outer
-
-
-def load_split_features(path: Path | str, split: str, device: str = "cpu", allow_incomplete: bool = False) -> FeatureSplit:
-    """Load a split's usable rows and text into memory (torch tensors on ``device``).
-
-    Usable rows are finished, decodable, and on disk at the last extract run, in split-file
-    order (``order``): what a fresh extraction of the current tree holds, row for row.
-
-    Raises:
-        CacheError: the split is absent, has no text, or is unfinished (unless ``allow_incomplete``).
-    """
-    key = (str(Path(path).resolve()), split, str(device), allow_incomplete)
-    if _KEPT is not None and key in _KEPT:
-        return _KEPT[key]
-    import torch
-
-    store = CacheStore(path)
-    if split not in store.splits:
-        raise CacheError(f"{path} has no split {split!r} (has: {', '.join(store.splits) or 'none'})")
-    store.check([split])
-    g = store.root[split]
-    done, present = store.done_mask(split), store.present_mask(split)
-    pending = present & ~done
-    if pending.any() and not allow_incomplete:
-        raise CacheError(
-            f"{path} split {split}: {int(pending.sum())} of {int(present.sum())} videos not extracted yet; "
-            "rerun the same 'mdmf-cache extract' command to finish it"
-        )
-    if store.prompts(split) is None:
-        raise CacheError(f"{path} split {split} has no text embeddings; rerun 'mdmf-cache extract'")
-    keep = np.flatnonzero(done & present & ~store._rows(split, "failed").astype(bool))
-    if "order" in g:  # format 1 caches: rows are already in split-file order
-        keep = keep[np.argsort(store._rows(split, "order")[keep], kind="stable")]
-    try:
-        feats = np.asarray(g["features"][: store.num_rows(split)])[keep]
-    except Exception as e:  # a garbled chunk: name it
-        damages = store.verify(splits=[split])
-        raise CacheError(damage_message(path, damages) if damages else f"{path} split {split}: {e}") from e
-    zero = (feats.reshape(*feats.shape[:2], -1) == 0).all(-1).any(-1)
-    if zero.any():
-        raise CacheError(damage_message(path, [Damage(split, "features", f"{split}/features",
-                                                      "finished rows whose features are all zero",
-                                                      keep[zero].tolist())]))
-    ids = store._rows(split, "video_ids")[keep]
-    loaded = FeatureSplit(
-        features=torch.from_numpy(feats).to(device),
-        labels=torch.from_numpy(store._rows(split, "labels")[keep].astype(np.int64)).to(device),
-        video_ids=[str(v) for v in ids],
-        classes=list(g.attrs["classes"]),
-        class_names=list(g.attrs["class_names"]),
-        text=torch.from_numpy(np.asarray(g["text_features"][:])).to(device),
-    )
-    if _KEPT is not None:
-        _KEPT[key] = loaded
-    return loaded
-
-
-def export_h5(path: Path | str, out: Path | str, overwrite: bool = False) -> Path:
-    """Write every split's arrays and every attribute (root and splits, JSON-encoded) to one HDF5 file.
-
-    The file is written beside ``out`` and renamed once complete: a failed or killed export leaves no
-    half-written file (and an older ``out`` untouched).
-
-    Raises:
-        CacheError: the cache is missing or damaged, ``out`` is inside a cache, or exists (unless ``overwrite``).
-    """
-    import h5py
-
-    from .fileio import atomic_write_file
-
-    store = CacheStore(path)
-    out = Path(out)
-    inside = next((p for p in (out.resolve(), *out.resolve().parents) if p.suffix == ".zarr" and (p / "zarr.json").is_file()), None)
-    if inside is not None:
-        raise CacheError(f"{out} is inside the cache {inside}; write the export outside any *.zarr folder")
-    if out.is_dir():
-        raise CacheError(f"{out} is a directory; give a file name such as {out / (store.path.stem + '.h5')}")
-    if out.exists() and not overwrite:
-        raise CacheError(f"{out} exists; pass --overwrite to replace it, or choose another file")
-    store.check(store.splits)
-    if not store.is_complete():
-        pending = {s: int((~store.done_mask(s) & store.present_mask(s)).sum()) for s in store.splits}
-        log.warning("%s is not complete (%s); exporting it as it is: rows with done=False hold no features. "
-                    "Rerun the extract command first for a complete export", path,
-                    ", ".join(f"{s}: {k} videos not extracted" for s, k in pending.items() if k) or "not ready")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
-            for key, val in store.root.attrs.items():
-                f.attrs[key] = json.dumps(val)
-            for split in store.splits:
-                g = store.root[split]
-                n = store.num_rows(split)
-                hg = f.create_group(split)
-                for name in g.array_keys():
-                    try:
-                        data = np.asarray(g[name][:] if name == "text_features" else g[name][:n])
-                    except Exception as e:  # a garbled chunk: name it
-                        damages = store.verify(splits=[split])
-                        raise CacheError(damage_message(path, damages) if damages else f"{split}/{name}: {e}") from e
-                    if data.dtype.kind in "OUT":
-                        data = data.astype(object)
-                        hg.create_dataset(name, data=data, dtype=h5py.string_dtype())
-                    else:
-                        hg.create_dataset(name, data=data)
-                for key, val in g.attrs.items():
-                    hg.attrs[key] = json.dumps(val)
-
-    return atomic_write_file(out, write)
+__all__ = ["CacheStore", "Damage", "FeatureSplit", "RowSync", "damage_message", "export_h5", "fingerprint_diff",
+           "group_name", "keep_loaded", "load_split_features", "meta_problem"]

@@ -11,7 +11,6 @@ backbone fine-tuned with the heads straight from the videos, evaluated on the sa
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from mdmf_cache.backbone import list_models
     from mdmf_cache.errors import ConfigError
+    from mdmf_cache.fileio import atomic_write_json
 
     if cfg.model not in list_models():  # before 240 videos are written
         raise ConfigError(f"--model {cfg.model!r} is not an open_clip model; the demo runs on a tiny one "
@@ -58,7 +58,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     videos = out / "videos"
     stages = 5 if cfg.full else 4
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    atomic_write_json(out / "demo_config.json", asdict(cfg))
     if not (videos / ".complete").is_file():
         console.print(f"[bold]1/{stages}[/] writing {cfg.num_classes * cfg.videos_per_class} synthetic videos to {videos}")
         make_action_dataset(videos, num_classes=cfg.num_classes, videos_per_class=cfg.videos_per_class,
@@ -105,5 +105,5 @@ def run_demo(cfg: DemoConfig) -> dict:
         rows.append(row)
     print_comparison(rows, f"5-way test accuracy, synthetic demo ({cfg.model}, random init; chance 20%)")
     results = {"train": trained, "eval": rows, **({"train_full": trained_full} if cfg.full else {})}
-    (out / "demo_results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out / "demo_results.json", results)
     return {"cache": str(path), "info": summary, **results}

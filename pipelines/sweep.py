@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mdmf_cache.errors import CacheError, ConfigError
+from mdmf_cache.fileio import atomic_write_file, atomic_write_json, atomic_write_text
 from mdmf_cache.sweep_space import (DEFAULT_SPACE, Dim, Option, check_fixed, default_space, method_of, parse_fixed,
                                    parse_space, parse_space_text, sweep_options, trial_config)
 
@@ -375,7 +376,7 @@ def prepare(cfg: SweepConfig) -> Plan:
                           "run the same command line, or use another --study/--out")
     out.mkdir(parents=True, exist_ok=True)
     saved = {**asdict(cfg), "storage": _masked(cfg.storage) if cfg.storage else None}
-    (out / "sweep.json").write_text(json.dumps(saved, indent=2))
+    atomic_write_json(out / "sweep.json", saved)
     return p
 
 
@@ -488,16 +489,20 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
     cols = ["number", "state", "value", *params, "episodes", "seconds", "worker", "run", "note"]
     order = sorted(rows, key=lambda r: (r["state"] != "COMPLETE", -(r["value"] if r["value"] is not None else -1e9), r["number"]))
     flat = [{**{k: r.get(k) for k in cols if k not in params}, **{k: r["params"].get(k) for k in params}} for r in order]
-    with (out / "trials.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(flat)
+
+    def write_csv(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(flat)
+
+    atomic_write_file(out / "trials.csv", write_csv)
     head = ["trial", "state", "val %", *params, "episodes", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in flat:
         vals = [r["number"], r["state"], r["value"], *(r[k] for k in params), r["episodes"], r["seconds"]]
         lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
-    (out / "trials.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "trials.md", "\n".join(lines) + "\n")
     return out / "trials.csv", out / "trials.md"
 
 
@@ -518,7 +523,7 @@ def summarize(cfg: SweepConfig, figures: bool = True) -> dict[str, Any]:
         train_cfg.update(out=f"runs/{cfg.study_name}_best", resume=False)
         train_cfg["sweep"] = {"study": cfg.study_name, "trial": best.number, "val_acc": best.value,
                               "params": dict(best.params), "run": best.user_attrs["config"]["out"]}
-        (out / "best.json").write_text(json.dumps(train_cfg, indent=2) + "\n")
+        atomic_write_text(out / "best.json", json.dumps(train_cfg, indent=2) + "\n")
         result["best"] = train_cfg["sweep"]
     if figures:
         result["figures"] = sweep_figures(study, rows, out)

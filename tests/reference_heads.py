@@ -9,6 +9,8 @@ the project's batched heads with these in float64. Not part of the package.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -111,6 +113,120 @@ def clip_fsar_episode(model, support: Tensor, support_labels: Tensor, query: Ten
         loss = loss + o.text_loss_weight * F.cross_entropy(class_logits, real_labels)
     return logits, loss / batch_size
 
+
+
+def positional_encoder(model, x: Tensor) -> Tensor:
+    """The released ``PositionalEncoder.forward`` (dropout off), its table built by the released double loop."""
+    o = model.options
+    d = x.shape[-1]
+    pe = torch.zeros(20, d)  # max_seq_len 20, float32 as released
+    for pos in range(20):
+        for i in range(0, d, 2):
+            pe[pos, i] = math.sin(pos / (10000 ** ((2 * i) / d)))
+            pe[pos, i + 1] = math.cos(pos / (10000 ** ((2 * (i + 1)) / d)))
+    x = x * math.sqrt(d / o.position_a)
+    return x + o.position_b * pe[: x.shape[1]].to(x.dtype)
+
+
+def prenorm_attention(layer, x: Tensor) -> Tensor:
+    """``PreNormattention(D, Attention(D, heads, D // heads))``: ``fn(LN(x)) + x``, q|k|v chunks, 'b n (h d) -> b h n d'."""
+    h = layer.heads
+    xn = layer.norm(x)
+    q, k, v = layer.to_qkv(xn).chunk(3, dim=-1)
+    b, n, hd = q.shape
+    split = lambda t: t.reshape(b, n, h, hd // h).permute(0, 2, 1, 3)
+    dots = split(q) @ split(k).transpose(-1, -2) * (hd // h) ** -0.5
+    out = (dots.softmax(dim=-1) @ split(v)).permute(0, 2, 1, 3).reshape(b, n, hd)
+    return layer.to_out(out) + x
+
+
+def multi_head_attention(mha, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The released ``MultiHeadAttention.forward``: heads folded into the batch head-major, ``bmm``, post-norm."""
+    n_head, d_k = mha.heads, mha.d_k
+    d_v = d_k
+    sz_b, len_q, _ = q.shape
+    len_k, len_v = k.shape[1], v.shape[1]
+    residual = q
+    q = mha.w_qs(q).view(sz_b, len_q, n_head, d_k)
+    k = mha.w_ks(k).view(sz_b, len_k, n_head, d_k)
+    v = mha.w_vs(v).view(sz_b, len_v, n_head, d_v)
+    q = q.permute(2, 0, 1, 3).contiguous().view(-1, len_q, d_k)
+    k = k.permute(2, 0, 1, 3).contiguous().view(-1, len_k, d_k)
+    v = v.permute(2, 0, 1, 3).contiguous().view(-1, len_v, d_v)
+    attn = torch.bmm(q, k.transpose(1, 2)) / (d_k ** 0.5)
+    output = torch.bmm(F.softmax(attn, 2), v)
+    output = output.view(n_head, sz_b, len_q, d_v).permute(1, 2, 0, 3).contiguous().view(sz_b, len_q, -1)
+    return mha.layer_norm(mha.fc(output) + residual)
+
+
+def hyrsm_temporal_matrices(t: int, window: int, balance: float) -> tuple[Tensor, Tensor]:
+    """HyRSM++'s ``temproal_regular`` and ``temproal_regular_label`` by the released double loops."""
+    w, m = torch.zeros(t, t), torch.zeros(t, t)
+    for i in range(t):
+        for j in range(t):
+            if abs(i - j) <= window:
+                w[i, j] = 1.0 / (pow(i - j, 2) + 1.0)
+                m[i, j] = 1.0
+            else:
+                w[i, j] = 1.0 - torch.exp(torch.tensor(-pow(abs(i - j) - window, 2) / balance))
+    return w, m
+
+
+def hyrsm_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, target_labels: Tensor,
+                  real_labels: Tensor, plus_plus: bool = False, batch_size: int = 1) -> tuple[Tensor, Tensor]:
+    """``CNN_HyRSM_1shot`` / ``CNN_HyRSM_5shot`` (``plus_plus``: ``CNN_HyRSM_plusplus_*``) forward and the training
+    loop's loss (``USE_CLASSIFICATION`` + ``USE_LOCAL``, and ``TEMPORAL_LOSS_WEIGHT`` for HyRSM++) for one episode,
+    dropout off, one query at a time.
+
+    Args:
+        model: the project's HyRSM or HyRSM++ head (its weights and options are read).
+        support: ``(S, T, D)`` in any order; support_labels ``(S,)`` episode labels.
+        query: ``(Q, T, D)`` in any order; target_labels ``(Q,)``.
+        real_labels: ``(S+Q,)`` split class ids of [supports; queries].
+
+    Returns:
+        logits ``(Q, N)`` and the loss (times ``batch_size``: per episode).
+    """
+    o = model.options
+    T = support.shape[1]
+    conv = model.layer2  # Conv1d(2D, D, 1)
+    support_features = F.relu(prenorm_attention(model.temporal_atte_before, positional_encoder(model, support)))
+    target_features = F.relu(prenorm_attention(model.temporal_atte_before, positional_encoder(model, query)))
+    class_logits = model.classification_layer(torch.cat([support_features, target_features], 0)).reshape(-1, o.num_classes)
+    unique_labels = torch.unique(support_labels)
+    if o.form == "5shot":  # prototypes before the set module
+        members = torch.stack([support_features[support_labels == c].mean(0) for c in unique_labels])
+    else:
+        members = support_features
+    rows, sup_dists, qry_dists = [], [], []
+    for qi in range(query.shape[0]):
+        feature_in = torch.cat([members.mean(1), target_features[qi].mean(0, keepdim=True)], 0)[None]  # (1, M+1, D)
+        feature_in = F.relu(multi_head_attention(model.temporal_atte, feature_in, feature_in, feature_in))[0]
+        sup = torch.cat([members, feature_in[:-1, None].repeat(1, T, 1)], 2)  # (M, T, 2D)
+        sup = conv(sup.permute(0, 2, 1)).permute(0, 2, 1)  # (M, T, D)
+        tgt = torch.cat([target_features[qi], feature_in[-1:].repeat(T, 1)], 1)  # (T, 2D)
+        tgt = conv(tgt.t()[None]).permute(0, 2, 1)[0]  # (T, D)
+        frame_dists = 1 - F.normalize(sup, dim=2) @ F.normalize(tgt, dim=1).t()  # (M, T support frames, T query frames)
+        cum = frame_dists.min(2)[0].sum(1) + frame_dists.min(1)[0].sum(1)  # (M,)
+        if o.form == "5shot":
+            rows.append(torch.stack([cum[unique_labels == c].mean() for c in unique_labels]))
+        else:
+            rows.append(torch.stack([cum[support_labels == c].mean() for c in unique_labels]))
+        ns, nq = F.normalize(sup, dim=2), F.normalize(tgt, dim=1)
+        sup_dists.append(1 - ns @ ns.transpose(1, 2))  # (M, T, T)
+        qry_dists.append(1 - nq @ nq.t())  # (T, T)
+    logits = -torch.stack(rows)  # (Q, N)
+    frame_labels = real_labels.unsqueeze(1).repeat(1, T).reshape(-1)
+    loss = F.cross_entropy(logits, target_labels) + o.class_loss_weight * F.cross_entropy(class_logits, frame_labels)
+    if plus_plus:
+        w, m = hyrsm_temporal_matrices(T, o.window, o.temporal_balance)
+        w, m = w.to(support.dtype), m.to(support.dtype)
+        fs, fq = torch.cat(sup_dists), torch.stack(qry_dists)  # (Q*M, T, T), (Q, T, T)
+        beta = o.balance_coeff
+        regular = (torch.mean(fs * m * w + beta * (1 - m) * F.relu(w - fs))
+                   + torch.mean(fq * m * w + beta * (1 - m) * F.relu(w - fq)))
+        loss = o.temporal_loss_weight * regular + loss
+    return logits, loss / batch_size
 
 
 def _released_pe(t: int, d: int, max_len: int, scale: float, dtype) -> Tensor:

@@ -126,6 +126,124 @@ def test_truncated_chunk_and_corrupt_metadata_are_named_and_repaired(tiny_cache,
         _rerun(tiny_extract_settings, action_videos, cache)
 
 
+# ---- reruns read in full only what changed since the last clean verify ------------------------------
+def _count_feature_chunks_read(monkeypatch) -> list:
+    from mdmf_cache import store_verify
+
+    read, real = [], store_verify.row_problems
+
+    def counting(block):
+        read.append(len(block))
+        return real(block)
+
+    monkeypatch.setattr(store_verify, "row_problems", counting)
+    return read
+
+
+def test_rerun_reads_only_changed_chunks_and_still_finds_same_size_garbage(tiny_cache, action_videos,
+                                                                           tiny_extract_settings, tmp_path,
+                                                                           same_cache, monkeypatch):
+    from mdmf_cache.store_verify import record_path
+
+    cache = _copy(tiny_cache, tmp_path)  # a copy: no record of a verify yet
+    read = _count_feature_chunks_read(monkeypatch)
+    _rerun(tiny_extract_settings, action_videos, cache)
+    assert len(read) == 5 + 2 + 2  # every feature chunk (train 20 rows, val and test 8, 4 rows a chunk)
+    assert record_path(cache).is_file()
+    read.clear()
+    _rerun(tiny_extract_settings, action_videos, cache)
+    assert read == []  # nothing changed: no feature chunk read
+
+    chunk = cache / "train/features/c/3/0/0/0"
+    chunk.write_bytes(chunk.read_bytes())  # rewritten as it was: it counts as changed, and is read
+    _rerun(tiny_extract_settings, action_videos, cache)
+    assert read == [4]
+    read.clear()
+
+    # garbage of the same size, the mtime put back: the kernel still moves ctime, so the cheap check sees it
+    st = chunk.stat()
+    chunk.write_bytes(np.random.default_rng(0).bytes(st.st_size))
+    os.utime(chunk, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (chunk.stat().st_size, chunk.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    results = _rerun(tiny_extract_settings, action_videos, cache)
+    assert results["train"].repaired == 4 and results["train"].extracted == 4
+    assert "unreadable chunk" in results["train"].damage[0]
+    same_cache(cache, tiny_cache)
+
+
+def test_what_the_cheap_check_cannot_see_verify_and_verify_deep_find(tiny_cache, action_videos,
+                                                                     tiny_extract_settings, tmp_path, same_cache):
+    """Bytes changed with the file's size, times and inode as recorded (bit rot): an extract rerun does not read
+    the chunk; ``verify`` does, and ``extract --verify-deep`` repairs it."""
+    import json
+
+    from mdmf_cache.store_verify import record_path
+
+    cache = _copy(tiny_cache, tmp_path)
+    _rerun(tiny_extract_settings, action_videos, cache)  # records a clean verify
+    chunk = cache / "val/features/c/1/0/0/0"
+    rel = "val/features/c/1/0/0/0"
+    good = chunk.read_bytes()
+
+    def rot() -> None:
+        chunk.write_bytes(np.random.default_rng(1).bytes(chunk.stat().st_size))
+        rec = json.loads(record_path(cache).read_text())
+        st = chunk.stat()
+        rec["splits"]["val"]["files"][rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        record_path(cache).write_text(json.dumps(rec))  # as if the file's metadata had not moved
+
+    rot()
+    assert CacheStore(cache).verify(deep="changed") == []  # the limit of the cheap check (said in its docstring)
+    assert sum(r.extracted for r in _rerun(tiny_extract_settings, action_videos, cache).values()) == 0
+    damages = CacheStore(cache).verify()  # mdmf-cache verify reads every chunk
+    assert [(d.split, d.file, d.rows) for d in damages] == [("val", rel, [4, 5, 6, 7])]
+    assert "val" not in json.loads(record_path(cache).read_text())["splits"]  # a damaged split is forgotten
+
+    chunk.write_bytes(good)
+    _rerun(tiny_extract_settings, action_videos, cache)  # val recorded clean again (the chunk changed: read)
+    rot()
+    assert sum(r.extracted for r in _rerun(tiny_extract_settings, action_videos, cache).values()) == 0
+    results = _rerun(tiny_extract_settings, action_videos, cache, verify_deep=True)
+    assert results["val"].repaired == 4 and results["val"].extracted == 4
+    same_cache(cache, tiny_cache)
+
+
+def test_nonfinite_rows_are_repaired_and_an_encoder_nan_is_a_failure(tiny_cache, action_videos,
+                                                                     tiny_extract_settings, tmp_path, same_cache,
+                                                                     monkeypatch):
+    cache = _copy(tiny_cache, tmp_path)
+    g = CacheStore(cache, mode="a").root["train"]
+    row = np.asarray(g["features"][9])
+    row[0, 3, :5] = np.inf
+    g["features"][9] = row  # a hand edit (or a flaky disk)
+    with pytest.raises(CacheError, match=r"train/features rows 9: finished rows with NaN or inf.*rerun the extract"):
+        load_split_features(cache, "train")
+    results = _rerun(tiny_extract_settings, action_videos, cache)
+    assert results["train"].repaired == 1 and results["train"].extracted == 1
+    same_cache(cache, tiny_cache)
+
+    # the encoder itself gives NaN for a video: recorded as a failure (not decoded again unless its file
+    # changes), never written as features
+    from mdmf_cache import cache_build
+
+    real = cache_build.encode_clips
+
+    def nan_for_first(clips, *a, **kw):
+        emb = real(clips, *a, **kw)
+        emb[0] = np.nan
+        return emb
+
+    monkeypatch.setattr(cache_build, "encode_clips", nan_for_first)
+    CacheStore(cache, mode="a").root["test"]["done"][0:4] = False  # four rows to extract again
+    results = _rerun(tiny_extract_settings, action_videos, cache)
+    assert results["test"].extracted + results["test"].failed == 4 and results["test"].failed >= 1
+    summary = CacheStore(cache).split_summary("test")
+    assert summary["failed"] == results["test"].failed
+    assert all("NaN or inf" in err for _, err in summary["failures"])
+    assert CacheStore(cache).verify() == []
+    assert len(load_split_features(cache, "test").video_ids) == 8 - summary["failed"]
+
+
 # ---- item 8: failed rows are retried -------------------------------------------------------------
 def _mark_failed(cache: Path, split: str, row: int) -> None:
     store = CacheStore(cache, mode="a")
@@ -136,31 +254,73 @@ def _mark_failed(cache: Path, split: str, row: int) -> None:
         "num_frames": np.zeros(1, np.int32), "failed": np.ones(1, bool), "errors": np.array(["cannot decode"])})
 
 
-def test_rerun_retries_failed_videos_and_says_so(tiny_cache, action_videos, tiny_extract_settings, tmp_path,
-                                                 same_cache, capsys):
+def test_failed_videos_are_retried_when_their_files_change_or_with_retry_failed(
+        tiny_cache, action_videos, tiny_extract_settings, tmp_path, same_cache, capsys, monkeypatch):
+    from mdmf_cache import extraction
     from mdmf_cache.report import print_extract_summary
 
     root = tmp_path / "videos"
-    shutil.copytree(action_videos, root)
+    shutil.copytree(action_videos, root)  # copy2: the same sizes and mtimes as the files tiny_cache recorded
     cache = _copy(tiny_cache, tmp_path)
     ids = CacheStore(cache).video_ids("test")
     for row in (1, 6):  # two videos failed at the first run ...
         _mark_failed(cache, "test", row)
     broken = next((root / ids[6].split("/")[0]).glob(ids[6].split("/")[1] + ".*"))
     good = broken.read_bytes()
-    broken.write_bytes(b"")  # ... one was fixed on disk since, the other is still broken
+    broken.write_bytes(b"")  # ... one file changed since (still broken), the other is as it was
+    decoded = []
+    real = extraction.ClipSource.__getitem__
+
+    def counting(self, i):
+        decoded.append(self.ids[i])
+        return real(self, i)
+
+    monkeypatch.setattr(extraction.ClipSource, "__getitem__", counting)
 
     results = _rerun(tiny_extract_settings, root, cache)
-    assert results["test"].retried == 2 and results["test"].still_failing == 1 and results["test"].failed == 1
-    assert results["test"].extracted == 1 and results["train"].retried == 0
+    assert decoded == [ids[6]]  # the unchanged failure is not decoded again
+    assert results["test"].retried == 1 and results["test"].still_failing == 1 and results["test"].failed == 1
+    assert results["test"].kept_failed == 1 and results["test"].extracted == 0 and results["train"].retried == 0
     print_extract_summary(cache, list(results.values()))
-    assert "test: retried 2 videos that had failed: 1 decode now, 1 still failing" in capsys.readouterr().out
-    assert CacheStore(cache).split_summary("test")["failed"] == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "test: retried 1 videos that had failed: 0 decode now, 1 still failing" in out
+    assert "test: 1 videos that failed before were not decoded again" in out and "--retry-failed" in out
+    assert CacheStore(cache).split_summary("test")["failed"] == 2
 
-    broken.write_bytes(good)
-    results = _rerun(tiny_extract_settings, root, cache)
-    assert results["test"].retried == 1 and results["test"].still_failing == 0 and results["test"].failed == 0
+    decoded.clear()
+    results = _rerun(tiny_extract_settings, root, cache)  # nothing changed: nothing decoded
+    assert decoded == [] and results["test"].retried == 0 and results["test"].kept_failed == 2
+
+    broken.write_bytes(good)  # fixed on disk; the other one is retried on request
+    results = _rerun(tiny_extract_settings, root, cache, retry_failed=True)
+    assert sorted(decoded) == sorted([ids[1], ids[6]])
+    assert results["test"].retried == 2 and results["test"].still_failing == 0 and results["test"].failed == 0
     same_cache(cache, tiny_cache)
+
+
+def test_a_replaced_video_is_extracted_again(tiny_cache, action_videos, tiny_extract_settings, tmp_path, same_cache):
+    """Another file under the same name: its row gets the new file's features (those of a fresh extraction)."""
+    root = tmp_path / "videos"
+    shutil.copytree(action_videos, root)
+    cache = _copy(tiny_cache, tmp_path)
+    store = CacheStore(cache)
+    ids = store.video_ids("test")
+    target = next((root / ids[2].split("/")[0]).glob(ids[2].split("/")[1] + ".*"))
+    other = next(p for p in sorted(root.glob(f"*/*{target.suffix}")) if p.parent != target.parent)
+    assert other.stat().st_size != target.stat().st_size or other.read_bytes() != target.read_bytes()
+    shutil.copyfile(other, target)  # same name, other video
+    before = np.asarray(store.root["test"]["features"][:])
+
+    results = _rerun(tiny_extract_settings, root, cache)
+    assert results["test"].changed == 1 and results["test"].extracted == 1 and results["train"].extracted == 0
+    after = np.asarray(CacheStore(cache).root["test"]["features"][:])
+    assert not np.array_equal(after[2], before[2]) and np.array_equal(np.delete(after, 2, 0), np.delete(before, 2, 0))
+    fresh, _ = run_extract(ExtractConfig(**{**tiny_extract_settings, "root": str(root),
+                                            "cache_dir": str(tmp_path / "fresh"), "splits": ("test",)}))
+    assert np.array_equal(after[2], np.asarray(CacheStore(fresh).root["test"]["features"][2]))
+    size, mtime = CacheStore(cache).file_stats("test")
+    assert (size[2], mtime[2]) == (target.stat().st_size, target.stat().st_mtime_ns)
+    assert sum(r.extracted for r in _rerun(tiny_extract_settings, root, cache).values()) == 0  # recorded: once
 
 
 # ---- item 3: same name, different extension ------------------------------------------------------

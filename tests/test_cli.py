@@ -75,6 +75,14 @@ def test_extract_info_export(cli_runner, action_videos, tiny_cache, tmp_path, sa
     assert max(len(line) for line in res.output.splitlines() if not line.startswith("cache: ")) <= 80
     assert "complete: yes" in out and '"num_frames": 8' in out
 
+    # the rerun options reach the config (saved in the cache); nothing to extract
+    res = cli_runner.invoke(cli.app, args + ["--verify-deep", "--retry-failed"])
+    assert res.exit_code == 0, res.output
+    from mdmf_cache.store import CacheStore
+
+    config = CacheStore(path).root.attrs["config"]
+    assert config["verify_deep"] is True and config["retry_failed"] is True
+
     # other settings: refused, the differing field named
     res = cli_runner.invoke(cli.app, args + ["--num-frames", "4"])
     assert res.exit_code != 0 and isinstance(res.exception, CacheError)
@@ -85,8 +93,6 @@ def test_extract_info_export(cli_runner, action_videos, tiny_cache, tmp_path, sa
     assert res.exit_code == 0, res.output
     assert "wrote" in res.output
     import h5py
-
-    from mdmf_cache.store import CacheStore
 
     g = CacheStore(path).root["train"]
     root_attrs = dict(CacheStore(path).root.attrs)

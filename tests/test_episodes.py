@@ -136,3 +136,26 @@ def test_mean_ci_known_values() -> None:
     assert mean_ci(np.full(9, 0.8)) == (pytest.approx(0.8), 0.0)
     m, c = mean_ci(np.array([]))
     assert np.isnan(m) and np.isnan(c)
+
+
+def _sample_by_full_sort(sampler: EpisodeSampler, n, way, shot, queries, rng) -> tuple[np.ndarray, np.ndarray]:
+    """The sampler's draw with a full sort of every class's random keys (what it did before the partial one)."""
+    eligible = sampler.check(way, shot, queries)
+    classes = eligible[np.argsort(rng.random((n, len(eligible))), axis=1)[:, :way]]
+    width = sampler.members.shape[1]
+    keys = rng.random((n, way, width))
+    keys[np.arange(width)[None, None, :] >= sampler.counts[classes][..., None]] = np.inf
+    slots = np.argsort(keys, axis=2)[:, :, : shot + queries]
+    rows = np.take_along_axis(sampler.members[classes], slots, axis=2)
+    return rows[:, :, :shot].reshape(n, -1), rows[:, :, shot:].reshape(n, -1)
+
+
+def test_partial_selection_draws_what_a_full_sort_draws() -> None:
+    """Uneven classes (padding), one of exactly shot + queries videos: the same episodes, seed for seed."""
+    for counts in ([8, 90, 70, 5, 120, 60, 300], [300, 310, 5, 330, 320, 301]):
+        sampler = EpisodeSampler(_labels(counts, seed=3), len(counts))
+        # large m: numpy returns a partition of a few dozen sorted anyway, of more in no order
+        for seed, (shot, queries) in enumerate([(3, 5), (5, 55), (20, 40)]):
+            eps = sampler.sample(50, 4, shot, queries, np.random.default_rng(seed))
+            support, query = _sample_by_full_sort(sampler, 50, 4, shot, queries, np.random.default_rng(seed))
+            assert np.array_equal(eps.support, support) and np.array_equal(eps.query, query)

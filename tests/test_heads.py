@@ -9,6 +9,7 @@ Each head's equality with its authors' released code is checked against a per-ep
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 
 import numpy as np
@@ -167,7 +168,7 @@ def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
     from mdmf_cache.training import run_train
 
     res = run_train(TrainConfig(cache=str(demo_cache), out=str(tmp_path / "r"), method=method, episodes=192,
-                                episodes_per_step=16, val_every=96, val_episodes=200, lr=1e-3, seed=0), progress=False)
+                                episodes_per_step=16, val_every=96, val_episodes=200, lr=3e-3, seed=0), progress=False)
     val = load_split_features(demo_cache, "val")
     torch.manual_seed(0)
     untrained = build_model(None, val.features.shape[-1], val.features.shape[2], {}, method,
@@ -222,6 +223,83 @@ def test_clip_fsar_released_defaults() -> None:
     assert isinstance(model.mid_layer, torch.nn.Identity) and model.context2[0].pos_embed is None
     # 4 D^2 + 4100 D + 2049 parameters at width D (the released count, scale included)
     assert sum(p.numel() for p in model.parameters()) == 4 * D * D + 4100 * D + 2049
+
+
+@pytest.mark.parametrize("method,form,overrides", [
+    ("hyrsm", "1shot", {}), ("hyrsm", "5shot", {}),
+    ("hyrsm", "5shot", {"heads": 2, "position_a": 2048.0, "position_b": 0.01}),
+    ("hyrsm++", "1shot", {}),  # UCF101's window 3 covers all T = 4 frames: m = 1 everywhere
+    ("hyrsm++", "1shot", {"window": 1, "temporal_balance": 2.0}),  # beta's hinge outside the window is active
+    ("hyrsm++", "5shot", {"window": 1, "temporal_balance": 2.0, "position_a": 50.0}),
+])
+def test_hyrsm_matches_reference(method: str, form: str, overrides: dict) -> None:
+    """HyRSM's and HyRSM++'s logits, loss (query CE + the per-frame CE, + the temporal regulariser) and gradients
+    equal the released forward, re-derived per episode with supports and queries shuffled, prototypes grouped by
+    ``unique(labels)``, one query at a time and ``layer2`` as a Conv1d on the concatenation."""
+    from tests.reference_heads import hyrsm_episode
+
+    model = _head(method, torch.float64, dropout_off=True, form=form, **overrides).train()
+    ref = copy.deepcopy(model)
+    ep = _episodes(torch.float64)
+    out = _forward(model, ep)
+    loss, parts = model.loss(out, ep["labels"], ep["classes"])
+    loss.backward()
+    assert {"frames", *(["temporal"] if method == "hyrsm++" else [])} <= set(parts)
+    g = torch.Generator().manual_seed(5)
+    ref_total = 0.0
+    for i in range(E):
+        perm = torch.randperm(N * K, generator=g)  # the released loader shuffles supports and queries
+        qperm = torch.randperm(N * QC, generator=g)
+        sup_labels = torch.arange(N).repeat_interleave(K)[perm]
+        tgt_labels = ep["labels"][i][qperm]
+        real = torch.cat([ep["classes"][i][sup_labels], ep["classes"][i][tgt_labels]])
+        logits, li = hyrsm_episode(ref, ep["support"][i][perm], sup_labels, ep["query"][i][qperm], tgt_labels, real,
+                                   plus_plus=method == "hyrsm++")
+        torch.testing.assert_close(out["logits"][i][qperm], logits, rtol=1e-5, atol=1e-5)
+        (li / E).backward()
+        ref_total += li.item() / E
+    assert loss.item() == pytest.approx(ref_total, rel=1e-5)
+    for (name, p), (_, p1) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, p1.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_hyrsm_released_defaults() -> None:
+    hyrsm, plus = heads.get("hyrsm"), heads.get("hyrsm++")
+    opts = lambda spec, dataset, shot: spec.make_options(None, {}, DataInfo(dim=D, num_frames=T, num_classes=C,
+                                                                          dataset=dataset, shot=shot))
+    got = {ds: (opts(hyrsm, ds, 1).class_loss_weight, opts(hyrsm, ds, 1).position_a, opts(hyrsm, ds, 1).position_b)
+           for ds in ("ssv2-full", "ssv2-small", "hmdb51", "ucf101", "kinetics100", "folder")}
+    assert got == {"ssv2-full": (0.6, 10, 1), "ssv2-small": (0.15, 10, 1), "hmdb51": (0.15, 10, 1),
+                   "ucf101": (0.15, 10, 1), "kinetics100": (0.4, 2048, 0.01), "folder": (0.15, 10, 1)}
+    fields = ("class_loss_weight", "position_a", "position_b", "window", "temporal_balance", "balance_coeff",
+              "temporal_loss_weight")
+    got = {ds: tuple(getattr(opts(plus, ds, 5), f) for f in fields)
+           for ds in ("hmdb51", "ucf101", "kinetics100", "ssv2-full", "ssv2-small", "folder")}
+    assert got == {"hmdb51": (0.15, 50, 1, 1, 51, 20, 0.2), "ucf101": (0.6, 10, 1, 3, 23, 10, 0.1),
+                   "kinetics100": (0.1, 10, 1, 3, 23, 10, 0.1), "ssv2-full": (0.6, 10, 1, 1, 51, 10, 0.3),
+                   "ssv2-small": (0.2, 10, 1, 3, 23, 10, 0.3), "folder": (0.6, 10, 1, 3, 23, 10, 0.1)}
+    for spec in (hyrsm, plus):  # the released configs: the 1-shot head at K = 1, the 5-shot head at K >= 2
+        assert [opts(spec, "ucf101", k).form for k in (1, 2, 5)] == ["1shot", "5shot", "5shot"]
+        assert [spec.train_shot(k) for k in (1, 5)] == [1, 5] and [spec.train_queries(k) for k in (1, 3, 5)] == [7, 5, 3]
+        assert not spec.per_video
+        o = opts(spec, "ucf101", 5)
+        assert (o.heads, o.pe_dropout, o.attn_dropout, o.set_attn_dropout, o.set_dropout) == (8, 0.1, 0.2, 0.1, 0.05)
+        explicit = spec.make_options(None, {"class_loss_weight": 0.0, "form": "1shot"}, DataInfo(dim=D, shot=5))
+        assert (explicit.class_loss_weight, explicit.form) == (0.0, "1shot")  # an explicit value wins
+        # 10 D^2 + 7 D + C (D + 1) parameters at width D (HEADS.md's count; the classifier over the C train classes)
+        model = spec.build(o)
+        assert sum(p.numel() for p in model.parameters()) == 10 * D * D + 7 * D + C * (D + 1)
+    # the set attention's released init: normal(0, sqrt(2 / (D + D/8))) projections, xavier-normal fc
+    torch.manual_seed(0)
+    wide = hyrsm.build(hyrsm.make_options(None, {}, DataInfo(dim=512, num_frames=T, num_classes=C)))
+    mha = wide.temporal_atte
+    for w in (mha.w_qs.weight, mha.w_ks.weight, mha.w_vs.weight):
+        assert w.std().item() == pytest.approx((2 / (512 + 64)) ** 0.5, rel=0.02)
+    assert mha.fc.weight.std().item() == pytest.approx((2 / (512 + 512)) ** 0.5, rel=0.02)
+    # the released position table: pe[p, i] = sin(p / 1e4^(2i/D)) at even i, cos(p / 1e4^(2(i+1)/D)) at i+1
+    pe = wide.pe.pe
+    assert pe[3, 4].item() == pytest.approx(math.sin(3 / 1e4 ** (8 / 512)), abs=1e-7)
+    assert pe[3, 5].item() == pytest.approx(math.cos(3 / 1e4 ** (10 / 512)), abs=1e-7)  # 2 (i + 1) = 10
 
 
 def _shuffled(ep: dict, i: int, g: torch.Generator) -> tuple:

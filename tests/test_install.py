@@ -67,6 +67,9 @@ counts = {{}}
 for name in ("ucf101", "hmdb51", "kinetics100", "ssv2-small", "ssv2-full"):
     splits = datasets.load_splits(name, None, None)  # no splits folder: the package's own copies
     counts[name] = [[len(splits[s].classes) for s in datasets.SPLITS], [len(splits[s]) for s in datasets.SPLITS]]
+from mdmf_cache import heads
+for name in heads.METHODS:  # every registered head's module is installed
+    assert Path(__import__(heads.REGISTRY[name].module, fromlist=["SPEC"]).__file__).is_relative_to(target), name
 print(json.dumps({{"splits_dir": found, "counts": counts, "config_dir": str(backbone.CONFIG_DIR),
                   "models": [m for m in backbone.list_models() if m.startswith("mdmf-")]}}))
 """

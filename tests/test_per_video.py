@@ -82,9 +82,11 @@ def test_per_video_fuses_each_video_token_pair_once(monkeypatch) -> None:
     model = _model({"preset": "paper"})
     eps = EpisodeSampler(split.labels.numpy(), C).sample(300, 5, 5, 1, np.random.default_rng(0))
     fused, contexts = [], []
-    fuse_pairs, context = model.fuse_pairs, model.context
-    monkeypatch.setattr(model, "fuse_pairs",
-                        lambda name, f, c, t, pv, pt, **kw: fused.append(len(pv)) or fuse_pairs(name, f, c, t, pv, pt, **kw))
+    context = model.context
+    for view in model.views.values():  # every fusion of a pair goes through its view's attention
+        attend = view.mmfe.attend
+        monkeypatch.setattr(view.mmfe, "attend", lambda fp, tp=None, pv=None, pt=None, token_output=True, attend=attend:
+                            fused.append(len(pv)) or attend(fp, tp, pv, pt, token_output))
     monkeypatch.setattr(model, "context", lambda name, f, e=1: contexts.append(len(f)) or context(name, f, e))
     res = score("mdmf", split, eps, model, seed=0, batch_size=100, keep_logits=True)
 
@@ -97,7 +99,7 @@ def test_per_video_fuses_each_video_token_pair_once(monkeypatch) -> None:
     pairs = set(zip(eps.support.ravel(), np.repeat(eps.classes, 5, axis=1).ravel()))
     pairs |= set(zip(eps.query.ravel(), query_cls.ravel()))
     videos = set(eps.support.ravel()) | set(eps.query.ravel())
-    assert sum(fused) == 2 * len(pairs)  # two views
+    assert sum(fused) == 2 * len(pairs) and res.fused == len(pairs)  # two views
     assert sum(contexts) == 2 * len(videos)
     assert len(pairs) < 0.05 * 300 * 30  # the direct path fuses every slot of every episode
     assert 0.2 < res.mean < 1.0
@@ -116,3 +118,34 @@ def test_pps_draws_seeded_and_independent_of_batch_size() -> None:
     d = score("mdmf", split, eps, argmax, seed=1, keep_logits=True).logits
     e = score("mdmf", split, eps, argmax, seed=2, keep_logits=True).logits
     np.testing.assert_array_equal(d, e)  # argmax: no draw, no seed dependence
+
+
+def test_query_pairs_in_chunks_give_the_same_logits() -> None:
+    """Query pairs fused chunk by chunk (the memory bound) score what one table of every pair scores."""
+    from mdmf_cache.evaluation import pps_uniforms
+    from mdmf_cache.heads.mdmf import MDMFScorer
+
+    split = _split()
+    model = _model({"preset": "paper", "pps_temperature": 0.5})  # a soft selector: queries pair with many tokens
+    eps = EpisodeSampler(split.labels.numpy(), C).sample(50, 5, 2, 1, np.random.default_rng(4))
+    u = pps_uniforms(eps, 0)
+    whole = MDMFScorer(model, split.features[:, 0], split.text, eps, u, chunk_episodes=10_000)
+    chunked = MDMFScorer(model, split.features[:, 0], split.text, eps, u, chunk_episodes=7)
+    a = torch.cat([whole.logits(lo, min(lo + 5, 50)) for lo in range(0, 50, 5)])
+    b = torch.cat([chunked.logits(lo, min(lo + 5, 50)) for lo in range(0, 50, 5)])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert chunked.fused > whole.fused  # a query pair shared by two chunks is fused in each
+    assert chunked.query_table[next(iter(model.views))].shape[0] < whole.query_table[next(iter(model.views))].shape[0]
+
+
+def test_a_chunk_with_nothing_new_to_fuse() -> None:
+    """A chunk whose query pairs are all support pairs fuses nothing (an empty table, not an error)."""
+    from mdmf_cache.evaluation import pps_uniforms
+    from mdmf_cache.heads.mdmf import MDMFScorer
+
+    split = _split()
+    model = _model({"preset": "paper"})
+    eps = EpisodeSampler(split.labels.numpy(), C).sample(6, 5, 5, 1, np.random.default_rng(0))
+    scorer = MDMFScorer(model, split.features[:, 0], split.text, eps, pps_uniforms(eps, 0))
+    empty = scorer._fuse(np.empty(0, dtype=np.int64))
+    assert all(t.shape == (0, T, D) for t in empty.values())

@@ -303,3 +303,186 @@ def test_format_1_cache_reads_but_is_not_extended(tmp_path):
     with pytest.raises(CacheError, match="format 1.*--overwrite"):
         CacheStore.open_for_writing(path, FP)
     assert CacheStore.open_for_writing(path, FP, overwrite=True).splits == []
+
+
+# ---- reading at scale: memory, block by block, damaged values --------------------------------------
+def _big_store(path, n=600, views=2, frames=4, dim=64, chunk_rows=16):
+    """A finished split of ``n`` rows with random features (no zeros), some failed and one vanished video."""
+    store = CacheStore.open_for_writing(path, FP)
+    ids = [f"c{i % C}/v{i}" for i in range(n)]
+    store.sync_rows("train", ids, np.arange(n) % C, np.ones(n, bool), [f"c{i}" for i in range(C)],
+                    [f"class {i}" for i in range(C)], views=views, num_frames=frames, dim=dim, chunk_rows=chunk_rows)
+    rng = np.random.default_rng(0)
+    feats = (rng.standard_normal((n, views, frames, dim)) + 8).astype(np.float16)
+    failed = np.isin(np.arange(n), [5, 100, 101])
+    for lo in range(0, n, chunk_rows):
+        rows = np.arange(lo, min(n, lo + chunk_rows))
+        store.write_rows("train", rows, {"features": np.where(failed[rows, None, None, None], 0, feats[rows]),
+                                         "frame_indices": np.zeros((len(rows), views, frames), np.int32),
+                                         "num_frames": np.full(len(rows), 9, np.int32), "failed": failed[rows],
+                                         "errors": np.array(["bad" if f else "" for f in failed[rows]])})
+    store.write_text("train", np.ones((C, dim), np.float32), ["p"] * C, "{}")
+    store.mark_ready()
+    return store, feats, failed
+
+
+def test_load_fills_block_by_block_in_split_order_without_a_second_copy(tmp_path, monkeypatch):
+    """Rows out of split-file order (a grown tree), failed and vanished rows left out, blocks smaller than the
+    split: the same array as indexing the whole one; memory (tracemalloc) the result plus about a block."""
+    import tracemalloc
+
+    from mdmf_cache import store_read
+
+    path = tmp_path / "c.zarr"
+    store, feats, failed = _big_store(path)
+    n = len(feats)
+    ids = store.video_ids("train")
+    listed = ids[300:] + ids[:300]  # the split file now lists the second half first
+    present = np.ones(n, bool)
+    present[7] = False  # a vanished video: kept, unused
+    store.sync_rows("train", [v for i, v in enumerate(listed)], np.array([int(v[1]) for v in listed]),
+                    present[np.r_[300:n, 0:300]], [f"c{i}" for i in range(C)], [f"class {i}" for i in range(C)],
+                    views=2, num_frames=4, dim=64, chunk_rows=16)
+    keep = np.r_[300:n, 0:300]
+    keep = keep[~failed[keep] & (keep != 7)]
+    monkeypatch.setattr(store_read, "BLOCK_BYTES", 16 * 2 * 4 * 64 * 2)  # a chunk a block: 38 blocks
+    fs = load_split_features(path, "train")
+    assert fs.video_ids == [ids[r] for r in keep]
+    assert np.array_equal(fs.features.numpy(), feats[keep])
+    # what the features cost on their own (the load's small arrays and checks are a fixed cost beside them)
+    reader = CacheStore(path)
+    tracemalloc.start()
+    try:
+        got = store_read.read_rows(reader, "train", "features", keep)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(got, feats[keep])
+    assert peak < 1.25 * got.nbytes, (peak, got.nbytes)  # reading all rows, then indexing them, held twice as much
+
+
+def test_export_copies_block_by_block(tmp_path, monkeypatch):
+    import tracemalloc
+
+    h5py = pytest.importorskip("h5py")
+    from mdmf_cache import store_read
+
+    path = tmp_path / "c.zarr"
+    _, feats, failed = _big_store(path, dim=1024)  # 10 MB: the export's fixed costs (checks, h5py) are ~2 MB
+    monkeypatch.setattr(store_read, "BLOCK_BYTES", 16 * 2 * 4 * 1024 * 2)  # a chunk a block
+    export_h5(path, tmp_path / "warm.h5")  # imports before memory is traced
+    tracemalloc.start()
+    try:
+        out = export_h5(path, tmp_path / "c.h5")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    with h5py.File(out, "r") as f:
+        got = f["train"]["features"][()]
+    assert np.array_equal(got[~failed], feats[~failed]) and not got[failed].any()
+    assert peak < 0.5 * feats.nbytes, (peak, feats.nbytes)  # the whole array is not held
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_features_are_refused_by_readers_and_named_by_verify(tmp_path, value):
+    from mdmf_cache.store_verify import NONFINITE
+
+    path = tmp_path / "c.zarr"
+    store, feats, _ = _big_store(path)
+    g = CacheStore(path, mode="a").root["train"]
+    for row in (40, 41, 333):  # a bad decode, a flaky disk, a hand edit
+        block = np.asarray(g["features"][row])
+        block[1, 2, 7] = value
+        g["features"][row] = block
+    with pytest.raises(CacheError) as err:
+        load_split_features(path, "train")
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1 and str(path) in msg
+    assert "train/features rows 40-41, 333: finished rows with NaN or inf" in msg and "rerun the extract" in msg
+    damages = CacheStore(path).verify()
+    assert [(d.array, d.what, d.rows, d.fix) for d in damages] == [("features", NONFINITE, [40, 41, 333], "rows")]
+    from mdmf_cache import report
+
+    with report.console.capture() as cap, pytest.raises(CacheError, match="rerun the extract command"):
+        report.print_verify(path)  # mdmf-cache verify: named, with what a rerun does about it
+    out = " ".join(cap.get().split())
+    assert "train/features rows 40-41, 333: finished rows with NaN or inf" in out
+    assert "repair (rows): those rows are extracted again" in out
+    assert CacheStore(path).verify(deep=False) == []  # the cheap check reads no features
+    # a failed row's features are never read: NaN there is nobody's business
+    block = np.asarray(g["features"][5])
+    block[:] = np.nan
+    g["features"][5] = block
+    assert [d.rows for d in CacheStore(path).verify()] == [[40, 41, 333]]
+
+
+# ---- the layout: small per-row arrays in units of several chunks, older caches -------------------------
+def test_large_split_gets_units_of_chunks_and_ranks_own_whole_units(tmp_path):
+    from mdmf_cache.store import UNITS_PER_SPLIT, unit_rows_for
+
+    assert unit_rows_for(10, 4) == 4 and unit_rows_for(67013, 64) == 256 and unit_rows_for(200000, 64) == 768
+    assert unit_rows_for(10**7, 64) == 4096  # at most 4,096 rows
+    n, cr = 4 * UNITS_PER_SPLIT, 1  # 4 rows a unit
+    store = CacheStore.open_for_writing(tmp_path / "c.zarr", FP)
+    ids = [f"c{i % C}/v{i}" for i in range(n)]
+    _sync(store, ids, chunk_rows=cr)
+    g = store.root["train"]
+    assert store.unit_rows("train") == 4 and g.attrs["unit_rows"] == 4
+    assert g["features"].chunks[0] == 1 and g["done"].chunks[0] == 4 and g["file_size"].chunks[0] == 4
+    assert g["video_ids"].chunks[0] == 1 << 16
+    parts = [store.pending_rows("train", r, 2) for r in range(2)]
+    assert parts[0][:8].tolist() == [0, 1, 2, 3, 8, 9, 10, 11] and parts[1][:4].tolist() == [4, 5, 6, 7]
+    # two writers filling their own units row by row, interleaved: no row lost (they share no chunk)
+    for a, b in zip(parts[0], parts[1]):
+        for r in (a, b):
+            store.write_rows("train", np.array([r]), {**_rows([r]), "file_size": np.array([r], np.int64),
+                                                      "file_mtime": np.array([r + 1], np.int64)})
+    assert store.done_mask("train").all()
+    size, mtime = store.file_stats("train")
+    assert size.tolist() == list(range(n)) and mtime.tolist() == list(range(1, n + 1))
+
+
+def test_a_cache_in_the_layout_before_units_and_file_stats_reads_and_grows(tmp_path):
+    """What the previous version wrote: no unit_rows, every per-row array chunked by chunk_rows, no file stats."""
+    import shutil
+
+    import zarr
+
+    path = tmp_path / "c.zarr"
+    expected = _write_all(_new_store(path), failed=(2,))
+    g = zarr.open_group(str(path / "train"), mode="a")
+    del g.attrs["unit_rows"]
+    for name in ("file_size", "file_mtime"):
+        shutil.rmtree(path / "train" / name)
+    store = CacheStore(path)
+    assert store.unit_rows("train") == 4 and store.file_stats("train")[0].tolist() == [-1] * N  # unknown
+    assert store.verify() == [] and store.is_complete()
+    fs = load_split_features(path, "train")
+    keep = np.setdiff1d(np.arange(N), [2])
+    assert np.array_equal(fs.features.numpy(), expected["features"][keep])
+    # an extract rerun's sync adds the stat arrays (unknown) and grows them with the split
+    writer = CacheStore(path, mode="a")
+    ids = [f"c{i % C}/v{i}" for i in range(N)]
+    _sync(writer, ids[:3] + ["c0/gone"] + ids[3:] + ["c1/new"], chunk_rows=4)
+    assert writer.root["train"]["file_size"].shape == (N + 2,) and writer.file_stats("train")[0].tolist() == [-1] * (N + 2)
+    assert writer.root["train"]["file_size"].chunks == (4,)  # the chunking of its siblings
+    assert writer.verify() == []
+
+
+def test_a_reader_reads_each_small_array_once(tiny_cache, monkeypatch):
+    """``info`` verifies (cheap part), summarises and checks completeness: every small per-row array is read once."""
+    import zarr
+
+    from mdmf_cache.report import print_info
+
+    reads: dict[str, int] = {}
+    real = zarr.Array.__getitem__
+
+    def counting(self, sel):
+        reads[self.path] = reads.get(self.path, 0) + 1
+        return real(self, sel)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", counting)
+    print_info(tiny_cache)
+    assert reads and max(reads.values()) == 1, reads
+    assert "train/done" in reads and not any(k.endswith("/features") for k in reads)

@@ -43,13 +43,15 @@ def _files(full: Path) -> dict[str, Path]:
 
 
 def _tree(full: Path, root: Path, ids) -> Path:
-    """``root`` holding exactly the videos ``ids`` of the full tree (added and removed as needed)."""
+    """``root`` holding exactly the videos ``ids`` of the full tree (added and removed as needed). Files are copied
+    with their mtimes (copy2): a video that comes back is the same file, not one changed since (which a rerun
+    would extract again)."""
     files = _files(full)
     for vid, src in files.items():
         dst = root / src.parent.name / src.name
         if vid in ids and not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
+            shutil.copy2(src, dst)
         elif vid not in ids and dst.exists():
             dst.unlink()
     return root

@@ -139,36 +139,42 @@ class MDMF(FewShotHead):
         return torch.cat([mmfe.attend(frame_parts, token_parts, pair_video[i : i + chunk], pair_token[i : i + chunk],
                                       token_output) for i in range(0, len(pair_video), chunk)])
 
-    def head(self, support_out: dict[str, Tensor], query_out: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+    def head(self, support_out: dict[str, Tensor], query_out: dict[str, Tensor], n: int,
+             frames_only: bool = False) -> dict[str, Tensor]:
         """Distances, posteriors and logits from the fused outputs.
 
         Args:
-            support_out: per view ``(E, S, T+1, D)``.
-            query_out: per view ``(E, Q, T+1, D)``.
+            support_out: per view ``(E, S, T+1, D)`` (``frames_only``: ``(E, S, T, D)``, the frame positions).
+            query_out: per view ``(E, Q, T+1, D)`` (``frames_only``: ``(E, Q, T, D)``).
             n: N ways.
+            frames_only: the inputs hold the frame positions alone: the logits, without the text posteriors
+                (they feed only the distillation loss; the per-video evaluation stores no more).
 
         Returns:
             ``"logits"`` ``(E, Q, N)`` = -(sum of weighted view distances); per view ``v``:
             ``"d_v"`` ``(E, Q, N)`` OTAM distance, ``"p_visual_v"`` = softmax(-d_v), ``"p_text_v"``
-            = softmax over N of the cosine at position ``text_pos``.
+            = softmax over N of the cosine at position ``text_pos`` (not with ``frames_only``).
         """
         cfg = self.cfg
+        first = 0 if frames_only else 1  # where the frame positions start
         frame_dists, text_cosines = [], []
         with torch.autocast(next(iter(query_out.values())).device.type, enabled=False):  # float32 from here on
             for name in self.views:
-                protos = class_means(at_least_float32(support_out[name]), n)  # (E, N, T+1, D)
-                query_fused = at_least_float32(query_out[name])  # (E, Q, T+1, D)
-                frame_dists.append(frame_distances(query_fused[:, :, 1:], protos[:, :, 1:], cfg.cos_eps))  # (E, Q, N, T, T)
-                text_cosines.append(
-                    cosine_similarity(query_fused[:, :, cfg.text_pos], protos[:, :, cfg.text_pos], cfg.cos_eps)
-                )  # (E, Q, D) x (E, N, D) -> (E, Q, N)
+                protos = class_means(at_least_float32(support_out[name]), n)  # (E, N, L, D)
+                query_fused = at_least_float32(query_out[name])  # (E, Q, L, D)
+                frame_dists.append(frame_distances(query_fused[:, :, first:], protos[:, :, first:], cfg.cos_eps))  # (E, Q, N, T, T)
+                if not frames_only:
+                    text_cosines.append(
+                        cosine_similarity(query_fused[:, :, cfg.text_pos], protos[:, :, cfg.text_pos], cfg.cos_eps)
+                    )  # (E, Q, D) x (E, N, D) -> (E, Q, N)
             dists = self.otam(frame_dists)  # (views, E, Q, N)
             out: dict[str, Tensor] = {}
             logits = torch.zeros_like(dists[0])
-            for name, dist, text_cos in zip(self.views.keys(), dists, text_cosines):
+            for i, (name, dist) in enumerate(zip(self.views.keys(), dists)):
                 out[f"d_{name}"] = dist
                 out[f"p_visual_{name}"] = torch.softmax(-dist, dim=-1)
-                out[f"p_text_{name}"] = torch.softmax(text_cos, dim=-1)
+                if not frames_only:
+                    out[f"p_text_{name}"] = torch.softmax(text_cosines[i], dim=-1)
                 logits = logits - self._view_weight(name) * dist
         out["logits"] = logits
         return out
@@ -224,8 +230,15 @@ class MDMFScorer:
 
     In eval mode (no dropout, BatchNorm on running statistics) a support's fusion depends only on
     (video, its class text) and a query's on (video, the class PPS drew), so stages 1-2 run once per
-    distinct pair the episode list uses and only prototypes, distances and OTAM run per episode.
-    10,000 5-shot episodes touch 300,000 (video, token) slots but only a few thousand distinct pairs.
+    distinct pair and only prototypes, distances and OTAM run per episode. 10,000 5-shot episodes touch
+    300,000 (video, token) slots but only a few thousand distinct pairs.
+
+    Memory is bounded: only the frame positions of each fused pair are kept (the token's own output
+    feeds only the distillation posteriors); the support pairs (a support always carries its own class's
+    text: at most one pair per video) are kept for the whole list, the query pairs that are not support
+    pairs only for the ``chunk_episodes`` episodes being scored (one shared by two chunks is fused twice),
+    and the attention runs ``pair_batch`` pairs at a time. The extractors' outputs are computed once per
+    video of the list.
 
     Args:
         model: an :class:`MDMF` in eval mode.
@@ -233,67 +246,119 @@ class MDMFScorer:
         text: ``(C, D)`` the split's prompt embeddings.
         episodes: the episode list (:class:`~mdmf_cache.episodes.Episodes`).
         uniforms: ``(E, Q)`` the seeded PPS uniforms of the list.
-        batch_size: episodes per batch (and, times 30, sequences per forward).
+        batch_size: episodes per PPS batch.
+        chunk_episodes: episodes whose query pairs are fused and kept at once.
+        pair_batch: videos per extractor batch and pairs per attention/feed-forward batch (default: 256 on a
+            CPU, 4096 on a GPU).
     """
 
     def __init__(self, model: MDMF, features: Tensor, text: Tensor, episodes, uniforms: np.ndarray,
-                 batch_size: int = 500) -> None:
+                 batch_size: int = 500, chunk_episodes: int = 1000, pair_batch: int | None = None) -> None:
         if model.training:
             raise ValueError("the per-video path needs the model in eval mode (dropout off, running statistics)")
-        self.model, self.episodes = model, episodes
+        self.model, self.episodes, self.features = model, episodes, features
         dev = features.device
+        # sequences per extractor/attention batch: small on a CPU (its memory is the host's), large on a GPU
+        self.chunk_episodes = max(chunk_episodes, 1)
+        self.pair_batch = pair_batch or (4096 if dev.type == "cuda" else 256)
         c, e_all, k = text.shape[0], len(episodes), episodes.shot
-        zero_token = c  # token key of PPS-off queries (a zero token); keys 0..C-1 are class texts
-        text_keys = torch.cat([text.float(), text.new_zeros(1, text.shape[1]).float()])  # (C+1, D)
+        self.keys = c + 1  # token keys: 0..C-1 class texts, C the zero token of PPS-off queries
+        self.text_keys = torch.cat([text.float(), text.new_zeros(1, text.shape[1]).float()])  # (C+1, D)
 
         # 1. each query's token: the PPS draw on its own episode (cheap: cosines of mean frames)
-        query_key = np.empty(episodes.query.shape, dtype=np.int64)  # (E, Q) split class of the token
-        for lo in range(0, e_all, batch_size):
-            ep = episodes[lo : lo + batch_size]
-            query = features[torch.as_tensor(ep.query, device=dev)].float()  # (E, Q, T, D)
-            ep_text = text[torch.as_tensor(ep.classes, device=dev)].float()  # (E, N, D)
-            chosen, _ = model.query_choice(query, ep_text, torch.as_tensor(uniforms[lo : lo + batch_size], device=dev))
-            chosen = chosen.cpu().numpy()  # (E, Q) episode class, -1 = PPS off
-            split_cls = np.take_along_axis(ep.classes, np.clip(chosen, 0, None), axis=1)
-            query_key[lo : lo + len(ep)] = np.where(chosen >= 0, split_cls, zero_token)
-        support_key = np.repeat(episodes.classes, k, axis=1)  # (E, S) each support's own class
+        self.query_key = np.empty(episodes.query.shape, dtype=np.int64)  # (E, Q) split class of the token
+        with torch.no_grad():
+            for lo in range(0, e_all, batch_size):
+                ep = episodes[lo : lo + batch_size]
+                query = features[torch.as_tensor(ep.query, device=dev)].float()  # (E, Q, T, D)
+                ep_text = text[torch.as_tensor(ep.classes, device=dev)].float()  # (E, N, D)
+                chosen, _ = model.query_choice(query, ep_text, torch.as_tensor(uniforms[lo : lo + batch_size], device=dev))
+                chosen = chosen.cpu().numpy()  # (E, Q) episode class, -1 = PPS off
+                split_cls = np.take_along_axis(ep.classes, np.clip(chosen, 0, None), axis=1)
+                self.query_key[lo : lo + len(ep)] = np.where(chosen >= 0, split_cls, c)
 
-        # 2. the distinct (video, token) pairs, and each episode slot's pair
-        rows = np.concatenate([episodes.support, episodes.query], axis=1)  # (E, S+Q)
-        keys = np.concatenate([support_key, query_key], axis=1)
-        pair_codes, slot_pair = np.unique(rows * (c + 1) + keys, return_inverse=True)
-        self.slot_pair = slot_pair.reshape(rows.shape)
-        pair_row, pair_key = pair_codes // (c + 1), pair_codes % (c + 1)
-        video_rows, pair_video = np.unique(pair_row, return_inverse=True)
-
-        # 3. per view: context once per video, fusion once per pair
-        seq = max(batch_size * 30, 1)  # sequences per forward
-        vids = torch.as_tensor(video_rows, device=dev)
-        self.table: dict[str, Tensor] = {}
-        frames_v = features[vids].float()  # (U, T, D)
+        # 2. each video's context, once per view
+        self.videos = np.unique(np.concatenate([episodes.support.ravel(), episodes.query.ravel()]))  # (U,)
         with torch.no_grad(), heads_autocast(dev):
-            for name in model.views:
-                ctx = torch.cat([model.context(name, frames_v[i : i + seq]) for i in range(0, len(vids), seq)])  # (U, T, D)
+            frames_v = features[torch.as_tensor(self.videos, device=dev)].float()  # (U, T, D)
+            b = self.pair_batch
+            self.context = {name: torch.cat([model.context(name, frames_v[i : i + b]) for i in range(0, len(self.videos), b)])
+                            for name in model.views}
+        del frames_v
+
+        # 3. the support pairs, fused once for the whole list
+        support_key = np.repeat(episodes.classes, k, axis=1)  # (E, S) each support's own class
+        self.support_codes, slot = np.unique(episodes.support * self.keys + support_key, return_inverse=True)
+        self.support_slot = slot.reshape(episodes.support.shape)
+        self.support_table = self._fuse(self.support_codes)  # per view (Ps, T, D)
+        self.fused = len(self.support_codes)
+        self.query_range, self.query_table, self.query_slot = (0, 0), {}, None
+
+    @torch.no_grad()
+    def _fuse(self, codes: np.ndarray) -> dict[str, Tensor]:
+        """Frame-position outputs of the pairs ``codes`` (video * keys + token, sorted), per view: ``(P, T, D)``.
+
+        ``pair_batch`` pairs at a time, each batch's videos' norms and projections computed for that batch
+        (the codes are sorted by video, so a video's pairs fall in one or two batches)."""
+        model, dev = self.model, self.features.device
+        t, d = self.features.shape[1:]
+        out = {name: self.features.new_empty((len(codes), t, d), dtype=torch.float32) for name in model.views}
+        with heads_autocast(dev):
+            tokens = {name: model.views[name].mmfe.token_parts(self.text_keys) for name in model.views}  # (C+1, D) each
+            for lo in range(0, len(codes), self.pair_batch):
+                batch = codes[lo : lo + self.pair_batch]
+                videos, pair_video = np.unique(batch // self.keys, return_inverse=True)
+                at = torch.as_tensor(np.searchsorted(self.videos, videos), device=dev)  # rows in self.context
+                frames_v = self.features[torch.as_tensor(videos, device=dev)].float()  # (U_b, T, D)
                 pv = torch.as_tensor(pair_video, device=dev)
-                pk = torch.as_tensor(pair_key, device=dev)
-                # frame positions only; position 0 (the token's output) feeds just the distillation
-                # posteriors, which evaluation does not read: it stays zero, the logits do not see it
-                fused = model.fuse_pairs(name, frames_v, ctx, text_keys, pv, pk, token_output=False)  # (P, T, D)
-                self.table[name] = torch.nn.functional.pad(fused, (0, 0, 1, 0))  # (P, T+1, D)
-        self.fused = len(pair_codes)
+                pk = torch.as_tensor(batch % self.keys, device=dev)
+                for name in model.views:
+                    mmfe = model.views[name].mmfe
+                    parts = mmfe.frame_parts(self.context[name][at], frames_v)
+                    out[name][lo : lo + len(batch)] = mmfe.attend(parts, tokens[name], pv, pk, token_output=False)
+        return out
+
+    def _query_chunk(self, lo: int, hi: int) -> None:
+        """The query pairs of episodes ``lo .. lo + chunk`` (covering ``hi``): those that are support pairs are
+        read from the support table, the others fused now; the previous chunk's are dropped first."""
+        start, stop = lo, min(len(self.episodes), max(hi, lo + self.chunk_episodes))
+        self.query_table = {}
+        rows = self.episodes.query[start:stop] * self.keys + self.query_key[start:stop]  # (E', Q)
+        codes, slot = np.unique(rows, return_inverse=True)
+        at = np.minimum(np.searchsorted(self.support_codes, codes), len(self.support_codes) - 1)
+        known = self.support_codes[at] == codes
+        index = np.where(known, at, np.cumsum(~known) - 1)  # into the support table, or into the new pairs
+        self.query_table = self._fuse(codes[~known])
+        self.query_known, self.query_index = known, index
+        self.query_slot = slot.reshape(rows.shape)
+        self.query_range = (start, stop)
+        self.fused += int((~known).sum())
 
     @torch.no_grad()
     def logits(self, lo: int, hi: int) -> Tensor:
         """Per episode: prototypes, distances, OTAM. The prototypes (class means of the supports' outputs)
         are averaged straight from the pair table, without gathering every support's output first, and
         reach the head as one "shot" per class (its mean over K = 1 shot is the identity)."""
-        model, s, n = self.model, self.episodes.support.shape[1], self.episodes.way
-        dev = next(iter(self.table.values())).device
-        sp = torch.as_tensor(self.slot_pair[lo:hi], device=dev)
+        if not (self.query_range[0] <= lo and hi <= self.query_range[1]):
+            self._query_chunk(lo, hi)
+        step = max(1, self.pair_batch // 2)  # episodes per per-episode pass (its prototypes and queries in float32)
+        if hi - lo > step:
+            return torch.cat([self.logits(a, min(a + step, hi)) for a in range(lo, hi, step)])
+        model, n = self.model, self.episodes.way
+        dev = self.features.device
+        sp = torch.as_tensor(self.support_slot[lo:hi], device=dev)
+        slots = self.query_slot[lo - self.query_range[0] : hi - self.query_range[0]]  # (E, Q) into the chunk's pairs
+        known = torch.as_tensor(self.query_known[slots], device=dev)
+        index = torch.as_tensor(self.query_index[slots], device=dev)
         with heads_autocast(dev):
-            support_out = {name: _pair_class_means(self.table[name], sp[:, :s], n) for name in model.views}  # (E, N, T+1, D)
-            query_out = {name: self.table[name][sp[:, s:]] for name in model.views}  # (E, Q, T+1, D)
-            return model.head(support_out, query_out, n)["logits"]
+            support_out = {name: _pair_class_means(self.support_table[name], sp, n) for name in model.views}  # (E, N, T, D)
+            query_out = {}
+            for name in model.views:
+                q = self.support_table[name].new_empty((*slots.shape, *self.support_table[name].shape[1:]))  # (E, Q, T, D)
+                q[known] = self.support_table[name][index[known]]
+                q[~known] = self.query_table[name][index[~known]]
+                query_out[name] = q
+            return model.head(support_out, query_out, n, frames_only=True)["logits"]
 
 
 def _pair_class_means(table: Tensor, slots: Tensor, n: int) -> Tensor:

@@ -1,0 +1,168 @@
+"""The Python API: what a notebook needs, with the CLI's defaults (docs/python-api.md).
+
+Every function takes the config dataclass of its command or that dataclass's fields as keyword
+arguments, so a default is defined once (:mod:`mdmf_cache.configs` and the recipes' configs) and the
+CLI and this API cannot drift apart::
+
+    import mdmf_cache as mc
+
+    cache = mc.extract(dataset="ucf101", root="~/data/UCF-101", model="RN50", pretrained="openai")
+    run = mc.train(cache=cache, out="runs/ucf_rn50", shot=5)
+    print(run.score(shot=5, episodes=10000).summary())
+
+Nothing prints except the progress bars a call shows when ``progress=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from mdmf_cache.configs import EvalConfig, ExtractConfig, TrainConfig
+
+__all__ = ["extract", "open_cache", "load_split", "episode_list", "train", "evaluate", "ablate", "compare", "predict",
+           "Run", "load_run", "list_heads"]
+
+
+def _config(cls, cfg, kwargs: dict[str, Any]):
+    """``cfg`` with ``kwargs`` applied, or ``cls(**kwargs)``; unknown names are a TypeError naming them."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {', '.join(unknown)}; fields: {', '.join(sorted(known))}")
+    return replace(cfg, **kwargs) if cfg is not None else cls(**kwargs)
+
+
+def extract(cfg: ExtractConfig | None = None, progress: bool = False, **kwargs: Any) -> Path:
+    """Build or extend a cache (``mdmf-cache extract``); returns its path. Fields: :class:`ExtractConfig`."""
+    from mdmf_cache.cache_build import run_extract
+
+    cfg = _config(ExtractConfig, cfg, {"progress": progress, **kwargs})
+    return run_extract(cfg)[0]
+
+
+def open_cache(path: str | Path):
+    """A cache for reading (:class:`~mdmf_cache.store.CacheStore`): ``.splits``, ``.fingerprint``, ``.split_summary(name)``."""
+    from mdmf_cache.store import CacheStore
+
+    return CacheStore(path)
+
+
+def load_split(cache: str | Path, split: str = "test", device: str = "cpu"):
+    """A split's features in memory (:class:`~mdmf_cache.store.FeatureSplit`: features ``(N, V, T, D)`` float16,
+    labels, video ids, class names, prompt embeddings ``(C, D)``)."""
+    from mdmf_cache.store import load_split_features
+
+    return load_split_features(cache, split, device=device)
+
+
+def episode_list(split, way: int = EvalConfig.way, shot: int = 5, episodes: int = EvalConfig.episodes,
+                 queries_per_class: int = EvalConfig.queries_per_class, seed: int = EvalConfig.seed):
+    """The seeded episode list ``eval`` scores (the same arguments give the same episodes)."""
+    from mdmf_cache.evaluation import episode_list as make
+
+    return make(split, way, shot, queries_per_class, episodes, seed)
+
+
+def train(cfg: TrainConfig | None = None, progress: bool = False, **kwargs: Any) -> "Run":
+    """Train (``mdmf-cache train``, either mode) and return the finished run. Fields: :class:`TrainConfig`."""
+    from mdmf_cache.training import run_train
+
+    cfg = _config(TrainConfig, cfg, kwargs)
+    res = run_train(cfg, progress=progress)
+    return load_run(res["run"])
+
+
+def evaluate(cfg: EvalConfig | None = None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """``mdmf-cache eval``: a run or a cache scored on the saved seeded episodes; returns what ``results.json`` holds.
+    Fields: :class:`EvalConfig` (``target``: a run directory or a cache)."""
+    from mdmf_cache.evaluation import run_eval
+
+    cfg = _config(EvalConfig, cfg, {k: str(v) if k == "target" else v for k, v in kwargs.items()})
+    return run_eval(cfg, progress=progress)
+
+
+def ablate(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """``mdmf-cache ablate``: arms trained and scored on identical episodes. Fields: ``pipelines.ablate.AblateConfig``."""
+    from pipelines.ablate import AblateConfig, run_ablate
+
+    return run_ablate(_config(AblateConfig, cfg, kwargs), progress=progress)
+
+
+def compare(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """``mdmf-cache compare``: heads on one cache, identical episodes, the paper's table. Fields:
+    ``pipelines.compare.CompareConfig``."""
+    from pipelines.compare import CompareConfig, run_compare
+
+    return run_compare(_config(CompareConfig, cfg, kwargs), progress=progress)
+
+
+def predict(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """``mdmf-cache predict``: label new videos with a run and a few labelled supports per class; writes
+    ``predictions.csv`` and returns ``{"rows": [...], "classes": [...], "out": ...}``. Fields:
+    :class:`~mdmf_cache.configs.PredictConfig` (``run``, ``support``, ``query``, ...)."""
+    from mdmf_cache.configs import PredictConfig
+    from pipelines.predict import run
+
+    if isinstance(kwargs.get("query"), (str, Path)):
+        kwargs["query"] = (str(kwargs["query"]),)
+    kwargs = {k: str(v) if k in ("run", "support") else v for k, v in kwargs.items()}
+    return run(_config(PredictConfig, cfg, kwargs), progress=progress, show=False)
+
+
+def list_heads() -> dict[str, str]:
+    """The registered heads (``--method`` names) and a line on each."""
+    from mdmf_cache import heads
+
+    return {name: entry.summary for name, entry in heads.REGISTRY.items()}
+
+
+@dataclass
+class Run:
+    """A finished run: its directory, its ``config.json`` and its best head (eval mode).
+
+    Attributes:
+        path: the run directory.
+        config: the resolved training config, as saved.
+        head: the head of ``best.pt``, in eval mode (an ``nn.Module``: tensors in, tensors out).
+    """
+
+    path: Path
+    config: dict[str, Any]
+    head: Any
+
+    @property
+    def method(self) -> str:
+        return self.head.method
+
+    def split(self, split: str = "test", device: str = "cpu"):
+        """A split of the cache this run was trained on (a fast-mode run; full mode: ``evaluate``)."""
+        from mdmf_cache.runs import check_identity, run_cache
+
+        if self.config.get("mode") == "full":
+            raise ValueError(f"{self.path} is a full-mode run: its splits are extracted with its backbone by "
+                             "mdmf_cache.evaluate(target=run.path)")
+        cache = run_cache(self.path, self.config, None)
+        check_identity(self.config.get("cache_identity"), cache, f"run {self.path}")
+        return load_split(cache, split, device)
+
+    def score(self, split: Any = "test", shot: int | None = None, episodes: int = 1000, way: int = EvalConfig.way,
+              seed: int = EvalConfig.seed, keep_logits: bool = False):
+        """Accuracy on a seeded episode list (:class:`~mdmf_cache.evaluation.EvalResult`: ``.mean``, ``.ci95``,
+        ``.episode_acc``, ``.summary(classes)``). ``split``: a name of the run's cache or a FeatureSplit."""
+        from mdmf_cache.evaluation import score
+
+        feats = self.split(split) if isinstance(split, str) else split
+        shot = shot or int(self.config.get("shot", 5))
+        eps = episode_list(feats, way=way, shot=shot, episodes=episodes, seed=seed)
+        return score(self.method, feats, eps, self.head, seed, keep_logits=keep_logits)
+
+
+def load_run(path: str | Path, device: str = "cpu") -> Run:
+    """A finished run from its directory (``best.pt``, ``config.json``)."""
+    from mdmf_cache.runs import load_run as load
+
+    head, cfg = load(path, device)
+    return Run(Path(path), cfg, head)
+

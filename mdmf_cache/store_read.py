@@ -1,0 +1,229 @@
+"""Reading a cache (:mod:`mdmf_cache.store`) into memory or out to HDF5: :func:`load_split_features` (the input of
+fast-mode training and evaluation, with :func:`keep_loaded` for many trainings in one process) and
+:func:`export_h5`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CacheError
+from .store_verify import NONFINITE, ZERO, Damage, damage_message, row_problems
+
+log = logging.getLogger(__name__)
+
+BLOCK_BYTES = 32 << 20  # read and copied at a time: what loading or exporting holds beyond its result
+
+
+@dataclass
+class FeatureSplit:
+    """One split of a cache in memory, the input of fast-mode training and evaluation.
+
+    Attributes:
+        features: (N, V, T, D) float16 frame embeddings of the usable videos (done, not failed).
+        labels: (N,) int64 class index into ``classes``.
+        video_ids: (N,) ids.
+        classes: (C,) class keys; class_names: (C,) prompt names.
+        text: (C, D) float32 prompt embeddings.
+    """
+
+    features: Any
+    labels: Any
+    video_ids: list[str]
+    classes: list[str]
+    class_names: list[str]
+    text: Any
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+_KEPT: dict[tuple, FeatureSplit] | None = None  # set inside keep_loaded()
+
+
+@contextmanager
+def keep_loaded():
+    """Inside this block, loading the same split again returns the split already in memory.
+
+    A sweep runs many trainings in one process; each calls :func:`load_split_features`, and the
+    cache is read once. Callers must not modify the returned tensors in place.
+    """
+    global _KEPT
+    outer = _KEPT
+    _KEPT = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _KEPT = outer
+
+
+def blocks(arr, n: int, max_bytes: int | None = None):
+    """(lo, hi) ranges covering rows [0, n) of a zarr array in whole chunks, about ``max_bytes`` each
+    (default :data:`BLOCK_BYTES`), at least one chunk."""
+    max_bytes = max_bytes or BLOCK_BYTES
+    step = arr.chunks[0]
+    row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+    rows = max(step, max_bytes // row_bytes // step * step)
+    for lo in range(0, n, rows):
+        yield lo, min(n, lo + rows)
+
+
+def read_rows(store, split: str, name: str, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` of a split's per-row array (``features``), read block by block into one array.
+
+    Memory: the result plus one block; blocks holding none of ``rows`` are not read. Finished rows
+    that are all zero or hold NaN or inf are refused (checked per block, as read).
+
+    Raises:
+        CacheError: a chunk is unreadable, or rows are damaged (named, with what to do).
+    """
+    arr = store.root[split][name]
+    n = store.num_rows(split)
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
+    dest = np.full(n, -1, dtype=np.int64)  # cache row -> position in ``out``
+    dest[rows] = np.arange(len(rows))
+    zero, nonfinite = [], []
+    for lo, hi in blocks(arr, n):
+        sel = np.flatnonzero(dest[lo:hi] >= 0)
+        if not len(sel):
+            continue
+        try:
+            block = np.asarray(arr[lo:hi])
+        except Exception as e:  # a garbled chunk: name it
+            damages = store.verify(splits=[split])
+            raise CacheError(damage_message(store.path, damages) if damages else
+                             f"{store.path} split {split}: {e}") from e
+        if len(sel) < hi - lo:
+            block = block[sel]
+        z, bad = row_problems(block)
+        zero += (lo + sel[z]).tolist()
+        nonfinite += (lo + sel[bad]).tolist()
+        pos = dest[lo + sel]
+        if pos[-1] - pos[0] == len(pos) - 1 and (len(pos) == 1 or (np.diff(pos) == 1).all()):
+            out[pos[0]:pos[-1] + 1] = block  # rows in split-file order (a fresh cache): one copy
+        else:
+            out[pos] = block
+        del block
+    damages = [Damage(split, name, f"{split}/{name}", what, bad)
+               for what, bad in ((NONFINITE, nonfinite), (ZERO, zero)) if bad]
+    if damages:
+        raise CacheError(damage_message(store.path, damages))
+    return out
+
+
+def load_split_features(path: Path | str, split: str, device: str = "cpu", allow_incomplete: bool = False) -> FeatureSplit:
+    """Load a split's usable rows and text into memory (torch tensors on ``device``).
+
+    Usable rows are finished, decodable, and on disk at the last extract run, in split-file
+    order (``order``): what a fresh extraction of the current tree holds, row for row.
+
+    Raises:
+        CacheError: the split is absent, has no text, or is unfinished (unless ``allow_incomplete``).
+    """
+    key = (str(Path(path).resolve()), split, str(device), allow_incomplete)
+    if _KEPT is not None and key in _KEPT:
+        return _KEPT[key]
+    import torch
+
+    from .store import CacheStore
+
+    store = CacheStore(path)
+    if split not in store.splits:
+        raise CacheError(f"{path} has no split {split!r} (has: {', '.join(store.splits) or 'none'})")
+    store.check([split])
+    g = store.root[split]
+    done, present = store.done_mask(split), store.present_mask(split)
+    pending = present & ~done
+    if pending.any() and not allow_incomplete:
+        raise CacheError(
+            f"{path} split {split}: {int(pending.sum())} of {int(present.sum())} videos not extracted yet; "
+            "rerun the same 'mdmf-cache extract' command to finish it"
+        )
+    if store.prompts(split) is None:
+        raise CacheError(f"{path} split {split} has no text embeddings; rerun 'mdmf-cache extract'")
+    keep = np.flatnonzero(done & present & ~store._rows(split, "failed").astype(bool))
+    if "order" in g:  # format 1 caches: rows are already in split-file order
+        keep = keep[np.argsort(store._rows(split, "order")[keep], kind="stable")]
+    feats = read_rows(store, split, "features", keep)
+    ids = store._rows(split, "video_ids")[keep]
+    loaded = FeatureSplit(
+        features=torch.from_numpy(feats).to(device),
+        labels=torch.from_numpy(store._rows(split, "labels")[keep].astype(np.int64)).to(device),
+        video_ids=[str(v) for v in ids],
+        classes=list(g.attrs["classes"]),
+        class_names=list(g.attrs["class_names"]),
+        text=torch.from_numpy(np.asarray(g["text_features"][:])).to(device),
+    )
+    if _KEPT is not None:
+        _KEPT[key] = loaded
+    return loaded
+
+
+def export_h5(path: Path | str, out: Path | str, overwrite: bool = False) -> Path:
+    """Write every split's arrays and every attribute (root and splits, JSON-encoded) to one HDF5 file.
+
+    The file is written beside ``out`` and renamed once complete: a failed or killed export leaves no
+    half-written file (and an older ``out`` untouched).
+
+    Raises:
+        CacheError: the cache is missing or damaged, ``out`` is inside a cache, or exists (unless ``overwrite``).
+    """
+    import h5py
+
+    from .fileio import atomic_write_file
+    from .store import CacheStore
+
+    store = CacheStore(path)
+    out = Path(out)
+    inside = next((p for p in (out.resolve(), *out.resolve().parents) if p.suffix == ".zarr" and (p / "zarr.json").is_file()), None)
+    if inside is not None:
+        raise CacheError(f"{out} is inside the cache {inside}; write the export outside any *.zarr folder")
+    if out.is_dir():
+        raise CacheError(f"{out} is a directory; give a file name such as {out / (store.path.stem + '.h5')}")
+    if out.exists() and not overwrite:
+        raise CacheError(f"{out} exists; pass --overwrite to replace it, or choose another file")
+    store.check(store.splits)
+    if not store.is_complete():
+        pending = {s: int((~store.done_mask(s) & store.present_mask(s)).sum()) for s in store.splits}
+        log.warning("%s is not complete (%s); exporting it as it is: rows with done=False hold no features. "
+                    "Rerun the extract command first for a complete export", path,
+                    ", ".join(f"{s}: {k} videos not extracted" for s, k in pending.items() if k) or "not ready")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def read(split: str, arr, lo: int, hi: int) -> np.ndarray:
+        try:
+            return np.asarray(arr[lo:hi])
+        except Exception as e:  # a garbled chunk: name it
+            damages = store.verify(splits=[split])
+            raise CacheError(damage_message(path, damages) if damages else f"{split}/{arr.basename}: {e}") from e
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            for key, val in store.root.attrs.items():
+                f.attrs[key] = json.dumps(val)
+            for split in store.splits:
+                g = store.root[split]
+                n = store.num_rows(split)
+                hg = f.create_group(split)
+                for name in g.array_keys():
+                    arr = g[name]
+                    rows = arr.shape[0] if name == "text_features" else n
+                    if arr.dtype.kind in "OUT" or str(arr.dtype).startswith("<U"):  # ids, errors: small
+                        hg.create_dataset(name, data=read(split, arr, 0, rows).astype(object),
+                                          dtype=h5py.string_dtype())
+                        continue
+                    ds = hg.create_dataset(name, shape=(rows, *arr.shape[1:]), dtype=arr.dtype)
+                    for lo, hi in blocks(arr, rows):  # memory: one block, not the array
+                        ds[lo:hi] = read(split, arr, lo, hi)
+                for key, val in g.attrs.items():
+                    hg.attrs[key] = json.dumps(val)
+
+    return atomic_write_file(out, write)

@@ -1,0 +1,254 @@
+"""Recipe ``mdmf-cache compare``: several heads on one cache, identical seeded test episodes, the paper's Tables 1-2.
+
+Top to bottom:
+    1. the config (:class:`CompareConfig`): every method known, every training config checked, the cache
+       complete, the test split large enough for every shot; nothing is written before that;
+    2. per shot, the saved seeded test episode list (``episodes_{N}way_{K}shot.npz``), the same for every
+       method;
+    3. per trainable (method, shot): a fast-mode run in ``OUT/runs/<method>_<K>shot`` with the head's
+       released defaults (its preset, training shot and queries for K; CLIP-FSAR trains on 1-shot episodes
+       for a 5-shot run) and the training options given here (the same for every method); a finished run
+       is reused, an interrupted one resumed;
+    4. per (method, shot): per-episode accuracies on that list (``scores/<method>_<K>shot.npy``; heads
+       without parameters and baselines scored as they are), reused when present;
+    5. ``table.csv`` / ``table.md`` (one row per method, columns per shot: mean +- 95% CI, the paired
+       difference to the reference method with its CI, and the accuracy the papers report for that
+       method and dataset with the backbone it was measured on) and ``table.png``.
+
+Killed at any point, the same command does only what is missing. A rerun with other settings into the
+same ``--out`` is refused (its runs and scores would not be the ones asked for).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mdmf_cache.choices import BASELINES
+from mdmf_cache.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompareConfig:
+    """One comparison; saved as ``compare_config.json`` in ``out``."""
+
+    cache: str = ""
+    out: str = "results/compare"
+    methods: tuple[str, ...] = ()  # registered heads and baselines; () = every registered head
+    shots: tuple[int, ...] = (1, 5)
+    reference: str = "mdmf"  # the paired differences are to this method
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields for every trained method (episodes, lr, ...)
+    way: int = 5
+    test_episodes: int = 10000
+    split: str = "test"
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            from mdmf_cache import heads
+
+            self.methods = heads.METHODS
+
+    def validate(self) -> None:
+        from mdmf_cache import heads
+
+        problems = []
+        known = (*heads.METHODS, *BASELINES)
+        unknown = [m for m in self.methods if m not in known]
+        if unknown:
+            problems.append(f"--methods {','.join(unknown)}: unknown; choose from {', '.join(known)}")
+        if len(set(self.methods)) != len(self.methods) or not self.methods:
+            problems.append("--methods: name each method once")
+        if self.reference not in self.methods:
+            problems.append(f"--reference {self.reference}: not among --methods")
+        if not self.shots or min(self.shots) < 1 or len(set(self.shots)) != len(self.shots):
+            problems.append("--shot: distinct values >= 1, e.g. 1,3,5")
+        if self.test_episodes < 1:
+            problems.append(f"--test-episodes {self.test_episodes}: must be >= 1")
+        for name in ("cache", "out", "method", "shot", "resume", "heads", "mode", "full", "way", "seed", "device"):
+            if name in self.train:
+                problems.append(f"training option {name!r} is set by compare itself")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def _trained(method: str) -> bool:
+    from mdmf_cache import heads
+
+    return method in heads.REGISTRY and heads.REGISTRY[method].parametric
+
+
+def _finished(run: Path, episodes: int) -> bool:
+    metrics = run / "metrics.jsonl"
+    if not ((run / "best.pt").is_file() and metrics.is_file()):
+        return False
+    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    return bool(lines) and lines[-1]["episodes"] >= episodes
+
+
+def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
+    """Train what is missing, score every method on the same episodes per shot, write the tables."""
+    from mdmf_cache.backbone import resolve_device
+    from mdmf_cache.configs import TrainConfig
+    from mdmf_cache.episodes import EpisodeSampler, Episodes
+    from mdmf_cache.evaluation import episode_list, score
+    from mdmf_cache.fileio import atomic_write_json
+    from mdmf_cache.runs import load_run
+    from mdmf_cache.store import CacheStore, load_split_features
+    from mdmf_cache.training import run_train
+
+    # 1. everything checked before anything is written
+    cfg.validate()
+    out = Path(cfg.out)
+    store = CacheStore(cfg.cache)
+    if not store.is_complete():
+        raise ConfigError(f"{cfg.cache} is not complete; rerun the same 'mdmf-cache extract' command to finish it")
+    tcfgs = {}
+    for method in filter(_trained, cfg.methods):
+        for shot in cfg.shots:
+            tcfgs[method, shot] = TrainConfig(cache=cfg.cache, out=str(out / "runs" / f"{method}_{shot}shot"),
+                                              method=method, way=cfg.way, shot=shot, seed=cfg.seed, device=cfg.device,
+                                              **cfg.train)
+            tcfgs[method, shot].validate()
+    saved = json.loads(json.dumps(asdict(cfg)))
+    old = out / "compare_config.json"
+    if old.is_file():
+        before = json.loads(old.read_text())
+        diff = sorted(k for k in saved if k not in ("device",) and before.get(k) != saved[k])
+        if diff:
+            raise ConfigError(f"{out} holds a comparison made with other {', '.join(diff)}; rerun it as it was "
+                              "(it goes on where it stopped) or choose another --out")
+    device = resolve_device(cfg.device)
+    split = load_split_features(cfg.cache, cfg.split, device=str(device))
+    sampler = EpisodeSampler(split.labels.cpu().numpy(), split.num_classes)
+    for shot in cfg.shots:
+        sampler.check(cfg.way, shot, 1, split=cfg.split)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(old, saved)
+    (out / "scores").mkdir(exist_ok=True)
+
+    # 2. one seeded episode list per shot
+    lists = {}
+    for shot in cfg.shots:
+        eps = episode_list(split, cfg.way, shot, 1, cfg.test_episodes, cfg.seed)
+        path = out / f"episodes_{cfg.way}way_{shot}shot.npz"
+        if path.is_file():
+            kept = Episodes.load(path)
+            if not all(np.array_equal(getattr(kept, f), getattr(eps, f)) for f in Episodes.__dataclass_fields__):
+                raise ConfigError(f"{path} is not this cache's episode list any more (the test split changed); "
+                                  "use another --out")
+        else:
+            _save_episodes(eps, path)
+        lists[shot] = eps
+
+    # 3. train what is not finished (resume what was interrupted)
+    for (method, shot), tcfg in tcfgs.items():
+        run = Path(tcfg.out)
+        if _finished(run, tcfg.episodes):
+            log.info("%s %d-shot: reusing %s", method, shot, run)
+            continue
+        tcfg.resume = (run / "last.pt").is_file()
+        log.info("%s %d-shot: training %s", method, shot, run)
+        run_train(tcfg, progress=progress)
+
+    # 4. scores on the saved lists
+    accs: dict[tuple[str, int], np.ndarray] = {}
+    for method in cfg.methods:
+        for shot in cfg.shots:
+            path = out / "scores" / f"{method}_{shot}shot.npy"
+            if path.is_file():
+                accs[method, shot] = np.load(path)
+                continue
+            model = load_run(tcfgs[method, shot].out, str(device))[0] if (method, shot) in tcfgs else None
+            res = score(method, split, lists[shot], model, cfg.seed)
+            accs[method, shot] = res.episode_acc * 100
+            _save_scores(accs[method, shot], path)
+
+    # 5. tables and the figure
+    fp = store.fingerprint.get("video") or {}
+    rows = table_rows(cfg, accs, fp.get("dataset", ""), fp.get("model", ""))
+    write_tables(out, rows, cfg.shots)
+    from mdmf_cache.plots import compare_figure, plot_safely
+
+    plot_safely(compare_figure, rows, cfg.shots, out / "table.png",
+                f"{fp.get('dataset', '')} {fp.get('model', '')}: {cfg.way}-way, {cfg.test_episodes} identical test "
+                "episodes per shot")
+    return {"rows": rows, "out": str(out)}
+
+
+def _save_episodes(eps, path: Path) -> None:
+    from mdmf_cache.fileio import atomic_write_file
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy would append .npz to the temporary name
+            eps.save(f)
+
+    atomic_write_file(path, write)
+
+
+def _save_scores(acc: np.ndarray, path: Path) -> None:
+    from mdmf_cache.fileio import atomic_write_file
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, acc)
+
+    atomic_write_file(path, write)
+
+
+def table_rows(cfg: CompareConfig, accs: dict[tuple[str, int], np.ndarray], dataset: str,
+               model: str) -> list[dict[str, Any]]:
+    """One row per method: per shot its mean and CI, the paired difference to the reference, the reported number."""
+    from mdmf_cache.episodes import mean_ci
+    from mdmf_cache.paper import backbone_of, reported
+
+    rows = []
+    for method in cfg.methods:
+        row: dict[str, Any] = {"method": method, "backbone": backbone_of(model) if model else ""}
+        for shot in cfg.shots:
+            acc = accs[method, shot]
+            row[f"{shot}shot"], row[f"{shot}shot_ci95"] = mean_ci(acc)
+            if method != cfg.reference:
+                row[f"{shot}shot_diff"], row[f"{shot}shot_diff_ci95"] = mean_ci(acc - accs[cfg.reference, shot])
+            paper = reported(method, dataset, shot, model)
+            if paper is not None:
+                row[f"{shot}shot_reported"], row[f"{shot}shot_reported_backbone"] = paper
+        rows.append(row)
+    return rows
+
+
+def write_tables(out: Path, rows: list[dict[str, Any]], shots: tuple[int, ...]) -> None:
+    """``table.csv`` (every number) and ``table.md`` (the paper's layout: one row per method, a column per shot)."""
+    from mdmf_cache.fileio import atomic_write_text
+
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "table.csv", buf.getvalue())
+    head = ["method", *(f"{k}-shot" for k in shots), *(f"{k}-shot vs ref" for k in shots), "reported (backbone)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"]]
+        cells += [f"{r[f'{k}shot']:.2f} ± {r[f'{k}shot_ci95']:.2f}" for k in shots]
+        cells += [f"{r[f'{k}shot_diff']:+.2f} ± {r[f'{k}shot_diff_ci95']:.2f}" if f"{k}shot_diff" in r else "(ref)"
+                  for k in shots]
+        paper = ["/".join(f"{r[f'{k}shot_reported']:.1f}" if f"{k}shot_reported" in r else "-" for k in shots)]
+        backbones = {r[f"{k}shot_reported_backbone"] for k in shots if f"{k}shot_reported_backbone" in r}
+        cells.append(f"{paper[0]} ({', '.join(sorted(backbones))})" if backbones else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = ("\nAccuracy in %, mean ± 95% CI over the same seeded test episodes; 'vs ref' is the paired difference "
+            "to the reference method. 'reported' is what the CLIP-MDMF paper's Tables 1-2 give for that method and "
+            "dataset, on the backbone in parentheses: ResNet-50 (ImageNet) numbers are not CLIP results.\n")
+    atomic_write_text(out / "table.md", "\n".join(lines) + "\n" + note)

@@ -1,0 +1,130 @@
+"""Recipe ``mdmf-cache predict``: label new videos with a trained run and a few labelled videos per class.
+
+Top to bottom:
+    1. the config (:class:`~mdmf_cache.configs.PredictConfig`) and the inputs, all checked before anything
+       is loaded or written: the run directory, ``SUPPORT/<class>/<video>``, the query videos, the backbone
+       the run's features came from (:func:`mdmf_cache.predict_inputs.run_backbone`);
+    2. extract: the support and query videos' frame features with that backbone and the run's test-time
+       settings, cached (:class:`mdmf_cache.predict_inputs.PredictCache`: a second call with the same
+       videos loads no backbone; new videos are extracted alone), and the class prompts' text embeddings;
+    3. score every query against the support classes with the run's head
+       (:func:`mdmf_cache.prediction.class_probabilities`: one episode per query, K shots per class,
+       softmax probabilities averaged over K-subsets when classes have more supports than K);
+    4. write ``predict_config.json`` and ``predictions.csv`` (query, predicted class, one probability
+       column per class), each atomically;
+    5. print the first queries and the count per predicted class.
+
+The rules are in docs/predict.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mdmf_cache.configs import PredictConfig
+from mdmf_cache.datasets import Split
+from mdmf_cache.errors import DatasetError
+from mdmf_cache.fileio import atomic_write_json, atomic_write_text
+from mdmf_cache.predict_inputs import PredictCache, find_queries, find_support, run_backbone, usable_supports
+from mdmf_cache.report import print_predictions
+from mdmf_cache.runs import load_run, read_run_config
+
+log = logging.getLogger(__name__)
+
+#: predictions.csv's first columns; the class columns follow.
+COLUMNS = ("query", "predicted")
+
+
+def run(cfg: PredictConfig, progress: bool = True, show: bool = True) -> dict[str, Any]:
+    """Predict, write and print; returns what was written (rows, counts) and what the cache did.
+
+    Raises:
+        ConfigError: bad options; RUN is not a run directory; its backbone cannot be found or loaded.
+        DatasetError: no support class folder with videos, fewer than 2 classes, a support class with no
+            decodable video, no query video (or none decodable).
+    """
+    import torch
+
+    from mdmf_cache.backbone import resolve_device
+    from mdmf_cache.extraction import prompts_for
+    from mdmf_cache.prediction import class_probabilities, support_subsets
+
+    # 1. config and inputs
+    cfg.validate()
+    run_dir = Path(cfg.run)
+    run_cfg = read_run_config(run_dir)
+    support = find_support(cfg.support)
+    classes = list(support)
+    clash = [c for c in classes if c in COLUMNS]
+    if clash:
+        raise DatasetError(f"support class folder {clash[0]!r} has the name of a predictions.csv column; rename it")
+    queries = find_queries(cfg.query)
+    backbone = run_backbone(run_dir, run_cfg, cfg)
+    head, _ = load_run(run_dir, cfg.device)
+    device = resolve_device(cfg.device)
+    log.info("%d support classes (%s), %d queries; backbone %s", len(classes),
+             ", ".join(f"{c}: {len(v)}" for c, v in support.items()), len(queries), backbone.what)
+
+    # 2. extract (or read back) the features; the prompts' text embeddings
+    cache = PredictCache(Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "predict_cache", backbone, progress)
+    videos = list(dict.fromkeys(p.resolve() for p in [*(v for vs in support.values() for v in vs), *queries]))
+    feats = cache.features(videos)
+    row = {v: i for i, v in enumerate(videos)}
+    errors = {p: feats.errors[row[p.resolve()]] for p in [*(v for vs in support.values() for v in vs), *queries]}
+    support = usable_supports(support, errors)
+    good = [q for q in queries if not errors[q]]
+    failed = [q for q in queries if errors[q]]
+    for q in failed:
+        log.warning("query %s could not be decoded (%s); its row in predictions.csv is empty", q, errors[q])
+    if not good:
+        raise DatasetError(f"none of the {len(queries)} query videos could be decoded (e.g. {failed[0]}: "
+                           f"{errors[failed[0]]})")
+    prompts = prompts_for(Split("support", classes, classes, [], np.zeros(0, dtype=np.int32), ""), backbone.ecfg)
+    text = cache.text(prompts)
+
+    # 3. score
+    def tensor(paths: list[Path]) -> torch.Tensor:
+        return torch.from_numpy(feats.features[[row[p.resolve()] for p in paths]]).to(device)  # (R, T, D) float16
+
+    shot, passes = support_subsets([len(support[c]) for c in classes], cfg.shot, cfg.subsets, cfg.seed)
+    if shot != int(run_cfg.get("shot", shot)):
+        log.info("K=%d supports per class; the run was trained for %s-shot", shot, run_cfg.get("shot"))
+    probs = class_probabilities(head, [tensor(support[c]) for c in classes], tensor(good),
+                                torch.from_numpy(text).to(device), shot=cfg.shot, subsets=cfg.subsets, seed=cfg.seed,
+                                pps_test=cfg.pps_test, query_keys=[str(q.resolve()) for q in good],
+                                batch_size=cfg.batch_size).numpy()  # (Q, N)
+
+    # 4. write
+    by_query = dict(zip(good, probs))
+    rows = []
+    for q in queries:
+        p = by_query.get(q)
+        rows.append({"query": str(q), "predicted": classes[int(p.argmax())] if p is not None else "",
+                     "probability": float(p.max()) if p is not None else None, "probs": p})
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*COLUMNS, *classes])
+    for r in rows:
+        writer.writerow([r["query"], r["predicted"], *(r["probs"].tolist() if r["probs"] is not None else [""] * len(classes))])
+    out = Path(cfg.out) if cfg.out else run_dir / "predict"
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {"classes": classes, "prompts": prompts, "supports": {c: len(support[c]) for c in classes},
+                "shot": shot, "passes": len(passes), "backbone": backbone.what, "weights": backbone.weights,
+                "cache": str(cache.path), "method": head.method}
+    atomic_write_json(out / "predict_config.json", {**dataclasses.asdict(cfg), "resolved": resolved})
+    atomic_write_text(out / "predictions.csv", buf.getvalue())
+
+    # 5. print
+    res = {**resolved, "rows": rows, "failed": [str(q) for q in failed], "csv": str(out / "predictions.csv"),
+           "out": str(out), "counts": {c: sum(r["predicted"] == c for r in rows) for c in classes},
+           "extracted": feats.extracted, "backbone_loaded": cache.backbone_loaded}
+    if show:
+        print_predictions(res, cfg.show)
+    return res

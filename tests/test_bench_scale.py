@@ -1,0 +1,31 @@
+"""bench/scale.py --quick runs end to end and prints its JSON line (figures sane, not timed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+KEYS = {"bench", "rows", "views", "dim", "load_peak_over_features", "extract_rerun_s", "extract_first_rerun_s",
+        "info_s", "verify_s", "export_peak_over_array"}
+
+
+def test_scale_bench_quick(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "scale.py"), "--quick", "--views", "2",
+                          "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])  # the JSON line comes last
+    assert KEYS <= set(out), KEYS - set(out)
+    assert out["bench"] == "scale" and (out["rows"], out["views"], out["dim"]) == (2000, 2, 64)
+    # peak memory over the features a load returns: at least the features themselves, and not absurd (a few MB
+    # of features, so the fixed costs of a load weigh in; at scale the bench reads ~1.0)
+    assert math.isfinite(out["load_peak_over_features"]) and 0.5 < out["load_peak_over_features"] < 50
+    assert math.isfinite(out["export_peak_over_array"]) and out["export_peak_over_array"] > 0
+    assert all(out[k] >= 0 for k in ("extract_rerun_s", "extract_first_rerun_s", "info_s", "verify_s"))
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is gone
