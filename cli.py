@@ -38,12 +38,23 @@ app = typer.Typer(
 )
 
 DEBUG = {"on": False}
-# What an interrupt keeps and how to go on; each command sets its own before it starts work.
-INTERRUPT_HINT = {"text": "nothing was finished; rerun the same command"}
+# What an interrupt keeps and how to go on; each command sets its own before it starts work (a text, or a
+# function that says it when the interrupt comes).
+INTERRUPT_HINT: dict[str, Any] = {"text": "nothing was finished; rerun the same command"}
 
 
-def _on_interrupt(text: str) -> None:
+def _on_interrupt(text: str | Any) -> None:
     INTERRUPT_HINT["text"] = text
+
+
+def _interrupt_text() -> str:
+    text = INTERRUPT_HINT["text"]
+    if callable(text):
+        try:
+            return text()
+        except Exception:  # noqa: BLE001 - the hint must not hide the interrupt
+            return "rerun the same command"
+    return text
 
 
 def _choices(values) -> str:
@@ -469,6 +480,9 @@ def eval_(
     pps_test: Annotated[Optional[str], typer.Option(help=f"MDMF: PPS rule at test for this evaluation: {_choices(PPS_TEST_RULES)} (default: the run's).")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="The run's cache, if it moved (checked against the run's record).")] = None,
     root: Annotated[Optional[Path], typer.Option(help="A full-mode run's video tree, if it moved.")] = None,
+    eval_cache: Annotated[Optional[Path], typer.Option(help="Where a full-mode run's split is extracted with its "
+                                                            "backbone (default RUN/eval_cache), e.g. when the run is "
+                                                            "on read-only storage.")] = None,
     device: DeviceOpt = _E.device,
     debug: DebugOpt = False,
 ) -> None:
@@ -480,7 +494,7 @@ def eval_(
     run(EvalConfig(target=str(target), method=method, split=split, way=way, shots=_shots(shot) if shot else None,
                    episodes=episodes, queries_per_class=queries_per_class, seed=seed, out=str(out) if out else None,
                    device=device, path=path, pps_test=pps_test, cache=str(cache) if cache else None,
-                   root=str(root) if root else None))
+                   root=str(root) if root else None, eval_cache=str(eval_cache) if eval_cache else None))
 
 
 _P = PredictConfig
@@ -649,6 +663,9 @@ def sweep(
                           pruner=pruner, prune_startup=prune_startup, prune_below=prune_below, seed=sampler_seed,
                           resume=resume, heartbeat=heartbeat)
         cfg.out = str(out) if out else f"sweeps/{study or Path(cache).name.split('__')[0].removesuffix('.zarr')}"
+        from pipelines.sweep import interrupt_hint
+
+        _on_interrupt(lambda: interrupt_hint(cfg))
         res = run_sweep(cfg)
     from mdmf_cache.report import print_sweep
 
@@ -763,6 +780,38 @@ def _click_exceptions() -> tuple[type, ...]:
     return tuple(classes)
 
 
+def _os_error_line(err: BaseException) -> str | None:
+    """One line for an OSError naming a file (the error itself or its cause): the path, what went wrong and what to
+    do; None for anything else."""
+    import errno
+    import shutil
+
+    chain = []
+    while err is not None and len(chain) < 6:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    os_errors = [e for e in chain if isinstance(e, OSError)]
+    err = next((e for e in os_errors if e.filename), None)
+    if err is None:
+        full = next((e for e in os_errors if e.errno in (errno.ENOSPC, errno.EDQUOT)), None)  # a write names no file
+        if full is not None:
+            return f"disk full ({full.strerror}); free some space and rerun the same command (finished work is kept)"
+        return None
+    path = Path(err.filename)
+    what = err.strerror or type(err).__name__
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free / 1e6:.0f} MB free; "
+        except OSError:
+            free = ""
+        return (f"disk full while writing {path} ({free}{what}); free some space and rerun the same command "
+                "(finished work is kept)")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"cannot access {path} ({what}): fix its permissions, or put the output on writable storage "
+                "(--out, --cache-dir, --eval-cache)")
+    return f"{path}: {what}"
+
+
 def main() -> None:
     """Console entry: one clear line for known errors, the traceback only with --debug."""
     from mdmf_cache.errors import MdmfError
@@ -782,7 +831,7 @@ def main() -> None:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         sys.exit(code)
     except KeyboardInterrupt:
-        typer.secho(f"interrupted: {INTERRUPT_HINT['text']}", fg="yellow", err=True)
+        typer.secho(f"interrupted: {_interrupt_text()}", fg="yellow", err=True)
         sys.exit(130)
     except Exception as e:
         if isinstance(e, _click_exceptions()):  # usage errors: click's own message, exit code 2
@@ -790,6 +839,10 @@ def main() -> None:
             sys.exit(e.exit_code)
         if DEBUG["on"]:
             raise
+        line = _os_error_line(e)
+        if line:  # a file that could not be read or written: its path and what to do
+            typer.secho(f"error: {line}", fg="red", err=True)
+            sys.exit(2)
         typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", fg="red", err=True)
         sys.exit(1)
 

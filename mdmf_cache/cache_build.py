@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from mdmf_cache.configs import ExtractConfig
 from mdmf_cache.datasets import SPLITS, Split, load_splits
 from mdmf_cache.errors import CacheError, MdmfError
 from mdmf_cache.extraction import ClipSource, clip_loader, distributed_env, encode_clips, find_videos, fingerprint, prompts_for
-from mdmf_cache.fileio import raise_if_disk_full
+from mdmf_cache.fileio import process_lock, raise_if_disk_full
 from mdmf_cache.store import CacheStore, group_name
 
 log = logging.getLogger(__name__)
@@ -202,6 +201,7 @@ def _encode_batch(batch: list, backbone, cfg: ExtractConfig, views: int, ids: di
             writer.add({"row": b["row"], "features": feats[b["row"]], "indices": b["indices"],
                         "num_frames": b["num_frames"], "error": ""})
 
+
 def file_stat(path) -> tuple[int, int]:
     """(size, mtime in ns) of a video file or frame folder (a folder: its own entry, which changes when frames
     are added or removed, not when one is rewritten in place); (-2, -2) if it cannot be read."""
@@ -309,37 +309,16 @@ def split_changes(path: Path, splits: dict[str, Split]) -> str | None:
 def extract_lock(path: Path):
     """Hold ``PATH.lock`` (an OS file lock, released when the process ends, a kill included) while one
     extract writes the cache; a second extract of the same cache is refused, naming the first."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(path.name + ".lock")
-    try:
-        f = open(lock, "a+")
-    except OSError as e:
-        raise CacheError(f"cannot write {lock} ({e.strerror}): extract needs write access to {path.parent}; "
-                         "a read-only cache can still be read by train, eval and export") from e
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
-            for _ in range(20):  # the holder writes its pid right after it takes the lock
-                f.seek(0)
-                holder = f.read().strip()
-                if holder:
-                    break
-                time.sleep(0.05)
-            holder = holder or "another process"
-            raise CacheError(f"another extract ({holder}) is writing {path}; wait for it to finish, then rerun this "
-                             "command (it reuses everything finished)") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%H:%M:%S')}")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with process_lock(
+        lock,
+        busy=lambda holder: CacheError(f"another extract ({holder}) is writing {path}; wait for it to finish, then "
+                                       "rerun this command (it reuses everything finished)"),
+        unwritable=lambda e: CacheError(f"cannot write {lock} ({e.strerror}): extract needs write access to "
+                                        f"{path.parent}; a read-only cache can still be read by train, eval and export"),
+    ):
+        yield
 
 
 def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:

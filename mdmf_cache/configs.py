@@ -120,6 +120,8 @@ class ExtractConfig(VideoOptions):
             problems.append(f"--split {bad[0]!r} (choose {', '.join(SPLITS)})")
         if not 0 <= self.rank < self.world_size:
             problems.append(f"rank {self.rank} outside world size {self.world_size}")
+        if self.seed < 0:
+            problems.append(f"--seed {self.seed}: must be >= 0")
         if self.root is None:
             problems.append("--root DIR (the video tree) is required")
         if problems:
@@ -243,6 +245,8 @@ class TrainConfig:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.save_every < 0:
             problems.append("--save-every must be >= 0 (0: save at validations only)")
+        if self.seed < 0:
+            problems.append(f"--seed {self.seed}: must be >= 0")
         if self.way < 2:
             problems.append(f"--way {self.way}: an episode needs at least 2 classes")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -289,6 +293,7 @@ class EvalConfig:
     pps_test: str | None = None  # MDMF: override the run's PPS rule at test (sample | argmax)
     cache: str | None = None  # a run's cache at another path (moved); checked against the run's record
     root: str | None = None  # a full-mode run's video tree at another path (moved)
+    eval_cache: str | None = None  # where a full-mode run's split is extracted with its backbone (default RUN/eval_cache)
 
     def validate(self) -> None:
         from mdmf_cache.evaluation import METHODS
@@ -304,6 +309,8 @@ class EvalConfig:
             raise ConfigError(f"--path {self.path!r}: choose {' or '.join(EVAL_PATHS)}")
         if self.pps_test not in (None, *PPS_TEST_RULES):
             raise ConfigError(f"--pps-test {self.pps_test!r}: choose {' or '.join(PPS_TEST_RULES)}")
+        if self.seed < 0 or self.batch_size < 1:
+            raise ConfigError(f"--seed {self.seed} must be >= 0 and the batch size {self.batch_size} >= 1")
 
 
 @dataclass

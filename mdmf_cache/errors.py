@@ -19,3 +19,7 @@ class VideoReadError(MdmfError):
 
 class CacheError(MdmfError):
     """A cache that is missing, incomplete, or was made with different settings."""
+
+
+class TrainingError(MdmfError):
+    """Training that cannot go on: its loss or weights stopped being finite (what was kept is named)."""

@@ -18,7 +18,6 @@ seed and the episode list only, so both paths (and every batch size) make the sa
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -237,8 +236,9 @@ def episode_list(split: FeatureSplit, way: int, shot: int, queries: int, n: int,
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Evaluate; returns the results dict that is also written to ``results.json``."""
     from mdmf_cache.backbone import resolve_device
-    from mdmf_cache.fileio import atomic_write_json
-    from mdmf_cache.runs import check_identity, full_run_cache, load_run, run_cache
+    from mdmf_cache.fileio import atomic_write_json, writing
+    from mdmf_cache.errors import CacheError
+    from mdmf_cache.runs import check_identity, full_run_cache, load_run, read_run_file, run_cache
     from mdmf_cache.store import load_split_features
 
     cfg.validate()
@@ -247,10 +247,13 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     model = None
     method, trained_shot = cfg.method, None
     # 1. what is scored
+    full_mode = False
     if (target / "config.json").is_file() and (target / "best.pt").is_file():
-        run_cfg = json.loads((target / "config.json").read_text())
-        if run_cfg.get("mode") == "full":  # the fine-tuned backbone's features: extracted here once, then reused
-            cache = full_run_cache(target, run_cfg, cfg.split, str(device), cfg.cache, progress, cfg.way, cfg.root)
+        run_cfg = read_run_file(target / "config.json")
+        if run_cfg.get("mode") == "full":  # the fine-tuned backbone's features: extracted here, extended when the tree grew
+            full_mode = cfg.cache is None
+            cache = full_run_cache(target, run_cfg, cfg.split, str(device), cfg.cache, progress, cfg.way, cfg.root,
+                                   cfg.eval_cache)
         else:
             cache = run_cache(target, run_cfg, cfg.cache)
             check_identity(run_cfg.get("cache_identity"), cache, f"eval {target}")
@@ -278,12 +281,24 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(f"{target} is neither a run directory (config.json + best.pt) nor a cache (*.zarr)")
     shots = cfg.shots or ((trained_shot,) if trained_shot else (1, 3, 5))
     # 2. features; every shot checked against the split before anything is scored or written
-    split = load_split_features(cache, cfg.split, device=str(device))
+    try:
+        split = load_split_features(cache, cfg.split, device=str(device))
+    except CacheError as e:
+        if not full_mode:
+            raise
+        # the run's own eval cache, damaged in a way its extract rerun did not repair: made again from the videos
+        log.warning("%s", e)
+        cache = full_run_cache(target, run_cfg, cfg.split, str(device), None, progress, cfg.way, cfg.root,
+                               cfg.eval_cache, rebuild=True)
+        split = load_split_features(cache, cfg.split, device=str(device))
     sampler = EpisodeSampler(split.labels.cpu().numpy(), split.num_classes)
     for shot in shots:
         sampler.check(cfg.way, shot, cfg.queries_per_class, split=cfg.split)
     out = Path(cfg.out) if cfg.out else default_out
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {out} ({e.strerror}): pass --out DIR on writable storage") from e
     atomic_write_json(out / "eval_config.json", asdict(cfg))
     # 3. episodes and scores
     results: dict[str, Any] = {"method": method, "split": cfg.split, "target": str(target), "cache": cache,
@@ -300,12 +315,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     try:
         for shot in shots:
             eps = episode_list(split, cfg.way, shot, cfg.queries_per_class, cfg.episodes, cfg.seed)
-            eps.save(out / f"episodes_{cfg.way}way_{shot}shot.npz")
+            with writing(out / f"episodes_{cfg.way}way_{shot}shot.npz"):
+                eps.save(out / f"episodes_{cfg.way}way_{shot}shot.npz")
             task = bar.add_task(f"{method} {shot}-shot", total=len(eps)) if bar else None
             res = score(method, split, eps, model, cfg.seed, cfg.batch_size,
                         (lambda k, t=task: bar.advance(t, k)) if bar else None, path=cfg.path)
             results["shots"][str(shot)] = res.summary(split.class_names)
-            np.save(out / f"episode_acc_{shot}shot.npy", res.episode_acc)
+            with writing(out / f"episode_acc_{shot}shot.npy"):
+                np.save(out / f"episode_acc_{shot}shot.npy", res.episode_acc)
     finally:
         if bar:
             bar.stop()

@@ -148,7 +148,7 @@ def encode_clips(ok: list[dict[str, Any]], backbone, cfg: ExtractConfig, views: 
     return emb.view(len(ok), views, T, D).to(torch.float16).cpu().numpy()
 
 def embed_split(split: Split, cfg: ExtractConfig, backbone, text, progress=None, keep_failed: bool = False,
-                share: tuple[int, int] = (0, 1)) -> FeatureSplit:
+                share: tuple[int, int] = (0, 1), counts: dict[str, int] | None = None) -> FeatureSplit:
     """A split's found videos embedded in memory (test sampling, centre crop): the extraction path without a cache.
 
     Full mode validates the backbone it is fine-tuning with this, so validation sees exactly the features
@@ -161,6 +161,7 @@ def embed_split(split: Split, cfg: ExtractConfig, backbone, text, progress=None,
         progress: an optional rich Progress to add a task to.
         share: (rank, world): embed only rows ``rank::world`` (the others stay zero; several processes
             each take a share and gather them, see :func:`mdmf_cache.distributed.gather_shares`).
+        counts: filled with ``short`` (videos of this share with fewer than T decodable frames) and ``failed``.
     """
     import torch
 
@@ -176,6 +177,9 @@ def embed_split(split: Split, cfg: ExtractConfig, backbone, text, progress=None,
         for b in batch:
             if "error" in b:
                 log.warning("%s: %s", ids[b["row"]], b["error"])  # "row" is the index into split.found()
+        if counts is not None:
+            counts["short"] = counts.get("short", 0) + sum(b["num_frames"] < T for b in ok)
+            counts["failed"] = counts.get("failed", 0) + len(batch) - len(ok)
         if ok:
             rows = [b["row"] for b in ok]
             feats[rows] = encode_clips(ok, backbone, cfg, 1)

@@ -1,4 +1,5 @@
-"""Atomic file writes for run outputs (configs, results, checkpoints), with a clear message when the disk is full.
+"""Atomic file writes for run outputs (configs, results, checkpoints), with a clear message when the disk is full,
+and the OS file lock that keeps a second writer out of a cache or a run directory.
 
 A kill or a full disk in the middle of a write leaves the previous file (or none), never a truncated
 one: the content goes to ``NAME.tmp`` beside the target, then ``os.replace`` renames it, which is
@@ -7,16 +8,20 @@ atomic on POSIX file systems.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from .errors import MdmfError
 
-__all__ = ["DiskFullError", "raise_if_disk_full", "atomic_write_file", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+__all__ = ["DiskFullError", "raise_if_disk_full", "atomic_write_file", "atomic_write_text", "atomic_write_json",
+           "atomic_torch_save", "process_lock", "writing"]
 
 _LOW_SPACE = 64 << 20  # below this much free space a failed write is reported as a full disk
 
@@ -84,3 +89,65 @@ def atomic_torch_save(obj: Any, path: Path | str) -> Path:
     import torch
 
     return atomic_write_file(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Writes to ``path`` (not atomic: an append, numpy's savez): a full disk is a :class:`DiskFullError` naming it,
+    and any other OSError names ``path`` when it named no file (``write`` errors carry none)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as err:
+        raise_if_disk_full(path, err)
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
+
+
+@contextlib.contextmanager
+def process_lock(lock: Path, busy: Callable[[str], BaseException],
+                 unwritable: Callable[[OSError], BaseException]) -> Iterator[None]:
+    """Hold ``lock`` (an OS file lock on that file, released when the process ends, a kill included).
+
+    The holder writes ``pid N on HOST, started HH:MM:SS`` into the file. A second process is refused at
+    once with ``busy(holder)``; a file that cannot be opened raises ``unwritable(err)``. Whoever holds the
+    lock may delete the file before leaving (an empty run directory removed): a process that opened the
+    deleted file takes the lock on the file that is there now instead.
+    """
+    import fcntl
+
+    while True:
+        try:
+            f = open(lock, "a+")
+        except OSError as e:
+            raise unwritable(e) from e
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            for _ in range(20):  # the holder writes its pid right after it takes the lock
+                f.seek(0)
+                holder = f.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            f.close()
+            raise busy(holder or "another process") from None
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the file was deleted by the previous holder while we opened it: lock the current one
+    with f:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

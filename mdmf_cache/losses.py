@@ -91,9 +91,12 @@ def reliability_masks(
 
 
 def _weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
-    """``(E, Q), (E, Q) -> (E,)``; 0 for an episode whose weights are all zero."""
+    """``(E, Q), (E, Q) -> (E,)``; 0 for an episode whose weights are all zero, with a zero gradient there (dividing
+    by a tiny number instead made the weights' gradient ``values / tiny`` = inf, and inf x 0 = NaN upstream)."""
     den = weights.sum(dim=-1)
-    return (weights * values).sum(dim=-1) / den.clamp_min(torch.finfo(den.dtype).tiny)
+    some = den > 0
+    mean = (weights * values).sum(dim=-1) / torch.where(some, den, torch.ones_like(den))
+    return torch.where(some, mean, torch.zeros_like(mean))
 
 
 def distillation_terms(out: dict[str, Tensor], cfg: MDMFConfig) -> dict[str, Tensor]:

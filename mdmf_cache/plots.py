@@ -88,12 +88,13 @@ def plot_train_curves(metrics: list[dict[str, Any]], path: Path, title: str = ""
 
 def train_curves(run: Path | str) -> Path | None:
     """``RUN/curves.png`` from ``RUN/metrics.jsonl`` (fast or full mode); None when nothing was logged."""
+    from mdmf_cache.runs import read_run_file
+
     run = Path(run)
-    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
-    metrics = [json.loads(x) for x in lines if x.strip()]
+    metrics = read_run_file(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
     if not metrics:
         return None
-    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    cfg = read_run_file(run / "config.json") if (run / "config.json").is_file() else {}
     lr = f"{cfg['lr']:.3g}" if isinstance(cfg.get("lr"), (int, float)) else "?"
     title = f"{run.name}: {cfg.get('way', '?')}-way {cfg.get('shot', '?')}-shot, lr {lr}" if cfg else run.name
     return plot_train_curves(metrics, run / "curves.png", title)

@@ -4,16 +4,24 @@ A run directory holds ``config.json`` (the resolved :class:`~mdmf_cache.configs.
 identity of its input), ``best.pt`` (the heads kept by val accuracy), ``last.pt`` (the resumable
 state) and ``metrics.jsonl``; a full-mode run also ``backbone.pt`` (the fine-tuned CLIP) and, once
 evaluated, ``eval_cache/`` (its test split extracted with that backbone).
+
+Every reader of these files goes through :func:`read_run_file`: a missing or damaged file is a
+:class:`~mdmf_cache.errors.ConfigError` naming the file and what to do, never a library error.
+While ``train`` writes a run it holds ``RUN/.lock`` (:func:`run_lock`): a second ``train`` on the
+same directory is refused, naming the first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -31,7 +39,138 @@ from mdmf_cache.store import CacheStore, FeatureSplit, fingerprint_diff
 log = logging.getLogger(__name__)
 
 __all__ = ["cache_identity", "check_identity", "build_head", "build_model", "head_record", "head_from_record", "validate",
-           "load_config", "read_run_config", "load_run", "run_cache", "full_run_backbone", "full_run_cache"]
+           "load_config", "read_run_config", "load_run", "run_cache", "full_run_backbone", "full_run_cache", "check_backbone",
+           "read_run_file", "RunFileError", "run_lock", "RUN_FILE_FIX"]
+
+#: What to do about a damaged run file, by name (a reader may say something more precise).
+RUN_FILE_FIX = {
+    "config.json": "it records the run's settings and cannot be rebuilt from the other files: restore it from a copy, "
+                   "or train again into another --out",
+    "metrics.jsonl": "rerun the run's train command with --resume: it rewrites metrics.jsonl from last.pt",
+    "best.pt": "rerun the run's train command with --resume: it rebuilds best.pt from last.pt when the run's last "
+               "validation was its best; otherwise train again into another --out",
+    "backbone.pt": "rerun the run's train command with --resume: it rebuilds backbone.pt and best.pt from last.pt when "
+                   "the run's last validation was its best; otherwise train again into another --out",
+    "last.pt": "the run cannot be continued (its best.pt, if intact, can still be evaluated); train again into "
+               "another --out, or delete the run directory and rerun the same command",
+}
+#: The keys a checkpoint of each kind must hold.
+_CKPT_KEYS = {"best.pt": ("model",), "last.pt": ("model", "optimizer", "rng", "episodes", "best_val")}
+
+
+def _why(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _non_finite(state: dict[str, Any]) -> list[str]:
+    """Names of floating-point tensors of a state dict holding NaN or inf."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+class RunFileError(ConfigError):
+    """A run file that is missing or damaged: ``path``, ``problem`` (what is wrong) and ``fix`` (what to do)."""
+
+    def __init__(self, path: Path, problem: str, fix: str) -> None:
+        self.path, self.problem, self.fix = path, problem, fix
+        super().__init__(f"{path} {problem}; {fix}")
+
+
+def read_run_file(path: Path | str, device: Any = "cpu", fix: str | None = None) -> Any:
+    """One file of a run directory, read and checked; the readers of run files all come here.
+
+    ``config.json``: a dict. ``metrics.jsonl``: its records (a last line cut by a kill is dropped).
+    ``best.pt``, ``last.pt``: the checkpoint dict (on ``device``), with the keys a checkpoint holds;
+    ``best.pt``'s weights must be finite. ``backbone.pt``: the fine-tuned CLIP's state dict (finite).
+
+    Args:
+        fix: what to do, said after the damage (default: :data:`RUN_FILE_FIX` for the file's name).
+
+    Raises:
+        RunFileError: the file is missing or damaged (a ConfigError naming it, what is wrong and ``fix``).
+    """
+    path = Path(path)
+    fix = fix or RUN_FILE_FIX.get(path.name, "restore it, or train again into another --out")
+    if not path.is_file():
+        raise RunFileError(path, "is missing", fix)
+    try:
+        if path.suffix == ".json":
+            value = json.loads(path.read_text())
+            if not isinstance(value, dict):
+                raise ValueError(f"a JSON {type(value).__name__}, not an object")
+            return value
+        if path.suffix == ".jsonl":
+            lines = path.read_text().splitlines()
+            recs = []
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    if i == len(lines) - 1:  # a line cut by a kill (appended, not atomic): the checkpoint has it
+                        continue
+                    raise ValueError(f"line {i + 1} is not JSON") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("episodes"), int):
+                    raise ValueError(f"line {i + 1} is not a metrics record")
+                recs.append(rec)
+            return recs
+        if path.name == "backbone.pt":
+            value = torch.load(path, map_location=device, weights_only=True)
+            if not isinstance(value, dict) or not value:
+                raise ValueError("not a state dict")
+            state = value
+        else:
+            value = torch.load(path, map_location=device, weights_only=False)
+            missing = [k for k in _CKPT_KEYS.get(path.name, ()) if not (isinstance(value, dict) and k in value)]
+            if missing:
+                raise ValueError(f"not a checkpoint of mdmf-cache (no {', '.join(missing)})")
+            state = value["model"] if path.name == "best.pt" else {}
+    except Exception as e:  # noqa: BLE001 - unpickling a garbled file raises anything (zipfile, pickle, struct errors)
+        raise RunFileError(path, f"is damaged ({_why(e)})", fix) from e
+    bad = _non_finite(state)
+    if bad:
+        raise RunFileError(path, f"holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run diverged",
+                           "train again with a lower --lr into another --out")
+    return value
+
+
+@contextlib.contextmanager
+def run_lock(out: Path | str) -> Iterator[None]:
+    """Hold ``OUT/.lock`` while one ``train`` writes the run directory ``out``.
+
+    A second ``train`` on the same directory is refused at once, naming the first (its pid and host);
+    the lock is released when the process ends, a kill included. A directory this call created and that
+    holds nothing but the lock when it ends (the run stopped on a bad input) is removed again.
+
+    Raises:
+        ConfigError: the directory is locked, or cannot be created or written.
+    """
+    from mdmf_cache.fileio import process_lock
+
+    out = Path(out)
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {out} ({e.strerror}): choose an --out on writable storage") from e
+    lock = out / ".lock"
+    try:
+        with process_lock(
+            lock,
+            busy=lambda holder: ConfigError(f"another train ({holder}) is writing {out}; wait for it to finish (then "
+                                            "--resume continues it), or choose another --out"),
+            unwritable=lambda e: ConfigError(f"cannot write {lock} ({e.strerror}): choose an --out on writable storage"),
+        ):
+            try:
+                yield
+            finally:
+                if created and [p.name for p in out.iterdir()] == [".lock"]:
+                    lock.unlink(missing_ok=True)
+    finally:
+        for p in created:  # the directories this call made, if they are empty (nothing of a run was written)
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 def cache_identity(cache: Path | str) -> dict[str, Any]:
@@ -104,31 +243,71 @@ def validate(model: FewShotHead, split: FeatureSplit, episodes: Episodes, seed: 
 
 
 def load_config(path: Path | str) -> TrainConfig:
-    """A TrainConfig from a run's ``config.json`` or a sweep's ``best.json`` (``mdmf-cache train --config``)."""
+    """A TrainConfig from a run's ``config.json`` or a sweep's ``best.json`` (``mdmf-cache train --config``).
+
+    Raises:
+        ConfigError: the file is not JSON, or a field is unknown or of the wrong type (named).
+    """
     path = Path(path)
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"--config {path}: cannot read a JSON config ({e})") from e
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--config {path}: a JSON object of TrainConfig fields is expected, not a {type(saved).__name__}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(saved) - known - {"resolved_heads", "sweep", "cache_abs", "cache_identity", "backbone_weights",
-                                           "resolved_data"})  # notes
+                                           "resolved_data", "video_identity"})  # notes
     if unknown:
         raise ConfigError(f"--config {path}: unknown TrainConfig field(s) {', '.join(unknown)}")
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    values = {k: v for k, v in saved.items() if k in known}
+    problems = field_type_problems(TrainConfig, values)
+    if isinstance(values.get("full"), dict):
+        problems += [f"full.{p}" for p in field_type_problems(FullModeConfig, values["full"])]
+    if problems:
+        raise ConfigError(f"--config {path}: {'; '.join(problems)}")
+    return TrainConfig(**values)
+
+
+def _allowed_types(hint: Any) -> list[type]:
+    """The plain types a type hint allows (``int | None`` -> [int, NoneType]; ``dict[str, Any]`` -> [dict])."""
+    import types
+    from typing import Union, get_args, get_origin
+
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return [t for a in get_args(hint) for t in _allowed_types(a)]
+    return [origin or hint]
+
+
+def field_type_problems(cls: type, values: dict[str, Any]) -> list[str]:
+    """``field 'name' must be T, got V`` for each value that does not fit its dataclass field's type
+    (an int is a float too; a bool is neither an int nor a float; a JSON list is a tuple)."""
+    from typing import get_type_hints
+
+    hints = get_type_hints(cls)
+    accepts = {int: (int,), float: (int, float), tuple: (list, tuple), list: (list, tuple)}
+    out = []
+    for name, value in values.items():
+        if name not in hints:
+            continue
+        allowed = _allowed_types(hints[name])
+        if Any in allowed or object in allowed:
+            continue
+        ok = any(isinstance(value, accepts.get(t, (t,))) for t in allowed)
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        if not ok:
+            want = " or ".join(getattr(t, "__name__", str(t)).replace("NoneType", "null") for t in allowed)
+            out.append(f"field {name!r} must be {want}, got {json.dumps(value)}")
+    return out
 
 
 def history_upto(path: Path, done: int) -> list[dict[str, Any]]:
     """Metrics lines of a run written before checkpoints carried them, up to ``done`` episodes."""
     if not path.is_file():
         return []
-    recs = []
-    for line in path.read_text().splitlines():
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-    return [r for r in recs if r.get("episodes", 0) <= done]
+    return [r for r in read_run_file(path) if r.get("episodes", 0) <= done]
 
 
 def read_run_config(run: Path | str) -> dict[str, Any]:
@@ -144,22 +323,22 @@ def read_run_config(run: Path | str) -> dict[str, Any]:
                 if (run / "zarr.json").is_file() else
                 "not a run directory (config.json and best.pt, written by mdmf-cache train --out DIR)")
         raise ConfigError(f"{run} is {what}")
-    try:
-        return json.loads((run / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{run / 'config.json'} is unreadable ({e}); is this a run directory?") from e
+    return read_run_file(run / "config.json")
 
 
 def load_run(run: Path | str, device: str = "auto") -> tuple[FewShotHead, dict[str, Any]]:
-    """The best checkpoint of a run as an eval-mode head, and the run's config."""
+    """The best checkpoint of a run as an eval-mode head, and the run's config (both files checked)."""
     run = Path(run)
     cfg = read_run_config(run)
     if not (run / "best.pt").is_file():
         raise ConfigError(f"{run} has no best.pt; train first (mdmf-cache train --out {run})")
     dev = resolve_device(device)
-    ckpt = torch.load(run / "best.pt", map_location=dev, weights_only=False)
-    model = head_from_record(ckpt).to(dev)
-    model.load_state_dict(ckpt["model"])
+    ckpt = read_run_file(run / "best.pt", dev)
+    try:
+        model = head_from_record(ckpt).to(dev)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:  # weights that do not fit the recorded head
+        raise ConfigError(f"{run / 'best.pt'} is damaged ({_why(e)}); {RUN_FILE_FIX['best.pt']}") from e
     model.eval()
     return model, cfg
 
@@ -177,40 +356,51 @@ def run_cache(run: Path, run_cfg: dict[str, Any], override: str | None) -> str:
                       "with --cache PATH (it is checked against the run's record)")
 
 
-def full_run_backbone(run: Path) -> tuple[Path, str]:
-    """A full-mode run's fine-tuned CLIP, ``RUN/backbone.pt``, and its weights id (``sha256:...``).
+def check_backbone(run: Path) -> str:
+    """The ``weights_id`` of a full-mode run's ``backbone.pt``, checked against ``best.pt``'s record.
 
     Raises:
-        ConfigError: ``backbone.pt`` is missing or is not the backbone of ``best.pt`` (a run killed between the
-            two writes: ``train --resume`` rewrites both).
+        ConfigError: ``backbone.pt`` is missing or damaged, or is not the backbone of ``best.pt`` (a run
+            killed between the two writes: ``train --resume`` rewrites both).
     """
     from mdmf_cache.backbone import weights_id
 
-    backbone = Path(run) / "backbone.pt"
+    backbone = run / "backbone.pt"
     if not backbone.is_file():
         raise ConfigError(f"{run} is a full-mode run without backbone.pt; train it first (or --resume it)")
     wid = weights_id(str(backbone))
-    recorded = torch.load(Path(run) / "best.pt", map_location="cpu", weights_only=False).get("backbone")
+    recorded = read_run_file(run / "best.pt").get("backbone")
     if recorded != wid:
+        read_run_file(backbone)  # a damaged file is named as such, not blamed on a kill
         raise ConfigError(f"{backbone} is not the backbone of {run}/best.pt (the run was stopped between writing "
                           "them); rerun its train command with --resume, which rewrites both")
-    return backbone, wid
+    return wid
+
+
+def full_run_backbone(run: Path) -> tuple[Path, str]:
+    """A full-mode run's fine-tuned CLIP, ``RUN/backbone.pt``, and its weights id (:func:`check_backbone`)."""
+    return Path(run) / "backbone.pt", check_backbone(Path(run))
 
 
 def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, override: str | None = None,
-                   progress: bool = True, way: int = 5, root: str | None = None) -> str:
+                   progress: bool = True, way: int = 5, root: str | None = None, eval_cache: str | None = None,
+                   rebuild: bool = False) -> str:
     """The cache of a full-mode run's split, extracted with the run's fine-tuned backbone (``backbone.pt``).
 
-    Extracted into ``RUN/eval_cache`` the first time (a progress bar), reused afterwards: its name carries
-    the checkpoint's sha256, and so does its fingerprint, so a backbone trained further gets a new cache.
+    Extracted into ``eval_cache`` (default ``RUN/eval_cache``) and treated as any cache: every call
+    compares it with the video tree (the run's ``root``, or ``root``) through :func:`run_extract`, which
+    extends it to videos that appeared, leaves out those that vanished and repairs damage; finished rows
+    are reused. Its name carries the checkpoint's sha256, and so does its fingerprint, so a backbone trained
+    further gets a new cache. The cache belongs to the run: one made with other settings, or damaged
+    beyond repair, is replaced (``rebuild``: replaced whatever it holds).
 
     Raises:
-        ConfigError: ``backbone.pt`` is missing or is not the backbone of ``best.pt`` (a run killed between the
-            two writes: ``train --resume`` rewrites both), or ``--cache`` holds other weights.
+        ConfigError: ``backbone.pt`` is missing, damaged or not the backbone of ``best.pt``; ``--cache`` holds
+            other weights; ``eval_cache`` cannot be written.
     """
     from mdmf_cache.backbone import pretrained_slug
     from mdmf_cache.cache_build import run_extract
-    from mdmf_cache.store import group_name, meta_problem
+    from mdmf_cache.store import group_name
 
     backbone, wid = full_run_backbone(run)
     if override:
@@ -218,15 +408,39 @@ def full_run_cache(run: Path, run_cfg: dict[str, Any], split: str, device: str, 
         if have != wid:
             raise ConfigError(f"--cache {override} was extracted with weights {have}, not this run's {backbone} ({wid})")
         return override
-    full = FullModeConfig(**{**run_cfg["full"], **({"root": root} if root else {})})
+    changes = {k: v for k, v in (("root", root),) if v}
+    try:
+        full = FullModeConfig(**{**run_cfg["full"], **changes})
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{run / 'config.json'} is damaged (no usable 'full' record: {_why(e)}); "
+                          f"{RUN_FILE_FIX['config.json']}") from e
+    cache_dir = Path(eval_cache) if eval_cache else run / "eval_cache"
     ecfg = full.extract_config(run_cfg.get("preset", "paper"), run_cfg.get("seed", 0), device, pretrained=str(backbone),
-                               cache_dir=str(run / "eval_cache"), name=f"{full.dataset}-{wid.split(':')[-1][:12]}",
-                               splits=(split,), progress=progress, way=way)
-    path = Path(ecfg.cache_dir) / group_name(ecfg.cache_name, ecfg.model, pretrained_slug(ecfg.pretrained))
-    if (path / "zarr.json").is_file() and not meta_problem(path):
-        store = CacheStore(path)
-        if split in store.splits and store.is_complete():  # extracted before: no backbone to load
-            return str(path)
+                               cache_dir=str(cache_dir), name=f"{full.dataset}-{wid.split(':')[-1][:12]}",
+                               splits=(split,), progress=progress, way=way, overwrite=True)
+    path = cache_dir / group_name(ecfg.cache_name, ecfg.model, pretrained_slug(ecfg.pretrained))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe = cache_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write {cache_dir} ({e.strerror}): eval extracts the run's {split} split with its "
+                          "backbone there; pass --eval-cache DIR on writable storage (and --out DIR for the results)") from e
+    if rebuild and path.exists():
+        log.warning("%s cannot be read; extracting the %s split again", path, split)
+        shutil.rmtree(path)
     log.info("%s split of %s with its fine-tuned backbone: cache %s", split, run, path)
-    path, _ = run_extract(ecfg)
+    try:
+        path, _ = run_extract(ecfg)
+    except CacheError as e:
+        from mdmf_cache.cache_build import extract_lock
+
+        with extract_lock(path):  # another eval extracting it now: its error stands (raised here)
+            pass
+        if rebuild or not path.exists():
+            raise
+        log.warning("%s; extracting the %s split again", e, split)  # damage its extract could not repair
+        shutil.rmtree(path)
+        path, _ = run_extract(ecfg)
     return str(path)

@@ -249,6 +249,9 @@ def parse_space_text(text: str) -> dict[str, str]:
         name, eq, rng = item.partition("=")
         if not eq or not rng:
             raise ConfigError(f"--space item {item!r}: write NAME=LOW:HIGH[:log] or NAME=A|B|C")
+        if name.strip() in out:
+            raise ConfigError(f"--space names {name.strip()} twice ({name.strip()}={out[name.strip()]} and "
+                              f"{item}); give each parameter once")
         out[name.strip()] = rng.strip()
     return out
 

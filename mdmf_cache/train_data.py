@@ -8,6 +8,7 @@ head's ``forward`` (:mod:`mdmf_cache.heads.base`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import asdict
@@ -21,10 +22,10 @@ from torch import nn
 from mdmf_cache.configs import TrainConfig
 from mdmf_cache.distributed import World, gather_shares
 from mdmf_cache.episodes import EpisodeSampler, gather
-from mdmf_cache.errors import ConfigError
+from mdmf_cache.errors import ConfigError, DatasetError
 from mdmf_cache.extraction import embed_split, find_videos, prompts_for, worker_init
 from mdmf_cache.heads.base import FewShotHead
-from mdmf_cache.runs import cache_identity, head_from_record, head_record
+from mdmf_cache.runs import cache_identity, head_from_record, head_record, read_run_file
 from mdmf_cache.store import CacheStore, FeatureSplit, load_split_features
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,38 @@ class FullData:
                                       normalize=self.ecfg.normalize if device.type == "cpu" else None)
         self.loader_it = None
         self.wait_s, self.decode_s, self.decoded, self.substituted, self.updates = 0.0, 0.0, 0, 0, 0
+        self.short: dict[str, set[int] | None] = {"train": set(), "val": set()}  # videos with < T frames (None: warned)
+        self.seen_train: set[int] = set()
+
+    def video_identity(self) -> dict[str, Any]:
+        """What binds a full-mode run to its videos wherever the tree is: per split, the classes and the ids of
+        the videos found (hashed), and their count."""
+        def sha(items) -> str:
+            return hashlib.sha1("\n".join(items).encode()).hexdigest()[:16]
+
+        return {name: {"classes": sha(split.classes), "videos": sha(split.found()[0]), "count": len(split.found()[0])}
+                for name, split in self.splits.items()}
+
+    def check_identity(self, recorded: dict[str, Any] | None, what: str) -> None:
+        """Refuse videos other than those a run was trained on (runs recorded before identities were kept pass)."""
+        if not recorded:
+            return
+        now = self.video_identity()
+        diff = []
+        for name in sorted(set(recorded) & set(now)):
+            old, new = recorded[name], now[name]
+            if old.get("classes") != new["classes"]:
+                diff.append(f"{name}: other classes")
+            elif old.get("videos") != new["videos"]:
+                diff.append(f"{name}: other videos ({new['count']} found now, {old.get('count')} at training)")
+        if diff:
+            raise DatasetError(f"{what}: the videos under {self.f.root} are not those this run was trained on "
+                               f"({'; '.join(diff)}); point --root (and --splits/--labels) at the run's videos, or "
+                               "train a new run")
 
     def record(self) -> dict[str, Any]:
-        return {"backbone_weights": self.backbone.weights, "resolved_data": asdict(self.ecfg)}
+        return {"backbone_weights": self.backbone.weights, "resolved_data": asdict(self.ecfg),
+                "video_identity": self.video_identity()}
 
     def wrap(self, head: FewShotHead) -> nn.Module:
         from mdmf_cache.finetune import FrameEncoder
@@ -118,7 +148,8 @@ class FullData:
 
         f = self.f
         if f.init_heads:  # e.g. a fast-mode run on this backbone's cache: its heads, then fine-tuning
-            ckpt = torch.load(Path(f.init_heads) / "best.pt", map_location="cpu", weights_only=False)
+            ckpt = read_run_file(Path(f.init_heads) / "best.pt",
+                                 fix="--init-heads needs that run's heads; repair that run or pick another")
             theirs, ours = head_record(head_from_record(ckpt)), head_record(head)
             if theirs != ours:
                 diff = ["method"] if theirs["method"] != ours["method"] else sorted(
@@ -173,6 +204,9 @@ class FullData:
                 for err in it["errors"]:
                     self.substituted += 1
                     log.warning("episode %d: %s; another video of its class was used", it["index"], err)
+                self.seen_train.update(it.get("videos", ()))
+                if self.short["train"] is not None:
+                    self.short["train"].update(it.get("short", ()))
             support, query, classes, labels, noise = episode_pixels(items, self.device, self.ecfg.normalize)
             text = self.tokens[classes] if self.tokens is not None else self.text["train"][classes]  # (E, N, L|D)
             # dropout and anything else drawn from torch's RNG: seeded by the micro-batch's first episode
@@ -196,15 +230,38 @@ class FullData:
         try:
             text = bb.encode_texts(self.prompts["val"]) if self.f.train_text else self.text["val"]
             # keep_failed: the rows stay val_eps' rows
+            counts: dict[str, int] = {}
             split = embed_split(self.splits["val"], self.ecfg, bb, text, progress, keep_failed=True,
-                                share=(self.world.rank, self.world.size))
+                                share=(self.world.rank, self.world.size), counts=counts)
             split.features = gather_shares(split.features, self.world)  # (Nv, 1, T, D)
+            if self.short["val"] is not None:  # once: every validation embeds the same videos
+                short = self._sum_over_ranks(counts.get("short", 0))
+                if short:
+                    log.warning("val: %d of %d videos have fewer than --num-frames %d decodable frames: their frames "
+                                "repeat", short, len(split.video_ids), self.num_frames)
+                self.short["val"] = None
             return split
         finally:
             encoder.train(was)
 
+    def _sum_over_ranks(self, n: int) -> int:
+        if not self.world.distributed:
+            return n
+        import torch.distributed as dist
+
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)  # NCCL reduces GPU tensors only
+        dist.all_reduce(t)
+        return int(t.item())
+
     def stats(self) -> dict[str, float]:
-        """Data-pipeline figures since the last call: decoder wait per update (0 = the GPU never waited)."""
+        """Data-pipeline figures since the last call: decoder wait per update (0 = the GPU never waited).
+
+        The first call after train videos shorter than T were decoded warns once with their count so far."""
+        short = self.short["train"]
+        if short:
+            log.warning("train: %d of the %d videos decoded so far have fewer than --num-frames %d decodable frames: "
+                        "their frames repeat (said once)", len(short), len(self.seen_train), self.num_frames)
+            self.short["train"] = None
         out = {"loader_wait_s": self.wait_s / max(self.updates, 1), "decode_s_per_episode": self.decode_s / max(self.decoded, 1),
                "substituted_videos": self.substituted}
         self.wait_s, self.decode_s, self.decoded, self.substituted, self.updates = 0.0, 0.0, 0, 0, 0

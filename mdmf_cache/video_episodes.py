@@ -90,8 +90,9 @@ class EpisodeVideos(Dataset):
         ep = self._sampler.sample(1, self.way, self.shot, self.queries, rng)
         return ep, rng.random(ep.query.shape[1])
 
-    def _decode(self, index: int, slot: int, video: int) -> tuple[torch.Tensor, Crop, list[str]]:
-        """One video of the episode (or a substitute of its class when it cannot be decoded): frames, crop, errors."""
+    def _decode(self, index: int, slot: int, video: int) -> tuple[torch.Tensor, Crop, list[str], int, bool]:
+        """One video of the episode (or a substitute of its class when it cannot be decoded): frames, crop, errors,
+        the video decoded, and whether it has fewer than T decodable frames (indices repeated)."""
         rng = np.random.default_rng([self.seed, 8, index, slot])
         errors: list[str] = []
         candidates = [video]
@@ -107,7 +108,8 @@ class EpisodeVideos(Dataset):
                     members = self._sampler.members[c, : self._sampler.counts[c]]
                     candidates = list(rng.permutation(members[members != video])[:SUBSTITUTES])
                 continue
-            return torch.from_numpy(clip.frames), Crop.random(rng, self.flip), errors  # (T, H, W, 3) uint8
+            # (T, H, W, 3) uint8
+            return torch.from_numpy(clip.frames), Crop.random(rng, self.flip), errors, v, clip.num_frames < self.num_frames
         raise VideoReadError(f"episode {index}: {len(errors)} videos of one class could not be decoded: "
                              + "; ".join(errors[:3]))
 
@@ -115,16 +117,20 @@ class EpisodeVideos(Dataset):
         t0 = time.perf_counter()
         ep, noise = self.plan(int(index))
         videos = np.concatenate([ep.support[0], ep.query[0]])  # (S+Q,) support then query rows
-        frames, crops, errors = [], [], []
+        frames, crops, errors, used, short = [], [], [], [], []
         for slot, v in enumerate(videos):
-            f, c, err = self._decode(int(index), slot, int(v))
+            f, c, err, u, few = self._decode(int(index), slot, int(v))
             frames.append(f)
             crops.append(c)
             errors += err
+            used.append(u)
+            if few:
+                short.append(u)
         if self.normalize is not None:  # (S+Q, T, 3, 224, 224) float32, ready for the model
             frames = preprocess_clips(frames, crops, "cpu", normalize=self.normalize)
         return {"index": int(index), "frames": frames, "crops": crops, "classes": ep.classes[0],
                 "labels": ep.query_labels[0], "noise": noise, "support": ep.shot * ep.way, "errors": errors,
+                "videos": used, "short": short,  # the videos decoded; those with fewer than T frames
                 "decode_s": time.perf_counter() - t0}  # decoding, plus preprocessing when done here
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,7 +94,7 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
     from mdmf_cache.evaluation import episode_list
     from mdmf_cache.backbone import resolve_device
     from mdmf_cache.configs import TrainConfig
-    from mdmf_cache.runs import load_run
+    from mdmf_cache.runs import load_run, read_run_file
     from mdmf_cache.training import run_train
     from mdmf_cache.store import load_split_features
 
@@ -130,7 +129,7 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
         tcfg = tcfgs[name]
         run = Path(tcfg.out)
         if (run / "best.pt").is_file() and (run / "metrics.jsonl").is_file():
-            last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            last = read_run_file(run / "metrics.jsonl")
             if last and last[-1]["episodes"] >= tcfg.episodes:
                 log.info("arm %s: reusing finished run %s", name, run)
                 runs[name] = run

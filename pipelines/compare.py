@@ -89,10 +89,11 @@ def _trained(method: str) -> bool:
 
 
 def _finished(run: Path, episodes: int) -> bool:
-    metrics = run / "metrics.jsonl"
-    if not ((run / "best.pt").is_file() and metrics.is_file()):
+    from mdmf_cache.runs import read_run_file
+
+    if not ((run / "best.pt").is_file() and (run / "metrics.jsonl").is_file()):
         return False
-    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    lines = read_run_file(run / "metrics.jsonl")  # a damaged file is named, not a traceback
     return bool(lines) and lines[-1]["episodes"] >= episodes
 
 

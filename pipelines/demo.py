@@ -54,6 +54,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.model not in list_models():  # before 240 videos are written
         raise ConfigError(f"--model {cfg.model!r} is not an open_clip model; the demo runs on a tiny one "
                           "(mdmf-tiny-vit or mdmf-tiny-rn)")
+    if cfg.workers < 0:
+        raise ConfigError(f"--workers {cfg.workers}: must be >= 0 (0 decodes in this process)")
     out = Path(cfg.out)
     videos = out / "videos"
     stages = 5 if cfg.full else 4

@@ -5,22 +5,42 @@ Top to bottom:
        normalisation unless given);
     2. build or extend the cache (:func:`mdmf_cache.cache_build.run_extract`: splits, files, backbone,
        fingerprint, damage repair, text embeddings, decoder processes, rows by whole chunks);
-    3. print what this run did per split (videos, reused, extracted, failed, missing).
+    3. print what this run did per split (videos, reused, extracted, failed, missing), and warn once per
+       split this run extracted videos of that holds videos shorter than T frames (their indices repeat).
 
 Killed at any moment, the same command continues where the cache says it stopped.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from mdmf_cache.cache_build import SplitResult, run_extract
 from mdmf_cache.configs import ExtractConfig
 from mdmf_cache.report import print_extract_summary
 
+log = logging.getLogger(__name__)
+
 
 def run(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
     """Extract and print the per-split summary; returns the cache path and the per-split results."""
     path, results = run_extract(cfg)
     print_extract_summary(path, results)
+    if cfg.rank == 0:
+        warn_short(path, results, cfg.num_frames)
     return path, results
+
+
+def warn_short(path: Path, results: list[SplitResult], num_frames: int) -> None:
+    """One warning per split this run extracted videos of, when the split holds videos with fewer than T decodable
+    frames: their count (what ``mdmf-cache info`` reports as short)."""
+    from mdmf_cache.store import CacheStore
+
+    store = CacheStore(path)
+    for r in results:
+        s = store.split_summary(r.split) if r.extracted else {"short": 0}
+        if not s["short"]:
+            continue
+        log.warning("%s: %d of %d videos have fewer than --num-frames %d decodable frames: their frame indices "
+                    "repeat (mdmf-cache info %s counts them)", r.split, s["short"], s["videos"], num_frames, path)

@@ -85,6 +85,12 @@ class SweepConfig:
             problems.append(f"--pruner {self.pruner!r}: choose median or halving")
         if self.heartbeat < 1:
             problems.append("--heartbeat must be >= 1 second")
+        if self.prune_startup < 0:
+            problems.append(f"--prune-startup {self.prune_startup}: must be >= 0 (finished trials before pruning)")
+        if self.prune_below is not None and not math.isfinite(self.prune_below):
+            problems.append(f"--prune-below {self.prune_below}: must be a number (a val accuracy in %)")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"--sampler-seed {self.seed}: must be in [0, 2^32)")
         if not self.cache:
             problems.append("name a cache (mdmf-cache sweep CACHE ...)")
         if problems:
@@ -309,7 +315,7 @@ def run_worker(cfg: SweepConfig, worker_index: int = 0, on_trial=None) -> None:
     train_log = logging.getLogger("mdmf_cache.training")
     level = train_log.level
     train_log.setLevel(logging.WARNING)  # one line per trial (the callback), not one per validation
-    with keep_loaded(), _restore_level(train_log, level):
+    with keep_loaded(), _restore_level(train_log, level), _quiet_interrupts():
         while True:
             import warnings
 
@@ -323,6 +329,50 @@ def run_worker(cfg: SweepConfig, worker_index: int = 0, on_trial=None) -> None:
                 time.sleep(min(2.0, cfg.heartbeat))
                 continue
             study.optimize(objective, n_trials=1, catch=(_Surplus,), callbacks=callbacks, gc_after_trial=False)
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Drops Optuna's two "trial failed" records (the first with a traceback) of a trial stopped by Ctrl-C."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next: str | None = None  # the start of the second record, once the first was dropped
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt):
+            self.next = msg.split(" failed with parameters", 1)[0] + " failed with value"
+            return False
+        if self.next is not None and msg.startswith(self.next):
+            self.next = None
+            return False
+        return True
+
+
+@contextmanager
+def _quiet_interrupts():
+    """Ctrl-C during a trial: Optuna marks it failed and re-raises; its record of that is not shown (the CLI
+    says what was kept)."""
+    optuna_log = logging.getLogger("optuna.study._optimize")
+    flt = _NoInterruptTraceback()
+    optuna_log.addFilter(flt)
+    try:
+        yield
+    finally:
+        optuna_log.removeFilter(flt)
+
+
+def interrupt_hint(cfg: SweepConfig) -> str:
+    """What a Ctrl-C kept and how to go on: the finished trials of the study, and --resume."""
+    try:
+        import optuna
+
+        study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg, create=False))
+        finished, _ = _count(study)
+    except Exception:  # noqa: BLE001 - no study yet (stopped while checking), or the storage is gone
+        return "no trial was finished; rerun the same command"
+    return (f"{finished} of {cfg.trials} trials finished (kept in the study {_masked(cfg.storage_url)}); rerun the same "
+            "command with --resume to run the rest (the interrupted trial is run again)")
 
 
 @contextmanager
@@ -348,7 +398,10 @@ def _worker_main(cfg_dict: dict[str, Any], worker_index: int, threads: int) -> N
 
     logging.basicConfig(level=logging.INFO, format=f"[worker {worker_index}] %(message)s")
     torch.set_num_threads(threads)
-    run_worker(SweepConfig(**cfg_dict), worker_index)
+    try:
+        run_worker(SweepConfig(**cfg_dict), worker_index)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the parent says what was kept
+        raise SystemExit(130) from None
 
 
 def prepare(cfg: SweepConfig) -> Plan:
@@ -577,4 +630,4 @@ def load_sweep(path: Path | str, storage: str | None = None) -> SweepConfig:
 
 
 __all__ = ["SweepConfig", "DEFAULT_SPACE", "Dim", "Option", "sweep_options", "parse_fixed", "parse_space", "parse_space_text",
-           "run_sweep", "run_worker", "summarize", "load_sweep", "trial_rows"]
+           "run_sweep", "run_worker", "summarize", "load_sweep", "trial_rows", "interrupt_hint"]

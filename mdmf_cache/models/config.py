@@ -19,6 +19,7 @@ Every preset switch is also an ordinary field, so ablations can mix them through
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -117,8 +118,13 @@ class MDMFConfig:
         if self.num_frames < 1:
             problems.append(f"num_frames={self.num_frames} must be >= 1")
         for name in ("pps_temperature", "otam_lambda"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be > 0")
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                problems.append(f"{name}={getattr(self, name)} must be a finite number > 0")
+        for name in ("lam", "alpha_ltc", "alpha_gtc"):  # loss and distance weights: a negative one inverts its term
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
+                problems.append(f"{name}={getattr(self, name)} must be a finite number >= 0")
+        if self.views == "both" and self.alpha_ltc == 0 and self.alpha_gtc == 0:
+            problems.append("alpha_ltc and alpha_gtc are both 0: the logits would not depend on the videos")
         if self.cos_eps < 0:
             problems.append(f"cos_eps={self.cos_eps} must be >= 0")
         if self.pps_topk < 1:
