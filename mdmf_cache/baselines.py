@@ -3,7 +3,9 @@
 Each takes episode tensors and returns logits (E, Q, N), higher = more likely:
 - ``zero-shot``: CLIP zero-shot, the query's mean frame embedding against the class prompts.
 - ``protonet``: cosine of the mean-pooled query to the mean of the class's mean-pooled supports.
-- ``otam``: OTAM on raw frame embeddings against the class's frame-wise mean support.
+
+OTAM and TSN as the FSAR codebase releases them are registered heads without parameters
+(:mod:`mdmf_cache.heads.otam`, :mod:`mdmf_cache.heads.tsn`), scored on a cache the same way.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from .models.otam import cosine_distance, otam_distance
 
 from .choices import BASELINES  # noqa: E402  (declared once)
 
@@ -37,16 +37,8 @@ def protonet(support: Tensor, query: Tensor, text: Tensor) -> Tensor:
     return q @ proto.transpose(1, 2)
 
 
-def otam_baseline(support: Tensor, query: Tensor, text: Tensor, lam: float = 0.5) -> Tensor:
-    """Minus the bidirectional OTAM distance of raw frames to the frame-wise class mean: (E, Q, N)."""
-    way = text.shape[1]
-    proto = _prototypes(support, way)  # (E, N, T, D)
-    dist = cosine_distance(query[:, :, None], proto[:, None], eps=1e-8)  # (E, Q, N, T, T)
-    return -otam_distance(dist, lam, bidirectional=True)
-
-
 def get_baseline(name: str):
-    table = {"zero-shot": zero_shot, "protonet": protonet, "otam": otam_baseline}
+    table = {"zero-shot": zero_shot, "protonet": protonet}
     if name not in table:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
     return table[name]

@@ -16,4 +16,5 @@ BN_MODES = ("episode", "frozen")  # full mode, RN backbones: per-episode batch s
 MODES = ("fast", "full")  # fast: heads on a cache (CLIP frozen); full: CLIP fine-tuned from the videos
 EVAL_PATHS = ("per-video", "direct")
 PPS_TEST_RULES = ("sample", "argmax")
-BASELINES = ("zero-shot", "protonet", "otam")  # training-free baselines scored on a cache (mdmf_cache.baselines)
+BASELINES = ("zero-shot", "protonet")  # training-free baselines scored on a cache (mdmf_cache.baselines); the
+# parameter-free heads (otam, tsn) are scored on a cache too: they are registered heads (mdmf_cache.heads)

@@ -47,7 +47,7 @@ class Option:
 
     name: str
     targets: tuple[str, ...]  # "lr" (a TrainConfig field) or "heads.lam" (an MDMFConfig field)
-    kind: type  # bool, int, float or str
+    kind: type  # bool, int, float, str, or tuple (of ints: TRX's cardinalities)
     choices: tuple[Any, ...] | None = None
     invert: bool = False  # a flag that sets its bool field to False (--otam-one-way)
 
@@ -60,6 +60,11 @@ class Option:
             if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                 raise ConfigError(f"--{self.name} {text!r}: expected true or false")
             value = low in ("true", "1", "yes", "on")
+        elif self.kind is tuple:  # "2,3" (or "(2, 3)") -> (2, 3)
+            try:
+                value = tuple(_int(v) for v in text.strip("()[] ").split(",") if v.strip())
+            except ValueError as e:
+                raise ConfigError(f"--{self.name} {text!r}: expected comma-separated integers like 2,3") from e
         else:
             try:
                 value = self.kind(text) if self.kind is not int else _int(text)

@@ -94,6 +94,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         trained_full = run_train(fcfg)
     console.print(f"[bold]{stages}/{stages}[/] evaluating on {cfg.eval_episodes} identical test episodes per shot")
     rows = []
+    # protonet, zero-shot: the baselines; otam: the released OTAM head, which has no parameters, scored on the cache
     for method in ("mdmf", *(("mdmf-full",) if cfg.full else ()), "protonet", "otam", "zero-shot"):
         target = {"mdmf": run, "mdmf-full": full_run}.get(method, path)
         res = run_eval(EvalConfig(target=str(target), method="run" if method == "mdmf-full" else method,

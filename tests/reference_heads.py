@@ -227,3 +227,98 @@ def hyrsm_episode(model, support: Tensor, support_labels: Tensor, query: Tensor,
                    + torch.mean(fq * m * w + beta * (1 - m) * F.relu(w - fq)))
         loss = o.temporal_loss_weight * regular + loss
     return logits, loss / batch_size
+
+
+def _released_pe(t: int, d: int, max_len: int, scale: float, dtype) -> Tensor:
+    """The released ``PositionalEncoding`` table's first ``t`` rows, recomputed from its formula."""
+    import math
+
+    pe = torch.zeros(max_len, d, dtype=torch.float32)
+    position = torch.arange(0, max_len).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, d, 2) * -(math.log(10000.0) / d))
+    pe[:, 0::2] = torch.sin(position * div_term) * scale
+    pe[:, 1::2] = torch.cos(position * div_term) * scale
+    return pe[:t].to(dtype)
+
+
+def trx_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, target_labels: Tensor,
+                batch_size: int = 1) -> tuple[Tensor, Tensor]:
+    """``CNN_TRX.forward`` (dropout off) and the training loop's loss for one episode.
+
+    Per cardinality (``TemporalCrossTransformer.forward``): position encoding, tuples by ``index_select`` of
+    ``combinations`` and a reshape (the frames concatenated), ``k_linear``/``v_linear`` on the concatenated
+    tuples, ``norm_k`` on keys only, then a loop over ``unique(support_labels)``: scores per query, a softmax
+    per query over the class's K*L tuples, the prototype, ``norm(diff, dim=[-2, -1])**2 / L`` written into
+    column ``c``. Logits: the mean over the cardinalities.
+
+    Args:
+        model: the project's TRX (its linear and norm weights are read; the PE table is recomputed).
+        support: ``(S, T, D)`` in any order; support_labels ``(S,)`` episode labels 0..N-1.
+        query: ``(Q, T, D)``; target_labels ``(Q,)``.
+
+    Returns:
+        logits ``(Q, N)`` and the loss (``F.cross_entropy`` mean, divided by ``batch_size``).
+    """
+    import math
+    from itertools import combinations
+
+    o = model.options
+    n_way = int(torch.unique(support_labels).numel())
+    t = support.shape[1]
+    all_logits = []
+    for tr, s in zip(model.transformers, o.cardinalities):
+        pe = _released_pe(t, o.dim, int(t * 1.5), o.pe_scale, support.dtype)
+        sup, qry = support + pe, query + pe
+        tuples = [torch.tensor(c) for c in combinations(range(t), s)]
+        n_q, n_s, L = qry.shape[0], sup.shape[0], len(tuples)
+        sup_t = torch.stack([torch.index_select(sup, -2, p).reshape(n_s, -1) for p in tuples], dim=-2)  # (S, L, sD)
+        qry_t = torch.stack([torch.index_select(qry, -2, p).reshape(n_q, -1) for p in tuples], dim=-2)
+        sk, qk = tr.norm_k(tr.k_linear(sup_t)), tr.norm_k(tr.k_linear(qry_t))
+        sv, qv = tr.v_linear(sup_t), tr.v_linear(qry_t)
+        a = sk.shape[-1]
+        dists = torch.zeros(n_q, n_way, dtype=support.dtype)
+        for c in torch.unique(support_labels):
+            idx = torch.nonzero(support_labels == c, as_tuple=False).reshape(-1)
+            class_k, class_v = sk[idx], sv[idx]  # (K, L, A)
+            scores = torch.matmul(qk.unsqueeze(1), class_k.transpose(-2, -1)) / math.sqrt(a)  # (Q, K, L, L)
+            scores = scores.permute(0, 2, 1, 3).reshape(n_q, L, -1)  # (Q, L, K*L)
+            scores = torch.cat([torch.softmax(scores[i], dim=1) for i in range(n_q)])  # (Q*L, K*L)
+            scores = scores.reshape(n_q, L, -1, L).permute(0, 2, 1, 3)  # (Q, K, L, L)
+            proto = torch.matmul(scores, class_v).sum(dim=1)  # (Q, L, A)
+            dist = torch.norm(qv - proto, dim=[-2, -1]) ** 2 / L
+            dists[:, c.long()] = -dist
+        all_logits.append(dists)
+    logits = torch.stack(all_logits, dim=-1).mean(dim=-1)
+    return logits, F.cross_entropy(logits, target_labels) / batch_size
+
+
+def otam_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, target_labels: Tensor,
+                 batch_size: int = 1) -> tuple[Tensor, Tensor]:
+    """``CNN_OTAM.forward`` and the training loop's loss for one episode: ``1 - cos_sim`` of the flattened
+    frames, ``(tb ts) (sb ss) -> tb sb ts ss``, the cell-by-cell OTAM in both directions (lambda from the
+    model's options, 0.1 released), the mean over the supports of each ``unique(support_labels)`` class.
+
+    Returns:
+        logits ``(Q, N)`` and the loss (``F.cross_entropy`` mean, divided by ``batch_size``).
+    """
+    o = model.options
+    n_q, t, d = query.shape
+    n_s = support.shape[0]
+    frame_dists = 1 - cos_sim(query.reshape(-1, d), support.reshape(-1, d), o.cos_eps)  # (Q*T, S*T)
+    dists = frame_dists.reshape(n_q, t, n_s, t).permute(0, 2, 1, 3)  # tb sb ts ss
+    cum = otam_cum_dist(dists, o.otam_lambda) + otam_cum_dist(dists.permute(0, 1, 3, 2), o.otam_lambda)
+    class_dists = torch.stack([cum[:, torch.nonzero(support_labels == c).reshape(-1)].mean(dim=1)
+                               for c in torch.unique(support_labels)])  # (N, Q)
+    logits = -class_dists.transpose(0, 1)
+    return logits, F.cross_entropy(logits, target_labels) / batch_size
+
+
+def tsn_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, target_labels: Tensor,
+                batch_size: int = 1) -> tuple[Tensor, Tensor]:
+    """``CNN_TSN.forward`` (``norm_sq_dist`` False) and the loss for one episode: mean over T, ``cos_sim`` of
+    each query to each support, the mean over the supports of each ``unique(support_labels)`` class."""
+    sim = cos_sim(query.mean(dim=1), support.mean(dim=1), model.options.cos_eps)  # (Q, S)
+    class_sim = torch.stack([sim[:, torch.nonzero(support_labels == c).reshape(-1)].mean(dim=1)
+                             for c in torch.unique(support_labels)])  # (N, Q)
+    logits = class_sim.transpose(0, 1)
+    return logits, F.cross_entropy(logits, target_labels) / batch_size

@@ -1,4 +1,5 @@
-"""Training-free baselines: shapes, and each one's defining behaviour on synthetic features."""
+"""Training-free baselines and the heads without parameters (OTAM, TSN): shapes, and each one's defining
+behaviour on synthetic features."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdmf_cache.baselines import BASELINES, baseline_logits, get_baseline, otam_baseline, protonet, zero_shot
+from mdmf_cache.baselines import BASELINES, baseline_logits, get_baseline, protonet, zero_shot
+from mdmf_cache.heads.otam import OTAM, OTAMOptions
+from mdmf_cache.heads.tsn import TSN, TSNOptions
 
 E, N, K, QPC, T, D = 3, 5, 2, 3, 6, 32
 
@@ -39,8 +42,9 @@ def test_unknown_baseline() -> None:
 def test_protonet_perfect_on_separated_clusters() -> None:
     support, query, text, labels = _clusters(0.1)
     assert (protonet(support, query, text).argmax(-1) == labels).all()
-    # and the otam baseline too (every frame sits near its centre)
-    assert (otam_baseline(support, query, text).argmax(-1) == labels).all()
+    # and the parameter-free heads too (every frame sits near its centre)
+    for head in (OTAM(OTAMOptions(dim=D, num_frames=T)), TSN(TSNOptions(dim=D, num_frames=T))):
+        assert (head(support, query, text)["logits"].argmax(-1) == labels).all(), head.method
 
 
 def test_zero_shot_picks_text_equal_to_query_mean() -> None:
@@ -65,8 +69,8 @@ def test_otam_prefers_aligned_over_time_reversed() -> None:
     support = torch.cat([seq.expand(E, K, T, D), reversed_seq.expand(E, K, T, D)], dim=1)  # (E, 2K, T, D)
     query = seq + 0.05 * torch.randn(E, 1, T, D, generator=g)
     text = torch.zeros(E, 2, D)
-    logits = otam_baseline(support, query, text)  # (E, 1, 2)
+    logits = OTAM(OTAMOptions(dim=D, num_frames=T))(support, query, text)["logits"]  # (E, 1, 2)
     assert (logits[..., 0] > logits[..., 1] + 0.1).all(), logits
     # mean pooling cannot tell them apart
-    proto = protonet(support, query, text)
-    torch.testing.assert_close(proto[..., 0], proto[..., 1], atol=1e-5, rtol=0)
+    for scores in (protonet(support, query, text), TSN(TSNOptions(dim=D, num_frames=T))(support, query, text)["logits"]):
+        torch.testing.assert_close(scores[..., 0], scores[..., 1], atol=1e-5, rtol=0)

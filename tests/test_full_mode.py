@@ -389,3 +389,28 @@ def test_an_undecodable_video_is_replaced_by_another_of_its_class(action_videos,
     item = eps[3]
     assert len(item["errors"]) == 1 and str(broken) in item["errors"][0]
     assert len(item["frames"]) == 4 and item["frames"][0].shape[0] == 8  # the episode is whole
+
+
+@pytest.mark.parametrize("method", ["otam", "tsn"])
+def test_a_head_without_parameters_fine_tunes_the_backbone(action_videos, tmp_path, method):
+    """OTAM and TSN have no parameters: fast mode refuses them; full mode fine-tunes CLIP through their loss (the
+    optimiser holds backbone parameters only), and ``eval`` of that run scores the head on re-extracted features."""
+    from mdmf_cache.backbone import load_backbone
+    from mdmf_cache.configs import EvalConfig
+    from mdmf_cache.evaluation import run_eval
+
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        TrainConfig(cache="x.zarr", out=str(tmp_path / "fast"), method=method).validate()
+    cfg = TrainConfig(mode="full", out=str(tmp_path / "r"), method=method, way=2, shot=1, train_queries=1, episodes=4,
+                      episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu", full=_full(action_videos))
+    run_train(cfg, progress=False)
+    start = load_backbone(cfg.full_mode.model, None, "cpu").model.state_dict()
+    tuned = torch.load(tmp_path / "r" / "backbone.pt", weights_only=True)
+    assert any(k.startswith("visual.") and not torch.equal(start[k], tuned[k]) for k in start)
+    last = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
+    assert [len(g["params"]) for g in last["optimizer"]["param_groups"]][0] == 0  # the head's group is empty
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    assert best["method"] == method and not best["model"]
+    if method == "otam":
+        res = run_eval(EvalConfig(target=str(tmp_path / "r"), shots=(1,), way=2, episodes=10), progress=False)
+        assert res["method"] == "otam" and "eval_cache" in res["cache"] and res["shots"]["1"]["episodes"] == 10

@@ -300,3 +300,106 @@ def test_hyrsm_released_defaults() -> None:
     pe = wide.pe.pe
     assert pe[3, 4].item() == pytest.approx(math.sin(3 / 1e4 ** (8 / 512)), abs=1e-7)
     assert pe[3, 5].item() == pytest.approx(math.cos(3 / 1e4 ** (10 / 512)), abs=1e-7)  # 2 (i + 1) = 10
+
+
+def _shuffled(ep: dict, i: int, g: torch.Generator) -> tuple:
+    """Episode ``i``'s supports shuffled with their episode labels, as the released loader gives them."""
+    perm = torch.randperm(N * K, generator=g)
+    return ep["support"][i][perm], torch.arange(N).repeat_interleave(K)[perm]
+
+
+@pytest.mark.parametrize("cardinalities", [(2, 3), (1, 4)])
+def test_trx_matches_reference(cardinalities: tuple) -> None:
+    """TRX's logits, loss and gradients equal the released ``CNN_TRX`` forward re-derived per episode (supports
+    shuffled, concatenated tuples through ``k_linear``/``v_linear``, a loop over classes, a softmax per query)."""
+    from tests.reference_heads import trx_episode
+
+    model = _head("trx", torch.float64, dropout_off=True, cardinalities=cardinalities, tuple_dim=24).train()
+    ref = copy.deepcopy(model)
+    ep = _episodes(torch.float64)
+    out = _forward(model, ep)
+    loss, _ = model.loss(out, ep["labels"], ep["classes"])
+    loss.backward()
+    g = torch.Generator().manual_seed(5)
+    ref_total = 0.0
+    for i in range(E):
+        support, sup_labels = _shuffled(ep, i, g)
+        logits, li = trx_episode(ref, support, sup_labels, ep["query"][i], ep["labels"][i])
+        torch.testing.assert_close(out["logits"][i], logits, rtol=1e-5, atol=1e-5)
+        (li / E).backward()
+        ref_total += li.item() / E
+    assert loss.item() == pytest.approx(ref_total, rel=1e-5)
+    for (name, p), (_, p1) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, p1.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_trx_released_defaults() -> None:
+    spec = heads.get("trx")
+    o = spec.make_options(None, {}, DataInfo(dim=D, num_frames=8, shot=5))
+    assert (o.cardinalities, o.tuple_dim, o.pe_dropout, o.pe_scale) == ((2, 3), 1152, 0.1, 0.1)
+    assert spec.train_shot(5) == 5 and spec.train_shot(1) == 1 and spec.train_queries(5) == 5  # the shared loop's
+    model = spec.build(o)
+    assert [tr.num_tuples for tr in model.transformers] == [28, 56]
+    assert [tuple(tr.pe.pe.shape) for tr in model.transformers] == [(12, D)] * 2  # max_len int(1.5 T)
+    # the released module has 11520 D + 13824 trainable parameters: 2 x 2304 of them are norm_v, which it never
+    # applies and which is left out here
+    assert sum(p.numel() for p in model.parameters()) == 11520 * D + 13824 - 2 * 2 * 1152
+    assert not any("norm_v" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["otam", "tsn"])
+def test_parameter_free_heads_match_reference(method: str) -> None:
+    """OTAM's and TSN's logits, loss and gradients with respect to the features (what full mode back-propagates
+    into CLIP) equal the released ``CNN_OTAM`` / ``CNN_TSN`` re-derived per episode, supports shuffled (OTAM:
+    the cell-by-cell recurrence with its naive soft-min)."""
+    from tests import reference_heads
+
+    episode = {"otam": reference_heads.otam_episode, "tsn": reference_heads.tsn_episode}[method]
+    model = _head(method, torch.float64).train()
+    ep = _episodes(torch.float64)
+    support, query = ep["support"].clone().requires_grad_(), ep["query"].clone().requires_grad_()
+    out = model(support, query, ep["text"])
+    loss, _ = model.loss(out, ep["labels"])
+    loss.backward()
+    g = torch.Generator().manual_seed(5)
+    ref_total = 0.0
+    for i in range(E):
+        perm = torch.randperm(N * K, generator=g)
+        sup_i = ep["support"][i][perm].clone().requires_grad_()
+        qry_i = ep["query"][i].clone().requires_grad_()
+        logits, li = episode(model, sup_i, torch.arange(N).repeat_interleave(K)[perm], qry_i, ep["labels"][i])
+        torch.testing.assert_close(out["logits"][i], logits, rtol=1e-5, atol=1e-5)
+        (li / E).backward()
+        ref_total += li.item() / E
+        grad_support = torch.empty_like(sup_i.grad)
+        grad_support[perm] = sup_i.grad  # back to class-major order
+        torch.testing.assert_close(support.grad[i], grad_support, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(query.grad[i], qry_i.grad, rtol=1e-5, atol=1e-8)
+    assert loss.item() == pytest.approx(ref_total, rel=1e-5)
+
+
+def test_parameter_free_heads_released_defaults() -> None:
+    otam = heads.get("otam").make_options(None, {}, DataInfo(dim=D, num_frames=T))
+    tsn = heads.get("tsn").make_options(None, {}, DataInfo(dim=D, num_frames=T))
+    assert (otam.cos_eps, otam.otam_lambda, tsn.cos_eps) == (0.01, 0.1, 0.01)
+    for method in ("otam", "tsn"):
+        spec = heads.get(method)
+        assert not spec.parametric and not heads.REGISTRY[method].parametric and method in heads.parameter_free()
+        assert spec.train_shot(5) == 5 and spec.train_shot(1) == 1 and spec.train_queries(1) == 5  # the shared loop's
+        assert not list(spec.build(spec.make_options(None, {}, DataInfo(dim=D, num_frames=T))).parameters())
+
+
+def test_trx_chunks_score_as_one_pass(monkeypatch) -> None:
+    """TRX's forward and per-video scorer run episodes in memory-bounded chunks: one episode per chunk gives the
+    logits of one pass, on both paths."""
+    import mdmf_cache.heads.trx as trx
+
+    split = _split()
+    model = _head("trx", tuple_dim=24).eval()
+    eps = EpisodeSampler(split.labels.numpy(), 8).sample(7, 5, 2, 2, np.random.default_rng(0))
+    whole = {p: score("trx", split, eps, model, batch_size=4, path=p, keep_logits=True).logits for p in ("direct", "per-video")}
+    monkeypatch.setattr(trx, "MATCH_BUDGET", 1)  # one episode (and one video for the tables) per chunk
+    assert trx.episode_chunk(model, 10, 10, 5) == 1
+    for path, logits in whole.items():
+        chunked = score("trx", split, eps, model, batch_size=4, path=path, keep_logits=True).logits
+        np.testing.assert_allclose(chunked, logits, rtol=1e-5, atol=1e-5)

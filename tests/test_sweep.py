@@ -321,3 +321,11 @@ def test_workers_on_postgresql_run_disjoint_trials(tiny_cache, tmp_path, postgre
     workers = {t.user_attrs["worker"] for t in real}
     assert workers and all(w.rsplit(":", 1)[1].isdigit() for w in workers)
     assert (tmp_path / "pg" / "best.json").is_file() and (tmp_path / "pg" / "trials.csv").is_file()
+
+
+def test_a_tuple_option_parses_from_the_command_line() -> None:
+    """TRX's ``cardinalities`` from ``--head-opt cardinalities=2,3`` (or a sweep's fixed value) is a tuple of ints."""
+    opt = sweep_options("trx")["cardinalities"]
+    assert opt.parse("2,3") == (2, 3) and opt.parse("(1, 4)") == (1, 4) and opt.parse((2,)) == (2,)
+    with pytest.raises(ConfigError, match="comma-separated integers"):
+        opt.parse("2,x")
