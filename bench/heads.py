@@ -115,14 +115,14 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(heads.METHODS))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--quick", action="store_true", help="seconds: D=32, 1 step of E=4, 50 test episodes")
+    ap.add_argument("--quick", action="store_true", help="seconds: D=32, 1 step of E=2, 20 test episodes")
     args = ap.parse_args()
     if args.quick:
-        args.dim, args.steps, args.episodes_per_step, args.test_measured = 32, 1, 4, 50
+        args.dim, args.steps, args.episodes_per_step, args.test_measured = 32, 1, 2, 20
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    per_class = 20 if args.quick else 100
+    per_class = 10 if args.quick else 100
     train = synthetic_split(24, per_class, 8, args.dim, device)
     test = synthetic_split(24, per_class, 8, args.dim, device)
     rows = [bench_head(m.strip(), train, test, args, device) for m in args.methods.split(",") if m.strip()]

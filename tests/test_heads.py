@@ -92,21 +92,30 @@ def test_shapes_finite_and_gradients(method: str) -> None:
 
 @pytest.mark.parametrize("method", heads.METHODS)
 def test_batched_step_equals_single_episode_passes(method: str) -> None:
-    """E episodes in one forward pass: the same loss, gradients and buffers as E one-episode passes averaged
-    (the released loop), float64, dropout off (its masks cannot be drawn alike for two batch shapes)."""
-    if not heads.get(method).parametric:
-        pytest.skip(f"{method} has no parameters (its batched forward is checked by the per-video test)")
+    """E episodes in one forward pass: the same loss, gradients (to the parameters and to the frame features,
+    which full mode back-propagates into CLIP) and buffers as E one-episode passes averaged (the released loop),
+    float64, dropout off (its masks cannot be drawn alike for two batch shapes)."""
     batched = _head(method, torch.float64, dropout_off=True).train()
     single = copy.deepcopy(batched)
     ep = _episodes(torch.float64)
-    loss, _ = batched.loss(_forward(batched, ep), ep["labels"], ep["classes"])
+    feats = {k: ep[k].clone().requires_grad_() for k in ("support", "query")}
+    loss, _ = batched.loss(_forward(batched, {**ep, **feats}), ep["labels"], ep["classes"])
     loss.backward()
     total = 0.0
+    grads = {k: [] for k in feats}
     for i in range(E):
-        li, _ = single.loss(_forward(single, ep, i, i + 1), ep["labels"][i:i + 1], ep["classes"][i:i + 1])
+        one = {k: ep[k][i:i + 1].clone().requires_grad_() for k in feats}
+        li, _ = single.loss(_forward(single, {**{k: v[i:i + 1] for k, v in ep.items() if k != "class_text"},
+                                              "class_text": ep["class_text"], **one}),
+                            ep["labels"][i:i + 1], ep["classes"][i:i + 1])
         (li / E).backward()
         total += li.item() / E
+        for k in feats:
+            grads[k].append(one[k].grad)
     assert loss.item() == pytest.approx(total, rel=1e-10, abs=1e-12)
+    for k in feats:
+        assert feats[k].grad is not None and feats[k].grad.abs().sum() > 0, k
+        torch.testing.assert_close(feats[k].grad, torch.cat(grads[k]), rtol=1e-8, atol=1e-10, msg=k)
     for (name, p), (_, p1) in zip(batched.named_parameters(), single.named_parameters()):
         if p.grad is None:
             assert p1.grad is None, name

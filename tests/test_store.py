@@ -417,12 +417,14 @@ def test_nonfinite_features_are_refused_by_readers_and_named_by_verify(tmp_path,
 
 
 # ---- the layout: small per-row arrays in units of several chunks, older caches -------------------------
-def test_large_split_gets_units_of_chunks_and_ranks_own_whole_units(tmp_path):
-    from mdmf_cache.store import UNITS_PER_SPLIT, unit_rows_for
+def test_large_split_gets_units_of_chunks_and_ranks_own_whole_units(tmp_path, monkeypatch):
+    import mdmf_cache.store as store_mod
+    from mdmf_cache.store import unit_rows_for
 
     assert unit_rows_for(10, 4) == 4 and unit_rows_for(67013, 64) == 256 and unit_rows_for(200000, 64) == 768
     assert unit_rows_for(10**7, 64) == 4096  # at most 4,096 rows
-    n, cr = 4 * UNITS_PER_SPLIT, 1  # 4 rows a unit
+    monkeypatch.setattr(store_mod, "UNITS_PER_SPLIT", 16)  # the same rule on 64 rows instead of 1,024
+    n, cr = 4 * store_mod.UNITS_PER_SPLIT, 1  # 4 rows a unit
     store = CacheStore.open_for_writing(tmp_path / "c.zarr", FP)
     ids = [f"c{i % C}/v{i}" for i in range(n)]
     _sync(store, ids, chunk_rows=cr)
