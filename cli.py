@@ -26,8 +26,8 @@ from mdmf_cache.datasets import DATASET_NAMES
 from mdmf_cache.models.config import PRESET_DATA, _CHOICES as MDMF_CHOICES
 from pipelines.ablate import AblateConfig
 from pipelines.compare import CompareConfig
+from mdmf_cache.sweeps import SweepConfig
 from pipelines.demo import DemoConfig
-from pipelines.sweep import SweepConfig
 
 app = typer.Typer(
     name="mdmf-cache",
@@ -651,25 +651,22 @@ def sweep(
 ) -> None:
     """Tune fast-mode training on a cache with Optuna: each trial trains the heads and is scored on val (never test)."""
     _setup_logging(debug)
-    from pipelines.sweep import load_sweep, parse_fixed, parse_space_text, run_sweep, summarize
+    from mdmf_cache.sweep_space import parse_fixed, parse_space_text
+    from mdmf_cache.sweeps import interrupt_hint
+    from pipelines.sweep import run, show
 
     if cache == "show":
         if len(ctx.args) != 1 or ctx.args[0].startswith("-"):
             raise typer.BadParameter("write: mdmf-cache sweep show SWEEP_DIR [--storage URL]", param_hint="show")
-        res = summarize(load_sweep(ctx.args[0], storage))
-    else:
-        cfg = SweepConfig(cache=cache, study=study, storage=storage, trials=trials, jobs=jobs,
-                          space=parse_space_text(space) if space else {}, fixed=parse_fixed(ctx.args), prune=prune,
-                          pruner=pruner, prune_startup=prune_startup, prune_below=prune_below, seed=sampler_seed,
-                          resume=resume, heartbeat=heartbeat)
-        cfg.out = str(out) if out else f"sweeps/{study or Path(cache).name.split('__')[0].removesuffix('.zarr')}"
-        from pipelines.sweep import interrupt_hint
-
-        _on_interrupt(lambda: interrupt_hint(cfg))
-        res = run_sweep(cfg)
-    from mdmf_cache.report import print_sweep
-
-    print_sweep(res)
+        show(ctx.args[0], storage)
+        return
+    cfg = SweepConfig(cache=cache, study=study, storage=storage, trials=trials, jobs=jobs,
+                      space=parse_space_text(space) if space else {}, fixed=parse_fixed(ctx.args), prune=prune,
+                      pruner=pruner, prune_startup=prune_startup, prune_below=prune_below, seed=sampler_seed,
+                      resume=resume, heartbeat=heartbeat)
+    cfg.out = str(out) if out else f"sweeps/{study or Path(cache).name.split('__')[0].removesuffix('.zarr')}"
+    _on_interrupt(lambda: interrupt_hint(cfg))
+    run(cfg)
 
 
 @app.command(epilog="Examples:\n\n  mdmf-cache plot runs/ucf_rn50\n\n  mdmf-cache plot sweeps/ucf\n\n"
@@ -685,7 +682,8 @@ def plot(
 
     paths = []
     if (target / "sweep.json").is_file():  # a sweep's figures come from its study
-        from pipelines.sweep import load_sweep, summarize
+        from mdmf_cache.sweep_summary import summarize
+        from mdmf_cache.sweeps import load_sweep
 
         paths += summarize(load_sweep(target, storage))["figures"]
     paths += redraw(target, allow_empty=(target / "sweep.json").is_file())

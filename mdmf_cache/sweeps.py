@@ -1,0 +1,532 @@
+"""Hyperparameter sweeps of fast-mode training on cached features, on Optuna.
+
+A trial is one fast-mode training run (:func:`mdmf_cache.training.run_train`, called as a function),
+scored by its best accuracy on the run's fixed, seeded val episode list; the test split is never
+loaded. Every fast-mode option can be fixed or swept under its ``train`` name (``lr``, ``lambda``,
+``dropout``, ``episodes``, ``method``, ...); the names come from the ``TrainConfig`` dataclass and
+the head fields of ``MDMFConfig``, so a new field is sweepable without changes here.
+
+Recipe, top to bottom:
+    1. parse and check the space and the fixed options, the cache and the storage (a bad value stops
+       here, before anything is written to the study);
+    2. create or load the study (``OUT/study.db`` SQLite by default, any Optuna storage URL with
+       ``storage``) and record the sweep's settings in it, so that a worker joining with other
+       settings is refused;
+    3. run trials in this process (``jobs=1``) or in ``jobs`` worker processes, each loading the
+       cache once; every worker stops when the study holds ``trials`` finished (complete or pruned)
+       trials, whoever ran them; a heartbeat marks a killed worker's trial failed and requeues it;
+    4. write ``trials.csv``, ``trials.md``, ``best.json`` (for ``mdmf-cache train --config``) and
+       the figures (also what ``mdmf-cache sweep show`` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mdmf_cache.errors import CacheError, ConfigError
+from mdmf_cache.fileio import atomic_write_json
+from mdmf_cache.sweep_space import (Dim, Option, check_fixed, default_space, method_of, parse_space, sweep_options,
+                                   trial_config)
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+@dataclass
+class SweepConfig:
+    """One sweep; saved as ``sweep.json`` in ``out`` (the storage URL without its password)."""
+
+    cache: str = ""
+    out: str = "sweeps/sweep"
+    study: str | None = None  # default: the name of ``out``
+    storage: str | None = None  # default: sqlite:///OUT/study.db
+    trials: int = 100  # finished (complete + pruned) trials of the study, all workers together
+    jobs: int = 1  # worker processes on this machine
+    space: dict[str, str] = field(default_factory=dict)  # name -> LOW:HIGH[:log] | A|B|C; {} = DEFAULT_SPACE
+    fixed: dict[str, Any] = field(default_factory=dict)  # name -> value, as `train` options
+    prune: bool = True
+    pruner: str = "median"  # median | halving
+    prune_startup: int = 5  # finished trials before the median pruner stops anything
+    prune_below: float | None = None  # also stop a trial whose val accuracy (%) falls below this (e.g. chance)
+    seed: int = 0  # the sampler's; every trial trains with the fixed `seed` option (default 0)
+    resume: bool = False
+    heartbeat: int = 30  # seconds; a trial silent for 2x this is failed and requeued
+    keep_last: bool = False  # keep each trial's last.pt (resumable state); best.pt is always kept
+
+    @property
+    def study_name(self) -> str:
+        return self.study or Path(self.out).name
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{Path(self.out).resolve() / 'study.db'}"
+
+    def validate(self) -> None:
+        problems = []
+        if self.trials < 1:
+            problems.append("--trials must be >= 1")
+        if self.jobs < 1:
+            problems.append("--jobs must be >= 1")
+        if self.pruner not in ("median", "halving"):
+            problems.append(f"--pruner {self.pruner!r}: choose median or halving")
+        if self.heartbeat < 1:
+            problems.append("--heartbeat must be >= 1 second")
+        if self.prune_startup < 0:
+            problems.append(f"--prune-startup {self.prune_startup}: must be >= 0 (finished trials before pruning)")
+        if self.prune_below is not None and not math.isfinite(self.prune_below):
+            problems.append(f"--prune-below {self.prune_below}: must be a number (a val accuracy in %)")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"--sampler-seed {self.seed}: must be in [0, 2^32)")
+        if not self.cache:
+            problems.append("name a cache (mdmf-cache sweep CACHE ...)")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def _masked(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported by the storage itself
+        return url
+
+
+@dataclass
+class Plan:
+    """What every trial of a sweep shares: checked options, space and base config."""
+
+    opts: dict[str, Option]
+    dims: list[Dim]
+    fixed: dict[str, Any]
+    base: dict[str, Any]  # TrainConfig fields (cache set, out per trial)
+    fingerprint: str
+
+    def settings(self) -> dict[str, Any]:
+        """What must match for a worker to join the study."""
+        fixed = {k: v for k, v in self.fixed.items() if k != "device"}  # machines may differ there
+        return {"space": {d.name: asdict(d) for d in self.dims}, "fixed": fixed, "cache": self.fingerprint}
+
+
+def plan(cfg: SweepConfig) -> Plan:
+    """Check the options, the space and the cache; nothing is written."""
+    from mdmf_cache.configs import TrainConfig
+    from mdmf_cache import heads
+    from mdmf_cache.heads.spec import DataInfo
+    from mdmf_cache.store import CacheStore
+
+    cfg.validate()
+    method = method_of(cfg.fixed)
+    opts = sweep_options(method)
+    fixed = check_fixed(cfg.fixed, opts)
+    if "method" in cfg.space:
+        raise ConfigError("a sweep tunes one head: fix it with --method NAME (compare heads with mdmf-cache compare)")
+    given_space = dict(cfg.space) if cfg.space else {k: v for k, v in default_space(method).items() if k in opts}
+    both = sorted(set(given_space) & set(fixed))
+    if both and cfg.space:
+        raise ConfigError(f"{', '.join(both)} both swept (--space) and fixed (--{both[0]}); drop one")
+    dims = parse_space({k: v for k, v in given_space.items() if k not in fixed}, opts)
+    if not dims:
+        raise ConfigError("nothing left to sweep: every parameter of the space is fixed; name some with --space")
+    # the cache: complete, and its shape for checking head options
+    store = CacheStore(cfg.cache)
+    for split in ("train", "val"):
+        if split not in store.splits:
+            raise CacheError(f"{cfg.cache} has no {split} split (has: {', '.join(store.splits) or 'none'})")
+    if not store.is_complete():
+        raise CacheError(f"{cfg.cache} is not complete; rerun the same 'mdmf-cache extract' command to finish it")
+    _, _, num_frames, dim = store.root["train"]["features"].shape
+    num_classes = len(store.root["train"].attrs.get("classes", []))
+    fingerprint = hashlib.sha256(json.dumps(store.fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    base = asdict(TrainConfig(cache=str(cfg.cache)))
+    # every corner of the space must give a valid config, so no trial fails on a bad range
+    for values in [{}] + [{d.name: v} for d in dims for v in d.corners()]:
+        tcfg = trial_config(base, {**fixed, **values}, opts).resolved()
+        tcfg.validate()
+        heads.get(tcfg.method).make_options(tcfg.preset, tcfg.heads, DataInfo(
+            dim=int(dim), num_frames=int(num_frames), num_classes=num_classes, shot=tcfg.shot))
+    return Plan(opts, dims, fixed, base, fingerprint)
+
+
+def open_storage(cfg: SweepConfig, create: bool = True):
+    """The study's Optuna RDB storage with a heartbeat; an unreachable URL is a ConfigError."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    url = cfg.storage_url
+    if url.startswith("postgresql://"):  # the driver this project installs (SQLAlchemy < 2.1 would pick psycopg2)
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    if url.startswith("sqlite:///") and not create and not Path(url[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"no study database at {url[len('sqlite:///'):]}")
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 120}  # several worker processes share the file
+    elif url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    import warnings
+
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # heartbeat is "experimental"; the retry callback is "deprecated"
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat,
+                                  grace_period=2 * cfg.heartbeat,
+                                  heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3))
+        except (IntegrityError, ProgrammingError) as e:
+            # another worker is creating the schema of a new database right now: a row or, on PostgreSQL,
+            # an enum type ("type studydirection already exists") it just made; the next try finds them
+            racing = isinstance(e, IntegrityError) or "already exists" in str(e)
+            if not racing or attempt == 4:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"cannot open the study storage {_masked(url)}: {first}") from e
+            time.sleep(0.5 + random.random())
+        except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind mean the same to the user
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"cannot open the study storage {_masked(url)}: {first}") from e
+    raise AssertionError("unreachable")
+
+
+def _study(cfg: SweepConfig, p: Plan, storage, sampler_seed: int):
+    import optuna
+
+    pruner: optuna.pruners.BasePruner
+    if not cfg.prune:
+        pruner = optuna.pruners.NopPruner()
+    elif cfg.pruner == "halving":
+        pruner = optuna.pruners.SuccessiveHalvingPruner()
+    else:
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.prune_startup, n_warmup_steps=0)
+    if cfg.prune and cfg.prune_below is not None:
+        pruner = _any_of(pruner, optuna.pruners.ThresholdPruner(lower=cfg.prune_below))
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)
+    return optuna.load_study(study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=pruner)
+
+
+def _any_of(*pruners):
+    """A pruner that stops a trial when any of ``pruners`` would."""
+    import optuna
+
+    class AnyOf(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            return any(p.prune(study, trial) for p in pruners)
+
+    return AnyOf()
+
+
+def _count(study) -> tuple[int, int]:
+    """(finished, running) trials of the study."""
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    return sum(s in FINISHED for s in states), states.count("RUNNING")
+
+
+class _Surplus(Exception):
+    """The study already had its trials when this one was created (a race between workers)."""
+
+
+def _validation_step(done: int, episodes: int, val_every: int) -> int:
+    """The pruner's step for a validation: the val_every multiple crossed (aligned across episodes-per-step)."""
+    return done if done >= episodes else (done // val_every) * val_every
+
+
+def _objective(cfg: SweepConfig, p: Plan, study_trials: int):
+    import optuna
+
+    from mdmf_cache.training import run_train
+
+    trials_dir = Path(cfg.out) / "trials"
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def objective(trial: optuna.Trial) -> float:
+        ahead = [t for t in trial.study.get_trials(deepcopy=False)
+                 if t.number < trial.number and (t.state.name in FINISHED or t.state.name == "RUNNING")]
+        if len(ahead) >= study_trials:
+            trial.set_user_attr("skipped", "the study had its trials when this one started")
+            raise _Surplus()
+        values = {d.name: d.suggest(trial) for d in p.dims}
+        tcfg = trial_config(p.base, {**p.fixed, **values}, p.opts)
+        tcfg.out = str(trials_dir / f"{trial.number:05d}")
+        trial.set_user_attr("config", asdict(tcfg))
+        trial.set_user_attr("worker", worker)
+        t0 = time.perf_counter()
+
+        def on_val(done: int, acc: float) -> None:
+            trial.report(acc, _validation_step(done, tcfg.episodes, tcfg.val_every))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val {acc:.2f}% at {done} episodes")
+
+        try:
+            res = run_train(tcfg, progress=False, on_val=on_val)
+        finally:
+            trial.set_user_attr("train_s", time.perf_counter() - t0)
+            if not cfg.keep_last:
+                Path(tcfg.out, "last.pt").unlink(missing_ok=True)
+        trial.set_user_attr("episodes_per_s", res["episodes_per_s"])
+        return res["best_val"]
+
+    return objective
+
+
+def _seed_of(cfg: SweepConfig, worker_index: int, existing: int) -> int:
+    """The sampler seed of one worker.
+
+    A lone local worker starting a fresh study uses the sweep seed (a repeatable sweep); a worker
+    resuming a study (``existing`` trials) or one of several gets its own, so that no two of them
+    draw the same random start-up points.
+    """
+    if cfg.jobs == 1 and not cfg.storage and existing == 0:
+        return cfg.seed
+    tag = f"{cfg.seed}:{worker_index}:{existing}"
+    if cfg.storage:  # several machines may run the same line
+        tag += f":{socket.gethostname()}:{os.getpid()}"
+    return int(hashlib.sha256(tag.encode()).hexdigest()[:8], 16)
+
+
+def run_worker(cfg: SweepConfig, worker_index: int = 0, on_trial=None) -> None:
+    """Run trials of the study until it holds ``cfg.trials`` finished ones (the cache loaded once)."""
+    from optuna.storages import fail_stale_trials
+
+    from mdmf_cache.store import keep_loaded
+
+    p = plan(cfg)
+    storage = open_storage(cfg)
+    import optuna
+
+    existing = len(optuna.load_study(study_name=cfg.study_name, storage=storage).get_trials(deepcopy=False))
+    study = _study(cfg, p, storage, _seed_of(cfg, worker_index, existing))
+    objective = _objective(cfg, p, cfg.trials)
+    callbacks = [_log_trial] + ([on_trial] if on_trial else [])
+    train_log = logging.getLogger("mdmf_cache.training")
+    level = train_log.level
+    train_log.setLevel(logging.WARNING)  # one line per trial (the callback), not one per validation
+    with keep_loaded(), _restore_level(train_log, level), _quiet_interrupts():
+        while True:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fail_stale_trials(study)
+            finished, running = _count(study)
+            if finished >= cfg.trials:
+                return
+            if finished + running >= cfg.trials:  # others are running the last ones: wait, they may fail
+                time.sleep(min(2.0, cfg.heartbeat))
+                continue
+            study.optimize(objective, n_trials=1, catch=(_Surplus,), callbacks=callbacks, gc_after_trial=False)
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Drops Optuna's two "trial failed" records (the first with a traceback) of a trial stopped by Ctrl-C."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next: str | None = None  # the start of the second record, once the first was dropped
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt):
+            self.next = msg.split(" failed with parameters", 1)[0] + " failed with value"
+            return False
+        if self.next is not None and msg.startswith(self.next):
+            self.next = None
+            return False
+        return True
+
+
+@contextmanager
+def _quiet_interrupts():
+    """Ctrl-C during a trial: Optuna marks it failed and re-raises; its record of that is not shown (the CLI
+    says what was kept)."""
+    optuna_log = logging.getLogger("optuna.study._optimize")
+    flt = _NoInterruptTraceback()
+    optuna_log.addFilter(flt)
+    try:
+        yield
+    finally:
+        optuna_log.removeFilter(flt)
+
+
+def interrupt_hint(cfg: SweepConfig) -> str:
+    """What a Ctrl-C kept and how to go on: the finished trials of the study, and --resume."""
+    try:
+        import optuna
+
+        study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg, create=False))
+        finished, _ = _count(study)
+    except Exception:  # noqa: BLE001 - no study yet (stopped while checking), or the storage is gone
+        return "no trial was finished; rerun the same command"
+    return (f"{finished} of {cfg.trials} trials finished (kept in the study {_masked(cfg.storage_url)}); rerun the same "
+            "command with --resume to run the rest (the interrupted trial is run again)")
+
+
+@contextmanager
+def _restore_level(logger: logging.Logger, level: int):
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _log_trial(study, trial) -> None:
+    if trial.user_attrs.get("skipped"):
+        return
+    value = trial.value if trial.value is not None else (
+        trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else float("nan"))
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    log.info("trial %d %s: val %.2f%% (%s)", trial.number, trial.state.name.lower(), value, params)
+
+
+def _worker_main(cfg_dict: dict[str, Any], worker_index: int, threads: int) -> None:
+    """Entry of a ``--jobs`` worker process."""
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format=f"[worker {worker_index}] %(message)s")
+    torch.set_num_threads(threads)
+    try:
+        run_worker(SweepConfig(**cfg_dict), worker_index)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the parent says what was kept
+        raise SystemExit(130) from None
+
+
+def prepare(cfg: SweepConfig) -> Plan:
+    """Steps 1-2: check everything, then create or join the study and record its settings."""
+    import optuna
+
+    p = plan(cfg)
+    out = Path(cfg.out)
+    db = Path(cfg.storage_url[len("sqlite:///"):]) if cfg.storage_url.startswith("sqlite:///") else None
+    if cfg.storage is None and db is not None and db.is_file() and not cfg.resume:
+        raise ConfigError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
+    if cfg.resume and db is not None and not db.is_file():
+        raise ConfigError(f"--resume: no study at {db}; start the sweep without --resume")
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(cfg)
+    study = optuna.create_study(study_name=cfg.study_name, storage=storage, direction="maximize", load_if_exists=True)
+    settings = json.loads(json.dumps(p.settings()))
+    old = study.user_attrs.get("mdmf_sweep")
+    if old is None:
+        study.set_user_attr("mdmf_sweep", settings)
+    elif old != settings:
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        raise ConfigError(f"study {cfg.study_name!r} was started with a different {', '.join(diff)}; "
+                          "run the same command line, or use another --study/--out")
+    out.mkdir(parents=True, exist_ok=True)
+    saved = {**asdict(cfg), "storage": _masked(cfg.storage) if cfg.storage else None}
+    atomic_write_json(out / "sweep.json", saved)
+    return p
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
+    """Run (or join, or resume) a sweep; returns :func:`summarize`'s result.
+
+    Raises:
+        ConfigError: bad options or space, an unreachable storage, a study started with other settings.
+        CacheError: the cache is missing or incomplete.
+    """
+    prepare(cfg)
+    bar = _progress(cfg) if progress else None
+    try:
+        if cfg.jobs == 1:
+            run_worker(cfg, 0, on_trial=(lambda study, trial: bar.refresh_from(study)) if bar else None)
+        else:
+            _run_processes(cfg, bar)
+    finally:
+        if bar:
+            bar.stop()
+    from mdmf_cache.sweep_summary import summarize
+
+    return summarize(cfg)
+
+
+def _run_processes(cfg: SweepConfig, bar) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # no fork of a process holding torch threads or DB connections
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    procs = [ctx.Process(target=_worker_main, args=(asdict(cfg), i, threads), daemon=False) for i in range(cfg.jobs)]
+    for proc in procs:
+        proc.start()
+    study = None
+    try:
+        while any(proc.is_alive() for proc in procs):
+            time.sleep(1.0)
+            if bar:
+                if study is None:
+                    import optuna
+
+                    study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg))
+                bar.refresh_from(study)
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        raise
+    finally:
+        for proc in procs:
+            proc.join()
+    failed = [i for i, proc in enumerate(procs) if proc.exitcode != 0]
+    if failed:
+        raise ConfigError(f"sweep worker(s) {', '.join(map(str, failed))} stopped with an error (see above); "
+                          "fix it and rerun with --resume")
+
+
+class _Bar:
+    def __init__(self, total: int):
+        from rich.progress import TextColumn
+
+        from mdmf_cache.progress import make_progress
+
+        self.progress = make_progress("trials", TextColumn("best val {task.fields[best]:.1f}%"),
+                                      TextColumn("pruned {task.fields[pruned]}"))
+        self.task = self.progress.add_task("sweep", total=total, best=float("nan"), pruned=0)
+        self.progress.start()
+
+    def refresh_from(self, study) -> None:
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state.name == "COMPLETE"]
+        best = max((t.value for t in done), default=float("nan"))
+        self.progress.update(self.task, completed=sum(t.state.name in FINISHED for t in trials), best=best,
+                             pruned=sum(t.state.name == "PRUNED" for t in trials))
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _progress(cfg: SweepConfig) -> _Bar:
+    return _Bar(cfg.trials)
+
+
+def load_sweep(path: Path | str, storage: str | None = None) -> SweepConfig:
+    """The SweepConfig saved in ``PATH/sweep.json`` (``storage`` replaces a saved URL, e.g. one with a password)."""
+    path = Path(path)
+    if not (path / "sweep.json").is_file():
+        raise ConfigError(f"{path} holds no sweep (no sweep.json); run 'mdmf-cache sweep CACHE --out {path}' first")
+    saved = json.loads((path / "sweep.json").read_text())
+    known = {f.name for f in dataclasses.fields(SweepConfig)}
+    cfg = SweepConfig(**{k: v for k, v in saved.items() if k in known})
+    cfg.out = str(path)
+    if storage:
+        cfg.storage = storage
+    elif cfg.storage and "***" in cfg.storage:
+        raise ConfigError(f"the study of {path} is on {cfg.storage}; pass --storage with the password")
+    return cfg
+
+
+
+__all__ = ["SweepConfig", "Plan", "plan", "prepare", "open_storage", "run_sweep", "run_worker", "load_sweep",
+           "interrupt_hint"]
