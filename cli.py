@@ -636,6 +636,9 @@ def sweep(
                                                         "postgresql://user@db/sweeps for several machines.")] = None,
     trials: Annotated[int, typer.Option(help="Finished trials of the study, all workers together.")] = _S.trials,
     jobs: Annotated[int, typer.Option(help="Concurrent trials (worker processes) on this machine.")] = _S.jobs,
+    share_features: Annotated[bool, typer.Option("--share-features/--no-share-features",
+                                                 help="With --jobs: the workers map one copy of the train and val "
+                                                      "features in shared memory (off: one copy each).")] = _S.share_features,
     space: Annotated[Optional[str], typer.Option(help="Swept parameters, e.g. lr=1e-5:1e-2:log,lambda=0.1:2 "
                                                       "(default: see below).")] = None,
     prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Stop bad trials early at a validation.")] = _S.prune,
@@ -663,7 +666,7 @@ def sweep(
     cfg = SweepConfig(cache=cache, study=study, storage=storage, trials=trials, jobs=jobs,
                       space=parse_space_text(space) if space else {}, fixed=parse_fixed(ctx.args), prune=prune,
                       pruner=pruner, prune_startup=prune_startup, prune_below=prune_below, seed=sampler_seed,
-                      resume=resume, heartbeat=heartbeat)
+                      resume=resume, heartbeat=heartbeat, share_features=share_features)
     cfg.out = str(out) if out else f"sweeps/{study or Path(cache).name.split('__')[0].removesuffix('.zarr')}"
     _on_interrupt(lambda: interrupt_hint(cfg))
     run(cfg)

@@ -12,9 +12,11 @@ Recipe, top to bottom:
     2. create or load the study (``OUT/study.db`` SQLite by default, any Optuna storage URL with
        ``storage``) and record the sweep's settings in it, so that a worker joining with other
        settings is refused;
-    3. run trials in this process (``jobs=1``) or in ``jobs`` worker processes, each loading the
-       cache once; every worker stops when the study holds ``trials`` finished (complete or pruned)
-       trials, whoever ran them; a heartbeat marks a killed worker's trial failed and requeues it;
+    3. run trials in this process (``jobs=1``) or in ``jobs`` worker processes that share one copy of
+       the train and val features, read once by this process into shared memory
+       (:mod:`mdmf_cache.shared_features`; ``share_features=False``: each worker loads its own); every
+       worker stops when the study holds ``trials`` finished (complete or pruned) trials, whoever ran
+       them; a heartbeat marks a killed worker's trial failed and requeues it;
     4. write ``trials.csv``, ``trials.md``, ``best.json`` (for ``mdmf-cache train --config``) and
        the figures (also what ``mdmf-cache sweep show`` does).
 """
@@ -65,6 +67,7 @@ class SweepConfig:
     resume: bool = False
     heartbeat: int = 30  # seconds; a trial silent for 2x this is failed and requeued
     keep_last: bool = False  # keep each trial's last.pt (resumable state); best.pt is always kept
+    share_features: bool = True  # jobs > 1: the workers map one copy of the features (False: one copy each)
 
     @property
     def study_name(self) -> str:
@@ -297,8 +300,12 @@ def _seed_of(cfg: SweepConfig, worker_index: int, existing: int) -> int:
     return int(hashlib.sha256(tag.encode()).hexdigest()[:8], 16)
 
 
-def run_worker(cfg: SweepConfig, worker_index: int = 0, on_trial=None) -> None:
-    """Run trials of the study until it holds ``cfg.trials`` finished ones (the cache loaded once)."""
+def run_worker(cfg: SweepConfig, worker_index: int = 0, on_trial=None, splits=None) -> None:
+    """Run trials of the study until it holds ``cfg.trials`` finished ones (the cache loaded once).
+
+    Args:
+        splits: ``{(cache path, split): FeatureSplit}`` already in memory (the shared copy), used by every trial.
+    """
     from optuna.storages import fail_stale_trials
 
     from mdmf_cache.store import keep_loaded
@@ -314,7 +321,7 @@ def run_worker(cfg: SweepConfig, worker_index: int = 0, on_trial=None) -> None:
     train_log = logging.getLogger("mdmf_cache.training")
     level = train_log.level
     train_log.setLevel(logging.WARNING)  # one line per trial (the callback), not one per validation
-    with keep_loaded(), _restore_level(train_log, level), _quiet_interrupts():
+    with keep_loaded(splits), _restore_level(train_log, level), _quiet_interrupts():
         while True:
             import warnings
 
@@ -391,14 +398,24 @@ def _log_trial(study, trial) -> None:
     log.info("trial %d %s: val %.2f%% (%s)", trial.number, trial.state.name.lower(), value, params)
 
 
-def _worker_main(cfg_dict: dict[str, Any], worker_index: int, threads: int) -> None:
-    """Entry of a ``--jobs`` worker process."""
+def _worker_main(cfg_dict: dict[str, Any], worker_index: int, threads: int, shared=None, attached=None) -> None:
+    """Entry of a ``--jobs`` worker process; ``shared``: the parent's :class:`SharedSplit` handles, mapped here
+    (then ``attached`` is set)."""
     import torch
 
     logging.basicConfig(level=logging.INFO, format=f"[worker {worker_index}] %(message)s")
     torch.set_num_threads(threads)
     try:
-        run_worker(SweepConfig(**cfg_dict), worker_index)
+        splits = {}
+        if shared:
+            from mdmf_cache.shared_features import attach, size_text
+
+            splits = {(h.cache, h.split): attach(h) for h in shared}
+            attached.set()
+            log.info("features: %s mapped from one shared copy (%s)",
+                     ", ".join(f"{h.split} {'x'.join(map(str, h.shape))}" for h in shared),
+                     size_text(sum(h.nbytes for h in shared)))
+        run_worker(SweepConfig(**cfg_dict), worker_index, splits=splits)
     except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the parent says what was kept
         raise SystemExit(130) from None
 
@@ -459,30 +476,63 @@ def _run_processes(cfg: SweepConfig, bar) -> None:
 
     ctx = mp.get_context("spawn")  # no fork of a process holding torch threads or DB connections
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
-    procs = [ctx.Process(target=_worker_main, args=(asdict(cfg), i, threads), daemon=False) for i in range(cfg.jobs)]
-    for proc in procs:
-        proc.start()
-    study = None
-    try:
-        while any(proc.is_alive() for proc in procs):
-            time.sleep(1.0)
-            if bar:
-                if study is None:
-                    import optuna
+    with _shared_features(cfg) as shared:
+        handles = shared.splits if shared else None
+        attached = [ctx.Event() for _ in range(cfg.jobs)]
+        procs = [ctx.Process(target=_worker_main, args=(asdict(cfg), i, threads, handles, attached[i]), daemon=False)
+                 for i in range(cfg.jobs)]
+        started = []
+        study = None
+        try:
+            for proc in procs:
+                proc.start()
+                started.append(proc)
+            while any(proc.is_alive() for proc in procs):
+                if shared and not shared.unlinked and all(e.is_set() or not p.is_alive() for e, p in zip(attached, procs)):
+                    shared.unlink()  # every worker maps it: the memory now goes with the last of them, however it ends
+                _tick(0.2 if shared and not shared.unlinked else 1.0)
+                if bar:
+                    if study is None:
+                        import optuna
 
-                    study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg))
-                bar.refresh_from(study)
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
-        raise
-    finally:
-        for proc in procs:
-            proc.join()
+                        study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg))
+                    bar.refresh_from(study)
+        except KeyboardInterrupt:
+            for proc in started:
+                proc.terminate()
+            raise
+        finally:
+            for proc in started:
+                proc.join()
     failed = [i for i, proc in enumerate(procs) if proc.exitcode != 0]
     if failed:
         raise ConfigError(f"sweep worker(s) {', '.join(map(str, failed))} stopped with an error (see above); "
                           "fix it and rerun with --resume")
+
+
+def _tick(seconds: float) -> None:
+    """The parent's wait between looks at its workers."""
+    time.sleep(seconds)
+
+
+@contextmanager
+def _shared_features(cfg: SweepConfig):
+    """The train and val features read once into shared memory for the workers (None: sharing off, or no room)."""
+    if not cfg.share_features:
+        yield None
+        return
+    from mdmf_cache.shared_features import NoRoom, SharedFeatures, size_text
+
+    try:
+        shared = SharedFeatures(cfg.cache, ("train", "val"))
+    except NoRoom as e:
+        log.warning("%s: each of the %d workers loads its own copy of the features", e, cfg.jobs)
+        yield None
+        return
+    with shared:
+        log.info("features read once into %s (%s) for %d workers", Path(shared.files[0]).parent,
+                 size_text(shared.nbytes), cfg.jobs)
+        yield shared
 
 
 class _Bar:
