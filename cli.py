@@ -698,7 +698,8 @@ _C = CompareConfig
 
 
 @app.command(epilog="Examples:\n\n  mdmf-cache compare CACHE --methods mdmf,clip-fsar,protonet --shot 1,3,5 --out results/ucf_rn50\n\n"
-             "  mdmf-cache compare CACHE --methods mdmf,clip-fsar --shot 5 --episodes 20000 --lr 3e-4 --out results/ucf_5shot")
+             "  mdmf-cache compare CACHE --methods mdmf,clip-fsar --shot 5 --episodes 20000 --lr 3e-4 --out results/ucf_5shot\n\n"
+             "  mdmf-cache compare CACHE --methods mdmf,clip-fsar,otam --shot 1,5 --sweep 50 --out results/ucf_tuned   # each tuned on val first")
 def compare(
     cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
     methods: Annotated[str, typer.Option(help=f"Comma-separated: {_choices((*heads.METHODS, *BASELINES))} "
@@ -714,6 +715,9 @@ def compare(
     val_every: int = _T.val_every,
     val_episodes: int = _T.val_episodes,
     test_episodes: Annotated[int, typer.Option(help="Test episodes per shot (the same list for every method).")] = _C.test_episodes,
+    sweep: Annotated[int, typer.Option(help="Tune each trained method per shot first: an N-trial sweep on val over its "
+                                            "default space (the options above fixed) in OUT/sweeps; its best trial's "
+                                            "run is scored. 0: train with the defaults.")] = _C.sweep,
     way: int = _C.way,
     seed: int = _C.seed,
     device: DeviceOpt = _C.device,
@@ -722,7 +726,8 @@ def compare(
     """Several heads on one cache: each trained with its released defaults, all scored on identical seeded test
     episodes per shot, in the layout of the paper's Tables 1-2 with paired CIs and the numbers the papers report."""
     _setup_logging(debug)
-    _on_interrupt(f"finished runs and scores are kept in {out}; rerun the same command: it does only what is missing")
+    _on_interrupt(f"finished runs, sweep trials and scores are kept in {out}; rerun the same command: it does only "
+                  "what is missing")
     from mdmf_cache.report import print_compare
     from pipelines.compare import run_compare
 
@@ -731,7 +736,7 @@ def compare(
              **({"train_queries": train_queries} if train_queries is not None else {})}
     cfg = CompareConfig(cache=str(cache), out=str(out), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                         shots=_shots(shot), reference=reference, train=train, way=way, test_episodes=test_episodes,
-                        seed=seed, device=device)
+                        seed=seed, device=device, sweep=sweep)
     res = run_compare(cfg)
     print_compare(res["rows"], cfg.shots, f"{way}-way, {test_episodes} identical test episodes per shot")
     typer.echo(f"tables: {res['out']}/table.md, table.csv, table.png")

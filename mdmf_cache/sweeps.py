@@ -449,6 +449,20 @@ def prepare(cfg: SweepConfig) -> Plan:
     return p
 
 
+def finished_trials(cfg: SweepConfig) -> int | None:
+    """Finished (complete and pruned) trials of the sweep's study; None when it has none yet (no database, or no
+    study in it)."""
+    import optuna
+
+    if cfg.storage is None and not Path(cfg.storage_url[len("sqlite:///"):]).is_file():
+        return None
+    try:
+        study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg, create=False))
+    except KeyError:  # the database, but no study in it yet (stopped while creating it)
+        return None
+    return _count(study)[0]
+
+
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or join, or resume) a sweep; returns :func:`summarize`'s result.
 
@@ -579,4 +593,4 @@ def load_sweep(path: Path | str, storage: str | None = None) -> SweepConfig:
 
 
 __all__ = ["SweepConfig", "Plan", "plan", "prepare", "open_storage", "run_sweep", "run_worker", "load_sweep",
-           "interrupt_hint"]
+           "interrupt_hint", "finished_trials"]
