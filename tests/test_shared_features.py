@@ -81,7 +81,7 @@ def _check_views(shared, demo_cache: Path, monkeypatch) -> None:
 
 def test_no_room_is_said_and_leaves_nothing(demo_cache, monkeypatch, caplog):
     import mdmf_cache.shared_features as sf
-    from mdmf_cache.sweeps import _shared_features
+    from mdmf_cache.sweep_workers import _shared_features
 
     monkeypatch.setattr(sf, "_free", lambda folder: 0)
     with pytest.raises(sf.NoRoom, match="no room for .* of train features in /dev/shm"):
@@ -126,12 +126,12 @@ def _two_workers(cache: Path, out: Path, share: bool) -> dict[float, tuple[float
 
 @pytest.mark.integration
 def test_two_workers_on_one_shared_copy_train_what_two_copies_train(demo_cache, tmp_path, monkeypatch, capfd):
-    import mdmf_cache.sweeps as sweeps
+    import mdmf_cache.sweep_workers as workers
 
     assert not _ours()
     seen: list[bool] = []  # at each look of the parent at its workers: do the files still have names?
-    real = sweeps._tick
-    monkeypatch.setattr(sweeps, "_tick", lambda s: (seen.append(_named()), real(s)))
+    real = workers._tick
+    monkeypatch.setattr(workers, "_tick", lambda s: (seen.append(_named()), real(s)))
     shared = _two_workers(demo_cache, tmp_path / "shared", True)
     err = capfd.readouterr().err
     assert err.count("mapped from one shared copy") == 2, err[-3000:]  # each worker, no load of its own
@@ -148,7 +148,7 @@ def test_two_workers_on_one_shared_copy_train_what_two_copies_train(demo_cache, 
 
 
 def test_an_interrupted_jobs_sweep_leaves_no_shared_memory(demo_cache, tmp_path, monkeypatch):
-    import mdmf_cache.sweeps as sweeps
+    import mdmf_cache.sweep_workers as workers
 
     seen: list[set[tuple[str, str]]] = []
 
@@ -156,7 +156,7 @@ def test_an_interrupted_jobs_sweep_leaves_no_shared_memory(demo_cache, tmp_path,
         seen.append(_ours())
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sweeps, "_tick", ctrl_c)
+    monkeypatch.setattr(workers, "_tick", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(_cfg(demo_cache, tmp_path / "sw"), progress=False)
     assert len(seen) == 1 and len(seen[0]) == 4, seen  # train and val, each named and mapped, when it came
