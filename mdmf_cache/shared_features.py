@@ -112,7 +112,10 @@ class SharedFeatures:
                 continue
             self.files.append(path)
             try:
-                os.posix_fallocate(fd, 0, size)  # reserved now: a full tmpfs is an error here, not a SIGBUS later
+                if hasattr(os, "posix_fallocate"):  # reserved now: a full tmpfs is an error here, not a SIGBUS later
+                    os.posix_fallocate(fd, 0, size)
+                else:
+                    os.ftruncate(fd, size)
                 mm = mmap.mmap(fd, size)  # shared, read-write: the rows are written through it
             except OSError:
                 path.unlink(missing_ok=True)

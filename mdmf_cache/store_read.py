@@ -10,7 +10,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -87,7 +87,10 @@ def blocks(arr, n: int, max_bytes: int | None = None):
         yield lo, min(n, lo + rows)
 
 
-def read_rows(store, split: str, name: str, rows: np.ndarray, allocate=None) -> np.ndarray:
+Allocate = Callable[[tuple, np.dtype], np.ndarray]  # (shape, dtype) -> the array rows are read into
+
+
+def read_rows(store, split: str, name: str, rows: np.ndarray, allocate: Allocate | None = None) -> np.ndarray:
     """``array[rows]`` of a split's per-row array (``features``), read block by block into one array.
 
     Memory: the result plus one block; blocks holding none of ``rows`` are not read. Finished rows
@@ -171,7 +174,8 @@ def load_split_features(path: Path | str, split: str, device: str = "cpu", allow
     return loaded
 
 
-def read_split(path: Path | str, split: str, allow_incomplete: bool = False, allocate=None) -> FeatureSplit:
+def read_split(path: Path | str, split: str, allow_incomplete: bool = False,
+               allocate: Allocate | None = None) -> FeatureSplit:
     """:func:`load_split_features`'s rows as numpy arrays (features float16, labels int64, text float32).
 
     Args:

@@ -146,7 +146,7 @@ def test_the_table_names_each_tuned_shot_s_parameters(tmp_path):
 def test_compare_checks_everything_before_work(demo_cache, tmp_path):
     for kw, match in (({"methods": ("mdmf", "nope")}, "unknown"), ({"methods": ("clip-fsar",)}, "--reference"),
                       ({"train": {"lr": -1.0}}, "--lr"), ({"train": {"shot": 3}}, "set by compare"),
-                      ({"shots": (1, 40)}, "the test split has")):
+                      ({"shots": (1, 40)}, "the test split has"), ({"sweep": -1}, "--sweep -1")):
         with pytest.raises(ConfigError, match=match):
             run_compare(CompareConfig(cache=str(demo_cache), out=str(tmp_path / "c"), **kw), progress=False)
         assert not (tmp_path / "c").exists()
