@@ -212,7 +212,8 @@ def run_processes(cfg: SweepConfig, bar=None) -> None:
                 proc.start()
                 started.append(proc)
             while any(proc.is_alive() for proc in procs):
-                if shared and not shared.unlinked and all(e.is_set() or not p.is_alive() for e, p in zip(attached, procs)):
+                mapped = all(e.is_set() or not p.is_alive() for e, p in zip(attached, procs))
+                if shared and not shared.unlinked and mapped:
                     shared.unlink()  # every worker maps it: the memory now goes with the last of them, however it ends
                 _tick(0.2 if shared and not shared.unlinked else 1.0)
                 if bar:

@@ -125,7 +125,8 @@ def _tune(scfg, progress: bool) -> dict[str, Any]:
         res = summarize(scfg, figures=False)
     else:
         scfg.resume = (Path(scfg.out) / "study.db").is_file()
-        log.info("%s: %s (%d trials on val)", scfg.out, "resuming the sweep" if scfg.resume else "sweeping", scfg.trials)
+        log.info("%s: %s (%d trials on val)", scfg.out, "resuming the sweep" if scfg.resume else "sweeping",
+                 scfg.trials)
         res = run_sweep(scfg, progress=progress)
     if res["best"] is None:
         raise ConfigError(f"{scfg.out}: no trial of the sweep completed (pruned or failed; see trials.md); "
