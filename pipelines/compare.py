@@ -166,7 +166,8 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     old = out / "compare_config.json"
     if old.is_file():
         before = json.loads(old.read_text())
-        diff = sorted(k for k in saved if k not in ("device",) and before.get(k) != saved[k])
+        added = {"sweep": 0}  # fields newer than some saved comparisons: absent means their default
+        diff = sorted(k for k in saved if k not in ("device",) and before.get(k, added.get(k)) != saved[k])
         if diff:
             raise ConfigError(f"{out} holds a comparison made with other {', '.join(diff)}; rerun it as it was "
                               "(it goes on where it stopped) or choose another --out")

@@ -152,6 +152,21 @@ def test_compare_checks_everything_before_work(demo_cache, tmp_path):
         assert not (tmp_path / "c").exists()
 
 
+def test_a_comparison_saved_before_sweep_existed_goes_on(demo_cache, tmp_path):
+    from dataclasses import asdict
+
+    cfg = CompareConfig(cache=str(demo_cache), out=str(tmp_path / "c"), methods=("protonet",), reference="protonet",
+                        shots=(1, 40))
+    saved = json.loads(json.dumps(asdict(cfg)))
+    del saved["sweep"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "compare_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="the test split has"):  # past the comparison of the settings
+        run_compare(cfg, progress=False)
+    with pytest.raises(ConfigError, match="other sweep"):
+        run_compare(CompareConfig(**{**cfg.__dict__, "sweep": 2}), progress=False)
+
+
 def test_reported_numbers_carry_their_backbone():
     cfg = CompareConfig(methods=("mdmf", "clip-fsar", "protonet"), shots=(1, 5))
     accs = {(m, k): np.full(4, 50.0) for m in cfg.methods for k in cfg.shots}
