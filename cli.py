@@ -26,8 +26,8 @@ from mdmf_cache.datasets import DATASET_NAMES
 from mdmf_cache.models.config import PRESET_DATA, _CHOICES as MDMF_CHOICES
 from pipelines.ablate import AblateConfig
 from pipelines.compare import CompareConfig
+from mdmf_cache.sweeps import SweepConfig
 from pipelines.demo import DemoConfig
-from pipelines.sweep import SweepConfig
 
 app = typer.Typer(
     name="mdmf-cache",
@@ -636,6 +636,9 @@ def sweep(
                                                         "postgresql://user@db/sweeps for several machines.")] = None,
     trials: Annotated[int, typer.Option(help="Finished trials of the study, all workers together.")] = _S.trials,
     jobs: Annotated[int, typer.Option(help="Concurrent trials (worker processes) on this machine.")] = _S.jobs,
+    share_features: Annotated[bool, typer.Option("--share-features/--no-share-features",
+                                                 help="With --jobs: the workers map one copy of the train and val "
+                                                      "features in shared memory (off: one copy each).")] = _S.share_features,
     space: Annotated[Optional[str], typer.Option(help="Swept parameters, e.g. lr=1e-5:1e-2:log,lambda=0.1:2 "
                                                       "(default: see below).")] = None,
     prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Stop bad trials early at a validation.")] = _S.prune,
@@ -651,25 +654,22 @@ def sweep(
 ) -> None:
     """Tune fast-mode training on a cache with Optuna: each trial trains the heads and is scored on val (never test)."""
     _setup_logging(debug)
-    from pipelines.sweep import load_sweep, parse_fixed, parse_space_text, run_sweep, summarize
+    from mdmf_cache.sweep_space import parse_fixed, parse_space_text
+    from mdmf_cache.sweeps import interrupt_hint
+    from pipelines.sweep import run, show
 
     if cache == "show":
         if len(ctx.args) != 1 or ctx.args[0].startswith("-"):
             raise typer.BadParameter("write: mdmf-cache sweep show SWEEP_DIR [--storage URL]", param_hint="show")
-        res = summarize(load_sweep(ctx.args[0], storage))
-    else:
-        cfg = SweepConfig(cache=cache, study=study, storage=storage, trials=trials, jobs=jobs,
-                          space=parse_space_text(space) if space else {}, fixed=parse_fixed(ctx.args), prune=prune,
-                          pruner=pruner, prune_startup=prune_startup, prune_below=prune_below, seed=sampler_seed,
-                          resume=resume, heartbeat=heartbeat)
-        cfg.out = str(out) if out else f"sweeps/{study or Path(cache).name.split('__')[0].removesuffix('.zarr')}"
-        from pipelines.sweep import interrupt_hint
-
-        _on_interrupt(lambda: interrupt_hint(cfg))
-        res = run_sweep(cfg)
-    from mdmf_cache.report import print_sweep
-
-    print_sweep(res)
+        show(ctx.args[0], storage)
+        return
+    cfg = SweepConfig(cache=cache, study=study, storage=storage, trials=trials, jobs=jobs,
+                      space=parse_space_text(space) if space else {}, fixed=parse_fixed(ctx.args), prune=prune,
+                      pruner=pruner, prune_startup=prune_startup, prune_below=prune_below, seed=sampler_seed,
+                      resume=resume, heartbeat=heartbeat, share_features=share_features)
+    cfg.out = str(out) if out else f"sweeps/{study or Path(cache).name.split('__')[0].removesuffix('.zarr')}"
+    _on_interrupt(lambda: interrupt_hint(cfg))
+    run(cfg)
 
 
 @app.command(epilog="Examples:\n\n  mdmf-cache plot runs/ucf_rn50\n\n  mdmf-cache plot sweeps/ucf\n\n"
@@ -685,7 +685,8 @@ def plot(
 
     paths = []
     if (target / "sweep.json").is_file():  # a sweep's figures come from its study
-        from pipelines.sweep import load_sweep, summarize
+        from mdmf_cache.sweep_summary import summarize
+        from mdmf_cache.sweeps import load_sweep
 
         paths += summarize(load_sweep(target, storage))["figures"]
     paths += redraw(target, allow_empty=(target / "sweep.json").is_file())
@@ -697,7 +698,8 @@ _C = CompareConfig
 
 
 @app.command(epilog="Examples:\n\n  mdmf-cache compare CACHE --methods mdmf,clip-fsar,protonet --shot 1,3,5 --out results/ucf_rn50\n\n"
-             "  mdmf-cache compare CACHE --methods mdmf,clip-fsar --shot 5 --episodes 20000 --lr 3e-4 --out results/ucf_5shot")
+             "  mdmf-cache compare CACHE --methods mdmf,clip-fsar --shot 5 --episodes 20000 --lr 3e-4 --out results/ucf_5shot\n\n"
+             "  mdmf-cache compare CACHE --methods mdmf,clip-fsar,otam --shot 1,5 --sweep 50 --out results/ucf_tuned   # each tuned on val first")
 def compare(
     cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
     methods: Annotated[str, typer.Option(help=f"Comma-separated: {_choices((*heads.METHODS, *BASELINES))} "
@@ -713,6 +715,9 @@ def compare(
     val_every: int = _T.val_every,
     val_episodes: int = _T.val_episodes,
     test_episodes: Annotated[int, typer.Option(help="Test episodes per shot (the same list for every method).")] = _C.test_episodes,
+    sweep: Annotated[int, typer.Option(help="Tune each trained method per shot first: an N-trial sweep on val over its "
+                                            "default space (the options above fixed) in OUT/sweeps; its best trial's "
+                                            "run is scored. 0: train with the defaults.")] = _C.sweep,
     way: int = _C.way,
     seed: int = _C.seed,
     device: DeviceOpt = _C.device,
@@ -721,7 +726,8 @@ def compare(
     """Several heads on one cache: each trained with its released defaults, all scored on identical seeded test
     episodes per shot, in the layout of the paper's Tables 1-2 with paired CIs and the numbers the papers report."""
     _setup_logging(debug)
-    _on_interrupt(f"finished runs and scores are kept in {out}; rerun the same command: it does only what is missing")
+    _on_interrupt(f"finished runs, sweep trials and scores are kept in {out}; rerun the same command: it does only "
+                  "what is missing")
     from mdmf_cache.report import print_compare
     from pipelines.compare import run_compare
 
@@ -730,7 +736,7 @@ def compare(
              **({"train_queries": train_queries} if train_queries is not None else {})}
     cfg = CompareConfig(cache=str(cache), out=str(out), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                         shots=_shots(shot), reference=reference, train=train, way=way, test_episodes=test_episodes,
-                        seed=seed, device=device)
+                        seed=seed, device=device, sweep=sweep)
     res = run_compare(cfg)
     print_compare(res["rows"], cfg.shots, f"{way}-way, {test_episodes} identical test episodes per shot")
     typer.echo(f"tables: {res['out']}/table.md, table.csv, table.png")

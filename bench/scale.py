@@ -19,9 +19,18 @@ no backbone), over a tree of zero-byte placeholder files named like the rows, wi
   the baseline over the bytes of the largest array (the train features);
 - ``eval_peak_rss_gb``: a fresh process scores 10,000 5-way 5-shot test episodes with MDMF (random init,
   the per-video path): its peak resident memory in total (``eval_above_start_gb``: above what it held
-  with the model and the test features loaded), and the seconds.
+  with the model and the test features loaded), and the seconds;
+- ``sweep_jobs2_over_one_copy``: a fresh process runs a ``sweep --jobs 2`` of two short MDMF trials (5-way
+  1-shot, 8 episodes, one validation of 10 episodes) on the cache; the peak over the sweep of the summed
+  proportional set size (PSS, ``/proc/PID/smaps_rollup``, sampled every 0.1 s) of that process and all its
+  descendants (the two workers, multiprocessing's resource tracker), over the bytes of one copy of the train
+  and val features (``sweep_one_copy_gb``). PSS divides each shared page between the processes mapping it, so
+  the one shared copy counts once, where RSS (or a sum of VmHWM) would count it once per worker. Without
+  ``--quick`` the same sweep with ``share_features=False`` (each worker its own copy) gives
+  ``sweep_jobs2_separate_over_one_copy``.
 
     python bench/scale.py --rows 67013 --views 4 --dim 1024
+    python bench/scale.py --rows 67013 --views 4 --dim 1024 --only sweep   # the sweep's figures alone
     python bench/scale.py --quick          # 2,000 rows, D = 64, small val/test: seconds
 
 Prints one JSON line last (``{"bench": "scale", ...}``), measured in this one run.
@@ -239,7 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--chunk-rows", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="2,000 train rows, D = 64, val/test of 200/300 rows")
     p.add_argument("--dir", default=None, help="where to build (default: a temporary folder)")
+    p.add_argument("--only", default="store,eval,sweep", help="figures to measure, comma-separated: store,eval,sweep")
     args = p.parse_args(argv)
+    only = set(args.only.split(","))
     if args.quick:
         args.rows, args.dim = 2000, 64
     sizes = {"train": args.rows, "val": 200 if args.quick else SSV2["val"][1],
@@ -258,8 +269,12 @@ def main(argv: list[str] | None = None) -> dict:
                "val_rows": sizes["val"], "test_rows": sizes["test"],
                "features_gb": round(args.rows * args.views * args.frames * args.dim * 2 / 1e9, 3),
                "build_s": round(build_s, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
-        out.update(measure_store(cfg, path, args.dim, base))
-        out.update(measure_eval(path, 200 if args.quick else 10_000))
+        if "store" in only:
+            out.update(measure_store(cfg, path, args.dim, base))
+        if "eval" in only:
+            out.update(measure_eval(path, 200 if args.quick else 10_000))
+        if "sweep" in only:
+            out.update(measure_sweep(path, base, separate=not args.quick))
         # further figures on the same cache join ``out`` here (one function each, returning its fields)
     print(json.dumps(out))
     return out
@@ -278,6 +293,86 @@ def measure_store(cfg, path: Path, dim: int, base: Path) -> dict:
         "info_s": round(quiet(print_info, path), 2), "verify_s": round(quiet(print_verify, path), 2),
         "export_peak_over_array": round(peak_over("export", path, str(base / "export.h5")), 3),
     }
+
+
+# ---- a sweep's memory with --jobs 2 -------------------------------------------------------------------
+SWEEP_CHILD = r"""
+import logging, sys
+sys.path.insert(0, sys.argv[1])
+from mdmf_cache.sweeps import SweepConfig, run_sweep
+logging.disable(logging.WARNING)
+fixed = {"shot": 1, "episodes": 8, "episodes-per-step": 4, "val-every": 8, "val-episodes": 10, "device": "cpu"}
+cfg = SweepConfig(cache=sys.argv[2], out=sys.argv[3], trials=2, jobs=2, prune=False, space={"lr": "1e-4:1e-2:log"},
+                  fixed=fixed, share_features=sys.argv[4] == "1")
+res = run_sweep(cfg, progress=False)
+assert [r["state"] for r in res["rows"]] == ["COMPLETE"] * 2, res["rows"]
+"""
+
+
+def _tree_of(pid: int) -> list[int]:
+    """``pid`` and all its descendants, from /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes (0 once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def sweep_peak_pss(path: Path, out: Path, share: bool) -> tuple[int, float]:
+    """(peak summed PSS in bytes, seconds) of a ``--jobs 2`` sweep in a fresh process and its descendants."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", SWEEP_CHILD, str(REPO), str(path), str(out), "1" if share else "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, sum(_pss(p) for p in _tree_of(proc.pid)))
+        time.sleep(0.1)
+    err = proc.stderr.read()
+    if proc.returncode:
+        raise RuntimeError(f"sweep child failed: {err[-2000:]}")
+    return peak, time.perf_counter() - t0
+
+
+def measure_sweep(path: Path, base: Path, separate: bool) -> dict:
+    """A ``--jobs 2`` sweep's peak memory (summed PSS) over one copy of the train and val features; ``separate``:
+    also with a copy per worker."""
+    from mdmf_cache.store import CacheStore
+
+    store = CacheStore(path)
+    one_copy = sum(int(store.root[s]["features"].nbytes) for s in ("train", "val"))  # every bench row is usable
+    peak, seconds = sweep_peak_pss(path, base / "sweep_shared", share=True)
+    res = {"sweep_one_copy_gb": round(one_copy / 1e9, 3), "sweep_jobs2_peak_pss_gb": round(peak / 1e9, 3),
+           "sweep_jobs2_over_one_copy": round(peak / one_copy, 3), "sweep_jobs2_s": round(seconds, 1)}
+    if separate:
+        peak, seconds = sweep_peak_pss(path, base / "sweep_separate", share=False)
+        res.update({"sweep_jobs2_separate_peak_pss_gb": round(peak / 1e9, 3),
+                    "sweep_jobs2_separate_over_one_copy": round(peak / one_copy, 3),
+                    "sweep_jobs2_separate_s": round(seconds, 1)})
+    return res
 
 
 if __name__ == "__main__":

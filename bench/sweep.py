@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _run(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
-    from pipelines.sweep import SweepConfig, run_sweep
+    from mdmf_cache.sweeps import SweepConfig, run_sweep
 
     work.mkdir(parents=True, exist_ok=True)
     small = {"classes": (6, 5, 5), "per_class": 4} if args.quick else {}

@@ -21,8 +21,8 @@ from typing import Any
 
 from mdmf_cache.configs import EvalConfig, ExtractConfig, TrainConfig
 
-__all__ = ["extract", "open_cache", "load_split", "episode_list", "train", "evaluate", "ablate", "compare", "predict",
-           "Run", "load_run", "list_heads"]
+__all__ = ["extract", "open_cache", "load_split", "episode_list", "train", "evaluate", "ablate", "compare", "sweep",
+           "predict", "Run", "load_run", "list_heads"]
 
 
 def _config(cls, cfg, kwargs: dict[str, Any]):
@@ -96,6 +96,19 @@ def compare(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
     from pipelines.compare import CompareConfig, run_compare
 
     return run_compare(_config(CompareConfig, cfg, kwargs), progress=progress)
+
+
+def sweep(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """``mdmf-cache sweep``: tune fast-mode training on a cache with Optuna, each trial scored on val; writes what
+    the command writes and returns ``{"rows": [...], "best": {...} or None, "out": ..., "figures": [...]}``.
+    Fields: :class:`~mdmf_cache.sweeps.SweepConfig` (``space``: ``{"lr": "1e-5:1e-2:log", ...}``; ``fixed``:
+    ``train`` options by name, ``{"episodes": 2000, "method": "clip-fsar"}``; ``_`` in a name reads as ``-``)."""
+    from mdmf_cache.sweeps import SweepConfig, run_sweep
+
+    for key in ("space", "fixed"):
+        if isinstance(kwargs.get(key), dict):
+            kwargs[key] = {k.replace("_", "-"): v for k, v in kwargs[key].items()}
+    return run_sweep(_config(SweepConfig, cfg, kwargs), progress=progress)
 
 
 def predict(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:

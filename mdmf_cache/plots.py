@@ -320,7 +320,7 @@ def plot_params(rows: list[dict[str, Any]], params: dict[str, str], path: Path, 
 def redraw(target: Path | str, allow_empty: bool = False) -> list[Path]:
     """Every figure of a run, evaluation or ablation directory (and of the evaluations inside a run).
 
-    A sweep directory's figures come from its study (``pipelines.sweep.summarize``); ``allow_empty``
+    A sweep directory's figures come from its study (``mdmf_cache.sweep_summary.summarize``); ``allow_empty``
     says the caller drew those, so finding nothing else here is no error.
     """
     from mdmf_cache.errors import ConfigError

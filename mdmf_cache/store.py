@@ -512,7 +512,7 @@ class CacheStore:
 
 
 # re-exported: readers import everything from here
-from .store_read import FeatureSplit, export_h5, keep_loaded, load_split_features  # noqa: E402
+from .store_read import FeatureSplit, export_h5, keep_loaded, load_split_features, read_split  # noqa: E402
 
 __all__ = ["CacheStore", "Damage", "FeatureSplit", "RowSync", "damage_message", "export_h5", "fingerprint_diff",
-           "group_name", "keep_loaded", "load_split_features", "meta_problem"]
+           "group_name", "keep_loaded", "load_split_features", "meta_problem", "read_split"]

@@ -1,5 +1,6 @@
 """Reading a cache (:mod:`mdmf_cache.store`) into memory or out to HDF5: :func:`load_split_features` (the input of
-fast-mode training and evaluation, with :func:`keep_loaded` for many trainings in one process) and
+fast-mode training and evaluation, with :func:`keep_loaded` for many trainings in one process), :func:`read_split`
+(the same as numpy arrays, the features read into an array the caller may provide: shared memory) and
 :func:`export_h5`."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -48,16 +49,27 @@ class FeatureSplit:
 _KEPT: dict[tuple, FeatureSplit] | None = None  # set inside keep_loaded()
 
 
+def _kept_key(path: Path | str, split: str, device: str, allow_incomplete: bool = False) -> tuple:
+    return (str(Path(path).resolve()), split, str(device), allow_incomplete)
+
+
 @contextmanager
-def keep_loaded():
+def keep_loaded(splits: dict[tuple[str, str], FeatureSplit] | None = None):
     """Inside this block, loading the same split again returns the split already in memory.
 
     A sweep runs many trainings in one process; each calls :func:`load_split_features`, and the
     cache is read once. Callers must not modify the returned tensors in place.
+
+    Args:
+        splits: splits already in memory as ``{(cache path, split name): FeatureSplit}`` with CPU tensors (a sweep
+            worker's, mapped from the shared copy): loading one of them returns it, and loading it onto another
+            device moves it there from memory instead of reading the cache.
     """
     global _KEPT
     outer = _KEPT
     _KEPT = {} if outer is None else outer
+    if splits:
+        _KEPT = {**_KEPT, **{_kept_key(path, name, "cpu"): fs for (path, name), fs in splits.items()}}
     try:
         yield
     finally:
@@ -75,11 +87,17 @@ def blocks(arr, n: int, max_bytes: int | None = None):
         yield lo, min(n, lo + rows)
 
 
-def read_rows(store, split: str, name: str, rows: np.ndarray) -> np.ndarray:
+Allocate = Callable[[tuple, np.dtype], np.ndarray]  # (shape, dtype) -> the array rows are read into
+
+
+def read_rows(store, split: str, name: str, rows: np.ndarray, allocate: Allocate | None = None) -> np.ndarray:
     """``array[rows]`` of a split's per-row array (``features``), read block by block into one array.
 
     Memory: the result plus one block; blocks holding none of ``rows`` are not read. Finished rows
     that are all zero or hold NaN or inf are refused (checked per block, as read).
+
+    Args:
+        allocate: ``(shape, dtype) -> array`` that the rows are read into (default ``np.empty``).
 
     Raises:
         CacheError: a chunk is unreadable, or rows are damaged (named, with what to do).
@@ -87,7 +105,10 @@ def read_rows(store, split: str, name: str, rows: np.ndarray) -> np.ndarray:
     arr = store.root[split][name]
     n = store.num_rows(split)
     rows = np.asarray(rows, dtype=np.int64)
-    out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
+    shape = (len(rows), *arr.shape[1:])
+    out = (allocate or np.empty)(shape, arr.dtype)
+    if out.shape != shape or out.dtype != arr.dtype:
+        raise ValueError(f"allocate gave a {out.dtype} array of shape {out.shape}, not {arr.dtype} {shape}")
     dest = np.full(n, -1, dtype=np.int64)  # cache row -> position in ``out``
     dest[rows] = np.arange(len(rows))
     zero, nonfinite = [], []
@@ -128,11 +149,42 @@ def load_split_features(path: Path | str, split: str, device: str = "cpu", allow
     Raises:
         CacheError: the split is absent, has no text, or is unfinished (unless ``allow_incomplete``).
     """
-    key = (str(Path(path).resolve()), split, str(device), allow_incomplete)
-    if _KEPT is not None and key in _KEPT:
-        return _KEPT[key]
     import torch
 
+    key = _kept_key(path, split, device, allow_incomplete)
+    if _KEPT is not None:
+        if key in _KEPT:
+            return _KEPT[key]
+        host = _KEPT.get(_kept_key(path, split, "cpu", allow_incomplete))
+        if host is not None:  # in memory already (a sweep worker's shared copy): moved, not read again
+            _KEPT[key] = moved = FeatureSplit(host.features.to(device), host.labels.to(device), host.video_ids,
+                                              host.classes, host.class_names, host.text.to(device))
+            return moved
+    arrays = read_split(path, split, allow_incomplete)
+    loaded = FeatureSplit(
+        features=torch.from_numpy(arrays.features).to(device),
+        labels=torch.from_numpy(arrays.labels).to(device),
+        video_ids=arrays.video_ids,
+        classes=arrays.classes,
+        class_names=arrays.class_names,
+        text=torch.from_numpy(arrays.text).to(device),
+    )
+    if _KEPT is not None:
+        _KEPT[key] = loaded
+    return loaded
+
+
+def read_split(path: Path | str, split: str, allow_incomplete: bool = False,
+               allocate: Allocate | None = None) -> FeatureSplit:
+    """:func:`load_split_features`'s rows as numpy arrays (features float16, labels int64, text float32).
+
+    Args:
+        allocate: ``(shape, dtype) -> array`` that the features are read into, block by block (default
+            ``np.empty``): e.g. a file in shared memory that several processes map.
+
+    Raises:
+        CacheError: the split is absent, has no text, or is unfinished (unless ``allow_incomplete``).
+    """
     from .store import CacheStore
 
     store = CacheStore(path)
@@ -152,19 +204,16 @@ def load_split_features(path: Path | str, split: str, device: str = "cpu", allow
     keep = np.flatnonzero(done & present & ~store._rows(split, "failed").astype(bool))
     if "order" in g:  # format 1 caches: rows are already in split-file order
         keep = keep[np.argsort(store._rows(split, "order")[keep], kind="stable")]
-    feats = read_rows(store, split, "features", keep)
+    feats = read_rows(store, split, "features", keep, allocate)
     ids = store._rows(split, "video_ids")[keep]
-    loaded = FeatureSplit(
-        features=torch.from_numpy(feats).to(device),
-        labels=torch.from_numpy(store._rows(split, "labels")[keep].astype(np.int64)).to(device),
+    return FeatureSplit(
+        features=feats,
+        labels=store._rows(split, "labels")[keep].astype(np.int64),
         video_ids=[str(v) for v in ids],
         classes=list(g.attrs["classes"]),
         class_names=list(g.attrs["class_names"]),
-        text=torch.from_numpy(np.asarray(g["text_features"][:])).to(device),
+        text=np.asarray(g["text_features"][:]),
     )
-    if _KEPT is not None:
-        _KEPT[key] = loaded
-    return loaded
 
 
 def export_h5(path: Path | str, out: Path | str, overwrite: bool = False) -> Path:

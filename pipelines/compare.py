@@ -8,12 +8,16 @@ Top to bottom:
     3. per trainable (method, shot): a fast-mode run in ``OUT/runs/<method>_<K>shot`` with the head's
        released defaults (its preset, training shot and queries for K; CLIP-FSAR trains on 1-shot episodes
        for a 5-shot run) and the training options given here (the same for every method); a finished run
-       is reused, an interrupted one resumed;
+       is reused, an interrupted one resumed. With ``sweep`` N: instead an N-trial sweep on val
+       (:mod:`mdmf_cache.sweeps`) in ``OUT/sweeps/<method>_<K>shot`` over the head's default space, the
+       method, the shot and the training options given here fixed; the best trial's run (its ``best.pt``
+       chosen on val) is the method's run. A finished sweep is reused, an unfinished one resumed;
     4. per (method, shot): per-episode accuracies on that list (``scores/<method>_<K>shot.npy``; heads
        without parameters and baselines scored as they are), reused when present;
     5. ``table.csv`` / ``table.md`` (one row per method, columns per shot: mean +- 95% CI, the paired
        difference to the reference method with its CI, and the accuracy the papers report for that
-       method and dataset with the backbone it was measured on) and ``table.png``.
+       method and dataset with the backbone it was measured on; with ``sweep``, the best trial's parameters)
+       and ``table.png``.
 
 Killed at any point, the same command does only what is missing. A rerun with other settings into the
 same ``--out`` is refused (its runs and scores would not be the ones asked for).
@@ -52,6 +56,7 @@ class CompareConfig:
     split: str = "test"
     seed: int = 0
     device: str = "auto"
+    sweep: int = 0  # trials of a val sweep per trained (method, shot), its best trial scored; 0: the defaults trained
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -75,6 +80,8 @@ class CompareConfig:
             problems.append("--shot: distinct values >= 1, e.g. 1,3,5")
         if self.test_episodes < 1:
             problems.append(f"--test-episodes {self.test_episodes}: must be >= 1")
+        if self.sweep < 0:
+            problems.append(f"--sweep {self.sweep}: a number of trials, >= 0 (0: no sweep)")
         for name in ("cache", "out", "method", "shot", "resume", "heads", "mode", "full", "way", "seed", "device"):
             if name in self.train:
                 problems.append(f"training option {name!r} is set by compare itself")
@@ -97,8 +104,38 @@ def _finished(run: Path, episodes: int) -> bool:
     return bool(lines) and lines[-1]["episodes"] >= episodes
 
 
+def sweep_config(cfg: CompareConfig, method: str, shot: int):
+    """The sweep ``--sweep`` runs for one trained (method, shot): the head's default space, the rest fixed."""
+    from mdmf_cache.sweeps import SweepConfig
+
+    fixed = {"method": method, "shot": shot, "way": cfg.way, "seed": cfg.seed, "device": cfg.device,
+             **{k.replace("_", "-"): v for k, v in cfg.train.items()}}
+    return SweepConfig(cache=cfg.cache, out=str(Path(cfg.out) / "sweeps" / f"{method}_{shot}shot"), trials=cfg.sweep,
+                       fixed=fixed, seed=cfg.seed)
+
+
+def _tune(scfg, progress: bool) -> dict[str, Any]:
+    """Run, resume or reuse one sweep; returns its best trial (``summarize``'s ``best``)."""
+    from mdmf_cache.sweep_summary import summarize
+    from mdmf_cache.sweeps import finished_trials, run_sweep
+
+    done = finished_trials(scfg)
+    if done is not None and done >= scfg.trials:
+        log.info("%s: reusing the finished sweep", scfg.out)
+        res = summarize(scfg, figures=False)
+    else:
+        scfg.resume = (Path(scfg.out) / "study.db").is_file()
+        log.info("%s: %s (%d trials on val)", scfg.out, "resuming the sweep" if scfg.resume else "sweeping",
+                 scfg.trials)
+        res = run_sweep(scfg, progress=progress)
+    if res["best"] is None:
+        raise ConfigError(f"{scfg.out}: no trial of the sweep completed (pruned or failed; see trials.md); "
+                          "rerun with a larger --sweep")
+    return res["best"]
+
+
 def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
-    """Train what is missing, score every method on the same episodes per shot, write the tables."""
+    """Train (or tune) what is missing, score every method on the same episodes per shot, write the tables."""
     from mdmf_cache.backbone import resolve_device
     from mdmf_cache.configs import TrainConfig
     from mdmf_cache.episodes import EpisodeSampler, Episodes
@@ -106,6 +143,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     from mdmf_cache.fileio import atomic_write_json
     from mdmf_cache.runs import load_run
     from mdmf_cache.store import CacheStore, load_split_features
+    from mdmf_cache.sweeps import plan
     from mdmf_cache.training import run_train
 
     # 1. everything checked before anything is written
@@ -121,11 +159,15 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
                                               method=method, way=cfg.way, shot=shot, seed=cfg.seed, device=cfg.device,
                                               **cfg.train)
             tcfgs[method, shot].validate()
+    scfgs = {key: sweep_config(cfg, *key) for key in tcfgs} if cfg.sweep else {}
+    for scfg in scfgs.values():
+        plan(scfg)  # the head's default space, every corner of it a valid config; nothing written
     saved = json.loads(json.dumps(asdict(cfg)))
     old = out / "compare_config.json"
     if old.is_file():
         before = json.loads(old.read_text())
-        diff = sorted(k for k in saved if k not in ("device",) and before.get(k) != saved[k])
+        added = {"sweep": 0}  # fields newer than some saved comparisons: absent means their default
+        diff = sorted(k for k in saved if k not in ("device",) and before.get(k, added.get(k)) != saved[k])
         if diff:
             raise ConfigError(f"{out} holds a comparison made with other {', '.join(diff)}; rerun it as it was "
                               "(it goes on where it stopped) or choose another --out")
@@ -152,8 +194,14 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
             _save_episodes(eps, path)
         lists[shot] = eps
 
-    # 3. train what is not finished (resume what was interrupted)
+    # 3. train (or tune on val) what is not finished; resume what was interrupted
+    runs = {key: tcfg.out for key, tcfg in tcfgs.items()}
+    tuned: dict[tuple[str, int], dict[str, Any]] = {}
     for (method, shot), tcfg in tcfgs.items():
+        if cfg.sweep:
+            tuned[method, shot] = _tune(scfgs[method, shot], progress)
+            runs[method, shot] = tuned[method, shot]["run"]
+            continue
         run = Path(tcfg.out)
         if _finished(run, tcfg.episodes):
             log.info("%s %d-shot: reusing %s", method, shot, run)
@@ -170,15 +218,15 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
             if path.is_file():
                 accs[method, shot] = np.load(path)
                 continue
-            model = load_run(tcfgs[method, shot].out, str(device))[0] if (method, shot) in tcfgs else None
+            model = load_run(runs[method, shot], str(device))[0] if (method, shot) in runs else None
             res = score(method, split, lists[shot], model, cfg.seed)
             accs[method, shot] = res.episode_acc * 100
             _save_scores(accs[method, shot], path)
 
     # 5. tables and the figure
     fp = store.fingerprint.get("video") or {}
-    rows = table_rows(cfg, accs, fp.get("dataset", ""), fp.get("model", ""))
-    write_tables(out, rows, cfg.shots)
+    rows = table_rows(cfg, accs, fp.get("dataset", ""), fp.get("model", ""), tuned)
+    write_tables(out, rows, cfg.shots, sweep=cfg.sweep)
     from mdmf_cache.plots import compare_figure, plot_safely
 
     plot_safely(compare_figure, rows, cfg.shots, out / "table.png",
@@ -207,9 +255,10 @@ def _save_scores(acc: np.ndarray, path: Path) -> None:
     atomic_write_file(path, write)
 
 
-def table_rows(cfg: CompareConfig, accs: dict[tuple[str, int], np.ndarray], dataset: str,
-               model: str) -> list[dict[str, Any]]:
-    """One row per method: per shot its mean and CI, the paired difference to the reference, the reported number."""
+def table_rows(cfg: CompareConfig, accs: dict[tuple[str, int], np.ndarray], dataset: str, model: str,
+               tuned: dict[tuple[str, int], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per method: per shot its mean and CI, the paired difference to the reference, the reported number,
+    and for a tuned method its best trial's parameters and val accuracy."""
     from mdmf_cache.episodes import mean_ci
     from mdmf_cache.paper import backbone_of, reported
 
@@ -224,12 +273,22 @@ def table_rows(cfg: CompareConfig, accs: dict[tuple[str, int], np.ndarray], data
             paper = reported(method, dataset, shot, model)
             if paper is not None:
                 row[f"{shot}shot_reported"], row[f"{shot}shot_reported_backbone"] = paper
+            best = (tuned or {}).get((method, shot))
+            if best is not None:
+                row[f"{shot}shot_tuned"] = params_text(best["params"])
+                row[f"{shot}shot_tuned_val"] = best["val_acc"]
         rows.append(row)
     return rows
 
 
-def write_tables(out: Path, rows: list[dict[str, Any]], shots: tuple[int, ...]) -> None:
-    """``table.csv`` (every number) and ``table.md`` (the paper's layout: one row per method, a column per shot)."""
+def params_text(params: dict[str, Any]) -> str:
+    """``lr=0.000312, lambda=0.84``."""
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def write_tables(out: Path, rows: list[dict[str, Any]], shots: tuple[int, ...], sweep: int = 0) -> None:
+    """``table.csv`` (every number) and ``table.md`` (the paper's layout: one row per method, a column per shot;
+    after a ``sweep`` of that many trials, a column with each tuned method's best trial's parameters per shot)."""
     from mdmf_cache.fileio import atomic_write_text
 
     cols = list(dict.fromkeys(k for r in rows for k in r))
@@ -239,6 +298,7 @@ def write_tables(out: Path, rows: list[dict[str, Any]], shots: tuple[int, ...]) 
     writer.writerows(rows)
     atomic_write_text(out / "table.csv", buf.getvalue())
     head = ["method", *(f"{k}-shot" for k in shots), *(f"{k}-shot vs ref" for k in shots), "reported (backbone)"]
+    head += ["tuned on val (best trial)"] if sweep else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"]]
@@ -248,8 +308,14 @@ def write_tables(out: Path, rows: list[dict[str, Any]], shots: tuple[int, ...]) 
         paper = ["/".join(f"{r[f'{k}shot_reported']:.1f}" if f"{k}shot_reported" in r else "-" for k in shots)]
         backbones = {r[f"{k}shot_reported_backbone"] for k in shots if f"{k}shot_reported_backbone" in r}
         cells.append(f"{paper[0]} ({', '.join(sorted(backbones))})" if backbones else "-")
+        if sweep:
+            cells.append("; ".join(f"{k}-shot: {r[f'{k}shot_tuned']}" for k in shots if f"{k}shot_tuned" in r) or "-")
         lines.append("| " + " | ".join(cells) + " |")
     note = ("\nAccuracy in %, mean ± 95% CI over the same seeded test episodes; 'vs ref' is the paired difference "
             "to the reference method. 'reported' is what the CLIP-MDMF paper's Tables 1-2 give for that method and "
             "dataset, on the backbone in parentheses: ResNet-50 (ImageNet) numbers are not CLIP results.\n")
+    if sweep:
+        note += (f"\nTuned on val: each trained method was tuned per shot by a {sweep}-trial sweep on val "
+                 "(sweeps/METHOD_Kshot); its best trial's run is what is scored here, and the last column gives that "
+                 "trial's parameters.\n")
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n" + note)

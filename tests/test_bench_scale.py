@@ -12,7 +12,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 KEYS = {"bench", "rows", "views", "dim", "load_peak_over_features", "extract_rerun_s", "extract_first_rerun_s",
-        "info_s", "verify_s", "export_peak_over_array"}
+        "info_s", "verify_s", "export_peak_over_array", "sweep_jobs2_over_one_copy", "sweep_one_copy_gb",
+        "sweep_jobs2_peak_pss_gb"}
 
 
 def test_scale_bench_quick(tmp_path):
@@ -28,4 +29,7 @@ def test_scale_bench_quick(tmp_path):
     assert math.isfinite(out["load_peak_over_features"]) and 0.5 < out["load_peak_over_features"] < 50
     assert math.isfinite(out["export_peak_over_array"]) and out["export_peak_over_array"] > 0
     assert all(out[k] >= 0 for k in ("extract_rerun_s", "extract_first_rerun_s", "info_s", "verify_s"))
+    # a --jobs 2 sweep: three processes with torch loaded hold far more than a few MB of features (at 67,013 x 4
+    # x 1024 the bench reads 1.87, and 2.89 with a copy per worker)
+    assert 0 < out["sweep_one_copy_gb"] < out["sweep_jobs2_peak_pss_gb"] and 1 < out["sweep_jobs2_over_one_copy"] < 5000
     assert list(tmp_path.iterdir()) == []  # its temporary folder is gone

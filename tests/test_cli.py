@@ -156,3 +156,26 @@ def test_console_entry_errors_are_one_line(tmp_path):
     res = _run("info", str(tmp_path / "none.zarr"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().startswith("error: no cache at") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_sweep_and_compare_options_reach_their_configs(cli_runner, monkeypatch):
+    """``sweep --no-share-features`` and ``compare --sweep N`` land in the configs the recipes get."""
+    import pipelines.compare
+    import pipelines.sweep
+
+    got = {}
+
+    def stop(name):
+        def record(cfg, *a, **k):
+            got[name] = cfg
+            raise SystemExit(0)
+        return record
+
+    monkeypatch.setattr(pipelines.sweep, "run", stop("sweep"))
+    monkeypatch.setattr(pipelines.compare, "run_compare", stop("compare"))
+    args = ["sweep", "c.zarr", "--jobs", "3", "--no-share-features", "--episodes", "50"]
+    assert cli_runner.invoke(cli.app, args).exit_code == 0
+    assert (got["sweep"].jobs, got["sweep"].share_features, got["sweep"].fixed) == (3, False, {"episodes": 50})
+    assert cli_runner.invoke(cli.app, ["sweep", "c.zarr"]).exit_code == 0 and got["sweep"].share_features is True
+    assert cli_runner.invoke(cli.app, ["compare", "c.zarr", "--sweep", "20", "--shot", "1,5"]).exit_code == 0
+    assert (got["compare"].sweep, got["compare"].shots) == (20, (1, 5))

@@ -66,13 +66,105 @@ def test_compare_trains_scores_and_resumes(demo_cache, tmp_path, monkeypatch):
         run_compare(CompareConfig(**{**cfg.__dict__, "test_episodes": 50}), progress=False)
 
 
+@pytest.mark.integration
+def test_compare_sweep_tunes_on_val_scores_the_best_trial_and_resumes(demo_cache, tmp_path, monkeypatch):
+    import optuna
+
+    import mdmf_cache.training as training
+    from mdmf_cache.episodes import Episodes
+    from mdmf_cache.evaluation import score
+    from mdmf_cache.runs import load_run
+    from mdmf_cache.store import load_split_features
+    from pipelines.compare import sweep_config
+
+    out = tmp_path / "tuned"
+    small = {"episodes": 4, "episodes_per_step": 4, "val_every": 4, "val_episodes": 10, "train_queries": 1}  # lr: swept
+    cfg = CompareConfig(cache=str(demo_cache), out=str(out), methods=("mdmf", "protonet"), shots=(1,), train=small,
+                        test_episodes=30, sweep=2)
+    real_train = training.run_train
+    calls = []
+
+    def killed_at_the_second(tcfg, **kw):  # the sweep's second trial is "killed"
+        calls.append(tcfg.out)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(tcfg, **kw)
+
+    monkeypatch.setattr(training, "run_train", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cfg, progress=False)
+    sweep = out / "sweeps" / "mdmf_1shot"
+    stamps = {p: p.stat().st_mtime_ns for p in sweep.glob("trials/*/best.pt")}
+    assert len(stamps) == 1 and not (out / "runs").exists()  # tuned: no run with the defaults
+    calls.clear()
+    res = run_compare(cfg, progress=False)
+    # the unfinished sweep resumed with the one trial it lacked, the finished trial untouched
+    assert len(calls) == 1 and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    scfg = sweep_config(cfg, "mdmf", 1)
+    study = optuna.load_study(study_name=scfg.study_name, storage=scfg.storage_url)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert {"lr", "dropout", "lambda"} <= set(complete[0].params)  # the head's default space ...
+    assert not {"episodes", "episodes-per-step"} & set(complete[0].params)  # ... less compare's training options
+    assert all(t.user_attrs["config"]["shot"] == 1 and t.user_attrs["config"]["train_queries"] == 1 for t in complete)
+    best = max(complete, key=lambda t: t.value)
+    # the score is the best trial's best.pt on the saved test episodes
+    model = load_run(best.user_attrs["config"]["out"])[0]
+    eps = Episodes.load(out / "episodes_5way_1shot.npz")
+    acc = score("mdmf", load_split_features(demo_cache, "test"), eps, model, cfg.seed).episode_acc * 100
+    assert np.array_equal(np.load(out / "scores" / "mdmf_1shot.npy"), acc)
+    row = next(r for r in res["rows"] if r["method"] == "mdmf")
+    assert row["1shot_tuned_val"] == best.value and f"lr={best.params['lr']:.3g}" in row["1shot_tuned"]
+    md = (out / "table.md").read_text().splitlines()
+    assert md[0].endswith("| tuned on val (best trial) |") and "| 1-shot: lr=" in md[2]
+    assert md[3].startswith("| protonet |") and md[3].endswith("| - |")  # nothing to tune
+    # again: the finished sweep reused, nothing trained, nothing scored
+    monkeypatch.setattr(training, "run_train", lambda *a, **k: pytest.fail("trained again"))
+    assert run_compare(cfg, progress=False)["rows"] == res["rows"]
+    with pytest.raises(ConfigError, match="other sweep"):
+        run_compare(CompareConfig(**{**cfg.__dict__, "sweep": 3}), progress=False)
+
+
+def test_the_table_names_each_tuned_shot_s_parameters(tmp_path):
+    from pipelines.compare import write_tables
+
+    cfg = CompareConfig(methods=("mdmf", "protonet"), shots=(1, 5))
+    accs = {(m, k): np.full(4, 50.0) for m in cfg.methods for k in cfg.shots}
+    tuned = {("mdmf", 1): {"params": {"lr": 0.000312, "lambda": 0.8}, "val_acc": 61.5},
+             ("mdmf", 5): {"params": {"lr": 0.002, "episodes-per-step": 8}, "val_acc": 70.0}}
+    rows = table_rows(cfg, accs, "ucf101", "RN50", tuned)
+    assert rows[0]["1shot_tuned"] == "lr=0.000312, lambda=0.8" and rows[0]["5shot_tuned_val"] == 70.0
+    assert "1shot_tuned" not in rows[1]
+    write_tables(tmp_path, rows, cfg.shots, sweep=20)
+    md = (tmp_path / "table.md").read_text()
+    assert "| 1-shot: lr=0.000312, lambda=0.8; 5-shot: lr=0.002, episodes-per-step=8 |" in md
+    assert "a 20-trial sweep on val" in md
+    write_tables(tmp_path, table_rows(cfg, accs, "ucf101", "RN50"), cfg.shots)
+    assert "tuned" not in (tmp_path / "table.md").read_text()  # without --sweep, as before
+
+
 def test_compare_checks_everything_before_work(demo_cache, tmp_path):
     for kw, match in (({"methods": ("mdmf", "nope")}, "unknown"), ({"methods": ("clip-fsar",)}, "--reference"),
                       ({"train": {"lr": -1.0}}, "--lr"), ({"train": {"shot": 3}}, "set by compare"),
-                      ({"shots": (1, 40)}, "the test split has")):
+                      ({"shots": (1, 40)}, "the test split has"), ({"sweep": -1}, "--sweep -1")):
         with pytest.raises(ConfigError, match=match):
             run_compare(CompareConfig(cache=str(demo_cache), out=str(tmp_path / "c"), **kw), progress=False)
         assert not (tmp_path / "c").exists()
+
+
+def test_a_comparison_saved_before_sweep_existed_goes_on(demo_cache, tmp_path):
+    from dataclasses import asdict
+
+    cfg = CompareConfig(cache=str(demo_cache), out=str(tmp_path / "c"), methods=("protonet",), reference="protonet",
+                        shots=(1, 40))
+    saved = json.loads(json.dumps(asdict(cfg)))
+    del saved["sweep"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "compare_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="the test split has"):  # past the comparison of the settings
+        run_compare(cfg, progress=False)
+    with pytest.raises(ConfigError, match="other sweep"):
+        run_compare(CompareConfig(**{**cfg.__dict__, "sweep": 2}), progress=False)
 
 
 def test_reported_numbers_carry_their_backbone():

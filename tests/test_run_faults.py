@@ -469,7 +469,7 @@ def test_videos_shorter_than_t_frames_are_warned_about(action_videos, tmp_path, 
 def test_ctrl_c_in_a_sweep_says_what_finished_and_resume_goes_on(tiny_cache, tmp_path):
     import optuna
 
-    from pipelines.sweep import SweepConfig, run_sweep
+    from mdmf_cache.sweeps import SweepConfig, run_sweep
 
     out = tmp_path / "sw"
     trial = {"way": 2, "shot": 1, "train-queries": 1, "episodes": 8, "episodes-per-step": 4, "val-every": 4,

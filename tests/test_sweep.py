@@ -16,7 +16,8 @@ import pytest
 
 import cli
 from mdmf_cache.errors import ConfigError
-from pipelines.sweep import SweepConfig, parse_fixed, parse_space, parse_space_text, run_sweep, sweep_options
+from mdmf_cache.sweep_space import parse_fixed, parse_space, parse_space_text, sweep_options, trial_config
+from mdmf_cache.sweeps import SweepConfig, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,8 +83,6 @@ def test_options_come_from_the_dataclasses():
     fixed = parse_fixed(["--episodes", "2e3", "--no-pps", "--lambda=0.5", "--otam-one-way", "--view", "gtc",
                          "--text-pos", "1"])
     assert fixed == {"episodes": 2000, "pps": False, "lambda": 0.5, "otam-one-way": True, "view": "gtc", "text-pos": 1}
-    from pipelines.sweep import trial_config
-
     tcfg = trial_config(dataclasses.asdict(TrainConfig()), {**fixed, "dropout": 0.3}, opts)
     assert tcfg.episodes == 2000
     assert tcfg.heads == {"pps": False, "lam": 0.5, "otam_bidirectional": False, "views": "gtc", "text_pos": 1,
@@ -194,6 +193,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_cache, tmp_path, c
     done[0] = False
     code, err = _cli_main(["sweep", str(broken), "--out", str(out), *TRIAL_ARGS], capsys, monkeypatch)
     assert code == 2 and "not complete" in err and not out.exists(), err
+
+
+def test_python_api_sweep_takes_the_config_fields(tiny_cache, tmp_path):
+    import mdmf_cache as mc
+
+    with pytest.raises(TypeError, match="no field"):
+        mc.sweep(cache=str(tiny_cache), trialz=2)
+    out = tmp_path / "api"
+    # field names with "_" as Python spells them, "-" as the CLI does
+    fixed = {k.replace("-", "_"): v for k, v in TRIAL.items()}
+    res = mc.sweep(cache=str(tiny_cache), out=str(out), trials=2, prune=False, space={"lr": "1e-4:1e-2:log"},
+                   fixed=fixed)
+    assert [r["state"] for r in res["rows"]] == ["COMPLETE"] * 2
+    best = max(res["rows"], key=lambda r: r["value"])
+    assert res["best"]["trial"] == best["number"] and res["best"]["run"] == best["run"]
+    saved = json.loads((out / "best.json").read_text())
+    assert saved["episodes_per_step"] == TRIAL["episodes-per-step"] and saved["lr"] == best["params"]["lr"]
 
 
 # -------------------------------------------------------------------------------------- crash safety

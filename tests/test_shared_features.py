@@ -1,0 +1,163 @@
+"""``sweep --jobs J``: one copy of the features in shared memory for every worker of a machine.
+
+The shared split is the loaded split, bit for bit, without a copy; two workers on it train exactly the trials that
+two workers with a copy each train; nothing is left in shared memory after a sweep, an interrupted one, or (the
+next time) a killed one."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mdmf_cache.sweeps import SweepConfig, prepare, run_sweep
+
+# 5-way 1-shot trials on the demo cache: two updates, one validation
+TRIAL = {"shot": 1, "episodes": 8, "episodes-per-step": 4, "val-every": 8, "val-episodes": 10, "ffn-dim": 64}
+POINTS = [{"lr": 1e-3}, {"lr": 4e-3}]  # the two trials of both sweeps, whichever worker runs which
+
+
+def _ours() -> set[tuple[str, str]]:
+    """This process's shared files (named after its host and pid) and its mappings of them: ("file"|"map", path)."""
+    from mdmf_cache.shared_features import PREFIX, directories
+
+    tag = f"{PREFIX}{socket.gethostname()}-{os.getpid()}-"
+    files = {("file", str(p)) for d in directories() if d.is_dir() for p in d.glob(tag + "*")}
+    with open("/proc/self/maps") as f:
+        maps = {("map", line.split(None, 5)[-1].strip()) for line in f if tag in line}
+    return files | maps
+
+
+def _named() -> bool:
+    return any(kind == "file" for kind, _ in _ours())
+
+
+def _cfg(cache: Path, out: Path, **kw) -> SweepConfig:
+    return SweepConfig(cache=str(cache), out=str(out), trials=2, jobs=2, prune=False, space={"lr": "1e-4:1e-2:log"},
+                       fixed=dict(TRIAL), **kw)
+
+
+def test_a_shared_split_is_the_loaded_split_without_a_copy(demo_cache, monkeypatch):
+    from mdmf_cache.shared_features import SharedFeatures
+
+    with SharedFeatures(demo_cache, ("train", "val")) as shared:
+        assert {Path(p).parent for p in shared.files} == {Path("/dev/shm")} and _named()
+        _check_views(shared, demo_cache, monkeypatch)
+    assert not _ours()  # names gone; this process's mappings with the views (and the parent's by close)
+
+
+def _check_views(shared, demo_cache: Path, monkeypatch) -> None:
+    import mdmf_cache.store_read as store_read
+    from mdmf_cache.shared_features import attach
+    from mdmf_cache.store import keep_loaded, load_split_features
+
+    for h in shared.splits:
+        ref = load_split_features(demo_cache, h.split)
+        a, b = attach(h), attach(h)
+        assert torch.equal(a.features, ref.features) and a.features.dtype == torch.float16
+        assert torch.equal(a.labels, ref.labels) and torch.equal(a.text, ref.text)
+        assert (a.video_ids, a.classes, a.class_names) == (ref.video_ids, ref.classes, ref.class_names)
+        a.features[0] += 1  # copy-on-write: a write stays in its own mapping, never reaches another
+        assert torch.equal(b.features, ref.features)
+    # a worker hands its mapped splits to load_split_features: returned as they are, and moved to another device
+    # from memory, the cache not read again
+    mapped = {(h.cache, h.split): attach(h) for h in shared.splits}
+    key = str(Path(demo_cache).resolve())
+    monkeypatch.setattr(store_read, "read_split", lambda *a, **k: pytest.fail("read the cache again"))
+    with keep_loaded(mapped):
+        assert load_split_features(demo_cache, "train") is mapped[key, "train"]
+        moved = load_split_features(demo_cache, "val", device="meta")
+        assert moved.features.device.type == "meta" and moved.features.shape == mapped[key, "val"].features.shape
+        assert load_split_features(demo_cache, "val", device="meta") is moved
+
+
+def test_no_room_is_said_and_leaves_nothing(demo_cache, monkeypatch, caplog):
+    import mdmf_cache.shared_features as sf
+    from mdmf_cache.sweep_workers import _shared_features
+
+    monkeypatch.setattr(sf, "_free", lambda folder: 0)
+    with pytest.raises(sf.NoRoom, match="no room for .* of train features in /dev/shm"):
+        sf.SharedFeatures(demo_cache, ("train", "val"))
+    assert not _ours()
+    caplog.set_level(logging.WARNING)
+    with _shared_features(_cfg(demo_cache, Path("unused"))) as shared:
+        assert shared is None  # the sweep goes on, each worker with its own copy
+    assert "each of the 2 workers loads its own copy" in caplog.text
+
+
+def test_files_of_a_killed_sweep_are_removed_by_the_next(tmp_path, monkeypatch):
+    import mdmf_cache.shared_features as sf
+
+    monkeypatch.setattr(sf, "directories", lambda: [tmp_path])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname()
+    stale = tmp_path / f"{sf.PREFIX}{host}-{dead}-0123abcd-train"
+    alive = tmp_path / f"{sf.PREFIX}{host}-{os.getpid()}-0123abcd-train"
+    elsewhere = tmp_path / f"{sf.PREFIX}{host}x-{dead}-0123abcd-train"  # another machine's (a shared /tmp)
+    for p in (stale, alive, elsewhere):
+        p.touch()
+    assert sf.remove_stale() == [stale]
+    assert alive.exists() and elsewhere.exists()
+
+
+def _two_workers(cache: Path, out: Path, share: bool) -> dict[float, tuple[float, dict]]:
+    """A --jobs 2 sweep of the two POINTS: {lr: (val accuracy, best.pt weights)}."""
+    import optuna
+
+    cfg = _cfg(cache, out, share_features=share)
+    prepare(cfg)  # the study, then the two points queued in it
+    study = optuna.load_study(study_name=cfg.study_name, storage=cfg.storage_url)
+    for p in POINTS:
+        study.enqueue_trial(p)
+    res = run_sweep(dataclasses.replace(cfg, resume=True), progress=False)
+    assert [r["state"] for r in res["rows"]] == ["COMPLETE"] * 2
+    return {r["params"]["lr"]: (r["value"], torch.load(Path(r["run"]) / "best.pt", weights_only=False)["model"])
+            for r in res["rows"]}
+
+
+@pytest.mark.integration
+def test_two_workers_on_one_shared_copy_train_what_two_copies_train(demo_cache, tmp_path, monkeypatch, capfd):
+    import mdmf_cache.sweep_workers as workers
+
+    assert not _ours()
+    seen: list[bool] = []  # at each look of the parent at its workers: do the files still have names?
+    real = workers._tick
+    monkeypatch.setattr(workers, "_tick", lambda s: (seen.append(_named()), real(s)))
+    shared = _two_workers(demo_cache, tmp_path / "shared", True)
+    err = capfd.readouterr().err
+    assert err.count("mapped from one shared copy") == 2, err[-3000:]  # each worker, no load of its own
+    # named while the workers started, unnamed once both mapped them (a SIGKILL now would leave nothing)
+    assert seen[0] and not seen[-1], seen
+    assert not _ours()  # after the sweep: no file, no mapping in this process, the workers gone
+    separate = _two_workers(demo_cache, tmp_path / "separate", False)
+    assert "shared copy" not in capfd.readouterr().err
+    assert sorted(shared) == sorted(separate) == [p["lr"] for p in POINTS]
+    for lr, (value, weights) in shared.items():
+        assert value == separate[lr][0]
+        assert weights.keys() == separate[lr][1].keys()
+        assert all(torch.equal(w, separate[lr][1][k]) for k, w in weights.items()), lr
+
+
+def test_an_interrupted_jobs_sweep_leaves_no_shared_memory(demo_cache, tmp_path, monkeypatch):
+    import mdmf_cache.sweep_workers as workers
+
+    seen: list[set[tuple[str, str]]] = []
+
+    def ctrl_c(seconds: float) -> None:  # Ctrl-C while the workers start
+        seen.append(_ours())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workers, "_tick", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(_cfg(demo_cache, tmp_path / "sw"), progress=False)
+    assert len(seen) == 1 and len(seen[0]) == 4, seen  # train and val, each named and mapped, when it came
+    assert not _ours() and not multiprocessing.active_children()
