@@ -1,6 +1,6 @@
 """Benchmark of every registered head on synthetic in-memory features (not a test).
 
-For each head of ``mdmf_cache.heads.METHODS``, at width D, 5-way 5-shot:
+For each head of ``mdmf_cache.heads.METHODS``, at width D, 5-way K-shot (``--shot``, default 5):
 
 * training episodes/s: E = 16 episodes (5 queries per class) per forward/backward/Adam step, the
   head's own loss, float32 on a CPU (bf16 autocast on CUDA, as ``train`` runs); heads without
@@ -67,7 +67,7 @@ def bench_head(method: str, train: FeatureSplit, test: FeatureSplit, args, devic
     spec = heads.get(method)
     _, _, t, d = train.features.shape
     torch.manual_seed(0)
-    model = build_head(method, None, {}, DataInfo(dim=d, num_frames=t, num_classes=train.num_classes, shot=5)).to(device)
+    model = build_head(method, None, {}, DataInfo(dim=d, num_frames=t, num_classes=train.num_classes, shot=args.shot)).to(device)
     row: dict = {"method": method, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     if spec.parametric:
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -76,7 +76,7 @@ def bench_head(method: str, train: FeatureSplit, test: FeatureSplit, args, devic
         model.train()
 
         def step() -> None:
-            ep = sampler.sample(args.episodes_per_step, 5, 5, 5, rng)
+            ep = sampler.sample(args.episodes_per_step, 5, args.shot, args.queries, rng)
             support, query, text, labels = gather(train.features, train.text, ep)
             classes = torch.as_tensor(ep.classes, device=device)
             with heads_autocast(device):
@@ -94,7 +94,7 @@ def bench_head(method: str, train: FeatureSplit, test: FeatureSplit, args, devic
         sync(device)
         row["train_eps_per_s"] = args.steps * args.episodes_per_step / (time.perf_counter() - t0)
     model.eval()
-    eps = EpisodeSampler(test.labels.cpu().numpy(), test.num_classes).sample(args.test_measured, 5, 5, 1,
+    eps = EpisodeSampler(test.labels.cpu().numpy(), test.num_classes).sample(args.test_measured, 5, args.shot, 1,
                                                                             np.random.default_rng(1))
     sync(device)
     t0 = time.perf_counter()
@@ -115,10 +115,14 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(heads.METHODS))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--quick", action="store_true", help="seconds: D=32, 1 step of E=2, 20 test episodes")
+    ap.add_argument("--shot", type=int, default=5)
+    ap.add_argument("--queries", type=int, default=5, help="training queries per class")
+    ap.add_argument("--quick", action="store_true",
+                    help="seconds: D=32, 2-shot, 1 step of E=2 with 1 query per class, 20 test episodes")
     args = ap.parse_args()
-    if args.quick:
+    if args.quick:  # 2 shots keep the K > 1 paths (CLIP-FSAR's merge before its transformer, prototypes)
         args.dim, args.steps, args.episodes_per_step, args.test_measured = 32, 1, 2, 20
+        args.shot, args.queries = 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -126,7 +130,7 @@ def main() -> None:
     train = synthetic_split(24, per_class, 8, args.dim, device)
     test = synthetic_split(24, per_class, 8, args.dim, device)
     rows = [bench_head(m.strip(), train, test, args, device) for m in args.methods.split(",") if m.strip()]
-    print(f"heads at D = {args.dim}, 5-way 5-shot, {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"heads at D = {args.dim}, 5-way {args.shot}-shot, {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(f"{'method':<11} {'params (M)':>10} {'train eps/s (E=%d)' % args.episodes_per_step:>20} "
           f"{'10k test eps (s)':>17} {'path':>10} {'fused':>8}")
     for r in rows:
@@ -134,7 +138,7 @@ def main() -> None:
         note = f" (from {r['test_measured']})" if r["extrapolated"] else ""
         print(f"{r['method']:<11} {r['params_m']:>10.2f} {train_rate:>20} {r['test_10k_s']:>17.1f} "
               f"{r['eval_path']:>10} {str(r['fused']):>8}{note}")
-    print(json.dumps({"bench": "heads", "dim": args.dim, "device": str(device), "threads": torch.get_num_threads(),
+    print(json.dumps({"bench": "heads", "dim": args.dim, "shot": args.shot, "device": str(device), "threads": torch.get_num_threads(),
                       "rows": rows, "quick": args.quick}))
 
 

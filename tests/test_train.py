@@ -30,7 +30,7 @@ def _train(cache, out, **kw):
 
 
 def test_training_beats_untrained_and_protonet_on_val(demo_cache, tmp_path):
-    res = _train(demo_cache, tmp_path / "run", episodes=400, episodes_per_step=16, val_every=200, val_episodes=300)
+    res = _train(demo_cache, tmp_path / "run", episodes=200, episodes_per_step=16, val_every=100, val_episodes=300)
     val = load_split_features(demo_cache, "val")
     eps = episode_list(val, 5, 5, 1, 300, seed=7)
     trained, _ = load_run(tmp_path / "run", "cpu")
@@ -43,7 +43,7 @@ def test_training_beats_untrained_and_protonet_on_val(demo_cache, tmp_path):
     assert acc_trained > acc_untrained + 10, (acc_trained, acc_untrained)
     assert acc_trained > acc_proto + 10, (acc_trained, acc_proto)
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["episodes"] for m in metrics] == [208, 400]  # validation when crossing every 200 episodes
+    assert [m["episodes"] for m in metrics] == [112, 200]  # validation when crossing every 100 episodes
     assert metrics[-1]["best_val"] == max(m["val_acc"] for m in metrics)
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["resolved_heads"]["ltce"] == "bn" and cfg["lr"] == 1e-3
