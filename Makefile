@@ -16,8 +16,11 @@ install: $(BIN)/mdmf-cache
 demo: install
 	$(BIN)/mdmf-cache demo
 
+# two pytest workers, a test file each at a time (a file's fixtures built once); OpenMP threads that sleep when
+# idle, so that two torch processes share 2 cores without spinning against each other
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(BIN)/python bench/extract.py
