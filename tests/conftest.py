@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny synthetic action dataset and its feature cache (built once per session).
 
+Under pytest-xdist (``make test``) the read-only datasets and caches below are built once for all the workers of
+a run, by whichever worker needs them first, while the others wait on a file lock (:func:`_built_once`).
+
 ``HF_HUB_OFFLINE`` is set before anything imports open_clip / huggingface_hub: the tests never
 download and the tiny backbones (``mdmf-tiny-vit``, ``mdmf-tiny-rn``) need no weights.
 """
@@ -17,6 +20,27 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _built_once(tmp_path_factory, name: str, build) -> Path:
+    """``base/name``, made by ``build(folder)`` once per test run: per session without xdist, else once for every
+    worker (they share the parent of their base temporary folders); ``build`` must not depend on the worker."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder, done = base / name, base / f"{name}.done"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
 
 #: The extraction settings of ``tiny_cache`` (besides root and cache_dir). Tests that need a cache
 #: identical to it (resume, ranks, CLI) start from these.
@@ -46,9 +70,9 @@ def action_videos(tmp_path_factory) -> Path:
     """
     from mdmf_cache.synthetic import make_action_dataset
 
-    root = tmp_path_factory.mktemp("action") / "videos"
-    make_action_dataset(root, num_classes=9, videos_per_class=4, num_frames=20, size=(64, 48))
-    return root
+    build = lambda d: make_action_dataset(d / "videos", num_classes=9, videos_per_class=4, num_frames=20,  # noqa: E731
+                                          size=(64, 48))
+    return _built_once(tmp_path_factory, "action", build) / "videos"
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +81,11 @@ def tiny_cache(action_videos, tmp_path_factory) -> Path:
     from mdmf_cache.cache_build import run_extract
     from mdmf_cache.configs import ExtractConfig
 
-    cache_dir = tmp_path_factory.mktemp("tiny_cache")
-    path, _ = run_extract(ExtractConfig(root=str(action_videos), cache_dir=str(cache_dir), **TINY_EXTRACT))
+    paths = []
+    build = lambda d: paths.append(run_extract(ExtractConfig(root=str(action_videos), cache_dir=str(d),  # noqa: E731
+                                                             **TINY_EXTRACT))[0])
+    cache_dir = _built_once(tmp_path_factory, "tiny_cache", build)
+    (path,) = paths or list(cache_dir.glob("*.zarr"))
     return path
 
 
@@ -68,22 +95,24 @@ def demo_videos(tmp_path_factory) -> Path:
     episodes (15/5/5 with the folder split). Read-only."""
     from mdmf_cache.synthetic import make_action_dataset
 
-    root = tmp_path_factory.mktemp("train_demo") / "videos"
-    make_action_dataset(root, num_classes=25, videos_per_class=10, num_frames=16, size=(64, 48), seed=1)
-    return root
+    build = lambda d: make_action_dataset(d / "videos", num_classes=25, videos_per_class=10, num_frames=16,  # noqa: E731
+                                          size=(64, 48), seed=1)
+    return _built_once(tmp_path_factory, "train_demo", build) / "videos"
 
 
 @pytest.fixture(scope="session")
-def demo_cache(demo_videos) -> Path:
+def demo_cache(demo_videos, tmp_path_factory) -> Path:
     """``demo_videos``' tiny-vit features, 2 train views. Read-only; shared by the training, evaluation and
     reliability tests."""
     from mdmf_cache.cache_build import run_extract
     from mdmf_cache.configs import ExtractConfig
 
-    base = demo_videos.parent
-    path, _ = run_extract(ExtractConfig(dataset="folder", root=str(base / "videos"), cache_dir=str(base / "cache"),
-                                        name="demo", model="mdmf-tiny-vit", pretrained=None, train_views=2,
-                                        flip=False, workers=0, chunk_rows=16, progress=False, clean_names=True))
+    def build(folder: Path) -> None:
+        run_extract(ExtractConfig(dataset="folder", root=str(demo_videos), cache_dir=str(folder / "cache"),
+                                  name="demo", model="mdmf-tiny-vit", pretrained=None, train_views=2, flip=False,
+                                  workers=0, chunk_rows=16, progress=False, clean_names=True))
+
+    (path,) = (_built_once(tmp_path_factory, "demo_cache", build) / "cache").glob("*.zarr")
     return path
 
 
