@@ -1,7 +1,7 @@
 """``sweep --jobs J``: one copy of the features in shared memory for every worker of a machine.
 
-The shared split is the loaded split, bit for bit, without a copy; two workers on it train exactly the trials that
-two workers with a copy each train; nothing is left in shared memory after a sweep, an interrupted one, or (the
+The shared split is the loaded split, bit for bit, without a copy; two workers on it train exactly what one process
+trains from the cache, as do two workers with a copy each; nothing is left in shared memory after a sweep, an interrupted one, or (the
 next time) a killed one."""
 
 from __future__ import annotations
@@ -107,17 +107,32 @@ def test_files_of_a_killed_sweep_are_removed_by_the_next(tmp_path, monkeypatch):
     assert alive.exists() and elsewhere.exists()
 
 
-def _two_workers(cache: Path, out: Path, share: bool) -> dict[float, tuple[float, dict]]:
-    """A --jobs 2 sweep of two trials: {lr: (val accuracy, best.pt weights)}.
+def _two_workers(cache: Path, out: Path, share: bool) -> None:
+    """A --jobs 2 sweep of two trials, each checked against the same trial trained in this process on the split
+    loaded from the cache: the same val accuracy and, bit for bit, the same best.pt weights."""
+    import optuna
 
-    Each worker's sampler is seeded by its index, so a worker's first point is the same in every such sweep,
-    whichever worker runs first. (Points queued in the study are not used: on SQLite two workers can pop the same
-    queued trial, a race of Optuna's that the sweep itself never meets because it queues nothing.)
-    """
-    res = run_sweep(_cfg(cache, out, share_features=share), progress=False)
+    from mdmf_cache.configs import TrainConfig
+    from mdmf_cache.training import run_train
+
+    cfg = _cfg(cache, out, share_features=share)
+    res = run_sweep(cfg, progress=False)
     assert [r["state"] for r in res["rows"]] == ["COMPLETE"] * 2
-    return {r["params"]["lr"]: (r["value"], torch.load(Path(r["run"]) / "best.pt", weights_only=False)["model"])
-            for r in res["rows"]}
+    trials = [t for t in optuna.load_study(study_name=cfg.study_name, storage=cfg.storage_url).get_trials()
+              if t.state.name == "COMPLETE"]
+    assert len(trials) == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # a worker's threads (the order of float reductions)
+    try:
+        for t in trials:
+            ref = dict(t.user_attrs["config"], out=str(out / "reference" / str(t.number)))
+            again = run_train(TrainConfig(**ref), progress=False)
+            assert again["best_val"] == t.value, (t.number, t.params)
+            a, b = (torch.load(Path(d) / "best.pt", weights_only=False)["model"]
+                    for d in (t.user_attrs["config"]["out"], ref["out"]))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (t.number, t.params)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.integration
@@ -128,21 +143,14 @@ def test_two_workers_on_one_shared_copy_train_what_two_copies_train(demo_cache, 
     seen: list[bool] = []  # at each look of the parent at its workers: do the files still have names?
     real = workers._tick
     monkeypatch.setattr(workers, "_tick", lambda s: (seen.append(_named()), real(s)))
-    shared = _two_workers(demo_cache, tmp_path / "shared", True)
+    _two_workers(demo_cache, tmp_path / "shared", True)
     err = capfd.readouterr().err
     assert err.count("mapped from one shared copy") == 2, err[-3000:]  # each worker, no load of its own
     # named while the workers started, unnamed once both mapped them (a SIGKILL now would leave nothing)
     assert seen[0] and not seen[-1], seen
     assert not _ours()  # after the sweep: no file, no mapping in this process, the workers gone
-    separate = _two_workers(demo_cache, tmp_path / "separate", False)
+    _two_workers(demo_cache, tmp_path / "separate", False)  # and the same with a copy per worker
     assert "shared copy" not in capfd.readouterr().err
-    common = shared.keys() & separate.keys()  # empty only if one worker ran both trials of one sweep, the other both of the other
-    assert common, (shared.keys(), separate.keys())
-    for lr in common:
-        value, weights = shared[lr]
-        assert value == separate[lr][0]
-        assert weights.keys() == separate[lr][1].keys()
-        assert all(torch.equal(w, separate[lr][1][k]) for k, w in weights.items()), lr
 
 
 def test_an_interrupted_jobs_sweep_leaves_no_shared_memory(demo_cache, tmp_path, monkeypatch):
