@@ -81,11 +81,8 @@ def tiny_cache(action_videos, tmp_path_factory) -> Path:
     from mdmf_cache.cache_build import run_extract
     from mdmf_cache.configs import ExtractConfig
 
-    paths = []
-    build = lambda d: paths.append(run_extract(ExtractConfig(root=str(action_videos), cache_dir=str(d),  # noqa: E731
-                                                             **TINY_EXTRACT))[0])
-    cache_dir = _built_once(tmp_path_factory, "tiny_cache", build)
-    (path,) = paths or list(cache_dir.glob("*.zarr"))
+    build = lambda d: run_extract(ExtractConfig(root=str(action_videos), cache_dir=str(d), **TINY_EXTRACT))  # noqa: E731
+    (path,) = _built_once(tmp_path_factory, "tiny_cache", build).glob("*.zarr")
     return path
 
 
