@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 KEYS = {"bench", "rows", "views", "dim", "load_peak_over_features", "extract_rerun_s", "extract_first_rerun_s",
         "info_s", "verify_s", "export_peak_over_array", "sweep_jobs2_over_one_copy", "sweep_one_copy_gb",
-        "sweep_jobs2_peak_pss_gb"}
+        "sweep_jobs2_peak_pss_gb", "eval_peak_rss_gb", "eval_above_start_gb"}
 
 
 def test_scale_bench_quick(tmp_path):
@@ -32,4 +32,6 @@ def test_scale_bench_quick(tmp_path):
     # a --jobs 2 sweep: three processes with torch loaded hold far more than a few MB of features (at 67,013 x 4
     # x 1024 the bench reads 1.87, and 2.89 with a copy per worker)
     assert 0 < out["sweep_one_copy_gb"] < out["sweep_jobs2_peak_pss_gb"] and 1 < out["sweep_jobs2_over_one_copy"] < 5000
+    # eval of 200 episodes: a process with torch and the model, its rise above that start small at this size
+    assert 0 <= out["eval_above_start_gb"] < out["eval_peak_rss_gb"] < 8
     assert list(tmp_path.iterdir()) == []  # its temporary folder is gone

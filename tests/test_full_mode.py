@@ -66,8 +66,8 @@ def _metrics(run: Path) -> list[dict]:
 def full_run(demo_videos, tmp_path_factory):
     """A short full-mode run on the demo videos (5-way 1-shot, tiny ViT); read-only."""
     out = tmp_path_factory.mktemp("full") / "run"
-    cfg = TrainConfig(mode="full", out=str(out), way=5, shot=1, train_queries=1, episodes=48, episodes_per_step=8,
-                      val_every=24, val_episodes=100, lr=1e-3, device="cpu",
+    cfg = TrainConfig(mode="full", out=str(out), way=5, shot=1, train_queries=1, episodes=32, episodes_per_step=8,
+                      val_every=16, val_episodes=100, lr=1e-3, device="cpu",
                       full=_full(demo_videos, episodes_per_forward=8))
     return cfg, run_train(cfg, progress=False)
 
@@ -80,7 +80,7 @@ def test_full_mode_fine_tunes_the_backbone_and_learns(full_run, demo_videos):
 
     cfg, res = full_run
     out = Path(cfg.out)
-    assert res["episodes"] == 48 and {"backbone.pt", "best.pt", "last.pt", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
+    assert res["episodes"] == 32 and {"backbone.pt", "best.pt", "last.pt", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
     lines = _metrics(out)
     assert lines[-1]["loss"] < lines[0]["loss"]
     assert all(line["substituted_videos"] == 0 for line in lines)

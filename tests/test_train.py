@@ -54,12 +54,13 @@ def _state(run):
 
 
 def test_resume_equals_uninterrupted_and_is_deterministic(demo_cache, tmp_path):
-    _train(demo_cache, tmp_path / "a")
-    _train(demo_cache, tmp_path / "b", episodes=32)
+    run = {"episodes": 48, "val_every": 16, "val_episodes": 50}  # three validations; the cut after the first
+    _train(demo_cache, tmp_path / "a", **run)
+    _train(demo_cache, tmp_path / "b", **{**run, "episodes": 16})
     with pytest.raises(Exception, match="--resume"):
-        _train(demo_cache, tmp_path / "b")  # refuses to overwrite a run silently
-    _train(demo_cache, tmp_path / "b", resume=True)
-    _train(demo_cache, tmp_path / "c")
+        _train(demo_cache, tmp_path / "b", **run)  # refuses to overwrite a run silently
+    _train(demo_cache, tmp_path / "b", resume=True, **run)
+    _train(demo_cache, tmp_path / "c", **run)
     ma = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     mb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     mc = (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()
@@ -133,8 +134,8 @@ def test_clip_fsar_trains_and_ablate_compares_it_on_identical_episodes(demo_cach
     from pipelines.ablate import AblateConfig, run_ablate
 
     # CLIP-FSAR through the same trainer: its loss falls and it beats the same head untrained
-    res = _train(demo_cache, tmp_path / "fsar", method="clip-fsar", episodes=480, episodes_per_step=16,
-                 val_every=160, val_episodes=300)
+    res = _train(demo_cache, tmp_path / "fsar", method="clip-fsar", episodes=240, episodes_per_step=16,
+                 val_every=80, val_episodes=300)
     metrics = [json.loads(x) for x in (tmp_path / "fsar" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["main"] < metrics[0]["main"], metrics  # the few-shot loss falls
     # the released video-text loss: on a frozen cache only its scale learns (about log C with scale ~1)
