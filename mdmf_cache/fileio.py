@@ -84,6 +84,19 @@ def atomic_write_json(path: Path | str, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2))
 
 
+def atomic_write_csv(path: Path | str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Path:
+    """``rows`` as CSV to ``path``, atomically; ``columns`` default to every key of the rows, in order of appearance."""
+    import csv
+    import io
+
+    cols = columns if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
 def atomic_torch_save(obj: Any, path: Path | str) -> Path:
     """``torch.save`` to ``path`` atomically; a full disk is a :class:`DiskFullError`, not a torch enforce error."""
     import torch

@@ -5,13 +5,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from mdmf_cache.fileio import atomic_write_file, atomic_write_text
+from mdmf_cache.fileio import atomic_write_csv, atomic_write_text
 from mdmf_cache.sweep_space import Dim
 from mdmf_cache.sweeps import SweepConfig, open_storage
 
@@ -48,13 +47,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
     order = sorted(rows, key=lambda r: (r["state"] != "COMPLETE", -(r["value"] if r["value"] is not None else -1e9), r["number"]))
     flat = [{**{k: r.get(k) for k in cols if k not in params}, **{k: r["params"].get(k) for k in params}} for r in order]
 
-    def write_csv(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(flat)
-
-    atomic_write_file(out / "trials.csv", write_csv)
+    atomic_write_csv(out / "trials.csv", flat, cols)
     head = ["trial", "state", "val %", *params, "episodes", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in flat:

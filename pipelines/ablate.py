@@ -10,8 +10,6 @@ Recipe, top to bottom:
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -164,14 +162,10 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
-    from mdmf_cache.fileio import atomic_write_text
+    from mdmf_cache.fileio import atomic_write_csv, atomic_write_text
 
+    atomic_write_csv(out / "ablation.csv", rows)
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out / "ablation.csv", buf.getvalue())
 
     def fmt(v):
         return f"{v:.2f}" if isinstance(v, float) else str(v)

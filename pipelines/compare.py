@@ -25,8 +25,6 @@ same ``--out`` is refused (its runs and scores would not be the ones asked for).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -289,14 +287,9 @@ def params_text(params: dict[str, Any]) -> str:
 def write_tables(out: Path, rows: list[dict[str, Any]], shots: tuple[int, ...], sweep: int = 0) -> None:
     """``table.csv`` (every number) and ``table.md`` (the paper's layout: one row per method, a column per shot;
     after a ``sweep`` of that many trials, a column with each tuned method's best trial's parameters per shot)."""
-    from mdmf_cache.fileio import atomic_write_text
+    from mdmf_cache.fileio import atomic_write_csv, atomic_write_text
 
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=cols)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "table.csv", buf.getvalue())
+    atomic_write_csv(out / "table.csv", rows)
     head = ["method", *(f"{k}-shot" for k in shots), *(f"{k}-shot vs ref" for k in shots), "reported (backbone)"]
     head += ["tuned on val (best trial)"] if sweep else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
