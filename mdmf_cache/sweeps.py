@@ -181,7 +181,7 @@ def open_storage(cfg: SweepConfig, create: bool = True):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     import warnings
 
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(5):
         try:
@@ -190,9 +190,9 @@ def open_storage(cfg: SweepConfig, create: bool = True):
                 return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat,
                                   grace_period=2 * cfg.heartbeat,
                                   heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3))
-        except (IntegrityError, ProgrammingError) as e:
-            # another worker is creating the schema of a new database right now: a row or, on PostgreSQL,
-            # an enum type ("type studydirection already exists") it just made; the next try finds them
+        except (IntegrityError, ProgrammingError, OperationalError) as e:
+            # another process is creating the schema of a new database right now: a row, a table (SQLite: "table
+            # study_directions already exists") or, on PostgreSQL, an enum type it just made; the next try finds them
             racing = isinstance(e, IntegrityError) or "already exists" in str(e)
             if not racing or attempt == 4:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

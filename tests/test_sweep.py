@@ -345,3 +345,34 @@ def test_a_tuple_option_parses_from_the_command_line() -> None:
     assert opt.parse("2,3") == (2, 3) and opt.parse("(1, 4)") == (1, 4) and opt.parse((2,)) == (2,)
     with pytest.raises(ConfigError, match="comma-separated integers"):
         opt.parse("2,x")
+
+
+def test_a_schema_being_created_by_another_process_is_waited_for(tmp_path, monkeypatch):
+    """Two processes opening a new SQLite study at once: the one that loses the race to create the tables gets
+    "table ... already exists" (an OperationalError there, an IntegrityError or ProgrammingError elsewhere) and
+    opens the storage on its next try; any other OperationalError is a one-line ConfigError at once."""
+    import optuna.storages
+    from sqlalchemy.exc import OperationalError
+
+    import mdmf_cache.sweeps as sweeps
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("CREATE TABLE study_directions", {}, Exception("table study_directions already exists"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(sweeps.time, "sleep", lambda s: None)
+    cfg = SweepConfig(cache=str(tmp_path / "c.zarr"), out=str(tmp_path / "sw"))
+    (tmp_path / "sw").mkdir()
+    assert isinstance(sweeps.open_storage(cfg), real) and len(calls) == 2
+
+    def broken(*args, **kwargs):
+        raise OperationalError("SELECT 1", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    with pytest.raises(ConfigError, match="cannot open the study storage .*disk I/O error"):
+        sweeps.open_storage(cfg)
