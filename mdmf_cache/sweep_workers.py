@@ -121,7 +121,27 @@ def run_worker(cfg: SweepConfig, worker_index: int = 0, on_trial=None, splits=No
             if finished + running >= cfg.trials:  # others are running the last ones: wait, they may fail
                 time.sleep(min(2.0, cfg.heartbeat))
                 continue
-            study.optimize(objective, n_trials=1, catch=(_Surplus,), callbacks=callbacks, gc_after_trial=False)
+            try:
+                study.optimize(objective, n_trials=1, catch=(_Surplus,), callbacks=callbacks, gc_after_trial=False)
+            except BaseException:
+                _stop_heartbeats()
+                raise
+
+
+def _stop_heartbeats() -> None:
+    """Stop every Optuna heartbeat thread of this process that still runs.
+
+    The thread is not a daemon, and a Ctrl-C that lands while it starts (before Optuna's ``with`` block is
+    entered) leaves it beating: the process would then never exit after the CLI's "interrupted" line.
+    """
+    import threading
+
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    for thread in threading.enumerate():
+        if getattr(thread, "_target", None) is HeartbeatThread._record_heartbeat:
+            thread._args[2].set()  # (trial_id, storage, stop_event)
+            thread.join(timeout=10)
 
 
 class _NoInterruptTraceback(logging.Filter):
