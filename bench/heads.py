@@ -67,7 +67,8 @@ def bench_head(method: str, train: FeatureSplit, test: FeatureSplit, args, devic
     spec = heads.get(method)
     _, _, t, d = train.features.shape
     torch.manual_seed(0)
-    model = build_head(method, None, {}, DataInfo(dim=d, num_frames=t, num_classes=train.num_classes, shot=args.shot)).to(device)
+    info = DataInfo(dim=d, num_frames=t, num_classes=train.num_classes, shot=args.shot)
+    model = build_head(method, None, {}, info).to(device)
     row: dict = {"method": method, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     if spec.parametric:
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -130,7 +131,8 @@ def main() -> None:
     train = synthetic_split(24, per_class, 8, args.dim, device)
     test = synthetic_split(24, per_class, 8, args.dim, device)
     rows = [bench_head(m.strip(), train, test, args, device) for m in args.methods.split(",") if m.strip()]
-    print(f"heads at D = {args.dim}, 5-way {args.shot}-shot, {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"heads at D = {args.dim}, 5-way {args.shot}-shot, {device} ({torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}")
     print(f"{'method':<11} {'params (M)':>10} {'train eps/s (E=%d)' % args.episodes_per_step:>20} "
           f"{'10k test eps (s)':>17} {'path':>10} {'fused':>8}")
     for r in rows:
@@ -138,8 +140,8 @@ def main() -> None:
         note = f" (from {r['test_measured']})" if r["extrapolated"] else ""
         print(f"{r['method']:<11} {r['params_m']:>10.2f} {train_rate:>20} {r['test_10k_s']:>17.1f} "
               f"{r['eval_path']:>10} {str(r['fused']):>8}{note}")
-    print(json.dumps({"bench": "heads", "dim": args.dim, "shot": args.shot, "device": str(device), "threads": torch.get_num_threads(),
-                      "rows": rows, "quick": args.quick}))
+    print(json.dumps({"bench": "heads", "dim": args.dim, "shot": args.shot, "device": str(device),
+                      "threads": torch.get_num_threads(), "rows": rows, "quick": args.quick}))
 
 
 if __name__ == "__main__":

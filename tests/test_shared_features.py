@@ -1,8 +1,8 @@
 """``sweep --jobs J``: one copy of the features in shared memory for every worker of a machine.
 
 The shared split is the loaded split, bit for bit, without a copy; two workers on it train exactly what one process
-trains from the cache, as do two workers with a copy each; nothing is left in shared memory after a sweep, an interrupted one, or (the
-next time) a killed one."""
+trains from the cache, as do two workers with a copy each; nothing is left in shared memory after a sweep, an
+interrupted one, or (the next time) a killed one."""
 
 from __future__ import annotations
 
