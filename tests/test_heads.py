@@ -197,6 +197,23 @@ def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
 # ------------------------------------------------------------------------------ equal to the released code
 
 
+def _equals_reference(model, ref, loss: torch.Tensor, episode) -> None:
+    """The batched head against its per-episode re-derivation: ``episode(i, g)`` gives episode ``i``'s logits from the
+    batched forward, the reference's logits and the reference's loss (``g`` draws the released loader's shuffles).
+    Logits equal, the loss is the mean of the episodes' losses, and every parameter's gradient (``model``'s from the
+    batched loss, ``ref``'s, a deep copy, from the per-episode ones) is the same."""
+    g = torch.Generator().manual_seed(5)
+    ref_total = 0.0
+    for i in range(E):
+        got, logits, li = episode(i, g)
+        torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
+        (li / E).backward()
+        ref_total += li.item() / E
+    assert loss.item() == pytest.approx(ref_total, rel=1e-5)
+    for (name, p), (_, p1) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, p1.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("merge_before", [False, True])
 @pytest.mark.parametrize("depth", [1, 2])
 def test_clip_fsar_matches_reference(merge_before: bool, depth: int) -> None:
@@ -212,20 +229,15 @@ def test_clip_fsar_matches_reference(merge_before: bool, depth: int) -> None:
     loss, parts = model.loss(out, ep["labels"], ep["classes"])
     loss.backward()
     assert model.options.text_loss_weight == 1.5 and "text" in parts  # UCF101's USE_CLASSIFICATION_VALUE
-    g = torch.Generator().manual_seed(5)
-    ref_total = 0.0
-    for i in range(E):
+
+    def episode(i: int, g: torch.Generator) -> tuple:
         perm = torch.randperm(N * K, generator=g)  # the released loader shuffles the supports
         sup_labels = torch.arange(N).repeat_interleave(K)[perm]
         real = torch.cat([ep["classes"][i][sup_labels], ep["classes"][i][ep["labels"][i]]])
-        logits, li = clip_fsar_episode(ref, ep["support"][i][perm], sup_labels, ep["query"][i], ep["labels"][i],
-                                       ep["text"][i][sup_labels], ep["class_text"], real)
-        torch.testing.assert_close(out["logits"][i], logits, rtol=1e-5, atol=1e-5)
-        (li / E).backward()
-        ref_total += li.item() / E
-    assert loss.item() == pytest.approx(ref_total, rel=1e-5)
-    for (name, p), (_, p1) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, p1.grad, rtol=1e-5, atol=1e-7, msg=name)
+        return out["logits"][i], *clip_fsar_episode(ref, ep["support"][i][perm], sup_labels, ep["query"][i],
+                                                     ep["labels"][i], ep["text"][i][sup_labels], ep["class_text"], real)
+
+    _equals_reference(model, ref, loss, episode)
 
 
 def test_clip_fsar_released_defaults() -> None:
@@ -261,22 +273,17 @@ def test_hyrsm_matches_reference(method: str, form: str, overrides: dict) -> Non
     loss, parts = model.loss(out, ep["labels"], ep["classes"])
     loss.backward()
     assert {"frames", *(["temporal"] if method == "hyrsm++" else [])} <= set(parts)
-    g = torch.Generator().manual_seed(5)
-    ref_total = 0.0
-    for i in range(E):
+
+    def episode(i: int, g: torch.Generator) -> tuple:
         perm = torch.randperm(N * K, generator=g)  # the released loader shuffles supports and queries
         qperm = torch.randperm(N * QC, generator=g)
         sup_labels = torch.arange(N).repeat_interleave(K)[perm]
         tgt_labels = ep["labels"][i][qperm]
         real = torch.cat([ep["classes"][i][sup_labels], ep["classes"][i][tgt_labels]])
-        logits, li = hyrsm_episode(ref, ep["support"][i][perm], sup_labels, ep["query"][i][qperm], tgt_labels, real,
-                                   plus_plus=method == "hyrsm++")
-        torch.testing.assert_close(out["logits"][i][qperm], logits, rtol=1e-5, atol=1e-5)
-        (li / E).backward()
-        ref_total += li.item() / E
-    assert loss.item() == pytest.approx(ref_total, rel=1e-5)
-    for (name, p), (_, p1) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, p1.grad, rtol=1e-5, atol=1e-7, msg=name)
+        return out["logits"][i][qperm], *hyrsm_episode(ref, ep["support"][i][perm], sup_labels, ep["query"][i][qperm],
+                                                        tgt_labels, real, plus_plus=method == "hyrsm++")
+
+    _equals_reference(model, ref, loss, episode)
 
 
 def test_hyrsm_released_defaults() -> None:
@@ -336,17 +343,12 @@ def test_trx_matches_reference(cardinalities: tuple) -> None:
     out = _forward(model, ep)
     loss, _ = model.loss(out, ep["labels"], ep["classes"])
     loss.backward()
-    g = torch.Generator().manual_seed(5)
-    ref_total = 0.0
-    for i in range(E):
+
+    def episode(i: int, g: torch.Generator) -> tuple:
         support, sup_labels = _shuffled(ep, i, g)
-        logits, li = trx_episode(ref, support, sup_labels, ep["query"][i], ep["labels"][i])
-        torch.testing.assert_close(out["logits"][i], logits, rtol=1e-5, atol=1e-5)
-        (li / E).backward()
-        ref_total += li.item() / E
-    assert loss.item() == pytest.approx(ref_total, rel=1e-5)
-    for (name, p), (_, p1) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, p1.grad, rtol=1e-5, atol=1e-7, msg=name)
+        return out["logits"][i], *trx_episode(ref, support, sup_labels, ep["query"][i], ep["labels"][i])
+
+    _equals_reference(model, ref, loss, episode)
 
 
 def test_trx_released_defaults() -> None:
