@@ -13,6 +13,23 @@ from pipelines.compare import CompareConfig, run_compare, table_rows
 TRAIN = {"episodes": 16, "episodes_per_step": 16, "val_every": 16, "val_episodes": 20, "lr": 1e-3}
 
 
+def _killed_at_the_second_training(monkeypatch) -> list[str]:
+    """``run_train`` as before, except that its second call is "killed" (KeyboardInterrupt) and every later one
+    trains again; returns the list of the runs it was called for (clear it to count the calls of a rerun)."""
+    import mdmf_cache.training as training
+
+    real_train, calls = training.run_train, []
+
+    def train(tcfg, **kw):
+        calls.append(tcfg.out)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(tcfg, **kw)
+
+    monkeypatch.setattr(training, "run_train", train)
+    return calls
+
+
 @pytest.mark.integration
 def test_compare_trains_scores_and_resumes(demo_cache, tmp_path, monkeypatch):
     import mdmf_cache.evaluation as evaluation
@@ -22,15 +39,7 @@ def test_compare_trains_scores_and_resumes(demo_cache, tmp_path, monkeypatch):
     cfg = CompareConfig(cache=str(demo_cache), out=str(out), methods=("mdmf", "clip-fsar", "protonet"), shots=(1, 3),
                         train=TRAIN, test_episodes=60)
     real_train = training.run_train
-    calls = []
-
-    def killed_after_first(tcfg, **kw):  # the second training is "killed"
-        calls.append(tcfg.out)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_train(tcfg, **kw)
-
-    monkeypatch.setattr(training, "run_train", killed_after_first)
+    _killed_at_the_second_training(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_compare(cfg, progress=False)
     first = out / "runs" / "mdmf_1shot" / "best.pt"
@@ -81,16 +90,7 @@ def test_compare_sweep_tunes_on_val_scores_the_best_trial_and_resumes(demo_cache
     small = {"episodes": 4, "episodes_per_step": 4, "val_every": 4, "val_episodes": 10, "train_queries": 1}  # lr: swept
     cfg = CompareConfig(cache=str(demo_cache), out=str(out), methods=("mdmf", "protonet"), shots=(1,), train=small,
                         test_episodes=30, sweep=2)
-    real_train = training.run_train
-    calls = []
-
-    def killed_at_the_second(tcfg, **kw):  # the sweep's second trial is "killed"
-        calls.append(tcfg.out)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_train(tcfg, **kw)
-
-    monkeypatch.setattr(training, "run_train", killed_at_the_second)
+    calls = _killed_at_the_second_training(monkeypatch)  # the sweep's second trial
     with pytest.raises(KeyboardInterrupt):
         run_compare(cfg, progress=False)
     sweep = out / "sweeps" / "mdmf_1shot"
