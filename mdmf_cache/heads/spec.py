@@ -69,6 +69,9 @@ class HeadSpec:
         source: the paper and the released code it reproduces.
         per_video: evaluation splits into per-video work (the eval path that runs each video once).
         parametric: has trainable parameters (False: scored on a cache as it is; full mode fine-tunes CLIP).
+        transductive: a query's logits depend on the other queries of its episode (the tables mark it).
+        test_queries: the queries per class its released test episodes use, as a function of K, for a
+            transductive head (its accuracy depends on them); None: the evaluation's own setting.
         presets: named option sets; the first is the default.
         space: the default sweep space of its options (``mdmf-cache sweep`` syntax, by CLI name).
         train_shot: the shot its released configs train with, for a run for K-shot.
@@ -82,6 +85,8 @@ class HeadSpec:
     source: str
     per_video: bool
     parametric: bool = True
+    transductive: bool = False
+    test_queries: Callable[[int], int] | None = None
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"released": {}})
     space: Mapping[str, str] = field(default_factory=dict)
     train_shot: Callable[[int], int] = _one
