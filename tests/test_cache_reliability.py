@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import assert_same_features
+
 from mdmf_cache.datasets import SPLITS, VideoIndex, load_splits, resolve_paths, scan_folder
 from mdmf_cache.errors import CacheError, DatasetError
 from mdmf_cache.store import CacheStore, export_h5, load_split_features
@@ -88,7 +90,7 @@ def test_deleted_chunks_are_found_named_and_repaired(tiny_cache, action_videos, 
     assert print_info(cache)["complete"] is False
     assert "complete: no, damaged" in " ".join(capsys.readouterr().out.split())
 
-    # the same extract command repairs it: only the 4 damaged rows are extracted again, bit for bit
+    # the same extract command repairs it: only the 4 damaged rows are extracted again, as they were
     results = _rerun(tiny_extract_settings, action_videos, cache)
     assert results["train"].repaired == 4 and results["train"].extracted == 4 and results["train"].reused == 16
     assert results["val"].extracted == 0 and results["test"].extracted == 0 and results["test"].text
@@ -317,7 +319,7 @@ def test_a_replaced_video_is_extracted_again(tiny_cache, action_videos, tiny_ext
     assert not np.array_equal(after[2], before[2]) and np.array_equal(np.delete(after, 2, 0), np.delete(before, 2, 0))
     fresh, _ = run_extract(ExtractConfig(**{**tiny_extract_settings, "root": str(root),
                                             "cache_dir": str(tmp_path / "fresh"), "splits": ("test",)}))
-    assert np.array_equal(after[2], np.asarray(CacheStore(fresh).root["test"]["features"][2]))
+    assert_same_features(after[2], np.asarray(CacheStore(fresh).root["test"]["features"][2]))  # encoded alone there
     size, mtime = CacheStore(cache).file_stats("test")
     assert (size[2], mtime[2]) == (target.stat().st_size, target.stat().st_mtime_ns)
     assert sum(r.extracted for r in _rerun(tiny_extract_settings, root, cache).values()) == 0  # recorded: once

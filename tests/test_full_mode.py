@@ -128,7 +128,8 @@ def test_eval_of_a_full_run_reextracts_with_its_backbone(full_run, demo_videos, 
     head, _ = load_run(out, "cpu")
     eps = episode_list(split, 5, 1, 1, 200, 0)
     mem = score("mdmf", split, eps, head, 0).summary()
-    assert res["shots"]["1"]["accuracy"] == pytest.approx(mem["accuracy"], abs=1e-9)
+    # the cache's rows and the in-memory ones are encoded in other batches (to a float16 step): one query at most
+    assert res["shots"]["1"]["accuracy"] == pytest.approx(mem["accuracy"], abs=100 / 1000 + 1e-9)  # 200 x 5 queries
     # a second eval reuses the cache: no feature chunk is written again
     chunks = lambda: {f: f.stat().st_mtime_ns for f in (caches[0] / "test" / "features").rglob("*")  # noqa: E731
                       if f.is_file() and f.name != "zarr.json"}
@@ -208,7 +209,8 @@ def test_two_gloo_processes_equal_one(action_videos, tmp_path):
     ma, mb = _metrics(one), _metrics(two)
     assert ma[0]["loss"] == pytest.approx(mb[0]["loss"], rel=1e-5)
     # validation: each rank embedded half of the val videos, gathered on rank 0
-    assert ma[0]["val_acc"] == mb[0]["val_acc"]
+    # (each rank's share is encoded in other batches: a float16 step may flip a near-tie, one query at most)
+    assert ma[0]["val_acc"] == pytest.approx(mb[0]["val_acc"], abs=100 / 12 + 1e-9)  # 6 episodes x 2 queries
     # without the merge, rank 1's two episodes would be missing from the running statistics
     assert int(b["model"]["head.views.ltc.extractor.net.2.num_batches_tracked"]) == 4
 

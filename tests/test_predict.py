@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import cli
+from conftest import assert_same_features
 from mdmf_cache import heads as head_registry
 from mdmf_cache.configs import PredictConfig, TrainConfig
 from mdmf_cache.errors import ConfigError
@@ -120,14 +121,14 @@ def test_a_trained_run_labels_the_test_classes_from_their_supports(fast_run, dem
     assert acc >= 0.36, acc  # 5-way: chance is 0.2; measured 0.44 (2-core CPU)
     assert res["shot"] == 5 and res["passes"] == 1 and res["extracted"] == 50
 
-    # the features are the run's: the cache's test rows, bit for bit, and the same prompts
+    # the features are the run's: the cache's test rows (batched otherwise: to one float16 step), the same prompts
     test = load_split_features(demo_cache, "test")
     pstore = CacheStore(res["cache"])
     row = {k.rsplit("|", 2)[0]: i for i, k in enumerate(pstore.video_ids(SPLIT))}
     mine = np.asarray(pstore.root[SPLIT]["features"][:])[:, 0]
     for i, vid in enumerate(test.video_ids):
         path = next((demo_videos / vid.split("/")[0]).glob(vid.split("/")[1] + ".*")).resolve()
-        assert np.array_equal(mine[row[str(path)]], test.features[i, 0].numpy()), vid
+        assert_same_features(mine[row[str(path)]], test.features[i, 0].numpy(), vid)
     saved = json.loads((tmp_path / "out" / "predict_config.json").read_text())
     assert saved["resolved"]["prompts"] == store.root["test"].attrs["prompts"]  # template and clean names of the cache
     with np.load(Path(res["cache"]).with_name(Path(res["cache"]).stem + ".text.npz")) as z:
@@ -145,6 +146,7 @@ def test_a_second_call_extracts_nothing_and_new_videos_alone(fast_run, demo_vide
     assert code == 0, err
     assert "per class" in out and "predictions:" in out
     first = (tmp_path / "out" / "predictions.csv").read_bytes()
+    _, first_rows = _read_csv(tmp_path / "out" / "predictions.csv")
     group = next((tmp_path / "pcache").glob("*.zarr"))
     assert CacheStore(group).num_rows(SPLIT) == 7  # 4 supports + 3 queries
 
@@ -162,8 +164,11 @@ def test_a_second_call_extracts_nothing_and_new_videos_alone(fast_run, demo_vide
     assert res["extracted"] == 1 and CacheStore(group).num_rows(SPLIT) == 8
     _, rows = _read_csv(tmp_path / "out" / "predictions.csv")
     assert [r["query"] for r in rows] == [*map(str, queries), str(added)]
-    # one episode per query: the first three keep their probabilities, to the digit
-    assert (tmp_path / "out" / "predictions.csv").read_bytes().startswith(first)
+    # one episode per query: the first three keep their class and their probabilities. The fourth video joins the
+    # per-video batch, and float32 kernels may round a batch of another shape differently on some CPUs: to 1e-5
+    assert [r["predicted"] for r in rows[:3]] == [r["predicted"] for r in first_rows]
+    for again, before in zip(rows[:3], first_rows):
+        assert [float(again[c]) for c in classes] == pytest.approx([float(before[c]) for c in classes], abs=1e-5)
 
 
 def _features(demo_cache, n_classes=3, per_class=4):
@@ -310,7 +315,7 @@ def test_a_full_run_predicts_with_its_backbone(full_run, action_videos, tmp_path
     mine = np.asarray(pstore.root[SPLIT]["features"][:])[:, 0]
     for i, vid in enumerate(test.video_ids):
         path = next((action_videos / vid.split("/")[0]).glob(vid.split("/")[1] + ".*")).resolve()
-        assert np.array_equal(mine[row[str(path)]], test.features[i, 0].numpy()), vid
+        assert_same_features(mine[row[str(path)]], test.features[i, 0].numpy(), vid)
     with monkeypatch.context() as m:
         _no_backbone(m)
         again = predict(_cfg(full_run, support, queries, tmp_path), progress=False, show=False)

@@ -98,8 +98,8 @@ def test_eval_mdmf_run_several_shots(demo_cache, tmp_path):
     assert (tmp_path / "run" / "eval_mdmf_test" / "results.json").is_file()
     direct = run_eval(EvalConfig(target=str(tmp_path / "run"), shots=(1, 3), episodes=50, path="direct",
                                  out=str(tmp_path / "direct")), progress=False)
-    for shot in ("1", "3"):  # the reference path scores the same episodes identically
-        assert direct["shots"][shot]["accuracy"] == pytest.approx(res["shots"][shot]["accuracy"])
+    for shot in ("1", "3"):  # the reference path scores the same episodes alike (float32 near-ties: one query)
+        assert direct["shots"][shot]["accuracy"] == pytest.approx(res["shots"][shot]["accuracy"], abs=100 / 250 + 1e-9)
     with pytest.raises(Exception, match="trained as mdmf"):
         run_eval(EvalConfig(target=str(tmp_path / "run"), method="clip-fsar"), progress=False)
     with pytest.raises(Exception, match="run directory"):
