@@ -2,7 +2,7 @@
 
 Every default comes from the configs (:mod:`mdmf_cache.configs`, the recipes' config dataclasses) and
 every fixed set of choices from where it is declared (:mod:`mdmf_cache.choices`, the head registry
-:mod:`mdmf_cache.heads`, MDMF's switches in :mod:`mdmf_cache.models.config`, the datasets). None of
+:mod:`mdmf_cache.heads`, MDMF's switches in :mod:`mdmf_cache.heads.mdmf_config`, the datasets). None of
 these imports torch, and torch and open_clip are imported inside the commands, so ``mdmf-cache
 --help`` stays instant.
 """
@@ -19,14 +19,15 @@ from typing import Annotated, Any, Optional
 import typer
 
 from mdmf_cache import heads
-from mdmf_cache.choices import BASELINES, BN_MODES, DECODERS, EVAL_PATHS, MODES, NORMALIZATIONS, PPS_TEST_RULES, SAMPLERS
+from mdmf_cache.choices import (BASELINES, BN_MODES, DECODERS, EVAL_PATHS, MODES, NORMALIZATIONS, PPS_TEST_RULES,
+                                SAMPLERS)
 from mdmf_cache.configs import (EvalConfig, ExtractConfig, FullModeConfig, PredictConfig, TrainConfig, VideoOptions,
                                 default_workers)
-from mdmf_cache.datasets import DATASET_NAMES
-from mdmf_cache.models.config import PRESET_DATA, _CHOICES as MDMF_CHOICES
+from mdmf_cache.data.datasets import DATASET_NAMES
+from mdmf_cache.heads.mdmf_config import PRESET_DATA, _CHOICES as MDMF_CHOICES
 from pipelines.ablate import AblateConfig
 from pipelines.compare import CompareConfig
-from mdmf_cache.sweeps import SweepConfig
+from mdmf_cache.sweeps.study import SweepConfig
 from pipelines.demo import DemoConfig
 
 app = typer.Typer(
@@ -175,7 +176,7 @@ def extract(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _setup_logging(debug)
     _on_interrupt("the videos finished so far are in the cache; rerun the same command to extract the rest")
-    from mdmf_cache.extraction import distributed_env
+    from mdmf_cache.extraction.embed import distributed_env
     from pipelines.extract import run
 
     env_rank, env_world, _ = distributed_env()
@@ -195,7 +196,7 @@ def extract(
 def info(cache: Annotated[Path, typer.Argument(help="A cache group (*.zarr).")], debug: DebugOpt = False) -> None:
     """Print splits, counts, completeness, failures and the fingerprint of a cache."""
     _setup_logging(debug)
-    from mdmf_cache.report import print_info
+    from mdmf_cache.report.tables import print_info
 
     print_info(cache)
 
@@ -215,7 +216,7 @@ def export(
     """Write a cache's arrays and attributes to HDF5 (written whole, then renamed: never half a file)."""
     _setup_logging(debug)
     _on_interrupt(f"nothing was written to {out}; rerun the same command")
-    from mdmf_cache.store import export_h5
+    from mdmf_cache.store.read import export_h5
 
     path = export_h5(cache, out, overwrite=overwrite)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -226,7 +227,7 @@ def verify(cache: Annotated[Path, typer.Argument(help="A cache group (*.zarr).")
     """Read every chunk of a cache: name each damaged split, array, rows and file (exit 2 if any)."""
     _setup_logging(debug)
     _on_interrupt("nothing was changed; rerun the same command")
-    from mdmf_cache.report import print_verify
+    from mdmf_cache.report.tables import print_verify
 
     print_verify(cache)
 
@@ -277,7 +278,7 @@ def _typed_head_options(method: str, overrides: dict[str, Any], dropout: Optiona
     """Head overrides with ``--head-opt`` strings parsed by the head's option types and ``--dropout`` set on every
     dropout the head has (the head module is imported here, at run time)."""
     from mdmf_cache.errors import ConfigError
-    from mdmf_cache.sweep_space import sweep_options
+    from mdmf_cache.sweeps.space import sweep_options
 
     opts = sweep_options(method)
     by_field = {o.targets[0][len("heads."):]: o for o in opts.values() if len(o.targets) == 1
@@ -424,7 +425,7 @@ def train(
 
 def _merge_config(ctx: typer.Context, path: Path, cli_cfg: TrainConfig) -> TrainConfig:
     """The config in ``path``, with the options given on the command line (not their defaults) on top."""
-    from mdmf_cache.runs import load_config
+    from mdmf_cache.configs import load_config
 
     cfg = load_config(path)
     given = {n for n in ctx.params if getattr(ctx.get_parameter_source(n), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
@@ -576,8 +577,7 @@ def ablate(
     _setup_logging(debug)
     _on_interrupt(f"finished arms are kept in {out}; rerun the same command: they are reused and the "
                   "interrupted arm resumes")
-    from pipelines.ablate import run_ablate
-    from mdmf_cache.report import print_comparison
+    from pipelines.ablate import run
 
     train_opts = {"episodes": episodes, "episodes_per_step": episodes_per_step, "val_every": val_every,
                   **({"lr": lr} if lr is not None else {})}
@@ -587,13 +587,11 @@ def ablate(
                                 {"method": method if method and method != "mdmf" else None}),
         train=train_opts, way=way, shot=shot, test_episodes=test_episodes, seed=seed, device=device,
     )
-    res = run_ablate(cfg)
-    print_comparison(res["rows"], f"ablation, {way}-way {shot}-shot, {test_episodes} identical test episodes")
-    typer.echo(f"tables: {res['out']}/ablation.csv, ablation.md")
+    run(cfg)
 
 
 def _sweep_epilog() -> str:
-    from mdmf_cache.sweep_space import DEFAULT_SPACE
+    from mdmf_cache.sweeps.space import DEFAULT_SPACE
 
     space = ", ".join(f"{k}={v}" for k, v in DEFAULT_SPACE.items())
     return f"""Examples:
@@ -654,8 +652,8 @@ def sweep(
 ) -> None:
     """Tune fast-mode training on a cache with Optuna: each trial trains the heads and is scored on val (never test)."""
     _setup_logging(debug)
-    from mdmf_cache.sweep_space import parse_fixed, parse_space_text
-    from mdmf_cache.sweeps import interrupt_hint
+    from mdmf_cache.sweeps.space import parse_fixed, parse_space_text
+    from mdmf_cache.sweeps.study import interrupt_hint
     from pipelines.sweep import run, show
 
     if cache == "show":
@@ -681,12 +679,12 @@ def plot(
 ) -> None:
     """Redraw the figures of a run (curves), an evaluation, an ablation or a sweep."""
     _setup_logging(debug)
-    from mdmf_cache.plots import redraw
+    from mdmf_cache.report.plots import redraw
 
     paths = []
     if (target / "sweep.json").is_file():  # a sweep's figures come from its study
-        from mdmf_cache.sweep_summary import summarize
-        from mdmf_cache.sweeps import load_sweep
+        from mdmf_cache.sweeps.summary import summarize
+        from mdmf_cache.sweeps.study import load_sweep
 
         paths += summarize(load_sweep(target, storage))["figures"]
     paths += redraw(target, allow_empty=(target / "sweep.json").is_file())
@@ -728,8 +726,7 @@ def compare(
     _setup_logging(debug)
     _on_interrupt(f"finished runs, sweep trials and scores are kept in {out}; rerun the same command: it does only "
                   "what is missing")
-    from mdmf_cache.report import print_compare
-    from pipelines.compare import run_compare
+    from pipelines.compare import run
 
     train = {"episodes": episodes, "episodes_per_step": episodes_per_step, "val_every": val_every,
              "val_episodes": val_episodes, "weight_decay": weight_decay, **({"lr": lr} if lr is not None else {}),
@@ -737,9 +734,7 @@ def compare(
     cfg = CompareConfig(cache=str(cache), out=str(out), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                         shots=_shots(shot), reference=reference, train=train, way=way, test_episodes=test_episodes,
                         seed=seed, device=device, sweep=sweep)
-    res = run_compare(cfg)
-    print_compare(res["rows"], cfg.shots, f"{way}-way, {test_episodes} identical test episodes per shot")
-    typer.echo(f"tables: {res['out']}/table.md, table.csv, table.png")
+    run(cfg)
 
 
 @app.command("heads", epilog="Examples:\n\n  mdmf-cache heads\n\n  mdmf-cache heads clip-fsar")
@@ -749,7 +744,7 @@ def heads_(
 ) -> None:
     """List the registered heads, or one head's options with their defaults (what --head-opt sets)."""
     _setup_logging(debug)
-    from mdmf_cache.report import print_heads
+    from mdmf_cache.report.tables import print_heads
 
     print_heads(name)
 
@@ -769,9 +764,9 @@ def demo(
     minutes (--full: a full-mode stage too)."""
     _setup_logging(debug)
     _on_interrupt(f"finished stages are kept in {out}; rerun the same command to go on")
-    from pipelines.demo import run_demo
+    from pipelines.demo import run
 
-    run_demo(DemoConfig(out=str(out), model=model, workers=workers, full=full))
+    run(DemoConfig(out=str(out), model=model, workers=workers, full=full))
 
 
 def _click_exceptions() -> tuple[type, ...]:

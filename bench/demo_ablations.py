@@ -31,11 +31,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.demo import DemoConfig, run_demo  # noqa: E402
-from mdmf_cache.cache_build import run_extract  # noqa: E402
+from pipelines.demo import DemoConfig, run as run_demo  # noqa: E402
+from mdmf_cache.extraction.build import run_extract  # noqa: E402
 from mdmf_cache.configs import EvalConfig, ExtractConfig, TrainConfig  # noqa: E402
-from mdmf_cache.evaluation import run_eval  # noqa: E402
-from mdmf_cache.training import run_train  # noqa: E402
+from pipelines.evaluate import run as run_eval  # noqa: E402
+from pipelines.train import run as run_train  # noqa: E402
 
 #: The keys of the JSON line (tests/test_bench.py checks them).
 KEYS = ("bench", "episodes", "pps_sample_1shot", "pps_argmax_1shot", "train_no_flip_1shot", "train_flip_1shot", "quick")
@@ -52,7 +52,7 @@ def full_demo(out: Path) -> tuple[DemoConfig, Path, dict]:
 
 def mini_demo(out: Path) -> tuple[DemoConfig, Path, dict]:
     """A 2-way mini demo made the way ``run_demo`` makes it (videos, the demo's extraction settings, fast-mode heads)."""
-    from mdmf_cache.synthetic import make_action_dataset
+    from mdmf_cache.data.synthetic import make_action_dataset
 
     cfg = DemoConfig(out=str(out), num_classes=10, videos_per_class=2, num_frames=8, train_views=1, workers=0,
                      train_episodes=4, shots=(1,))

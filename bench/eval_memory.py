@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from mdmf_cache import heads  # noqa: E402
-from mdmf_cache.evaluation import episode_list, score  # noqa: E402
+from mdmf_cache.evaluation.scoring import episode_list, score  # noqa: E402
 from mdmf_cache.heads import hyrsm  # noqa: E402
-from mdmf_cache.runs import build_model  # noqa: E402
-from mdmf_cache.store import FeatureSplit  # noqa: E402
+from mdmf_cache.heads.factory import build_model  # noqa: E402
+from mdmf_cache.store.read import FeatureSplit  # noqa: E402
 
 #: The keys of the JSON line (tests/test_bench.py checks them).
 KEYS = ("bench", "method", "dim", "episodes", "path", "wall_s", "episodes_per_s", "peak_rss_above_mb", "accuracy",

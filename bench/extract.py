@@ -59,7 +59,7 @@ KEYS = ("bench", "model", "videos", "device", "decode_vps", "encode_vps", "full_
 def make_videos(root: Path, n: int, seed: int = 0, frames: int = FRAMES, size: tuple[int, int] = SIZE) -> list[str]:
     """n synthetic videos (``frames`` long, ``size`` = (width, height)), alternating AVI and MP4; returns their
     ``class/video`` ids. Kept under ``root`` and reused by a later call with the same settings."""
-    from mdmf_cache.synthetic import make_action_dataset
+    from mdmf_cache.data.synthetic import make_action_dataset
 
     classes = min(48, max(3, -(-n // 4)))
     per_class = -(-n // classes)
@@ -93,7 +93,7 @@ def _sync(device) -> None:
 
 def decode_only(cfg, split, device) -> tuple[float, list[dict]]:
     """Seconds to decode every video of the split through the extractor's own source and loader; the items."""
-    from mdmf_cache.extraction import ClipSource, clip_loader
+    from mdmf_cache.extraction.embed import ClipSource, clip_loader
 
     ids, paths, _ = split.found()
     source = ClipSource(np.arange(len(ids)), ids, paths, False, 1, cfg)
@@ -109,7 +109,7 @@ def decode_only(cfg, split, device) -> tuple[float, list[dict]]:
 def encode_only(cfg, backbone, items: list[dict]) -> float:
     """Seconds to preprocess + encode pre-decoded clips (``encode_clips``: the float16 copy to the host
     included), in the extractor's batches, after one warm-up batch."""
-    from mdmf_cache.extraction import encode_clips
+    from mdmf_cache.extraction.embed import encode_clips
 
     batches = [items[i : i + cfg.batch_videos] for i in range(0, len(items), cfg.batch_videos)]
     encode_clips(batches[0], backbone, cfg, 1)  # warm-up (allocator, kernels)
@@ -200,9 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         os.environ["OMP_WAIT_POLICY"] = POLICIES[args.omp_wait]
 
-    from mdmf_cache.backbone import load_backbone, resolve_device
-    from mdmf_cache.datasets import load_splits, resolve_paths
-    from mdmf_cache.cache_build import run_extract
+    from mdmf_cache.clip.backbone import load_backbone
+    from mdmf_cache.device import resolve_device
+    from mdmf_cache.data.datasets import load_splits, resolve_paths
+    from mdmf_cache.extraction.build import run_extract
     from mdmf_cache.configs import ExtractConfig
 
     pretrained = None if args.pretrained.lower() in ("none", "") else args.pretrained

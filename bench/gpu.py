@@ -58,13 +58,13 @@ import numpy as np  # noqa: E402
 import open_clip  # noqa: E402, F401  (imported here so that a missing package fails before the device check)
 import torch  # noqa: E402
 
-from mdmf_cache.backbone import resolve_device  # noqa: E402
+from mdmf_cache.device import resolve_device  # noqa: E402
 from mdmf_cache.configs import default_workers  # noqa: E402
-from mdmf_cache.episodes import EpisodeSampler  # noqa: E402
-from mdmf_cache.evaluation import score  # noqa: E402
-from mdmf_cache.runs import build_model  # noqa: E402
-from mdmf_cache.store import load_split_features  # noqa: E402
-from mdmf_cache.synthetic import make_action_dataset  # noqa: E402
+from mdmf_cache.data.episodes import EpisodeSampler  # noqa: E402
+from mdmf_cache.evaluation.scoring import score  # noqa: E402
+from mdmf_cache.heads.factory import build_model  # noqa: E402
+from mdmf_cache.store.read import load_split_features  # noqa: E402
+from mdmf_cache.data.synthetic import make_action_dataset  # noqa: E402
 from sweep import synthetic_cache  # noqa: E402
 from train_fast import eval_time, synthetic_split, train_rate  # noqa: E402
 from train_full import random_pixel_updates  # noqa: E402

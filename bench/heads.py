@@ -34,12 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mdmf_cache import heads  # noqa: E402
-from mdmf_cache.backbone import heads_autocast, resolve_device  # noqa: E402
-from mdmf_cache.episodes import EpisodeSampler, gather  # noqa: E402
-from mdmf_cache.evaluation import score  # noqa: E402
+from mdmf_cache.device import heads_autocast, resolve_device  # noqa: E402
+from mdmf_cache.data.episodes import EpisodeSampler, gather  # noqa: E402
+from mdmf_cache.evaluation.scoring import score  # noqa: E402
 from mdmf_cache.heads.spec import DataInfo  # noqa: E402
-from mdmf_cache.runs import build_head  # noqa: E402
-from mdmf_cache.store import FeatureSplit  # noqa: E402
+from mdmf_cache.heads.factory import build_head  # noqa: E402
+from mdmf_cache.store.read import FeatureSplit  # noqa: E402
 
 FULL_TEST = 10_000
 

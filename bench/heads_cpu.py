@@ -18,7 +18,7 @@ class, T = 8, E = 16 episodes per step, paper preset, random features:
 The measurements run in rounds (limit, new layers, old layers), and the best of the rounds is kept
 for each, so that on a shared machine all of them are compared under the same (best) load.
 
-Goal (issue 12): training at D = 1024 on a CPU >= 0.85 of the measured matmul limit.
+Goal: training at D = 1024 on a CPU >= 0.85 of the measured matmul limit.
 
 By default one thread and its CPU time are measured: on a machine shared with other jobs, elapsed
 time mostly measures the others, while the CPU time of a single-threaded process is the time it
@@ -52,9 +52,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "tests"))  # the reference (old) layers
 sys.path.insert(0, str(ROOT / "bench"))
 
-from mdmf_cache.episodes import EpisodeSampler, gather  # noqa: E402
-from mdmf_cache.losses import total_loss  # noqa: E402
-from mdmf_cache.runs import build_model  # noqa: E402
+from mdmf_cache.data.episodes import EpisodeSampler, gather  # noqa: E402
+from mdmf_cache.heads.mdmf_losses import total_loss  # noqa: E402
+from mdmf_cache.heads.factory import build_model  # noqa: E402
 from reference_temporal import RefGTCE, RefLTCE  # noqa: E402
 from train_fast import synthetic_split, train_rate  # noqa: E402
 

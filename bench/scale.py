@@ -96,9 +96,10 @@ def _config(root: Path, lists: Path, cache_dir: Path, views: int, frames: int, c
 
 def build(cfg, dim: int, seed: int = 0) -> Path:
     """The cache ``run_extract(cfg)`` would make, written through the store API with random features."""
-    from mdmf_cache.datasets import load_splits
-    from mdmf_cache.extraction import find_videos, fingerprint, prompts_for
-    from mdmf_cache.store import CacheStore, group_name
+    from mdmf_cache.data.datasets import load_splits
+    from mdmf_cache.extraction.embed import find_videos, fingerprint, prompts_for
+    from mdmf_cache.store.cache import CacheStore
+    from mdmf_cache.store.layout import group_name
 
     splits = load_splits("folder", Path(cfg.splits_dir), Path(cfg.root))
     find_videos(cfg, splits)
@@ -142,8 +143,8 @@ def build(cfg, dim: int, seed: int = 0) -> Path:
 
 def rerun(cfg, dim: int) -> tuple[float, int]:
     """Seconds of ``run_extract`` with a stub backbone; returns (seconds, rows it would decode)."""
-    import mdmf_cache.backbone as backbone
-    from mdmf_cache.cache_build import run_extract
+    import mdmf_cache.clip.backbone as backbone
+    from mdmf_cache.extraction.build import run_extract
 
     real = backbone.load_backbone
     backbone.load_backbone = lambda *a, **kw: StubBackbone(dim)
@@ -162,7 +163,8 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import numpy as np, torch, h5py, zarr
-from mdmf_cache.store import CacheStore, export_h5, load_split_features
+from mdmf_cache.store.cache import CacheStore
+from mdmf_cache.store.read import export_h5, load_split_features
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -181,8 +183,8 @@ if what == "load":
     fs = load_split_features(path, "train")
     nbytes = fs.features.numel() * fs.features.element_size()
 elif what == "eval":  # eval's own path for MDMF (random init) on the test split, from a fresh process
-    from mdmf_cache.evaluation import episode_list, score
-    from mdmf_cache.runs import build_model
+    from mdmf_cache.evaluation.scoring import episode_list, score
+    from mdmf_cache.heads.factory import build_model
     import time as _time
     test = load_split_features(path, "test")
     torch.manual_seed(0)
@@ -227,7 +229,7 @@ def quiet(fn, *a):
     """Run a report function with its rich console writing to a string; returns seconds."""
     from rich.console import Console
 
-    import mdmf_cache.report as report
+    import mdmf_cache.report.tables as report
 
     real = report.console
     report.console = Console(file=io.StringIO(), width=120)
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def measure_store(cfg, path: Path, dim: int, base: Path) -> dict:
     """The store's figures on a built cache: extract reruns, info, verify, load and export memory."""
-    from mdmf_cache.report import print_info, print_verify
+    from mdmf_cache.report.tables import print_info, print_verify
 
     first_s, todo1 = rerun(cfg, dim)
     rerun_s, todo2 = rerun(cfg, dim)
@@ -299,12 +301,13 @@ def measure_store(cfg, path: Path, dim: int, base: Path) -> dict:
 SWEEP_CHILD = r"""
 import logging, sys
 sys.path.insert(0, sys.argv[1])
-from mdmf_cache.sweeps import SweepConfig, run_sweep
+from mdmf_cache.sweeps.study import SweepConfig
+from pipelines.sweep import run as run_sweep
 logging.disable(logging.WARNING)
 fixed = {"shot": 1, "episodes": 8, "episodes-per-step": 4, "val-every": 8, "val-episodes": 10, "device": "cpu"}
 cfg = SweepConfig(cache=sys.argv[2], out=sys.argv[3], trials=2, jobs=2, prune=False, space={"lr": "1e-4:1e-2:log"},
                   fixed=fixed, share_features=sys.argv[4] == "1")
-res = run_sweep(cfg, progress=False)
+res = run_sweep(cfg, progress=False, show=False)
 assert [r["state"] for r in res["rows"]] == ["COMPLETE"] * 2, res["rows"]
 """
 
@@ -360,7 +363,7 @@ def sweep_peak_pss(path: Path, out: Path, share: bool) -> tuple[int, float]:
 def measure_sweep(path: Path, base: Path, separate: bool) -> dict:
     """A ``--jobs 2`` sweep's peak memory (summed PSS) over one copy of the train and val features; ``separate``:
     also with a copy per worker."""
-    from mdmf_cache.store import CacheStore
+    from mdmf_cache.store.cache import CacheStore
 
     store = CacheStore(path)
     one_copy = sum(int(store.root[s]["features"].nbytes) for s in ("train", "val"))  # every bench row is usable

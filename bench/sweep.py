@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def demo_cache(work: Path) -> Path:
     """The demo's synthetic cache (same settings as ``mdmf-cache demo``), built once under ``work``."""
-    from mdmf_cache.synthetic import make_action_dataset
+    from mdmf_cache.data.synthetic import make_action_dataset
     from pipelines.demo import DemoConfig
-    from mdmf_cache.cache_build import run_extract
+    from mdmf_cache.extraction.build import run_extract
     from mdmf_cache.configs import ExtractConfig
 
     d = DemoConfig()
@@ -61,7 +61,7 @@ def synthetic_cache(work: Path, dim: int, frames: int = 8, classes: tuple[int, i
     classes can be told apart (a ProtoNet on 5-way 5-shot val episodes scores ~57% at ``signal`` 0.05) and val
     accuracy means something.
     """
-    from mdmf_cache.store import CacheStore
+    from mdmf_cache.store.cache import CacheStore
 
     tag = f"_c{'-'.join(map(str, classes))}x{per_class}" if (classes, per_class) != ((64, 16, 16), 20) else ""
     path = work / f"synthetic_d{dim}{tag}{f'_s{signal:g}' if signal else ''}.zarr"
@@ -91,11 +91,12 @@ def step_and_val_cost(cache: Path, fixed: dict, steps: int) -> tuple[float, floa
     """Seconds per training episode (optimiser steps only) and per validation, with the trials' settings."""
     import torch
 
-    from mdmf_cache.episodes import EpisodeSampler
-    from mdmf_cache.store import load_split_features
-    from mdmf_cache.backbone import resolve_device
+    from mdmf_cache.data.episodes import EpisodeSampler
+    from mdmf_cache.store.read import load_split_features
+    from mdmf_cache.device import resolve_device
     from mdmf_cache.configs import TrainConfig
-    from mdmf_cache.runs import build_model, validate
+    from mdmf_cache.heads.factory import build_model
+    from mdmf_cache.evaluation.scoring import validate
     from train_fast import train_rate  # bench/train_fast.py: the trainer's step, timed on its own
 
     cfg = TrainConfig(cache=str(cache), **{k.replace("-", "_"): v for k, v in fixed.items()})
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
 def _run(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
-    from mdmf_cache.sweeps import SweepConfig, run_sweep
+    from mdmf_cache.sweeps.study import SweepConfig
+    from pipelines.sweep import run as run_sweep
 
     work.mkdir(parents=True, exist_ok=True)
     small = {"classes": (6, 5, 5), "per_class": 4} if args.quick else {}

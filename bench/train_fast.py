@@ -36,13 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mdmf_cache.episodes import EpisodeSampler, gather  # noqa: E402
-from mdmf_cache.backbone import heads_autocast  # noqa: E402
-from mdmf_cache.evaluation import score  # noqa: E402
-from mdmf_cache.losses import mean_parts, total_loss  # noqa: E402
-from mdmf_cache.store import FeatureSplit  # noqa: E402
-from mdmf_cache.backbone import resolve_device  # noqa: E402
-from mdmf_cache.runs import build_model  # noqa: E402
+from mdmf_cache.data.episodes import EpisodeSampler, gather  # noqa: E402
+from mdmf_cache.device import heads_autocast  # noqa: E402
+from mdmf_cache.evaluation.scoring import score  # noqa: E402
+from mdmf_cache.heads.mdmf_losses import mean_parts, total_loss  # noqa: E402
+from mdmf_cache.store.read import FeatureSplit  # noqa: E402
+from mdmf_cache.device import resolve_device  # noqa: E402
+from mdmf_cache.heads.factory import build_model  # noqa: E402
 
 FULL_TEST = 10_000
 #: --quick's sizes (seconds on a CPU: the same code paths, tiny sizes); options given explicitly win.
@@ -74,7 +74,7 @@ def _sync(device: torch.device) -> None:
 def float32_context(device: torch.device):
     """Plain float32 on ``device``: no autocast, and no TF32 matmuls on CUDA (restored on exit).
 
-    The trainer's :func:`~mdmf_cache.backbone.heads_autocast` turns TF32 on for CUDA as it enters bf16
+    The trainer's :func:`~mdmf_cache.device.heads_autocast` turns TF32 on for CUDA as it enters bf16
     autocast; this is the float32 reference it is compared with.
     """
     @contextlib.contextmanager

@@ -43,14 +43,14 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mdmf_cache.backbone import heads_autocast, resolve_device  # noqa: E402
+from mdmf_cache.device import heads_autocast, resolve_device  # noqa: E402
 from mdmf_cache.configs import TrainConfig  # noqa: E402
 from mdmf_cache.distributed import World  # noqa: E402
-from mdmf_cache.losses import total_loss  # noqa: E402
-from mdmf_cache.runs import build_model  # noqa: E402
-from mdmf_cache.train_data import FullData  # noqa: E402
-from mdmf_cache.training import run_train  # noqa: E402
-from mdmf_cache.video_episodes import episode_pixels  # noqa: E402
+from mdmf_cache.heads.mdmf_losses import total_loss  # noqa: E402
+from mdmf_cache.heads.factory import build_model  # noqa: E402
+from mdmf_cache.training.data import FullData  # noqa: E402
+from pipelines.train import run as run_train  # noqa: E402
+from mdmf_cache.data.video_episodes import episode_pixels  # noqa: E402
 
 #: The measured run's sizes, and --quick's (seconds on a CPU: the same code paths, tiny sizes); options
 #: given explicitly win. memory_models None: RN50,ViT-B-16 on CUDA, none on a CPU.
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run(args, device: torch.device, tmp: Path) -> dict:
-    from mdmf_cache.synthetic import make_action_dataset
+    from mdmf_cache.data.synthetic import make_action_dataset
 
     root = tmp / "videos"
     make_action_dataset(root, num_classes=args.classes, videos_per_class=args.videos_per_class,

@@ -24,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mdmf_cache.store import CacheStore, load_split_features  # noqa: E402
+from mdmf_cache.store.cache import CacheStore  # noqa: E402
+from mdmf_cache.store.read import load_split_features
 
 #: The measured run's sizes, and --quick's (the same code paths, tiny sizes); options given explicitly win.
 FULL = {"rows": 10000, "dim": 512}

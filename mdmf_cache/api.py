@@ -36,23 +36,23 @@ def _config(cls, cfg, kwargs: dict[str, Any]):
 
 def extract(cfg: ExtractConfig | None = None, progress: bool = False, **kwargs: Any) -> Path:
     """Build or extend a cache (``mdmf-cache extract``); returns its path. Fields: :class:`ExtractConfig`."""
-    from mdmf_cache.cache_build import run_extract
+    from pipelines.extract import run
 
     cfg = _config(ExtractConfig, cfg, {"progress": progress, **kwargs})
-    return run_extract(cfg)[0]
+    return run(cfg, show=False)[0]
 
 
 def open_cache(path: str | Path):
-    """A cache for reading (:class:`~mdmf_cache.store.CacheStore`): ``.splits``, ``.fingerprint``, ``.split_summary(name)``."""
-    from mdmf_cache.store import CacheStore
+    """A cache for reading (:class:`~mdmf_cache.store.cache.CacheStore`): ``.splits``, ``.fingerprint``, ``.split_summary(name)``."""
+    from mdmf_cache.store.cache import CacheStore
 
     return CacheStore(path)
 
 
 def load_split(cache: str | Path, split: str = "test", device: str = "cpu"):
-    """A split's features in memory (:class:`~mdmf_cache.store.FeatureSplit`: features ``(N, V, T, D)`` float16,
+    """A split's features in memory (:class:`~mdmf_cache.store.read.FeatureSplit`: features ``(N, V, T, D)`` float16,
     labels, video ids, class names, prompt embeddings ``(C, D)``)."""
-    from mdmf_cache.store import load_split_features
+    from mdmf_cache.store.read import load_split_features
 
     return load_split_features(cache, split, device=device)
 
@@ -60,55 +60,56 @@ def load_split(cache: str | Path, split: str = "test", device: str = "cpu"):
 def episode_list(split, way: int = EvalConfig.way, shot: int = 5, episodes: int = EvalConfig.episodes,
                  queries_per_class: int = EvalConfig.queries_per_class, seed: int = EvalConfig.seed):
     """The seeded episode list ``eval`` scores (the same arguments give the same episodes)."""
-    from mdmf_cache.evaluation import episode_list as make
+    from mdmf_cache.evaluation.scoring import episode_list as make
 
     return make(split, way, shot, queries_per_class, episodes, seed)
 
 
 def train(cfg: TrainConfig | None = None, progress: bool = False, **kwargs: Any) -> "Run":
     """Train (``mdmf-cache train``, either mode) and return the finished run. Fields: :class:`TrainConfig`."""
-    from mdmf_cache.training import run_train
+    from pipelines import train as train_recipe
 
     cfg = _config(TrainConfig, cfg, kwargs)
-    res = run_train(cfg, progress=progress)
+    res = train_recipe.run(cfg, progress=progress, show=False)
     return load_run(res["run"])
 
 
 def evaluate(cfg: EvalConfig | None = None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
     """``mdmf-cache eval``: a run or a cache scored on the saved seeded episodes; returns what ``results.json`` holds.
     Fields: :class:`EvalConfig` (``target``: a run directory or a cache)."""
-    from mdmf_cache.evaluation import run_eval
+    from pipelines import evaluate as evaluate_recipe
 
     cfg = _config(EvalConfig, cfg, {k: str(v) if k == "target" else v for k, v in kwargs.items()})
-    return run_eval(cfg, progress=progress)
+    return evaluate_recipe.run(cfg, progress=progress, show=False)
 
 
 def ablate(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
     """``mdmf-cache ablate``: arms trained and scored on identical episodes. Fields: ``pipelines.ablate.AblateConfig``."""
-    from pipelines.ablate import AblateConfig, run_ablate
+    from pipelines.ablate import AblateConfig, run
 
-    return run_ablate(_config(AblateConfig, cfg, kwargs), progress=progress)
+    return run(_config(AblateConfig, cfg, kwargs), progress=progress, show=False)
 
 
 def compare(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
     """``mdmf-cache compare``: heads on one cache, identical episodes, the paper's table. Fields:
     ``pipelines.compare.CompareConfig``."""
-    from pipelines.compare import CompareConfig, run_compare
+    from pipelines.compare import CompareConfig, run
 
-    return run_compare(_config(CompareConfig, cfg, kwargs), progress=progress)
+    return run(_config(CompareConfig, cfg, kwargs), progress=progress, show=False)
 
 
 def sweep(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
     """``mdmf-cache sweep``: tune fast-mode training on a cache with Optuna, each trial scored on val; writes what
     the command writes and returns ``{"rows": [...], "best": {...} or None, "out": ..., "figures": [...]}``.
-    Fields: :class:`~mdmf_cache.sweeps.SweepConfig` (``space``: ``{"lr": "1e-5:1e-2:log", ...}``; ``fixed``:
+    Fields: :class:`~mdmf_cache.sweeps.study.SweepConfig` (``space``: ``{"lr": "1e-5:1e-2:log", ...}``; ``fixed``:
     ``train`` options by name, ``{"episodes": 2000, "method": "clip-fsar"}``; ``_`` in a name reads as ``-``)."""
-    from mdmf_cache.sweeps import SweepConfig, run_sweep
+    from mdmf_cache.sweeps.study import SweepConfig
+    from pipelines import sweep as sweep_recipe
 
     for key in ("space", "fixed"):
         if isinstance(kwargs.get(key), dict):
             kwargs[key] = {k.replace("_", "-"): v for k, v in kwargs[key].items()}
-    return run_sweep(_config(SweepConfig, cfg, kwargs), progress=progress)
+    return sweep_recipe.run(_config(SweepConfig, cfg, kwargs), progress=progress, show=False)
 
 
 def predict(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
@@ -151,7 +152,7 @@ class Run:
 
     def split(self, split: str = "test", device: str = "cpu"):
         """A split of the cache this run was trained on (a fast-mode run; full mode: ``evaluate``)."""
-        from mdmf_cache.runs import check_identity, run_cache
+        from mdmf_cache.store.runs import check_identity, run_cache
 
         if self.config.get("mode") == "full":
             raise ValueError(f"{self.path} is a full-mode run: its splits are extracted with its backbone by "
@@ -162,9 +163,9 @@ class Run:
 
     def score(self, split: Any = "test", shot: int | None = None, episodes: int = 1000, way: int = EvalConfig.way,
               seed: int = EvalConfig.seed, keep_logits: bool = False):
-        """Accuracy on a seeded episode list (:class:`~mdmf_cache.evaluation.EvalResult`: ``.mean``, ``.ci95``,
+        """Accuracy on a seeded episode list (:class:`~mdmf_cache.evaluation.scoring.EvalResult`: ``.mean``, ``.ci95``,
         ``.episode_acc``, ``.summary(classes)``). ``split``: a name of the run's cache or a FeatureSplit."""
-        from mdmf_cache.evaluation import score
+        from mdmf_cache.evaluation.scoring import score
 
         feats = self.split(split) if isinstance(split, str) else split
         shot = shot or int(self.config.get("shot", 5))
@@ -174,7 +175,7 @@ class Run:
 
 def load_run(path: str | Path, device: str = "cpu") -> Run:
     """A finished run from its directory (``best.pt``, ``config.json``)."""
-    from mdmf_cache.runs import load_run as load
+    from mdmf_cache.heads.factory import load_run as load
 
     head, cfg = load(path, device)
     return Run(Path(path), cfg, head)

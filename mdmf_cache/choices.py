@@ -1,8 +1,8 @@
 """The fixed sets of values that options take, declared once (the CLI builds its choices from these).
 
 Head switches (views, conditions, directions, ...) are MDMF's options and live with them in
-:mod:`mdmf_cache.models.config`; the trainable methods are the head registry's
-(:mod:`mdmf_cache.heads`); the datasets are :data:`mdmf_cache.datasets.DATASET_NAMES`.
+:mod:`mdmf_cache.heads.mdmf_config`; the trainable methods are the head registry's
+(:mod:`mdmf_cache.heads`); the datasets are :data:`mdmf_cache.data.datasets.DATASET_NAMES`.
 Nothing here imports torch.
 """
 

@@ -11,15 +11,20 @@ they become frame embeddings), under the same names in both.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mdmf_cache.choices import BN_MODES, DECODERS, EVAL_PATHS, MODES, NORMALIZATIONS, PPS_TEST_RULES, SAMPLERS, SPLITS
+from mdmf_cache.choices import (BASELINES, BN_MODES, DECODERS, EVAL_PATHS, MODES, NORMALIZATIONS, PPS_TEST_RULES,
+                                SAMPLERS, SPLITS)
+from mdmf_cache import heads
+from mdmf_cache.data.datasets import DATASET_NAMES, DATASETS
 from mdmf_cache.errors import ConfigError
-from mdmf_cache.models.config import PRESET_DATA
+from mdmf_cache.heads.mdmf_config import PRESET_DATA
+from mdmf_cache.heads.spec import DataInfo
 
 __all__ = ["VideoOptions", "ExtractConfig", "FullModeConfig", "TrainConfig", "EvalConfig", "PredictConfig",
            "default_workers", "FAST_LR", "FULL_LR"]
@@ -56,8 +61,6 @@ class VideoOptions:
 
     def video_problems(self) -> list[str]:
         """What is wrong with these options (empty when nothing is)."""
-        from mdmf_cache.datasets import DATASETS
-
         problems = []
         if self.sampler is not None and self.sampler not in SAMPLERS:
             problems.append(f"--sampler {self.sampler!r} (choose {', '.join(SAMPLERS)})")
@@ -149,8 +152,6 @@ class FullModeConfig(VideoOptions):
     init_heads: str | None = None  # a run (fast or full) whose best.pt heads start this one (linear probe, then fine-tune)
 
     def validate(self) -> list[str]:
-        from mdmf_cache.datasets import DATASET_NAMES
-
         problems = self.video_problems()
         if self.dataset not in DATASET_NAMES:
             path = Path(self.dataset)
@@ -222,8 +223,6 @@ class TrainConfig:
         Raises:
             ConfigError: an unknown method (the registered ones listed).
         """
-        from mdmf_cache import heads
-
         spec = heads.get(self.method)
         return dataclasses.replace(
             self, preset=self.preset or spec.default_preset,
@@ -232,9 +231,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every option checked, the head's included, before any work (nothing is read or written)."""
-        from mdmf_cache import heads
-        from mdmf_cache.heads.spec import DataInfo
-
         r = self.resolved()
         problems = []
         if self.mode not in MODES:
@@ -296,7 +292,7 @@ class EvalConfig:
     eval_cache: str | None = None  # where a full-mode run's split is extracted with its backbone (default RUN/eval_cache)
 
     def validate(self) -> None:
-        from mdmf_cache.evaluation import METHODS
+        METHODS = ("run", *heads.METHODS, *BASELINES)  # what eval scores: a run's head, a registered head, a baseline
 
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
@@ -354,3 +350,64 @@ class PredictConfig:
             problems.append(f"--show {self.show}: must be >= 0")
         if problems:
             raise ConfigError("bad options: " + "; ".join(problems))
+
+
+def load_config(path: Path | str) -> TrainConfig:
+    """A TrainConfig from a run's ``config.json`` or a sweep's ``best.json`` (``mdmf-cache train --config``).
+
+    Raises:
+        ConfigError: the file is not JSON, or a field is unknown or of the wrong type (named).
+    """
+    path = Path(path)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--config {path}: cannot read a JSON config ({e})") from e
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--config {path}: a JSON object of TrainConfig fields is expected, not a {type(saved).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - known - {"resolved_heads", "sweep", "cache_abs", "cache_identity", "backbone_weights",
+                                           "resolved_data", "video_identity"})  # notes
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown TrainConfig field(s) {', '.join(unknown)}")
+    values = {k: v for k, v in saved.items() if k in known}
+    problems = field_type_problems(TrainConfig, values)
+    if isinstance(values.get("full"), dict):
+        problems += [f"full.{p}" for p in field_type_problems(FullModeConfig, values["full"])]
+    if problems:
+        raise ConfigError(f"--config {path}: {'; '.join(problems)}")
+    return TrainConfig(**values)
+
+
+def _allowed_types(hint: Any) -> list[type]:
+    """The plain types a type hint allows (``int | None`` -> [int, NoneType]; ``dict[str, Any]`` -> [dict])."""
+    import types
+    from typing import Union, get_args, get_origin
+
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return [t for a in get_args(hint) for t in _allowed_types(a)]
+    return [origin or hint]
+
+
+def field_type_problems(cls: type, values: dict[str, Any]) -> list[str]:
+    """``field 'name' must be T, got V`` for each value that does not fit its dataclass field's type
+    (an int is a float too; a bool is neither an int nor a float; a JSON list is a tuple)."""
+    from typing import get_type_hints
+
+    hints = get_type_hints(cls)
+    accepts = {int: (int,), float: (int, float), tuple: (list, tuple), list: (list, tuple)}
+    out = []
+    for name, value in values.items():
+        if name not in hints:
+            continue
+        allowed = _allowed_types(hints[name])
+        if Any in allowed or object in allowed:
+            continue
+        ok = any(isinstance(value, accepts.get(t, (t,))) for t in allowed)
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        if not ok:
+            want = " or ".join(getattr(t, "__name__", str(t)).replace("NoneType", "null") for t in allowed)
+            out.append(f"field {name!r} must be {want}, got {json.dumps(value)}")
+    return out

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from mdmf_cache.errors import ConfigError
 
 
 @dataclass(frozen=True)

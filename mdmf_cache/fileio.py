@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import MdmfError
+from mdmf_cache.errors import MdmfError
 
 __all__ = ["DiskFullError", "raise_if_disk_full", "atomic_write_file", "atomic_write_text", "atomic_write_json",
            "atomic_torch_save", "process_lock", "writing"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-from mdmf_cache.episodes import mean_ci
+from mdmf_cache.data.episodes import mean_ci
 from mdmf_cache.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -86,17 +86,18 @@ def _arm_dir(out: Path, name: str) -> Path:
     return out / ("arm_" + "".join(c if c.isalnum() or c in "-_=." else "_" for c in name))
 
 
-def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
-    """Train and score every arm; returns the rows written to ``ablation.csv``."""
-    from mdmf_cache.evaluation import score
-    from mdmf_cache.evaluation import episode_list
-    from mdmf_cache.backbone import resolve_device
+def run(cfg: AblateConfig, progress: bool = True, show: bool = True) -> dict[str, Any]:
+    """Train and score every arm (with ``show``, print the table); returns the rows written to ``ablation.csv``."""
+    from mdmf_cache.evaluation.scoring import score
+    from mdmf_cache.evaluation.scoring import episode_list
+    from mdmf_cache.device import resolve_device
     from mdmf_cache.configs import TrainConfig
-    from mdmf_cache.runs import load_run, read_run_file
-    from mdmf_cache.training import run_train
-    from mdmf_cache.store import load_split_features
+    from mdmf_cache.heads.factory import load_run
+    from mdmf_cache.store.runs import read_run_file
+    from pipelines import train as train_recipe
+    from mdmf_cache.store.read import load_split_features
 
-    from mdmf_cache.episodes import EpisodeSampler
+    from mdmf_cache.data.episodes import EpisodeSampler
     from mdmf_cache.fileio import atomic_write_json
 
     arms = cfg.arms()
@@ -134,7 +135,7 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
                 continue
             tcfg.resume = True
         log.info("arm %s: training (%s)", name, heads or "preset defaults")
-        run_train(tcfg, progress=progress)
+        train_recipe.run(tcfg, progress=progress, show=False)
         runs[name] = run
     # 3. score on one episode list
     eps = episode_list(split, cfg.way, cfg.shot, 1, cfg.test_episodes, cfg.seed)
@@ -155,9 +156,13 @@ def run_ablate(cfg: AblateConfig, progress: bool = True) -> dict[str, Any]:
             row.update({"paper_k100": paper[0], "paper_ssv2_small": paper[1], "paper_hmdb": paper[2]})
         rows.append(row)
     _write_tables(out, rows)
-    from mdmf_cache.plots import ablate_figures, plot_safely
+    from mdmf_cache.report.plots import ablate_figures, plot_safely
+    from mdmf_cache.report.tables import console, print_comparison
 
     plot_safely(ablate_figures, out)
+    if show:
+        print_comparison(rows, f"ablation, {cfg.way}-way {cfg.shot}-shot, {cfg.test_episodes} identical test episodes")
+        console.print(f"tables: {out}/ablation.csv, ablation.md")
     return {"rows": rows, "out": str(out)}
 
 

@@ -9,7 +9,7 @@ Top to bottom:
        released defaults (its preset, training shot and queries for K; CLIP-FSAR trains on 1-shot episodes
        for a 5-shot run) and the training options given here (the same for every method); a finished run
        is reused, an interrupted one resumed. With ``sweep`` N: instead an N-trial sweep on val
-       (:mod:`mdmf_cache.sweeps`) in ``OUT/sweeps/<method>_<K>shot`` over the head's default space, the
+       (:mod:`mdmf_cache.sweeps.study`) in ``OUT/sweeps/<method>_<K>shot`` over the head's default space, the
        method, the shot and the training options given here fixed; the best trial's run (its ``best.pt``
        chosen on val) is the method's run. A finished sweep is reused, an unfinished one resumed;
     4. per (method, shot): per-episode accuracies on that list (``scores/<method>_<K>shot.npy``; heads
@@ -94,7 +94,7 @@ def _trained(method: str) -> bool:
 
 
 def _finished(run: Path, episodes: int) -> bool:
-    from mdmf_cache.runs import read_run_file
+    from mdmf_cache.store.runs import read_run_file
 
     if not ((run / "best.pt").is_file() and (run / "metrics.jsonl").is_file()):
         return False
@@ -104,7 +104,7 @@ def _finished(run: Path, episodes: int) -> bool:
 
 def sweep_config(cfg: CompareConfig, method: str, shot: int):
     """The sweep ``--sweep`` runs for one trained (method, shot): the head's default space, the rest fixed."""
-    from mdmf_cache.sweeps import SweepConfig
+    from mdmf_cache.sweeps.study import SweepConfig
 
     fixed = {"method": method, "shot": shot, "way": cfg.way, "seed": cfg.seed, "device": cfg.device,
              **{k.replace("_", "-"): v for k, v in cfg.train.items()}}
@@ -114,8 +114,9 @@ def sweep_config(cfg: CompareConfig, method: str, shot: int):
 
 def _tune(scfg, progress: bool) -> dict[str, Any]:
     """Run, resume or reuse one sweep; returns its best trial (``summarize``'s ``best``)."""
-    from mdmf_cache.sweep_summary import summarize
-    from mdmf_cache.sweeps import finished_trials, run_sweep
+    from mdmf_cache.sweeps.summary import summarize
+    from mdmf_cache.sweeps.study import finished_trials
+    from pipelines import sweep as sweep_recipe
 
     done = finished_trials(scfg)
     if done is not None and done >= scfg.trials:
@@ -125,24 +126,26 @@ def _tune(scfg, progress: bool) -> dict[str, Any]:
         scfg.resume = (Path(scfg.out) / "study.db").is_file()
         log.info("%s: %s (%d trials on val)", scfg.out, "resuming the sweep" if scfg.resume else "sweeping",
                  scfg.trials)
-        res = run_sweep(scfg, progress=progress)
+        res = sweep_recipe.run(scfg, progress=progress, show=False)
     if res["best"] is None:
         raise ConfigError(f"{scfg.out}: no trial of the sweep completed (pruned or failed; see trials.md); "
                           "rerun with a larger --sweep")
     return res["best"]
 
 
-def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
-    """Train (or tune) what is missing, score every method on the same episodes per shot, write the tables."""
-    from mdmf_cache.backbone import resolve_device
+def run(cfg: CompareConfig, progress: bool = True, show: bool = True) -> dict[str, Any]:
+    """Train (or tune) what is missing, score every method on the same episodes per shot, write the tables (and, with
+    ``show``, print the table)."""
+    from mdmf_cache.device import resolve_device
     from mdmf_cache.configs import TrainConfig
-    from mdmf_cache.episodes import EpisodeSampler, Episodes
-    from mdmf_cache.evaluation import episode_list, score
+    from mdmf_cache.data.episodes import EpisodeSampler, Episodes
+    from mdmf_cache.evaluation.scoring import episode_list, score
     from mdmf_cache.fileio import atomic_write_json
-    from mdmf_cache.runs import load_run
-    from mdmf_cache.store import CacheStore, load_split_features
-    from mdmf_cache.sweeps import plan
-    from mdmf_cache.training import run_train
+    from mdmf_cache.heads.factory import load_run
+    from mdmf_cache.store.cache import CacheStore
+    from mdmf_cache.store.read import load_split_features
+    from mdmf_cache.sweeps.study import plan
+    from pipelines import train as train_recipe
 
     # 1. everything checked before anything is written
     cfg.validate()
@@ -206,7 +209,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
             continue
         tcfg.resume = (run / "last.pt").is_file()
         log.info("%s %d-shot: training %s", method, shot, run)
-        run_train(tcfg, progress=progress)
+        train_recipe.run(tcfg, progress=progress, show=False)
 
     # 4. scores on the saved lists
     accs: dict[tuple[str, int], np.ndarray] = {}
@@ -225,11 +228,15 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     fp = store.fingerprint.get("video") or {}
     rows = table_rows(cfg, accs, fp.get("dataset", ""), fp.get("model", ""), tuned)
     write_tables(out, rows, cfg.shots, sweep=cfg.sweep)
-    from mdmf_cache.plots import compare_figure, plot_safely
+    from mdmf_cache.report.plots import compare_figure, plot_safely
+    from mdmf_cache.report.tables import console, print_compare
 
     plot_safely(compare_figure, rows, cfg.shots, out / "table.png",
                 f"{fp.get('dataset', '')} {fp.get('model', '')}: {cfg.way}-way, {cfg.test_episodes} identical test "
                 "episodes per shot")
+    if show:
+        print_compare(rows, cfg.shots, f"{cfg.way}-way, {cfg.test_episodes} identical test episodes per shot")
+        console.print(f"tables: {out}/table.md, table.csv, table.png")
     return {"rows": rows, "out": str(out)}
 
 
@@ -257,7 +264,7 @@ def table_rows(cfg: CompareConfig, accs: dict[tuple[str, int], np.ndarray], data
                tuned: dict[tuple[str, int], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per method: per shot its mean and CI, the paired difference to the reference, the reported number,
     and for a tuned method its best trial's parameters and val accuracy."""
-    from mdmf_cache.episodes import mean_ci
+    from mdmf_cache.data.episodes import mean_ci
     from mdmf_cache.paper import backbone_of, reported
 
     rows = []

@@ -37,17 +37,17 @@ class DemoConfig:
     full_shot: int = 1  # full mode decodes every episode: 5-way 1-shot, 1 query per class keeps it short on a CPU
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    from mdmf_cache.synthetic import make_action_dataset
-    from mdmf_cache.cache_build import run_extract
+def run(cfg: DemoConfig, progress: bool = True, show: bool = True) -> dict:
+    from mdmf_cache.data.synthetic import make_action_dataset
+    from pipelines import extract as extract_recipe
     from mdmf_cache.configs import ExtractConfig
     from mdmf_cache.configs import EvalConfig
-    from mdmf_cache.evaluation import run_eval
-    from mdmf_cache.report import console, print_comparison, print_extract_summary, print_info
+    from pipelines import evaluate as evaluate_recipe
+    from mdmf_cache.report.tables import console, print_comparison, print_info
     from mdmf_cache.configs import TrainConfig
-    from mdmf_cache.training import run_train
+    from pipelines import train as train_recipe
 
-    from mdmf_cache.backbone import list_models
+    from mdmf_cache.clip.backbone import list_models
     from mdmf_cache.errors import ConfigError
     from mdmf_cache.fileio import atomic_write_json
 
@@ -71,15 +71,14 @@ def run_demo(cfg: DemoConfig) -> dict:
                          model=cfg.model, pretrained=None, train_views=cfg.train_views, workers=cfg.workers,
                          seed=cfg.seed, clean_names=True, chunk_rows=16,
                          flip=False)  # left/right are different classes here, as in SSv2
-    path, results = run_extract(ecfg)
-    print_extract_summary(path, results)
+    path, results = extract_recipe.run(ecfg, show=show)
     summary = print_info(path)
 
     console.print(f"[bold]3/{stages}[/] training the heads for {cfg.train_episodes} episodes (fast mode, CLIP frozen)")
     run = out / "runs" / "demo"
     tcfg = TrainConfig(cache=str(path), out=str(run), episodes=cfg.train_episodes, lr=cfg.lr, val_every=200,
                        val_episodes=300, seed=cfg.seed, resume=(run / "last.pt").is_file())
-    trained = run_train(tcfg)
+    trained = train_recipe.run(tcfg, show=False)
 
     full_run = out / "runs" / "demo_full"
     if cfg.full:
@@ -91,15 +90,15 @@ def run_demo(cfg: DemoConfig) -> dict:
                            full={"dataset": "folder", "root": str(videos), "model": cfg.model, "pretrained": None,
                                  "clean_names": True, "flip": False, "workers": cfg.workers,
                                  "episodes_per_forward": 8})
-        trained_full = run_train(fcfg)
+        trained_full = train_recipe.run(fcfg, show=False)
     console.print(f"[bold]{stages}/{stages}[/] evaluating on {cfg.eval_episodes} identical test episodes per shot")
     rows = []
     # protonet, zero-shot: the baselines; otam: the released OTAM head, which has no parameters, scored on the cache
     for method in ("mdmf", *(("mdmf-full",) if cfg.full else ()), "protonet", "otam", "zero-shot"):
         target = {"mdmf": run, "mdmf-full": full_run}.get(method, path)
-        res = run_eval(EvalConfig(target=str(target), method="run" if method == "mdmf-full" else method,
+        res = evaluate_recipe.run(EvalConfig(target=str(target), method="run" if method == "mdmf-full" else method,
                                   shots=cfg.shots, episodes=cfg.eval_episodes, seed=cfg.seed,
-                                  out=str(out / "eval" / method)), progress=False)
+                                  out=str(out / "eval" / method)), progress=False, show=False)
         row = {"method": {"mdmf": "mdmf (fast)", "mdmf-full": "mdmf (full)"}.get(method, method)}
         for shot, r in res["shots"].items():
             row[f"{shot}-shot %"] = r["accuracy"]

@@ -3,8 +3,9 @@
 Top to bottom:
     1. the config (:class:`~mdmf_cache.configs.ExtractConfig`; the preset's sampler and pixel
        normalisation unless given);
-    2. build or extend the cache (:func:`mdmf_cache.cache_build.run_extract`: splits, files, backbone,
-       fingerprint, damage repair, text embeddings, decoder processes, rows by whole chunks);
+    2. build or extend the cache (:func:`mdmf_cache.extraction.build.run_extract`, in its own numbered steps: splits,
+       files, backbone, fingerprint, damage repair, text embeddings, decoder processes, rows by whole chunks). It is
+       an engine, not this recipe's body, because evaluating a full-mode run and ``predict`` extract too;
     3. print what this run did per split (videos, reused, extracted, failed, missing), and warn once per
        split this run extracted videos of that holds videos shorter than T frames (their indices repeat).
 
@@ -16,17 +17,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mdmf_cache.cache_build import SplitResult, run_extract
+from mdmf_cache.extraction.build import SplitResult, run_extract
 from mdmf_cache.configs import ExtractConfig
-from mdmf_cache.report import print_extract_summary
+from mdmf_cache.report.tables import print_extract_summary
+from mdmf_cache.store.cache import CacheStore
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
-    """Extract and print the per-split summary; returns the cache path and the per-split results."""
+def run(cfg: ExtractConfig, show: bool = True) -> tuple[Path, list[SplitResult]]:
+    """Extract (progress bars: ``cfg.progress``) and, with ``show``, print the per-split summary; returns the cache
+    path and the per-split results."""
     path, results = run_extract(cfg)
-    print_extract_summary(path, results)
+    if show:
+        print_extract_summary(path, results)
     if cfg.rank == 0:
         warn_short(path, results, cfg.num_frames)
     return path, results
@@ -35,8 +39,6 @@ def run(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
 def warn_short(path: Path, results: list[SplitResult], num_frames: int) -> None:
     """One warning per split this run extracted videos of, when the split holds videos with fewer than T decodable
     frames: their count (what ``mdmf-cache info`` reports as short)."""
-    from mdmf_cache.store import CacheStore
-
     store = CacheStore(path)
     for r in results:
         s = store.split_summary(r.split) if r.extracted else {"short": 0}

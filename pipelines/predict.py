@@ -3,12 +3,12 @@
 Top to bottom:
     1. the config (:class:`~mdmf_cache.configs.PredictConfig`) and the inputs, all checked before anything
        is loaded or written: the run directory, ``SUPPORT/<class>/<video>``, the query videos, the backbone
-       the run's features came from (:func:`mdmf_cache.predict_inputs.run_backbone`);
+       the run's features came from (:func:`mdmf_cache.prediction.inputs.run_backbone`);
     2. extract: the support and query videos' frame features with that backbone and the run's test-time
-       settings, cached (:class:`mdmf_cache.predict_inputs.PredictCache`: a second call with the same
+       settings, cached (:class:`mdmf_cache.prediction.inputs.PredictCache`: a second call with the same
        videos loads no backbone; new videos are extracted alone), and the class prompts' text embeddings;
     3. score every query against the support classes with the run's head
-       (:func:`mdmf_cache.prediction.class_probabilities`: one episode per query, K shots per class,
+       (:func:`mdmf_cache.prediction.scoring.class_probabilities`: one episode per query, K shots per class,
        softmax probabilities averaged over K-subsets when classes have more supports than K);
     4. write ``predict_config.json`` and ``predictions.csv`` (query, predicted class, one probability
        column per class), each atomically;
@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 
 from mdmf_cache.configs import PredictConfig
-from mdmf_cache.datasets import Split
+from mdmf_cache.data.datasets import Split
 from mdmf_cache.errors import DatasetError
 from mdmf_cache.fileio import atomic_write_json, atomic_write_text
-from mdmf_cache.predict_inputs import PredictCache, find_queries, find_support, run_backbone, usable_supports
-from mdmf_cache.report import print_predictions
-from mdmf_cache.runs import load_run, read_run_config
+from mdmf_cache.prediction.inputs import PredictCache, find_queries, find_support, run_backbone, usable_supports
+from mdmf_cache.report.tables import print_predictions
+from mdmf_cache.heads.factory import load_run
+from mdmf_cache.store.runs import read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,9 @@ def run(cfg: PredictConfig, progress: bool = True, show: bool = True) -> dict[st
     """
     import torch
 
-    from mdmf_cache.backbone import resolve_device
-    from mdmf_cache.extraction import prompts_for
-    from mdmf_cache.prediction import class_probabilities, support_subsets
+    from mdmf_cache.device import resolve_device
+    from mdmf_cache.extraction.embed import prompts_for
+    from mdmf_cache.prediction.scoring import class_probabilities, support_subsets
 
     # 1. config and inputs
     cfg.validate()

@@ -68,7 +68,7 @@ def action_videos(tmp_path_factory) -> Path:
 
     The default folder split (seed 0, 60/20/20 % of classes) gives 5/2/2 classes, 20/8/8 videos.
     """
-    from mdmf_cache.synthetic import make_action_dataset
+    from mdmf_cache.data.synthetic import make_action_dataset
 
     build = lambda d: make_action_dataset(d / "videos", num_classes=9, videos_per_class=4, num_frames=20,  # noqa: E731
                                           size=(64, 48))
@@ -78,7 +78,7 @@ def action_videos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(action_videos, tmp_path_factory) -> Path:
     """A complete cache of ``action_videos`` (tiny ViT, random init, V=2 train views); read-only."""
-    from mdmf_cache.cache_build import run_extract
+    from mdmf_cache.extraction.build import run_extract
     from mdmf_cache.configs import ExtractConfig
 
     build = lambda d: run_extract(ExtractConfig(root=str(action_videos), cache_dir=str(d), **TINY_EXTRACT))  # noqa: E731
@@ -90,7 +90,7 @@ def tiny_cache(action_videos, tmp_path_factory) -> Path:
 def demo_videos(tmp_path_factory) -> Path:
     """25 classes x 10 videos (moving shapes) of 16 frames, 64x48: enough classes for 5-way train, val and test
     episodes (15/5/5 with the folder split). Read-only."""
-    from mdmf_cache.synthetic import make_action_dataset
+    from mdmf_cache.data.synthetic import make_action_dataset
 
     build = lambda d: make_action_dataset(d / "videos", num_classes=25, videos_per_class=10, num_frames=16,  # noqa: E731
                                           size=(64, 48), seed=1)
@@ -101,7 +101,7 @@ def demo_videos(tmp_path_factory) -> Path:
 def demo_cache(demo_videos, tmp_path_factory) -> Path:
     """``demo_videos``' tiny-vit features, 2 train views. Read-only; shared by the training, evaluation and
     reliability tests."""
-    from mdmf_cache.cache_build import run_extract
+    from mdmf_cache.extraction.build import run_extract
     from mdmf_cache.configs import ExtractConfig
 
     def build(folder: Path) -> None:
@@ -115,8 +115,8 @@ def demo_cache(demo_videos, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def splits_dir() -> Path:
-    """The split files of the built-in datasets, as shipped with the package (``mdmf_cache/splits``)."""
-    from mdmf_cache.datasets import shipped_splits_dir
+    """The split files of the built-in datasets, as shipped with the package (``mdmf_cache/data/splits``)."""
+    from mdmf_cache.data.datasets import shipped_splits_dir
 
     return shipped_splits_dir()
 
@@ -172,7 +172,8 @@ def assert_same_cache(a: Path, b: Path) -> None:
 
     The size and mtime recorded of each row's file are left out: they describe the files, which two trees
     (a copy of the videos) hold with other times."""
-    from mdmf_cache.store import STAT_ARRAYS, CacheStore
+    from mdmf_cache.store.layout import STAT_ARRAYS
+    from mdmf_cache.store.cache import CacheStore
 
     sa, sb = CacheStore(a), CacheStore(b)
     assert sa.splits == sb.splits

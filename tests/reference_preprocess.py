@@ -1,4 +1,4 @@
-"""``preprocess_clips`` as it was before issue 12: clamp and normalise the whole resized frame, then crop.
+"""``preprocess_clips`` as it was first written: clamp and normalise the whole resized frame, then crop.
 
 Kept only as the reference the crop-first version is tested (and benchmarked) against.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mdmf_cache.backbone import CLIP_MEAN, CLIP_STD
-from mdmf_cache.preprocess import _crop_box, resized_size
+from mdmf_cache.data.preprocess import CLIP_MEAN, CLIP_STD
+from mdmf_cache.data.preprocess import _crop_box, resized_size
 
 
 def ref_preprocess_clips(clips, crops, device="cpu", size=224, short=256, normalize="clip") -> torch.Tensor:

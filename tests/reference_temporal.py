@@ -1,4 +1,4 @@
-"""The channels-first temporal layers as they were before issue 12 (``nn.Conv1d`` over (B, D, T), full TCN).
+"""The channels-first temporal layers as they were first written (``nn.Conv1d`` over (B, D, T), full TCN).
 
 Kept only as the reference the matmul layers are tested (and benchmarked) against: same modules,
 same parameter names, so one state dict loads into both. Not part of the package.
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-from mdmf_cache.models.temporal import EpisodeBatchNorm1d
+from mdmf_cache.layers.temporal import EpisodeBatchNorm1d
 
 
 class RefLTCE(nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdmf_cache.baselines import BASELINES, baseline_logits, get_baseline, protonet, zero_shot
+from mdmf_cache.evaluation.baselines import BASELINES, baseline_logits, get_baseline, protonet, zero_shot
 from mdmf_cache.heads.otam import OTAM, OTAMOptions
 from mdmf_cache.heads.tsn import TSN, TSNOptions
 

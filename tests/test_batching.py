@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from mdmf_cache.losses import total_loss
+from mdmf_cache.heads.mdmf_losses import total_loss
 from mdmf_cache.heads.mdmf import MDMF
-from mdmf_cache.models.config import build_config
-from mdmf_cache.models.temporal import EpisodeBatchNorm1d
+from mdmf_cache.heads.mdmf_config import build_config
+from mdmf_cache.layers.temporal import EpisodeBatchNorm1d
 
 D, T, E, N, K, QC = 16, 4, 3, 3, 2, 2  # width, frames, episodes, ways, shots, queries per class
 

@@ -1,4 +1,4 @@
-"""Issue 11, the cache side: damaged caches found by ``verify`` and repaired by an extract rerun, failed
+"""The cache side of reliability: damaged caches found by ``verify`` and repaired by an extract rerun, failed
 videos retried, same-name files kept apart, split changes named, concurrent extracts, Ctrl-C in extract,
 and safe exports."""
 
@@ -19,10 +19,11 @@ import pytest
 
 from conftest import assert_same_features
 
-from mdmf_cache.datasets import SPLITS, VideoIndex, load_splits, resolve_paths, scan_folder
+from mdmf_cache.data.datasets import SPLITS, VideoIndex, load_splits, resolve_paths, scan_folder
 from mdmf_cache.errors import CacheError, DatasetError
-from mdmf_cache.store import CacheStore, export_h5, load_split_features
-from mdmf_cache.cache_build import extract_lock, run_extract
+from mdmf_cache.store.cache import CacheStore
+from mdmf_cache.store.read import export_h5, load_split_features
+from mdmf_cache.extraction.build import extract_lock, run_extract
 from mdmf_cache.configs import ExtractConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def test_deleted_chunks_are_found_named_and_repaired(tiny_cache, action_videos, 
     assert "train/features rows 4-7: chunk file missing" in out and "(train/features/c/1/0/0/0)" in out
     assert "val/labels rows 0-7" in out and "test/text_features" in out
     assert res.stderr.startswith("error: 3 damaged parts in") and "Traceback" not in res.stderr
-    from mdmf_cache.report import print_info
+    from mdmf_cache.report.tables import print_info
 
     assert print_info(cache)["complete"] is False
     assert "complete: no, damaged" in " ".join(capsys.readouterr().out.split())
@@ -130,7 +131,7 @@ def test_truncated_chunk_and_corrupt_metadata_are_named_and_repaired(tiny_cache,
 
 # ---- reruns read in full only what changed since the last clean verify ------------------------------
 def _count_feature_chunks_read(monkeypatch) -> list:
-    from mdmf_cache import store_verify
+    import mdmf_cache.store.verify as store_verify
 
     read, real = [], store_verify.row_problems
 
@@ -145,7 +146,7 @@ def _count_feature_chunks_read(monkeypatch) -> list:
 def test_rerun_reads_only_changed_chunks_and_still_finds_same_size_garbage(tiny_cache, action_videos,
                                                                            tiny_extract_settings, tmp_path,
                                                                            same_cache, monkeypatch):
-    from mdmf_cache.store_verify import record_path
+    from mdmf_cache.store.verify import record_path
 
     cache = _copy(tiny_cache, tmp_path)  # a copy: no record of a verify yet
     read = _count_feature_chunks_read(monkeypatch)
@@ -179,7 +180,7 @@ def test_what_the_cheap_check_cannot_see_verify_and_verify_deep_find(tiny_cache,
     the chunk; ``verify`` does, and ``extract --verify-deep`` repairs it."""
     import json
 
-    from mdmf_cache.store_verify import record_path
+    from mdmf_cache.store.verify import record_path
 
     cache = _copy(tiny_cache, tmp_path)
     _rerun(tiny_extract_settings, action_videos, cache)  # records a clean verify
@@ -226,7 +227,7 @@ def test_nonfinite_rows_are_repaired_and_an_encoder_nan_is_a_failure(tiny_cache,
 
     # the encoder itself gives NaN for a video: recorded as a failure (not decoded again unless its file
     # changes), never written as features
-    from mdmf_cache import cache_build
+    import mdmf_cache.extraction.build as cache_build
 
     real = cache_build.encode_clips
 
@@ -258,8 +259,8 @@ def _mark_failed(cache: Path, split: str, row: int) -> None:
 
 def test_failed_videos_are_retried_when_their_files_change_or_with_retry_failed(
         tiny_cache, action_videos, tiny_extract_settings, tmp_path, same_cache, capsys, monkeypatch):
-    from mdmf_cache import extraction
-    from mdmf_cache.report import print_extract_summary
+    import mdmf_cache.extraction.embed as extraction
+    from mdmf_cache.report.tables import print_extract_summary
 
     root = tmp_path / "videos"
     shutil.copytree(action_videos, root)  # copy2: the same sizes and mtimes as the files tiny_cache recorded
@@ -433,7 +434,7 @@ def test_a_second_extract_of_the_same_cache_is_refused(action_videos, tmp_path, 
 # Runs the CLI with every decoded video slowed down (in the DataLoader worker too), so it can be interrupted midway.
 SLOW_CLI = r"""
 import sys, time
-from mdmf_cache import extraction as ex
+import mdmf_cache.extraction.embed as ex
 get = ex.ClipSource.__getitem__
 def slow(self, i):
     time.sleep(0.4)
@@ -542,7 +543,7 @@ def test_full_disk_while_writing_rows_is_named(tiny_cache, action_videos, tiny_e
 def test_verify_says_unfinished_is_not_damaged(tiny_cache, tmp_path, capsys):
     cache = _copy(tiny_cache, tmp_path)
     (cache / "val/done/c/1").unlink()  # rows 4-7 no longer finished: pending, not damage
-    from mdmf_cache.report import print_verify
+    from mdmf_cache.report.tables import print_verify
 
     capsys.readouterr()
     assert print_verify(cache) == []  # no CacheError: exit 0

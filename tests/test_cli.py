@@ -78,7 +78,7 @@ def test_extract_info_export(cli_runner, action_videos, tiny_cache, tmp_path, sa
     # the rerun options reach the config (saved in the cache); nothing to extract
     res = cli_runner.invoke(cli.app, args + ["--verify-deep", "--retry-failed"])
     assert res.exit_code == 0, res.output
-    from mdmf_cache.store import CacheStore
+    from mdmf_cache.store.cache import CacheStore
 
     config = CacheStore(path).root.attrs["config"]
     assert config["verify_deep"] is True and config["retry_failed"] is True
@@ -172,7 +172,7 @@ def test_sweep_and_compare_options_reach_their_configs(cli_runner, monkeypatch):
         return record
 
     monkeypatch.setattr(pipelines.sweep, "run", stop("sweep"))
-    monkeypatch.setattr(pipelines.compare, "run_compare", stop("compare"))
+    monkeypatch.setattr(pipelines.compare, "run", stop("compare"))
     args = ["sweep", "c.zarr", "--jobs", "3", "--no-share-features", "--episodes", "50"]
     assert cli_runner.invoke(cli.app, args).exit_code == 0
     assert (got["sweep"].jobs, got["sweep"].share_features, got["sweep"].fixed) == (3, False, {"episodes": 50})

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 
 from mdmf_cache.errors import ConfigError
-from pipelines.compare import CompareConfig, run_compare, table_rows
+from pipelines.compare import CompareConfig, run as run_compare, table_rows
 
 TRAIN = {"episodes": 16, "episodes_per_step": 16, "val_every": 16, "val_episodes": 20, "lr": 1e-3}
 
 
 def _killed_at_the_second_training(monkeypatch) -> list[str]:
-    """``run_train`` as before, except that its second call is "killed" (KeyboardInterrupt) and every later one
+    """The train recipe's ``run`` as before, except that its second call is "killed" (KeyboardInterrupt) and every later one
     trains again; returns the list of the runs it was called for (clear it to count the calls of a rerun)."""
-    import mdmf_cache.training as training
+    import pipelines.train as training
 
-    real_train, calls = training.run_train, []
+    real_train, calls = training.run, []
 
     def train(tcfg, **kw):
         calls.append(tcfg.out)
@@ -26,25 +26,25 @@ def _killed_at_the_second_training(monkeypatch) -> list[str]:
             raise KeyboardInterrupt
         return real_train(tcfg, **kw)
 
-    monkeypatch.setattr(training, "run_train", train)
+    monkeypatch.setattr(training, "run", train)
     return calls
 
 
 @pytest.mark.integration
 def test_compare_trains_scores_and_resumes(demo_cache, tmp_path, monkeypatch):
-    import mdmf_cache.evaluation as evaluation
-    import mdmf_cache.training as training
+    import mdmf_cache.evaluation.scoring as evaluation
+    import pipelines.train as training
 
     out = tmp_path / "cmp"
     cfg = CompareConfig(cache=str(demo_cache), out=str(out), methods=("mdmf", "clip-fsar", "protonet"), shots=(1, 3),
                         train=TRAIN, test_episodes=60)
-    real_train = training.run_train
+    real_train = training.run
     _killed_at_the_second_training(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_compare(cfg, progress=False)
     first = out / "runs" / "mdmf_1shot" / "best.pt"
     stamp = first.stat().st_mtime_ns
-    monkeypatch.setattr(training, "run_train", real_train)
+    monkeypatch.setattr(training, "run", real_train)
     scored = []
     real_score = evaluation.score
     monkeypatch.setattr(evaluation, "score", lambda m, *a, **k: scored.append(m) or real_score(m, *a, **k))
@@ -68,7 +68,7 @@ def test_compare_trains_scores_and_resumes(demo_cache, tmp_path, monkeypatch):
 
     # again: nothing to train, nothing to score
     scored.clear()
-    monkeypatch.setattr(training, "run_train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(training, "run", lambda *a, **k: pytest.fail("trained again"))
     again = run_compare(cfg, progress=False)
     assert scored == [] and again["rows"] == res["rows"]
     with pytest.raises(ConfigError, match="other"):  # other settings into the same --out
@@ -79,11 +79,11 @@ def test_compare_trains_scores_and_resumes(demo_cache, tmp_path, monkeypatch):
 def test_compare_sweep_tunes_on_val_scores_the_best_trial_and_resumes(demo_cache, tmp_path, monkeypatch):
     import optuna
 
-    import mdmf_cache.training as training
-    from mdmf_cache.episodes import Episodes
-    from mdmf_cache.evaluation import score
-    from mdmf_cache.runs import load_run
-    from mdmf_cache.store import load_split_features
+    import pipelines.train as training
+    from mdmf_cache.data.episodes import Episodes
+    from mdmf_cache.evaluation.scoring import score
+    from mdmf_cache.heads.factory import load_run
+    from mdmf_cache.store.read import load_split_features
     from pipelines.compare import sweep_config
 
     out = tmp_path / "tuned"
@@ -119,7 +119,7 @@ def test_compare_sweep_tunes_on_val_scores_the_best_trial_and_resumes(demo_cache
     assert md[0].endswith("| tuned on val (best trial) |") and "| 1-shot: lr=" in md[2]
     assert md[3].startswith("| protonet |") and md[3].endswith("| - |")  # nothing to tune
     # again: the finished sweep reused, nothing trained, nothing scored
-    monkeypatch.setattr(training, "run_train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(training, "run", lambda *a, **k: pytest.fail("trained again"))
     assert run_compare(cfg, progress=False)["rows"] == res["rows"]
     with pytest.raises(ConfigError, match="other sweep"):
         run_compare(CompareConfig(**{**cfg.__dict__, "sweep": 3}), progress=False)

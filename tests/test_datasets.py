@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mdmf_cache.datasets import (DATASETS, SPLITS, VideoIndex, clean_class_name, load_folder_splits,
-                                 load_splits, read_split_file, resolve_paths)
+from mdmf_cache.data.datasets import (DATASETS, SPLITS, VideoIndex, clean_class_name, load_folder_splits, load_splits,
+                                      read_split_file, resolve_paths)
 from mdmf_cache.errors import DatasetError
 
 # method.md §2: classes and videos per split (train, val, test).
@@ -73,7 +73,7 @@ def test_kinetics_strays_dropped(real_splits, splits_dir):
     assert splits["train"].video_ids == raw[:6400]  # the clean part is the 64 leading blocks
     # test comes from the clean list, which equals the raw test list with its strays removed
     assert splits["test"].video_ids == read_split_file(splits_dir / "kinetics_CMN" / "testlist03_bb.txt")
-    from mdmf_cache.datasets import _drop_stray
+    from mdmf_cache.data.datasets import _drop_stray
 
     assert _drop_stray(read_split_file(splits_dir / "kinetics_CMN" / "testlist03.txt")) == splits["test"].video_ids
 
@@ -117,7 +117,7 @@ def test_builtin_errors(splits_dir, tmp_path):
 
 def test_builtin_splits_default_to_the_shipped_files(real_splits, splits_dir, tmp_path, monkeypatch):
     """No splits folder: the package's own copies, from any working directory; --splits DIR overrides."""
-    from mdmf_cache import datasets
+    import mdmf_cache.data.datasets as datasets
 
     assert splits_dir == Path(datasets.__file__).parent / "splits"
     monkeypatch.chdir(tmp_path)
@@ -134,7 +134,7 @@ def test_builtin_splits_default_to_the_shipped_files(real_splits, splits_dir, tm
 
 
 def test_missing_shipped_split_file_says_reinstall(tmp_path, monkeypatch):
-    from mdmf_cache import datasets
+    import mdmf_cache.data.datasets as datasets
 
     monkeypatch.setattr(datasets, "shipped_splits_dir", lambda: tmp_path)
     with pytest.raises(DatasetError, match="package's own copy is missing: reinstall"):
@@ -249,7 +249,7 @@ def test_clean_class_name(raw, clean):
     assert clean_class_name(raw) == clean
 
 
-# ---- where users keep things (issue 8) ------------------------------------------------------
+# ---- where users keep things ------------------------------------------------------------
 def test_class_folders_match_case_insensitively_and_underscores(tmp_path):
     for rel in ("air_drumming/-VtLx.mp4", "applyeyemakeup/v_1.avi", "Brush Hair/b1.mov", "Brush_Hair/b2.mp4"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +273,7 @@ def test_kinetics_mmaction2_layout_found(real_splits, tmp_path):
 
 
 def test_diagnose_missing_names_the_likely_cause(tmp_path):
-    from mdmf_cache.datasets import diagnose_missing
+    from mdmf_cache.data.datasets import diagnose_missing
 
     ids = ["ApplyEyeMakeup/v_1", "Archery/v_2"]
     for rel in ("UCF-101/ApplyEyeMakeup/v_1.avi", "UCF-101/Archery/v_2.avi"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdmf_cache.episodes import Episodes, EpisodeSampler, gather, mean_ci
+from mdmf_cache.data.episodes import Episodes, EpisodeSampler, gather, mean_ci
 from mdmf_cache.errors import ConfigError
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mdmf_cache.episodes import EpisodeSampler
-from mdmf_cache.evaluation import EvalResult, evaluate_episodes
-from mdmf_cache.store import FeatureSplit
+from mdmf_cache.data.episodes import EpisodeSampler
+from mdmf_cache.evaluation.scoring import EvalResult, evaluate_episodes
+from mdmf_cache.store.read import FeatureSplit
 
 C, PER_CLASS, T = 8, 6, 4
 WAY, SHOT, QPC = 5, 2, 2

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mdmf_cache.datasets import VideoIndex, load_splits
+from mdmf_cache.data.datasets import VideoIndex, load_splits
 from mdmf_cache.errors import CacheError, DatasetError, MdmfError
-from mdmf_cache.sampling import sample_indices, video_rng
-from mdmf_cache.store import CacheStore, group_name, load_split_features
-from mdmf_cache.cache_build import run_extract
+from mdmf_cache.data.sampling import sample_indices, video_rng
+from mdmf_cache.store.cache import CacheStore
+from mdmf_cache.store.layout import group_name
+from mdmf_cache.store.read import load_split_features
+from mdmf_cache.extraction.build import run_extract
 from mdmf_cache.configs import ExtractConfig
 
 T = 8
@@ -30,7 +32,9 @@ SIZES = {"train": (20, 2), "val": (8, 1), "test": (8, 1)}  # (videos, views) of 
 # seconds (wrapping the decoder source: results are unchanged), so the run can be killed midway.
 SCRIPT = r"""
 import json, sys, time
-from mdmf_cache import cache_build, configs, extraction as ex
+from mdmf_cache import configs
+import mdmf_cache.extraction.build as cache_build
+import mdmf_cache.extraction.embed as ex
 kw, delay = json.loads(sys.argv[1]), float(sys.argv[2])
 if delay:
     get = ex.ClipSource.__getitem__
@@ -80,7 +84,7 @@ def spawn_and_kill(kw: dict, path: Path, low: int, high: int, delay: float, cwd:
 
 @pytest.fixture(scope="module")
 def backbone():
-    from mdmf_cache.backbone import load_backbone
+    from mdmf_cache.clip.backbone import load_backbone
 
     return load_backbone("mdmf-tiny-vit", None, "cpu")
 
@@ -141,8 +145,8 @@ def test_features_are_clip_of_the_decoded_crop(tiny_cache, folder_splits, action
     """Recompute one test row (centre crop) and one train view (seeded random crop) by hand."""
     import torch
 
-    from mdmf_cache.preprocess import Crop, preprocess_clips
-    from mdmf_cache.video import read_frames
+    from mdmf_cache.data.preprocess import Crop, preprocess_clips
+    from mdmf_cache.data.video import read_frames
 
     store = CacheStore(tiny_cache)
     index = VideoIndex(action_videos)
@@ -194,7 +198,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_cache, action_videos, tin
 def test_crash_while_creating_splits_recovers(tiny_cache, action_videos, tiny_extract_settings, tmp_path,
                                               monkeypatch, same_cache):
     """A run that dies between creating a split's arrays and writing its text, then reruns."""
-    from mdmf_cache.store import CacheStore as Store
+    from mdmf_cache.store.cache import CacheStore as Store
 
     real_init, real_text = Store.sync_rows, Store.write_text
 
@@ -261,7 +265,7 @@ def test_other_settings_refused_then_overwrite(tiny_cache, action_videos, tiny_e
 @pytest.fixture(scope="module")
 def corrupt_cache(action_videos, folder_splits, tiny_extract_settings, tmp_path_factory):
     """action_videos plus a truncated MP4 (unreadable), a zero-byte AVI and a half AVI (5 frames)."""
-    from mdmf_cache.synthetic import truncate_file, write_empty_file
+    from mdmf_cache.data.synthetic import truncate_file, write_empty_file
 
     base = tmp_path_factory.mktemp("corrupt")
     root = base / "videos"
@@ -278,7 +282,7 @@ def corrupt_cache(action_videos, folder_splits, tiny_extract_settings, tmp_path_
 
 @pytest.mark.integration
 def test_corrupt_videos_recorded(corrupt_cache, capsys):
-    from mdmf_cache.report import print_info
+    from mdmf_cache.report.tables import print_info
 
     root, _, path, cls, results = corrupt_cache
     assert results["test"].failed == 2 and results["test"].extracted == 9 and results["test"].short == 1
@@ -357,7 +361,7 @@ def test_splits_extracted_separately_share_one_cache(tiny_cache, action_videos, 
     same_cache(path, tiny_cache)
 
 
-# ---- nothing found, most missing (issue 8, section 2) -------------------------------------------
+# ---- nothing found, most missing -----------------------------------------------------------------
 def _lists(tmp_path: Path, folder_splits, train: list[str]) -> Path:
     lists = tmp_path / "lists"
     lists.mkdir(exist_ok=True)
@@ -395,7 +399,7 @@ def test_most_of_a_split_missing_warns_loudly(action_videos, folder_splits, tiny
     assert "folder: val has 1 classes, fewer than a 5-way episode needs" in caplog.text
 
 
-# ---- prompts are cheap (issue 8, section 4) -----------------------------------------------------
+# ---- prompts are cheap ---------------------------------------------------------------------------
 @pytest.mark.integration
 def test_changed_prompt_recomputes_text_only(tiny_cache, action_videos, tiny_extract_settings, tmp_path, backbone,
                                              caplog):
@@ -425,7 +429,7 @@ def test_changed_prompt_recomputes_text_only(tiny_cache, action_videos, tiny_ext
 @pytest.mark.integration
 def test_ssv2_labels_file_added_later_updates_the_prompts(splits_dir, tmp_path, tiny_extract_settings):
     """SSv2-Full val names come only from the download's labels file; dropping it in later is seen."""
-    from mdmf_cache.synthetic import write_index_frames
+    from mdmf_cache.data.synthetic import write_index_frames
 
     val = load_splits("ssv2-full", splits_dir, None)["val"]
     root = tmp_path / "20bn-something-something-v2"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from mdmf_cache.backbone import load_backbone, weights_id
+from mdmf_cache.clip.backbone import load_backbone, weights_id
 from mdmf_cache.errors import ConfigError
-from mdmf_cache.finetune import BN_MODES, CheckpointedStage, EpisodeBatchNorm2d, FrameEncoder, visual_blocks
+from mdmf_cache.clip.finetune import BN_MODES, CheckpointedStage, EpisodeBatchNorm2d, FrameEncoder, visual_blocks
 
 E, B, T = 3, 1, 2  # episodes, videos per episode, frames
 

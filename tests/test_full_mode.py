@@ -1,4 +1,4 @@
-"""Full mode (issue 9): CLIP fine-tuned end to end with the heads, from the videos, on one or several processes.
+"""Full mode: CLIP fine-tuned end to end with the heads, from the videos, on one or several processes.
 
 Tiny open_clip models with a seeded random init, synthetic videos, CPU. What is checked: the backbone
 learns and moves (the text tower does not), a SIGKILLed run resumed equals an uninterrupted one,
@@ -22,7 +22,7 @@ import torch
 
 from mdmf_cache.errors import ConfigError
 from mdmf_cache.configs import TrainConfig
-from mdmf_cache.training import run_train
+from pipelines.train import run as run_train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -73,10 +73,11 @@ def full_run(demo_videos, tmp_path_factory):
 
 
 def test_full_mode_fine_tunes_the_backbone_and_learns(full_run, demo_videos):
-    from mdmf_cache.backbone import load_backbone
+    from mdmf_cache.clip.backbone import load_backbone
     from mdmf_cache.distributed import World
-    from mdmf_cache.runs import build_model, validate
-    from mdmf_cache.train_data import FullData
+    from mdmf_cache.heads.factory import build_model
+    from mdmf_cache.evaluation.scoring import validate
+    from mdmf_cache.training.data import FullData
 
     cfg, res = full_run
     out = Path(cfg.out)
@@ -88,7 +89,7 @@ def test_full_mode_fine_tunes_the_backbone_and_learns(full_run, demo_videos):
     data = FullData(cfg, torch.device("cpu"), World())
     torch.manual_seed(cfg.seed)
     untrained = data.wrap(build_model(cfg.preset, data.dim, data.num_frames, {}, "mdmf"))
-    from mdmf_cache.episodes import Episodes
+    from mdmf_cache.data.episodes import Episodes
 
     val_eps = Episodes.load(out / "val_episodes.npz")
     before = validate(untrained.head, data.val_split(untrained), val_eps, cfg.seed)
@@ -103,14 +104,15 @@ def test_full_mode_fine_tunes_the_backbone_and_learns(full_run, demo_videos):
 
 
 def test_eval_of_a_full_run_reextracts_with_its_backbone(full_run, demo_videos, tmp_path):
-    from mdmf_cache.backbone import Backbone, load_backbone
-    from mdmf_cache.datasets import load_splits
-    from mdmf_cache.evaluation import score
-    from mdmf_cache.finetune import FrameEncoder
+    from mdmf_cache.clip.backbone import Backbone, load_backbone
+    from mdmf_cache.data.datasets import load_splits
+    from mdmf_cache.evaluation.scoring import score
+    from mdmf_cache.clip.finetune import FrameEncoder
     from mdmf_cache.configs import EvalConfig
-    from mdmf_cache.evaluation import episode_list, run_eval
-    from mdmf_cache.extraction import embed_split, find_videos, prompts_for
-    from mdmf_cache.runs import load_run
+    from mdmf_cache.evaluation.scoring import episode_list
+    from pipelines.evaluate import run as run_eval
+    from mdmf_cache.extraction.embed import embed_split, find_videos, prompts_for
+    from mdmf_cache.heads.factory import load_run
 
     cfg, _ = full_run
     out = Path(cfg.out)
@@ -220,7 +222,7 @@ def test_a_torchrun_launched_single_process_joins_a_group_and_equals_a_plain_one
     the same weights and statistics as a process that was not launched."""
     import socket
 
-    import mdmf_cache.training as training
+    import pipelines.train as training
 
     common = {"--episodes": 2, "--episodes-per-step": 2, "--val-every": 2, "--lr": "1e-4", "--model": "mdmf-tiny-rn",
               "--val-episodes": 6}
@@ -273,7 +275,7 @@ def test_bad_input_fails_before_any_work(action_videos, demo_cache, tmp_path, mo
 
 
 def test_out_of_gpu_memory_names_the_flags_that_help(action_videos, tmp_path, monkeypatch):
-    from mdmf_cache.models.endtoend import EndToEnd
+    from mdmf_cache.clip.endtoend import EndToEnd
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -287,8 +289,8 @@ def test_out_of_gpu_memory_names_the_flags_that_help(action_videos, tmp_path, mo
 
 def test_episodes_are_a_function_of_seed_and_index(action_videos):
     """Any worker, rank or resumed run decodes the same episode i: classes, videos, frames, crops and PPS draws."""
-    from mdmf_cache.datasets import load_splits, resolve_paths
-    from mdmf_cache.video_episodes import EpisodeVideos
+    from mdmf_cache.data.datasets import load_splits, resolve_paths
+    from mdmf_cache.data.video_episodes import EpisodeVideos
 
     train = load_splits("folder", None, action_videos)["train"]
     resolve_paths(train, action_videos)
@@ -310,7 +312,7 @@ def test_episodes_are_a_function_of_seed_and_index(action_videos):
     ({"train_last_blocks": 0, "episodes_per_forward": 2}, "clip-fsar", "frozen"),
 ])
 def test_backbone_switches_train_what_they_say(action_videos, tmp_path, full, method, expect):
-    from mdmf_cache.backbone import load_backbone
+    from mdmf_cache.clip.backbone import load_backbone
 
     cfg = TrainConfig(mode="full", out=str(tmp_path / "r"), method=method, way=2, shot=1, train_queries=1, episodes=4,
                       episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu",
@@ -337,7 +339,7 @@ def test_demo_full_adds_a_full_mode_row(demo_videos, demo_cache, tmp_path):
     the same test episodes. The demo's videos and cache are the session fixtures' (same settings)."""
     import shutil
 
-    from pipelines.demo import DemoConfig, run_demo
+    from pipelines.demo import DemoConfig, run as run_demo
 
     out = tmp_path / "demo"
     shutil.copytree(demo_videos, out / "videos")
@@ -376,8 +378,8 @@ def test_init_heads_starts_from_a_fast_mode_run(demo_videos, demo_cache, tmp_pat
 def test_an_undecodable_video_is_replaced_by_another_of_its_class(action_videos, tmp_path):
     import shutil
 
-    from mdmf_cache.datasets import load_splits, resolve_paths
-    from mdmf_cache.video_episodes import EpisodeVideos
+    from mdmf_cache.data.datasets import load_splits, resolve_paths
+    from mdmf_cache.data.video_episodes import EpisodeVideos
 
     root = tmp_path / "videos"
     shutil.copytree(action_videos, root)
@@ -397,9 +399,9 @@ def test_an_undecodable_video_is_replaced_by_another_of_its_class(action_videos,
 def test_a_head_without_parameters_fine_tunes_the_backbone(action_videos, tmp_path, method):
     """OTAM and TSN have no parameters: fast mode refuses them; full mode fine-tunes CLIP through their loss (the
     optimiser holds backbone parameters only), and ``eval`` of that run scores the head on re-extracted features."""
-    from mdmf_cache.backbone import load_backbone
+    from mdmf_cache.clip.backbone import load_backbone
     from mdmf_cache.configs import EvalConfig
-    from mdmf_cache.evaluation import run_eval
+    from pipelines.evaluate import run as run_eval
 
     with pytest.raises(ConfigError, match="no trainable parameters"):
         TrainConfig(cache="x.zarr", out=str(tmp_path / "fast"), method=method).validate()

@@ -19,11 +19,11 @@ import torch
 from conftest import assert_same_argmax
 
 from mdmf_cache import heads
-from mdmf_cache.episodes import EpisodeSampler
-from mdmf_cache.evaluation import score
+from mdmf_cache.data.episodes import EpisodeSampler
+from mdmf_cache.evaluation.scoring import score
 from mdmf_cache.heads.spec import DataInfo
-from mdmf_cache.runs import build_head, head_from_record, head_record
-from mdmf_cache.store import FeatureSplit
+from mdmf_cache.heads.factory import build_head, head_from_record, head_record
+from mdmf_cache.store.read import FeatureSplit
 
 D, T, C = 16, 4, 6  # width, frames, classes
 E, N, K, QC = 3, 3, 2, 2  # episodes, ways, shots, queries per class
@@ -178,10 +178,10 @@ def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
     random-init features the val split's margin after so few episodes is within noise for some heads;
     test_train.py checks val accuracy for MDMF with a longer run)."""
     from mdmf_cache.configs import TrainConfig
-    from mdmf_cache.evaluation import episode_list
-    from mdmf_cache.runs import build_model, load_run
-    from mdmf_cache.store import load_split_features
-    from mdmf_cache.training import run_train
+    from mdmf_cache.evaluation.scoring import episode_list
+    from mdmf_cache.heads.factory import build_model, load_run
+    from mdmf_cache.store.read import load_split_features
+    from pipelines.train import run as run_train
 
     run_train(TrainConfig(cache=str(demo_cache), out=str(tmp_path / "r"), method=method, shot=2, train_queries=2,
                           episodes=96, episodes_per_step=16, val_every=96, val_episodes=50, lr=3e-3, seed=0),

@@ -50,7 +50,7 @@ def _run_installed(installed: Path, cwd: Path, *args: str) -> subprocess.Complet
 
 def test_split_files_and_model_configs_are_in_the_installed_package(installed, tmp_path):
     for folder in DATASET_FOLDERS:  # byte for byte the files of the checkout
-        shipped = sorted(p.relative_to(REPO) for p in (REPO / "mdmf_cache" / "splits" / folder).iterdir())
+        shipped = sorted(p.relative_to(REPO) for p in (REPO / "mdmf_cache" / "data" / "splits" / folder).iterdir())
         assert shipped, folder
         for rel in shipped:
             assert (installed / rel).read_bytes() == (REPO / rel).read_bytes(), rel
@@ -60,7 +60,8 @@ from pathlib import Path
 repo, target = Path({str(REPO)!r}), Path({str(installed)!r})
 assert not any(Path(p or ".").resolve() == repo for p in sys.path), sys.path
 import mdmf_cache
-from mdmf_cache import backbone, datasets
+from mdmf_cache.clip import backbone
+from mdmf_cache.data import datasets
 assert Path(mdmf_cache.__file__).is_relative_to(target), mdmf_cache.__file__
 found = str(datasets.shipped_splits_dir())
 counts = {{}}
@@ -76,7 +77,7 @@ print(json.dumps({{"splits_dir": found, "counts": counts, "config_dir": str(back
     res = _run_installed(installed, tmp_path, "-c", code)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert Path(out["splits_dir"]).resolve() == (installed / "mdmf_cache" / "splits").resolve()
+    assert Path(out["splits_dir"]).resolve() == (installed / "mdmf_cache" / "data" / "splits").resolve()
     assert out["counts"] == {  # method.md §2
         "ucf101": [[70, 10, 21], [9154, 1421, 2745]],
         "hmdb51": [[31, 10, 10], [4280, 1194, 1292]],
@@ -84,7 +85,7 @@ print(json.dumps({{"splits_dir": found, "counts": counts, "config_dir": str(back
         "ssv2-small": [[64, 12, 24], [6400, 1200, 2400]],
         "ssv2-full": [[64, 12, 24], [67013, 1926, 2857]],
     }
-    assert Path(out["config_dir"]).resolve() == (installed / "mdmf_cache" / "model_configs").resolve()
+    assert Path(out["config_dir"]).resolve() == (installed / "mdmf_cache" / "clip" / "model_configs").resolve()
     assert sorted(out["models"]) == ["mdmf-tiny-rn", "mdmf-tiny-vit"]
 
 

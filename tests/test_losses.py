@@ -7,16 +7,9 @@ import math
 import pytest
 import torch
 
-from mdmf_cache.losses import (
-    distillation_loss,
-    distillation_terms,
-    kl_div,
-    main_loss,
-    mean_parts,
-    reliability_masks,
-    total_loss,
-)
-from mdmf_cache.models.config import build_config
+from mdmf_cache.heads.mdmf_losses import (distillation_loss, distillation_terms, kl_div, main_loss, mean_parts,
+                                          reliability_masks, total_loss)
+from mdmf_cache.heads.mdmf_config import build_config
 
 
 def test_main_loss_sums_queries_and_averages_episodes() -> None:

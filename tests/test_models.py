@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from mdmf_cache.losses import total_loss
-from mdmf_cache.models.config import PRESET_DATA, PRESETS, MDMFConfig, build_config, list_presets
+from mdmf_cache.heads.mdmf_losses import total_loss
+from mdmf_cache.heads.mdmf_config import PRESET_DATA, PRESETS, MDMFConfig, build_config, list_presets
 from mdmf_cache.heads.mdmf import MDMF
-from mdmf_cache.models.mmfe import MMFE
-from mdmf_cache.models.otam import cosine_distance, cosine_similarity, otam_distance
-from mdmf_cache.models.pps import ProbabilityPromptSelector, pps_scores, token_for
-from mdmf_cache.models.temporal import GTCE, LTCE, TCN, EpisodeBatchNorm1d
+from mdmf_cache.layers.mmfe import MMFE
+from mdmf_cache.layers.otam import cosine_distance, cosine_similarity, otam_distance
+from mdmf_cache.layers.pps import ProbabilityPromptSelector, pps_scores, token_for
+from mdmf_cache.layers.temporal import GTCE, LTCE, TCN, EpisodeBatchNorm1d
 
 DIM, T = 32, 8
 E, N, K, Q = 2, 3, 2, 4  # tiny episodes: S = 6 supports, 4 queries

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mdmf_cache.models.otam import cosine_distance, cosine_similarity, otam, otam_distance
+from mdmf_cache.layers.otam import cosine_distance, cosine_similarity, otam, otam_distance
 
 
 def _soft_min(values: list[float], lam: float) -> float:

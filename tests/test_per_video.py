@@ -8,11 +8,11 @@ import torch
 
 from conftest import assert_same_argmax
 
-from mdmf_cache.episodes import EpisodeSampler
-from mdmf_cache.evaluation import pps_uniforms, score
+from mdmf_cache.data.episodes import EpisodeSampler
+from mdmf_cache.evaluation.scoring import pps_uniforms, score
 from mdmf_cache.heads.mdmf import MDMF
-from mdmf_cache.models.config import build_config
-from mdmf_cache.store import FeatureSplit
+from mdmf_cache.heads.mdmf_config import build_config
+from mdmf_cache.store.read import FeatureSplit
 
 C, PER, T, D = 8, 7, 4, 32
 
@@ -123,7 +123,7 @@ def test_pps_draws_seeded_and_independent_of_batch_size() -> None:
 
 def test_query_pairs_in_chunks_give_the_same_logits() -> None:
     """Query pairs fused chunk by chunk (the memory bound) score what one table of every pair scores."""
-    from mdmf_cache.evaluation import pps_uniforms
+    from mdmf_cache.evaluation.scoring import pps_uniforms
     from mdmf_cache.heads.mdmf import MDMFScorer
 
     split = _split()
@@ -141,7 +141,7 @@ def test_query_pairs_in_chunks_give_the_same_logits() -> None:
 
 def test_a_chunk_with_nothing_new_to_fuse() -> None:
     """A chunk whose query pairs are all support pairs fuses nothing (an empty table, not an error)."""
-    from mdmf_cache.evaluation import pps_uniforms
+    from mdmf_cache.evaluation.scoring import pps_uniforms
     from mdmf_cache.heads.mdmf import MDMFScorer
 
     split = _split()

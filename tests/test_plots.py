@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mdmf_cache import plots
+import mdmf_cache.report.plots as plots
 
 
 def png_size(path: Path) -> tuple[int, int]:

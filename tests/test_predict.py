@@ -25,10 +25,11 @@ from conftest import assert_same_features
 from mdmf_cache import heads as head_registry
 from mdmf_cache.configs import PredictConfig, TrainConfig
 from mdmf_cache.errors import ConfigError
-from mdmf_cache.predict_inputs import SPLIT, find_queries, find_support
-from mdmf_cache.prediction import class_probabilities, pps_rule, support_subsets
-from mdmf_cache.store import CacheStore, load_split_features
-from mdmf_cache.training import run_train
+from mdmf_cache.prediction.inputs import SPLIT, find_queries, find_support
+from mdmf_cache.prediction.scoring import class_probabilities, pps_rule, support_subsets
+from mdmf_cache.store.cache import CacheStore
+from mdmf_cache.store.read import load_split_features
+from pipelines.train import run as run_train
 from pipelines.predict import run as predict
 
 pytestmark = pytest.mark.integration
@@ -66,7 +67,7 @@ def _no_backbone(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the backbone was loaded")
 
-    monkeypatch.setattr("mdmf_cache.backbone.load_backbone", refuse)
+    monkeypatch.setattr("mdmf_cache.clip.backbone.load_backbone", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def _features(demo_cache, n_classes=3, per_class=4):
 
 @pytest.mark.parametrize("method", head_registry.METHODS)
 def test_scoring_rules(demo_cache, method):
-    from mdmf_cache.runs import build_model
+    from mdmf_cache.heads.factory import build_model
 
     support, query, text = _features(demo_cache)
     torch.manual_seed(0)
@@ -217,7 +218,7 @@ def test_scoring_rules(demo_cache, method):
 
 def test_finding_videos(tmp_path):
     from mdmf_cache.errors import DatasetError
-    from mdmf_cache.synthetic import write_empty_file, write_index_frames
+    from mdmf_cache.data.synthetic import write_empty_file, write_index_frames
 
     q = tmp_path / "q"
     write_empty_file(q / "a" / "x.mp4")
@@ -240,7 +241,7 @@ def test_finding_videos(tmp_path):
 
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(fast_run, demo_cache, demo_videos, tmp_path, run_main):
-    from mdmf_cache.synthetic import write_empty_file
+    from mdmf_cache.data.synthetic import write_empty_file
 
     classes = sorted(p.name for p in demo_videos.iterdir())[:2]
     support, queries = _split_inputs(demo_videos, classes, 1, tmp_path / "in")
@@ -298,7 +299,7 @@ def full_run(action_videos, tmp_path_factory) -> Path:
 
 
 def test_a_full_run_predicts_with_its_backbone(full_run, action_videos, tmp_path, monkeypatch, run_main):
-    from mdmf_cache.runs import full_run_cache
+    from mdmf_cache.extraction.eval_cache import full_run_cache
 
     run_cfg = json.loads((full_run / "config.json").read_text())
     eval_cache = full_run_cache(full_run, run_cfg, "test", "cpu", progress=False)  # the test split with backbone.pt

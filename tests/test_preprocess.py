@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdmf_cache.preprocess import Crop, preprocess_clips
+from mdmf_cache.data.preprocess import Crop, preprocess_clips
 from reference_preprocess import ref_preprocess_clips
 
 

@@ -1,4 +1,4 @@
-"""Interrupts, runs bound to their cache, atomic run files, and errors before any work (issue 11: train/eval/CLI)."""
+"""Interrupts, runs bound to their cache, atomic run files, and errors before any work (train, eval, the CLI)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import torch
 
 from mdmf_cache.errors import CacheError, ConfigError
 from mdmf_cache.fileio import DiskFullError, atomic_torch_save, atomic_write_text
-from mdmf_cache.store import CacheStore
+from mdmf_cache.store.cache import CacheStore
 from mdmf_cache.configs import EvalConfig
-from mdmf_cache.evaluation import run_eval
+from pipelines.evaluate import run as run_eval
 from mdmf_cache.configs import TrainConfig
-from mdmf_cache.training import run_train
+from pipelines.train import run as run_train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -88,7 +88,7 @@ def test_run_is_bound_to_its_cache(demo_cache, tmp_path):
 
 
 def test_kill_between_metrics_and_checkpoint_loses_nothing(demo_cache, tmp_path, monkeypatch):
-    import mdmf_cache.training as train_mod
+    import mdmf_cache.training.loop as train_mod
 
     whole = tmp_path / "whole"
     run_train(_cfg(demo_cache, whole), progress=False)
@@ -152,7 +152,7 @@ def test_bad_training_input_fails_before_anything_is_written(demo_cache, tmp_pat
 
 
 def test_eval_and_ablate_check_everything_before_work(demo_cache, tmp_path):
-    from pipelines.ablate import AblateConfig, run_ablate
+    from pipelines.ablate import AblateConfig, run as run_ablate
 
     run_train(_cfg(demo_cache, tmp_path / "run", episodes=16, val_every=16), progress=False)
     with pytest.raises(ConfigError, match="the test split has"):

@@ -24,8 +24,8 @@ import torch
 import cli
 from mdmf_cache.configs import EvalConfig, TrainConfig
 from mdmf_cache.errors import ConfigError, DatasetError
-from mdmf_cache.evaluation import run_eval
-from mdmf_cache.training import run_train
+from pipelines.evaluate import run as run_eval
+from pipelines.train import run as run_train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -130,7 +130,7 @@ def test_weights_that_stop_being_finite_are_caught_even_with_a_finite_loss(tiny_
 def test_distillation_of_an_episode_without_reliable_queries_has_a_finite_gradient():
     """An episode whose reliability weights are all zero contributes 0, and no NaN gradient (this made a full-mode
     run's weights NaN within two updates; the loss itself stayed finite)."""
-    from mdmf_cache.losses import _weighted_mean
+    from mdmf_cache.heads.mdmf_losses import _weighted_mean
 
     values = torch.tensor([[9.0, 7.0], [9.0, 7.0]], requires_grad=True)  # (E, Q) KL terms
     gate = torch.tensor([[0.0, 0.0], [1.0, 0.0]])  # episode 0: no reliable query
@@ -148,7 +148,7 @@ def test_distillation_of_an_episode_without_reliable_queries_has_a_finite_gradie
 def test_a_second_train_on_one_run_directory_is_refused_naming_the_first(tiny_cache, tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from mdmf_cache.runs import run_lock\n"
+        [sys.executable, "-c", "import sys, time; from mdmf_cache.store.runs import run_lock\n"
          f"with run_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(600)"],
         cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
     try:
@@ -259,7 +259,7 @@ def test_train_config_file_with_a_wrong_type_names_the_field(fast_run, tmp_path,
 
 
 def test_option_values_are_checked_before_anything_is_written(tiny_cache, tmp_path, capsys, monkeypatch):
-    from mdmf_cache.sweep_space import parse_space_text
+    from mdmf_cache.sweeps.space import parse_space_text
 
     for heads, needle in (({"lam": -1.0}, "lam=-1.0 must be a finite number >= 0"),
                           ({"alpha_gtc": -0.5}, "alpha_gtc=-0.5"),
@@ -343,13 +343,13 @@ def full_run(action_videos, tmp_path_factory):
 
 
 def _test_videos(cache: str) -> list[str]:
-    from mdmf_cache.store import load_split_features
+    from mdmf_cache.store.read import load_split_features
 
     return load_split_features(cache, "test").video_ids
 
 
 def test_eval_of_a_full_run_follows_its_video_tree(full_run, tmp_path):
-    from mdmf_cache.datasets import load_splits
+    from mdmf_cache.data.datasets import load_splits
 
     root0, run0 = full_run
     root, run = tmp_path / "videos", tmp_path / "run"
@@ -427,7 +427,7 @@ def test_resume_of_a_full_run_from_a_moved_tree(full_run, tmp_path, capsys, monk
     assert torch.load(run / "last.pt", weights_only=False)["episodes"] == 6
     assert json.loads((run / "config.json").read_text())["full"]["root"] == str(moved)
     # other videos there (one train video gone): refused, naming the split
-    from mdmf_cache.datasets import load_splits
+    from mdmf_cache.data.datasets import load_splits
 
     train = load_splits("folder", None, moved, 0)["train"]
     next(moved.glob(f"{train.video_ids[0]}.*")).unlink()
@@ -469,7 +469,8 @@ def test_videos_shorter_than_t_frames_are_warned_about(action_videos, tmp_path, 
 def test_ctrl_c_in_a_sweep_says_what_finished_and_resume_goes_on(tiny_cache, tmp_path):
     import optuna
 
-    from mdmf_cache.sweeps import SweepConfig, run_sweep
+    from mdmf_cache.sweeps.study import SweepConfig
+    from pipelines.sweep import run as run_sweep
 
     out = tmp_path / "sw"
     trial = {"way": 2, "shot": 1, "train-queries": 1, "episodes": 8, "episodes-per-step": 4, "val-every": 4,
@@ -509,7 +510,8 @@ def test_ctrl_c_as_a_trials_heartbeat_starts_leaves_no_thread_behind(tiny_cache,
 
     from optuna.storages._heartbeat import HeartbeatThread
 
-    from mdmf_cache.sweeps import SweepConfig, run_sweep
+    from mdmf_cache.sweeps.study import SweepConfig
+    from pipelines.sweep import run as run_sweep
 
     real_start = HeartbeatThread.start
 

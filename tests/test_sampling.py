@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mdmf_cache.sampling import SAMPLERS, sample_indices, video_key, video_rng
+from mdmf_cache.data.sampling import SAMPLERS, sample_indices, video_key, video_rng
 
 
 def _linspace_reference(n: int, train: bool, rng=None) -> list[int]:
@@ -156,7 +156,7 @@ def test_video_rng_is_keyed_by_the_video_id_stably():
     vid = "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01"
     assert video_key(vid) == 16113191353450786141  # sha256-based: no per-process hash salt
     a = sample_indices(80, train=True, rng=video_rng(0, vid, 0))
-    code = ("import sys; from mdmf_cache.sampling import sample_indices, video_rng; "
+    code = ("import sys; from mdmf_cache.data.sampling import sample_indices, video_rng; "
             f"print(sample_indices(80, train=True, rng=video_rng(0, {vid!r}, 0)).tolist())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "PYTHONHASHSEED": "123"}).stdout

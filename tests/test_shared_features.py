@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mdmf_cache.sweeps import SweepConfig, run_sweep
+from mdmf_cache.sweeps.study import SweepConfig
+from pipelines.sweep import run as run_sweep
 
 # 5-way 1-shot trials on the demo cache: two updates, one validation
 TRIAL = {"shot": 1, "episodes": 8, "episodes-per-step": 4, "val-every": 8, "val-episodes": 10, "ffn-dim": 64}
@@ -25,7 +26,7 @@ TRIAL = {"shot": 1, "episodes": 8, "episodes-per-step": 4, "val-every": 8, "val-
 
 def _ours() -> set[tuple[str, str]]:
     """This process's shared files (named after its host and pid) and its mappings of them: ("file"|"map", path)."""
-    from mdmf_cache.shared_features import PREFIX, directories
+    from mdmf_cache.store.shared import PREFIX, directories
 
     tag = f"{PREFIX}{socket.gethostname()}-{os.getpid()}-"
     files = {("file", str(p)) for d in directories() if d.is_dir() for p in d.glob(tag + "*")}
@@ -44,7 +45,7 @@ def _cfg(cache: Path, out: Path, **kw) -> SweepConfig:
 
 
 def test_a_shared_split_is_the_loaded_split_without_a_copy(demo_cache, monkeypatch):
-    from mdmf_cache.shared_features import SharedFeatures
+    from mdmf_cache.store.shared import SharedFeatures
 
     with SharedFeatures(demo_cache, ("train", "val")) as shared:
         assert {Path(p).parent for p in shared.files} == {Path("/dev/shm")} and _named()
@@ -53,9 +54,9 @@ def test_a_shared_split_is_the_loaded_split_without_a_copy(demo_cache, monkeypat
 
 
 def _check_views(shared, demo_cache: Path, monkeypatch) -> None:
-    import mdmf_cache.store_read as store_read
-    from mdmf_cache.shared_features import attach
-    from mdmf_cache.store import keep_loaded, load_split_features
+    import mdmf_cache.store.read as store_read
+    from mdmf_cache.store.shared import attach
+    from mdmf_cache.store.read import keep_loaded, load_split_features
 
     for h in shared.splits:
         ref = load_split_features(demo_cache, h.split)
@@ -78,8 +79,8 @@ def _check_views(shared, demo_cache: Path, monkeypatch) -> None:
 
 
 def test_no_room_is_said_and_leaves_nothing(demo_cache, monkeypatch, caplog):
-    import mdmf_cache.shared_features as sf
-    from mdmf_cache.sweep_workers import _shared_features
+    import mdmf_cache.store.shared as sf
+    from mdmf_cache.sweeps.workers import _shared_features
 
     monkeypatch.setattr(sf, "_free", lambda folder: 0)
     with pytest.raises(sf.NoRoom, match="no room for .* of train features in /dev/shm"):
@@ -92,7 +93,7 @@ def test_no_room_is_said_and_leaves_nothing(demo_cache, monkeypatch, caplog):
 
 
 def test_files_of_a_killed_sweep_are_removed_by_the_next(tmp_path, monkeypatch):
-    import mdmf_cache.shared_features as sf
+    import mdmf_cache.store.shared as sf
 
     monkeypatch.setattr(sf, "directories", lambda: [tmp_path])
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -113,7 +114,7 @@ def _two_workers(cache: Path, out: Path, share: bool) -> None:
     import optuna
 
     from mdmf_cache.configs import TrainConfig
-    from mdmf_cache.training import run_train
+    from pipelines.train import run as run_train
 
     cfg = _cfg(cache, out, share_features=share)
     res = run_sweep(cfg, progress=False)
@@ -137,7 +138,7 @@ def _two_workers(cache: Path, out: Path, share: bool) -> None:
 
 @pytest.mark.integration
 def test_two_workers_on_one_shared_copy_train_what_two_copies_train(demo_cache, tmp_path, monkeypatch, capfd):
-    import mdmf_cache.sweep_workers as workers
+    import mdmf_cache.sweeps.workers as workers
 
     assert not _ours()
     seen: list[bool] = []  # at each look of the parent at its workers: do the files still have names?
@@ -154,7 +155,7 @@ def test_two_workers_on_one_shared_copy_train_what_two_copies_train(demo_cache, 
 
 
 def test_an_interrupted_jobs_sweep_leaves_no_shared_memory(demo_cache, tmp_path, monkeypatch):
-    import mdmf_cache.sweep_workers as workers
+    import mdmf_cache.sweeps.workers as workers
 
     seen: list[set[tuple[str, str]]] = []
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from mdmf_cache.errors import CacheError
-from mdmf_cache.store import CacheStore, export_h5, fingerprint_diff, load_split_features
+from mdmf_cache.store.cache import CacheStore
+from mdmf_cache.store.read import export_h5, load_split_features
+from mdmf_cache.store.layout import fingerprint_diff
 
 N, V, T, D, C = 10, 2, 3, 5, 3
 VIDEO_FP = {"model": "tiny", "num_frames": T, "seed": 0, "split_hashes": {"train": "abc"}}
@@ -331,7 +333,7 @@ def test_load_fills_block_by_block_in_split_order_without_a_second_copy(tmp_path
     split: the same array as indexing the whole one; memory (tracemalloc) the result plus about a block."""
     import tracemalloc
 
-    from mdmf_cache import store_read
+    import mdmf_cache.store.read as store_read
 
     path = tmp_path / "c.zarr"
     store, feats, failed = _big_store(path)
@@ -365,7 +367,7 @@ def test_export_copies_block_by_block(tmp_path, monkeypatch):
     import tracemalloc
 
     h5py = pytest.importorskip("h5py")
-    from mdmf_cache import store_read
+    import mdmf_cache.store.read as store_read
 
     path = tmp_path / "c.zarr"
     _, feats, failed = _big_store(path, dim=1024)  # 10 MB: the export's fixed costs (checks, h5py) are ~2 MB
@@ -385,7 +387,7 @@ def test_export_copies_block_by_block(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_nonfinite_features_are_refused_by_readers_and_named_by_verify(tmp_path, value):
-    from mdmf_cache.store_verify import NONFINITE
+    from mdmf_cache.store.verify import NONFINITE
 
     path = tmp_path / "c.zarr"
     store, feats, _ = _big_store(path)
@@ -401,7 +403,7 @@ def test_nonfinite_features_are_refused_by_readers_and_named_by_verify(tmp_path,
     assert "train/features rows 40-41, 333: finished rows with NaN or inf" in msg and "rerun the extract" in msg
     damages = CacheStore(path).verify()
     assert [(d.array, d.what, d.rows, d.fix) for d in damages] == [("features", NONFINITE, [40, 41, 333], "rows")]
-    from mdmf_cache import report
+    import mdmf_cache.report.tables as report
 
     with report.console.capture() as cap, pytest.raises(CacheError, match="rerun the extract command"):
         report.print_verify(path)  # mdmf-cache verify: named, with what a rerun does about it
@@ -418,8 +420,8 @@ def test_nonfinite_features_are_refused_by_readers_and_named_by_verify(tmp_path,
 
 # ---- the layout: small per-row arrays in units of several chunks, older caches -------------------------
 def test_large_split_gets_units_of_chunks_and_ranks_own_whole_units(tmp_path, monkeypatch):
-    import mdmf_cache.store as store_mod
-    from mdmf_cache.store import unit_rows_for
+    import mdmf_cache.store.layout as store_mod
+    from mdmf_cache.store.layout import unit_rows_for
 
     assert unit_rows_for(10, 4) == 4 and unit_rows_for(67013, 64) == 256 and unit_rows_for(200000, 64) == 768
     assert unit_rows_for(10**7, 64) == 4096  # at most 4,096 rows
@@ -475,7 +477,7 @@ def test_a_reader_reads_each_small_array_once(tiny_cache, monkeypatch):
     """``info`` verifies (cheap part), summarises and checks completeness: every small per-row array is read once."""
     import zarr
 
-    from mdmf_cache.report import print_info
+    from mdmf_cache.report.tables import print_info
 
     reads: dict[str, int] = {}
     real = zarr.Array.__getitem__

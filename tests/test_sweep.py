@@ -16,8 +16,9 @@ import pytest
 
 import cli
 from mdmf_cache.errors import ConfigError
-from mdmf_cache.sweep_space import parse_fixed, parse_space, parse_space_text, sweep_options, trial_config
-from mdmf_cache.sweeps import SweepConfig, run_sweep
+from mdmf_cache.sweeps.space import parse_fixed, parse_space, parse_space_text, sweep_options, trial_config
+from mdmf_cache.sweeps.study import SweepConfig
+from pipelines.sweep import run as run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def _env() -> dict[str, str]:
 
 
 def test_options_come_from_the_dataclasses():
-    from mdmf_cache.models.config import MDMFConfig
+    from mdmf_cache.heads.mdmf_config import MDMFConfig
     from mdmf_cache.configs import TrainConfig
 
     opts = sweep_options()
@@ -354,7 +355,7 @@ def test_a_schema_being_created_by_another_process_is_waited_for(tmp_path, monke
     import optuna.storages
     from sqlalchemy.exc import OperationalError
 
-    import mdmf_cache.sweeps as sweeps
+    import mdmf_cache.sweeps.study as sweeps
 
     real, calls = optuna.storages.RDBStorage, []
 

@@ -1,4 +1,4 @@
-"""The matmul temporal layers equal the channels-first Conv1d layers they replace (issue 12).
+"""The matmul temporal layers equal the channels-first Conv1d layers they replace.
 
 Reference: ``tests/reference_temporal.py`` (the layers as they were). Same state dict loads into
 both; outputs, input gradients, parameter gradients and BatchNorm buffers agree to float64
@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from mdmf_cache.losses import total_loss
+from mdmf_cache.heads.mdmf_losses import total_loss
 from mdmf_cache.heads.mdmf import MDMF
-from mdmf_cache.models.config import build_config
-from mdmf_cache.models.temporal import GTCE, LTCE, TCN, conv_as_matmul
+from mdmf_cache.heads.mdmf_config import build_config
+from mdmf_cache.layers.temporal import GTCE, LTCE, TCN, conv_as_matmul
 from reference_temporal import RefGTCE, RefLTCE, RefTCN
 
 D = 12
@@ -78,7 +78,7 @@ def test_tcn_and_pruned_gtce_equal_full_tcn(t: int) -> None:
 
 
 def test_gtce_computes_only_the_positions_the_last_step_reads(monkeypatch) -> None:
-    import mdmf_cache.models.temporal as temporal
+    import mdmf_cache.layers.temporal as temporal
 
     computed = []
     real = temporal.conv_as_matmul

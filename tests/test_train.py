@@ -11,13 +11,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mdmf_cache.store import load_split_features  # noqa: E402
-from mdmf_cache.evaluation import score  # noqa: E402
+from mdmf_cache.store.read import load_split_features  # noqa: E402
+from mdmf_cache.evaluation.scoring import score  # noqa: E402
 from mdmf_cache.configs import EvalConfig
-from mdmf_cache.evaluation import episode_list, run_eval  # noqa: E402
+from mdmf_cache.evaluation.scoring import episode_list  # noqa: E402
+from pipelines.evaluate import run as run_eval
 from mdmf_cache.configs import TrainConfig
-from mdmf_cache.runs import build_model, load_run
-from mdmf_cache.training import run_train  # noqa: E402
+from mdmf_cache.heads.factory import build_model, load_run
+from pipelines.train import run as run_train  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +108,7 @@ def test_eval_mdmf_run_several_shots(demo_cache, tmp_path):
 
 
 def test_ablate_no_pps_scores_both_arms_on_identical_episodes(demo_cache, tmp_path):
-    from pipelines.ablate import AblateConfig, run_ablate
+    from pipelines.ablate import AblateConfig, run as run_ablate
 
     res = run_ablate(AblateConfig(cache=str(demo_cache), out=str(tmp_path / "abl"), variant={"pps": False},
                                   train={"episodes": 32, "episodes_per_step": 8, "val_every": 32, "val_episodes": 50,
@@ -117,7 +118,7 @@ def test_ablate_no_pps_scores_both_arms_on_identical_episodes(demo_cache, tmp_pa
     assert set(rows) == {"full", "pps=False"}
     # both arms re-scored on the saved list give the table's numbers: one list served both
     test = load_split_features(demo_cache, "test")
-    from mdmf_cache.episodes import Episodes
+    from mdmf_cache.data.episodes import Episodes
 
     eps = Episodes.load(tmp_path / "abl" / "episodes_5way_5shot.npz")
     accs = {}
@@ -131,7 +132,7 @@ def test_ablate_no_pps_scores_both_arms_on_identical_episodes(demo_cache, tmp_pa
 
 
 def test_clip_fsar_trains_and_ablate_compares_it_on_identical_episodes(demo_cache, tmp_path):
-    from pipelines.ablate import AblateConfig, run_ablate
+    from pipelines.ablate import AblateConfig, run as run_ablate
 
     # CLIP-FSAR through the same trainer: its loss falls and it beats the same head untrained
     res = _train(demo_cache, tmp_path / "fsar", method="clip-fsar", episodes=240, episodes_per_step=16,

@@ -1,7 +1,7 @@
-"""A cache stays true when the video tree changes (issue 8, section 1).
+"""A cache stays true when the video tree changes: videos added, removed, replaced or back.
 
 Every video of the stamped tree is told apart by its frames and its length
-(:func:`mdmf_cache.synthetic.make_stamped_tree`). A tree that grows or shrinks between runs, with
+(:func:`mdmf_cache.data.synthetic.make_stamped_tree`). A tree that grows or shrinks between runs, with
 runs SIGKILLed in a subprocess midway, must end with every row equal, by video id, to a fresh
 extraction of its own video, and with ``load_split_features`` equal to a fresh extraction of the
 current tree.
@@ -17,8 +17,10 @@ import pytest
 
 from conftest import assert_same_features
 
-from mdmf_cache.store import CacheStore, group_name, load_split_features
-from mdmf_cache.cache_build import run_extract
+from mdmf_cache.store.cache import CacheStore
+from mdmf_cache.store.layout import group_name
+from mdmf_cache.store.read import load_split_features
+from mdmf_cache.extraction.build import run_extract
 from mdmf_cache.configs import ExtractConfig
 
 from test_extract import _done_count, spawn_and_kill
@@ -32,7 +34,7 @@ SETTINGS = dict(dataset="folder", model="mdmf-tiny-vit", pretrained=None, worker
 @pytest.fixture(scope="module")
 def stamped(tmp_path_factory):
     """(full tree, its id -> (code base, frames), a fresh cache of the full tree)."""
-    from mdmf_cache.synthetic import make_stamped_tree
+    from mdmf_cache.data.synthetic import make_stamped_tree
 
     base = tmp_path_factory.mktemp("stamped")
     stamps = make_stamped_tree(base / "videos", CLASSES, PER_CLASS)

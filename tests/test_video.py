@@ -10,12 +10,11 @@ import av
 import numpy as np
 import pytest
 
-from mdmf_cache import synthetic
+import mdmf_cache.data.synthetic as synthetic
 from mdmf_cache.errors import ConfigError, VideoReadError
-from mdmf_cache.sampling import sample_indices
-from mdmf_cache.synthetic import decode_index
-from mdmf_cache.video import (BACKENDS, Clip, decode_clip, probe_num_frames, read_frames,
-                              resolve_backend)
+from mdmf_cache.data.sampling import sample_indices
+from mdmf_cache.data.synthetic import decode_index
+from mdmf_cache.data.video import BACKENDS, Clip, decode_clip, probe_num_frames, read_frames, resolve_backend
 
 try:
     import decord  # noqa: F401  (imported after av, see mdmf_cache.video)
@@ -246,7 +245,7 @@ def test_chained_cause_and_bad_indices(vids, tmp_path):
 
 
 def test_decord_backend_without_decord(vids, monkeypatch):
-    import mdmf_cache.video as video
+    import mdmf_cache.data.video as video
 
     monkeypatch.setattr(video, "_decord_checked", True)
     monkeypatch.setattr(video, "_decord_module", None)

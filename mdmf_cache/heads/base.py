@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mdmf_cache.models.otam import at_least_float32
+from mdmf_cache.device import at_least_float32
 
 __all__ = ["FewShotHead", "PerVideoScorer", "check_episode_shapes", "episode_ce", "support_classes",
            "query_classes", "class_means", "with_correct"]

@@ -36,12 +36,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mdmf_cache.backbone import heads_autocast
+from mdmf_cache.device import heads_autocast
 from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_means, episode_ce, query_classes,
                                    support_classes, with_correct)
 from mdmf_cache.heads.spec import DataInfo, HeadSpec
-from mdmf_cache.models.mmfe import MMFE
-from mdmf_cache.models.otam import at_least_float32, cosine_similarity, frame_distances, otam_distance
+from mdmf_cache.layers.mmfe import MMFE
+from mdmf_cache.device import at_least_float32
+from mdmf_cache.layers.otam import cosine_similarity, frame_distances, otam_distance
 
 __all__ = ["CLIPFSAROptions", "CLIPFSAR", "SPEC", "TEXT_LOSS_WEIGHT"]
 

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_means, episode_ce, query_classes,
                                    support_classes, with_correct)
 from mdmf_cache.heads.spec import DataInfo, HeadSpec
-from mdmf_cache.models.otam import at_least_float32
+from mdmf_cache.device import at_least_float32
 
 __all__ = ["HyRSMOptions", "HyRSM", "PositionalEncoder", "PreNormAttention", "MultiHeadAttention", "bi_mhm",
            "RELEASED", "FOLDER_VALUES", "EVAL_ELEMENTS", "SPEC"]

@@ -28,15 +28,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mdmf_cache.backbone import heads_autocast
+from mdmf_cache.device import heads_autocast
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, class_means, with_correct
 from mdmf_cache.heads.spec import HeadSpec
-from mdmf_cache.losses import total_loss
-from mdmf_cache.models.config import PRESETS, MDMFConfig
-from mdmf_cache.models.mmfe import MMFE
-from mdmf_cache.models.otam import at_least_float32, cosine_similarity, frame_distances, otam_distance
-from mdmf_cache.models.pps import ProbabilityPromptSelector, token_for
-from mdmf_cache.models.temporal import GTCE, LTCE
+from mdmf_cache.heads.mdmf_losses import total_loss
+from mdmf_cache.heads.mdmf_config import PRESETS, MDMFConfig
+from mdmf_cache.layers.mmfe import MMFE
+from mdmf_cache.device import at_least_float32
+from mdmf_cache.layers.otam import cosine_similarity, frame_distances, otam_distance
+from mdmf_cache.layers.pps import ProbabilityPromptSelector, token_for
+from mdmf_cache.layers.temporal import GTCE, LTCE
 
 __all__ = ["MDMF", "TemporalView", "build_view", "build_mmfe", "SPEC"]
 
@@ -88,7 +89,7 @@ class MDMF(FewShotHead):
     """CLIP-MDMF few-shot heads over frozen (or cached) CLIP frame and text embeddings.
 
     Args:
-        cfg: Head options (see :func:`mdmf_cache.models.config.build_config`).
+        cfg: Head options (see :func:`mdmf_cache.heads.mdmf_config.build_config`).
     """
 
     method = "mdmf"
@@ -244,7 +245,7 @@ class MDMFScorer:
         model: an :class:`MDMF` in eval mode.
         features: ``(Nv, T, D)`` the split's videos (one view), on the compute device.
         text: ``(C, D)`` the split's prompt embeddings.
-        episodes: the episode list (:class:`~mdmf_cache.episodes.Episodes`).
+        episodes: the episode list (:class:`~mdmf_cache.data.episodes.Episodes`).
         uniforms: ``(E, Q)`` the seeded PPS uniforms of the list.
         batch_size: episodes per PPS batch.
         chunk_episodes: episodes whose query pairs are fused and kept at once.

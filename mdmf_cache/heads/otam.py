@@ -14,7 +14,7 @@ The head has no parameters: on a cache it is scored as it is (``mdmf-cache eval 
 ``train --mode full --method otam`` fine-tunes CLIP through its loss, as the released code trains its
 backbone.
 
-The soft-min is :func:`mdmf_cache.models.otam.otam` (a stable log-sum-exp, row by row), the released
+The soft-min is :func:`mdmf_cache.layers.otam.otam` (a stable log-sum-exp, row by row), the released
 recurrence cell by cell: the same value wherever the released naive ``log(sum(exp))`` is finite (where
 every term underflows, about cumulative distances above 10 at lambda 0.1 in float32, the released one
 returns ``inf``). Distances are computed in float32 (float64 stays float64) with autocast off.
@@ -30,7 +30,8 @@ from torch import Tensor
 
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, with_correct
 from mdmf_cache.heads.spec import HeadSpec
-from mdmf_cache.models.otam import at_least_float32, frame_distances, otam_distance
+from mdmf_cache.device import at_least_float32
+from mdmf_cache.layers.otam import frame_distances, otam_distance
 
 __all__ = ["OTAMOptions", "OTAM", "SPEC"]
 

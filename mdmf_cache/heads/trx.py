@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mdmf_cache.backbone import heads_autocast
+from mdmf_cache.device import heads_autocast
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, with_correct
 from mdmf_cache.heads.spec import HeadSpec
-from mdmf_cache.models.otam import at_least_float32
+from mdmf_cache.device import at_least_float32
 
 __all__ = ["TRXOptions", "TRX", "TemporalCrossTransformer", "TRXScorer", "SPEC"]
 

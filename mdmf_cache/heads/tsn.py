@@ -22,7 +22,8 @@ from torch import Tensor
 
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, with_correct
 from mdmf_cache.heads.spec import HeadSpec
-from mdmf_cache.models.otam import at_least_float32, cosine_similarity
+from mdmf_cache.device import at_least_float32
+from mdmf_cache.layers.otam import cosine_similarity
 
 __all__ = ["TSNOptions", "TSN", "SPEC"]
 

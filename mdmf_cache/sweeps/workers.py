@@ -1,0 +1,289 @@
+"""The trials of a sweep (:mod:`mdmf_cache.sweeps.study`): the objective, a worker's loop, ``--jobs`` worker processes.
+
+A worker runs trials of the study until it holds the sweep's ``trials`` finished ones, whoever ran them,
+each a fast-mode training run with the cache's train and val splits loaded once for all of them. With
+``jobs`` > 1, :func:`run_processes` reads those splits once into shared memory
+(:mod:`mdmf_cache.store.shared`), starts the workers, which map that one copy, removes its name once
+they all have it, and on Ctrl-C stops them; the shared memory goes on every exit path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from mdmf_cache.errors import ConfigError
+from mdmf_cache.sweeps.space import trial_config
+from mdmf_cache.sweeps.study import FINISHED, Plan, SweepConfig, count_trials, open_study, open_storage, plan
+
+log = logging.getLogger(__name__)
+
+#: ``train(cfg, progress=..., show=..., on_val=...) -> {"best_val": ..., "episodes_per_s": ...}``
+TrainFn = Callable[..., dict[str, Any]]
+
+
+class _Surplus(Exception):
+    """The study already had its trials when this one was created (a race between workers)."""
+
+
+def _validation_step(done: int, episodes: int, val_every: int) -> int:
+    """The pruner's step for a validation: the val_every multiple crossed (aligned across episodes-per-step)."""
+    return done if done >= episodes else (done // val_every) * val_every
+
+
+def _objective(cfg: SweepConfig, p: Plan, study_trials: int, train: TrainFn):
+    import optuna
+
+    trials_dir = Path(cfg.out) / "trials"
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def objective(trial: optuna.Trial) -> float:
+        ahead = [t for t in trial.study.get_trials(deepcopy=False)
+                 if t.number < trial.number and (t.state.name in FINISHED or t.state.name == "RUNNING")]
+        if len(ahead) >= study_trials:
+            trial.set_user_attr("skipped", "the study had its trials when this one started")
+            raise _Surplus()
+        values = {d.name: d.suggest(trial) for d in p.dims}
+        tcfg = trial_config(p.base, {**p.fixed, **values}, p.opts)
+        tcfg.out = str(trials_dir / f"{trial.number:05d}")
+        trial.set_user_attr("config", asdict(tcfg))
+        trial.set_user_attr("worker", worker)
+        t0 = time.perf_counter()
+
+        def on_val(done: int, acc: float) -> None:
+            trial.report(acc, _validation_step(done, tcfg.episodes, tcfg.val_every))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val {acc:.2f}% at {done} episodes")
+
+        try:
+            res = train(tcfg, progress=False, show=False, on_val=on_val)
+        finally:
+            trial.set_user_attr("train_s", time.perf_counter() - t0)
+            if not cfg.keep_last:
+                Path(tcfg.out, "last.pt").unlink(missing_ok=True)
+        trial.set_user_attr("episodes_per_s", res["episodes_per_s"])
+        return res["best_val"]
+
+    return objective
+
+
+def _seed_of(cfg: SweepConfig, worker_index: int, existing: int) -> int:
+    """The sampler seed of one worker.
+
+    A lone local worker starting a fresh study uses the sweep seed (a repeatable sweep); a worker
+    resuming a study (``existing`` trials) or one of several gets its own, so that no two of them
+    draw the same random start-up points.
+    """
+    if cfg.jobs == 1 and not cfg.storage and existing == 0:
+        return cfg.seed
+    tag = f"{cfg.seed}:{worker_index}:{existing}"
+    if cfg.storage:  # several machines may run the same line
+        tag += f":{socket.gethostname()}:{os.getpid()}"
+    return int(hashlib.sha256(tag.encode()).hexdigest()[:8], 16)
+
+
+def run_worker(cfg: SweepConfig, worker_index: int, train: TrainFn, on_trial=None, splits=None) -> None:
+    """Run trials of the study until it holds ``cfg.trials`` finished ones (the cache loaded once).
+
+    Args:
+        train: trains one trial's config (``pipelines.train.run``: the sweep recipe passes it; engines never
+            import a recipe).
+        splits: ``{(cache path, split): FeatureSplit}`` already in memory (the shared copy), used by every trial.
+    """
+    from optuna.storages import fail_stale_trials
+
+    from mdmf_cache.store.read import keep_loaded
+
+    p = plan(cfg)
+    storage = open_storage(cfg)
+    import optuna
+
+    existing = len(optuna.load_study(study_name=cfg.study_name, storage=storage).get_trials(deepcopy=False))
+    study = open_study(cfg, p, storage, _seed_of(cfg, worker_index, existing))
+    objective = _objective(cfg, p, cfg.trials, train)
+    callbacks = [_log_trial] + ([on_trial] if on_trial else [])
+    train_log = logging.getLogger("pipelines.train")
+    level = train_log.level
+    train_log.setLevel(logging.WARNING)  # one line per trial (the callback), not one per validation
+    with keep_loaded(splits), _restore_level(train_log, level), _quiet_interrupts():
+        while True:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fail_stale_trials(study)
+            finished, running = count_trials(study)
+            if finished >= cfg.trials:
+                return
+            if finished + running >= cfg.trials:  # others are running the last ones: wait, they may fail
+                time.sleep(min(2.0, cfg.heartbeat))
+                continue
+            try:
+                study.optimize(objective, n_trials=1, catch=(_Surplus,), callbacks=callbacks, gc_after_trial=False)
+            except BaseException:
+                _stop_heartbeats()
+                raise
+
+
+def _stop_heartbeats() -> None:
+    """Stop every Optuna heartbeat thread of this process that still runs.
+
+    The thread is not a daemon, and a Ctrl-C that lands while it starts (before Optuna's ``with`` block is
+    entered) leaves it beating: the process would then never exit after the CLI's "interrupted" line.
+    """
+    import threading
+
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    for thread in threading.enumerate():
+        if getattr(thread, "_target", None) is HeartbeatThread._record_heartbeat:
+            thread._args[2].set()  # (trial_id, storage, stop_event)
+            thread.join(timeout=10)
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Drops Optuna's two "trial failed" records (the first with a traceback) of a trial stopped by Ctrl-C."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next: str | None = None  # the start of the second record, once the first was dropped
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt):
+            self.next = msg.split(" failed with parameters", 1)[0] + " failed with value"
+            return False
+        if self.next is not None and msg.startswith(self.next):
+            self.next = None
+            return False
+        return True
+
+
+@contextmanager
+def _quiet_interrupts():
+    """Ctrl-C during a trial: Optuna marks it failed and re-raises; its record of that is not shown (the CLI
+    says what was kept)."""
+    optuna_log = logging.getLogger("optuna.study._optimize")
+    flt = _NoInterruptTraceback()
+    optuna_log.addFilter(flt)
+    try:
+        yield
+    finally:
+        optuna_log.removeFilter(flt)
+
+
+@contextmanager
+def _restore_level(logger: logging.Logger, level: int):
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _log_trial(study, trial) -> None:
+    if trial.user_attrs.get("skipped"):
+        return
+    value = trial.value if trial.value is not None else (
+        trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else float("nan"))
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    log.info("trial %d %s: val %.2f%% (%s)", trial.number, trial.state.name.lower(), value, params)
+
+
+def _worker_main(cfg_dict: dict[str, Any], worker_index: int, threads: int, train: TrainFn, shared=None,
+                 attached=None) -> None:
+    """Entry of a ``--jobs`` worker process; ``shared``: the parent's :class:`SharedSplit` handles, mapped here
+    (then ``attached`` is set)."""
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format=f"[worker {worker_index}] %(message)s")
+    torch.set_num_threads(threads)
+    try:
+        splits = {}
+        if shared:
+            from mdmf_cache.store.shared import attach, size_text
+
+            splits = {(h.cache, h.split): attach(h) for h in shared}
+            attached.set()
+            log.info("features: %s mapped from one shared copy (%s)",
+                     ", ".join(f"{h.split} {'x'.join(map(str, h.shape))}" for h in shared),
+                     size_text(sum(h.nbytes for h in shared)))
+        run_worker(SweepConfig(**cfg_dict), worker_index, train, splits=splits)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the parent says what was kept
+        raise SystemExit(130) from None
+
+
+def run_processes(cfg: SweepConfig, train: TrainFn, bar=None) -> None:
+    """Run ``cfg.jobs`` worker processes on this machine (one copy of the features shared) until they stop; each
+    trains its trials with ``train`` (a module-level function: the spawned workers import it by name)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # no fork of a process holding torch threads or DB connections
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    with _shared_features(cfg) as shared:
+        handles = shared.splits if shared else None
+        attached = [ctx.Event() for _ in range(cfg.jobs)]
+        procs = [ctx.Process(target=_worker_main, args=(asdict(cfg), i, threads, train, handles, attached[i]), daemon=False)
+                 for i in range(cfg.jobs)]
+        started = []
+        study = None
+        try:
+            for proc in procs:
+                proc.start()
+                started.append(proc)
+            while any(proc.is_alive() for proc in procs):
+                mapped = all(e.is_set() or not p.is_alive() for e, p in zip(attached, procs))
+                if shared and not shared.unlinked and mapped:
+                    shared.unlink()  # every worker maps it: the memory now goes with the last of them, however it ends
+                _tick(0.2 if shared and not shared.unlinked else 1.0)
+                if bar:
+                    if study is None:
+                        import optuna
+
+                        study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg))
+                    bar.refresh_from(study)
+        except KeyboardInterrupt:
+            for proc in started:
+                proc.terminate()
+            raise
+        finally:
+            for proc in started:
+                proc.join()
+    failed = [i for i, proc in enumerate(procs) if proc.exitcode != 0]
+    if failed:
+        raise ConfigError(f"sweep worker(s) {', '.join(map(str, failed))} stopped with an error (see above); "
+                          "fix it and rerun with --resume")
+
+
+def _tick(seconds: float) -> None:
+    """The parent's wait between looks at its workers."""
+    time.sleep(seconds)
+
+
+@contextmanager
+def _shared_features(cfg: SweepConfig):
+    """The train and val features read once into shared memory for the workers (None: sharing off, or no room)."""
+    if not cfg.share_features:
+        yield None
+        return
+    from mdmf_cache.store.shared import NoRoom, SharedFeatures, size_text
+
+    try:
+        shared = SharedFeatures(cfg.cache, ("train", "val"))
+    except NoRoom as e:
+        log.warning("%s: each of the %d workers loads its own copy of the features", e, cfg.jobs)
+        yield None
+        return
+    with shared:
+        log.info("features read once into %s (%s) for %d workers", Path(shared.files[0]).parent,
+                 size_text(shared.nbytes), cfg.jobs)
+        yield shared
+
+
+__all__ = ["run_worker", "run_processes"]
