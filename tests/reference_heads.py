@@ -322,3 +322,135 @@ def tsn_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, t
                              for c in torch.unique(support_labels)])  # (N, Q)
     logits = class_sim.transpose(0, 1)
     return logits, F.cross_entropy(logits, target_labels) / batch_size
+
+
+def _sliding_window_prototypes(mha, support: Tensor, window: int) -> Tensor:
+    """The released ``SlidingWindowPrototypeGenerator2.forward`` on ``(N, K, T, D)``: per class and window, the K
+    shots' ``window`` frames flattened sample-major through ``MultiHeadAttention``, written into a zeros buffer
+    (the released buffer is float32; here the input's dtype, so that float64 stays float64), then per frame the
+    mean over the shots and over the windows that hold it."""
+    num_classes, num_samples, num_frames, feature_dim = support.shape
+    num_windows = num_frames - window + 1
+    window_outputs = torch.zeros(num_classes, num_windows, num_samples * window, feature_dim, dtype=support.dtype)
+    for c in range(num_classes):
+        for w in range(num_windows):
+            flat = support[c, :, w:w + window, :].reshape(num_samples * window, feature_dim).unsqueeze(0)
+            window_outputs[c, w] = multi_head_attention(mha, flat, flat, flat).squeeze(0)
+    prototypes = torch.zeros(num_classes, num_frames, feature_dim, dtype=support.dtype)
+    for i in range(num_frames):
+        agg = []
+        for w in range(num_windows):
+            if w <= i < w + window:
+                window_w = window_outputs[:, w].reshape(num_classes, num_samples, window, feature_dim)
+                agg.append(window_w[:, :, i - w, :].mean(dim=1))
+        prototypes[:, i, :] = torch.stack(agg, dim=0).mean(dim=0)
+    return prototypes
+
+
+def _hausdorff_dist_window(dists1: Tensor, window_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The released ``hausdorff_dist_window``: repeatedly set to inf every row minimum (dim 3, then per column over
+    dim 2) whose index is more than ``window_size`` from its row (column), until none is; returns the summed minima
+    and the two masked distance tensors (``dists1`` masked in place, as released)."""
+    dists2 = dists1.clone()
+    t = dists1.shape[3]
+    while True:
+        min_values, min_indices = dists1.min(dim=3)
+        diff = min_indices - torch.arange(t).unsqueeze(0).unsqueeze(0)
+        valid = (diff <= window_size) & (diff >= -window_size)
+        if valid.all():
+            break
+        bad = torch.nonzero(~valid)
+        for i in range(bad.size(0)):
+            j, k, m = bad[i]
+            dists1[j][k][m][min_indices[j][k][m]] = float("inf")
+    cum1 = min_values.sum(dim=2)
+    while True:
+        min_values, min_indices = dists2.min(dim=2)
+        diff = min_indices - torch.arange(t).unsqueeze(0).unsqueeze(0)
+        valid = (diff <= window_size) & (diff >= -window_size)
+        if valid.all():
+            break
+        bad = torch.nonzero(~valid)
+        for i in range(bad.size(0)):
+            j, k, m = bad[i]
+            dists2[j][k][min_indices[j][k][m]][m] = float("inf")
+    cum2 = min_values.sum(dim=2)
+    return cum1 + cum2, dists1, dists2
+
+
+def _get_v_feat(feat: Tensor, index: Tensor) -> Tensor:
+    """The released ``mpl_few_shot.get_v_feat``: for every k and row i, the mean of ``feat[i]`` at the indices
+    ``index[k][i][:]``; then the mean over k."""
+    mv = []
+    for k in range(index.size(0)):
+        rows = []
+        for i in range(index.size(1)):
+            rows.append(torch.mean(torch.stack([feat[i][index[k][i][j]] for j in range(index.size(2))]), dim=0))
+        mv.append(torch.stack(rows))
+    return torch.mean(torch.stack(mv), dim=0)
+
+
+def mpl_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, target_labels: Tensor,
+                top_k: int, batch_size: int = 1) -> tuple[Tensor, Tensor]:
+    """``mpl_few_shot.get_feats`` + ``forward`` (dropout off) and the training loop's loss for one episode.
+
+    Top-k: the ``(Q, S, T, T)`` distances of the flattened supports to the queries, the two-way min-sum,
+    ``rearrange('c q -> q c')`` (a transpose), ``topk`` smallest and largest per support, ``F.normalize`` of
+    their difference, the weighted sum added to each support. Prototypes: class means (``unique(labels)``)
+    plus ``SlidingWindowPrototypeGenerator2``. ``context2`` (``Transformer_v1``) on them; the key frames from
+    ``hausdorff_dist_window`` of the pre-``context2`` prototypes and the queries, read by ``get_v_feat`` as
+    released; the joint ``context2`` over [query keys; prototype keys]; the keys prepended; the min-sum
+    distance; ``class_dists`` by ``extract_class_indices(unique_labels, c)``.
+
+    Args:
+        model: the project's MPL (its weights and options are read).
+        support: ``(S, T, D)`` in any order; support_labels ``(S,)`` episode labels 0..N-1.
+        query: ``(Q, T, D)`` in any order; target_labels ``(Q,)``.
+        top_k: ``DATA.TOP_K_TEST``.
+
+    Returns:
+        logits ``(Q, N)`` and the loss (``F.cross_entropy`` mean, divided by ``batch_size``).
+    """
+    o = model.options
+    frame_num = support.shape[1]
+    dim = support.shape[2]
+    unique_labels = torch.unique(support_labels)
+    query_num, n_support = query.shape[0], support.shape[0]
+    if top_k != 0:
+        s_m = support.unsqueeze(0).reshape(1, n_support * frame_num, dim)  # 'b h s d -> b (h s) d'
+        frame_sim = torch.matmul(F.normalize(s_m, dim=2), F.normalize(query, dim=2).permute(0, 2, 1))
+        dists = 1 - frame_sim.reshape(query_num, n_support, frame_num, frame_num)
+        cum_dists = dists.min(3)[0].sum(2) + dists.min(2)[0].sum(2)  # (Q, S)
+        values, indices = torch.topk(cum_dists.t(), top_k, dim=1, largest=False)
+        values_max, _ = torch.topk(cum_dists.t(), top_k, dim=1, largest=True)
+        w_q = F.normalize(values_max - values)
+        shot_re = torch.stack([torch.sum(torch.stack([query[indices[i][j]] * w_q[i][j] for j in range(indices.size(1))]),
+                                         dim=0) for i in range(indices.size(0))])
+        support = support + shot_re
+    mean_protos = torch.stack([support[torch.nonzero(support_labels == c).reshape(-1)].mean(0) for c in unique_labels])
+    s_reshape = torch.stack([support[torch.nonzero(support_labels == c).reshape(-1)] for c in unique_labels])
+    s = mean_protos + _sliding_window_prototypes(model.proto_attention, s_reshape, o.proto_window)  # (N, T, D)
+    n_way = s.shape[0]
+    support_re = s.unsqueeze(0).reshape(1, n_way * frame_num, dim)
+    support_features = transformer_v1([model.context2], s, s, s)[:, :frame_num, :]
+    frame_sim = torch.matmul(F.normalize(support_re, dim=2), F.normalize(query, dim=2).permute(0, 2, 1))
+    dists = 1 - frame_sim.reshape(query_num, n_way, frame_num, frame_num)
+    _, dists1, dists2 = _hausdorff_dist_window(dists, o.match_window)
+    s_mean = support_features.mean(dim=1)
+    t_mean = query.mean(dim=1)
+    s_key = _get_v_feat(support_features, dists1.min(3)[1])
+    t_key = _get_v_feat(query, dists2.min(2)[1].permute(1, 0, 2))
+    feature_in = torch.cat([t_key.unsqueeze(0), s_key.unsqueeze(0)], dim=1)
+    feature_out = transformer_v1([model.context2], feature_in, feature_in, feature_in)
+    s_key = feature_out[:, -n_way:, :].permute(1, 0, 2) + s_mean.unsqueeze(1)
+    t_key = feature_out[:, :-n_way, :].permute(1, 0, 2) + t_mean.unsqueeze(1)
+    support_features = torch.cat([s_key, support_features], dim=1)
+    target_features = torch.cat([t_key, query], dim=1)
+    flat = support_features.unsqueeze(0).reshape(1, n_way * (frame_num + 1), dim)
+    frame_sim = torch.matmul(F.normalize(flat, dim=2), F.normalize(target_features, dim=2).permute(0, 2, 1))
+    dists = 1 - frame_sim.reshape(query_num, n_way, frame_num + 1, frame_num + 1)
+    cum_dists = dists.min(3)[0].sum(2) + dists.min(2)[0].sum(2)  # (Q, N)
+    class_dists = torch.stack([torch.mean(cum_dists[:, torch.nonzero(unique_labels == c).reshape(-1)], dim=1)
+                               for c in unique_labels])  # (N, Q)
+    logits = -class_dists.t()
+    return logits, F.cross_entropy(logits, target_labels) / batch_size

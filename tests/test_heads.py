@@ -168,11 +168,19 @@ def test_checkpoint_round_trip(method: str) -> None:
     assert record["options"] == dataclasses.asdict(rebuilt.options)
 
 
+#: The learning test's training settings, and those of heads that need more steps to show learning there: MPL's
+#: queries enter its distance as raw features, and on this cache's near-identical random-init features (video
+#: cosines about 0.99) it stays near chance for the first few dozen steps, then rises (80 steps: about 4 s on 2 cores).
+LEARN_SETTINGS = {"episodes": 96, "episodes_per_step": 16, "lr": 3e-3}
+LEARN_SETTINGS_PER_HEAD = {"mpl": {"episodes": 640, "episodes_per_step": 8, "lr": 5e-4}}
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("method", [m for m in heads.METHODS if heads.REGISTRY[m].parametric])
 def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
-    """A short fast-mode run through the trainer (96 episodes of 5-way 2-shot, 2 queries per class: small
-    episodes, so every head trains in seconds) fits its training classes better than the same head untrained.
+    """A short fast-mode run through the trainer (96 episodes of 5-way 2-shot, 2 queries per class, or the head's
+    own :data:`LEARN_SETTINGS_PER_HEAD`: small episodes, so every head trains in seconds) fits its training classes
+    better than the same head untrained.
 
     Scored on fixed episodes of the train split: what 96 episodes teach shows there first (on this cache's
     random-init features the val split's margin after so few episodes is within noise for some heads;
@@ -183,8 +191,9 @@ def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
     from mdmf_cache.store.read import load_split_features
     from pipelines.train import run as run_train
 
+    settings = {**LEARN_SETTINGS, **LEARN_SETTINGS_PER_HEAD.get(method, {})}
     run_train(TrainConfig(cache=str(demo_cache), out=str(tmp_path / "r"), method=method, shot=2, train_queries=2,
-                          episodes=96, episodes_per_step=16, val_every=96, val_episodes=50, lr=3e-3, seed=0),
+                          val_every=settings["episodes"], val_episodes=50, seed=0, **settings),
               progress=False)
     train = load_split_features(demo_cache, "train")
     eps = episode_list(train, 5, 2, 1, 100, seed=0)
@@ -423,3 +432,92 @@ def test_trx_chunks_score_as_one_pass(monkeypatch) -> None:
     for path, logits in whole.items():
         chunked = score("trx", split, eps, model, batch_size=4, path=path, keep_logits=True).logits
         np.testing.assert_allclose(chunked, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # UCF101's TOP_K_TEST 1; window 1; the band 9 holds all of T = 4
+    {"top_k": 2},  # two queries per support, F.normalize weights
+    {"top_k": 0, "heads": 2},
+    {"top_k": 3, "top_k_train": 2, "proto_window": 2, "match_window": 1},  # the band masks, windows overlap
+    {"proto_window": 4, "match_window": 0},  # one window of every frame; the band is the diagonal
+])
+def test_mpl_matches_reference(overrides: dict) -> None:
+    """MPL's logits, loss and gradients equal the released ``mpl_few_shot`` forward re-derived per episode
+    (supports and queries shuffled, the top-k loop, ``SlidingWindowPrototypeGenerator2``'s loops, the iterative
+    ``hausdorff_dist_window`` masking, ``get_v_feat``'s loops), in training; in eval mode with ``top_k``."""
+    from tests.reference_heads import mpl_episode
+
+    model = _head("mpl", torch.float64, dropout_off=True, **overrides).train()
+    ref = copy.deepcopy(model)
+    ep = _episodes(torch.float64)
+    out = _forward(model, ep)
+    loss, _ = model.loss(out, ep["labels"], ep["classes"])
+    loss.backward()
+    o = model.options
+    perms = []
+
+    def episode(i: int, g: torch.Generator) -> tuple:
+        support, sup_labels = _shuffled(ep, i, g)
+        qperm = torch.randperm(N * QC, generator=g)  # the released loader shuffles the queries too
+        perms.append((support, sup_labels, qperm))
+        return out["logits"][i][qperm], *mpl_episode(ref, support, sup_labels, ep["query"][i][qperm],
+                                                     ep["labels"][i][qperm], o.top_k_train)
+
+    _equals_reference(model, ref, loss, episode)
+    model.eval()
+    with torch.no_grad():
+        logits = _forward(model, ep)["logits"]
+        for i, (support, sup_labels, qperm) in enumerate(perms):
+            want, _ = mpl_episode(model, support, sup_labels, ep["query"][i][qperm], ep["labels"][i][qperm], o.top_k)
+            torch.testing.assert_close(logits[i][qperm], want, rtol=1e-5, atol=1e-5)
+
+
+def test_mpl_released_defaults() -> None:
+    spec = heads.get("mpl")
+    opts = lambda dataset, shot, **kw: spec.make_options(None, kw, DataInfo(dim=D, num_frames=T, dataset=dataset,
+                                                                          shot=shot))
+    got = {(ds, k): opts(ds, k).top_k for ds in ("hmdb51", "ucf101", "kinetics100", "ssv2-full", "ssv2-small", "folder")
+           for k in (1, 3, 5)}
+    # TOP_K_TEST of the configs (docs/heads.md: which file gave which value); 2 only for SSv2 beyond 1 shot
+    assert got == {(ds, k): 2 if ds.startswith("ssv2") and k > 1 else 1 for ds, k in got}
+    o = opts("ssv2-small", 5)
+    assert o.top_k_train == 2  # the released forward reads TOP_K_TEST in training too
+    assert (o.heads, o.ffn_dim, o.attn_dropout, o.ffn_dropout, o.proto_window, o.proto_dropout, o.proto_attn_dropout,
+            o.match_window, o.key_frames) == (8, 2048, 0.1, 0.05, 1, 0.2, 0.1, 9, "released")
+    assert (opts("hmdb51", 5, top_k=3).top_k, opts("hmdb51", 5, top_k=3).top_k_train) == (3, 3)  # explicit wins
+    assert spec.transductive and not spec.per_video and spec.parametric
+    assert [spec.test_queries(k) for k in (1, 5)] == [1, 1]  # QUERY_PER_CLASS_TEST: 1 in every config
+    assert [spec.train_shot(k) for k in (1, 5)] == [1, 5] and [spec.train_queries(k) for k in (1, 5)] == [5, 2]
+    for bad in ({"top_k": -1}, {"attn_dropout": float("nan")}, {"proto_dropout": 1.0}, {"proto_window": T + 1},
+                {"key_frames": "other"}, {"heads": 3}, {"match_window": -1}, {"ffn_dim": 0}):
+        with pytest.raises(Exception, match="mpl options"):
+            opts("ucf101", 1, **bad)
+    model = spec.build(o)
+    # the modules the released forward uses: shot attention (4 D^2 + 3 D) and context2 (4 D^2 + 4100 D + 2048);
+    # the registered but unused position_enc, mha, layer1 and scale are not built
+    assert sum(p.numel() for p in model.parameters()) == 8 * D * D + 4103 * D + 2048
+    assert {name.split(".")[0] for name, _ in model.named_parameters()} == {"proto_attention", "context2"}
+    # the text is not read: any text gives the same logits
+    ep = _episodes()
+    model.eval()
+    with torch.no_grad():
+        a = model(ep["support"], ep["query"], ep["text"])["logits"]
+        b = model(ep["support"], ep["query"], torch.zeros_like(ep["text"]))["logits"]
+    torch.testing.assert_close(a, b)
+
+
+def test_mpl_is_transductive_and_chunks_score_as_one_pass(monkeypatch) -> None:
+    """A query's logits depend on the other queries of its episode (as declared); eval-mode chunks of one episode
+    give the logits of one pass; more top-k than queries takes every query."""
+    import mdmf_cache.heads.mpl as mpl
+
+    model = _head("mpl", top_k=2).eval()
+    ep = _episodes()
+    with torch.no_grad():
+        whole = model(ep["support"], ep["query"], ep["text"])["logits"]
+        fewer = model(ep["support"], ep["query"][:, :2], ep["text"])["logits"]
+        assert not torch.allclose(whole[:, :2], fewer, atol=1e-4)
+        monkeypatch.setattr(mpl, "EVAL_ELEMENTS", 1)
+        torch.testing.assert_close(model(ep["support"], ep["query"], ep["text"])["logits"], whole)
+        one = model(ep["support"], ep["query"][:, :1], ep["text"])["logits"]  # top_k 2 > Q = 1
+        assert one.shape == (E, 1, N) and torch.isfinite(one).all()
