@@ -51,8 +51,8 @@ from torch.nn import functional as F
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, class_means, with_correct
 from mdmf_cache.heads.hyrsm import MultiHeadAttention, bi_mhm
 from mdmf_cache.heads.spec import DataInfo, HeadSpec
-from mdmf_cache.models.mmfe import MMFE
-from mdmf_cache.models.otam import at_least_float32
+from mdmf_cache.layers.mmfe import MMFE
+from mdmf_cache.device import at_least_float32
 
 __all__ = ["MPLOptions", "MPL", "TOP_K", "FOLDER_VALUES", "EVAL_ELEMENTS", "SPEC"]
 

@@ -28,7 +28,7 @@ from torch import nn
 from mdmf_cache.device import resolve_device
 from mdmf_cache.clip.backbone import weights_id
 from mdmf_cache.configs import FullModeConfig, TrainConfig
-from mdmf_cache.distributed import (World)
+from mdmf_cache.distributed import World
 from mdmf_cache.errors import ConfigError, TrainingError
 from mdmf_cache.progress import FieldColumn, make_progress
 from mdmf_cache.fileio import atomic_torch_save
