@@ -40,6 +40,8 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("hyrsm", "mdmf_cache.heads.hyrsm", "HyRSM (CVPR 2022) as released: 1-shot and 5-shot forms, per-query set attention, Bi-MHM"),
     Entry("hyrsm++", "mdmf_cache.heads.hyrsm_pp", "HyRSM++ as released: HyRSM plus the temporal-coherence regulariser"),
     Entry("trx", "mdmf_cache.heads.trx", "TRX (CVPR 2021) as released: cross-transformers over frame pairs and triples"),
+    Entry("team", "mdmf_cache.heads.team", "TEAM (CVPR 2025) as released: pattern tokens, class-adapted supports, no alignment"),
+    Entry("chamfer", "mdmf_cache.heads.chamfer", "Chamfer++ (2023) as released: frame triples, joint symmetric Chamfer; matching=... switches"),
     Entry("otam", "mdmf_cache.heads.otam", "OTAM (CVPR 2020) as released: ordered temporal alignment to every support",
           parametric=False),
     Entry("tsn", "mdmf_cache.heads.tsn", "TSN (ECCV 2016) as released: mean-pooled videos, mean cosine to every support",
