@@ -1,7 +1,7 @@
 """Numbers the papers report, for tables that set a measured result beside them (docs/method.md §11).
 
 :data:`REPORTED` holds Tables 1-2 of the CLIP-MDMF paper: 5-way accuracy (%) per method, backbone,
-dataset and shot. The OTAM, TRX, HyRSM and MoLo rows were measured on an ImageNet ResNet-50, not on
+dataset and shot, plus the numbers a head's own release reports in its README (Chamfer++, on R(2+1)D features). The OTAM, TRX, HyRSM and MoLo rows were measured on an ImageNet ResNet-50, not on
 CLIP; the backbone travels with every number so that a table never shows one as a CLIP result.
 Where the CLIP-MDMF paper marks a number as its own re-implementation and the original paper
 published another, :data:`PUBLISHED` holds the original's.
@@ -15,6 +15,7 @@ DATASET_LABELS = {"hmdb51": "HMDB51", "ucf101": "UCF101", "kinetics100": "Kineti
                   "ssv2-small": "SSv2-Small"}
 _ORDER = ("hmdb51", "ucf101", "kinetics100", "ssv2-full", "ssv2-small")
 _RN = "ResNet-50 (ImageNet)"
+_R21D = "R(2+1)D-34 (TSL's per-dataset fine-tuned features)"
 
 
 def _rows(method: str, backbone: str, *per_dataset: tuple[float | None, float | None, float | None]):
@@ -36,6 +37,11 @@ REPORTED: dict[tuple[str, str, str, int], float] = {
             (52.3, 56.3, 60.4)),
     **_rows("mdmf", "CLIP-ViT-B/16", (77.1, 84.1, 88.0), (97.0, 98.1, 99.3), (95.0, 95.1, 96.2), (60.1, 68.9, 72.7),
             (54.0, 59.8, 62.8)),
+    # Chamfer++ (the chamfer head's default), from its release's MODEL_ZOO.md (jbertrand89/temporal_matching; mean of
+    # three seeds): TSL's splits, whose Kinetics-100 is CMN's and whose SSv2 is OTAM's (SSv2-Full). Its UCF101
+    # numbers are on TSL's own 64/12/24-class split, not ARN's, and are left out.
+    **_rows("chamfer", _R21D, (None, None, None), (None, None, None), (96.1, None, 98.3), (67.8, None, 81.6),
+            (None, None, None)),
 }
 
 #: Where the CLIP-MDMF paper re-implemented a method and gives the original paper's number in parentheses.
@@ -46,7 +52,7 @@ PUBLISHED: dict[tuple[str, str, str, int], float] = {
 }
 
 #: The backbone a method's CLIP-MDMF-paper numbers were measured on when it is not this cache's CLIP.
-_NOT_CLIP = {"otam": _RN, "trx": _RN, "hyrsm": _RN, "molo": _RN}
+_NOT_CLIP = {"otam": _RN, "trx": _RN, "hyrsm": _RN, "molo": _RN, "chamfer": _R21D}
 
 
 def backbone_of(model: str) -> str:

@@ -454,3 +454,155 @@ def mpl_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, t
                                for c in unique_labels])  # (N, Q)
     logits = -class_dists.t()
     return logits, F.cross_entropy(logits, target_labels) / batch_size
+def _get_other(x: Tensor) -> Tensor:
+    """TEAM's ``get_other``: for every i along dim 1, the other entries, stacked on a new dim 1."""
+    n = x.size(1)
+    return torch.stack([torch.cat((x[:, 0:i], x[:, i + 1 : n]), dim=1) for i in range(n)], dim=1)
+
+
+def _team_dpm(model, x: Tensor, other: Tensor | None = None, sim_pos: Tensor | None = None,
+              sim_neg: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The released ``Discriminative_Pattern_Matching.forward`` (dropout off), both branches."""
+    dpm, o = model.dpm, model.options
+    ap = dpm.patterns.unsqueeze(0)  # the released AP is (1, M, D)
+    m = ap.shape[1]
+    temperature = (o.dim // o.heads) ** 0.5
+    pe = _released_pe(x.shape[-2], o.dim, int(o.num_frames * 1.5), o.pe_scale, x.dtype)
+
+    def attention(seq: Tensor) -> Tensor:  # ScaledDotProductAttention(ln(AP), ln(x), ln(x)), x with PE
+        seq = seq + pe
+        q, k, v = dpm.ln(ap), dpm.ln(seq), dpm.ln(seq)
+        attn = F.softmax(torch.matmul(q / temperature, k.transpose(-1, -2)), dim=-1)
+        return torch.matmul(attn, v)
+
+    mlp = lambda y: dpm.mlp[2](torch.relu(dpm.mlp[0](y)))  # Bottleneck_Perceptron_2_layer
+    tar_num, cls_num, t, c = x.shape
+    out = attention(x.reshape(-1, t, c))
+    if other is None:
+        pos = ap + out
+        pos = (pos + mlp(pos)).reshape(tar_num, cls_num, m, c)
+        neg = ap - out
+        neg = (neg + mlp(neg)).reshape(tar_num, cls_num, m, c)
+        return pos, neg
+    out = out.reshape(tar_num, cls_num, 1, m, c)
+    out_other = attention(other.reshape(-1, t, c)).reshape(tar_num, cls_num, cls_num - 1, m, c)
+    ap = ap.reshape(1, 1, 1, m, c)
+    sim_pos, sim_neg = sim_pos.unsqueeze(-1), sim_neg.unsqueeze(-1)
+    disc_pos = ap + out - sim_pos * (out_other - out)
+    disc_pos = disc_pos + mlp(disc_pos)
+    disc_neg = ap - out + sim_neg * (out_other - out)
+    disc_neg = disc_neg + mlp(disc_neg)
+    return disc_pos, disc_neg
+
+
+def team_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, target_labels: Tensor,
+                 batch_size: int = 1) -> tuple[Tensor, Tensor]:
+    """The released ``TEAM.forward`` (dropout off) and ``TEAM.loss`` (``L_pos + L_neg``) for one episode.
+
+    Args:
+        model: the project's TEAM (its weights and options are read; the PE table is recomputed).
+        support: ``(S, T, D)`` in any order; support_labels ``(S,)`` episode labels.
+        query: ``(Q, T, D)``; target_labels ``(Q,)``.
+
+    Returns:
+        logits ``(Q, N)`` (``-(d_pos + d_neg)``) and the loss divided by ``batch_size``.
+    """
+    unique = torch.unique(support_labels)
+    spt = torch.stack([torch.index_select(support, 0, torch.nonzero(support_labels == c).reshape(-1)) for c in unique])
+    spt, tar = spt.unsqueeze(0), query.unsqueeze(1).unsqueeze(1)  # (1, N, K, T, D), (Q, 1, 1, T, D)
+    spt, tar = spt.mean(dim=2), tar.mean(dim=2)
+    spt_pos, spt_neg = _team_dpm(model, spt)
+    spt_pos, spt_neg = torch.relu(spt_pos), torch.relu(spt_neg)
+    tar_pos, tar_neg = _team_dpm(model, tar)
+    tar_pos, tar_neg = torch.relu(tar_pos), torch.relu(tar_neg)
+
+    def spt_sim(x: Tensor) -> Tensor:  # get_spt_sim
+        _, n, m, c = x.shape
+        return F.cosine_similarity(x.unsqueeze(dim=2), _get_other(x).reshape(1, n, n - 1, m, c), dim=-1)
+
+    disc_pos, disc_neg = _team_dpm(model, spt, _get_other(spt), spt_sim(spt_pos), spt_sim(spt_neg))
+    disc_pos, disc_neg = torch.relu(disc_pos).mean(dim=2), torch.relu(disc_neg).mean(dim=2)
+
+    def dists_pos(s: Tensor, t: Tensor) -> Tensor:
+        return (1 - F.cosine_similarity(s, t, dim=-1)).sum(dim=-1)
+
+    def dists_neg(s: Tensor, t: Tensor) -> Tensor:
+        return (1 - _get_other(F.cosine_similarity(s, t, dim=-1))).sum(dim=-1).max(dim=-1)[0]
+
+    d_pos = dists_pos(disc_pos, tar_pos)
+    d_neg = (dists_neg(disc_pos, tar_neg) + dists_neg(disc_neg, tar_pos)) / 2
+    loss = F.cross_entropy(-d_pos, target_labels.long()) + F.cross_entropy(-d_neg, target_labels.long())
+    return -(d_pos + d_neg), loss / batch_size
+
+
+def visil_fcn(fcn, similarity: Tensor) -> Tensor:
+    """The released ``VisilFCN.forward``: ``q s lq ls -> (q s) 1 lq ls``, conv1, pool1, relu, conv2, pool2, relu,
+    conv3, conv4, hardtanh, back to ``q s lq ls``."""
+    q, s, lq, ls = similarity.shape
+    x = similarity.reshape(q * s, 1, lq, ls)
+    x = torch.relu(F.max_pool2d(fcn.conv1(x), (2, 2), stride=2))
+    x = torch.relu(F.max_pool2d(fcn.conv2(x), (2, 2), stride=2))
+    x = F.hardtanh(fcn.conv4(fcn.conv3(x)))
+    return x.reshape(q, s, x.shape[-2], x.shape[-1])
+
+
+def chamfer_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, target_labels: Tensor,
+                    way: int, shot: int) -> tuple[Tensor, Tensor]:
+    """The released ``MatchingBasedFewShotModel.forward`` and ``FewShotHead.loss`` for one episode.
+
+    Supports come class-major, as the released ``VideoFeatureReader`` yields them (the released joint matching and
+    ``get_video_to_class_similarity`` rely on that order). The matching function is taken from the module that
+    ``get_matching_function`` picks, the transpose and the ViSiL filter as ``forward`` applies them.
+
+    Returns:
+        logits ``(Q, N)`` and the cross-entropy (mean over the queries).
+    """
+    from itertools import combinations
+
+    o = model.options
+    n_q, n_s = query.shape[0], support.shape[0]
+    if o.tuple_length > 1:  # index_select each tuple, reshape (the frames concatenated), stack
+        tuples = [torch.tensor(c) for c in combinations(range(support.shape[1]), o.tuple_length)]
+        support = torch.stack([torch.index_select(support, -2, p).reshape(n_s, -1) for p in tuples], dim=-2)
+        query = torch.stack([torch.index_select(query, -2, p).reshape(n_q, -1) for p in tuples], dim=-2)
+    if o.projection:
+        support, query = model.layer_norm(model.fc(support)), model.layer_norm(model.fc(query))
+    l = support.shape[1]
+    sim = cos_sim(query.reshape(n_q * l, -1), support.reshape(n_s * l, -1), o.cos_eps)  # (qb ql) (sb sl)
+    sim = sim.reshape(n_q, l, n_s, l).permute(0, 2, 1, 3)  # qb sb ql sl
+    if o.class_matching == "joint":  # q (w s) lq ls -> q w lq (s ls)
+        sim = sim.reshape(n_q, way, shot, l, l).permute(0, 1, 3, 2, 4).reshape(n_q, way, l, shot * l)
+    fn = "chamfer" if o.matching == "visil" else o.matching
+    sim_t = sim.transpose(-2, -1) if fn in ("chamfer-support", "chamfer") else None
+    if o.matching == "visil":
+        sim = visil_fcn(model.visil, sim)
+        sim_t = visil_fcn(model.visil, sim_t)
+
+    def matching(x: Tensor) -> Tensor:
+        if fn.startswith("chamfer"):
+            return torch.mean(torch.max(x, dim=-1)[0], -1)
+        if fn == "diag":
+            return torch.mean(torch.diagonal(x, offset=0, dim1=-1, dim2=-2), -1)
+        if fn == "linear":
+            q, s = x.shape[:2]
+            return model.linear(x.reshape(q * s, -1)).reshape(q, s)
+        if fn == "mean":
+            return torch.mean(torch.sum(x, dim=-1), dim=-1)
+        if fn == "max":
+            return torch.max(torch.max(x, dim=-1)[0], dim=-1)[0]
+        if fn == "otam":
+            distance = 1 - x
+            votes = otam_cum_dist(distance, o.otam_lambda) + otam_cum_dist(distance.permute(0, 1, 3, 2), o.otam_lambda)
+            return -(votes * 0.5)
+        raise ValueError(fn)
+
+    if fn == "chamfer-support":
+        v2v = matching(sim_t)
+    elif fn == "chamfer":
+        v2v = 0.5 * (matching(sim) + matching(sim_t))
+    else:
+        v2v = matching(sim)
+    v2c = torch.mean(v2v.reshape(n_q, way, -1), dim=2)  # a (b c) -> a b c, b = way
+    v2c = v2c * model.temperature_weight
+    v2c = v2c * model.global_temperature
+    return v2c, F.cross_entropy(v2c, target_labels.long())

@@ -41,6 +41,8 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("hyrsm++", "mdmf_cache.heads.hyrsm_pp", "HyRSM++ as released: HyRSM plus the temporal-coherence regulariser"),
     Entry("trx", "mdmf_cache.heads.trx", "TRX (CVPR 2021) as released: cross-transformers over frame pairs and triples"),
     Entry("mpl", "mdmf_cache.heads.mpl", "MPL as released: query-augmented supports, shot attention, match-guided key frames"),
+    Entry("team", "mdmf_cache.heads.team", "TEAM (CVPR 2025) as released: pattern tokens, class-adapted supports, no alignment"),
+    Entry("chamfer", "mdmf_cache.heads.chamfer", "Chamfer++ (2023) as released: frame triples, joint symmetric Chamfer; matching=... switches"),
     Entry("otam", "mdmf_cache.heads.otam", "OTAM (CVPR 2020) as released: ordered temporal alignment to every support",
           parametric=False),
     Entry("tsn", "mdmf_cache.heads.tsn", "TSN (ECCV 2016) as released: mean-pooled videos, mean cosine to every support",

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, class_means, with_correct
