@@ -421,3 +421,56 @@ def test_trx_chunks_score_as_one_pass(monkeypatch) -> None:
     for path, logits in whole.items():
         chunked = score("trx", split, eps, model, batch_size=4, path=path, keep_logits=True).logits
         np.testing.assert_allclose(chunked, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"motion_weight": 1.0},  # the SSv2 configs' MOTION_COFF
+    {"motion_weight": 0.5, "normal_weight": 0.7, "depth": 2, "otam_bidirectional": False},
+    {},  # UCF101's MOTION_COFF 0: the motion stream is not built (the release multiplies all of it by 0)
+])
+def test_cpm2c_matches_reference(overrides: dict) -> None:
+    """CPM2C's logits, loss (summed CE + 0.5 x the video-text CE + the consistency with the true query text) and
+    gradients equal the released forward of D-XH/CLIP-MEI re-derived per episode, supports shuffled, prototypes
+    grouped by ``unique(labels)``, a cell-by-cell OTAM; the head's per-episode loss is the released per-task loss
+    times ``TASKS_PER_BATCH``."""
+    from tests.reference_heads import cpm2c_episode
+
+    model = _head("cpm2c", torch.float64, dropout_off=True, **overrides).train()
+    model.scale.data.fill_(1.7)
+    ref = copy.deepcopy(model)
+    ep = _episodes(torch.float64)
+    out = _forward(model, ep)
+    loss, parts = model.loss(out, ep["labels"], ep["classes"])
+    loss.backward()
+    assert {"text", "consistency"} <= set(parts) and model.motion == bool(overrides.get("motion_weight", 0.0))
+    tpb = model.options.tasks_per_batch
+
+    def episode(i: int, g: torch.Generator) -> tuple:
+        support, sup_labels = _shuffled(ep, i, g)
+        logits, li = cpm2c_episode(ref, support, sup_labels, ep["query"][i], ep["labels"][i],
+                                   ep["classes"][i][sup_labels], ep["classes"][i][ep["labels"][i]], ep["class_text"])
+        return out["logits"][i], logits, li * tpb
+
+    _equals_reference(model, ref, loss, episode)
+
+
+def test_cpm2c_released_defaults() -> None:
+    spec = heads.get("cpm2c")
+    opts = lambda dataset: spec.make_options(None, {}, DataInfo(dim=D, num_frames=T, num_classes=C, dataset=dataset))
+    assert {ds: opts(ds).motion_weight for ds in ("ucf101", "ssv2-full", "ssv2-small", "hmdb51", "folder")} == {
+        "ucf101": 0.0, "ssv2-full": 1.0, "ssv2-small": 1.0, "hmdb51": 1.0, "folder": 1.0}
+    o = opts("ssv2-full")
+    assert (o.normal_weight, o.text_loss_weight, o.consistency_weight, o.tasks_per_batch) == (1.0, 0.5, 0.001, 16)
+    assert (o.heads, o.ffn_dim, o.depth, o.attn_dropout, o.ffn_dropout, o.cos_eps, o.otam_lambda, o.token_mix) == (
+        8, 2048, 1, 0.2, 0.05, 0.01, 0.5, 0.1)
+    assert o.otam_bidirectional and not spec.transductive and not spec.per_video
+    assert spec.train_shot(1) == 1 and spec.train_shot(5) == 5 and spec.train_queries(1) == 4
+    explicit = spec.make_options(None, {"motion_weight": 0.25}, DataInfo(dim=D, dataset="ucf101"))
+    assert explicit.motion_weight == 0.25  # an explicit value wins
+    # the released module's count: context2 (4 D^2 + 4100 D + 2048), scale, two tokens, two Conv1d(D, D, 3)
+    assert sum(p.numel() for p in spec.build(o).parameters()) == 10 * D * D + 4104 * D + 2049
+    assert sum(p.numel() for p in spec.build(opts("ucf101")).parameters()) == 4 * D * D + 4101 * D + 2049
+    for bad in ({"motion_weight": float("nan")}, {"token_mix": float("inf")}, {"attn_dropout": 1.0},
+                {"otam_lambda": 0.0}, {"tasks_per_batch": 0}, {"consistency_weight": -1.0}):
+        with pytest.raises(Exception, match="cpm2c options"):
+            spec.make_options(None, bad, DataInfo(dim=D, num_frames=T))
