@@ -166,6 +166,13 @@ def test_checkpoint_round_trip(method: str) -> None:
     assert record["options"] == dataclasses.asdict(rebuilt.options)
 
 
+#: Head options of the learning test where a head's released widths do not fit its budget: CLIP-MEI's attention
+#: layers are 8 x 256 wide and its feed-forward blocks 2048 whatever D, so at the demo's D = 64 it costs about three
+#: times what the other heads do, and the shared lr 3e-3 is too high for it (it does not learn in 96 episodes there;
+#: 3e-4 does). Narrower layers keep the test what it is, a short check of the training loop, at the shared lr.
+LEARN_OPTIONS: dict[str, dict] = {"clip-mei": {"head_dim": 32, "ffn_dim": 256, "token_ffn_dim": 256}}
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("method", [m for m in heads.METHODS if heads.REGISTRY[m].parametric])
 def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
@@ -181,13 +188,14 @@ def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
     from mdmf_cache.store import load_split_features
     from mdmf_cache.training import run_train
 
+    options = LEARN_OPTIONS.get(method, {})
     run_train(TrainConfig(cache=str(demo_cache), out=str(tmp_path / "r"), method=method, shot=2, train_queries=2,
-                          episodes=96, episodes_per_step=16, val_every=96, val_episodes=50, lr=3e-3, seed=0),
+                          heads=options, episodes=96, episodes_per_step=16, val_every=96, val_episodes=50, lr=3e-3, seed=0),
               progress=False)
     train = load_split_features(demo_cache, "train")
     eps = episode_list(train, 5, 2, 1, 100, seed=0)
     torch.manual_seed(0)
-    untrained = build_model(None, train.features.shape[-1], train.features.shape[2], {}, method,
+    untrained = build_model(None, train.features.shape[-1], train.features.shape[2], options, method,
                             num_classes=train.num_classes, shot=2).eval()
     before = score(method, train, eps, untrained).mean * 100
     after = score(method, train, eps, load_run(tmp_path / "r", "cpu")[0]).mean * 100

@@ -40,6 +40,7 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("hyrsm", "mdmf_cache.heads.hyrsm", "HyRSM (CVPR 2022) as released: 1-shot and 5-shot forms, per-query set attention, Bi-MHM"),
     Entry("hyrsm++", "mdmf_cache.heads.hyrsm_pp", "HyRSM++ as released: HyRSM plus the temporal-coherence regulariser"),
     Entry("cpm2c", "mdmf_cache.heads.cpm2c", "CLIP-CPM2C (Neurocomputing 2025) as released: text-consistent query token, motion stream, OTAM"),
+    Entry("clip-mei", "mdmf_cache.heads.clip_mei", "CLIP-MEI (KBS 2025) as released, test label leak removed: QSA tokens, transductive TFE, MIC, OTAM"),
     Entry("trx", "mdmf_cache.heads.trx", "TRX (CVPR 2021) as released: cross-transformers over frame pairs and triples"),
     Entry("otam", "mdmf_cache.heads.otam", "OTAM (CVPR 2020) as released: ordered temporal alignment to every support",
           parametric=False),
