@@ -407,3 +407,81 @@ def cpm2c_episode(model, support: Tensor, support_labels: Tensor, query: Tensor,
     loss = (o.text_loss_weight * _released_loss(class_logits, torch.cat([real_support, real_target])) / tpb
             + 1.0 * _released_loss(logits, target_labels) / tpb + o.consistency_weight * consist)
     return logits, loss
+
+
+def clip_mei_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, target_labels: Tensor,
+                     real_support: Tensor, real_target: Tensor, class_text: Tensor) -> tuple[Tensor, Tensor]:
+    """The released ``CNN.forward`` of D-XH/CLIP-MEI ``models/model_clipmei.py`` (training branch, dropout off) and the
+    ``clipmei`` branch of ``run/main_run.py``'s loss for one episode, in the release's order: MIC (``mo``), QSA
+    (``cpt_sem`` / ``sem`` / ``se_te``), TFE (``taskM``), the logits.
+
+    The query token is made as released, from the mean of the queries' TRUE class texts
+    (``target_context_support.mean(0)``); with as many queries in every class it equals the head's mean of the
+    episode's class texts.
+
+    Args:
+        model: the project's CLIPMEI (weights and options read).
+        support: ``(S, T, D)`` in any order; support_labels ``(S,)`` episode labels.
+        query: ``(Q, T, D)`` in any order; target_labels ``(Q,)``.
+        real_support, real_target: split class ids of the supports and queries.
+        class_text: ``(C, D)`` ``text_features_train``.
+
+    Returns:
+        logits ``(Q, N)`` and the released per-task loss (``CE / TASKS_PER_BATCH + 0.001 dists``).
+    """
+    o = model.options
+    tv1 = lambda layer, x: transformer_v1([layer], x, x, x)  # noqa: E731
+    mix = o.token_mix
+    context_support = class_text[real_support].unsqueeze(1)  # (S, 1, D)
+    target_context_support = class_text[real_target].unsqueeze(1)  # (Q, 1, D)
+    su, qu = support, query
+
+    def get_motion_feats(x: Tensor) -> Tensor:  # (B, T, D) -> (B, D)
+        conv = model.motion_conv2(model.motion_conv1(x.permute(0, 2, 1)))
+        f = conv[:, :, 1:] - x.permute(0, 2, 1)[:, :, :-1]
+        b = conv[:, :, :-1] - x.permute(0, 2, 1)[:, :, 1:]
+        return (0.5 * (f + b)).mean(-1)
+
+    def dis(x: Tensor, y: Tensor) -> Tensor:
+        dim = [-2, -1] if len(x.shape) == 3 else [-1]
+        return torch.mean(torch.norm(x - y, dim=dim) ** 2)
+
+    def se_te(x: Tensor, token: Tensor) -> tuple[Tensor, Tensor]:
+        seq = torch.cat([token, x + mix * token], dim=1)
+        seq = tv1(model.context2, seq)
+        return seq[:, 1:, :], seq[:, 0, :].unsqueeze(1)
+
+    # MIC
+    su_mo, qu_mo = get_motion_feats(su), get_motion_feats(qu)
+    su_m = torch.cat([su_mo.unsqueeze(1), su + mix * su_mo.unsqueeze(1)], dim=1)
+    qu_m = torch.cat([qu_mo.unsqueeze(1), qu + mix * qu_mo.unsqueeze(1)], dim=1)
+    qu_m, su_m = tv1(model.context2, qu_m), tv1(model.context2, su_m)
+    qu_mo, su_mo, qu_m, su_m = qu_m[:, 0, :], su_m[:, 0, :], qu_m[:, 1:, :], su_m[:, 1:, :]
+    mo_dist_pre = dis(get_motion_feats(qu_m), qu_mo) + dis(get_motion_feats(su_m), su_mo)
+    # QSA
+    token = target_context_support.mean(0)  # (1, 1, D): the released (label-reading) token
+    target_token = model.token_mlp(token.expand(qu.size(0), -1, -1) * qu.mean(dim=[1, 2], keepdim=True))
+    qu_real, token_q_real = se_te(qu, target_context_support)
+    qu_fake, token_q_fake = se_te(qu, target_token)
+    su_real, _ = se_te(su, context_support)
+    unique = torch.unique(support_labels)
+    su_pro = torch.stack([su_real[support_labels == c].mean(0) for c in unique])
+    text_distance = (dis(target_context_support, target_token) + dis(token_q_real, token_q_fake)) * 0.5
+    consist_distance = dis(torch.cat([token_q_real, qu_real], dim=1), torch.cat([token_q_fake, qu_fake], dim=1))
+    class_dists_l = _otam_v2_distance(model, su_pro, qu_fake)
+    dists = consist_distance + text_distance + model.mo_alpha[0] * mo_dist_pre
+    # TFE
+    suu = torch.stack([su_real[support_labels == c] for c in unique])  # (N, K, T, D)
+    cn = suu.size(0)
+    token_s = torch.mean(torch.cat([suu, qu_fake.unsqueeze(0).repeat(cn, 1, 1, 1)], dim=1), dim=1)  # (N, T, D)
+    token_q = torch.mean(token_s, dim=0, keepdim=True)
+    su_t = torch.cat([token_s, su_real], dim=0).permute(1, 0, 2)  # (T, N+S, D)
+    qu_t = torch.cat([token_q, qu_fake], dim=0).permute(1, 0, 2)
+    _su = tv1(model.context1, su_t).permute(1, 0, 2)
+    _qu = tv1(model.context1, qu_t).permute(1, 0, 2)
+    su_2, qu_2, su_t2, qu_t2 = _su[cn:], _qu[1:], _su[:cn], _qu[0].unsqueeze(0)
+    su_pro2 = torch.stack([su_2[support_labels == c].mean(0) for c in unique])
+    task_dist = _otam_v2_distance(model, su_pro2, qu_2) + _otam_v2_distance(model, su_t2, qu_t2)
+    logits = -(o.qsa_weight * class_dists_l + task_dist)
+    loss = _released_loss(logits, target_labels) / o.tasks_per_batch + o.aux_weight * dists
+    return logits, loss
