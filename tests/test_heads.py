@@ -462,6 +462,18 @@ def test_cpm2c_matches_reference(overrides: dict) -> None:
     _equals_reference(model, ref, loss, episode)
 
 
+@pytest.mark.parametrize("shot", [1, 3])
+def test_cpm2c_per_video_with_motion(shot: int) -> None:
+    """The per-video path with the motion stream built (the parametrised test's UCF101 head has none)."""
+    split = _split()
+    model = _head("cpm2c", motion_weight=0.5).eval()
+    eps = EpisodeSampler(split.labels.numpy(), 8).sample(20, 5, shot, 2, np.random.default_rng(shot))
+    direct = score("cpm2c", split, eps, model, seed=3, batch_size=8, path="direct", keep_logits=True)
+    fast = score("cpm2c", split, eps, model, seed=3, batch_size=8, keep_logits=True)
+    np.testing.assert_allclose(fast.logits, direct.logits, rtol=1e-4, atol=1e-4)
+    assert fast.fused is not None
+
+
 def test_cpm2c_released_defaults() -> None:
     spec = heads.get("cpm2c")
     opts = lambda dataset: spec.make_options(None, {}, DataInfo(dim=D, num_frames=T, num_classes=C, dataset=dataset))
@@ -471,7 +483,7 @@ def test_cpm2c_released_defaults() -> None:
     assert (o.normal_weight, o.text_loss_weight, o.consistency_weight, o.tasks_per_batch) == (1.0, 0.5, 0.001, 16)
     assert (o.heads, o.ffn_dim, o.depth, o.attn_dropout, o.ffn_dropout, o.cos_eps, o.otam_lambda, o.token_mix) == (
         8, 2048, 1, 0.2, 0.05, 0.01, 0.5, 0.1)
-    assert o.otam_bidirectional and not spec.transductive and not spec.per_video
+    assert o.otam_bidirectional and not spec.transductive and spec.per_video
     assert spec.train_shot(1) == 1 and spec.train_shot(5) == 5 and spec.train_queries(1) == 4
     explicit = spec.make_options(None, {"motion_weight": 0.25}, DataInfo(dim=D, dataset="ucf101"))
     assert explicit.motion_weight == 0.25  # an explicit value wins

@@ -33,6 +33,9 @@ consistency.
 
 The released code also computes a "global" distance on the token outputs; every config weighs it 0
 (``LMD: [0.5, 1, 0]``) in the loss and the logits, so it is not computed here.
+
+Evaluation runs per video (:class:`CPM2CScorer`): in eval mode every pass depends on one video and its token
+(a query's the learnable one, a support's its class text).
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mdmf_cache.backbone import heads_autocast
 from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_means, episode_ce, query_classes,
                                    support_classes, with_correct)
 from mdmf_cache.heads.spec import DataInfo, HeadSpec
@@ -185,16 +190,14 @@ class CPM2C(FewShotHead):
             self.motion_conv2 = nn.Conv1d(d, d, kernel_size=3, padding=1)
             self.class_token_motion = nn.Parameter(torch.randn(d))
 
-    def streams(self, support: Tensor, query: Tensor) -> list[tuple[str, Tensor, Tensor, Tensor, float]]:
-        """``(name, support (E, S, L, D), query (E, Q, L, D), learnable token (D,), weight)`` per stream."""
+    def streams(self, videos: Tensor) -> list[tuple[str, Tensor, Tensor, float]]:
+        """``(name, sequence (E, B, L, D), learnable token (D,), weight)`` per stream of ``videos (E, B, T, D)``."""
         o = self.options
-        out = [("frames", support, query, self.class_token, o.normal_weight)]
+        out = [("frames", videos, self.class_token, o.normal_weight)]
         if self.motion:
-            e, s, t, d = support.shape
-            q = query.shape[1]
-            both = motion_difference(torch.cat([support, query], dim=1).reshape(e * (s + q), t, d),
-                                     self.motion_conv1, self.motion_conv2).reshape(e, s + q, t - 1, d)
-            out.append(("motion", both[:, :s], both[:, s:], self.class_token_motion, float(o.motion_weight)))
+            e, b, t, d = videos.shape
+            motion = motion_difference(videos.reshape(e * b, t, d), self.motion_conv1, self.motion_conv2)
+            out.append(("motion", motion.reshape(e, b, t - 1, d), self.class_token_motion, float(o.motion_weight)))
         return out
 
     def modulate(self, seq: Tensor, token: Tensor) -> Tensor:
@@ -227,7 +230,8 @@ class CPM2C(FewShotHead):
             out["class_logits"] = self.scale * cosine_similarity(pooled, class_text.to(pooled.dtype), o.cos_eps)
         support_text = text.repeat_interleave(s // n, dim=1)  # (E, S, D): each support carries its class's text
         dist = 0.0
-        for name, sup, qry, token, weight in self.streams(support, query):
+        for name, seq, token, weight in self.streams(torch.cat([support, query], dim=1)):
+            sup, qry = seq[:, :s], seq[:, s:]  # (E, S, L, D), (E, Q, L, D)
             real = self.modulate(sup, support_text)  # (E, S, L+1, D)
             fake = self.modulate(qry, token.expand(e, q, d))  # (E, Q, L+1, D)
             dist = dist + weight * self.distance(fake[:, :, 1:], class_means(real[:, :, 1:], n))
@@ -278,6 +282,56 @@ class CPM2C(FewShotHead):
         parts["total"] = total.detach()
         return total, parts
 
+    def per_video(self, features: Tensor, text: Tensor, episodes, uniforms: np.ndarray,
+                  batch_size: int = 500) -> "CPM2CScorer":
+        return CPM2CScorer(self, features, text, episodes, batch_size)
+
+
+class CPM2CScorer:
+    """Per-video evaluation of CPM2C: in eval mode a query's passes depend on the video alone (the learnable
+    tokens) and a support's on the video and its class's text, so each stream's transformer pass runs once per
+    video; per episode only the prototypes (class means) and OTAM."""
+
+    def __init__(self, model: CPM2C, features: Tensor, text: Tensor, episodes, batch_size: int = 500) -> None:
+        if model.training:
+            raise ValueError("the per-video path needs the model in eval mode (dropout off)")
+        self.model, self.episodes = model, episodes
+        self.chunk = max(batch_size * 30, 1)  # videos per transformer batch
+        query_videos, query_slot = np.unique(episodes.query, return_inverse=True)
+        support_videos, support_slot = np.unique(episodes.support, return_inverse=True)
+        self.query_slot, self.support_slot = query_slot.reshape(episodes.query.shape), support_slot.reshape(episodes.support.shape)
+        cls = np.zeros(len(support_videos), dtype=np.int64)  # a support always carries its own class's text
+        cls[self.support_slot.ravel()] = np.repeat(episodes.classes, episodes.shot, axis=1).ravel()
+        with torch.no_grad(), heads_autocast(features.device):
+            self.query_tables = self._tables(features, query_videos, None)
+            self.support_tables = self._tables(features, support_videos, text[torch.as_tensor(cls, device=text.device)])
+        self.fused = len(query_videos) + len(support_videos)
+
+    def _tables(self, features: Tensor, videos: np.ndarray, tokens: Tensor | None) -> list[Tensor]:
+        """Per stream, the frame outputs ``(U, L, D)`` of the videos' passes (``tokens (U, D)``: their class texts;
+        None: the learnable token)."""
+        model, dev = self.model, features.device
+        parts: list[list[Tensor]] = []
+        for i in range(0, len(videos), self.chunk):
+            x = features[torch.as_tensor(videos[i : i + self.chunk], device=dev)].float()[None]  # (1, B, T, D)
+            b = x.shape[1]
+            outs = [model.modulate(seq, (token.expand(1, b, -1) if tokens is None else tokens[i : i + b][None]))[0, :, 1:]
+                    for _, seq, token, _ in model.streams(x)]  # (B, L, D) per stream
+            parts.append(outs)
+        return [torch.cat(col) for col in zip(*parts)]
+
+    @torch.no_grad()
+    def logits(self, lo: int, hi: int) -> Tensor:
+        model, ep = self.model, self.episodes[lo:hi]
+        dev = self.query_tables[0].device
+        q_slots = torch.as_tensor(self.query_slot[lo:hi], device=dev)  # (E, Q)
+        s_slots = torch.as_tensor(self.support_slot[lo:hi], device=dev)  # (E, S)
+        weights = [model.options.normal_weight] + ([float(model.options.motion_weight)] if model.motion else [])
+        with heads_autocast(dev):
+            dist = sum(w * model.distance(qt[q_slots], class_means(st[s_slots], ep.way))
+                       for w, qt, st in zip(weights, self.query_tables, self.support_tables))
+        return -dist
+
 
 SPEC = HeadSpec(
     name="cpm2c",
@@ -288,7 +342,7 @@ SPEC = HeadSpec(
     source="Guo et al., Consistency prototype module and motion compensation for few-shot action recognition "
            "(CLIP-CPM2C), Neurocomputing 611 (2025) 128649; released code D-XH/CLIP-MEI models/model_cpm2c.py "
            "(CLIP_CPMMC_FSAR, loss in run/main_run.py), the authors' original cofly2014/CPM-MC",
-    per_video=False,
+    per_video=True,
     space={"text-loss-weight": "0:1", "consistency-weight": "0.0001:0.01:log", "motion-weight": "0:1"},
     train_shot=lambda k: k,  # TRAIN.SHOT is the test shot too
     train_queries=lambda k: 4,  # QUERY_PER_CLASS 4 (ucf, ssv2_otam; the ssv2_cmn config has 5)
