@@ -5,11 +5,14 @@ dataset and shot, plus the numbers a head's own release reports in its README (C
 CLIP; the backbone travels with every number so that a table never shows one as a CLIP result.
 Where the CLIP-MDMF paper marks a number as its own re-implementation and the original paper
 published another, :data:`PUBLISHED` holds the original's.
+
+A few heads that the CLIP-MDMF paper does not list have rows from their own authors' release;
+:data:`SOURCES` names where each method's rows come from (the CLIP-MDMF paper where it is not listed).
 """
 
 from __future__ import annotations
 
-__all__ = ["REPORTED", "PUBLISHED", "reported", "backbone_of", "DATASET_LABELS"]
+__all__ = ["REPORTED", "PUBLISHED", "SOURCES", "reported", "backbone_of", "DATASET_LABELS"]
 
 DATASET_LABELS = {"hmdb51": "HMDB51", "ucf101": "UCF101", "kinetics100": "Kinetics-100", "ssv2-full": "SSv2-Full",
                   "ssv2-small": "SSv2-Small"}
@@ -42,6 +45,18 @@ REPORTED: dict[tuple[str, str, str, int], float] = {
     # numbers are on TSL's own 64/12/24-class split, not ARN's, and are left out.
     **_rows("chamfer", _R21D, (None, None, None), (None, None, None), (96.1, None, 98.3), (67.8, None, 81.6),
             (None, None, None)),
+    # CLIP-MEI: the "Results" tables of its authors' README (D-XH/CLIP-MEI), "CLIP-RN50" and "CLIP-VIT" (the code's
+    # only ViT is ViT-B/16); "Kinetics" is the CMN Kinetics-100 split, "SSv2-FULL" the OTAM split; no SSv2-Small row.
+    **_rows("clip-mei", "CLIP-RN50", (76.4, 83.0, 84.9), (93.7, 97.0, 97.5), (90.1, 92.9, 93.6), (61.6, 65.9, 68.5),
+            (None, None, None)),
+    **_rows("clip-mei", "CLIP-ViT-B/16", (75.9, 85.9, 88.5), (94.9, 98.2, 98.9), (87.7, 95.3, 96.0), (67.8, 76.6, 79.8),
+            (None, None, None)),
+}
+
+#: Where a method's :data:`REPORTED` rows come from, when not from the CLIP-MDMF paper's Tables 1-2.
+SOURCES: dict[str, str] = {
+    "clip-mei": "D-XH/CLIP-MEI README (Deng et al., KBS 2025), 5-way, 1 query per class per test episode",
+    "chamfer": "jbertrand89/temporal_matching MODEL_ZOO.md (Chamfer++, R(2+1)D features, mean of three seeds)",
 }
 
 #: Where the CLIP-MDMF paper re-implemented a method and gives the original paper's number in parentheses.

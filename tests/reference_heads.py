@@ -606,3 +606,164 @@ def chamfer_episode(model, support: Tensor, support_labels: Tensor, query: Tenso
     v2c = v2c * model.temperature_weight
     v2c = v2c * model.global_temperature
     return v2c, F.cross_entropy(v2c, target_labels.long())
+def _otam_v2_distance(model, support_seq: Tensor, target_seq: Tensor) -> Tensor:
+    """The released ``otam_distance`` of CPM2C / CLIP-MEI: ``1 - cos_sim`` of the flattened frames,
+    ``(tb ts) (sb ss) -> tb sb ts ss``, ``OTAM_cum_dist_v2`` (lambda from the options) one way or both."""
+    o = model.options
+    n_q, n_s = target_seq.shape[0], support_seq.shape[0]
+    lq, ls, d = target_seq.shape[1], support_seq.shape[1], target_seq.shape[2]
+    frame_dists = 1 - cos_sim(target_seq.reshape(-1, d), support_seq.reshape(-1, d), o.cos_eps)
+    dists = frame_dists.reshape(n_q, lq, n_s, ls).permute(0, 2, 1, 3)  # tb sb ts ss
+    cum = otam_cum_dist(dists, o.otam_lambda)
+    if o.otam_bidirectional:
+        cum = cum + otam_cum_dist(dists.permute(0, 1, 3, 2), o.otam_lambda)
+    return cum
+
+
+def _released_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """``utils.loss`` of the TRX-style runners on ``logits.unsqueeze(0)``: one sample, so minus the sum over the
+    rows of ``-F.cross_entropy(reduction='none')``, i.e. the cross-entropy summed over the rows."""
+    log_py = -F.cross_entropy(logits, labels, reduction="none").unsqueeze(0)  # (1, rows)
+    score = torch.logsumexp(log_py, dim=0) - math.log(1.0)
+    return -torch.sum(score, dim=0)
+
+
+def cpm2c_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, target_labels: Tensor,
+                  real_support: Tensor, real_target: Tensor, class_text: Tensor) -> tuple[Tensor, Tensor]:
+    """``CLIP_CPMMC_FSAR.forward`` as D-XH/CLIP-MEI ``models/model_cpm2c.py`` has it (training branch, dropout off) and
+    the ``cpm2c`` branch of ``run/main_run.py``'s loss (``LMD [0.5, 1, 0]``) for one episode.
+
+    Args:
+        model: the project's CPM2C (weights and options read; ``motion_weight`` 0: the motion stream, whose
+            every term the release multiplies by 0, is left out).
+        support: ``(S, T, D)`` in any order; support_labels ``(S,)`` episode labels.
+        query: ``(Q, T, D)``; target_labels ``(Q,)``.
+        real_support, real_target: split class ids of the supports and queries.
+        class_text: ``(C, D)`` ``text_features_train``.
+
+    Returns:
+        logits ``(Q, N)`` (``logits_local``) and the released per-task loss (its cross-entropies divided by
+        ``TASKS_PER_BATCH`` = the options' ``tasks_per_batch``, the consistency not).
+    """
+    o = model.options
+    layers = model.context2
+    tv1 = lambda x: transformer_v1(layers, x, x, x)  # noqa: E731
+    context_support = class_text[real_support].unsqueeze(1)  # (S, 1, D)
+    target_context_support = class_text[real_target].unsqueeze(1)  # (Q, 1, D): training only (consistency)
+
+    def motion_feats(x: Tensor) -> Tensor:
+        conv = model.motion_conv2(model.motion_conv1(x.permute(0, 2, 1)))
+        f = conv[:, :, 1:] - x.permute(0, 2, 1)[:, :, :-1]
+        b = conv[:, :, :-1] - x.permute(0, 2, 1)[:, :, 1:]
+        return (0.5 * (f + b)).permute(0, 2, 1)
+
+    def text_eh_temporal_transformer(sf: Tensor, tf: Tensor, token: Tensor) -> tuple:
+        n_s, n_t, length = sf.shape[0], tf.shape[0], sf.shape[1]
+        tf_t = tf + o.token_mix * target_context_support.repeat(1, length, 1)
+        target_contra = tv1(torch.cat([target_context_support, tf_t], dim=1))
+        s_token = token.expand(n_s, -1, -1)
+        sf_t = sf + o.token_mix * s_token.repeat(1, length, 1)
+        support_contra = tv1(torch.cat([s_token, sf_t], dim=1))
+        t_token = token.expand(n_t, -1, -1)
+        tf2 = tv1(torch.cat([t_token, tf + o.token_mix * t_token.repeat(1, length, 1)], dim=1))
+        ctx = context_support  # mid_layer: an empty nn.Sequential
+        sf2 = tv1(torch.cat([ctx, sf + o.token_mix * ctx.repeat(1, length, 1)], dim=1))
+        pro = torch.stack([sf2[support_labels == c].mean(0) for c in torch.unique(support_labels)])
+        return sf2, tf2, pro, support_contra, target_contra
+
+    def gap(a: Tensor, b: Tensor) -> Tensor:
+        return torch.mean(torch.norm(a - b, dim=[-2, -1]) ** 2)
+
+    feats = torch.cat([support, query], dim=0).mean(1)
+    class_logits = cos_sim(feats, class_text, o.cos_eps) * model.scale
+    sf, tf, pro, s_contra, t_contra = text_eh_temporal_transformer(support, query, model.class_token.view(1, 1, -1))
+    consist = o.normal_weight * (gap(sf, s_contra) + gap(tf, t_contra))
+    dists = o.normal_weight * _otam_v2_distance(model, pro[:, 1:], tf[:, 1:])
+    if o.motion_weight:
+        sm, tm = motion_feats(support), motion_feats(query)
+        sfm, tfm, prom, s_contra_m, t_contra_m = text_eh_temporal_transformer(sm, tm, model.class_token_motion.view(1, 1, -1))
+        consist = consist + o.motion_weight * (gap(sfm, s_contra_m) + gap(tfm, t_contra_m))
+        dists = dists + o.motion_weight * _otam_v2_distance(model, prom[:, 1:], tfm[:, 1:])
+    logits = -dists
+    tpb = o.tasks_per_batch
+    loss = (o.text_loss_weight * _released_loss(class_logits, torch.cat([real_support, real_target])) / tpb
+            + 1.0 * _released_loss(logits, target_labels) / tpb + o.consistency_weight * consist)
+    return logits, loss
+
+
+def clip_mei_episode(model, support: Tensor, support_labels: Tensor, query: Tensor, target_labels: Tensor,
+                     real_support: Tensor, real_target: Tensor, class_text: Tensor) -> tuple[Tensor, Tensor]:
+    """The released ``CNN.forward`` of D-XH/CLIP-MEI ``models/model_clipmei.py`` (training branch, dropout off) and the
+    ``clipmei`` branch of ``run/main_run.py``'s loss for one episode, in the release's order: MIC (``mo``), QSA
+    (``cpt_sem`` / ``sem`` / ``se_te``), TFE (``taskM``), the logits.
+
+    The query token is made as released, from the mean of the queries' TRUE class texts
+    (``target_context_support.mean(0)``); with as many queries in every class it equals the head's mean of the
+    episode's class texts.
+
+    Args:
+        model: the project's CLIPMEI (weights and options read).
+        support: ``(S, T, D)`` in any order; support_labels ``(S,)`` episode labels.
+        query: ``(Q, T, D)`` in any order; target_labels ``(Q,)``.
+        real_support, real_target: split class ids of the supports and queries.
+        class_text: ``(C, D)`` ``text_features_train``.
+
+    Returns:
+        logits ``(Q, N)`` and the released per-task loss (``CE / TASKS_PER_BATCH + 0.001 dists``).
+    """
+    o = model.options
+    tv1 = lambda layer, x: transformer_v1([layer], x, x, x)  # noqa: E731
+    mix = o.token_mix
+    context_support = class_text[real_support].unsqueeze(1)  # (S, 1, D)
+    target_context_support = class_text[real_target].unsqueeze(1)  # (Q, 1, D)
+    su, qu = support, query
+
+    def get_motion_feats(x: Tensor) -> Tensor:  # (B, T, D) -> (B, D)
+        conv = model.motion_conv2(model.motion_conv1(x.permute(0, 2, 1)))
+        f = conv[:, :, 1:] - x.permute(0, 2, 1)[:, :, :-1]
+        b = conv[:, :, :-1] - x.permute(0, 2, 1)[:, :, 1:]
+        return (0.5 * (f + b)).mean(-1)
+
+    def dis(x: Tensor, y: Tensor) -> Tensor:
+        dim = [-2, -1] if len(x.shape) == 3 else [-1]
+        return torch.mean(torch.norm(x - y, dim=dim) ** 2)
+
+    def se_te(x: Tensor, token: Tensor) -> tuple[Tensor, Tensor]:
+        seq = torch.cat([token, x + mix * token], dim=1)
+        seq = tv1(model.context2, seq)
+        return seq[:, 1:, :], seq[:, 0, :].unsqueeze(1)
+
+    # MIC
+    su_mo, qu_mo = get_motion_feats(su), get_motion_feats(qu)
+    su_m = torch.cat([su_mo.unsqueeze(1), su + mix * su_mo.unsqueeze(1)], dim=1)
+    qu_m = torch.cat([qu_mo.unsqueeze(1), qu + mix * qu_mo.unsqueeze(1)], dim=1)
+    qu_m, su_m = tv1(model.context2, qu_m), tv1(model.context2, su_m)
+    qu_mo, su_mo, qu_m, su_m = qu_m[:, 0, :], su_m[:, 0, :], qu_m[:, 1:, :], su_m[:, 1:, :]
+    mo_dist_pre = dis(get_motion_feats(qu_m), qu_mo) + dis(get_motion_feats(su_m), su_mo)
+    # QSA
+    token = target_context_support.mean(0)  # (1, 1, D): the released (label-reading) token
+    target_token = model.token_mlp(token.expand(qu.size(0), -1, -1) * qu.mean(dim=[1, 2], keepdim=True))
+    qu_real, token_q_real = se_te(qu, target_context_support)
+    qu_fake, token_q_fake = se_te(qu, target_token)
+    su_real, _ = se_te(su, context_support)
+    unique = torch.unique(support_labels)
+    su_pro = torch.stack([su_real[support_labels == c].mean(0) for c in unique])
+    text_distance = (dis(target_context_support, target_token) + dis(token_q_real, token_q_fake)) * 0.5
+    consist_distance = dis(torch.cat([token_q_real, qu_real], dim=1), torch.cat([token_q_fake, qu_fake], dim=1))
+    class_dists_l = _otam_v2_distance(model, su_pro, qu_fake)
+    dists = consist_distance + text_distance + model.mo_alpha[0] * mo_dist_pre
+    # TFE
+    suu = torch.stack([su_real[support_labels == c] for c in unique])  # (N, K, T, D)
+    cn = suu.size(0)
+    token_s = torch.mean(torch.cat([suu, qu_fake.unsqueeze(0).repeat(cn, 1, 1, 1)], dim=1), dim=1)  # (N, T, D)
+    token_q = torch.mean(token_s, dim=0, keepdim=True)
+    su_t = torch.cat([token_s, su_real], dim=0).permute(1, 0, 2)  # (T, N+S, D)
+    qu_t = torch.cat([token_q, qu_fake], dim=0).permute(1, 0, 2)
+    _su = tv1(model.context1, su_t).permute(1, 0, 2)
+    _qu = tv1(model.context1, qu_t).permute(1, 0, 2)
+    su_2, qu_2, su_t2, qu_t2 = _su[cn:], _qu[1:], _su[:cn], _qu[0].unsqueeze(0)
+    su_pro2 = torch.stack([su_2[support_labels == c].mean(0) for c in unique])
+    task_dist = _otam_v2_distance(model, su_pro2, qu_2) + _otam_v2_distance(model, su_t2, qu_t2)
+    logits = -(o.qsa_weight * class_dists_l + task_dist)
+    loss = _released_loss(logits, target_labels) / o.tasks_per_batch + o.aux_weight * dists
+    return logits, loss

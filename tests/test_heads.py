@@ -172,10 +172,13 @@ def test_checkpoint_round_trip(method: str) -> None:
 #: them too) where the shared ones teach too little or cost too much, on this cache's near-constant random-init
 #: features (video cosines about 0.99): TEAM's pattern tokens move slowly (6 steps of 16 episodes leave it at chance);
 #: MPL's queries enter its distance as raw features and it stays near chance for the first few dozen steps, then rises;
-#: Chamfer scores 1152-d triples (9 s) where 128-d ones show the same.
+#: Chamfer scores 1152-d triples (9 s) where 128-d ones show the same; CLIP-MEI's attention layers are 8 x 256 wide and
+#: its feed-forward blocks 2048 whatever D, three times the others' cost at the demo's D = 64, and the shared lr is too
+#: high for them (3e-4 learns): narrower layers keep the test what it is, a short check of the training loop.
 LEARN_SETTINGS: dict[str, dict] = {"team": {"episodes": 384, "episodes_per_step": 8, "lr": 1e-2},
                                    "chamfer": {"heads": {"projection_dim": 128}},
-                                   "mpl": {"episodes": 640, "episodes_per_step": 8, "lr": 5e-4}}
+                                   "mpl": {"episodes": 640, "episodes_per_step": 8, "lr": 5e-4},
+                                   "clip-mei": {"heads": {"head_dim": 32, "ffn_dim": 256, "token_ffn_dim": 256}}}
 
 
 @pytest.mark.integration
@@ -621,3 +624,140 @@ def test_chamfer_released_defaults() -> None:
                 {"matching": "visil", "tuple_length": 8}):
         with pytest.raises(Exception, match="chamfer options"):
             spec.make_options(None, bad, DataInfo(dim=D, num_frames=8))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"motion_weight": 1.0},  # the SSv2 configs' MOTION_COFF
+    {"motion_weight": 0.5, "normal_weight": 0.7, "depth": 2, "otam_bidirectional": False},
+    {},  # UCF101's MOTION_COFF 0: the motion stream is not built (the release multiplies all of it by 0)
+])
+def test_cpm2c_matches_reference(overrides: dict) -> None:
+    """CPM2C's logits, loss (summed CE + 0.5 x the video-text CE + the consistency with the true query text) and
+    gradients equal the released forward of D-XH/CLIP-MEI re-derived per episode, supports shuffled, prototypes
+    grouped by ``unique(labels)``, a cell-by-cell OTAM; the head's per-episode loss is the released per-task loss
+    times ``TASKS_PER_BATCH``."""
+    from tests.reference_heads import cpm2c_episode
+
+    model = _head("cpm2c", torch.float64, dropout_off=True, **overrides).train()
+    model.scale.data.fill_(1.7)
+    ref = copy.deepcopy(model)
+    ep = _episodes(torch.float64)
+    out = _forward(model, ep)
+    loss, parts = model.loss(out, ep["labels"], ep["classes"])
+    loss.backward()
+    assert {"text", "consistency"} <= set(parts) and model.motion == bool(overrides.get("motion_weight", 0.0))
+    tpb = model.options.tasks_per_batch
+
+    def episode(i: int, g: torch.Generator) -> tuple:
+        support, sup_labels = _shuffled(ep, i, g)
+        logits, li = cpm2c_episode(ref, support, sup_labels, ep["query"][i], ep["labels"][i],
+                                   ep["classes"][i][sup_labels], ep["classes"][i][ep["labels"][i]], ep["class_text"])
+        return out["logits"][i], logits, li * tpb
+
+    _equals_reference(model, ref, loss, episode)
+
+
+@pytest.mark.parametrize("shot", [1, 3])
+def test_cpm2c_per_video_with_motion(shot: int) -> None:
+    """The per-video path with the motion stream built (the parametrised test's UCF101 head has none)."""
+    split = _split()
+    model = _head("cpm2c", motion_weight=0.5).eval()
+    eps = EpisodeSampler(split.labels.numpy(), 8).sample(20, 5, shot, 2, np.random.default_rng(shot))
+    direct = score("cpm2c", split, eps, model, seed=3, batch_size=8, path="direct", keep_logits=True)
+    fast = score("cpm2c", split, eps, model, seed=3, batch_size=8, keep_logits=True)
+    np.testing.assert_allclose(fast.logits, direct.logits, rtol=1e-4, atol=1e-4)
+    assert fast.fused is not None
+
+
+def test_cpm2c_released_defaults() -> None:
+    spec = heads.get("cpm2c")
+    opts = lambda dataset: spec.make_options(None, {}, DataInfo(dim=D, num_frames=T, num_classes=C, dataset=dataset))
+    assert {ds: opts(ds).motion_weight for ds in ("ucf101", "ssv2-full", "ssv2-small", "hmdb51", "folder")} == {
+        "ucf101": 0.0, "ssv2-full": 1.0, "ssv2-small": 1.0, "hmdb51": 1.0, "folder": 1.0}
+    o = opts("ssv2-full")
+    assert (o.normal_weight, o.text_loss_weight, o.consistency_weight, o.tasks_per_batch) == (1.0, 0.5, 0.001, 16)
+    assert (o.heads, o.ffn_dim, o.depth, o.attn_dropout, o.ffn_dropout, o.cos_eps, o.otam_lambda, o.token_mix) == (
+        8, 2048, 1, 0.2, 0.05, 0.01, 0.5, 0.1)
+    assert o.otam_bidirectional and not spec.transductive and spec.per_video
+    assert spec.train_shot(1) == 1 and spec.train_shot(5) == 5 and spec.train_queries(1) == 4
+    explicit = spec.make_options(None, {"motion_weight": 0.25}, DataInfo(dim=D, dataset="ucf101"))
+    assert explicit.motion_weight == 0.25  # an explicit value wins
+    # the released module's count: context2 (4 D^2 + 4100 D + 2048), scale, two tokens, two Conv1d(D, D, 3)
+    assert sum(p.numel() for p in spec.build(o).parameters()) == 10 * D * D + 4104 * D + 2049
+    assert sum(p.numel() for p in spec.build(opts("ucf101")).parameters()) == 4 * D * D + 4101 * D + 2049
+    for bad in ({"motion_weight": float("nan")}, {"token_mix": float("inf")}, {"attn_dropout": 1.0},
+                {"otam_lambda": 0.0}, {"tasks_per_batch": 0}, {"consistency_weight": -1.0}):
+        with pytest.raises(Exception, match="cpm2c options"):
+            spec.make_options(None, bad, DataInfo(dim=D, num_frames=T))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"head_dim": 4, "heads": 2, "qsa_weight": 0.8, "otam_bidirectional": False}])
+def test_clip_mei_matches_reference(overrides: dict) -> None:
+    """CLIP-MEI's logits, loss (summed CE + the released auxiliary distances) and gradients equal the released forward
+    of D-XH/CLIP-MEI re-derived per episode (supports and queries shuffled, prototypes and TFE class tokens grouped
+    by ``unique(labels)``, TFE over the videos in their shuffled order, a cell-by-cell OTAM); the query token of the
+    release reads the queries' true labels, which the head does not: with as many queries per class the two agree.
+    The head's per-episode loss is the released per-task loss times ``TASKS_PER_BATCH``."""
+    from tests.reference_heads import clip_mei_episode
+
+    model = _head("clip-mei", torch.float64, dropout_off=True, **overrides).train()
+    model.mo_alpha.data.fill_(0.6)
+    ref = copy.deepcopy(model)
+    ep = _episodes(torch.float64)
+    out = _forward(model, ep)
+    loss, parts = model.loss(out, ep["labels"], ep["classes"])
+    loss.backward()
+    assert {"consistency", "text", "motion", "alpha"} <= set(parts)
+    tpb = model.options.tasks_per_batch
+
+    def episode(i: int, g: torch.Generator) -> tuple:
+        support, sup_labels = _shuffled(ep, i, g)
+        qperm = torch.randperm(N * QC, generator=g)
+        tgt = ep["labels"][i][qperm]
+        logits, li = clip_mei_episode(ref, support, sup_labels, ep["query"][i][qperm], tgt,
+                                      ep["classes"][i][sup_labels], ep["classes"][i][tgt], ep["class_text"])
+        return out["logits"][i][qperm], logits, li * tpb
+
+    _equals_reference(model, ref, loss, episode)
+
+
+def test_clip_mei_reads_no_query_label_and_is_transductive() -> None:
+    """A query's logits depend on the other queries of its episode (TFE), and not on any query label: the logits of
+    an unbalanced episode (one query fewer, where the release's token, the mean of the true classes' texts, would
+    differ) are the same whatever labels are passed, and the query token is the mean of the episode's class texts."""
+    model = _head("clip-mei", torch.float64, dropout_off=True).eval()
+    ep = _episodes(torch.float64, e=1)
+    q = ep["query"].shape[1]
+    with torch.no_grad():
+        full = model(ep["support"], ep["query"], ep["text"])["logits"]
+        fewer = model(ep["support"], ep["query"][:, :-1], ep["text"], query_labels=ep["labels"][:, :-1])
+        other = model(ep["support"], ep["query"][:, :-1], ep["text"], query_labels=torch.zeros(1, q - 1, dtype=torch.long))
+    assert not torch.allclose(full[:, :-1], fewer["logits"])  # transductive
+    torch.testing.assert_close(fewer["logits"], other["logits"], rtol=0, atol=0)
+    model.train()
+    train_out = model(ep["support"], ep["query"][:, :-1], ep["text"])
+    mean_text = ep["text"].mean(dim=1)  # (1, D)
+    expected = model.token_mlp(mean_text[:, None] * ep["query"][:, :-1].mean(dim=(2, 3))[..., None])
+    torch.testing.assert_close(train_out["query_token"], expected)
+    spec = heads.get("clip-mei")
+    assert spec.transductive and spec.test_queries(1) == 1 and spec.test_queries(5) == 1 and not spec.per_video
+
+
+def test_clip_mei_released_defaults() -> None:
+    spec = heads.get("clip-mei")
+    o = spec.make_options(None, {}, DataInfo(dim=D, num_frames=T, dataset="hmdb51", shot=1))
+    assert (o.heads, o.head_dim, o.ffn_dim, o.token_ffn_dim, o.attn_dropout, o.ffn_dropout, o.token_dropout) == (
+        8, 256, 2048, 2048, 0.2, 0.05, 0.05)
+    assert (o.cos_eps, o.otam_lambda, o.otam_bidirectional, o.token_mix, o.qsa_weight, o.aux_weight, o.tasks_per_batch) == (
+        0.01, 0.5, True, 0.1, 0.5, 0.001, 16)
+    assert spec.train_shot(1) == 1 and spec.train_shot(5) == 5 and spec.train_queries(5) == 4
+    model = spec.build(o)
+    assert model.mo_alpha.item() == 1.0 and not hasattr(model, "scale")  # the release's scale is never used
+    # two Transformer_v1 (D -> 8 x 256 q/k/v, out, LN, FFN), two Conv1d(D, D, 3), token MLP D -> 2048 -> D, alpha
+    inner = 8 * 256
+    block = 3 * D * inner + inner * D + D + 2 * D + D * 2048 + 2048 + 2048 * D + D
+    assert sum(p.numel() for p in model.parameters()) == 2 * block + 2 * (3 * D * D + D) + (D * 2048 + 2048 + 2048 * D + D) + 1
+    for bad in ({"qsa_weight": float("nan")}, {"aux_weight": float("-inf")}, {"token_dropout": 1.0}, {"head_dim": 0},
+                {"otam_lambda": -1.0}, {"tasks_per_batch": 0}):
+        with pytest.raises(Exception, match="clip-mei options"):
+            spec.make_options(None, bad, DataInfo(dim=D, num_frames=T))

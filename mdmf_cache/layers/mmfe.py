@@ -24,6 +24,8 @@ class MMFE(nn.Module):
         ffn_dropout: Dropout after the GELU and after the second linear.
         num_positions: Length T+1 of learned position embeddings added to query, key and value;
             None = no position embeddings (released code).
+        head_dim: Width of each head; None = D / heads (q, k, v are then D wide). CLIP-MEI's
+            transformers use 256 whatever D, so their q, k, v are ``heads x 256`` wide.
     """
 
     def __init__(
@@ -34,17 +36,19 @@ class MMFE(nn.Module):
         attn_dropout: float = 0.2,
         ffn_dropout: float = 0.05,
         num_positions: int | None = None,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if dim % heads:
+        if head_dim is None and dim % heads:
             raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        inner = dim if head_dim is None else heads * head_dim  # q, k, v width
         self.heads = heads
         self.pos_embed = nn.Parameter(torch.randn(num_positions, dim) * 0.02) if num_positions else None
         self.norm = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(dim, dim, bias=False)
-        self.to_v = nn.Linear(dim, dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(attn_dropout))
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(attn_dropout))
         self.ffn = nn.Sequential(
             nn.Linear(dim, ffn_dim),
             nn.GELU(),
@@ -55,7 +59,7 @@ class MMFE(nn.Module):
 
     def _split(self, x: Tensor) -> Tensor:
         b, length, d = x.shape
-        return x.reshape(b, length, self.heads, d // self.heads).transpose(1, 2)  # (B, H, T+1, D/H)
+        return x.reshape(b, length, self.heads, d // self.heads).transpose(1, 2)  # (B, H, T+1, head width)
 
     def frame_parts(self, context: Tensor, frames: Tensor) -> dict[str, Tensor]:
         """What a video contributes, whatever its token: ``(B, T, D)`` each of ``query`` (the residual
@@ -98,7 +102,7 @@ class MMFE(nn.Module):
             query, q = query[:, 1:], q[:, 1:]  # frame positions ask, the token still answers
         k, v = self._split(parts["k"]), self._split(parts["v"])  # (P, H, T+1, D/H)
         attn = F.scaled_dot_product_attention(self._split(q), k, v)  # (P, H, L, D/H)
-        attn = attn.transpose(1, 2).reshape(query.shape)  # (P, L, D)
+        attn = attn.transpose(1, 2).reshape(*query.shape[:2], -1)  # (P, L, heads x head width)
         x = query + self.to_out(attn)
         return x + self.ffn(x)
 
