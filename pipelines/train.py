@@ -33,7 +33,7 @@ import inspect
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,11 +102,26 @@ def run(cfg: TrainConfig, progress: bool = True, show: bool = True,
     return res
 
 
-def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
-           on_val: Callable[[int, float], None] | None) -> dict[str, Any]:
-    """Steps 2-5 in this process (one rank)."""
-    out = Path(cfg.out)
-    # 2. set-up; nothing is written before every input is checked
+@dataclass
+class _Run:
+    """What step 2 sets up: the data, the heads (``core``: with the backbone in front in full mode; ``model``: that,
+    or its DistributedDataParallel wrapper), the optimiser, the val episodes, the episode stream, the run's state and
+    its checkpoints."""
+
+    data: Any
+    head: torch.nn.Module
+    core: torch.nn.Module
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    val_eps: Any
+    rng: np.random.Generator
+    state: RunState
+    ckpts: Checkpoints
+    repair_best: bool
+
+
+def _set_up(cfg: TrainConfig, world: World, device: torch.device, out: Path) -> _Run:
+    """Step 2; nothing is written, and every input is checked, before it returns."""
     old = check_resume(cfg, out)  # the run's record when --resume continues one
     data = FastData(cfg, device) if cfg.mode == "fast" else FullData(cfg, device, world)
     if old is not None and cfg.mode == "full":  # the videos by identity, wherever the tree is now
@@ -135,16 +150,25 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
         state.restore(ckpt, out, device)
         repair_best = best_needs_repair(out, cfg, state.done, state.best, state.history)
         log.info("resumed %s at %d episodes (best val %.2f%%)", out, state.done, state.best)
-    model = _distributed(core, world, device)
-    ckpts = Checkpoints(cfg, out, core, head, opt, rng, device, state)
+    return _Run(data, head, core, _distributed(core, world, device), opt, val_eps, rng, state,
+                Checkpoints(cfg, out, core, head, opt, rng, device, state), repair_best)
+
+
+def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
+           on_val: Callable[[int, float], None] | None) -> dict[str, Any]:
+    """Steps 2-5 in this process (one rank)."""
+    out = Path(cfg.out)
+    # 2. set-up; nothing is written before every input is checked
+    r = _set_up(cfg, world, device, out)
+    data, head, core, model, opt, rng, state, ckpts = r.data, r.head, r.core, r.model, r.opt, r.rng, r.state, r.ckpts
     # 3. the run's files (rank 0)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", {**asdict(cfg), **data.record(), "resolved_heads": head_record(head)["options"]})
         with writing(out / "val_episodes.npz"):
-            val_eps.save(out / "val_episodes.npz")
+            r.val_eps.save(out / "val_episodes.npz")
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
-    if repair_best and world.main:  # best.pt (backbone.pt) damaged, and last.pt is the best validation: rebuilt from it
+    if r.repair_best and world.main:  # best.pt (backbone.pt) damaged, and last.pt is the best validation: rebuilt from it
         ckpts.save_best(state.best)
         log.warning("rebuilt %s/best.pt%s from last.pt (episode %d, val %.2f%%, the best validation)", out,
                     " and backbone.pt" if cfg.mode == "full" else "", state.done, state.best)
@@ -200,7 +224,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
                 if not world.main:
                     barrier(world)  # rank 0 scores and writes
                     continue
-                acc = validate(head, val_split, val_eps, cfg.seed)
+                acc = validate(head, val_split, r.val_eps, cfg.seed)
                 rec = {
                     "episodes": state.done,
                     "loss": mean["total"],
