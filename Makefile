@@ -6,12 +6,16 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test bench bench-gpu install clean
 
-$(BIN)/mdmf-cache: pyproject.toml
+# the stamp says the project was installed here *with its test extra*: a plain `pip install -e .` into the same
+# .venv (the README's other install line) leaves no stamp, so `make test` still installs pytest and pytest-xdist
+STAMP := $(VENV)/.installed-with-test-extra
+
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-install: $(BIN)/mdmf-cache
+install: $(STAMP)
 
 demo: install
 	$(BIN)/mdmf-cache demo
