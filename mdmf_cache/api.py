@@ -17,21 +17,61 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from mdmf_cache.configs import EvalConfig, ExtractConfig, TrainConfig
+from mdmf_cache.errors import ConfigError
 
 __all__ = ["extract", "open_cache", "load_split", "episode_list", "train", "evaluate", "ablate", "compare", "sweep",
            "predict", "Run", "load_run", "list_heads"]
 
 
 def _config(cls, cfg, kwargs: dict[str, Any]):
-    """``cfg`` with ``kwargs`` applied, or ``cls(**kwargs)``; unknown names are a TypeError naming them."""
+    """``cfg`` with ``kwargs`` applied, or ``cls(**kwargs)``; unknown names are a TypeError naming them, and each value
+    is taken in its natural Python type (:func:`_natural`)."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(f"{cls.__name__} has no field(s) {', '.join(unknown)}; fields: {', '.join(sorted(known))}")
+    hints = get_type_hints(cls)
+    kwargs = {k: _natural(k, v, hints[k]) for k, v in kwargs.items()}
     return replace(cfg, **kwargs) if cfg is not None else cls(**kwargs)
+
+
+def _natural(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the field ``name`` of type ``hint`` stores it: a Path for a ``str``; a comma-separated string, a
+    list or one item for a ``tuple[X, ...]``; a whole float for an ``int``. Anything else of the wrong type is a
+    ConfigError naming the argument."""
+    args = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, UnionType) else [hint]
+    if value is None and type(None) in get_args(hint):
+        return None
+    want = args[0] if len(args) == 1 else None
+    origin = get_origin(want)
+    if origin is tuple:
+        item = get_args(want)[0]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float, Path)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r}: a list of {item.__name__} (or one, or a comma-separated string) is "
+                              "expected")
+        return tuple(_natural(name, v, item) for v in value)
+    if want is str and isinstance(value, Path):
+        return str(value)
+    if want is int and not isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        if not isinstance(value, int):
+            raise ConfigError(f"{name}={value!r}: a whole number is expected")
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want in (int, float, str, bool) and not isinstance(value, want):
+        raise ConfigError(f"{name}={value!r}: a {want.__name__} is expected")
+    return value
 
 
 def extract(cfg: ExtractConfig | None = None, progress: bool = False, **kwargs: Any) -> Path:
@@ -62,6 +102,12 @@ def episode_list(split, way: int = EvalConfig.way, shot: int = 5, episodes: int 
     """The seeded episode list ``eval`` scores (the same arguments give the same episodes)."""
     from mdmf_cache.evaluation.scoring import episode_list as make
 
+    way, shot, episodes = (_natural(k, v, int) for k, v in (("way", way), ("shot", shot), ("episodes", episodes)))
+    queries_per_class, seed = _natural("queries_per_class", queries_per_class, int), _natural("seed", seed, int)
+    for name, value, low in (("way", way, 2), ("shot", shot, 1), ("episodes", episodes, 1),
+                             ("queries_per_class", queries_per_class, 1), ("seed", seed, 0)):
+        if value < low:
+            raise ConfigError(f"{name}={value}: must be >= {low}")
     return make(split, way, shot, queries_per_class, episodes, seed)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +47,32 @@ def test_api_defaults_are_the_configs_and_the_cli_s():
     assert sig.parameters["lr"].default is None  # so the config decides, per mode
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert {"train_shot", "train_queries", "preset", "method"} <= fields
+
+
+def test_the_api_takes_natural_python_types(demo_cache, tmp_path, monkeypatch):
+    """A Path where a config holds a str, a comma string, a list or one value where it holds a tuple, a whole float
+    for an int; anything else of the wrong type is a ConfigError naming the argument, raised before any work."""
+    import mdmf_cache as mc
+    import mdmf_cache.api as api
+    from mdmf_cache.errors import ConfigError
+    from pipelines import compare as compare_recipe, train as train_recipe
+
+    seen = {}
+    monkeypatch.setattr(train_recipe, "run", lambda cfg, **kw: (seen.__setitem__("train", cfg), {"run": "x"})[1])
+    monkeypatch.setattr(compare_recipe, "run", lambda cfg, **kw: seen.__setitem__("compare", cfg))
+    monkeypatch.setattr(api, "load_run", lambda path: path)
+    mc.train(cache=Path(demo_cache), out=tmp_path / "r", shot=5.0)
+    assert seen["train"].cache == str(demo_cache) and seen["train"].out == str(tmp_path / "r")
+    assert seen["train"].shot == 5 and isinstance(seen["train"].shot, int)
+    mc.compare(cache=demo_cache, methods="mdmf, protonet", shots=5)
+    assert seen["compare"].methods == ("mdmf", "protonet") and seen["compare"].shots == (5,)
+    mc.compare(cache=demo_cache, methods=["mdmf"], shots=[1, 5], reference="mdmf")
+    assert seen["compare"].methods == ("mdmf",) and seen["compare"].shots == (1, 5)
+    for bad, name in ((dict(shot=1.5), "shot"), (dict(lr="fast"), "lr"), (dict(resume="yes"), "resume")):
+        with pytest.raises(ConfigError, match=rf"^{name}="):
+            mc.train(cache=demo_cache, out=tmp_path / "bad", **bad)
+    split = mc.load_split(demo_cache, "test")
+    with pytest.raises(ConfigError, match="episodes=0: must be >= 1"):
+        mc.episode_list(split, episodes=0)
+    assert len(mc.episode_list(split, shot=1.0, episodes=3)) == 3
+    assert not (tmp_path / "bad").exists()
