@@ -189,6 +189,7 @@ def test_eval_scores_a_transductive_head_with_its_released_test_queries(demo_cac
 
     from mdmf_cache import heads
     from mdmf_cache.data.episodes import Episodes
+    from mdmf_cache.errors import ConfigError
 
     _train(demo_cache, tmp_path / "run", method="mpl", shot=1, train_queries=1, episodes=8, val_every=8,
            val_episodes=10)
@@ -207,6 +208,13 @@ def test_eval_scores_a_transductive_head_with_its_released_test_queries(demo_cac
     base = run_eval(EvalConfig(target=str(demo_cache), method="protonet", shots=(1,), episodes=20,
                                out=str(tmp_path / "p")), progress=False)
     assert base["queries_per_class"] == {"1": 1} and base["transductive"] is False
+    # the resolved number is checked against the split before anything is written; 0 is refused
+    monkeypatch.setattr("mdmf_cache.heads.mpl.SPEC", dataclasses.replace(heads.get("mpl"), test_queries=lambda k: 50))
+    with pytest.raises(ConfigError, match="with 50 queries per class"):
+        run_eval(EvalConfig(target=str(tmp_path / "run"), episodes=20, out=str(tmp_path / "big")), progress=False)
+    assert not (tmp_path / "big").exists()
+    with pytest.raises(ConfigError, match="--queries-per-class"):
+        EvalConfig(target=str(tmp_path / "run"), queries_per_class=0).validate()
     for name in heads.METHODS:  # the one place: a transductive head's released choice, else 1
         spec = heads.get(name)
         expect = spec.test_queries(5) if spec.transductive and spec.test_queries else 1
