@@ -57,7 +57,8 @@ def run(cfg: EvalConfig, progress: bool = True, show: bool = True) -> dict[str, 
         released = head_registry.get(method).test_queries
         log.warning("%s is transductive (a query's logits depend on the episode's other queries): scored with %d "
                     "queries per class by --queries-per-class%s", method, cfg.queries_per_class,
-                    f", its released test episodes have {released(shots[0])} at K={shots[0]}" if released else "")
+                    f"; its released test episodes have {', '.join(f'{released(k)} at K={k}' for k in shots)}"
+                    if released else "")
     try:
         split = load_split_features(cache, cfg.split, device=str(device))
     except CacheError as e:
