@@ -21,7 +21,7 @@ import typer
 from mdmf_cache import heads
 from mdmf_cache.choices import (BASELINES, BN_MODES, DECODERS, EVAL_PATHS, MODES, NORMALIZATIONS, PPS_TEST_RULES,
                                 SAMPLERS)
-from mdmf_cache.configs import (EvalConfig, ExtractConfig, FullModeConfig, PredictConfig, TrainConfig, VideoOptions,
+from mdmf_cache.configs import (EVAL_QUERIES, EvalConfig, ExtractConfig, FullModeConfig, PredictConfig, TrainConfig, VideoOptions,
                                 default_workers)
 from mdmf_cache.data.datasets import DATASET_NAMES
 from mdmf_cache.heads.mdmf_config import PRESET_DATA, _CHOICES as MDMF_CHOICES
@@ -473,7 +473,9 @@ def eval_(
     episodes: int = _E.episodes,
     shot: Annotated[Optional[str], typer.Option(help="Shots, comma-separated (default: the run's shot; a cache: 1,3,5).")] = None,
     way: int = _E.way,
-    queries_per_class: int = _E.queries_per_class,
+    queries_per_class: Annotated[Optional[int], typer.Option(
+        help="Queries per class of every episode (default: a transductive head's released test queries, "
+             f"SPEC.test_queries(K), shown by mdmf-cache heads NAME; any other method {EVAL_QUERIES}).")] = _E.queries_per_class,
     seed: int = _E.seed,
     out: Annotated[Optional[Path], typer.Option(help="Results directory.")] = None,
     path: Annotated[str, typer.Option(help=f"{_choices(EVAL_PATHS)}: per-video (each video once, where the head allows "

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from mdmf_cache.configs import EvalConfig, ExtractConfig, TrainConfig
+from mdmf_cache.configs import EVAL_QUERIES, EvalConfig, ExtractConfig, TrainConfig
 from mdmf_cache.errors import ConfigError
 
 __all__ = ["extract", "open_cache", "load_split", "episode_list", "train", "evaluate", "ablate", "compare", "sweep",
@@ -98,7 +98,7 @@ def load_split(cache: str | Path, split: str = "test", device: str = "cpu"):
 
 
 def episode_list(split, way: int = EvalConfig.way, shot: int = 5, episodes: int = EvalConfig.episodes,
-                 queries_per_class: int = EvalConfig.queries_per_class, seed: int = EvalConfig.seed):
+                 queries_per_class: int = EVAL_QUERIES, seed: int = EvalConfig.seed):
     """The seeded episode list ``eval`` scores (the same arguments give the same episodes)."""
     from mdmf_cache.evaluation.scoring import episode_list as make
 

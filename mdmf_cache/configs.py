@@ -27,12 +27,16 @@ from mdmf_cache.heads.mdmf_config import PRESET_DATA
 from mdmf_cache.heads.spec import DataInfo
 
 __all__ = ["VideoOptions", "ExtractConfig", "FullModeConfig", "TrainConfig", "EvalConfig", "PredictConfig",
-           "default_workers", "FAST_LR", "FULL_LR"]
+           "default_workers", "FAST_LR", "FULL_LR", "EVAL_QUERIES"]
 
 #: Adam's learning rate when none is given. Fast mode trains the heads alone, which want far more than the
 #: paper's 1e-5 (docs/measurements.md); full mode fine-tunes CLIP with them at the paper's value.
 FAST_LR = 1e-4
 FULL_LR = 1e-5
+
+#: ``eval``'s queries per class when ``--queries-per-class`` is not given and the head is not transductive (a
+#: transductive head is scored with its released test queries, ``SPEC.test_queries(K)``: docs/evaluation.md).
+EVAL_QUERIES = 1
 
 
 def default_workers() -> int:
@@ -280,7 +284,7 @@ class EvalConfig:
     way: int = 5
     shots: tuple[int, ...] | None = None  # default: the run's training shot; baselines 1, 3, 5
     episodes: int = 10000
-    queries_per_class: int = 1
+    queries_per_class: int | None = None  # None: a transductive head's released test queries (SPEC.test_queries(K)), else EVAL_QUERIES
     seed: int = 0
     batch_size: int = 500
     out: str | None = None  # default: <run>/eval_<method>_<split> or <cache-parent>/eval_<cache>_<method>_<split>
@@ -299,7 +303,7 @@ class EvalConfig:
         if self.split not in SPLITS:
             raise ConfigError(f"--split {self.split!r}: choose {', '.join(SPLITS)}")
         if (self.shots is not None and (not self.shots or min(self.shots) < 1)) or self.episodes < 1 \
-                or self.way < 2 or self.queries_per_class < 1:
+                or self.way < 2 or (self.queries_per_class is not None and self.queries_per_class < 1):
             raise ConfigError("--shot values, --episodes and --queries-per-class must be >= 1 and --way >= 2")
         if self.path not in EVAL_PATHS:
             raise ConfigError(f"--path {self.path!r}: choose {' or '.join(EVAL_PATHS)}")
@@ -307,6 +311,19 @@ class EvalConfig:
             raise ConfigError(f"--pps-test {self.pps_test!r}: choose {' or '.join(PPS_TEST_RULES)}")
         if self.seed < 0 or self.batch_size < 1:
             raise ConfigError(f"--seed {self.seed} must be >= 0 and the batch size {self.batch_size} >= 1")
+
+    def queries_for(self, method: str, shot: int) -> int:
+        """The queries per class of ``method``'s K-shot episodes (the one place this is decided): ``--queries-per-class``
+        when given; else a transductive head's released test queries (``SPEC.test_queries(shot)``: its query's logits
+        depend on the episode's other queries, so its accuracy depends on how many there are); else
+        :data:`EVAL_QUERIES`. ``method`` is what is scored (a run's own head, not ``run``)."""
+        if self.queries_per_class is not None:
+            return self.queries_per_class
+        if method in heads.METHODS:
+            spec = heads.get(method)
+            if spec.transductive and spec.test_queries is not None:
+                return int(spec.test_queries(shot))
+        return EVAL_QUERIES
 
 
 @dataclass

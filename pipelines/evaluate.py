@@ -4,9 +4,11 @@ seeded, saved episode list.
 Top to bottom (:func:`run`):
     1. what is scored: a run's ``best.pt`` (its cache checked against the run's record; a full-mode run's split
        extracted once with its ``backbone.pt``), or a head without parameters or a baseline on a cache;
-    2. the split's features in memory, every shot checked against it before anything is written;
+    2. the queries per class of each shot (:meth:`EvalConfig.queries_for`: a transductive head's released test
+       queries unless ``--queries-per-class`` is given); the split's features in memory, every shot checked against
+       it before anything is written;
     3. per shot the seeded episode list, saved beside the results, and its scores: ``results.json`` (mean +-
-       1.96 std / sqrt(n), per-class accuracy) with figures;
+       1.96 std / sqrt(n), per-class accuracy, the queries per class, whether the head is transductive) with figures;
     4. print the table.
 """
 
@@ -48,7 +50,15 @@ def run(cfg: EvalConfig, progress: bool = True, show: bool = True) -> dict[str, 
     # 1. what is scored
     method, model, cache, trained_shot, run_cfg, full_mode, default_out = _what_is_scored(cfg, target, device, progress)
     shots = cfg.shots or ((trained_shot,) if trained_shot else (1, 3, 5))
-    # 2. features; every shot checked against the split before anything is scored or written
+    # 2. queries per class per shot, resolved here once; features; every shot checked before anything is scored or written
+    queries = {shot: cfg.queries_for(method, shot) for shot in shots}
+    transductive = method in head_registry.METHODS and head_registry.get(method).transductive
+    if transductive and cfg.queries_per_class is not None:
+        released = head_registry.get(method).test_queries
+        log.warning("%s is transductive (a query's logits depend on the episode's other queries): scored with %d "
+                    "queries per class by --queries-per-class%s", method, cfg.queries_per_class,
+                    f"; its released test episodes have {', '.join(f'{released(k)} at K={k}' for k in shots)}"
+                    if released else "")
     try:
         split = load_split_features(cache, cfg.split, device=str(device))
     except CacheError as e:
@@ -61,17 +71,19 @@ def run(cfg: EvalConfig, progress: bool = True, show: bool = True) -> dict[str, 
         split = load_split_features(cache, cfg.split, device=str(device))
     sampler = EpisodeSampler(split.labels.cpu().numpy(), split.num_classes)
     for shot in shots:
-        sampler.check(cfg.way, shot, cfg.queries_per_class, split=cfg.split)
+        sampler.check(cfg.way, shot, queries[shot], split=cfg.split)
     out = Path(cfg.out) if cfg.out else default_out
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create {out} ({e.strerror}): pass --out DIR on writable storage") from e
-    atomic_write_json(out / "eval_config.json", asdict(cfg))
+    per_shot = {str(shot): q for shot, q in queries.items()}
+    atomic_write_json(out / "eval_config.json", {**asdict(cfg), "resolved": {"method": method,
+                                                                              "queries_per_class": per_shot}})
     # 3. episodes and scores
     results: dict[str, Any] = {"method": method, "split": cfg.split, "target": str(target), "cache": cache,
-                               "way": cfg.way, "queries_per_class": cfg.queries_per_class, "seed": cfg.seed,
-                               "trained_shot": trained_shot, "shots": {}}
+                               "way": cfg.way, "queries_per_class": per_shot, "transductive": transductive,
+                               "seed": cfg.seed, "trained_shot": trained_shot, "shots": {}}
     if model is not None and method == "mdmf":
         results["pps_test"] = model.cfg.pps_test
     bar = make_progress("episodes") if progress else None
@@ -79,13 +91,13 @@ def run(cfg: EvalConfig, progress: bool = True, show: bool = True) -> dict[str, 
         bar.start()
     try:
         for shot in shots:
-            eps = episode_list(split, cfg.way, shot, cfg.queries_per_class, cfg.episodes, cfg.seed)
+            eps = episode_list(split, cfg.way, shot, queries[shot], cfg.episodes, cfg.seed)
             with writing(out / f"episodes_{cfg.way}way_{shot}shot.npz"):
                 eps.save(out / f"episodes_{cfg.way}way_{shot}shot.npz")
             task = bar.add_task(f"{method} {shot}-shot", total=len(eps)) if bar else None
             res = score(method, split, eps, model, cfg.seed, cfg.batch_size,
                         (lambda k, t=task: bar.advance(t, k)) if bar else None, path=cfg.path)
-            results["shots"][str(shot)] = res.summary(split.class_names)
+            results["shots"][str(shot)] = {**res.summary(split.class_names), "queries_per_class": queries[shot]}
             with writing(out / f"episode_acc_{shot}shot.npy"):
                 np.save(out / f"episode_acc_{shot}shot.npy", res.episode_acc)
     finally:

@@ -9,7 +9,8 @@ Top to bottom:
        videos loads no backbone; new videos are extracted alone), and the class prompts' text embeddings;
     3. score every query against the support classes with the run's head
        (:func:`mdmf_cache.prediction.scoring.class_probabilities`: one episode per query, K shots per class,
-       softmax probabilities averaged over K-subsets when classes have more supports than K);
+       softmax probabilities averaged over K-subsets when classes have more supports than K; a transductive head
+       sees no other query, which a warning says);
     4. write ``predict_config.json`` and ``predictions.csv`` (query, predicted class, one probability
        column per class), each atomically;
     5. print the first queries and the count per predicted class.
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from mdmf_cache import heads as head_registry
 from mdmf_cache.configs import PredictConfig
 from mdmf_cache.data.datasets import Split
 from mdmf_cache.errors import DatasetError
@@ -69,6 +71,10 @@ def run(cfg: PredictConfig, progress: bool = True, show: bool = True) -> dict[st
     queries = find_queries(cfg.query)
     backbone = run_backbone(run_dir, run_cfg, cfg)
     head, _ = load_run(run_dir, cfg.device)
+    if head_registry.get(head.method).transductive:
+        log.warning("%s is transductive, but predict scores one query per episode: each answer is the head's with "
+                    "that query alone (its released test episodes have one query per class), whatever else is "
+                    "labelled (docs/predict.md)", head.method)
     device = resolve_device(cfg.device)
     log.info("%d support classes (%s), %d queries; backbone %s", len(classes),
              ", ".join(f"{c}: {len(v)}" for c, v in support.items()), len(queries), backbone.what)

@@ -179,3 +179,23 @@ def test_sweep_and_compare_options_reach_their_configs(cli_runner, monkeypatch):
     assert cli_runner.invoke(cli.app, ["sweep", "c.zarr"]).exit_code == 0 and got["sweep"].share_features is True
     assert cli_runner.invoke(cli.app, ["compare", "c.zarr", "--sweep", "20", "--shot", "1,5"]).exit_code == 0
     assert (got["compare"].sweep, got["compare"].shots) == (20, (1, 5))
+
+
+def test_heads_marks_the_transductive_heads(cli_runner):
+    """``mdmf-cache heads`` has a transductive column, one mark per head as its SPEC says; ``heads NAME`` says it and
+    the released test queries per class eval scores it with."""
+    from mdmf_cache import heads
+
+    res = cli_runner.invoke(cli.app, ["heads"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    header = next(line for line in res.output.splitlines() if "transductive" in line)
+    col = [c.strip() for c in header.split("┃")].index("transductive")
+    rows = {cells[1].strip(): cells[col].strip() for cells in (line.split("│") for line in res.output.splitlines())
+            if len(cells) > col and cells[1].strip() in heads.METHODS}
+    assert rows == {m: "yes" if heads.get(m).transductive else "no" for m in heads.METHODS}
+    assert rows["clip-mei"] == rows["mpl"] == "yes" and rows["mdmf"] == "no"
+    res = cli_runner.invoke(cli.app, ["heads", "clip-mei"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "transductive: a query's logits depend on the other queries" in _flat(res.output)
+    assert "released test queries per class (1 at K=1, 1 at K=5)" in _flat(res.output)
+    res = cli_runner.invoke(cli.app, ["heads", "trx"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "not transductive" in _flat(res.output)

@@ -1,7 +1,8 @@
 """Full mode: CLIP fine-tuned end to end with the heads, from the videos, on one or several processes.
 
 Tiny open_clip models with a seeded random init, synthetic videos, CPU. What is checked: the backbone
-learns and moves (the text tower does not), a SIGKILLed run resumed equals an uninterrupted one,
+learns and moves (the text tower does not), every head trains in full mode, a SIGKILLed run resumed equals an
+uninterrupted one,
 two gloo processes compute the gradient of one process, ``eval`` of a full-mode run (re-extraction
 with ``backbone.pt``) equals scoring in memory, and bad input fails before any work.
 """
@@ -418,3 +419,36 @@ def test_a_head_without_parameters_fine_tunes_the_backbone(action_videos, tmp_pa
     if method == "otam":
         res = run_eval(EvalConfig(target=str(tmp_path / "r"), shots=(1,), way=2, episodes=10), progress=False)
         assert res["method"] == "otam" and "eval_cache" in res["cache"] and res["shots"]["1"]["episodes"] == 10
+
+
+@pytest.mark.parametrize("method", ["cpm2c", "clip-mei", "mpl", "team", "chamfer"])
+def test_the_newer_heads_train_in_full_mode(action_videos, tmp_path, method):
+    """Each head added after MDMF and CLIP-FSAR trains with CLIP fine-tuned from the videos (2-way 1-shot, 4 episodes:
+    a few seconds each): most of its parameters move from the untrained copy the same seed builds (a few get no
+    gradient from 1-shot episodes), the visual tower moves; ``eval`` of a transductive head's run scores it with its
+    released test queries per class and marks it."""
+    from mdmf_cache import heads
+    from mdmf_cache.clip.backbone import load_backbone
+    from mdmf_cache.configs import EvalConfig
+    from mdmf_cache.heads.factory import head_from_record
+    from pipelines.evaluate import run as run_eval
+
+    cfg = TrainConfig(mode="full", out=str(tmp_path / "r"), method=method, way=2, shot=1, train_queries=1, episodes=4,
+                      episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu", full=_full(action_videos))
+    res = run_train(cfg, progress=False)
+    assert res["episodes"] == 4 and all(np.isfinite(line["loss"]) for line in _metrics(tmp_path / "r"))
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    assert best["method"] == method
+    torch.manual_seed(cfg.seed)  # the heads' initialisation, as the trainer does it
+    untrained = head_from_record(best)
+    params = dict(untrained.named_parameters())
+    moved = [k for k, p in params.items() if not torch.equal(p.detach(), best["model"][k])]
+    assert len(moved) >= len(params) / 2, (len(moved), len(params))
+    start = load_backbone(cfg.full_mode.model, None, "cpu").model.state_dict()
+    tuned = torch.load(tmp_path / "r" / "backbone.pt", weights_only=True)
+    assert any(k.startswith("visual.") and not torch.equal(start[k], tuned[k]) for k in start)
+    spec = heads.get(method)
+    if spec.transductive:
+        ev = run_eval(EvalConfig(target=str(tmp_path / "r"), way=2, episodes=10), progress=False)
+        assert ev["transductive"] and ev["queries_per_class"] == {"1": spec.test_queries(1)}
+        assert "eval_cache" in ev["cache"] and ev["shots"]["1"]["episodes"] == 10

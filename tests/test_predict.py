@@ -11,7 +11,9 @@ nothing written.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -145,15 +147,22 @@ def test_a_second_call_extracts_nothing_and_new_videos_alone(fast_run, demo_vide
             "--cache-dir", tmp_path / "pcache", "--workers", 0, "--device", "cpu"]
     code, out, err = run_main(*args)
     assert code == 0, err
-    assert "per class" in out and "predictions:" in out
+    assert "per class" in out and "predictions:" in out and "transductive" not in err  # MDMF is not
     first = (tmp_path / "out" / "predictions.csv").read_bytes()
     _, first_rows = _read_csv(tmp_path / "out" / "predictions.csv")
     group = next((tmp_path / "pcache").glob("*.zarr"))
     assert CacheStore(group).num_rows(SPLIT) == 7  # 4 supports + 3 queries
 
-    with monkeypatch.context() as m:  # nothing changed: no backbone, no row, the same predictions
-        _no_backbone(m)
+    records: list[logging.LogRecord] = []
+    with monkeypatch.context() as m:  # nothing changed: no backbone, no row, the same predictions; a head marked
+        _no_backbone(m)  # transductive: one warning line (one query per episode)
+        m.setattr("mdmf_cache.heads.mdmf.SPEC", dataclasses.replace(head_registry.get("mdmf"), transductive=True))
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = records.append
+        m.setattr(logging.getLogger("pipelines.predict"), "handlers", [handler])
         res = predict(_cfg(fast_run, support, queries, tmp_path), progress=False, show=False)
+    said = [r.getMessage() for r in records if "transductive" in r.getMessage()]
+    assert len(said) == 1 and "one query per episode" in said[0] and "\n" not in said[0]
     assert res["extracted"] == 0 and not res["backbone_loaded"]
     assert CacheStore(group).num_rows(SPLIT) == 7
     assert (tmp_path / "out" / "predictions.csv").read_bytes() == first

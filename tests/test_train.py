@@ -179,3 +179,43 @@ def test_cli_train_eval(demo_cache, tmp_path):
     assert "1" in r.output and "per-class" in r.output
     r = runner.invoke(cli.app, ["train", str(demo_cache), "--mode", "full", "--out", str(tmp_path / "f")])
     assert r.exit_code != 0 and "fast" in str(r.exception)
+
+
+def test_eval_scores_a_transductive_head_with_its_released_test_queries(demo_cache, tmp_path, monkeypatch, capsys):
+    """A transductive head's accuracy depends on the queries per class of its episodes: without --queries-per-class,
+    eval scores it with its released test queries (``SPEC.test_queries(K)``, here patched to 2), records them in
+    eval_config.json and results.json and marks the head; an explicit --queries-per-class wins; other methods get 1."""
+    import dataclasses
+
+    from mdmf_cache import heads
+    from mdmf_cache.data.episodes import Episodes
+    from mdmf_cache.errors import ConfigError
+
+    _train(demo_cache, tmp_path / "run", method="mpl", shot=1, train_queries=1, episodes=8, val_every=8,
+           val_episodes=10)
+    monkeypatch.setattr("mdmf_cache.heads.mpl.SPEC", dataclasses.replace(heads.get("mpl"), test_queries=lambda k: 2))
+    res = run_eval(EvalConfig(target=str(tmp_path / "run"), episodes=20, out=str(tmp_path / "e")), progress=False)
+    assert Episodes.load(tmp_path / "e" / "episodes_5way_1shot.npz").query.shape == (20, 5 * 2)
+    saved = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert saved["transductive"] is True and saved["queries_per_class"] == {"1": 2}
+    assert saved["shots"]["1"]["queries_per_class"] == 2 and res["shots"]["1"]["episodes"] == 20
+    config = json.loads((tmp_path / "e" / "eval_config.json").read_text())
+    assert config["queries_per_class"] is None and config["resolved"]["queries_per_class"] == {"1": 2}
+    run_eval(EvalConfig(target=str(tmp_path / "run"), episodes=20, queries_per_class=1, out=str(tmp_path / "one")),
+             progress=False, show=True)
+    assert Episodes.load(tmp_path / "one" / "episodes_5way_1shot.npz").query.shape == (20, 5)
+    assert "mpl (transductive)" in capsys.readouterr().out
+    base = run_eval(EvalConfig(target=str(demo_cache), method="protonet", shots=(1,), episodes=20,
+                               out=str(tmp_path / "p")), progress=False)
+    assert base["queries_per_class"] == {"1": 1} and base["transductive"] is False
+    # the resolved number is checked against the split before anything is written; 0 is refused
+    monkeypatch.setattr("mdmf_cache.heads.mpl.SPEC", dataclasses.replace(heads.get("mpl"), test_queries=lambda k: 50))
+    with pytest.raises(ConfigError, match="with 50 queries per class"):
+        run_eval(EvalConfig(target=str(tmp_path / "run"), episodes=20, out=str(tmp_path / "big")), progress=False)
+    assert not (tmp_path / "big").exists()
+    with pytest.raises(ConfigError, match="--queries-per-class"):
+        EvalConfig(target=str(tmp_path / "run"), queries_per_class=0).validate()
+    for name in heads.METHODS:  # the one place: a transductive head's released choice, else 1
+        spec = heads.get(name)
+        expect = spec.test_queries(5) if spec.transductive and spec.test_queries else 1
+        assert EvalConfig().queries_for(name, 5) == expect and EvalConfig(queries_per_class=3).queries_for(name, 5) == 3

@@ -10,7 +10,9 @@ It uses only the head contract of :mod:`mdmf_cache.heads.base`, so any registere
 
 * **One episode per query.** Query ``j`` is scored in its own episode, ``Q = 1``, against every support:
   a prediction depends on the supports alone, never on which other videos are being labelled (heads whose
-  queries interact, such as set-matching ones, would otherwise change their answers with the folder).
+  queries interact, such as set-matching ones, would otherwise change their answers with the folder). A
+  transductive head (``SPEC.transductive``: ``mpl``, ``clip-mei``) therefore sees no other query: its answer is
+  the head's with that query alone (its released test episodes have one query per class, N in all).
   Heads with a per-video path (``SPEC.per_video``) run each video once and only the per-episode stage per
   query; the others run every episode through ``forward`` in batches. Both give the same logits.
 * **K shots per class.** The contract needs the same K for every class. ``shot`` None takes the smallest

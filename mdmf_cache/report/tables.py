@@ -136,9 +136,14 @@ def print_verify(path: Path) -> list:
 
 
 def print_eval(results: dict, per_class: bool = True) -> None:
-    """Accuracy +- 95% CI per shot, then per-class accuracy of the last shot."""
-    table = Table(title=f"{results['method']} on {results['split']} ({results['way']}-way, "
-                        f"{results['queries_per_class']} query/class)")
+    """Accuracy +- 95% CI per shot, then per-class accuracy of the last shot. A transductive head is marked in the title
+    (its accuracy depends on the queries per class, which the title gives, per shot when they differ)."""
+    queries = results["queries_per_class"]  # {shot: queries per class}
+    per_class_q = "/".join(str(q) for q in dict.fromkeys(queries.values())) if len(set(queries.values())) == 1 \
+        else ", ".join(f"{q} at K={k}" for k, q in queries.items())
+    mark = " (transductive)" if results.get("transductive") else ""
+    table = Table(title=f"{results['method']}{mark} on {results['split']} ({results['way']}-way, "
+                        f"{per_class_q} query/class)")
     trained = results.get("trained_shot")
     for col in ("shot", "accuracy %", "± 95% CI", "episodes", *(("note",) if trained else ())):
         table.add_column(col, justify="right")
@@ -208,12 +213,12 @@ def print_heads(name: str | None = None) -> None:
 
     if name is None:
         table = Table(title="registered heads (--method)")
-        for col in ("method", "trainable", "per-video eval", "presets", "what it is"):
-            table.add_column(col)
+        for col in ("method", "trainable", "per-video eval", "transductive", "presets", "what it is"):
+            table.add_column(col, no_wrap=col not in ("presets", "what it is"))
         for entry in heads.REGISTRY.values():
             spec = heads.get(entry.name)
             table.add_row(entry.name, "yes" if spec.parametric else "no", "yes" if spec.per_video else "no",
-                          ", ".join(spec.presets), spec.summary)
+                          "yes" if spec.transductive else "no", ", ".join(spec.presets), spec.summary)
         console.print(table)
         return
     spec = heads.get(name)
@@ -229,6 +234,14 @@ def print_heads(name: str | None = None) -> None:
     console.print(table)
     console.print(f"training episodes for a K-shot run: {spec.train_shot(1)}-shot at K=1, {spec.train_shot(5)}-shot at "
                   f"K=5, {spec.train_queries(5)} queries per class")
+    if spec.transductive:
+        released = (f"eval scores it with its released test queries per class ({spec.test_queries(1)} at K=1, "
+                    f"{spec.test_queries(5)} at K=5) unless --queries-per-class is given"
+                    if spec.test_queries is not None else "eval scores it with --queries-per-class (default 1)")
+        console.print(f"transductive: a query's logits depend on the other queries of its episode; {released}; "
+                      "predict scores it one query per episode", soft_wrap=True)
+    else:
+        console.print("not transductive: a query's logits do not depend on the other queries of its episode")
 
 
 def print_compare(rows: list[dict], shots, title: str) -> None:
