@@ -815,6 +815,27 @@ def _os_error_line(err: BaseException) -> str | None:
     return f"{path}: {what}"
 
 
+def _as_written(e: Exception) -> str:
+    """An error's line; bad head options named as this command line gives them (``--lambda -1.0``, ``--dropout 2.0``),
+    else as ``--head-opt NAME=VALUE``."""
+    from mdmf_cache.heads.spec import OptionError, head_opt_flag
+
+    if not isinstance(e, OptionError):
+        return str(e)
+    from mdmf_cache.sweeps.space import method_of, option_of_field, sweep_options
+
+    args = sys.argv[1:]
+    opts = sweep_options(method_of(args))
+
+    def flag(name: str, value: Any) -> str:
+        given = option_of_field(name, opts)
+        if given and any(a == f"--{given}" or a.startswith(f"--{given}=") for a in args):
+            return f"--{given} {value}"
+        return head_opt_flag(name, value)
+
+    return e.text(flag)
+
+
 def main() -> None:
     """Console entry: one clear line for known errors, the traceback only with --debug."""
     from mdmf_cache.errors import MdmfError
@@ -828,7 +849,7 @@ def main() -> None:
     except MdmfError as e:
         if DEBUG["on"]:
             raise
-        typer.secho(f"error: {e}", fg="red", err=True)
+        typer.secho(f"error: {_as_written(e)}", fg="red", err=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))

@@ -120,6 +120,7 @@ def run(cfg: AblateConfig, progress: bool = True, show: bool = True) -> dict[str
         tcfgs[name].validate()
     split = load_split_features(cfg.cache, cfg.split, device=str(device))
     EpisodeSampler(split.labels.cpu().numpy(), split.num_classes).check(cfg.way, cfg.shot, 1, split=cfg.split)
+    _check_same_study(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "ablate_config.json", asdict(cfg))
     # 2. train
@@ -164,6 +165,24 @@ def run(cfg: AblateConfig, progress: bool = True, show: bool = True) -> dict[str
         print_comparison(rows, f"ablation, {cfg.way}-way {cfg.shot}-shot, {cfg.test_episodes} identical test episodes")
         console.print(f"tables: {out}/ablation.csv, ablation.md")
     return {"rows": rows, "out": str(out)}
+
+
+def _check_same_study(cfg: AblateConfig, out: Path) -> None:
+    """Refuse an ``out`` that holds an ablation made with other settings: its arms were trained with them, and
+    reusing them would put them in a table that claims these (the differing fields named)."""
+    import json
+
+    from mdmf_cache.store.runs import read_run_file
+
+    old = out / "ablate_config.json"
+    if not old.is_file():
+        return
+    before = read_run_file(old, fix="restore it or choose another --out")
+    saved = json.loads(json.dumps(asdict(cfg)))
+    diff = sorted(k for k in saved if k != "device" and before.get(k) != saved[k])
+    if diff:
+        raise ConfigError(f"{out} holds an ablation made with other {', '.join(diff)}; rerun it as it was (it goes on "
+                          "where it stopped) or choose another --out")
 
 
 def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:

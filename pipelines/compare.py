@@ -2,7 +2,8 @@
 
 Top to bottom:
     1. the config (:class:`CompareConfig`): every method known, every training config checked, the cache
-       complete, the test split large enough for every shot; nothing is written before that;
+       complete, every episode possible (:func:`check_episodes`: the test split for every shot, the train and
+       val splits for every trained method and shot); nothing is written before that;
     2. per shot, the saved seeded test episode list (``episodes_{N}way_{K}shot.npz``), the same for every
        method;
     3. per trainable (method, shot): a fast-mode run in ``OUT/runs/<method>_<K>shot`` with the head's
@@ -34,9 +35,13 @@ from typing import Any
 import numpy as np
 
 from mdmf_cache.choices import BASELINES
+from mdmf_cache.configs import TrainConfig
 from mdmf_cache.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+#: ``--test-episodes`` at most: 100 times the papers' 10,000 (a 95% CI of a few hundredths of a point already).
+MAX_TEST_EPISODES = 1_000_000
 
 
 @dataclass
@@ -76,15 +81,57 @@ class CompareConfig:
             problems.append(f"--reference {self.reference}: not among --methods")
         if not self.shots or min(self.shots) < 1 or len(set(self.shots)) != len(self.shots):
             problems.append("--shot: distinct values >= 1, e.g. 1,3,5")
+        if self.way < 2:
+            problems.append(f"--way {self.way}: an episode needs at least 2 classes")
+        if self.seed < 0:
+            problems.append(f"--seed {self.seed}: must be >= 0")
         if self.test_episodes < 1:
             problems.append(f"--test-episodes {self.test_episodes}: must be >= 1")
+        elif self.test_episodes > MAX_TEST_EPISODES:
+            shot = max(self.shots, default=1)
+            # per episode: support, query, labels and their views (int64), and the sampler's keys (float64)
+            gib = self.test_episodes * max(self.way, 1) * 8 * (3 * (shot + 1) + 1) / 2**30
+            problems.append(f"--test-episodes {self.test_episodes}: at most {MAX_TEST_EPISODES:,} (the episode list "
+                            f"alone would take about {gib:,.0f} GiB of memory per shot)")
         if self.sweep < 0:
             problems.append(f"--sweep {self.sweep}: a number of trials, >= 0 (0: no sweep)")
         for name in ("cache", "out", "method", "shot", "resume", "heads", "mode", "full", "way", "seed", "device"):
             if name in self.train:
                 problems.append(f"training option {name!r} is set by compare itself")
+        unknown = sorted(set(self.train) - set(TrainConfig.__dataclass_fields__))
+        if unknown:
+            problems.append(f"unknown training option(s) {', '.join(unknown)}")
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+def check_episodes(cfg: CompareConfig, tcfgs: dict[tuple[str, int], Any]) -> None:
+    """Every episode the comparison will sample can be drawn from the cache, checked before anything is written:
+    the test episodes of every shot, and for every trained (method, shot) its training episodes (train split, the
+    head's training shot and queries) and validation episodes (val split). Only the labels are read.
+
+    Raises:
+        ConfigError: a split with too few classes of enough videos for one of them (named).
+    """
+    from mdmf_cache.data.episodes import EpisodeSampler
+    from mdmf_cache.store.read import split_labels
+
+    samplers: dict[str, EpisodeSampler] = {}
+
+    def check(split: str, shot: int, queries: int, what: str) -> None:
+        if split not in samplers:
+            samplers[split] = EpisodeSampler(*split_labels(cfg.cache, split))
+        try:
+            samplers[split].check(cfg.way, shot, queries, split=split)
+        except ConfigError as e:
+            raise ConfigError(f"{what}: {e}") from e
+
+    for shot in cfg.shots:
+        check(cfg.split, shot, 1, f"--shot {shot} test episodes")
+    for (method, shot), tcfg in tcfgs.items():
+        t = tcfg.resolved()
+        check("train", t.train_shot, t.train_queries, f"{method} --shot {shot} training episodes")
+        check("val", t.shot, t.val_queries, f"{method} --shot {shot} validation episodes")
 
 
 def _trained(method: str) -> bool:
@@ -172,6 +219,7 @@ def run(cfg: CompareConfig, progress: bool = True, show: bool = True) -> dict[st
         if diff:
             raise ConfigError(f"{out} holds a comparison made with other {', '.join(diff)}; rerun it as it was "
                               "(it goes on where it stopped) or choose another --out")
+    check_episodes(cfg, tcfgs)
     device = resolve_device(cfg.device)
     split = load_split_features(cfg.cache, cfg.split, device=str(device))
     sampler = EpisodeSampler(split.labels.cpu().numpy(), split.num_classes)

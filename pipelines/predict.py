@@ -37,7 +37,7 @@ from mdmf_cache.fileio import atomic_write_json, atomic_write_text
 from mdmf_cache.prediction.inputs import PredictCache, find_queries, find_support, run_backbone, usable_supports
 from mdmf_cache.report.tables import print_predictions
 from mdmf_cache.heads.factory import load_run
-from mdmf_cache.store.runs import read_run_config
+from mdmf_cache.store.runs import check_identity, read_run_config, run_cache
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ def run(cfg: PredictConfig, progress: bool = True, show: bool = True) -> dict[st
     cfg.validate()
     run_dir = Path(cfg.run)
     run_cfg = read_run_config(run_dir)
+    if cfg.cache:  # a moved cache stands in for the run's only if it is the same cache (as eval --cache)
+        check_identity(run_cfg.get("cache_identity"), run_cache(run_dir, run_cfg, cfg.cache), f"predict {run_dir} --cache")
     support = find_support(cfg.support)
     classes = list(support)
     clash = [c for c in classes if c in COLUMNS]

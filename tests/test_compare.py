@@ -179,3 +179,36 @@ def test_reported_numbers_carry_their_backbone():
 
     assert reported("trx", "ssv2-full", 5, "RN50") == (63.0, "ResNet-50 (ImageNet)")  # never read as a CLIP number
     assert reported("hyrsm", "kinetics100", 3, "ViT-B-16") == (83.5, "ResNet-50 (ImageNet)")
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"way": 0}, "--way 0: an episode needs at least 2 classes"),
+    ({"way": -1}, "--way -1: an episode needs at least 2 classes"),
+    ({"way": 1}, "--way 1: an episode needs at least 2 classes"),  # untrained methods only: a table at 100 +- 0
+    ({"seed": -5}, "--seed -5: must be >= 0"),
+    ({"test_episodes": 1_000_000_000}, "--test-episodes 1000000000: at most 1,000,000 (the episode list alone would "
+                                       "take about"),
+    ({"train": {"nope": 1}}, "unknown training option(s) nope"),
+], ids=["way0", "way-1", "way1", "seed", "test-episodes", "train-field"])
+def test_compare_refuses_bad_values_before_writing(demo_cache, tmp_path, kw, needle):
+    """One line, before compare_config.json: the corrected command is not refused by a saved config."""
+    out = tmp_path / "c"
+    base = {"cache": str(demo_cache), "out": str(out), "methods": ("protonet", "tsn"), "reference": "protonet",
+            "shots": (1,), "test_episodes": 20}
+    with pytest.raises(ConfigError) as e:
+        run_compare(CompareConfig(**{**base, **kw}), progress=False)
+    assert needle in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+    assert not out.exists()
+    run_compare(CompareConfig(**base), progress=False, show=False)  # the corrected command
+
+
+def test_compare_checks_the_train_split_for_every_shot_before_writing(demo_cache, tmp_path):
+    """The test split holds 5-way 9-shot episodes (10 videos a class) but MDMF trains on 9-shot episodes of 5 queries
+    per class: refused before compare_config.json, naming the training episodes."""
+    out = tmp_path / "c"
+    cfg = CompareConfig(cache=str(demo_cache), out=str(out), methods=("mdmf", "protonet"), shots=(9,), train=TRAIN,
+                        test_episodes=20)
+    with pytest.raises(ConfigError, match=r"mdmf --shot 9 training episodes: 5-way 9-shot with 5 queries per class "
+                                          r"needs 5 classes with >= 14 videos; the train split has 0"):
+        run_compare(cfg, progress=False)
+    assert not out.exists()

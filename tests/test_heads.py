@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import dataclasses
 
 import numpy as np
@@ -761,3 +762,38 @@ def test_clip_mei_released_defaults() -> None:
                 {"otam_lambda": -1.0}, {"tasks_per_batch": 0}):
         with pytest.raises(Exception, match="clip-mei options"):
             spec.make_options(None, bad, DataInfo(dim=D, num_frames=T))
+
+
+def _numeric_options() -> list[tuple[str, str, type, int]]:
+    """(head, option, int or float, an int's least value) of every registered head's numeric option."""
+    import typing
+
+    from mdmf_cache.heads.spec import DATA_FIELDS
+
+    out = []
+    for method in heads.METHODS:
+        opts = heads.get(method).options
+        hints = typing.get_type_hints(opts)
+        for f in dataclasses.fields(opts):
+            kinds = [a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None)]
+            if f.name not in DATA_FIELDS and kinds in ([int], [float]):
+                out.append((method, f.name, kinds[0], f.metadata.get("min", 1)))
+    return out
+
+
+@pytest.mark.parametrize("method,name,kind,least", _numeric_options(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_numeric_head_option_is_range_checked(method, name, kind, least) -> None:
+    """NaN, inf and a size below its least are refused in one line naming the option as --head-opt writes it (never
+    the data's width); the default (or the released value) passes."""
+    from mdmf_cache.errors import ConfigError
+
+    spec = heads.get(method)
+    data = DataInfo(dim=64, num_frames=8, num_classes=10, dataset="ucf101", shot=5)
+    ok = spec.make_options(None, {}, data)
+    bads = (math.nan, math.inf, -math.inf) + ((least - 1,) if kind is int else ())
+    for bad in bads:
+        with pytest.raises(ConfigError) as e:
+            spec.make_options(None, {name: bad}, data)
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and f"--head-opt {name}={bad}: " in msg and not re.search(r"\bdim=", msg), msg
+    spec.make_options(None, {name: getattr(ok, name)}, data)

@@ -60,7 +60,7 @@ def test_build_config_errors_name_the_problem() -> None:
         build_config("nope", DIM)
     with pytest.raises(ValueError, match="not_a_field"):
         build_config("paper", DIM, not_a_field=1)
-    with pytest.raises(ValueError, match="views='xyz'"):
+    with pytest.raises(ValueError, match="--head-opt views=xyz: choose"):
         build_config("paper", DIM, views="xyz")
     cfg = build_config("reference", DIM, views="gtc", ltce="bn")
     assert (cfg.views, cfg.ltce, cfg.pos_embed) == ("gtc", "bn", False)

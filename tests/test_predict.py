@@ -139,6 +139,21 @@ def test_a_trained_run_labels_the_test_classes_from_their_supports(fast_run, dem
     assert PredictConfig(**{k: tuple(v) if k == "query" else v for k, v in saved.items() if k != "resolved"}) == cfg
 
 
+def test_predict_cache_must_be_the_run_s_cache(fast_run, demo_cache, tiny_cache, demo_videos, tmp_path, run_main):
+    """--cache stands in for a moved cache only if it is the run's (as eval --cache): another backbone's or dataset's
+    cache is refused in one line before anything is extracted or written; the run's own is taken."""
+    classes = sorted(p.name for p in demo_videos.iterdir())[:2]
+    support, queries = _split_inputs(demo_videos, classes, 2, tmp_path / "in")
+    args = ["predict", fast_run, "--support", support, "--query", *queries[:2], "--out", tmp_path / "out",
+            "--cache-dir", tmp_path / "pcache", "--workers", 0, "--device", "cpu"]
+    code, _, err = run_main(*args, "--cache", tiny_cache)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"predict {fast_run} --cache: {tiny_cache} is not the cache this run was trained on (" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "pcache").exists()
+    code, _, err = run_main(*args, "--cache", demo_cache)
+    assert code == 0, err
+
+
 def test_a_second_call_extracts_nothing_and_new_videos_alone(fast_run, demo_videos, tmp_path, run_main, monkeypatch):
     classes = sorted(p.name for p in demo_videos.iterdir())[:2]
     support, queries = _split_inputs(demo_videos, classes, 2, tmp_path / "in")

@@ -159,7 +159,7 @@ def test_eval_and_ablate_check_everything_before_work(demo_cache, tmp_path):
         run_eval(EvalConfig(target=str(tmp_path / "run"), shots=(1, 20), episodes=20, out=str(tmp_path / "ev")),
                  progress=False)
     assert not (tmp_path / "ev").exists()  # the 1-shot list was not scored first
-    for variant, test_episodes, match in (({"views": "xyz"}, 10, "views='xyz'"), ({"pps": False}, 0, "--test-episodes")):
+    for variant, test_episodes, match in (({"views": "xyz"}, 10, "--head-opt views=xyz: choose"), ({"pps": False}, 0, "--test-episodes")):
         with pytest.raises(ConfigError, match=match):
             run_ablate(AblateConfig(cache=str(demo_cache), out=str(tmp_path / "abl"), variant=variant,
                                     test_episodes=test_episodes), progress=False)

@@ -261,7 +261,7 @@ def test_train_config_file_with_a_wrong_type_names_the_field(fast_run, tmp_path,
 def test_option_values_are_checked_before_anything_is_written(tiny_cache, tmp_path, capsys, monkeypatch):
     from mdmf_cache.sweeps.space import parse_space_text
 
-    for heads, needle in (({"lam": -1.0}, "lam=-1.0 must be a finite number >= 0"),
+    for heads, needle in (({"lam": -1.0}, "--head-opt lam=-1.0: must be a finite number >= 0"),
                           ({"alpha_gtc": -0.5}, "alpha_gtc=-0.5"),
                           ({"alpha_ltc": 0.0, "alpha_gtc": 0.0}, "both 0")):
         with pytest.raises(ConfigError, match=needle):
@@ -269,7 +269,7 @@ def test_option_values_are_checked_before_anything_is_written(tiny_cache, tmp_pa
     with pytest.raises(ConfigError, match="names lr twice"):
         parse_space_text("lr=1e-4:1e-2,lambda=0.1:2,lr=1e-3:1e-1")
     out = tmp_path / "sw"
-    for args, needle in ((_fast_args(tiny_cache, out, "--lambda", "-1"), "lam=-1.0"),
+    for args, needle in ((_fast_args(tiny_cache, out, "--lambda", "-1"), "--lambda -1.0: must be"),
                          (_fast_args(tiny_cache, out, "--seed", "-3"), "--seed -3: must be >= 0"),
                          (["sweep", str(tiny_cache), "--out", str(out), "--prune-startup", "-1"], "--prune-startup -1"),
                          (["sweep", str(tiny_cache), "--out", str(out), "--seed", "-1"], "--seed -1"),
@@ -280,6 +280,46 @@ def test_option_values_are_checked_before_anything_is_written(tiny_cache, tmp_pa
         code, err = _main(args, capsys, monkeypatch)
         _one_line(code, err, needle)
         assert not out.exists(), args  # no study.db left to refuse the corrected command
+
+
+def test_bad_head_options_are_one_line_naming_them_before_anything_is_written(tiny_cache, tmp_path, capsys,
+                                                                              monkeypatch):
+    """--head-opt NaN/inf/non-sizes of any head, and heads that do not split the cache's width, are refused in one line
+    naming the option as written (never a placeholder width); nothing is left that refuses the corrected command."""
+    from mdmf_cache.store.cache import CacheStore
+
+    width = CacheStore(tiny_cache).root["train"]["features"].shape[-1]
+    out = tmp_path / "r"
+    for extra, needle in ((("--head-opt", "ffn_dim=0"), "--head-opt ffn_dim=0: must be an integer >= 1"),
+                          (("--head-opt", "tcn_levels=-2"), "--head-opt tcn_levels=-2: must be an integer >= 1"),
+                          (("--method", "clip-fsar", "--head-opt", "cos_eps=nan"), "--head-opt cos_eps=nan: must be a "
+                                                                                   "finite number"),
+                          (("--method", "mpl", "--head-opt", "proto_dropout=inf"), "--head-opt proto_dropout=inf"),
+                          (("--head-opt", f"heads={width - 1}"), f"--head-opt heads={width - 1}: must divide the "
+                                                                 f"features' width D={width}")):
+        code, err = _main(_fast_args(tiny_cache, out, *extra), capsys, monkeypatch)
+        _one_line(code, err, needle)
+        assert "dim=" not in err.replace("ffn_dim=", ""), err
+        assert not out.exists(), extra
+    code, err = _main(_fast_args(tiny_cache, out, "--head-opt", "tcn_levels=2"), capsys, monkeypatch)
+    assert code == 0, err
+
+
+def test_a_sweep_checks_fixed_options_and_space_bounds_before_the_study(tiny_cache, tmp_path, capsys, monkeypatch):
+    """A bad fixed head option (named as the sweep's --NAME) or a non-finite --space bound is refused before the study
+    is created: no study.db is left to refuse the corrected command."""
+    out = tmp_path / "sw"
+    base = ["sweep", str(tiny_cache), "--out", str(out), "--trials", "1", "--way", "2", "--shot", "1",
+            "--train-queries", "1", "--device", "cpu"]
+    for extra, needle in ((("--ffn-dim", "-5"), "--ffn-dim -5: must be an integer >= 1"),
+                          (("--cos-eps", "nan"), "--cos-eps nan: must be a finite number"),
+                          (("--space", "lr=nan:1"), "--space lr=nan:1: LOW and HIGH must be finite numbers"),
+                          (("--space", "lambda=0.5:inf"), "--space lambda=0.5:inf: LOW and HIGH must be finite"),
+                          (("--space", "pps-temperature=-1:0.1"), "--space pps-temperature: its end -1.0: must be a "
+                                                                   "finite number > 0")):
+        code, err = _main([*base, *extra], capsys, monkeypatch)
+        _one_line(code, err, needle)
+        assert not out.exists(), extra
 
 
 # ------------------------------------------------------------------------------------------ OS errors

@@ -131,6 +131,30 @@ def test_ablate_no_pps_scores_both_arms_on_identical_episodes(demo_cache, tmp_pa
     assert (tmp_path / "abl" / "ablation.md").read_text().count("\n") == 4
 
 
+def test_ablate_refuses_an_out_of_other_settings_naming_them(demo_cache, tmp_path):
+    """A rerun into the same --out with other settings would reuse arms trained with the old ones and rewrite
+    ablate_config.json to claim the new: refused in one line naming the fields, nothing rewritten; the original
+    command still goes on."""
+    from dataclasses import replace
+
+    from mdmf_cache.errors import ConfigError
+    from pipelines.ablate import AblateConfig, run as run_ablate
+
+    out = tmp_path / "abl"
+    cfg = AblateConfig(cache=str(demo_cache), out=str(out), variant={"pps": False}, shot=1,
+                       train={"episodes": 8, "episodes_per_step": 8, "val_every": 8, "val_episodes": 10, "lr": 1e-3},
+                       test_episodes=20, device="cpu")
+    run_ablate(cfg, progress=False, show=False)
+    saved = (out / "ablate_config.json").read_bytes()
+    other = replace(cfg, preset="reference", shot=5, train={**cfg.train, "lr": 1e-2})
+    with pytest.raises(ConfigError) as e:
+        run_ablate(other, progress=False, show=False)
+    assert str(e.value) == (f"{out} holds an ablation made with other preset, shot, train; rerun it as it was (it goes "
+                            "on where it stopped) or choose another --out")
+    assert (out / "ablate_config.json").read_bytes() == saved
+    run_ablate(cfg, progress=False, show=False)  # the original command: its arms reused
+
+
 def test_clip_fsar_trains_and_ablate_compares_it_on_identical_episodes(demo_cache, tmp_path):
     from pipelines.ablate import AblateConfig, run as run_ablate
 

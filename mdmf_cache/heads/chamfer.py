@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from mdmf_cache.device import heads_autocast
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, with_correct
-from mdmf_cache.heads.spec import HeadSpec
+from mdmf_cache.heads.spec import HeadSpec, Problems
 from mdmf_cache.device import at_least_float32
 from mdmf_cache.layers.otam import cosine_similarity, otam
 
@@ -93,32 +93,26 @@ class ChamferOptions:
     otam_lambda: float = 0.1
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.dim < 1 or self.num_frames < 1:
-            problems.append(f"dim={self.dim} and num_frames={self.num_frames} must be >= 1")
+        problems = Problems()
+        problems.data(self)
         if self.matching not in MATCHINGS:
-            problems.append(f"matching={self.matching!r} (choose one of {', '.join(MATCHINGS)})")
+            problems.add("matching", self.matching, f"choose one of {', '.join(MATCHINGS)}")
         if self.class_matching not in ("joint", "separate"):
-            problems.append(f"class_matching={self.class_matching!r} (choose 'joint' or 'separate')")
-        if not 1 <= self.tuple_length <= self.num_frames:
-            problems.append(f"tuple_length={self.tuple_length} must be in 1..num_frames={self.num_frames}")
-        if self.projection_dim < 1:
-            problems.append(f"projection_dim={self.projection_dim} must be >= 1")
-        for name in ("global_temperature", "temperature_weight", "cos_eps", "otam_lambda"):
-            if not math.isfinite(getattr(self, name)):
-                problems.append(f"{name}={getattr(self, name)} must be finite")
-        if self.cos_eps < 0 or not self.otam_lambda > 0:
-            problems.append(f"cos_eps={self.cos_eps} must be >= 0 and otam_lambda={self.otam_lambda} > 0")
+            problems.add("class_matching", self.class_matching, "choose joint or separate")
+        problems.sizes(self, ("tuple_length", "projection_dim"))
+        if isinstance(self.tuple_length, int) and self.tuple_length > self.num_frames:
+            problems.add("tuple_length", self.tuple_length, f"must be in 1..T={self.num_frames} (the frames per video)")
+        problems.check(self, ("global_temperature", "temperature_weight", "otam_lambda"), 0.0, low_open=True)
+        problems.check(self, "cos_eps", 0.0)
         if self.matching == "linear" and self.class_matching == "joint":
-            problems.append("matching=linear needs class_matching=separate (its layer is sized for one support's "
-                            "tuples; joint matching multiplies them by K)")
+            problems.add("class_matching", self.class_matching, "matching=linear needs class_matching=separate (its "
+                         "layer is sized for one support's tuples; joint matching multiplies them by K)")
         if self.matching == "visil" and 1 <= self.tuple_length <= self.num_frames \
                 and math.comb(self.num_frames, self.tuple_length) < 4:
-            problems.append(f"matching=visil needs >= 4 tuples per video (two 2x2 max-pools); "
-                            f"num_frames={self.num_frames}, tuple_length={self.tuple_length} give "
-                            f"{math.comb(self.num_frames, self.tuple_length)}")
-        if problems:
-            raise ValueError("; ".join(problems))
+            problems.add("tuple_length", self.tuple_length,
+                         f"matching=visil needs >= 4 tuples per video (two 2x2 max-pools); T={self.num_frames} "
+                         f"frames give {math.comb(self.num_frames, self.tuple_length)}")
+        problems.raise_any()
 
     @property
     def num_tuples(self) -> int:

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from mdmf_cache.device import heads_autocast
 from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_means, episode_ce, query_classes,
                                    support_classes, with_correct)
-from mdmf_cache.heads.spec import DataInfo, HeadSpec
+from mdmf_cache.heads.spec import DataInfo, HeadSpec, Problems
 from mdmf_cache.layers.mmfe import MMFE
 from mdmf_cache.device import at_least_float32
 from mdmf_cache.layers.otam import cosine_similarity, frame_distances, otam_distance
@@ -90,24 +90,18 @@ class CLIPFSAROptions:
     ce: Literal["mean", "sum"] = "mean"
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.dim <= 0 or self.heads <= 0 or self.dim % self.heads:
-            problems.append(f"dim={self.dim} must be a positive multiple of heads={self.heads}")
-        if self.depth < 1 or self.ffn_dim < 1:
-            problems.append("depth and ffn_dim must be >= 1")
-        for name in ("attn_dropout", "ffn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.otam_lambda <= 0 or self.cos_eps < 0:
-            problems.append("otam_lambda must be > 0 and cos_eps >= 0")
+        problems = Problems()
+        problems.data(self)
+        problems.sizes(self, ("heads", "ffn_dim", "depth"))
+        problems.heads_divide(self)
+        problems.check(self, ("attn_dropout", "ffn_dropout"), 0.0, 1.0, high_open=True)
+        problems.check(self, "otam_lambda", 0.0, low_open=True)
+        problems.check(self, ("cos_eps", "text_loss_weight"), 0.0)
         if self.mid_layer not in ("identity", "mlp"):
-            problems.append(f"mid_layer={self.mid_layer!r} (choose 'identity' or 'mlp')")
+            problems.add("mid_layer", self.mid_layer, "choose identity or mlp")
         if self.ce not in ("mean", "sum"):
-            problems.append(f"ce={self.ce!r} (choose 'mean' or 'sum')")
-        if self.text_loss_weight is not None and self.text_loss_weight < 0:
-            problems.append(f"text_loss_weight={self.text_loss_weight} must be >= 0")
-        if problems:
-            raise ValueError("; ".join(problems))
+            problems.add("ce", self.ce, "choose mean or sum")
+        problems.raise_any()
 
     def resolve(self, data: DataInfo) -> "CLIPFSAROptions":
         """Fill the released per-shot and per-dataset values that are still unset."""

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, class_means, episode_ce, with_correct
-from mdmf_cache.heads.cpm2c import _check_number, motion_difference, squared_gap
-from mdmf_cache.heads.spec import HeadSpec
+from mdmf_cache.heads.cpm2c import motion_difference, squared_gap
+from mdmf_cache.heads.spec import HeadSpec, Problems
 from mdmf_cache.layers.mmfe import MMFE
 from mdmf_cache.device import at_least_float32
 from mdmf_cache.layers.otam import frame_distances, otam_distance
@@ -98,19 +98,13 @@ class CLIPMEIOptions:
     tasks_per_batch: int = 16
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-        if self.dim < 1 or self.num_frames < 2:
-            problems.append(f"dim={self.dim} must be >= 1 and num_frames={self.num_frames} >= 2 (MIC differences frames)")
-        for name in ("heads", "head_dim", "ffn_dim", "token_ffn_dim", "tasks_per_batch"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("attn_dropout", "ffn_dropout", "token_dropout"):
-            _check_number(problems, name, getattr(self, name), 0.0, 1.0, high_open=True)
-        _check_number(problems, "otam_lambda", self.otam_lambda, low_open=True)
-        for name in ("cos_eps", "token_mix", "qsa_weight", "aux_weight"):
-            _check_number(problems, name, getattr(self, name))
-        if problems:
-            raise ValueError("; ".join(problems))
+        problems = Problems()
+        problems.data(self, min_frames=2)  # MIC differences frames
+        problems.sizes(self, ("heads", "head_dim", "ffn_dim", "token_ffn_dim", "tasks_per_batch"))
+        problems.check(self, ("attn_dropout", "ffn_dropout", "token_dropout"), 0.0, 1.0, high_open=True)
+        problems.check(self, "otam_lambda", 0.0, low_open=True)
+        problems.check(self, ("cos_eps", "token_mix", "qsa_weight", "aux_weight"), 0.0)
+        problems.raise_any()
 
 
 class CLIPMEI(FewShotHead):

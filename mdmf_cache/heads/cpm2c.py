@@ -40,7 +40,6 @@ Evaluation runs per video (:class:`CPM2CScorer`): in eval mode every pass depend
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +49,7 @@ from torch import Tensor, nn
 from mdmf_cache.device import heads_autocast
 from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_means, episode_ce, query_classes,
                                    support_classes, with_correct)
-from mdmf_cache.heads.spec import DataInfo, HeadSpec
+from mdmf_cache.heads.spec import DataInfo, HeadSpec, Problems
 from mdmf_cache.layers.mmfe import MMFE
 from mdmf_cache.device import at_least_float32
 from mdmf_cache.layers.otam import cosine_similarity, frame_distances, otam_distance
@@ -61,16 +60,6 @@ __all__ = ["CPM2COptions", "CPM2C", "SPEC", "MOTION_WEIGHT", "motion_difference"
 #: dataset without a config takes 1, the authors' runner default (cofly2014/CPM-MC ``--motion_coeff``).
 MOTION_WEIGHT = {"ucf101": 0.0, "ssv2-full": 1.0, "ssv2-small": 1.0}
 DEFAULT_MOTION_WEIGHT = 1.0
-
-
-def _check_number(problems: list[str], name: str, value: float, low: float = 0.0, high: float = math.inf,
-                  low_open: bool = False, high_open: bool = False) -> None:
-    """Append a message to ``problems`` unless ``value`` is a finite number in the range."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        problems.append(f"{name}={value} must be a finite number in {lo}{low}, {high}{hi}")
 
 
 @dataclass
@@ -120,22 +109,15 @@ class CPM2COptions:
     tasks_per_batch: int = 16
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-        if self.dim <= 0 or self.heads <= 0 or self.dim % self.heads:
-            problems.append(f"dim={self.dim} must be a positive multiple of heads={self.heads}")
-        if self.num_frames < 2 or self.num_classes < 1:
-            problems.append("num_frames must be >= 2 (the motion stream differences frames) and num_classes >= 1")
-        if self.depth < 1 or self.ffn_dim < 1 or self.tasks_per_batch < 1:
-            problems.append("depth, ffn_dim and tasks_per_batch must be >= 1")
-        for name in ("attn_dropout", "ffn_dropout"):
-            _check_number(problems, name, getattr(self, name), 0.0, 1.0, high_open=True)
-        _check_number(problems, "otam_lambda", self.otam_lambda, low_open=True)
-        for name in ("cos_eps", "token_mix", "normal_weight", "text_loss_weight", "consistency_weight"):
-            _check_number(problems, name, getattr(self, name))
-        if self.motion_weight is not None:
-            _check_number(problems, "motion_weight", self.motion_weight)
-        if problems:
-            raise ValueError("; ".join(problems))
+        problems = Problems()
+        problems.data(self, min_frames=2)  # the motion stream differences frames
+        problems.sizes(self, ("heads", "ffn_dim", "depth", "tasks_per_batch"))
+        problems.heads_divide(self)
+        problems.check(self, ("attn_dropout", "ffn_dropout"), 0.0, 1.0, high_open=True)
+        problems.check(self, "otam_lambda", 0.0, low_open=True)
+        problems.check(self, ("cos_eps", "token_mix", "normal_weight", "motion_weight", "text_loss_weight",
+                              "consistency_weight"), 0.0)
+        problems.raise_any()
 
     def resolve(self, data: DataInfo) -> "CPM2COptions":
         """Fill the released per-dataset value that is still unset (the motion weight)."""

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_means, episode_ce, query_classes,
                                    support_classes, with_correct)
-from mdmf_cache.heads.spec import DataInfo, HeadSpec
+from mdmf_cache.heads.spec import DataInfo, HeadSpec, Problems
 from mdmf_cache.device import at_least_float32
 
 __all__ = ["HyRSMOptions", "HyRSM", "PositionalEncoder", "PreNormAttention", "MultiHeadAttention", "bi_mhm",
@@ -108,26 +108,22 @@ class HyRSMOptions:
     class_loss_weight: float | None = None
 
     def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ValueError("; ".join(problems))
+        self.problems().raise_any()
 
-    def problems(self) -> list[str]:
+    def problems(self) -> Problems:
         """What is wrong with these options (a subclass adds its own)."""
-        problems = []
-        if self.dim <= 0 or self.dim % 2 or self.heads <= 0 or self.dim % self.heads:
-            problems.append(f"dim={self.dim} must be even and a positive multiple of heads={self.heads}")
-        if self.num_frames < 1 or self.num_classes < 1:
-            problems.append("num_frames and num_classes must be >= 1")
+        problems = Problems()
+        problems.data(self)
+        if self.dim % 2:
+            problems.add("dim", self.dim, "must be even (the sinusoidal position encoding)")
+        problems.sizes(self, ("heads",))
+        problems.heads_divide(self)
         if self.form not in (None, "1shot", "5shot"):
-            problems.append(f"form={self.form!r} (choose '1shot' or '5shot', or leave it unset)")
-        for name in ("pe_dropout", "attn_dropout", "set_attn_dropout", "set_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.position_a is not None and self.position_a <= 0:
-            problems.append(f"position_a={self.position_a} must be > 0")
-        if self.class_loss_weight is not None and self.class_loss_weight < 0:
-            problems.append(f"class_loss_weight={self.class_loss_weight} must be >= 0")
+            problems.add("form", self.form, "choose 1shot or 5shot, or leave it unset")
+        problems.check(self, ("pe_dropout", "attn_dropout", "set_attn_dropout", "set_dropout"), 0.0, 1.0,
+                       high_open=True)
+        problems.check(self, "position_a", 0.0, low_open=True)
+        problems.check(self, ("position_b", "class_loss_weight"), 0.0)
         return problems
 
     def resolve(self, data: DataInfo) -> "HyRSMOptions":

@@ -20,7 +20,7 @@ computes ``L_temp`` at evaluation too and never uses it there; this module compu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from mdmf_cache.heads.hyrsm import HyRSM, HyRSMOptions, released_train_queries
-from mdmf_cache.heads.spec import HeadSpec
+from mdmf_cache.heads.spec import HeadSpec, Problems
 
 __all__ = ["HyRSMPlusPlusOptions", "HyRSMPlusPlus", "RELEASED", "temporal_matrices", "SPEC"]
 
@@ -64,20 +64,16 @@ class HyRSMPlusPlusOptions(HyRSMOptions):
 
     RELEASED: ClassVar[dict[str, dict[str, float]]] = RELEASED
 
-    window: int | None = None
+    window: int | None = field(default=None, metadata={"min": 0})  # 0: no window
     temporal_balance: float | None = None
     balance_coeff: float | None = None
     temporal_loss_weight: float | None = None
 
-    def problems(self) -> list[str]:
+    def problems(self) -> Problems:
         problems = super().problems()
-        if self.window is not None and self.window < 0:
-            problems.append(f"window={self.window} must be >= 0")
-        if self.temporal_balance is not None and self.temporal_balance <= 0:
-            problems.append(f"temporal_balance={self.temporal_balance} must be > 0")
-        for name in ("balance_coeff", "temporal_loss_weight"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                problems.append(f"{name}={getattr(self, name)} must be >= 0")
+        problems.check(self, "window", 0.0)
+        problems.check(self, "temporal_balance", 0.0, low_open=True)
+        problems.check(self, ("balance_coeff", "temporal_loss_weight"), 0.0)
         return problems
 
 

@@ -19,11 +19,11 @@ Every preset switch is also an ordinary field, so ablations can mix them through
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from mdmf_cache.errors import ConfigError
+from mdmf_cache.heads.spec import Problems
 
 __all__ = ["MDMFConfig", "PRESETS", "PRESET_DATA", "list_presets", "build_config"]
 
@@ -108,32 +108,22 @@ class MDMFConfig:
     tcn_kernel: int = 3
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = Problems()
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
-                problems.append(f"{name}={value!r} (choose from {', '.join(map(repr, choices))})")
-        if self.dim <= 0 or self.heads <= 0 or self.dim % self.heads:
-            problems.append(f"dim={self.dim} must be a positive multiple of heads={self.heads}")
-        if self.num_frames < 1:
-            problems.append(f"num_frames={self.num_frames} must be >= 1")
-        for name in ("pps_temperature", "otam_lambda"):
-            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
-                problems.append(f"{name}={getattr(self, name)} must be a finite number > 0")
-        for name in ("lam", "alpha_ltc", "alpha_gtc"):  # loss and distance weights: a negative one inverts its term
-            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
-                problems.append(f"{name}={getattr(self, name)} must be a finite number >= 0")
+                problems.add(name, value, f"choose from {', '.join(map(repr, choices))}")
+        problems.data(self)
+        problems.sizes(self, ("ffn_dim", "heads", "pps_topk", "tcn_levels", "tcn_kernel"))
+        problems.heads_divide(self)
+        problems.check(self, ("pps_temperature", "otam_lambda"), 0.0, low_open=True)
+        # loss and distance weights: a negative one inverts its term
+        problems.check(self, ("lam", "alpha_ltc", "alpha_gtc", "cos_eps"), 0.0)
         if self.views == "both" and self.alpha_ltc == 0 and self.alpha_gtc == 0:
-            problems.append("alpha_ltc and alpha_gtc are both 0: the logits would not depend on the videos")
-        if self.cos_eps < 0:
-            problems.append(f"cos_eps={self.cos_eps} must be >= 0")
-        if self.pps_topk < 1:
-            problems.append(f"pps_topk={self.pps_topk} must be >= 1")
-        for name in ("mmfe_dropout", "ffn_dropout", "tcn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if problems:
-            raise ConfigError("invalid MDMFConfig: " + "; ".join(problems))
+            problems.add("alpha_gtc", self.alpha_gtc,
+                         "alpha_ltc and alpha_gtc are both 0: the logits would not depend on the videos")
+        problems.check(self, ("mmfe_dropout", "ffn_dropout", "tcn_dropout"), 0.0, 1.0, high_open=True)
+        problems.raise_any()
 
     @property
     def view_names(self) -> tuple[str, ...]:

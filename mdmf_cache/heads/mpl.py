@@ -41,7 +41,7 @@ weights are computed in float32 (float64 stays float64) with autocast off.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -50,7 +50,7 @@ from torch.nn import functional as F
 
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, class_means, with_correct
 from mdmf_cache.heads.hyrsm import MultiHeadAttention, bi_mhm
-from mdmf_cache.heads.spec import DataInfo, HeadSpec
+from mdmf_cache.heads.spec import DataInfo, HeadSpec, Problems
 from mdmf_cache.layers.mmfe import MMFE
 from mdmf_cache.device import at_least_float32
 
@@ -106,33 +106,24 @@ class MPLOptions:
     proto_window: int = 1
     proto_dropout: float = 0.2
     proto_attn_dropout: float = 0.1
-    top_k: int | None = None
-    top_k_train: int | None = None
-    match_window: int = 9
+    top_k: int | None = field(default=None, metadata={"min": 0})
+    top_k_train: int | None = field(default=None, metadata={"min": 0})
+    match_window: int = field(default=9, metadata={"min": 0})
     key_frames: Literal["released", "matched"] = "released"
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.dim <= 0 or self.heads <= 0 or self.dim % self.heads:
-            problems.append(f"dim={self.dim} must be a positive multiple of heads={self.heads}")
-        if self.num_frames < 1 or self.ffn_dim < 1:
-            problems.append("num_frames and ffn_dim must be >= 1")
-        if not 1 <= self.proto_window <= self.num_frames:
-            problems.append(f"proto_window={self.proto_window} must be in [1, num_frames={self.num_frames}]")
-        for name in ("attn_dropout", "ffn_dropout", "proto_dropout", "proto_attn_dropout"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value < 1.0):
-                problems.append(f"{name}={value} must be in [0, 1)")
-        for name in ("top_k", "top_k_train"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                problems.append(f"{name}={value} must be >= 0 (0: no query added to the supports)")
-        if self.match_window < 0:
-            problems.append(f"match_window={self.match_window} must be >= 0")
+        problems = Problems()
+        problems.data(self)
+        problems.sizes(self, ("heads", "ffn_dim", "proto_window"))
+        problems.heads_divide(self)
+        if isinstance(self.proto_window, int) and self.proto_window > self.num_frames:
+            problems.add("proto_window", self.proto_window, f"must be in 1..T={self.num_frames} (the frames per video)")
+        problems.check(self, ("attn_dropout", "ffn_dropout", "proto_dropout", "proto_attn_dropout"), 0.0, 1.0,
+                       high_open=True)
+        problems.check(self, ("top_k", "top_k_train", "match_window"), 0.0)  # 0: no query added; a diagonal band
         if self.key_frames not in ("released", "matched"):
-            problems.append(f"key_frames={self.key_frames!r} (choose 'released' or 'matched')")
-        if problems:
-            raise ValueError("; ".join(problems))
+            problems.add("key_frames", self.key_frames, "choose released or matched")
+        problems.raise_any()
 
     def resolve(self, data: DataInfo) -> "MPLOptions":
         """Fill the released per-dataset and per-shot values that are still unset."""

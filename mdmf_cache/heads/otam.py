@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, with_correct
-from mdmf_cache.heads.spec import HeadSpec
+from mdmf_cache.heads.spec import HeadSpec, Problems
 from mdmf_cache.device import at_least_float32
 from mdmf_cache.layers.otam import frame_distances, otam_distance
 
@@ -53,8 +53,11 @@ class OTAMOptions:
     otam_lambda: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.otam_lambda <= 0 or self.cos_eps < 0:
-            raise ValueError(f"otam_lambda={self.otam_lambda} must be > 0 and cos_eps={self.cos_eps} >= 0")
+        problems = Problems()
+        problems.data(self)
+        problems.check(self, "otam_lambda", 0.0, low_open=True)
+        problems.check(self, "cos_eps", 0.0)
+        problems.raise_any()
 
 
 class OTAM(FewShotHead):

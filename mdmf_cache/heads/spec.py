@@ -9,21 +9,159 @@ A head's options are a dataclass. Three kinds of fields:
   class's ``resolve(data)`` method from :class:`DataInfo`; an explicit value always wins;
 * everything else: plain defaults, which are the released code's.
 
+Every option value is checked in one place, :meth:`HeadSpec.make_options`, which train, eval, compare, sweep,
+ablate and the API all pass through: first the rules every head shares, read from the field's type
+(:func:`shared_problems`: a float is a finite number, an int is a size >= 1, a ``Literal`` one of its values;
+a field's ``metadata`` may say otherwise: ``{"min": 0}`` for a count that may be 0), then the head's own ranges
+in its options' ``__post_init__`` (a :class:`Problems` list raised as an :class:`OptionError`). Every message
+names the option as the user writes it (``--head-opt NAME=VALUE``), never a data field's value as if it were one.
+
 Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 from mdmf_cache.errors import ConfigError
 
-__all__ = ["DataInfo", "HeadSpec", "DATA_FIELDS"]
+__all__ = ["DataInfo", "HeadSpec", "DATA_FIELDS", "OptionError", "Problems", "shared_problems", "head_opt_flag"]
 
 #: Option fields that come from the data, never from the user.
 DATA_FIELDS = ("dim", "num_frames", "num_classes")
+#: How a message names a data field's value (the user never sets one).
+DATA_LABELS = {"dim": "the features' width D", "num_frames": "the frames per video T",
+               "num_classes": "the train split's classes C"}
+
+
+def head_opt_flag(name: str, value: Any) -> str:
+    """How ``train``, ``compare``, ``ablate`` and the API name a head option: ``--head-opt NAME=VALUE``."""
+    return f"--head-opt {name}={_text(value)}"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class OptionError(ConfigError):
+    """Head options that cannot be used: ``problems`` holds (option, value, why) triples; the one-line message
+    names each option with ``flag`` (``--head-opt NAME=VALUE`` by default; a sweep names its own)."""
+
+    def __init__(self, problems: Iterable[tuple[str, Any, str]], method: str = "") -> None:
+        self.problems = list(problems)
+        self.method = method
+        super().__init__(self.text())
+
+    def text(self, flag: Callable[[str, Any], str] = head_opt_flag) -> str:
+        parts = [f"{DATA_LABELS[n]} is {_text(v)}: {why}" if n in DATA_FIELDS else f"{flag(n, v)}: {why}"
+                 for n, v, why in self.problems]
+        return (f"{self.method} options: " if self.method else "") + "; ".join(parts)
+
+
+class Problems(list):
+    """What is wrong with a head's options, as (option, value, why); an option is reported once (its first problem)."""
+
+    def add(self, name: str, value: Any, why: str) -> None:
+        if all(n != name for n, _, _ in self):
+            self.append((name, value, why))
+
+    def check(self, opts: Any, names: str | Iterable[str], low: float = -math.inf, high: float = math.inf,
+              low_open: bool = False, high_open: bool = False) -> None:
+        """Each option in ``names`` (None passes: an unset released value) a finite number within the bounds."""
+        for name in [names] if isinstance(names, str) else names:
+            value = getattr(opts, name)
+            if value is None:
+                continue
+            ok = _number(value) and math.isfinite(value) and (value > low if low_open else value >= low) \
+                and (value < high if high_open else value <= high)
+            if not ok:
+                self.add(name, value, _interval(low, high, low_open, high_open))
+
+    def sizes(self, opts: Any, names: Iterable[str]) -> None:
+        """Each option in ``names`` (None passes) an integer >= 1."""
+        for name in names:
+            value = getattr(opts, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                self.add(name, value, "must be an integer >= 1 (a size)")
+
+    def heads_divide(self, opts: Any, name: str = "heads") -> None:
+        """``opts.heads`` attention heads split the width D (head width D / heads)."""
+        value = getattr(opts, name)
+        if isinstance(value, int) and value >= 1 and opts.dim % value:
+            self.add(name, value, f"must divide the features' width D={opts.dim} (head width D / {name})")
+
+    def data(self, opts: Any, min_frames: int = 1) -> None:
+        """The data fields: D >= 1, T >= ``min_frames``, C >= 1 (where the options have them)."""
+        for name, low in (("dim", 1), ("num_frames", min_frames), ("num_classes", 1)):
+            value = getattr(opts, name, None)
+            if value is not None and value < low:
+                self.add(name, value, f"must be >= {low}")
+
+    def raise_any(self) -> None:
+        if self:
+            raise OptionError(self)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    def num(x: float) -> str:
+        return f"{x:g}"
+
+    if high == math.inf:
+        return f"must be a finite number {'>' if low_open else '>='} {num(low)}" if low > -math.inf \
+            else "must be a finite number"
+    if low == -math.inf:
+        return f"must be a finite number {'<' if high_open else '<='} {num(high)}"
+    return f"must be in {'(' if low_open else '['}{num(low)}, {num(high)}{')' if high_open else ']'}"
+
+
+def shared_problems(options: type, values: Mapping[str, Any]) -> Problems:
+    """The rules every head's options share, read from each field's type (module docstring); data fields skipped."""
+    hints = typing.get_type_hints(options)
+    problems = Problems()
+    for f in dataclasses.fields(options):
+        if f.name in DATA_FIELDS or f.name not in values:
+            continue
+        value, hint = values[f.name], hints[f.name]
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if value is None:
+            if type(None) not in args:
+                problems.add(f.name, value, "must be set")
+            continue
+        kinds = [a for a in args if a is not type(None)]
+        kind = kinds[0] if len(kinds) == 1 else None
+        if typing.get_origin(kind) is Literal:
+            choices = typing.get_args(kind)
+            if value not in choices or type(value) is bool and bool not in map(type, choices):
+                problems.add(f.name, value, f"choose {' or '.join(map(_text, choices))}")
+        elif kind is bool:
+            if not isinstance(value, bool):
+                problems.add(f.name, value, "must be true or false")
+        elif kind is int:
+            low = f.metadata.get("min", 1)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+                problems.add(f.name, value, f"must be an integer >= {low}"
+                             + (" (a size)" if low == 1 else ""))
+        elif kind is float:
+            if not _number(value):
+                problems.add(f.name, value, "must be a number")
+            elif not math.isfinite(value) and f.metadata.get("finite", True):
+                problems.add(f.name, value, "must be a finite number")
+        elif typing.get_origin(kind) is tuple:  # of ints (TRX's cardinalities): sizes
+            if not (isinstance(value, (tuple, list)) and value
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+                problems.add(f.name, value, "must be one or more integers >= 1, e.g. 2,3")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -117,8 +255,14 @@ class HeadSpec:
             raise ConfigError(f"unknown {self.name} option(s): {', '.join(unknown)}; {self.name} takes: "
                               f"{', '.join(self.option_names)}")
         given = {k: getattr(data, k) for k in DATA_FIELDS if k in names}
+        values = {**given, **self.presets[preset], **overrides}
+        problems = shared_problems(self.options, values)
+        if problems:
+            raise OptionError(problems, self.name)
         try:
-            opts = self.options(**{**given, **self.presets[preset], **overrides})
+            opts = self.options(**values)
+        except OptionError as e:
+            raise OptionError(e.problems, self.name) from e
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{self.name} options: {e}") from e
         resolve = getattr(opts, "resolve", None)

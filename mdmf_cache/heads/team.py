@@ -33,7 +33,6 @@ from the cache's D. The released ``n_head = 8`` only sets the attention temperat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, class_means, episode_ce, with_correct
-from mdmf_cache.heads.spec import DataInfo, HeadSpec
+from mdmf_cache.heads.spec import DataInfo, HeadSpec, Problems
 from mdmf_cache.heads.trx import PositionalEncoding
 from mdmf_cache.device import at_least_float32
 
@@ -91,22 +90,16 @@ class TEAMOptions:
     out_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.dim < 1 or self.num_frames < 1:
-            problems.append(f"dim={self.dim} and num_frames={self.num_frames} must be >= 1")
-        if self.patterns is not None and self.patterns < 1:
-            problems.append(f"patterns={self.patterns} must be >= 1")
+        problems = Problems()
+        problems.data(self)
+        problems.sizes(self, ("patterns", "heads"))
         if self.released_backbone not in ("vit", "resnet"):
-            problems.append(f"released_backbone={self.released_backbone!r} (choose 'vit' or 'resnet')")
-        if not 1 <= self.heads <= self.dim:
-            problems.append(f"heads={self.heads} must be in 1..dim={self.dim} (the temperature is sqrt(dim // heads))")
-        if not math.isfinite(self.pe_scale):
-            problems.append(f"pe_scale={self.pe_scale} must be finite")
-        for name in ("pe_dropout", "attn_dropout", "out_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:  # NaN fails too
-                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if problems:
-            raise ValueError("; ".join(problems))
+            problems.add("released_backbone", self.released_backbone, "choose vit or resnet")
+        if isinstance(self.heads, int) and self.heads > self.dim:
+            problems.add("heads", self.heads, f"must be in 1..D={self.dim} (the temperature is sqrt(D // heads))")
+        problems.check(self, "pe_scale", 0.0)
+        problems.check(self, ("pe_dropout", "attn_dropout", "out_dropout"), 0.0, 1.0, high_open=True)
+        problems.raise_any()
 
     def resolve(self, data: DataInfo) -> "TEAMOptions":
         """Fill M from the released scripts when it is unset."""

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from mdmf_cache.device import heads_autocast
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, with_correct
-from mdmf_cache.heads.spec import HeadSpec
+from mdmf_cache.heads.spec import HeadSpec, Problems
 from mdmf_cache.device import at_least_float32
 
 __all__ = ["TRXOptions", "TRX", "TemporalCrossTransformer", "TRXScorer", "SPEC"]
@@ -77,15 +77,14 @@ class TRXOptions:
 
     def __post_init__(self) -> None:
         self.cardinalities = tuple(int(c) for c in self.cardinalities)  # a list from a saved checkpoint
-        problems = []
-        if self.dim <= 0 or self.tuple_dim <= 0:
-            problems.append(f"dim={self.dim} and tuple_dim={self.tuple_dim} must be >= 1")
+        problems = Problems()
+        problems.data(self)
+        problems.sizes(self, ("tuple_dim",))
         if not self.cardinalities or any(not 1 <= c <= self.num_frames for c in self.cardinalities):
-            problems.append(f"cardinalities={self.cardinalities}: each in 1..num_frames={self.num_frames}")
-        if not 0.0 <= self.pe_dropout < 1.0:
-            problems.append(f"pe_dropout={self.pe_dropout} must be in [0, 1)")
-        if problems:
-            raise ValueError("; ".join(problems))
+            problems.add("cardinalities", self.cardinalities, f"each in 1..T={self.num_frames} (the frames per video)")
+        problems.check(self, "pe_dropout", 0.0, 1.0, high_open=True)
+        problems.check(self, "pe_scale", 0.0)
+        problems.raise_any()
 
 
 class PositionalEncoding(nn.Module):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, with_correct
-from mdmf_cache.heads.spec import HeadSpec
+from mdmf_cache.heads.spec import HeadSpec, Problems
 from mdmf_cache.device import at_least_float32
 from mdmf_cache.layers.otam import cosine_similarity
 
@@ -43,8 +43,10 @@ class TSNOptions:
     cos_eps: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.cos_eps < 0:
-            raise ValueError(f"cos_eps={self.cos_eps} must be >= 0")
+        problems = Problems()
+        problems.data(self)
+        problems.check(self, "cos_eps", 0.0)
+        problems.raise_any()
 
 
 class TSN(FewShotHead):

@@ -176,6 +176,20 @@ def load_split_features(path: Path | str, split: str, device: str = "cpu", allow
     return loaded
 
 
+def split_labels(path: Path | str, split: str) -> tuple[np.ndarray, int]:
+    """The labels of the rows :func:`read_split` would load, and the split's class count, without reading a feature
+    (for checking episodes before any work).
+
+    Raises:
+        CacheError: the split is absent.
+    """
+    store = CacheStore(path)
+    if split not in store.splits:
+        raise CacheError(f"{path} has no split {split!r} (has: {', '.join(store.splits) or 'none'})")
+    keep = store.done_mask(split) & store.present_mask(split) & ~store._rows(split, "failed").astype(bool)
+    return store._rows(split, "labels")[np.flatnonzero(keep)].astype(np.int64), len(store.root[split].attrs["classes"])
+
+
 def read_split(path: Path | str, split: str, allow_incomplete: bool = False,
                allocate: Allocate | None = None) -> FeatureSplit:
     """:func:`load_split_features`'s rows as numpy arrays (features float16, labels int64, text float32).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -118,6 +119,14 @@ def sweep_options(method: str = "mdmf") -> dict[str, Option]:
         first = dropouts[0][len("heads."):]
         opts["dropout"] = _option_of("dropout", dropouts, fields[first].default, hints[first])
     return opts
+
+
+def option_of_field(name: str, opts: dict[str, Option]) -> str | None:
+    """The option that sets the head field ``name`` (``lam`` -> ``lambda``): the one that sets it alone, else one
+    that sets it with others (``dropout``); None if no option does."""
+    target = f"heads.{name}"
+    alone = next((o.name for o in opts.values() if o.targets == (target,)), None)
+    return alone or next((o.name for o in opts.values() if target in o.targets), None)
 
 
 def method_of(args: list[str] | dict[str, Any]) -> str:
@@ -230,6 +239,8 @@ def parse_space(spec: dict[str, str], opts: dict[str, Option] | None = None) -> 
         except ValueError as e:
             raise ConfigError(f"--space {name}={text}: LOW and HIGH must be numbers") from e
         log_scale = len(parts) == 3 and parts[2] == "log"
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ConfigError(f"--space {name}={text}: LOW and HIGH must be finite numbers")
         if not low < high:
             raise ConfigError(f"--space {name}={text}: LOW must be below HIGH")
         if log_scale and low <= 0:

@@ -38,8 +38,9 @@ from typing import Any
 
 from mdmf_cache.errors import CacheError, ConfigError
 from mdmf_cache.fileio import atomic_write_json
-from mdmf_cache.sweeps.space import (Dim, Option, check_fixed, default_space, method_of, parse_space, sweep_options,
-                                     trial_config)
+from mdmf_cache.heads.spec import OptionError
+from mdmf_cache.sweeps.space import (Dim, Option, check_fixed, default_space, method_of, option_of_field, parse_space,
+                                     sweep_options, trial_config)
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +157,26 @@ def plan(cfg: SweepConfig) -> Plan:
     base = asdict(TrainConfig(cache=str(cfg.cache)))
     # every corner of the space must give a valid config, so no trial fails on a bad range
     for values in [{}] + [{d.name: v} for d in dims for v in d.corners()]:
-        tcfg = trial_config(base, {**fixed, **values}, opts).resolved()
-        tcfg.validate()
-        heads.get(tcfg.method).make_options(tcfg.preset, tcfg.heads, DataInfo(
-            dim=int(dim), num_frames=int(num_frames), num_classes=num_classes, shot=tcfg.shot))
+        try:
+            tcfg = trial_config(base, {**fixed, **values}, opts).resolved()
+            tcfg.validate()
+            heads.get(tcfg.method).make_options(tcfg.preset, tcfg.heads, DataInfo(
+                dim=int(dim), num_frames=int(num_frames), num_classes=num_classes, shot=tcfg.shot))
+        except OptionError as e:  # named as the sweep's options, --ffn-dim -5, not as train's --head-opt
+            raise ConfigError(e.text(lambda name, value: _sweep_flag(name, value, opts, values))) from e
     return Plan(opts, dims, fixed, base, fingerprint)
+
+
+def _sweep_flag(name: str, value: Any, opts: dict[str, Option], swept: dict[str, Any]) -> str:
+    """A head option as a sweep names it: ``--ffn-dim -5``, or an end of its ``--space`` range."""
+    from mdmf_cache.heads.spec import head_opt_flag
+
+    cli = option_of_field(name, opts)
+    if cli is None:
+        return head_opt_flag(name, value)
+    if cli in swept:
+        return f"--space {cli}: its end {value}"
+    return f"--{cli} {value}"
 
 
 def open_storage(cfg: SweepConfig, create: bool = True):
