@@ -181,7 +181,7 @@ class CLIPMEI(FewShotHead):
 
     def episodes(self, support: Tensor, query: Tensor, text: Tensor) -> dict[str, Tensor]:
         e, s, t, d = support.shape
-        q, n = query.shape[1], text.shape[1]
+        n = text.shape[1]
         o = self.options
         out: dict[str, Tensor] = {}
         # QSA: text-modulated supports, queries modulated by a token made from the episode's class texts
