@@ -141,7 +141,7 @@ def test_atomic_writes_keep_the_old_file_and_name_a_full_disk(tmp_path, monkeypa
     ({"way": 30}, "the train split has"),
     ({"lr": float("nan")}, "--lr nan"),
     ({"way": 1}, "at least 2 classes"),
-    ({"heads": {"views": "xyz"}}, "views='xyz'"),
+    ({"heads": {"views": "xyz"}}, "--head-opt views=xyz: choose both or ltc"),
     ({"device": "cuda:7"}, "this machine has: cpu"),
     ({"device": "foo"}, "not a device name"),
 ])
