@@ -354,6 +354,7 @@ def train(
     val_every: Annotated[int, typer.Option(help="Validate every this many episodes.")] = _T.val_every,
     val_episodes: Annotated[int, typer.Option(help="Fixed val episode list size.")] = _T.val_episodes,
     save_every: Annotated[int, typer.Option(help="Also save last.pt every this many episodes between validations (0: at validations only).")] = _T.save_every,
+    keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Also keep the heads of every validation as checkpoints/ep{episodes:07d}.pt (best.pt's format; fast mode).")] = _T.keep_checkpoints,
     seed: int = _T.seed,
     device: DeviceOpt = _T.device,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
@@ -413,7 +414,7 @@ def train(
         preset=preset, heads=head_overrides, way=way, shot=shot, train_shot=train_shot, train_queries=train_queries,
         episodes=episodes, episodes_per_step=episodes_per_step, lr=lr, weight_decay=weight_decay, val_every=val_every,
         val_episodes=val_episodes,
-        save_every=save_every, seed=seed, device=device, resume=resume, full=full,
+        save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed, device=device, resume=resume, full=full,
     )
     if config is not None:
         cfg = _merge_config(ctx, config, cfg)
