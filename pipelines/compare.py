@@ -347,8 +347,10 @@ def run(cfg: CompareConfig, progress: bool = True, show: bool = True) -> dict[st
                 + title)
     if show:
         print_compare(rows, cfg.shots, title, seeds=cfg.seeds, sweep=0, test_selected=cfg.test_selected)
+        from rich.markup import escape
+
         for note in notes:
-            console.print(note)
+            console.print(escape(note))
         console.print(f"tables: {out}/table.md, table.csv, table.png")
     return {"rows": rows, "out": str(out)}
 

@@ -285,12 +285,14 @@ def print_compare(rows: list[dict], shots, title: str, seeds: int = 1, sweep: in
                   test_selected: bool = False) -> None:
     """``compare``'s table (:func:`compare_layout`, one decimal): per method and shot the accuracy, the spread over
     seeds, the paired difference to the reference, the reported one, the test-selected accuracy."""
+    from rich.markup import escape
+
     head, body = compare_layout(rows, shots, digits=1, seeds=seeds, sweep=sweep, test_selected=test_selected)
-    table = Table(title=title)
-    for i, name in enumerate(head):
-        table.add_column(name, justify="left" if i == 0 or name.startswith(("reported", "tuned")) else "right")
+    table = Table(title=escape(title))
+    for i, name in enumerate(head):  # "[min, max]" is text, not markup
+        table.add_column(escape(name), justify="left" if i == 0 or name.startswith(("reported", "tuned")) else "right")
     for cells in body:
-        table.add_row(*cells)
+        table.add_row(*map(escape, cells))
     console.print(table)
 
 
