@@ -319,7 +319,8 @@ def run(cfg: CompareConfig, progress: bool = True, show: bool = True) -> dict[st
             q = queries[method, shot]
             eps, suffix = lists[shot, q], (f"_{q}queries" if q != 1 else "")
             if method not in trained:
-                accs[method, shot] = scored(out / "scores" / f"{method}_{shot}shot{suffix}.npy", method, eps, None)[None]
+                path = out / "scores" / f"{method}_{shot}shot{suffix}.npy"
+                accs[method, shot] = scored(path, method, eps, None)[None]  # (1, E): no training seed
                 continue
             per_seed = []
             for i in range(cfg.seeds):
@@ -425,7 +426,8 @@ def table_rows(cfg: CompareConfig, accs: dict[tuple[str, int], np.ndarray], data
                 diffs = []
                 for i in range(n):
                     a, r = pick(acc, i), pick(ref, i)
-                    d = mean_ci(a - r) if paired else (a.mean() - r.mean(), float(np.hypot(mean_ci(a)[1], mean_ci(r)[1])))
+                    d = (mean_ci(a - r) if paired
+                         else (float(a.mean() - r.mean()), float(np.hypot(mean_ci(a)[1], mean_ci(r)[1]))))
                     diffs.append(d)
                     if n > 1:
                         row[f"{shot}shot_diff_seed{i}"], row[f"{shot}shot_diff_seed{i}_ci95"] = float(d[0]), d[1]
@@ -515,7 +517,7 @@ def write_tables(out: Path, rows: list[dict[str, Any]], shots: tuple[int, ...], 
             "dataset, on the backbone in parentheses: ResNet-50 (ImageNet) numbers are not CLIP results.\n")
     if sweep:
         note += (f"\nTuned on val: each trained method was tuned per shot by a {sweep}-trial sweep on val "
-                 "(sweeps/METHOD_Kshot); its best trial's run is what is scored here (with several seeds its seed 0; the other seeds train "
-                 "its config again), and the column 'tuned on val' gives that trial's parameters.\n")
+                 "(sweeps/METHOD_Kshot); its best trial's run is what is scored here (with several seeds its seed 0; the "
+                 "other seeds train its config again), and the column 'tuned on val' gives that trial's parameters.\n")
     note += "".join(f"\n{n}\n" for n in notes)
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n" + note)

@@ -72,7 +72,8 @@ def test_resume_equals_uninterrupted_and_is_deterministic(demo_cache, tmp_path):
     best = torch.load(tmp_path / "a" / "best.pt", weights_only=False)
     for name in names:
         ca, cb = (torch.load(tmp_path / r / "checkpoints" / name, weights_only=False) for r in ("a", "b"))
-        assert set(ca) == set(best) and ca["episodes"] == int(name[2:9]) and ca["val_acc"] == cb["val_acc"]
+        assert set(ca) == set(best) and ca["episodes"] == int(name[2:9])
+        assert ca["val_acc"] == cb["val_acc"]
         assert all(torch.equal(v, cb["model"][k]) for k, v in ca["model"].items())
         if ca["episodes"] == best["episodes"]:  # best.pt is the checkpoint of its validation
             assert all(torch.equal(v, best["model"][k]) for k, v in ca["model"].items())

@@ -75,7 +75,8 @@ def read_run_file(path: Path | str, device: Any = "cpu", fix: str | None = None)
     ``config.json``: a dict. ``metrics.jsonl``: its records (a last line cut by a kill is dropped).
     ``best.pt``, ``last.pt``: the checkpoint dict (on ``device``), with the keys a checkpoint holds;
     ``best.pt``'s weights must be finite, and so must those of a validation's heads kept in
-    ``checkpoints/ep*.pt`` (``keep_checkpoints``; best.pt's format). ``backbone.pt``: the fine-tuned CLIP's state dict (finite).
+    ``checkpoints/ep*.pt`` (``keep_checkpoints``; best.pt's format). ``backbone.pt``: the fine-tuned CLIP's state
+    dict (finite).
 
     Args:
         fix: what to do, said after the damage (default: :data:`RUN_FILE_FIX` for the file's name).

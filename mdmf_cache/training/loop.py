@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 #: The folder of a run that ``keep_checkpoints`` keeps every validation's heads in.
 CHECKPOINTS = "checkpoints"
 
-__all__ = ["CHECKPOINTS", "OOM_HINT", "check_resume", "make_optimizer", "train_device", "rng_state", "set_rng_state", "RunState",
-           "Checkpoints", "first_non_finite", "best_needs_repair", "mean_over_ranks", "train_progress"]
+__all__ = ["CHECKPOINTS", "OOM_HINT", "check_resume", "make_optimizer", "train_device", "rng_state", "set_rng_state",
+           "RunState", "Checkpoints", "first_non_finite", "best_needs_repair", "mean_over_ranks", "train_progress"]
 
 
 def rng_state(rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
