@@ -354,6 +354,7 @@ def train(
     val_every: Annotated[int, typer.Option(help="Validate every this many episodes.")] = _T.val_every,
     val_episodes: Annotated[int, typer.Option(help="Fixed val episode list size.")] = _T.val_episodes,
     save_every: Annotated[int, typer.Option(help="Also save last.pt every this many episodes between validations (0: at validations only).")] = _T.save_every,
+    keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Also keep the heads of every validation as checkpoints/ep{episodes:07d}.pt (best.pt's format; fast mode).")] = _T.keep_checkpoints,
     seed: int = _T.seed,
     device: DeviceOpt = _T.device,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
@@ -413,7 +414,7 @@ def train(
         preset=preset, heads=head_overrides, way=way, shot=shot, train_shot=train_shot, train_queries=train_queries,
         episodes=episodes, episodes_per_step=episodes_per_step, lr=lr, weight_decay=weight_decay, val_every=val_every,
         val_episodes=val_episodes,
-        save_every=save_every, seed=seed, device=device, resume=resume, full=full,
+        save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed, device=device, resume=resume, full=full,
     )
     if config is not None:
         cfg = _merge_config(ctx, config, cfg)
@@ -699,7 +700,8 @@ _C = CompareConfig
 
 @app.command(epilog="Examples:\n\n  mdmf-cache compare CACHE --methods mdmf,clip-fsar,protonet --shot 1,3,5 --out results/ucf_rn50\n\n"
              "  mdmf-cache compare CACHE --methods mdmf,clip-fsar --shot 5 --episodes 20000 --lr 3e-4 --out results/ucf_5shot\n\n"
-             "  mdmf-cache compare CACHE --methods mdmf,clip-fsar,otam --shot 1,5 --sweep 50 --out results/ucf_tuned   # each tuned on val first")
+             "  mdmf-cache compare CACHE --methods mdmf,clip-fsar,otam --shot 1,5 --sweep 50 --out results/ucf_tuned   # each tuned on val first\n\n"
+             "  mdmf-cache compare CACHE --methods mdmf,team,otam --seeds 3 --test-selected --out results/ucf_protocol   # seed spread; test-selection bias")
 def compare(
     cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
     methods: Annotated[str, typer.Option(help=f"Comma-separated: {_choices((*heads.METHODS, *BASELINES))} "
@@ -718,6 +720,12 @@ def compare(
     sweep: Annotated[int, typer.Option(help="Tune each trained method per shot first: an N-trial sweep on val over its "
                                             "default space (the options above fixed) in OUT/sweeps; its best trial's "
                                             "run is scored. 0: train with the defaults.")] = _C.sweep,
+    seeds: Annotated[int, typer.Option(help="Train each trained method this many times per shot, with training seeds "
+                                            "--seed + i, all scored on the same episodes: the table gives the mean, its "
+                                            "spread over seeds and the per-seed paired differences.")] = _C.seeds,
+    test_selected: Annotated[bool, typer.Option("--test-selected", help="Keep every validation's heads and score each "
+                                                "on test: beside the val-selected accuracy, what keeping the "
+                                                "checkpoint best ON TEST would claim, and the gap.")] = _C.test_selected,
     way: int = _C.way,
     seed: int = _C.seed,
     device: DeviceOpt = _C.device,
@@ -735,7 +743,7 @@ def compare(
              **({"train_queries": train_queries} if train_queries is not None else {})}
     cfg = CompareConfig(cache=str(cache), out=str(out), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                         shots=_shots(shot), reference=reference, train=train, way=way, test_episodes=test_episodes,
-                        seed=seed, device=device, sweep=sweep)
+                        seed=seed, device=device, sweep=sweep, seeds=seeds, test_selected=test_selected)
     run(cfg)
 
 

@@ -208,6 +208,7 @@ class TrainConfig:
     val_episodes: int = 500
     val_queries: int = 1
     save_every: int = 0  # episodes between extra last.pt saves (0: at validations only; full mode's steps are slow)
+    keep_checkpoints: bool = False  # also keep the heads of every validation: checkpoints/ep{episodes:07d}.pt (fast mode)
     seed: int = 0
     device: str = "auto"
     resume: bool = False
@@ -262,6 +263,9 @@ class TrainConfig:
         elif self.full:
             problems.append("video and backbone options (--root, --model, --backbone-lr, ...) are for --mode full; "
                             "fast mode reads a cache")
+        if self.mode == "full" and self.keep_checkpoints:
+            problems.append("--keep-checkpoints keeps the heads of every validation, which a full-mode run's heads "
+                            "cannot be scored without (their backbone is fine-tuned with them): fast mode only")
         if self.mode == "fast" and not heads.REGISTRY[self.method].parametric:
             problems.append(f"{self.method} has no trainable parameters: nothing to train on a frozen cache; score it "
                             f"with mdmf-cache eval CACHE --method {self.method}, or fine-tune CLIP with it (--mode full)")

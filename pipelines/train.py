@@ -18,7 +18,8 @@ Top to bottom (:func:`run`; one config and one loop for both modes):
        fixed seeded val episode list, or ``last.pt``'s state; nothing is written before every input is checked;
     3. the run's files: ``config.json`` (with the input's identity), ``val_episodes.npz``, ``metrics.jsonl``;
     4. train; every ``val_every`` episodes score the val list, keep ``best.pt`` by val accuracy (never by test;
-       full mode also ``backbone.pt``), append to ``metrics.jsonl`` and save ``last.pt``;
+       full mode also ``backbone.pt``; with ``keep_checkpoints`` every validation's heads in
+       ``checkpoints/ep{episodes:07d}.pt``), append to ``metrics.jsonl`` and save ``last.pt``;
     5. clean up: ``curves.png``; print the best val accuracy and where the checkpoint is.
 
 A loss or weights that stop being finite end the run with a TrainingError naming the first update whose loss was
@@ -243,6 +244,8 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
                 if acc > state.best:
                     state.best = acc
                     ckpts.save_best(acc)
+                if cfg.keep_checkpoints:  # before last.pt: a kill in between replays this validation on --resume
+                    ckpts.save_validation(acc)
                 ckpts.save_last()
                 if bar:
                     bar.update(task, val=acc, loss=rec["loss"])

@@ -179,6 +179,9 @@ def test_sweep_and_compare_options_reach_their_configs(cli_runner, monkeypatch):
     assert cli_runner.invoke(cli.app, ["sweep", "c.zarr"]).exit_code == 0 and got["sweep"].share_features is True
     assert cli_runner.invoke(cli.app, ["compare", "c.zarr", "--sweep", "20", "--shot", "1,5"]).exit_code == 0
     assert (got["compare"].sweep, got["compare"].shots) == (20, (1, 5))
+    assert (got["compare"].seeds, got["compare"].test_selected) == (1, False)
+    assert cli_runner.invoke(cli.app, ["compare", "c.zarr", "--seeds", "3", "--test-selected"]).exit_code == 0
+    assert (got["compare"].seeds, got["compare"].test_selected) == (3, True)
 
 
 def test_heads_marks_the_transductive_heads(cli_runner):

@@ -212,3 +212,125 @@ def test_compare_checks_the_train_split_for_every_shot_before_writing(demo_cache
                                           r"needs 5 classes with >= 14 videos; the train split has 0"):
         run_compare(cfg, progress=False)
     assert not out.exists()
+
+
+@pytest.mark.integration
+def test_compare_over_seeds_resumes_only_the_missing_run_and_reports_spread_and_test_selection(demo_cache, tmp_path,
+                                                                                               monkeypatch):
+    import pipelines.train as training
+    from mdmf_cache.data.episodes import Episodes
+    from mdmf_cache.evaluation.scoring import score
+    from mdmf_cache.heads.factory import load_run
+    from mdmf_cache.store.read import load_split_features
+
+    out = tmp_path / "seeds"
+    train = {**TRAIN, "episodes_per_step": 8, "val_every": 8}  # two validations: two kept checkpoints per run
+    cfg = CompareConfig(cache=str(demo_cache), out=str(out), methods=("mdmf", "otam"), shots=(1,), train=train,
+                        test_episodes=40, seeds=2, test_selected=True)
+    calls = _killed_at_the_second_training(monkeypatch)  # seed 1's run
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cfg, progress=False)
+    runs = [out / "runs" / f"mdmf_1shot_seed{i}" for i in (0, 1)]
+    stamp = (runs[0] / "best.pt").stat().st_mtime_ns
+    calls.clear()
+    res = run_compare(cfg, progress=False)
+    assert calls == [str(runs[1])] and (runs[0] / "best.pt").stat().st_mtime_ns == stamp  # only the missing run
+    assert [json.loads((r / "config.json").read_text())["seed"] for r in runs] == [0, 1]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["mdmf_1shot_seed0", "mdmf_1shot_seed1"]
+
+    # the numbers, recomputed from the saved per-episode scores
+    rows = {r["method"]: r for r in res["rows"]}
+    mdmf = [np.load(out / "scores" / f"mdmf_1shot_seed{i}.npy") for i in (0, 1)]
+    otam = np.load(out / "scores" / "otam_1shot.npy")  # no training seed: scored once
+    means = [a.mean() for a in mdmf]
+    assert rows["mdmf"]["1shot"] == pytest.approx(np.mean(means))
+    assert [rows["mdmf"][f"1shot_seed{i}"] for i in (0, 1)] == pytest.approx(means)
+    assert rows["mdmf"]["1shot_seed_std"] == pytest.approx(np.std(means, ddof=1))
+    assert (rows["mdmf"]["1shot_seed_min"], rows["mdmf"]["1shot_seed_max"]) == pytest.approx((min(means), max(means)))
+    per_seed = [(otam - a).mean() for a in mdmf]  # paired: the same episodes, seed i of the reference
+    assert [rows["otam"][f"1shot_diff_seed{i}"] for i in (0, 1)] == pytest.approx(per_seed)
+    assert rows["otam"]["1shot_diff"] == pytest.approx(np.mean(per_seed))
+    assert rows["otam"]["1shot_diff_seed_std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert "1shot_seed_std" not in rows["otam"] and "1shot_test_selected" not in rows["otam"]
+
+    # test-selected: the best checkpoint on test, each checkpoint scored here independently
+    split = load_split_features(demo_cache, "test")
+    eps = Episodes.load(out / "episodes_5way_1shot.npz")
+    best_on_test = []
+    for run, val_selected in zip(runs, mdmf):
+        ckpts = sorted((run / "checkpoints").glob("ep*.pt"))
+        assert [p.name for p in ckpts] == ["ep0000008.pt", "ep0000016.pt"]
+        test = [score("mdmf", split, eps, load_run(run, "cpu", checkpoint=f"checkpoints/{p.name}")[0]).mean * 100
+                for p in ckpts]
+        best_on_test.append(max(test))
+        assert max(test) >= val_selected.mean() - 1e-9  # best.pt is one of the checkpoints
+    assert rows["mdmf"]["1shot_test_selected"] == pytest.approx(np.mean(best_on_test))
+    assert rows["mdmf"]["1shot_test_selected_gap"] == pytest.approx(np.mean(best_on_test) - np.mean(means))
+
+    md = (out / "table.md").read_text().splitlines()
+    assert md[0] == ("| method | 1-shot | 1-shot seeds: sd [min, max] | 1-shot vs ref | 1-shot vs ref per seed | "
+                     "reported (backbone) | 1-shot test-selected (gap) |")
+    cells = [c.strip() for c in md[3].split("|")[1:-1]]  # otam: no seeds of its own, one difference per seed
+    assert cells[0] == "otam" and cells[2] == "-" and cells[4].startswith(f"{per_seed[0]:+.2f}, ") and cells[6] == "-"
+    assert f"{rows['mdmf']['1shot_test_selected']:.2f} (" in md[2]
+    assert "Training seeds" in "\n".join(md) and "ON TEST" in "\n".join(md)
+
+    # again: nothing trained, nothing scored; other seeds into the same --out are refused
+    monkeypatch.setattr(training, "run", lambda *a, **k: pytest.fail("trained again"))
+    assert run_compare(cfg, progress=False)["rows"] == res["rows"]
+    with pytest.raises(ConfigError, match="other seeds"):
+        run_compare(CompareConfig(**{**cfg.__dict__, "seeds": 3}), progress=False)
+
+
+@pytest.mark.integration
+def test_a_transductive_head_is_marked_and_gets_its_own_list_when_its_test_queries_differ(demo_cache, tmp_path,
+                                                                                        monkeypatch):
+    import dataclasses
+
+    import mdmf_cache.heads.otam as otam_head
+    import mdmf_cache.heads.tsn as tsn_head
+    from mdmf_cache.data.episodes import Episodes
+    from mdmf_cache.evaluation.scoring import score
+    from mdmf_cache.store.read import load_split_features
+
+    # every released transductive head tests with 1 query per class; two made-up ones here: 2 (otam), 1 (tsn)
+    monkeypatch.setattr(otam_head, "SPEC", dataclasses.replace(otam_head.SPEC, transductive=True,
+                                                               test_queries=lambda k: 2))
+    monkeypatch.setattr(tsn_head, "SPEC", dataclasses.replace(tsn_head.SPEC, transductive=True,
+                                                              test_queries=lambda k: 1))
+    out = tmp_path / "td"
+    cfg = CompareConfig(cache=str(demo_cache), out=str(out), methods=("protonet", "otam", "tsn"), reference="protonet",
+                        shots=(1,), test_episodes=30)
+    rows = {r["method"]: r for r in run_compare(cfg, progress=False, show=False)["rows"]}
+    own = Episodes.load(out / "episodes_5way_1shot_2queries.npz")
+    assert own.query.shape == (30, 10) and Episodes.load(out / "episodes_5way_1shot.npz").query.shape == (30, 5)
+    acc = score("otam", load_split_features(demo_cache, "test"), own).episode_acc * 100
+    assert np.array_equal(np.load(out / "scores" / "otam_1shot_2queries.npy"), acc)
+    proto = np.load(out / "scores" / "protonet_1shot.npy")
+    assert rows["otam"]["1shot_diff"] == pytest.approx(acc.mean() - proto.mean())  # unpaired: other episodes
+    assert not rows["otam"]["1shot_diff_paired"] and rows["tsn"]["1shot_diff_paired"]
+    assert rows["otam"]["vs_ref_transductive_inductive"] and rows["otam"]["transductive"]
+    md = (out / "table.md").read_text()
+    assert "| otam † |" in md and "| tsn † |" in md and "| protonet |" in md
+    assert "† transductive: uses the episode's other queries" in md and "‡" in md
+    assert "unpaired ‡" in md and "otam 1-shot: scored on its own list of 30 episodes with 2 queries per class" in md
+    assert "tsn 1-shot: scored on its own" not in md
+
+
+def test_the_released_transductive_heads_are_marked_and_seedless_rows_show_no_spread(tmp_path):
+    from pipelines.compare import table_notes, write_tables
+
+    cfg = CompareConfig(methods=("mdmf", "clip-mei", "mpl", "otam", "protonet"), shots=(1, 5), seeds=2)
+    accs = {(m, k): (np.array([[50.0, 60.0], [54.0, 62.0]]) if m in ("mdmf", "clip-mei", "mpl") else
+                     np.array([40.0, 50.0])) for m in cfg.methods for k in cfg.shots}
+    rows = {r["method"]: r for r in table_rows(cfg, accs, "ucf101", "RN50")}
+    assert [m for m, r in rows.items() if r["transductive"]] == ["clip-mei", "mpl"]
+    assert rows["clip-mei"]["vs_ref_transductive_inductive"] and not rows["otam"]["vs_ref_transductive_inductive"]
+    assert rows["mdmf"]["1shot"] == 56.5 and rows["mdmf"]["1shot_seed_std"] == pytest.approx(np.std([55, 58], ddof=1))
+    assert [rows["otam"][f"5shot_diff_seed{i}"] for i in (0, 1)] == [-10.0, -13.0]  # counted once for every seed
+    write_tables(tmp_path, list(rows.values()), cfg.shots, seeds=2, notes=table_notes(cfg, list(rows.values())))
+    md = (tmp_path / "table.md").read_text()
+    assert "| clip-mei † |" in md and "| mpl † |" in md and "| mdmf |" in md
+    otam = next(line for line in md.splitlines() if line.startswith("| otam |"))
+    assert otam.split(" | ")[3:5] == ["-", "-"]  # no training seed: no spread
+    assert "+0.00 ± 0.00 ‡" in md  # clip-mei (transductive) against mdmf (inductive)

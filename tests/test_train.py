@@ -56,12 +56,28 @@ def _state(run):
 
 def test_resume_equals_uninterrupted_and_is_deterministic(demo_cache, tmp_path):
     run = {"episodes": 48, "val_every": 16, "val_episodes": 50}  # three validations; the cut after the first
-    _train(demo_cache, tmp_path / "a", **run)
-    _train(demo_cache, tmp_path / "b", **{**run, "episodes": 16})
+    kept = {**run, "keep_checkpoints": True}  # a and b also keep every validation's heads
+    _train(demo_cache, tmp_path / "a", **kept)
+    _train(demo_cache, tmp_path / "b", **{**kept, "episodes": 16})
     with pytest.raises(Exception, match="--resume"):
-        _train(demo_cache, tmp_path / "b", **run)  # refuses to overwrite a run silently
-    _train(demo_cache, tmp_path / "b", resume=True, **run)
+        _train(demo_cache, tmp_path / "b", **kept)  # refuses to overwrite a run silently
+    with pytest.raises(Exception, match="different keep_checkpoints"):
+        _train(demo_cache, tmp_path / "b", resume=True, **run)  # its checkpoints would stop half-way
+    _train(demo_cache, tmp_path / "b", resume=True, **kept)
     _train(demo_cache, tmp_path / "c", **run)
+    # every validation's heads in best.pt's format, the same after a resume; none without the option
+    names = [f"ep{e:07d}.pt" for e in (16, 32, 48)]
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == names
+    assert not (tmp_path / "c" / "checkpoints").exists()
+    best = torch.load(tmp_path / "a" / "best.pt", weights_only=False)
+    for name in names:
+        ca, cb = (torch.load(tmp_path / r / "checkpoints" / name, weights_only=False) for r in ("a", "b"))
+        assert set(ca) == set(best) and ca["episodes"] == int(name[2:9])
+        assert ca["val_acc"] == cb["val_acc"]
+        assert all(torch.equal(v, cb["model"][k]) for k, v in ca["model"].items())
+        if ca["episodes"] == best["episodes"]:  # best.pt is the checkpoint of its validation
+            assert all(torch.equal(v, best["model"][k]) for k, v in ca["model"].items())
+    assert load_run(tmp_path / "a", "cpu", checkpoint=f"checkpoints/{names[0]}")[0].method == "mdmf"
     ma = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     mb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     mc = (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()
@@ -70,6 +86,14 @@ def test_resume_equals_uninterrupted_and_is_deterministic(demo_cache, tmp_path):
     for key, val in _state(tmp_path / "a").items():
         assert torch.equal(val, _state(tmp_path / "b")[key]), key
         assert torch.equal(val, _state(tmp_path / "c")[key]), key
+
+
+def test_keep_checkpoints_is_refused_in_full_mode():
+    from mdmf_cache.errors import ConfigError
+
+    cfg = TrainConfig(mode="full", full={"dataset": "ucf101", "root": "videos"}, keep_checkpoints=True)
+    with pytest.raises(ConfigError, match="--keep-checkpoints .* fast mode only"):
+        cfg.validate()
 
 
 def test_eval_ci_shrinks_and_episodes_are_saved(demo_cache, tmp_path):

@@ -55,18 +55,25 @@ def head_from_record(ckpt: dict[str, Any]) -> FewShotHead:
     return head_registry.get("mdmf").build(MDMFConfig(**old))
 
 
-def load_run(run: Path | str, device: str = "auto") -> tuple[FewShotHead, dict[str, Any]]:
-    """The best checkpoint of a run as an eval-mode head, and the run's config (both files checked)."""
+def load_run(run: Path | str, device: str = "auto", checkpoint: str = "best.pt") -> tuple[FewShotHead, dict[str, Any]]:
+    """The best checkpoint of a run as an eval-mode head, and the run's config (both files checked).
+
+    Args:
+        checkpoint: the heads file inside the run: ``best.pt`` (chosen on val), or a validation's kept by
+            ``--keep-checkpoints``, e.g. ``checkpoints/ep0001000.pt`` (the same format).
+    """
     run = Path(run)
     cfg = read_run_config(run)
-    if not (run / "best.pt").is_file():
-        raise ConfigError(f"{run} has no best.pt; train first (mdmf-cache train --out {run})")
+    path = run / checkpoint
+    if not path.is_file():
+        raise ConfigError(f"{run} has no {checkpoint}; train first (mdmf-cache train --out {run})")
     dev = resolve_device(device)
-    ckpt = read_run_file(run / "best.pt", dev)
+    ckpt = read_run_file(path, dev)
     try:
         model = head_from_record(ckpt).to(dev)
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as e:  # weights that do not fit the recorded head
-        raise ConfigError(f"{run / 'best.pt'} is damaged ({why(e)}); {RUN_FILE_FIX['best.pt']}") from e
+        fix = RUN_FILE_FIX["best.pt" if checkpoint == "best.pt" else "checkpoints"]
+        raise ConfigError(f"{path} is damaged ({why(e)}); {fix}") from e
     model.eval()
     return model, cfg

@@ -344,14 +344,19 @@ def redraw(target: Path | str, allow_empty: bool = False) -> list[Path]:
 
 
 def compare_figure(rows: list[dict[str, Any]], shots: tuple[int, ...], path: Path, title: str = "") -> Path:
-    """Accuracy against K per method (95% CI bars), the reported numbers as open markers on their backbone."""
+    """Accuracy against K per method (95% CI bars; with several training seeds each seed's mean as a small x), the
+    reported numbers as open markers on their backbone."""
     fig = _figure(WIDE)
     ax = fig.subplots()
     width = 0.8 / max(len(rows), 1)
     for i, r in enumerate(rows):
         x = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(shots))]
         ax.errorbar(x, [r[f"{k}shot"] for k in shots], yerr=[r[f"{k}shot_ci95"] for k in shots], fmt="o", capsize=3,
-                    color=f"C{i}", label=r["method"])
+                    color=f"C{i}", label=r["method"] + (" † (transductive)" if r.get("transductive") else ""))
+        seeds = [(xi, r[key]) for xi, k in zip(x, shots) for key in r if key.startswith(f"{k}shot_seed")
+                 and key[len(f"{k}shot_seed"):].isdigit()]  # each training seed's mean, when there are several
+        if seeds:
+            ax.plot([a for a, _ in seeds], [b for _, b in seeds], "x", color=f"C{i}", ms=4, alpha=0.7)
         rep = [(xi, r[f"{k}shot_reported"]) for xi, k in zip(x, shots) if f"{k}shot_reported" in r]
         if rep:
             ax.plot([a for a, _ in rep], [b for _, b in rep], "D", mfc="none", color=f"C{i}", ms=6)

@@ -244,23 +244,68 @@ def print_heads(name: str | None = None) -> None:
         console.print("not transductive: a query's logits do not depend on the other queries of its episode")
 
 
-def print_compare(rows: list[dict], shots, title: str) -> None:
-    """``compare``'s table: per method and shot the accuracy, the paired difference to the reference, the reported one."""
-    table = Table(title=title)
-    table.add_column("method")
-    for k in shots:
-        table.add_column(f"{k}-shot %", justify="right")
-        table.add_column("vs ref", justify="right")
-    table.add_column("reported (backbone)")
+def compare_layout(rows: list[dict], shots, digits: int = 2, seeds: int = 1, sweep: int = 0,
+                   test_selected: bool = False) -> tuple[list[str], list[list[str]]]:
+    """``compare``'s table as text cells: the header and one list of cells per row (``table.md`` and the printed
+    table). A transductive method's name ends in †, a difference between a transductive and an inductive method in
+    ‡, an unpaired difference (another episode list) says so; a spread a method without seeds lacks is "-"."""
+    f = f"{{:.{digits}f}}"
+    head = ["method", *(f"{k}-shot" for k in shots)]
+    head += [f"{k}-shot seeds: sd [min, max]" for k in shots] if seeds > 1 else []
+    head += [f"{k}-shot vs ref" for k in shots]
+    head += [f"{k}-shot vs ref per seed" for k in shots] if seeds > 1 else []
+    head += ["reported (backbone)"]
+    head += ["tuned on val (best trial)"] if sweep else []
+    head += [f"{k}-shot test-selected (gap)" for k in shots] if test_selected else []
+    body = []
     for r in rows:
-        cells = [r["method"]]
+        cells = [r["method"] + (" †" if r.get("transductive") else "")]
+        cells += [f"{f.format(r[f'{k}shot'])} ± {f.format(r[f'{k}shot_ci95'])}" for k in shots]
+        if seeds > 1:
+            cells += [f"{f.format(r[f'{k}shot_seed_std'])} [{f.format(r[f'{k}shot_seed_min'])}, "
+                      f"{f.format(r[f'{k}shot_seed_max'])}]" if f"{k}shot_seed_std" in r else "-" for k in shots]
+        mark = " ‡" if r.get("vs_ref_transductive_inductive") else ""
+        diffs = []
         for k in shots:
-            cells.append(f"{r[f'{k}shot']:.1f} ± {r[f'{k}shot_ci95']:.1f}")
-            cells.append(f"{r[f'{k}shot_diff']:+.1f} ± {r[f'{k}shot_diff_ci95']:.1f}" if f"{k}shot_diff" in r else "ref")
+            if f"{k}shot_diff" not in r:
+                diffs.append("(ref)")
+                continue
+            unpaired = "" if r.get(f"{k}shot_diff_paired", True) else " unpaired"
+            diffs.append(f"{r[f'{k}shot_diff']:+.{digits}f} ± {f.format(r[f'{k}shot_diff_ci95'])}{unpaired}{mark}")
+        cells += diffs
+        if seeds > 1:
+            for k in shots:
+                if f"{k}shot_diff" not in r:
+                    cells.append("(ref)")
+                elif f"{k}shot_diff_seed_std" in r:
+                    per = ", ".join(f"{r[f'{k}shot_diff_seed{i}']:+.{digits}f}" for i in range(seeds))
+                    cells.append(f"{per} (sd {f.format(r[f'{k}shot_diff_seed_std'])})")
+                else:
+                    cells.append("-")
         rep = [f"{r[f'{k}shot_reported']:.1f}" if f"{k}shot_reported" in r else "-" for k in shots]
         backbones = sorted({r[f"{k}shot_reported_backbone"] for k in shots if f"{k}shot_reported_backbone" in r})
         cells.append(f"{'/'.join(rep)} ({', '.join(backbones)})" if backbones else "-")
-        table.add_row(*cells)
+        if sweep:
+            cells.append("; ".join(f"{k}-shot: {r[f'{k}shot_tuned']}" for k in shots if f"{k}shot_tuned" in r) or "-")
+        if test_selected:
+            cells += [f"{f.format(r[f'{k}shot_test_selected'])} ({r[f'{k}shot_test_selected_gap']:+.{digits}f})"
+                      if f"{k}shot_test_selected" in r else "-" for k in shots]
+        body.append(cells)
+    return head, body
+
+
+def print_compare(rows: list[dict], shots, title: str, seeds: int = 1, sweep: int = 0,
+                  test_selected: bool = False) -> None:
+    """``compare``'s table (:func:`compare_layout`, one decimal): per method and shot the accuracy, the spread over
+    seeds, the paired difference to the reference, the reported one, the test-selected accuracy."""
+    from rich.markup import escape
+
+    head, body = compare_layout(rows, shots, digits=1, seeds=seeds, sweep=sweep, test_selected=test_selected)
+    table = Table(title=escape(title))
+    for i, name in enumerate(head):  # "[min, max]" is text, not markup
+        table.add_column(escape(name), justify="left" if i == 0 or name.startswith(("reported", "tuned")) else "right")
+    for cells in body:
+        table.add_row(*map(escape, cells))
     console.print(table)
 
 

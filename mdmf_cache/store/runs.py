@@ -42,6 +42,8 @@ RUN_FILE_FIX = {
                "validation was its best; otherwise train again into another --out",
     "backbone.pt": "rerun the run's train command with --resume: it rebuilds backbone.pt and best.pt from last.pt when "
                    "the run's last validation was its best; otherwise train again into another --out",
+    "checkpoints": "a validation's heads kept by --keep-checkpoints cannot be rebuilt from the other files: train "
+                   "again into another --out (best.pt, if intact, can still be evaluated)",
     "last.pt": "the run cannot be continued (its best.pt, if intact, can still be evaluated); train again into "
                "another --out, or delete the run directory and rerun the same command",
 }
@@ -72,7 +74,9 @@ def read_run_file(path: Path | str, device: Any = "cpu", fix: str | None = None)
 
     ``config.json``: a dict. ``metrics.jsonl``: its records (a last line cut by a kill is dropped).
     ``best.pt``, ``last.pt``: the checkpoint dict (on ``device``), with the keys a checkpoint holds;
-    ``best.pt``'s weights must be finite. ``backbone.pt``: the fine-tuned CLIP's state dict (finite).
+    ``best.pt``'s weights must be finite, and so must those of a validation's heads kept in
+    ``checkpoints/ep*.pt`` (``keep_checkpoints``; best.pt's format). ``backbone.pt``: the fine-tuned CLIP's state
+    dict (finite).
 
     Args:
         fix: what to do, said after the damage (default: :data:`RUN_FILE_FIX` for the file's name).
@@ -81,7 +85,9 @@ def read_run_file(path: Path | str, device: Any = "cpu", fix: str | None = None)
         RunFileError: the file is missing or damaged (a ConfigError naming it, what is wrong and ``fix``).
     """
     path = Path(path)
-    fix = fix or RUN_FILE_FIX.get(path.name, "restore it, or train again into another --out")
+    kept = path.parent.name == "checkpoints" and path.suffix == ".pt"  # a validation's heads: best.pt's format
+    kind = "best.pt" if kept else path.name
+    fix = fix or RUN_FILE_FIX.get("checkpoints" if kept else path.name, "restore it, or train again into another --out")
     if not path.is_file():
         raise RunFileError(path, "is missing", fix)
     try:
@@ -113,10 +119,10 @@ def read_run_file(path: Path | str, device: Any = "cpu", fix: str | None = None)
             state = value
         else:
             value = torch.load(path, map_location=device, weights_only=False)
-            missing = [k for k in _CKPT_KEYS.get(path.name, ()) if not (isinstance(value, dict) and k in value)]
+            missing = [k for k in _CKPT_KEYS.get(kind, ()) if not (isinstance(value, dict) and k in value)]
             if missing:
                 raise ValueError(f"not a checkpoint of mdmf-cache (no {', '.join(missing)})")
-            state = value["model"] if path.name == "best.pt" else {}
+            state = value["model"] if kind == "best.pt" else {}
     except Exception as e:  # noqa: BLE001 - unpickling a garbled file raises anything (zipfile, pickle, struct errors)
         raise RunFileError(path, f"is damaged ({why(e)})", fix) from e
     bad = _non_finite(state)

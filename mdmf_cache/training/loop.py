@@ -6,7 +6,8 @@ parts it is built from:
 * :func:`check_resume`: a ``--resume`` compared with the run's recorded settings (and its cache's identity);
 * :func:`make_optimizer`, :func:`train_device`, :func:`rng_state` / :func:`set_rng_state`;
 * :class:`RunState` (episodes done, best val, the metrics history, loss parts since the last validation) and
-  :class:`Checkpoints`, which writes ``last.pt`` and ``best.pt`` (full mode: ``backbone.pt`` first) and turns a
+  :class:`Checkpoints`, which writes ``last.pt`` and ``best.pt`` (full mode: ``backbone.pt`` first; with
+  ``keep_checkpoints`` also every validation's heads in ``checkpoints/``) and turns a
   loss or weights that stopped being finite into a :class:`~mdmf_cache.errors.TrainingError` naming the first
   update whose loss was not finite and what was kept;
 * :func:`best_needs_repair` (a damaged ``best.pt`` rebuilt from ``last.pt`` on ``--resume``), :func:`mean_over_ranks`
@@ -37,8 +38,11 @@ from mdmf_cache.heads.factory import head_record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OOM_HINT", "check_resume", "make_optimizer", "train_device", "rng_state", "set_rng_state", "RunState",
-           "Checkpoints", "first_non_finite", "best_needs_repair", "mean_over_ranks", "train_progress"]
+#: The folder of a run that ``keep_checkpoints`` keeps every validation's heads in.
+CHECKPOINTS = "checkpoints"
+
+__all__ = ["CHECKPOINTS", "OOM_HINT", "check_resume", "make_optimizer", "train_device", "rng_state", "set_rng_state",
+           "RunState", "Checkpoints", "first_non_finite", "best_needs_repair", "mean_over_ranks", "train_progress"]
 
 
 def rng_state(rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
@@ -225,16 +229,27 @@ class Checkpoints:
                            "history": st.history, "pending_losses": [{k: v.cpu() for k, v in p.items()} for p in st.losses]},
                           self.out / "last.pt")
 
+    def heads_checkpoint(self, acc: float) -> dict[str, Any]:
+        """What ``best.pt`` holds: the heads now, how to rebuild them, the episodes done and the val accuracy."""
+        cfg = self.cfg
+        return {"model": self.head.state_dict(), **head_record(self.head), "preset": cfg.preset, "shot": cfg.shot,
+                "train_shot": cfg.train_shot, "episodes": self.state.done, "val_acc": acc}
+
     def save_best(self, acc: float) -> None:
         """``best.pt``: the heads at the best validation (full mode: the fine-tuned CLIP in ``backbone.pt`` first,
         loadable by ``extract --pretrained``)."""
-        cfg, extra = self.cfg, {}
-        if cfg.mode == "full":
+        extra = {}
+        if self.cfg.mode == "full":
             self.core.encoder.save_clip(self.out / "backbone.pt")
             extra = {"backbone": weights_id(str(self.out / "backbone.pt"))}
-        atomic_torch_save({"model": self.head.state_dict(), **head_record(self.head), "preset": cfg.preset,
-                           "shot": cfg.shot, "train_shot": cfg.train_shot, "episodes": self.state.done, "val_acc": acc,
-                           **extra}, self.out / "best.pt")
+        atomic_torch_save({**self.heads_checkpoint(acc), **extra}, self.out / "best.pt")
+
+    def save_validation(self, acc: float) -> Path:
+        """``checkpoints/ep{episodes:07d}.pt`` (``keep_checkpoints``): the heads at this validation, in ``best.pt``'s
+        format, whatever their val accuracy (``compare --test-selected`` scores every one on test)."""
+        path = self.out / CHECKPOINTS / f"ep{self.state.done:07d}.pt"
+        path.parent.mkdir(exist_ok=True)
+        return atomic_torch_save(self.heads_checkpoint(acc), path)
 
     def diverged(self, mean: dict[str, float] | None) -> TrainingError | None:
         """None while the losses since the last check and the weights are finite; else the error that ends the run."""
