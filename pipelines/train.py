@@ -56,8 +56,8 @@ from mdmf_cache.report.tables import console
 from mdmf_cache.store.runs import RunFileError, read_run_file, run_lock
 from mdmf_cache.training.data import FastData, FullData
 from mdmf_cache.training.loop import (OOM_HINT, Checkpoints, RunState, best_needs_repair, check_resume,
-                                      first_non_finite, make_optimizer, mean_over_ranks, set_rng_state, train_device,
-                                      train_progress)
+                                      first_non_finite, make_optimizer, mean_over_ranks, set_rng_state, train_bar_fields,
+                                      train_device, train_progress)
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,8 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
 
     # 4. train
     bar = train_progress() if progress and world.main else None
-    task = (bar.add_task(f"train ({cfg.mode})", total=cfg.episodes, completed=state.done, loss=float("nan"),
-                         val=state.best) if bar else None)
+    task = (bar.add_task(f"train ({cfg.mode})", total=cfg.episodes, completed=state.done, **train_bar_fields(state))
+            if bar else None)
     if bar:
         bar.start()
     core.train()

@@ -243,3 +243,25 @@ def test_eval_scores_a_transductive_head_with_its_released_test_queries(demo_cac
         spec = heads.get(name)
         expect = spec.test_queries(5) if spec.transductive and spec.test_queries else 1
         assert EvalConfig().queries_for(name, 5) == expect and EvalConfig(queries_per_class=3).queries_for(name, 5) == 3
+
+
+def test_training_bar_shows_dashes_until_there_is_a_value():
+    from rich.progress import Progress
+
+    from mdmf_cache.progress import FieldColumn
+    from mdmf_cache.training.loop import RunState, train_bar_fields, train_progress
+
+    bar = train_progress()
+    columns = [c for c in bar.columns if isinstance(c, FieldColumn)]
+    task_id = bar.add_task("train (fast)", total=64, **train_bar_fields(RunState()))
+    render = lambda: [str(c.render(bar.tasks[task_id])) for c in columns]  # noqa: E731
+    assert render() == ["loss -", "val -"]  # before the first loss and the first validation
+    bar.update(task_id, loss=0.6931)
+    assert render() == ["loss 0.693", "val -"]
+    bar.update(task_id, val=42.3)
+    assert render() == ["loss 0.693", "val 42.3%"]
+    resumed = bar.add_task("train (fast)", total=64, **train_bar_fields(RunState(done=32, best=37.5)))
+    assert [str(c.render(bar.tasks[resumed])) for c in columns] == ["loss -", "val 37.5%"]  # the run's best so far
+    other = Progress(*columns)
+    sub = other.add_task("val", total=1)  # a task without the fields (a sub-task on the bar): blank
+    assert [str(c.render(other.tasks[sub])) for c in columns] == ["", ""]

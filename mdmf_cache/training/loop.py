@@ -38,7 +38,8 @@ from mdmf_cache.heads.factory import head_record
 log = logging.getLogger(__name__)
 
 __all__ = ["OOM_HINT", "check_resume", "make_optimizer", "train_device", "rng_state", "set_rng_state", "RunState",
-           "Checkpoints", "first_non_finite", "best_needs_repair", "mean_over_ranks", "train_progress"]
+           "Checkpoints", "first_non_finite", "best_needs_repair", "mean_over_ranks", "train_progress",
+           "train_bar_fields"]
 
 
 def rng_state(rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
@@ -148,8 +149,16 @@ def mean_over_ranks(mean: dict[str, float], world: World, device: torch.device) 
 
 
 def train_progress():
-    """The training bar: episodes, the loss (refreshed every 10 updates) and the last val accuracy."""
-    return make_progress("episodes", FieldColumn("loss", "loss {:.3f}"), FieldColumn("val", "val {:.1f}%"))
+    """The training bar: episodes, the loss (refreshed every 10 updates) and the last val accuracy; ``-`` for each
+    until it has a value (:func:`train_bar_fields`)."""
+    return make_progress("episodes", FieldColumn("loss", "loss {:.3f}", "loss -"),
+                         FieldColumn("val", "val {:.1f}%", "val -"))
+
+
+def train_bar_fields(state: "RunState") -> dict[str, float | None]:
+    """The training bar's fields at the start: no loss yet, and the best val accuracy of a resumed run (None before
+    its first validation)."""
+    return {"loss": None, "val": state.best if state.best >= 0 else None}
 
 
 def check_resume(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
