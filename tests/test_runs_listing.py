@@ -123,6 +123,9 @@ def test_runs_cli_table_and_json_lines(tree, cli_runner, tmp_path):
     assert res.exit_code == 0, res.output
     lines = [json.loads(x) for x in res.output.splitlines()]
     assert lines == json.loads(json.dumps(list_runs(RunsConfig(dir=str(root)), show=False)))
+    import mdmf_cache as mc
+
+    assert mc.runs(dir=root) == list_runs(RunsConfig(dir=str(root)), show=False)  # the API takes a Path
     res = cli_runner.invoke(cli.app, ["runs", str(root)], env={"COLUMNS": "250"})
     assert res.exit_code == 0 and "7 found under" in res.output and "(moved)" in res.output
     assert "stopped at 16/32 episodes" in res.output
