@@ -358,6 +358,8 @@ def train(
     seed: int = _T.seed,
     device: DeviceOpt = _T.device,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write metrics.jsonl's numbers as TensorBoard "
+                                              "events in OUT/tensorboard/ (pip install 'mdmf-cache[tensorboard]').")] = _T.tensorboard,
     root: RootOpt = None,
     splits: SplitsOpt = None,
     labels: LabelsOpt = None,
@@ -414,7 +416,7 @@ def train(
         preset=preset, heads=head_overrides, way=way, shot=shot, train_shot=train_shot, train_queries=train_queries,
         episodes=episodes, episodes_per_step=episodes_per_step, lr=lr, weight_decay=weight_decay, val_every=val_every,
         val_episodes=val_episodes,
-        save_every=save_every, seed=seed, device=device, resume=resume, full=full,
+        save_every=save_every, seed=seed, device=device, resume=resume, tensorboard=tensorboard, full=full,
     )
     if config is not None:
         cfg = _merge_config(ctx, config, cfg)

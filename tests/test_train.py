@@ -265,3 +265,33 @@ def test_training_bar_shows_dashes_until_there_is_a_value():
     other = Progress(*columns)
     sub = other.add_task("val", total=1)  # a task without the fields (a sub-task on the bar): blank
     assert [str(c.render(other.tasks[sub])) for c in columns] == ["", ""]
+
+
+def test_tensorboard_events_hold_the_metrics_lines_and_a_resume_appends(demo_cache, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = {"episodes": 32, "val_every": 16, "val_episodes": 30, "tensorboard": True}
+    _train(demo_cache, tmp_path / "r", **{**run, "episodes": 16})
+    _train(demo_cache, tmp_path / "r", resume=True, **run)
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "main", "val_acc", "episodes_per_s"} <= tags
+    for tag in ("loss", "val_acc", "episodes_per_s"):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [16, 32]  # one event per metrics line, at its episodes, across the resume
+        assert [e.value for e in events] == pytest.approx([m[tag] for m in lines], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_one_line_before_anything_is_written(demo_cache, tmp_path, monkeypatch):
+    import sys
+
+    from mdmf_cache.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard fails, as when it is not installed
+    with pytest.raises(ConfigError, match=r"pip install 'mdmf-cache\[tensorboard\]'") as err:
+        _train(demo_cache, tmp_path / "r", episodes=16, val_every=16, tensorboard=True)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "r").exists()
