@@ -29,6 +29,7 @@ from pipelines.ablate import AblateConfig
 from pipelines.compare import CompareConfig
 from mdmf_cache.sweeps.study import SweepConfig
 from pipelines.demo import DemoConfig
+from pipelines.runs import RunsConfig
 
 app = typer.Typer(
     name="mdmf-cache",
@@ -358,6 +359,8 @@ def train(
     seed: int = _T.seed,
     device: DeviceOpt = _T.device,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write metrics.jsonl's numbers as TensorBoard "
+                                              "events in OUT/tensorboard/ (pip install 'mdmf-cache[tensorboard]').")] = _T.tensorboard,
     root: RootOpt = None,
     splits: SplitsOpt = None,
     labels: LabelsOpt = None,
@@ -414,7 +417,8 @@ def train(
         preset=preset, heads=head_overrides, way=way, shot=shot, train_shot=train_shot, train_queries=train_queries,
         episodes=episodes, episodes_per_step=episodes_per_step, lr=lr, weight_decay=weight_decay, val_every=val_every,
         val_episodes=val_episodes,
-        save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed, device=device, resume=resume, full=full,
+        save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed, device=device, resume=resume,
+        tensorboard=tensorboard, full=full,
     )
     if config is not None:
         cfg = _merge_config(ctx, config, cfg)
@@ -757,6 +761,26 @@ def heads_(
     from mdmf_cache.report.tables import print_heads
 
     print_heads(name)
+
+
+_R = RunsConfig
+
+
+@app.command(epilog="Examples:\n\n  mdmf-cache runs              # everything under the current folder\n\n"
+             "  mdmf-cache runs results --all   # with the runs inside each comparison, ablation and sweep\n\n"
+             "  mdmf-cache runs runs --json | jq -r 'select(.complete | not) | .path'   # what is unfinished")
+def runs(
+    dir: Annotated[Path, typer.Argument(help="The folder searched (recursively).")] = Path(_R.dir),
+    all: Annotated[bool, typer.Option("--all", help="Also the runs inside comparisons, ablations and sweeps.")] = _R.nested,
+    json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of the table.")] = _R.json,
+    debug: DebugOpt = False,
+) -> None:
+    """List the runs, evaluations, comparisons, ablations and sweeps under a folder: their cache (marked moved when
+    it is not there any more), method, shot, when, best numbers, and whether each is complete."""
+    _setup_logging(debug)
+    from pipelines.runs import run
+
+    run(RunsConfig(dir=str(dir), nested=all, json=json))
 
 
 _D = DemoConfig

@@ -16,7 +16,7 @@ from __future__ import annotations
 from mdmf_cache.configs import EvalConfig, ExtractConfig, FullModeConfig, PredictConfig, TrainConfig
 
 _API = ("extract", "open_cache", "load_split", "episode_list", "train", "evaluate", "ablate", "compare", "sweep",
-        "predict", "Run", "load_run", "list_heads")
+        "predict", "runs", "Run", "load_run", "list_heads")
 
 __all__ = ["ExtractConfig", "TrainConfig", "FullModeConfig", "EvalConfig", "PredictConfig", *_API]
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ from mdmf_cache.configs import EVAL_QUERIES, EvalConfig, ExtractConfig, TrainCon
 from mdmf_cache.errors import ConfigError
 
 __all__ = ["extract", "open_cache", "load_split", "episode_list", "train", "evaluate", "ablate", "compare", "sweep",
-           "predict", "Run", "load_run", "list_heads"]
+           "predict", "runs", "Run", "load_run", "list_heads"]
 
 
 def _config(cls, cfg, kwargs: dict[str, Any]):
@@ -169,6 +169,16 @@ def predict(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
         kwargs["query"] = (str(kwargs["query"]),)
     kwargs = {k: str(v) if k in ("run", "support") else v for k, v in kwargs.items()}
     return run(_config(PredictConfig, cfg, kwargs), progress=progress, show=False)
+
+
+def runs(cfg=None, **kwargs: Any) -> list[dict[str, Any]]:
+    """``mdmf-cache runs``: the runs, evaluations, comparisons, ablations and sweeps under a folder, one dict each
+    (kind, path, cache, cache_moved, method, shot, when, best, scores, complete, status, mtime). Fields:
+    ``pipelines.runs.RunsConfig`` (``dir``, default the current folder; ``nested``: also the runs inside comparisons,
+    ablations and sweeps)."""
+    from pipelines.runs import RunsConfig, run
+
+    return run(_config(RunsConfig, cfg, kwargs), progress=False, show=False)
 
 
 def list_heads() -> dict[str, str]:

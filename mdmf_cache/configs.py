@@ -186,6 +186,20 @@ class FullModeConfig(VideoOptions):
                                 "device": device, **overrides})
 
 
+#: What ``--tensorboard`` says when the optional ``tensorboard`` package is not installed.
+TENSORBOARD_MISSING = ("--tensorboard needs the tensorboard package, an optional extra: pip install "
+                       "'mdmf-cache[tensorboard]'")
+
+
+def tensorboard_installed() -> bool:
+    """Whether ``tensorboard`` imports (``torch.utils.tensorboard`` writes its event files with it)."""
+    try:
+        import tensorboard  # noqa: F401 - only whether it imports
+    except ImportError:
+        return False
+    return True
+
+
 @dataclass
 class TrainConfig:
     """Training, both modes; saved as ``config.json`` beside the checkpoints."""
@@ -212,6 +226,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    tensorboard: bool = False  # also write metrics.jsonl's scalars as TensorBoard events in OUT/tensorboard/
     full: dict[str, Any] = field(default_factory=dict)  # FullModeConfig fields (mode=full)
 
     def __post_init__(self) -> None:
@@ -269,6 +284,8 @@ class TrainConfig:
         if self.mode == "fast" and not heads.REGISTRY[self.method].parametric:
             problems.append(f"{self.method} has no trainable parameters: nothing to train on a frozen cache; score it "
                             f"with mdmf-cache eval CACHE --method {self.method}, or fine-tune CLIP with it (--mode full)")
+        if self.tensorboard and not tensorboard_installed():
+            problems.append(TENSORBOARD_MISSING)
         if problems:
             raise ConfigError("; ".join(problems))
         # every head switch, before any work (an ablation arm's bad --view fails here, not after training);

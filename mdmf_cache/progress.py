@@ -26,12 +26,17 @@ def make_progress(unit: str, *extra: ProgressColumn) -> Progress:
 
 
 class FieldColumn(ProgressColumn):
-    """A task field, e.g. ``FieldColumn("loss", "loss {:.3f}")``; blank for tasks without it (a sub-task on the bar)."""
+    """A task field, e.g. ``FieldColumn("loss", "loss {:.3f}", "loss -")``; ``unset`` while the field is None (no value
+    yet); blank for tasks without it (a sub-task on the bar)."""
 
-    def __init__(self, name: str, fmt: str):
+    def __init__(self, name: str, fmt: str, unset: str = ""):
         super().__init__()
         self.name = name
         self.fmt = fmt
+        self.unset = unset
 
     def render(self, task) -> Text:
-        return Text(self.fmt.format(task.fields[self.name]) if self.name in task.fields else "")
+        if self.name not in task.fields:
+            return Text("")
+        value = task.fields[self.name]
+        return Text(self.unset if value is None else self.fmt.format(value))

@@ -2,8 +2,9 @@
 
 Top to bottom:
     1. the config (:class:`~mdmf_cache.configs.PredictConfig`) and the inputs, all checked before anything
-       is loaded or written: the run directory, ``SUPPORT/<class>/<video>``, the query videos, the backbone
-       the run's features came from (:func:`mdmf_cache.prediction.inputs.run_backbone`);
+       is loaded or written: the run directory, ``SUPPORT/<class>/<video>``, the query videos (a warning when one
+       is also a support: the same file, or a copy), the backbone the run's features came from
+       (:func:`mdmf_cache.prediction.inputs.run_backbone`);
     2. extract: the support and query videos' frame features with that backbone and the run's test-time
        settings, cached (:class:`mdmf_cache.prediction.inputs.PredictCache`: a second call with the same
        videos loads no backbone; new videos are extracted alone), and the class prompts' text embeddings;
@@ -34,7 +35,8 @@ from mdmf_cache.configs import PredictConfig
 from mdmf_cache.data.datasets import Split
 from mdmf_cache.errors import DatasetError
 from mdmf_cache.fileio import atomic_write_json, atomic_write_text
-from mdmf_cache.prediction.inputs import PredictCache, find_queries, find_support, run_backbone, usable_supports
+from mdmf_cache.prediction.inputs import (PredictCache, find_queries, find_support, queries_among_supports, run_backbone,
+                                          usable_supports)
 from mdmf_cache.report.tables import print_predictions
 from mdmf_cache.heads.factory import load_run
 from mdmf_cache.store.runs import check_identity, read_run_config, run_cache
@@ -71,6 +73,12 @@ def run(cfg: PredictConfig, progress: bool = True, show: bool = True) -> dict[st
     if clash:
         raise DatasetError(f"support class folder {clash[0]!r} has the name of a predictions.csv column; rename it")
     queries = find_queries(cfg.query)
+    among = queries_among_supports(support, queries)
+    if among:
+        q, c, v, how = among[0]
+        more = f" ({len(among) - 1} more queries are supports too)" if len(among) > 1 else ""
+        log.warning("query %s is support %s of class %s (%s)%s: its prediction is no test of the run", q, v, c, how,
+                    more)
     backbone = run_backbone(run_dir, run_cfg, cfg)
     head, _ = load_run(run_dir, cfg.device)
     if head_registry.get(head.method).transductive:

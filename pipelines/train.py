@@ -16,10 +16,11 @@ Top to bottom (:func:`run`; one config and one loop for both modes):
     2. set-up: a ``--resume`` compared with the run's record, the data (fast: the cache's train and val features;
        full: the splits, the backbone and the text embeddings), the heads (and the backbone in front), Adam, the
        fixed seeded val episode list, or ``last.pt``'s state; nothing is written before every input is checked;
-    3. the run's files: ``config.json`` (with the input's identity), ``val_episodes.npz``, ``metrics.jsonl``;
+    3. the run's files: ``config.json`` (with the input's identity), ``val_episodes.npz``, ``metrics.jsonl``
+       (with ``--tensorboard``, ``tensorboard/``: its scalars as TensorBoard events);
     4. train; every ``val_every`` episodes score the val list, keep ``best.pt`` by val accuracy (never by test;
        full mode also ``backbone.pt``; with ``keep_checkpoints`` every validation's heads in
-       ``checkpoints/ep{episodes:07d}.pt``), append to ``metrics.jsonl`` and save ``last.pt``;
+       ``checkpoints/ep{episodes:07d}.pt``), append to ``metrics.jsonl`` (and the event files) and save ``last.pt``;
     5. clean up: ``curves.png``; print the best val accuracy and where the checkpoint is.
 
 A loss or weights that stop being finite end the run with a TrainingError naming the first update whose loss was
@@ -56,9 +57,9 @@ from mdmf_cache.report.plots import plot_safely, train_curves
 from mdmf_cache.report.tables import console
 from mdmf_cache.store.runs import RunFileError, read_run_file, run_lock
 from mdmf_cache.training.data import FastData, FullData
-from mdmf_cache.training.loop import (OOM_HINT, Checkpoints, RunState, best_needs_repair, check_resume,
-                                      first_non_finite, make_optimizer, mean_over_ranks, set_rng_state, train_device,
-                                      train_progress)
+from mdmf_cache.training.loop import (OOM_HINT, Checkpoints, MetricsBoard, RunState, best_needs_repair, check_resume,
+                                      first_non_finite, make_optimizer, mean_over_ranks, set_rng_state, train_bar_fields,
+                                      train_device, train_progress)
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +175,12 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
         log.warning("rebuilt %s/best.pt%s from last.pt (episode %d, val %.2f%%, the best validation)", out,
                     " and backbone.pt" if cfg.mode == "full" else "", state.done, state.best)
 
+    board = MetricsBoard(out, state) if cfg.tensorboard and world.main else None  # OUT/tensorboard/, appended
+
     # 4. train
     bar = train_progress() if progress and world.main else None
-    task = (bar.add_task(f"train ({cfg.mode})", total=cfg.episodes, completed=state.done, loss=float("nan"),
-                         val=state.best) if bar else None)
+    task = (bar.add_task(f"train ({cfg.mode})", total=cfg.episodes, completed=state.done, **train_bar_fields(state))
+            if bar else None)
     if bar:
         bar.start()
     core.train()
@@ -241,6 +244,8 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
                 # a kill between them resumes from the previous last.pt, which drops and recomputes the later line
                 with writing(out / "metrics.jsonl"), (out / "metrics.jsonl").open("a") as fh:
                     fh.write(json.dumps(rec) + "\n")
+                if board:
+                    board.add(rec)
                 if acc > state.best:
                     state.best = acc
                     ckpts.save_best(acc)
@@ -265,6 +270,8 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool,
     finally:
         if bar:
             bar.stop()
+        if board:
+            board.close()
         data.close()
 
     # 5. clean up

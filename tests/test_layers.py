@@ -22,7 +22,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
               "mdmf_cache.evaluation"),
     "engines": ("mdmf_cache.extraction", "mdmf_cache.training", "mdmf_cache.sweeps", "mdmf_cache.prediction",
                 "mdmf_cache.report"),
-    "base recipes": ("pipelines", "pipelines.extract", "pipelines.train", "pipelines.evaluate", "pipelines.predict"),
+    "base recipes": ("pipelines", "pipelines.extract", "pipelines.train", "pipelines.evaluate", "pipelines.predict",
+                     "pipelines.runs"),
     "experiment recipes": ("pipelines.sweep", "pipelines.compare", "pipelines.ablate", "pipelines.demo"),
     "faces": ("cli", "mdmf_cache.api", "mdmf_cache"),
 }

@@ -264,6 +264,35 @@ def test_finding_videos(tmp_path):
     assert {c: [p.name for p in v] for c, v in find_support(s).items()} == {"jump": ["1.mp4", "2.webm"], "run": ["1.mp4"]}
 
 
+def test_a_query_that_is_also_a_support_is_warned_about(fast_run, demo_cache, demo_videos, tmp_path, caplog):
+    from mdmf_cache.prediction.inputs import queries_among_supports
+
+    classes = list(CacheStore(demo_cache).root["test"].attrs["classes"])[:2]
+    support, others = _split_inputs(demo_videos, classes, 2, tmp_path / "in")
+    sup = find_support(support)
+    q = tmp_path / "in" / "query"
+    q.mkdir()
+    (q / "linked.avi").symlink_to(sup[classes[0]][0])  # the same file
+    shutil.copy(sup[classes[1]][1], q / "copied.avi")  # the same content
+    shutil.copy(others[0], q / "other.avi")
+    found = queries_among_supports(sup, find_queries([q]))
+    assert [(p.name, c, v.name, how) for p, c, v, how in found] == [
+        ("copied.avi", classes[1], sup[classes[1]][1].name, "the same content"),
+        ("linked.avi", classes[0], sup[classes[0]][0].name, "the same file")]
+    same_size = tmp_path / "same_size.mp4"  # a file of a support's size, other bytes: not a support
+    data = bytearray(sup[classes[0]][1].read_bytes())
+    data[-1] ^= 0xFF
+    data[0] ^= 0xFF
+    same_size.write_bytes(bytes(data))
+    assert queries_among_supports(sup, [same_size]) == []
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.predict"):
+        predict(_cfg(fast_run, support, [q], tmp_path), progress=False, show=False)
+    warned = [r.getMessage() for r in caplog.records if "support" in r.getMessage() and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "query" in warned[0] and "copied.avi" in warned[0] and "the same content" in warned[0]
+    assert "1 more queries are supports too" in warned[0]
+
+
 def test_bad_inputs_are_one_line_errors_and_write_nothing(fast_run, demo_cache, demo_videos, tmp_path, run_main):
     from mdmf_cache.data.synthetic import write_empty_file
 

@@ -267,3 +267,55 @@ def test_eval_scores_a_transductive_head_with_its_released_test_queries(demo_cac
         spec = heads.get(name)
         expect = spec.test_queries(5) if spec.transductive and spec.test_queries else 1
         assert EvalConfig().queries_for(name, 5) == expect and EvalConfig(queries_per_class=3).queries_for(name, 5) == 3
+
+
+def test_training_bar_shows_dashes_until_there_is_a_value():
+    from rich.progress import Progress
+
+    from mdmf_cache.progress import FieldColumn
+    from mdmf_cache.training.loop import RunState, train_bar_fields, train_progress
+
+    bar = train_progress()
+    columns = [c for c in bar.columns if isinstance(c, FieldColumn)]
+    task_id = bar.add_task("train (fast)", total=64, **train_bar_fields(RunState()))
+    render = lambda: [str(c.render(bar.tasks[task_id])) for c in columns]  # noqa: E731
+    assert render() == ["loss -", "val -"]  # before the first loss and the first validation
+    bar.update(task_id, loss=0.6931)
+    assert render() == ["loss 0.693", "val -"]
+    bar.update(task_id, val=42.3)
+    assert render() == ["loss 0.693", "val 42.3%"]
+    resumed = bar.add_task("train (fast)", total=64, **train_bar_fields(RunState(done=32, best=37.5)))
+    assert [str(c.render(bar.tasks[resumed])) for c in columns] == ["loss -", "val 37.5%"]  # the run's best so far
+    other = Progress(*columns)
+    sub = other.add_task("val", total=1)  # a task without the fields (a sub-task on the bar): blank
+    assert [str(c.render(other.tasks[sub])) for c in columns] == ["", ""]
+
+
+def test_tensorboard_events_hold_the_metrics_lines_and_a_resume_appends(demo_cache, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = {"episodes": 32, "val_every": 16, "val_episodes": 30, "tensorboard": True}
+    _train(demo_cache, tmp_path / "r", **{**run, "episodes": 16})
+    _train(demo_cache, tmp_path / "r", resume=True, **run)
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "main", "val_acc", "episodes_per_s"} <= tags
+    for tag in ("loss", "val_acc", "episodes_per_s"):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [16, 32]  # one event per metrics line, at its episodes, across the resume
+        assert [e.value for e in events] == pytest.approx([m[tag] for m in lines], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_one_line_before_anything_is_written(demo_cache, tmp_path, monkeypatch):
+    import sys
+
+    from mdmf_cache.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard fails, as when it is not installed
+    with pytest.raises(ConfigError, match=r"pip install 'mdmf-cache\[tensorboard\]'") as err:
+        _train(demo_cache, tmp_path / "r", episodes=16, val_every=16, tensorboard=True)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "r").exists()

@@ -35,7 +35,7 @@ from mdmf_cache.errors import CacheError, ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["find_support", "find_queries", "is_video", "video_key", "RunBackbone", "run_backbone", "PredictCache",
+__all__ = ["find_support", "find_queries", "queries_among_supports", "is_video", "video_key", "RunBackbone", "run_backbone", "PredictCache",
            "VideoFeatures", "usable_supports"]
 
 #: The cache group's only split: val/test sampling (one view, middle frames, centre crop), one dummy class.
@@ -120,6 +120,47 @@ def find_queries(paths: list[Path | str] | tuple[Path | str, ...]) -> list[Path]
         raise DatasetError(f"no query video under {', '.join(map(str, paths))}: expected {_EXTS} (folders are "
                            "searched recursively)")
     return list(out.values())
+
+
+#: How much of a file :func:`queries_among_supports` hashes to tell a copy of a video (with its size).
+HEAD_BYTES = 1 << 20
+
+
+def _head_hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read(HEAD_BYTES)).hexdigest()
+
+
+def queries_among_supports(support: dict[str, list[Path]], queries: list[Path]) -> list[tuple[Path, str, Path, str]]:
+    """``(query, class, support video, how)`` for each query that is also one of the supports: the same file or frame
+    folder by resolved path (``how`` "the same file"), or a video file of the same content, a copy (the same size and
+    the same first MB: "the same content"). Only files of a support's size are read."""
+    by_path: dict[Path, tuple[str, Path]] = {}
+    by_size: dict[int, list[tuple[str, Path]]] = {}
+    for c, videos in support.items():
+        for v in videos:
+            by_path.setdefault(v.resolve(), (c, v))
+            if v.is_file():
+                by_size.setdefault(v.stat().st_size, []).append((c, v))
+    hashes: dict[Path, str] = {}
+
+    def head(p: Path) -> str:
+        if p not in hashes:
+            hashes[p] = _head_hash(p)
+        return hashes[p]
+
+    found = []
+    for q in queries:
+        real = q.resolve()
+        if real in by_path:
+            found.append((q, *by_path[real], "the same file"))
+            continue
+        if not q.is_file():
+            continue
+        same = [(c, v) for c, v in by_size.get(q.stat().st_size, []) if head(v.resolve()) == head(real)]
+        if same:
+            found.append((q, *same[0], "the same content"))
+    return found
 
 
 def video_key(path: Path) -> str:

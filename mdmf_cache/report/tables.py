@@ -331,3 +331,22 @@ def print_predictions(res: dict, show: int = 10) -> None:
     if res["failed"]:
         console.print(f"[yellow]{len(res['failed'])} queries could not be decoded[/] (empty rows), e.g. {res['failed'][0]}")
     console.print(f"predictions: {res['csv']}")
+
+
+def print_runs(entries: list, root: str) -> None:
+    """``runs``' table: one row per run, evaluation, comparison, ablation or sweep found (``listing.Entry``), its path
+    relative to ``root``."""
+    import os
+
+    from rich.markup import escape
+
+    table = Table(title=escape(f"{len(entries)} found under {root}"))
+    for col in ("kind", "path", "cache", "method", "shot", "when", "best", "status"):
+        table.add_column(col, overflow="fold", justify="right" if col == "shot" else "left")
+    for e in entries:
+        cache = (f"{escape(e.cache)} [yellow](moved)[/]" if e.cache_moved else escape(e.cache)) or "-"
+        status = "[green]complete[/]" if e.complete else f"[yellow]{escape(e.status)}[/]"
+        path = os.path.relpath(e.path, root) if Path(e.path).is_relative_to(root) else e.path
+        table.add_row(e.kind, escape(path), cache, escape(e.method), e.shot, e.when.replace("T", " "),
+                      escape(e.best) or "-", status)
+    console.print(table)

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 
 __all__ = ["CHECKPOINTS", "OOM_HINT", "check_resume", "make_optimizer", "train_device", "rng_state", "set_rng_state",
-           "RunState", "Checkpoints", "first_non_finite", "best_needs_repair", "mean_over_ranks", "train_progress"]
+           "RunState", "Checkpoints", "first_non_finite", "best_needs_repair", "mean_over_ranks", "train_progress",
+           "train_bar_fields", "MetricsBoard"]
 
 
 def rng_state(rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
@@ -152,8 +153,43 @@ def mean_over_ranks(mean: dict[str, float], world: World, device: torch.device) 
 
 
 def train_progress():
-    """The training bar: episodes, the loss (refreshed every 10 updates) and the last val accuracy."""
-    return make_progress("episodes", FieldColumn("loss", "loss {:.3f}"), FieldColumn("val", "val {:.1f}%"))
+    """The training bar: episodes, the loss (refreshed every 10 updates) and the last val accuracy; ``-`` for each
+    until it has a value (:func:`train_bar_fields`)."""
+    return make_progress("episodes", FieldColumn("loss", "loss {:.3f}", "loss -"),
+                         FieldColumn("val", "val {:.1f}%", "val -"))
+
+
+class MetricsBoard:
+    """``--tensorboard``: every metrics line's numbers (the loss parts, ``val_acc``, ``episodes_per_s``, ...) as
+    TensorBoard scalars at step = episodes, in ``OUT/tensorboard/`` beside ``metrics.jsonl`` (rank 0 only).
+
+    A resumed run appends: the events after its ``last.pt`` (of an interrupted part that is trained again) are
+    purged, and a run that had no event files yet gets its earlier metrics lines first."""
+
+    def __init__(self, out: Path, state: "RunState") -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder = out / "tensorboard"
+        new = not folder.is_dir()
+        self.writer = SummaryWriter(str(folder), purge_step=state.done + 1 if state.done else None)
+        for rec in state.history if new else ():
+            self.add(rec)
+
+    def add(self, rec: dict[str, Any]) -> None:
+        step = int(rec["episodes"])
+        for key, value in rec.items():
+            if key != "episodes" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def train_bar_fields(state: "RunState") -> dict[str, float | None]:
+    """The training bar's fields at the start: no loss yet, and the best val accuracy of a resumed run (None before
+    its first validation)."""
+    return {"loss": None, "val": state.best if state.best >= 0 else None}
 
 
 def check_resume(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
@@ -174,7 +210,7 @@ def check_resume(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
     # compared by identity; a run written before a field existed had its default (resolved for its head and shot)
     defaults = asdict(TrainConfig(method=old.get("method", "mdmf"), shot=old.get("shot", 5),
                                   mode=old.get("mode", "fast")).resolved())
-    free = ("resume", "device", "episodes", "cache", "out")
+    free = ("resume", "device", "episodes", "cache", "out", "tensorboard")
     diff = [k for k in cfg_dict if k not in free and k != "full" and old.get(k, defaults[k]) != cfg_dict[k]]
     if cfg.mode == "full" and old.get("mode", "fast") == "full":
         diff += full_diff(old.get("full") or {}, cfg.full)
