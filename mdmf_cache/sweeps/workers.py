@@ -6,7 +6,7 @@ each a fast-mode training run with the cache's train and val splits loaded once 
 (:mod:`mdmf_cache.store.shared`), starts the workers, which map that one copy, removes its name once
 they all have it, and on Ctrl-C stops them; the shared memory goes on every exit path.
 
-A worker dies with the sweep process that started it (:class:`_Parent`): on Linux the kernel sends it SIGTERM
+A worker dies with the sweep process that started it (:class:`_Parent`): on Linux the kernel sends it SIGUSR1
 when that process dies (``PR_SET_PDEATHSIG``), and before every trial and at every validation it looks whether its
 parent is still the one that started it (where prctl is missing, or the parent died before the worker asked for
 the signal). Its trial is then failed and given back to the study (requeued with its parameters, as a killed
@@ -51,37 +51,44 @@ class _Parent:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.said = False
+        self.died = False  # the kernel said so (PR_SET_PDEATHSIG)
+        self.running: list = []  # the trial this worker runs now (set by the objective, cleared after it)
 
     def gone(self) -> bool:
-        """True once the parent died: the worker was then handed to another process (init or a subreaper)."""
-        return os.getppid() != self.pid
+        """True once the parent died: the kernel said so, or the worker was handed to another process (init or a
+        subreaper)."""
+        return self.died or os.getppid() != self.pid
 
     def check(self) -> None:
         if self.gone():
             raise _ParentGone(self.pid)
 
     def die_with_it(self) -> bool:
-        """Ask the kernel for SIGTERM when the parent dies, and turn that SIGTERM into :class:`_ParentGone`;
-        False where prctl is missing (not Linux): the checks of :meth:`check` alone then stop the worker.
+        """Ask the kernel for SIGUSR1 when the parent dies (``PR_SET_PDEATHSIG``); False where that is missing
+        (not Linux): the checks of :meth:`check` alone then stop the worker.
 
-        A SIGTERM while the parent lives (its ``terminate()`` on Ctrl-C) ends the worker at once, as by default.
+        The signal stops a running trial at once (:class:`_ParentGone`); between trials it leaves the worker to its
+        next :meth:`check`, before the next trial, so that no trial is ever created without being given back. Not
+        SIGTERM, which the parent sends on Ctrl-C (``terminate()``): the kernel sends the death signal as the
+        parent's forking thread ends, once more as its last thread ends, and the first may come while
+        ``getppid()`` still names the dying parent, so the handler cannot tell the two apart by asking.
         """
-        def on_sigterm(signum, frame) -> None:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the worker at once
-            if not self.gone():
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            raise _ParentGone(self.pid)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
         if not sys.platform.startswith("linux"):
             return False
+
+        def on_death(signum, frame) -> None:
+            if self.died:  # said again as the parent's last thread ends
+                return
+            self.died = True
+            if self.running:
+                raise _ParentGone(self.pid)
+
+        signal.signal(signal.SIGUSR1, on_death)
         try:
             import ctypes
 
             libc = ctypes.CDLL(None, use_errno=True)
-            return libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+            return libc.prctl(1, int(signal.SIGUSR1), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             return False
 
@@ -172,7 +179,7 @@ def run_worker(cfg: SweepConfig, worker_index: int, train: TrainFn, on_trial=Non
 
     existing = len(optuna.load_study(study_name=cfg.study_name, storage=storage).get_trials(deepcopy=False))
     study = open_study(cfg, p, storage, _seed_of(cfg, worker_index, existing))
-    current: list = []
+    current: list = parent.running if parent else []
     objective = _objective(cfg, p, cfg.trials, train, parent, current)
     callbacks = [_log_trial] + ([on_trial] if on_trial else [])
     train_log = logging.getLogger("pipelines.train")
@@ -203,6 +210,7 @@ def run_worker(cfg: SweepConfig, worker_index: int, train: TrainFn, on_trial=Non
             except BaseException:
                 _stop_heartbeats()
                 raise
+            current.clear()
 
 
 def _give_back(study, current: list) -> None:
