@@ -335,6 +335,30 @@ def test_a_sigkilled_jobs_sweep_takes_its_workers_with_it(tiny_cache, tmp_path):
                 os.kill(k, signal.SIGKILL)
 
 
+def test_a_killed_worker_is_named_and_fails_the_sweep_only_when_its_study_is_short(tmp_path, caplog):
+    """A worker killed by a signal (by hand, the OOM killer) while the other finished every trial: a warning and a
+    finished sweep, not "stopped with an error (see above); fix it"; with trials missing, one line naming the
+    signal and --resume."""
+    import optuna
+
+    from mdmf_cache.sweeps.workers import _check_exits
+
+    cfg = SweepConfig(cache="c.zarr", out=str(tmp_path / "sw"), trials=2)
+    (tmp_path / "sw").mkdir()
+    study = optuna.create_study(study_name="sw", storage=cfg.storage_url, direction="maximize")
+    study.add_trial(optuna.create_trial(value=1.0))
+    with pytest.raises(ConfigError, match=r"^sweep worker 0 was killed by SIGKILL .*; 1 of 2 trials finished; rerun "
+                                          r"the same command with --resume"):
+        _check_exits(cfg, [-9, 0])
+    study.add_trial(optuna.create_trial(value=2.0))
+    with caplog.at_level("WARNING"):
+        _check_exits(cfg, [-9, 0])
+    assert "sweep worker 0 was killed by SIGKILL" in caplog.text and "finished the study's 2 trials" in caplog.text
+    _check_exits(cfg, [0, 0])
+    with pytest.raises(ConfigError, match="stopped with an error"):  # a traceback above: a real error
+        _check_exits(cfg, [0, 1])
+
+
 # ---------------------------------------------------------------------------------------- PostgreSQL
 
 

@@ -394,8 +394,8 @@ def _check_exits(cfg: SweepConfig, codes: list[int | None]) -> None:
     except Exception:  # noqa: BLE001 - the storage cannot be read now: say what is known
         finished = None
     if finished is not None and finished >= cfg.trials:
-        log.warning("%s (by hand, or the out-of-memory killer); the other workers finished the study's %d trials "
-                    "(its trial was failed and run again)", how, cfg.trials)
+        log.warning("%s (by hand, or the out-of-memory killer); the other worker(s) finished the study's %d trials "
+                    "(a trial it was running is failed by the heartbeat and run again)", how, cfg.trials)
         return
     done = f"{finished} of {cfg.trials} trials finished" if finished is not None else "the finished trials are kept"
     raise ConfigError(f"{how} (by hand, or the out-of-memory killer: see dmesg); {done}; rerun the same command with "
