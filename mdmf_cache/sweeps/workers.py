@@ -69,9 +69,10 @@ class _Parent:
 
         The signal stops a running trial at once (:class:`_ParentGone`); between trials it leaves the worker to its
         next :meth:`check`, before the next trial, so that no trial is ever created without being given back. Not
-        SIGTERM, which the parent sends on Ctrl-C (``terminate()``): the kernel sends the death signal as the
-        parent's forking thread ends, once more as its last thread ends, and the first may come while
-        ``getppid()`` still names the dying parent, so the handler cannot tell the two apart by asking.
+        SIGTERM, which the parent sends on Ctrl-C (``terminate()``): the kernel sends the death signal when the
+        parent's forking thread ends, and where another of its threads still lives the worker is first handed to
+        that one, so ``getppid()`` may still name the dying parent and the signal may come again: a handler could
+        not tell a death from a ``terminate()`` by asking.
         """
         if not sys.platform.startswith("linux"):
             return False
