@@ -168,3 +168,49 @@ def test_an_interrupted_jobs_sweep_leaves_no_shared_memory(demo_cache, tmp_path,
         run_sweep(_cfg(demo_cache, tmp_path / "sw"), progress=False)
     assert len(seen) == 1 and len(seen[0]) == 4, seen  # train and val, each named and mapped, when it came
     assert not _ours() and not multiprocessing.active_children()
+
+
+def _semaphore_holder(name: str, hold: bool) -> subprocess.Popen:
+    """A process that creates multiprocessing's POSIX semaphore ``/NAME`` (no resource tracker to remove it) and
+    holds it until its stdin closes (``hold``), or dies at once by SIGKILL, as a killed sweep's processes do."""
+    code = ("import _multiprocessing, os, signal, sys; s = _multiprocessing.SemLock(1, 1, 1, sys.argv[1], False); "
+            "print('ready', flush=True); sys.stdin.read() if sys.argv[2] == '1' else os.kill(os.getpid(), 9)")
+    proc = subprocess.Popen([sys.executable, "-c", code, f"/{name}", "1" if hold else "0"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.mark.skipif(not (Path("/dev/shm").is_dir() and Path("/proc/self/maps").is_file()), reason="Linux semaphores")
+def test_semaphores_of_a_killed_sweep_are_removed_by_the_next_and_a_live_ones_kept(demo_cache, tmp_path, monkeypatch):
+    """kill -9 of a whole --jobs sweep (its resource tracker too) leaves multiprocessing's sem.mp-* files in /dev/shm:
+    the next --jobs sweep removes those no live process has open, never one that a live process holds."""
+    import _multiprocessing
+    import secrets
+
+    import mdmf_cache.sweeps.workers as workers
+
+    tag = secrets.token_hex(3)
+    dead_name, live_name = f"mp-mdmftest{tag}dead", f"mp-mdmftest{tag}live"
+    dead, live = Path(f"/dev/shm/sem.{dead_name}"), Path(f"/dev/shm/sem.{live_name}")
+    killed = _semaphore_holder(dead_name, hold=False)
+    assert killed.wait(timeout=30) == -9
+    holder = _semaphore_holder(live_name, hold=True)  # another sweep, running
+    try:
+        assert dead.exists() and live.exists()
+
+        def ctrl_c(seconds: float) -> None:  # the next sweep, stopped as soon as its workers start
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(workers, "_tick", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(_cfg(demo_cache, tmp_path / "sw"), progress=False)
+        assert not dead.exists()
+        assert live.exists()
+    finally:
+        holder.communicate(timeout=30)
+        for name in (dead_name, live_name):
+            try:
+                _multiprocessing.sem_unlink(f"/{name}")
+            except OSError:
+                pass

@@ -257,6 +257,108 @@ def test_sigkilled_worker_then_resume_ends_with_exactly_the_trials(tiny_cache, t
     assert all(t.params != killed.params for t in others)  # the resumed sampler does not redraw old points
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie left for its new parent to reap counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the processes from /proc")
+def test_a_sigkilled_jobs_sweep_takes_its_workers_with_it(tiny_cache, tmp_path):
+    """kill -9 of a --jobs sweep (a scheduler, the OOM killer): its workers stop within seconds, finish no new
+    trial, and give back the trials they were running (failed and requeued with their parameters)."""
+    import optuna
+
+    out = tmp_path / "orphans"
+    slow = {**TRIAL, "episodes": 60, "val-every": 20}  # trials long enough to be killed inside
+    args = [str(tiny_cache), "--out", str(out), "--trials", "40", "--jobs", "2", "--no-prune",
+            "--space", "lr=1e-4:1e-2:log", *_args(slow)]
+    proc = subprocess.Popen(_worker_cmd(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    storage = f"sqlite:///{out / 'study.db'}"
+    kids: list[int] = []
+    try:
+        deadline = time.time() + 120
+        running: list = []
+        while time.time() < deadline and proc.poll() is None:  # until both workers are inside a trial
+            time.sleep(0.1)
+            try:
+                trials = _study(storage, "orphans").get_trials()
+            except Exception:  # noqa: BLE001 - the study is being created
+                continue
+            running = [t for t in trials if t.state.name == "RUNNING"]
+            if len(running) == 2 and (out / "trials" / f"{running[0].number:05d}" / "metrics.jsonl").is_file():
+                break
+        assert len(running) == 2 and proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        kids = _children(proc.pid)  # the two workers and multiprocessing's resource tracker
+        done_before = {t.number for t in trials if t.state.name in ("COMPLETE", "PRUNED")}
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert len(kids) >= 2, kids
+        deadline = time.time() + 30  # a generous wait: they stop within a second or two
+        while time.time() < deadline and any(_alive(k) for k in kids):
+            time.sleep(0.2)
+        assert not any(_alive(k) for k in kids), [k for k in kids if _alive(k)]
+        err = proc.stderr.read().decode()
+        assert err.count("is gone (killed?): this worker stops") == 2, err[-3000:]
+        trials = _study(storage, "orphans").get_trials()
+        states = [t.state.name for t in trials]
+        assert "RUNNING" not in states, states  # nothing left for a heartbeat to find
+        done_after = {t.number for t in trials if t.state.name in ("COMPLETE", "PRUNED")}
+        # no trial was finished after the kill, but one that was ending as it came
+        assert done_after - done_before <= {t.number for t in running}, (done_before, done_after, states)
+        given_back = {t.system_attrs["failed_trial"]: t for t in trials if t.state.name == "WAITING"}
+        assert given_back, states
+        for number, retry in given_back.items():
+            assert trials[number].state.name == "FAIL" and retry.params == trials[number].params
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for k in kids:  # the orphans, were they still alive
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
+
+
+def test_a_killed_worker_is_named_and_fails_the_sweep_only_when_its_study_is_short(tmp_path, caplog):
+    """A worker killed by a signal (by hand, the OOM killer) while the other finished every trial: a warning and a
+    finished sweep, not "stopped with an error (see above); fix it"; with trials missing, one line naming the
+    signal and --resume."""
+    import optuna
+
+    from mdmf_cache.sweeps.workers import _check_exits
+
+    cfg = SweepConfig(cache="c.zarr", out=str(tmp_path / "sw"), trials=2)
+    (tmp_path / "sw").mkdir()
+    study = optuna.create_study(study_name="sw", storage=cfg.storage_url, direction="maximize")
+    study.add_trial(optuna.create_trial(value=1.0))
+    with pytest.raises(ConfigError, match=r"^sweep worker 0 was killed by SIGKILL .*; 1 of 2 trials finished; rerun "
+                                          r"the same command with --resume"):
+        _check_exits(cfg, [-9, 0])
+    study.add_trial(optuna.create_trial(value=2.0))
+    with caplog.at_level("WARNING"):
+        _check_exits(cfg, [-9, 0])
+    assert "sweep worker 0 was killed by SIGKILL" in caplog.text and "finished the study's 2 trials" in caplog.text
+    _check_exits(cfg, [0, 0])
+    with pytest.raises(ConfigError, match="stopped with an error"):  # a traceback above: a real error
+        _check_exits(cfg, [0, 1])
+
+
 # ---------------------------------------------------------------------------------------- PostgreSQL
 
 

@@ -11,7 +11,9 @@ Clean-up: once every worker has mapped its files the parent removes their names 
 so the memory goes with the last process that maps it, whatever ends them, a SIGKILL included;
 :meth:`SharedFeatures.close` (every exit path of the parent, Ctrl-C included) removes the names left and unmaps
 the parent's view. Files a killed parent left before its workers mapped them (named after its host and pid)
-are removed by the next :class:`SharedFeatures` on that host.
+are removed by the next :class:`SharedFeatures` on that host, and multiprocessing's semaphores (``sem.mp-*``) that
+a sweep killed with all its processes left, which no live process has open, by the next ``--jobs`` sweep
+(:func:`remove_stale_semaphores`).
 """
 
 from __future__ import annotations
@@ -188,6 +190,77 @@ def remove_stale() -> list[Path]:
     return removed
 
 
+SEMAPHORES = Path("/dev/shm")  # where Linux keeps POSIX named semaphores, as sem.NAME files
+SEM_PREFIX = "sem.mp-"  # multiprocessing's (a --jobs sweep's events and its resource tracker's own)
+
+
+def remove_stale_semaphores(folder: Path | None = None) -> list[Path]:
+    """Remove multiprocessing's semaphores (``sem.mp-*``) that no live process has open: what a sweep whose every
+    process was SIGKILLed (``kill -9 -PGID``, a scheduler's cancel) left, its resource tracker killed with it.
+
+    A semaphore's file is mapped by every process that has it open (``/proc/PID/maps``, by device and inode: its
+    creator maps it under a temporary name before giving it its own), from the moment its name exists; one that no
+    process maps is dead. Only this user's files are looked at, against the mappings of this user's processes (one
+    that even its user cannot read, a non-dumpable one, is passed over: a sweep's processes are readable); nothing
+    is removed where there is no ``/proc``.
+    """
+    folder = SEMAPHORES if folder is None else folder
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    try:
+        names = {p: p.lstat() for p in folder.iterdir() if p.name.startswith(SEM_PREFIX)}
+    except OSError:
+        return []
+    names = {p: st for p, st in names.items() if st.st_uid == uid}
+    if not names:
+        return []
+    in_use = _mapped_by_this_user(uid)
+    if in_use is None:
+        return []
+    removed = []
+    for path, st in names.items():
+        if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in in_use:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    if removed:
+        log.info("removed %d semaphore(s) from %s, left by a sweep that was killed", len(removed), folder)
+    return removed
+
+
+def _mapped_by_this_user(uid: int | None) -> set[tuple[int, int, int]] | None:
+    """(major, minor, inode) of the files mapped by the readable processes of ``uid``; None without /proc."""
+    proc = Path("/proc")
+    if uid is None or not (proc / "self" / "maps").is_file():
+        return None
+    mapped: set[tuple[int, int, int]] = set()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            text = (entry / "maps").read_text()
+        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+            continue
+        except PermissionError:  # not readable even by its user (a non-dumpable process): not a sweep's
+            continue
+        except OSError:
+            return None
+        for line in text.splitlines():
+            parts = line.split(None, 5)  # address perms offset major:minor inode [path]
+            if len(parts) < 5 or parts[4] == "0":
+                continue
+            try:
+                major, minor = (int(x, 16) for x in parts[3].split(":"))
+                mapped.add((major, minor, int(parts[4])))
+            except ValueError:
+                continue
+    return mapped
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -208,4 +281,5 @@ def _free(folder: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-__all__ = ["SharedFeatures", "SharedSplit", "NoRoom", "attach", "remove_stale", "directories", "size_text"]
+__all__ = ["SharedFeatures", "SharedSplit", "NoRoom", "attach", "remove_stale", "remove_stale_semaphores", "directories",
+           "size_text"]
