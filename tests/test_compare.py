@@ -275,11 +275,11 @@ def test_compare_over_seeds_resumes_only_the_missing_run_and_reports_spread_and_
     assert f"{rows['mdmf']['1shot_test_selected']:.2f} (" in md[2]
     assert "Training seeds" in "\n".join(md) and "ON TEST" in "\n".join(md)
 
-    # again: nothing trained, nothing scored; other seeds into the same --out are refused
+    # again: nothing trained, nothing scored; without --test-selected into the same --out: refused, named
     monkeypatch.setattr(training, "run", lambda *a, **k: pytest.fail("trained again"))
     assert run_compare(cfg, progress=False)["rows"] == res["rows"]
-    with pytest.raises(ConfigError, match="other seeds"):
-        run_compare(CompareConfig(**{**cfg.__dict__, "seeds": 3}), progress=False)
+    with pytest.raises(ConfigError, match="other test_selected"):
+        run_compare(CompareConfig(**{**cfg.__dict__, "test_selected": False}), progress=False)
 
 
 @pytest.mark.integration
