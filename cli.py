@@ -702,12 +702,58 @@ def plot(
 _C = CompareConfig
 
 
-@app.command(epilog="Examples:\n\n  mdmf-cache compare CACHE --methods mdmf,clip-fsar,protonet --shot 1,3,5 --out results/ucf_rn50\n\n"
+def _compare_presets(items: Optional[list[str]], methods: tuple[str, ...]) -> dict[str, str]:
+    """``--preset NAME`` (every trained method) or ``--preset METHOD:NAME`` (repeatable) as {method: preset}."""
+    from pipelines.compare import trained_methods
+
+    out: dict[str, str] = {}
+    for item in items or []:
+        method, colon, name = item.rpartition(":")
+        if not name.strip():
+            raise typer.BadParameter(f"{item!r}: write NAME or METHOD:NAME, e.g. mdmf:reference", param_hint="--preset")
+        for m in ([method.strip()] if colon else trained_methods(methods)):
+            out[m] = name.strip()
+    return out
+
+
+def _compare_head_opts(items: Optional[list[str]], methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``--head-opt METHOD:KEY=VALUE`` (repeatable) as {method: {key: value}}, each value parsed by that head's
+    option types as train's ``--head-opt``."""
+    per: dict[str, list[str]] = {}
+    for item in items or []:
+        method, colon, rest = item.partition(":")
+        if not colon or not method.strip() or "=" in method:
+            raise typer.BadParameter(f"{item!r}: write METHOD:KEY=VALUE, e.g. mdmf:merge_before=true",
+                                     param_hint="--head-opt")
+        per.setdefault(method.strip(), []).append(rest)
+    from pipelines.compare import trained_methods
+
+    trained = trained_methods(methods)
+    for method in per:  # one line before a head's options are read: a method compare does not train
+        if method not in methods:
+            raise typer.BadParameter(f"{method}: not among --methods ({','.join(methods)})", param_hint="--head-opt")
+        if method not in trained:
+            raise typer.BadParameter(f"{method}: not trained here (no parameters); compare scores it as released",
+                                     param_hint="--head-opt")
+    return {m: _typed_head_options(m, _head_opts(opts), None) for m, opts in per.items()}
+
+
+@app.command(context_settings={"allow_extra_args": True},
+             epilog="Examples:\n\n  mdmf-cache compare CACHE --methods mdmf,clip-fsar,protonet --shot 1,3,5 --out results/ucf_rn50\n\n"
              "  mdmf-cache compare CACHE --methods mdmf,clip-fsar --shot 5 --episodes 20000 --lr 3e-4 --out results/ucf_5shot\n\n"
              "  mdmf-cache compare CACHE --methods mdmf,clip-fsar,otam --shot 1,5 --sweep 50 --out results/ucf_tuned   # each tuned on val first\n\n"
-             "  mdmf-cache compare CACHE --methods mdmf,team,otam --seeds 3 --test-selected --out results/ucf_protocol   # seed spread; test-selection bias")
+             "  mdmf-cache compare CACHE --methods mdmf,team,otam --seeds 3 --test-selected --out results/ucf_protocol   # seed spread; test-selection bias\n\n"
+             "  mdmf-cache compare CACHE --methods mdmf,otam --preset mdmf:reference --head-opt mdmf:heads=4 --out results/ucf_ref\n\n"
+             "  mdmf-cache compare CACHE --methods mdmf,clip-fsar,protonet,trx --shot 1,3,5 --out results/ucf_rn50   # a finished comparison extended: only trx is trained\n\n"
+             "  mdmf-cache compare show results/ucf_rn50                         # the table again, from the files\n\n"
+             "A rerun into the same --out does only what is missing, and may add methods, shots, training seeds (--seeds) "
+             "or change --reference; other settings (way, test episodes, seed, training options, a finished method's "
+             "preset or head options) and another cache (other prompts, backbone, classes: its identity) are refused, "
+             "named. --out may be spelled differently or moved: it is the folder that holds compare_config.json. "
+             "Writes table.md, table.tex (booktabs), table.csv, table.png.")
 def compare(
-    cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr).")],
+    ctx: typer.Context,
+    cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr); or 'show' followed by a compare --out.")],
     methods: Annotated[str, typer.Option(help=f"Comma-separated: {_choices((*heads.METHODS, *BASELINES))} "
                                               "(default: every registered head).")] = ",".join(heads.METHODS),
     shot: Annotated[str, typer.Option(help="Shots, comma-separated: one column each, one trained run per method and shot.")] = ",".join(map(str, _C.shots)),
@@ -730,6 +776,14 @@ def compare(
     test_selected: Annotated[bool, typer.Option("--test-selected", help="Keep every validation's heads and score each "
                                                 "on test: beside the val-selected accuracy, what keeping the "
                                                 "checkpoint best ON TEST would claim, and the gap.")] = _C.test_selected,
+    preset: Annotated[Optional[list[str]], typer.Option(
+        metavar="[METHOD:]NAME", help="A trained head's named options, as train's --preset: METHOD:NAME for one method, "
+        "NAME for every trained method (repeatable; default: each head's first).")] = None,
+    train_shot: Annotated[Optional[int], typer.Option(help="K of every trained method's training episodes (default: "
+                                                           "each head's released choice for the shot).")] = _C.train_shot,
+    head_opt: Annotated[Optional[list[str]], typer.Option(
+        "--head-opt", metavar="METHOD:KEY=VALUE", help="An option of one trained head, as train's --head-opt, e.g. "
+        "mdmf:merge_before=true (repeatable; mdmf-cache heads NAME lists them).")] = None,
     way: int = _C.way,
     seed: int = _C.seed,
     device: DeviceOpt = _C.device,
@@ -738,16 +792,27 @@ def compare(
     """Several heads on one cache: each trained with its released defaults, all scored on identical seeded test
     episodes per shot, in the layout of the paper's Tables 1-2 with paired CIs and the numbers the papers report."""
     _setup_logging(debug)
+    from pipelines.compare import run, show
+
+    if str(cache) == "show":
+        if len(ctx.args) != 1 or ctx.args[0].startswith("-"):
+            raise typer.BadParameter("write: mdmf-cache compare show OUT", param_hint="show")
+        show(ctx.args[0])
+        return
+    if ctx.args:
+        raise typer.BadParameter(f"unexpected argument(s) {' '.join(ctx.args)}", param_hint="CACHE")
     _on_interrupt(f"finished runs, sweep trials and scores are kept in {out}; rerun the same command: it does only "
                   "what is missing")
-    from pipelines.compare import run
+    method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
 
     train = {"episodes": episodes, "episodes_per_step": episodes_per_step, "val_every": val_every,
              "val_episodes": val_episodes, "weight_decay": weight_decay, **({"lr": lr} if lr is not None else {}),
              **({"train_queries": train_queries} if train_queries is not None else {})}
-    cfg = CompareConfig(cache=str(cache), out=str(out), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+    cfg = CompareConfig(cache=str(cache), out=str(out), methods=method_list,
                         shots=_shots(shot), reference=reference, train=train, way=way, test_episodes=test_episodes,
-                        seed=seed, device=device, sweep=sweep, seeds=seeds, test_selected=test_selected)
+                        seed=seed, device=device, sweep=sweep, seeds=seeds, test_selected=test_selected,
+                        preset=_compare_presets(preset, method_list), train_shot=train_shot,
+                        head_opts=_compare_head_opts(head_opt, method_list))
     run(cfg)
 
 

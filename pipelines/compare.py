@@ -33,6 +33,7 @@ same ``--out`` is refused (its runs and scores would not be the ones asked for).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ import numpy as np
 from mdmf_cache.choices import BASELINES
 from mdmf_cache.configs import TrainConfig
 from mdmf_cache.errors import ConfigError
+from mdmf_cache.progress import make_progress
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,9 @@ class CompareConfig:
     sweep: int = 0  # trials of a val sweep per trained (method, shot), its best trial scored; 0: the defaults trained
     seeds: int = 1  # training seeds per trained (method, shot), each run scored on the same episodes
     test_selected: bool = False  # keep every validation's heads; report what the checkpoint best on TEST would claim
+    preset: dict[str, str] = field(default_factory=dict)  # per trained method its preset (train's --preset); absent: the head's default
+    train_shot: int | None = None  # K of every trained method's training episodes; None: each head's released choice
+    head_opts: dict[str, dict[str, Any]] = field(default_factory=dict)  # per trained method its head options (train's --head-opt)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -106,10 +111,22 @@ class CompareConfig:
             problems.append(f"--sweep {self.sweep}: a number of trials, >= 0 (0: no sweep)")
         if self.seeds < 1:
             problems.append(f"--seeds {self.seeds}: a number of training seeds, >= 1")
-        for name in ("cache", "out", "method", "shot", "resume", "heads", "mode", "full", "way", "seed", "device",
+        for name in ("cache", "out", "method", "shot", "resume", "mode", "full", "way", "seed", "device",
                      "keep_checkpoints"):
             if name in self.train:
                 problems.append(f"training option {name!r} is set by compare itself")
+        for name, own in (("preset", "preset"), ("train_shot", "train_shot"), ("heads", "head_opts")):
+            if name in self.train:
+                problems.append(f"training option {name!r}: give it as compare's own {own}")
+        if self.train_shot is not None and self.train_shot < 1:
+            problems.append(f"--train-shot {self.train_shot}: must be >= 1")
+        for what, per in (("--preset", self.preset), ("--head-opt", self.head_opts)):
+            for method in per:
+                if method not in self.methods:
+                    problems.append(f"{what} {method}:...: {method} is not among --methods")
+                elif not _trained(method):
+                    problems.append(f"{what} {method}:...: {method} is not trained here (no parameters); compare "
+                                    "scores it as released")
         unknown = sorted(set(self.train) - set(TrainConfig.__dataclass_fields__))
         if unknown:
             problems.append(f"unknown training option(s) {', '.join(unknown)}")
@@ -196,7 +213,10 @@ def sweep_config(cfg: CompareConfig, method: str, shot: int):
 
     fixed = {"method": method, "shot": shot, "way": cfg.way, "seed": cfg.seed, "device": cfg.device,
              **{k.replace("_", "-"): v for k, v in cfg.train.items()},
-             **({"keep-checkpoints": True} if cfg.test_selected else {})}
+             **({"keep-checkpoints": True} if cfg.test_selected else {}),
+             **({"preset": cfg.preset[method]} if method in cfg.preset else {}),
+             **({"train-shot": cfg.train_shot} if cfg.train_shot is not None else {}),
+             **{k.replace("_", "-"): v for k, v in cfg.head_opts.get(method, {}).items()}}
     return SweepConfig(cache=cfg.cache, out=str(Path(cfg.out) / "sweeps" / f"{method}_{shot}shot"), trials=cfg.sweep,
                        fixed=fixed, seed=cfg.seed)
 
@@ -265,17 +285,142 @@ def kept_checkpoints(run: Path | str) -> list[tuple[int, str]]:
     return kept
 
 
+#: Settings every row of a comparison depends on: a rerun into the same ``--out`` with another value is refused
+#: (named). The methods, shots, ``reference`` and ``seeds`` may change: a rerun then trains and scores only what is new.
+FIXED = ("way", "test_episodes", "seed", "split", "train", "sweep", "test_selected", "train_shot")
+#: Per-method settings: refused for a method the saved comparison holds, free for a new one.
+PER_METHOD = ("preset", "head_opts")
+#: Fields newer than some saved comparisons, with the value they had before they existed.
+_ADDED = {"sweep": 0, "seeds": 1, "test_selected": False, "preset": {}, "train_shot": None, "head_opts": {}}
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def identity_diff(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two cache identities (:func:`mdmf_cache.store.runs.cache_identity`), one item per field:
+    ``text.prompt_template: 'a photo of {}' then, 'a video of {}' now``."""
+    diff = []
+    old_fp, new_fp = recorded.get("fingerprint") or {}, now.get("fingerprint") or {}
+    for part in sorted(set(old_fp) | set(new_fp)):
+        a, b = old_fp.get(part), new_fp.get(part)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"{part}.{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k)]
+        elif a != b:
+            diff.append(f"{part}: {a!r} then, {b!r} now")
+    old_cls, new_cls = recorded.get("classes") or {}, now.get("classes") or {}
+    diff += [f"{split} classes differ" for split in sorted(set(old_cls) & set(new_cls)) if old_cls[split] != new_cls[split]]
+    return diff
+
+
+def changed_settings(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The fields of a saved comparison (``compare_config.json``) that ``now`` would change for its finished rows:
+    :data:`FIXED`, and :data:`PER_METHOD` for the methods both hold (``preset of mdmf``)."""
+    diff = [k for k in FIXED if before.get(k, _ADDED.get(k)) != now[k]]
+    for k in PER_METHOD:
+        old = before.get(k, _ADDED[k]) or {}
+        diff += [f"{k} of {m}" for m in before.get("methods", ()) if m in now["methods"]
+                 and old.get(m, {} if k == "head_opts" else None) != now[k].get(m, {} if k == "head_opts" else None)]
+    return diff
+
+
+def _run_changed(tcfg, ident: dict[str, Any]) -> list[str]:
+    """The settings (and cache fields) of the run already in ``tcfg.out`` that differ from ``tcfg`` (a compare rerun
+    reuses or resumes it); [] when there is no run yet."""
+    from mdmf_cache.configs import TrainConfig
+    from mdmf_cache.store.runs import read_run_file
+
+    run = Path(tcfg.out)
+    if not (run / "config.json").is_file():
+        return []
+    rec = read_run_file(run / "config.json")
+    want = _json(asdict(tcfg.resolved()))
+    defaults = _json(asdict(TrainConfig(method=rec.get("method", "mdmf"), shot=rec.get("shot", 5)).resolved()))
+    free = ("resume", "device", "cache", "out", "tensorboard", "full", "mode")
+    diff = [k for k in want if k not in free and rec.get(k, defaults.get(k)) != want[k]]
+    return diff + identity_diff(rec.get("cache_identity") or {}, ident) if rec.get("cache_identity") else diff
+
+
+def trained_methods(methods) -> list[str]:
+    """The methods of ``methods`` compare trains (registered heads with parameters), in order."""
+    return [m for m in methods if _trained(m)]
+
+
+def _names(cfg: CompareConfig, out: Path, trained: list[str]) -> dict[tuple[str, int, int], str]:
+    """Each trained (method, shot, seed index)'s run name (:func:`run_name`); seed 0 keeps the run an earlier
+    comparison with another number of seeds trained (``mdmf_1shot`` or ``mdmf_1shot_seed0``)."""
+    names = {}
+    for method in trained:
+        for shot in cfg.shots:
+            for i in range(cfg.seeds):
+                name = run_name(method, shot, i, cfg.seeds)
+                other = run_name(method, shot, i, 1 if cfg.seeds > 1 else 2)
+                if i == 0 and not (out / "runs" / name).exists() and (out / "runs" / other).exists():
+                    name = other
+                names[method, shot, i] = name
+    return names
+
+
+def _score_files(cfg: CompareConfig, out: Path, trained: list[str], names, kept) -> list[tuple[tuple, Path]]:
+    """Every score file of the comparison, keyed (method, shot, seed index or None, checkpoint episodes or None):
+    ``scores/<method>_<K>shot[_<Q>queries].npy`` of an untrained method, ``scores/<run>[...].npy`` of each trained
+    run, and with ``test_selected`` ``scores/checkpoints/<run>/ep*.npy`` (``kept(method, shot, i)``: the runs'
+    kept checkpoints as (episodes, path in the run))."""
+    files = []
+    for method in cfg.methods:
+        for shot in cfg.shots:
+            q = test_queries(method, shot)
+            suffix = f"_{q}queries" if q != 1 else ""
+            if method not in trained:
+                files.append(((method, shot, None, None), out / "scores" / f"{method}_{shot}shot{suffix}.npy"))
+                continue
+            for i in range(cfg.seeds):
+                name = names[method, shot, i] + suffix
+                files.append(((method, shot, i, None), out / "scores" / f"{name}.npy"))
+                if cfg.test_selected:
+                    files += [((method, shot, i, e), out / "scores" / "checkpoints" / name / f"ep{e:07d}.npy")
+                              for e, _ in kept(method, shot, i)]
+    return files
+
+
+def _assemble(cfg: CompareConfig, files, arrays: dict[Path, np.ndarray]):
+    """The per-(method, shot) accuracies ``(S, E)`` and the test-selected numbers from the score files."""
+    accs: dict[tuple[str, int], Any] = {}
+    per_seed: dict[tuple[str, int], dict[int, np.ndarray]] = {}
+    selected: dict[tuple[str, int], list[dict[int, float]]] = {}
+    for (method, shot, i, e), path in files:
+        a = arrays[path]
+        if i is None:
+            accs[method, shot] = a[None]  # (1, E): no training seed
+        elif e is None:
+            per_seed.setdefault((method, shot), {})[i] = a
+        else:
+            selected.setdefault((method, shot), [{} for _ in range(cfg.seeds)])[i][e] = float(a.mean())
+    accs.update({key: np.stack([v[i] for i in sorted(v)]) for key, v in per_seed.items()})
+    return accs, selected
+
+
+def _config_from(saved: dict[str, Any]) -> CompareConfig:
+    names = {f.name for f in dataclasses.fields(CompareConfig)}
+    kw = {k: v for k, v in saved.items() if k in names}
+    return CompareConfig(**{**kw, "methods": tuple(kw.get("methods", ())), "shots": tuple(kw.get("shots", ()))})
+
+
 def run(cfg: CompareConfig, progress: bool = True, show: bool = True) -> dict[str, Any]:
     """Train (or tune) what is missing, score every method on the same episodes per shot, write the tables (and, with
     ``show``, print the table)."""
-    from mdmf_cache.device import resolve_device
+    from mdmf_cache.clip.backbone import weights_id
     from mdmf_cache.configs import TrainConfig
     from mdmf_cache.data.episodes import EpisodeSampler, Episodes
+    from mdmf_cache.device import resolve_device
     from mdmf_cache.evaluation.scoring import episode_list, score
-    from mdmf_cache.fileio import atomic_write_json
+    from mdmf_cache.fileio import atomic_write_json, process_lock
     from mdmf_cache.heads.factory import load_run
     from mdmf_cache.store.cache import CacheStore
     from mdmf_cache.store.read import load_split_features
+    from mdmf_cache.store.runs import cache_identity
     from mdmf_cache.sweeps.study import plan
 
     # 1. everything checked before anything is written
@@ -284,31 +429,48 @@ def run(cfg: CompareConfig, progress: bool = True, show: bool = True) -> dict[st
     store = CacheStore(cfg.cache)
     if not store.is_complete():
         raise ConfigError(f"{cfg.cache} is not complete; rerun the same 'mdmf-cache extract' command to finish it")
-    trained = [m for m in cfg.methods if _trained(m)]
+    ident = _json(cache_identity(cfg.cache))
+    trained = trained_methods(cfg.methods)
+    names = _names(cfg, out, trained)
     tcfgs = {}  # (method, shot, seed index) -> its run's config (with a sweep: seeds >= 1 only, made after it)
     for method in trained:
         for shot in cfg.shots:
             for i in range(cfg.seeds):
-                name = run_name(method, shot, i, cfg.seeds)
-                tcfg = TrainConfig(cache=cfg.cache, out=str(out / "runs" / name), method=method, way=cfg.way,
-                                   shot=shot, seed=cfg.seed + i, device=cfg.device,
-                                   keep_checkpoints=cfg.test_selected, **cfg.train)
-                tcfg.validate()
+                tcfg = TrainConfig(cache=cfg.cache, out=str(out / "runs" / names[method, shot, i]), method=method,
+                                   way=cfg.way, shot=shot, seed=cfg.seed + i, device=cfg.device,
+                                   keep_checkpoints=cfg.test_selected, preset=cfg.preset.get(method),
+                                   train_shot=cfg.train_shot, heads=dict(cfg.head_opts.get(method, {})), **cfg.train)
+                try:
+                    tcfg.validate()
+                except ConfigError as e:
+                    raise ConfigError(f"{method}: {e}") from e
                 if not cfg.sweep:
                     tcfgs[method, shot, i] = tcfg
     scfgs = {(m, k): sweep_config(cfg, m, k) for m in trained for k in cfg.shots} if cfg.sweep else {}
     for scfg in scfgs.values():
         plan(scfg)  # the head's default space, every corner of it a valid config; nothing written
     queries = {(m, k): test_queries(m, k) for m in cfg.methods for k in cfg.shots}
-    saved = json.loads(json.dumps(asdict(cfg)))
+    saved = {**_json(asdict(cfg)), "cache_identity": ident}
     old = out / "compare_config.json"
     if old.is_file():
-        before = json.loads(old.read_text())
-        added = {"sweep": 0, "seeds": 1, "test_selected": False}  # fields newer than some saved comparisons
-        diff = sorted(k for k in saved if k not in ("device",) and before.get(k, added.get(k)) != saved[k])
+        try:
+            before = json.loads(old.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{old} is damaged ({e}); restore it, or choose another --out") from e
+        if before.get("cache_identity"):
+            diff = identity_diff(before["cache_identity"], ident)
+            if diff:
+                raise ConfigError(f"{out} holds a comparison made on another cache ({'; '.join(diff)}); rerun it on "
+                                  "the cache it was made with, or choose another --out")
+        diff = changed_settings(before, saved)
         if diff:
-            raise ConfigError(f"{out} holds a comparison made with other {', '.join(diff)}; rerun it as it was "
-                              "(it goes on where it stopped) or choose another --out")
+            raise ConfigError(f"{out} holds a comparison made with other {', '.join(diff)}; rerun it with those "
+                              "(another method, shot, seed count or --reference is added to it), or choose another --out")
+    for (method, shot, i), tcfg in tcfgs.items():  # a run already there must be the one this comparison asks for
+        diff = _run_changed(tcfg, ident)
+        if diff:
+            raise ConfigError(f"{out}: its {method} {shot}-shot run {tcfg.out} was trained with other "
+                              f"{'; '.join(diff)}; rerun the comparison as it was, or choose another --out")
     check_episodes(cfg, tcfgs)
     device = resolve_device(cfg.device)
     split = load_split_features(cfg.cache, cfg.split, device=str(device))
@@ -316,92 +478,172 @@ def run(cfg: CompareConfig, progress: bool = True, show: bool = True) -> dict[st
     for shot, q in sorted({(k, q) for (_, k), q in queries.items()}):
         sampler.check(cfg.way, shot, q, split=cfg.split)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(old, saved)
-    (out / "scores").mkdir(exist_ok=True)
+    with process_lock(out / ".compare.lock",
+                      busy=lambda holder: ConfigError(f"another compare ({holder}) is writing {out}; wait for it to "
+                                                      "finish, then rerun the same command (it does only what is "
+                                                      "missing), or choose another --out"),
+                      unwritable=lambda e: ConfigError(f"cannot write {out} ({e.strerror}): choose an --out on "
+                                                       "writable storage")):
+        atomic_write_json(old, saved)
+        (out / "scores").mkdir(exist_ok=True)
 
-    # 2. one seeded episode list per shot (and per other number of queries a transductive head is tested with)
-    lists = {}
-    for shot, q in sorted({(k, q) for (_, k), q in queries.items()}):
-        eps = episode_list(split, cfg.way, shot, q, cfg.test_episodes, cfg.seed)
-        path = out / _list_name(cfg.way, shot, q)
-        if path.is_file():
-            kept = Episodes.load(path)
-            if not all(np.array_equal(getattr(kept, f), getattr(eps, f)) for f in Episodes.__dataclass_fields__):
-                raise ConfigError(f"{path} is not this cache's episode list any more (the test split changed); "
-                                  "use another --out")
-        else:
-            _save_episodes(eps, path)
-        lists[shot, q] = eps
+        # 2. one seeded episode list per shot (and per other number of queries a transductive head is tested with)
+        lists = {}
+        for shot, q in sorted({(k, q) for (_, k), q in queries.items()}):
+            eps = episode_list(split, cfg.way, shot, q, cfg.test_episodes, cfg.seed)
+            path = out / _list_name(cfg.way, shot, q)
+            if path.is_file():
+                kept = Episodes.load(path)
+                if not all(np.array_equal(getattr(kept, f), getattr(eps, f)) for f in Episodes.__dataclass_fields__):
+                    raise ConfigError(f"{path} is not this cache's episode list any more (the test split changed); "
+                                      "use another --out")
+            else:
+                _save_episodes(eps, path)
+            lists[shot, q] = eps
 
-    # 3. train (or tune on val) what is not finished; resume what was interrupted
-    runs = {key: tcfg.out for key, tcfg in tcfgs.items()}
-    tuned: dict[tuple[str, int], dict[str, Any]] = {}
-    for method in trained:
-        for shot in cfg.shots:
-            if cfg.sweep:  # the best trial's run is seed 0; the others train its config again with their seeds
-                tuned[method, shot] = _tune(scfgs[method, shot], progress)
-                runs[method, shot, 0] = tuned[method, shot]["run"]
-                for i in range(1, cfg.seeds):
-                    tcfgs[method, shot, i] = _retrain(tuned[method, shot]["run"],
-                                                      out / "runs" / run_name(method, shot, i, cfg.seeds),
-                                                      cfg.seed + i, cfg.device)
-                    runs[method, shot, i] = tcfgs[method, shot, i].out
-            for i in range(cfg.seeds):
-                if (method, shot, i) in tcfgs:
-                    _train_or_reuse(tcfgs[method, shot, i], f"{method} {shot}-shot seed {cfg.seed + i}", progress)
+        # 3. train (or tune on val) what is not finished; resume what was interrupted
+        runs = {key: tcfg.out for key, tcfg in tcfgs.items()}
+        tuned: dict[tuple[str, int], dict[str, Any]] = {}
+        for method in trained:
+            for shot in cfg.shots:
+                if cfg.sweep:  # the best trial's run is seed 0; the others train its config again with their seeds
+                    tuned[method, shot] = _tune(scfgs[method, shot], progress)
+                    runs[method, shot, 0] = tuned[method, shot]["run"]
+                    for i in range(1, cfg.seeds):
+                        tcfgs[method, shot, i] = _retrain(tuned[method, shot]["run"],
+                                                          out / "runs" / names[method, shot, i],
+                                                          cfg.seed + i, cfg.device)
+                        runs[method, shot, i] = tcfgs[method, shot, i].out
+                for i in range(cfg.seeds):
+                    if (method, shot, i) in tcfgs:
+                        _train_or_reuse(tcfgs[method, shot, i], f"{method} {shot}-shot seed {cfg.seed + i}", progress)
+        if cfg.sweep:
+            atomic_write_json(out / "tuned.json", {f"{m}:{k}": _json(best) for (m, k), best in tuned.items()})
 
-    # 4. scores on the saved lists: best.pt (chosen on val) of every run, and with test_selected every checkpoint
-    accs: dict[tuple[str, int], np.ndarray] = {}  # (seeds or 1, E) per (method, shot)
-    selected: dict[tuple[str, int], list[dict[int, float]]] = {}  # per seed: episodes -> test accuracy %
-
-    def scored(path: Path, method: str, eps, run_dir: str | None, checkpoint: str = "best.pt") -> np.ndarray:
-        if path.is_file():
-            return np.load(path)
-        model = load_run(run_dir, str(device), checkpoint=checkpoint)[0] if run_dir is not None else None
-        acc = score(method, split, eps, model, cfg.seed).episode_acc * 100
-        _save_scores(acc, path)
-        return acc
-
-    for method in cfg.methods:
-        for shot in cfg.shots:
+        # 4. scores on the saved lists: best.pt (chosen on val) of every run, and with test_selected every checkpoint;
+        #    a score is reused only when its record (cache identity, list, seed, weights) is this comparison's
+        files = _score_files(cfg, out, trained, names, lambda m, k, i: kept_checkpoints(runs[m, k, i]))
+        ckpts = {(m, k, i): dict(kept_checkpoints(runs[m, k, i])) for m, k, i in runs} if cfg.test_selected else {}
+        todo, arrays, records = [], {}, {}
+        for (method, shot, i, e), path in files:
             q = queries[method, shot]
-            eps, suffix = lists[shot, q], (f"_{q}queries" if q != 1 else "")
-            if method not in trained:
-                path = out / "scores" / f"{method}_{shot}shot{suffix}.npy"
-                accs[method, shot] = scored(path, method, eps, None)[None]  # (1, E): no training seed
-                continue
-            per_seed = []
-            for i in range(cfg.seeds):
-                name = run_name(method, shot, i, cfg.seeds) + suffix
-                per_seed.append(scored(out / "scores" / f"{name}.npy", method, eps, runs[method, shot, i]))
-                if cfg.test_selected:
-                    folder = out / "scores" / "checkpoints" / name
-                    folder.mkdir(parents=True, exist_ok=True)
-                    selected.setdefault((method, shot), []).append(
-                        {e: float(scored(folder / f"ep{e:07d}.npy", method, eps, runs[method, shot, i], ckpt).mean())
-                         for e, ckpt in kept_checkpoints(runs[method, shot, i])})
-            accs[method, shot] = np.stack(per_seed)
+            run_dir = runs[method, shot, i] if i is not None else None
+            ckpt = "best.pt" if e is None else ckpts[method, shot, i][e]
+            records[path] = {"method": method, "episodes": _list_name(cfg.way, shot, q), "seed": cfg.seed,
+                             "run": Path(run_dir).name if run_dir else None, "checkpoint": ckpt if run_dir else None,
+                             "weights": weights_id(str(Path(run_dir) / ckpt)) if run_dir else None,
+                             "cache_identity": ident}
+            rec = path.with_suffix(".json")
+            if path.is_file() and rec.is_file() and _read_record(rec) == records[path]:
+                arrays[path] = np.load(path)
+            else:
+                todo.append(((method, shot, i, e), path, run_dir, ckpt))
+        bar = make_progress("episodes") if progress and todo else None
+        task = bar.add_task("scoring", total=sum(len(lists[k, queries[m, k]]) for (m, k, _, _), *_ in todo)) \
+            if bar else None
+        if bar:
+            bar.start()
+        try:
+            for (method, shot, i, e), path, run_dir, ckpt in todo:
+                if bar:
+                    bar.update(task, description=f"scoring {method} {shot}-shot" + (f" seed {i}" if cfg.seeds > 1
+                                                                                     and i is not None else ""))
+                model = load_run(run_dir, str(device), checkpoint=ckpt)[0] if run_dir is not None else None
+                acc = score(method, split, lists[shot, queries[method, shot]], model, cfg.seed,
+                            on_batch=(lambda n: bar.advance(task, n)) if bar else None).episode_acc * 100
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _save_scores(acc, path)
+                atomic_write_json(path.with_suffix(".json"), records[path])  # after the scores: a kill between rescores
+                arrays[path] = acc
+        finally:
+            if bar:
+                bar.stop()
+        accs, selected = _assemble(cfg, files, arrays)
 
-    # 5. tables and the figure
-    fp = store.fingerprint.get("video") or {}
-    rows = table_rows(cfg, accs, fp.get("dataset", ""), fp.get("model", ""), tuned, selected)
-    notes = table_notes(cfg, rows)
-    write_tables(out, rows, cfg.shots, sweep=cfg.sweep, seeds=cfg.seeds, test_selected=cfg.test_selected, notes=notes)
-    from mdmf_cache.report.plots import compare_figure, plot_safely
+        # 5. tables and the figure
+        fp = store.fingerprint.get("video") or {}
+        rows = table_rows(cfg, accs, fp.get("dataset", ""), fp.get("model", ""), tuned, selected)
+        notes = table_notes(cfg, rows)
+        write_tables(out, rows, cfg.shots, sweep=cfg.sweep, seeds=cfg.seeds, test_selected=cfg.test_selected,
+                     notes=notes)
+        from mdmf_cache.report.plots import compare_figure, plot_safely
+
+        plot_safely(compare_figure, rows, cfg.shots, out / "table.png",
+                    f"{fp.get('dataset', '')} {fp.get('model', '')}: " + _title(cfg))
+    if show:
+        _print_table(cfg, rows, notes, out)
+    return {"rows": rows, "out": str(out)}
+
+
+def _read_record(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a damaged record: the scores are made again
+
+
+def _title(cfg: CompareConfig) -> str:
+    title = f"{cfg.way}-way, {cfg.test_episodes} identical test episodes per shot"
+    return title + (f", {cfg.seeds} training seeds" if cfg.seeds > 1 else "")
+
+
+def _print_table(cfg: CompareConfig, rows: list[dict[str, Any]], notes: list[str], out: Path) -> None:
+    from rich.markup import escape
+
     from mdmf_cache.report.tables import console, print_compare
 
-    title = f"{cfg.way}-way, {cfg.test_episodes} identical test episodes per shot"
-    title += f", {cfg.seeds} training seeds" if cfg.seeds > 1 else ""
-    plot_safely(compare_figure, rows, cfg.shots, out / "table.png", f"{fp.get('dataset', '')} {fp.get('model', '')}: "
-                + title)
-    if show:
-        print_compare(rows, cfg.shots, title, seeds=cfg.seeds, sweep=0, test_selected=cfg.test_selected)
-        from rich.markup import escape
+    print_compare(rows, cfg.shots, _title(cfg), seeds=cfg.seeds, sweep=cfg.sweep, test_selected=cfg.test_selected)
+    for note in notes:
+        console.print(escape(note))
+    console.print(f"tables: {out}/table.md, table.tex, table.csv, table.png")
 
-        for note in notes:
-            console.print(escape(note))
-        console.print(f"tables: {out}/table.md, table.csv, table.png")
-    return {"rows": rows, "out": str(out)}
+
+def show(out: Path | str, show: bool = True) -> dict[str, Any]:
+    """A finished comparison's table again, from its files (``compare_config.json``, the score files, ``tuned.json``):
+    nothing is trained, scored or written, and neither the cache nor the original command line is needed.
+
+    Returns:
+        ``rows`` (as :func:`run` returned them), ``markdown`` (what ``table.md`` holds) and ``out``.
+
+    Raises:
+        ConfigError: ``out`` holds no comparison, or an unfinished one (a score file missing, named).
+    """
+    out = Path(out)
+    path = out / "compare_config.json"
+    if not path.is_file():
+        raise ConfigError(f"{out} holds no comparison (no compare_config.json); write: mdmf-cache compare show OUT, "
+                          "with OUT a compare --out")
+    try:
+        saved = json.loads(path.read_text())
+        cfg = _config_from(saved)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{path} is damaged ({e}); restore it, or rerun the comparison's command") from e
+    trained = trained_methods(cfg.methods)
+    names = {(m, k, i): n for (m, k, i), n in _names(cfg, out, trained).items()}
+
+    def kept(method: str, shot: int, i: int) -> list[tuple[int, str]]:
+        q = test_queries(method, shot)
+        folder = out / "scores" / "checkpoints" / (names[method, shot, i] + (f"_{q}queries" if q != 1 else ""))
+        return [(int(p.stem[2:]), p.name) for p in sorted(folder.glob("ep*.npy"))] or [(0, "")]
+
+    files = _score_files(cfg, out, trained, names, kept)
+    missing = [p for _, p in files if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{out} is not finished ({len(missing)} score file(s) missing, e.g. {missing[0]}); rerun its "
+                          "compare command: it does only what is missing")
+    accs, selected = _assemble(cfg, files, {p: np.load(p) for _, p in files})
+    tuned = {}
+    if cfg.sweep and (out / "tuned.json").is_file():
+        tuned = {(m, int(k)): v for key, v in json.loads((out / "tuned.json").read_text()).items()
+                 for m, k in [key.rsplit(":", 1)]}
+    fp = ((saved.get("cache_identity") or {}).get("fingerprint") or {}).get("video") or {}
+    rows = table_rows(cfg, accs, fp.get("dataset", ""), fp.get("model", ""), tuned, selected)
+    notes = table_notes(cfg, rows)
+    if show:
+        _print_table(cfg, rows, notes, out)
+    return {"rows": rows, "out": str(out), "markdown": markdown_table(rows, cfg.shots, sweep=cfg.sweep,
+                                                                      seeds=cfg.seeds, test_selected=cfg.test_selected,
+                                                                      notes=notes)}
 
 
 def _save_episodes(eps, path: Path) -> None:
@@ -547,16 +789,11 @@ def table_notes(cfg: CompareConfig, rows: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def write_tables(out: Path, rows: list[dict[str, Any]], shots: tuple[int, ...], sweep: int = 0, seeds: int = 1,
-                 test_selected: bool = False, notes: list[str] | tuple[str, ...] = ()) -> None:
-    """``table.csv`` (every number) and ``table.md`` (the paper's layout: one row per method, a column per shot;
-    with several ``seeds`` the spread over seeds and the per-seed differences; after a ``sweep`` of that many
-    trials, a column with each tuned method's best trial's parameters per shot; with ``test_selected`` the
-    test-selected accuracy and its gap), then ``notes``."""
-    from mdmf_cache.fileio import atomic_write_csv, atomic_write_text
+def markdown_table(rows: list[dict[str, Any]], shots: tuple[int, ...], sweep: int = 0, seeds: int = 1,
+                   test_selected: bool = False, notes: list[str] | tuple[str, ...] = ()) -> str:
+    """What ``table.md`` holds (:func:`write_tables`)."""
     from mdmf_cache.report.tables import compare_layout
 
-    atomic_write_csv(out / "table.csv", rows)
     head, body = compare_layout(rows, shots, digits=2, seeds=seeds, sweep=sweep, test_selected=test_selected)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
@@ -568,4 +805,56 @@ def write_tables(out: Path, rows: list[dict[str, Any]], shots: tuple[int, ...], 
                  "(sweeps/METHOD_Kshot); its best trial's run is what is scored here (with several seeds its seed 0; the "
                  "other seeds train its config again), and the column 'tuned on val' gives that trial's parameters.\n")
     note += "".join(f"\n{n}\n" for n in notes)
-    atomic_write_text(out / "table.md", "\n".join(lines) + "\n" + note)
+    return "\n".join(lines) + "\n" + note
+
+
+def _tex(text: str) -> str:
+    return "".join({"_": r"\_", "&": r"\&", "%": r"\%", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}"}.get(c, c)
+                   for c in text)
+
+
+def latex_table(rows: list[dict[str, Any]], shots: tuple[int, ...], digits: int = 1) -> str:
+    """``table.tex``: a booktabs tabular of the accuracy (mean $\\pm$ 95% CI) per shot, the best mean of each shot
+    in bold, then the difference to the reference per shot; a transductive method marked $^\\dagger$, a difference
+    between a transductive and an inductive method $^\\ddagger$, an unpaired one (u). Needs ``\\usepackage{booktabs}``.
+    The other columns (seed spread, reported numbers, tuned parameters, test-selected) are in table.md and table.csv."""
+    f = f"{{:.{digits}f}}"
+    best = {k: max((r[f"{k}shot"] for r in rows), default=None) for k in shots}
+    lines = ["% mdmf-cache compare: accuracy in %, mean +- 95% CI over the same seeded test episodes; best mean per shot "
+             "in bold; Delta: the paired difference to the reference method. Needs \\usepackage{booktabs}.",
+             "% The other columns (seed spread, reported numbers, tuned parameters, test-selected accuracy) and the "
+             "notes: table.md; every number: table.csv.",
+             r"\begin{tabular}{l" + "r" * (2 * len(shots)) + "}", r"\toprule",
+             " & ".join(["Method", *(f"{k}-shot" for k in shots), *(f"$\\Delta$ {k}-shot" for k in shots)]) + r" \\",
+             r"\midrule"]
+    for r in rows:
+        cells = [_tex(r["method"]) + (r"$^\dagger$" if r.get("transductive") else "")]
+        for k in shots:
+            text = f"{f.format(r[f'{k}shot'])} $\\pm$ {f.format(r[f'{k}shot_ci95'])}"
+            if r[f"{k}shot"] == best[k]:
+                best[k] = None  # one bold per column: the first of a tie
+                text = r"\textbf{" + text + "}"
+            cells.append(text)
+        mark = r"$^\ddagger$" if r.get("vs_ref_transductive_inductive") else ""
+        for k in shots:
+            if f"{k}shot_diff" not in r:
+                cells.append("(ref)")
+                continue
+            unpaired = " (u)" if not r.get(f"{k}shot_diff_paired", True) else ""
+            cells.append(f"${r[f'{k}shot_diff']:+.{digits}f} \\pm {f.format(r[f'{k}shot_diff_ci95'])}${unpaired}{mark}")
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(out: Path, rows: list[dict[str, Any]], shots: tuple[int, ...], sweep: int = 0, seeds: int = 1,
+                 test_selected: bool = False, notes: list[str] | tuple[str, ...] = ()) -> None:
+    """``table.csv`` (every number), ``table.md`` (the paper's layout: one row per method, a column per shot;
+    with several ``seeds`` the spread over seeds and the per-seed differences; after a ``sweep`` of that many
+    trials, a column with each tuned method's best trial's parameters per shot; with ``test_selected`` the
+    test-selected accuracy and its gap), then ``notes``; ``table.tex`` (:func:`latex_table`)."""
+    from mdmf_cache.fileio import atomic_write_csv, atomic_write_text
+
+    atomic_write_csv(out / "table.csv", rows)
+    atomic_write_text(out / "table.md", markdown_table(rows, shots, sweep, seeds, test_selected, notes))
+    atomic_write_text(out / "table.tex", latex_table(rows, shots))

@@ -275,11 +275,11 @@ def test_compare_over_seeds_resumes_only_the_missing_run_and_reports_spread_and_
     assert f"{rows['mdmf']['1shot_test_selected']:.2f} (" in md[2]
     assert "Training seeds" in "\n".join(md) and "ON TEST" in "\n".join(md)
 
-    # again: nothing trained, nothing scored; other seeds into the same --out are refused
+    # again: nothing trained, nothing scored; without --test-selected into the same --out: refused, named
     monkeypatch.setattr(training, "run", lambda *a, **k: pytest.fail("trained again"))
     assert run_compare(cfg, progress=False)["rows"] == res["rows"]
-    with pytest.raises(ConfigError, match="other seeds"):
-        run_compare(CompareConfig(**{**cfg.__dict__, "seeds": 3}), progress=False)
+    with pytest.raises(ConfigError, match="other test_selected"):
+        run_compare(CompareConfig(**{**cfg.__dict__, "test_selected": False}), progress=False)
 
 
 @pytest.mark.integration
@@ -334,3 +334,171 @@ def test_the_released_transductive_heads_are_marked_and_seedless_rows_show_no_sp
     otam = next(line for line in md.splitlines() if line.startswith("| otam |"))
     assert otam.split(" | ")[3:5] == ["-", "-"]  # no training seed: no spread
     assert "+0.00 ± 0.00 ‡" in md  # clip-mei (transductive) against mdmf (inductive)
+
+
+# ---- a comparison bound to its cache, found by its folder, shown again, extended ----------------------------------
+
+BASE = {"methods": ("protonet", "tsn"), "reference": "protonet", "shots": (1,), "test_episodes": 20}
+
+
+def _count_scores(monkeypatch) -> list[str]:
+    import mdmf_cache.evaluation.scoring as evaluation
+
+    real, scored = evaluation.score, []
+    monkeypatch.setattr(evaluation, "score", lambda m, *a, **k: scored.append(m) or real(m, *a, **k))
+    return scored
+
+
+def test_a_cache_re_extracted_with_other_prompts_is_refused_naming_the_prompt(demo_cache, demo_videos, tmp_path):
+    import shutil
+
+    from mdmf_cache.configs import ExtractConfig
+    from mdmf_cache.extraction.build import run_extract
+
+    shutil.copytree(demo_cache.parent, tmp_path / "cache")
+    cache = tmp_path / "cache" / demo_cache.name
+    out = tmp_path / "cmp"
+    cfg = CompareConfig(cache=str(cache), out=str(out), **BASE)
+    run_compare(cfg, progress=False, show=False)
+    saved = json.loads((out / "compare_config.json").read_text())
+    record = json.loads((out / "scores" / "tsn_1shot.json").read_text())
+    assert saved["cache_identity"] == record["cache_identity"] and record["episodes"] == "episodes_5way_1shot.npz"
+    assert saved["cache_identity"]["fingerprint"]["text"]["prompt_template"] == "a photo of {}"
+    # the text embeddings only, in place (as test_extract's test_changed_prompt_recomputes_text_only)
+    run_extract(ExtractConfig(dataset="folder", root=str(demo_videos), cache_dir=str(tmp_path / "cache"), name="demo",
+                              model="mdmf-tiny-vit", pretrained=None, train_views=2, flip=False, workers=0,
+                              chunk_rows=16, progress=False, clean_names=True, prompt_template="a video of {}"))
+    table = (out / "table.md").read_text()
+    with pytest.raises(ConfigError) as e:
+        run_compare(cfg, progress=False, show=False)
+    msg = str(e.value)
+    assert "another cache" in msg and "text.prompt_template: 'a photo of {}' then, 'a video of {}' now" in msg
+    assert len(msg.splitlines()) == 1 and (out / "table.md").read_text() == table  # nothing rewritten
+
+
+def test_out_spelled_otherwise_or_moved_is_the_same_comparison_and_show_gives_its_table(demo_cache, tmp_path,
+                                                                                        monkeypatch, cli_runner):
+    import pipelines.compare as compare
+    from pipelines.compare import show
+
+    bars = []
+    real_bar = compare.make_progress
+    monkeypatch.setattr(compare, "make_progress", lambda *a: bars.append(real_bar(*a)) or bars[-1])
+    monkeypatch.chdir(tmp_path)
+    first = run_compare(CompareConfig(cache=str(demo_cache), out="cmp", **BASE), progress=True, show=False)
+    (task,) = bars[0].tasks  # one bar over every score to make: 2 methods x 20 episodes
+    assert task.total == task.completed == 40
+    scored = _count_scores(monkeypatch)
+    for out in (str(tmp_path / "cmp"), "./cmp/"):
+        assert run_compare(CompareConfig(cache=str(demo_cache), out=out, **BASE), progress=False,
+                           show=False)["rows"] == first["rows"]
+    (tmp_path / "cmp").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path.parent)
+    again = run_compare(CompareConfig(cache=str(demo_cache), out=str(tmp_path / "moved"), **BASE), progress=False,
+                        show=False)
+    assert again["rows"] == first["rows"] and scored == []  # nothing scored again
+
+    shown = show(tmp_path / "moved", show=False)
+    assert shown["rows"] == first["rows"]
+    assert shown["markdown"] == (tmp_path / "moved" / "table.md").read_text()
+    res = cli_runner.invoke(__import__("cli").app, ["compare", "show", str(tmp_path / "moved")])
+    assert res.exit_code == 0 and "protonet" in res.output and "tsn" in res.output, res.output
+    with pytest.raises(ConfigError, match="holds no comparison"):
+        show(tmp_path)
+    (tmp_path / "moved" / "scores" / "tsn_1shot.npy").unlink()
+    with pytest.raises(ConfigError, match=r"is not finished \(1 score file\(s\) missing"):
+        show(tmp_path / "moved")
+
+
+@pytest.mark.integration
+def test_a_finished_comparison_extended_trains_and_scores_only_what_is_new(demo_cache, tmp_path, monkeypatch):
+    out = tmp_path / "ext"
+    base = {"cache": str(demo_cache), "out": str(out), "train": TRAIN, "test_episodes": 20}
+    run_compare(CompareConfig(methods=("mdmf", "protonet"), reference="protonet", shots=(1,), **base), progress=False,
+                show=False)
+    calls = _killed_at_the_second_training(monkeypatch)  # records the runs trained; none is killed here
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "scores").glob("*.npy")}
+    cfg = CompareConfig(methods=("mdmf", "otam", "protonet"), reference="otam", shots=(1, 2), **base)
+    rows = {r["method"]: r for r in run_compare(cfg, progress=False, show=False)["rows"]}
+    assert calls == [str(out / "runs" / "mdmf_2shot")]  # mdmf 1-shot reused
+    now = {p.name: p.stat().st_mtime_ns for p in (out / "scores").glob("*.npy")}
+    assert {k: now[k] for k in stamps} == stamps  # the finished scores kept; the new method's and shot's made
+    assert sorted(set(now) - set(stamps)) == ["mdmf_2shot.npy", "otam_1shot.npy", "otam_2shot.npy",
+                                              "protonet_2shot.npy"]
+    assert "1shot_diff" not in rows["otam"] and "1shot_diff" in rows["mdmf"]  # the new reference
+
+    calls.clear()  # another training seed: only seed 1 (seed 0 is the one-seed run mdmf_1shot)
+    seeds = CompareConfig(**{**cfg.__dict__, "shots": (1,), "seeds": 2})
+    rows = {r["method"]: r for r in run_compare(seeds, progress=False, show=False)["rows"]}
+    assert calls == [str(out / "runs" / "mdmf_1shot_seed1")] and "1shot_seed_std" in rows["mdmf"]
+
+    for kw, needle in (({"test_episodes": 30}, "other test_episodes"), ({"train": {**TRAIN, "lr": 1e-2}}, "other train"),
+                       ({"head_opts": {"mdmf": {"heads": 4}}}, "other head_opts of mdmf"),
+                       ({"preset": {"mdmf": "reference"}}, "other preset of mdmf")):
+        with pytest.raises(ConfigError, match=needle):
+            run_compare(CompareConfig(**{**cfg.__dict__, **kw}), progress=False, show=False)
+    # mdmf left out, then back with another preset: its finished run refuses it, named
+    run_compare(CompareConfig(**{**cfg.__dict__, "methods": ("otam", "protonet")}), progress=False, show=False)
+    with pytest.raises(ConfigError, match=r"mdmf 1-shot run .* was trained with other preset"):
+        run_compare(CompareConfig(**{**cfg.__dict__, "preset": {"mdmf": "reference"}}), progress=False, show=False)
+
+
+def test_preset_train_shot_and_head_options_reach_the_trained_methods(demo_cache, tmp_path, monkeypatch, cli_runner):
+    import cli
+    import pipelines.compare as compare
+    import pipelines.train as training
+
+    seen = []
+
+    def train(tcfg, **kw):
+        seen.append(tcfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "run", train)
+    cfg = CompareConfig(cache=str(demo_cache), out=str(tmp_path / "c"), methods=("mdmf", "otam"), reference="otam",
+                        shots=(1,), train=TRAIN, test_episodes=20, preset={"mdmf": "reference"}, train_shot=2,
+                        head_opts={"mdmf": {"heads": 4}})
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cfg, progress=False, show=False)
+    (t,) = seen
+    assert (t.method, t.preset, t.train_shot, t.heads) == ("mdmf", "reference", 2, {"heads": 4})
+    for kw, needle in (({"head_opts": {"otam": {"x": 1}}}, "--head-opt otam:...: otam is not trained here"),
+                       ({"head_opts": {"trx": {"x": 1}}}, "--head-opt trx:...: trx is not among --methods"),
+                       ({"preset": {"mdmf": "nope"}}, "--preset 'nope'")):
+        with pytest.raises(ConfigError, match=needle):
+            run_compare(CompareConfig(**{**cfg.__dict__, "out": str(tmp_path / "d"), **kw}), progress=False)
+        assert not (tmp_path / "d").exists()
+
+    got = []  # the CLI: typed as train's --head-opt, a bare --preset for every trained method
+    monkeypatch.setattr(compare, "run", lambda c, **k: got.append(c))
+    args = ["compare", str(demo_cache), "--methods", "mdmf,otam", "--reference", "otam", "--out", str(tmp_path / "e")]
+    res = cli_runner.invoke(cli.app, [*args, "--preset", "reference", "--train-shot", "2", "--head-opt",
+                                      "mdmf:heads=4", "--head-opt", "mdmf:pps=false"])
+    assert res.exit_code == 0, res.output
+    assert got[0].preset == {"mdmf": "reference"} and got[0].train_shot == 2
+    assert got[0].head_opts == {"mdmf": {"heads": 4, "pps": False}}
+    res = cli_runner.invoke(cli.app, [*args, "--head-opt", "trx:heads=4"])
+    assert res.exit_code == 2 and "trx: not among --methods" in res.output
+
+
+def test_table_tex_is_booktabs_with_one_bold_per_shot_and_the_marks_of_table_md(tmp_path):
+    from pipelines.compare import table_notes, write_tables
+
+    cfg = CompareConfig(methods=("mdmf", "clip-mei", "otam", "protonet"), shots=(1, 5), seeds=2)
+    accs = {(m, k): np.array([[50.0 + i, 60.0], [54.0, 62.0 + k]]) for i, m in enumerate(cfg.methods)
+            for k in cfg.shots}
+    rows = table_rows(cfg, accs, "ucf101", "my_model")
+    write_tables(tmp_path, rows, cfg.shots, seeds=2, test_selected=True, notes=table_notes(cfg, rows))
+    tex = (tmp_path / "table.tex").read_text().splitlines()
+    assert tex[0].startswith("% ") and "table.md" in tex[1] and "table.csv" in tex[1]
+    body = [line for line in tex if not line.startswith("%")]
+    assert body[0] == r"\begin{tabular}{lrrrr}" and body[-1] == r"\end{tabular}"
+    assert [body[1], body[3], body[-2]] == [r"\toprule", r"\midrule", r"\bottomrule"]
+    assert body[2] == r"Method & 1-shot & 5-shot & $\Delta$ 1-shot & $\Delta$ 5-shot \\"
+    cells = [line.removesuffix(r" \\").split(" & ") for line in body[4:-2]]
+    assert [c[0] for c in cells] == ["mdmf", r"clip-mei$^\dagger$", "otam", "protonet"]
+    assert all(len(c) == 5 for c in cells) and all(line.endswith(r" \\") for line in body[2:-2] if line != r"\midrule")
+    for col in (1, 2):  # the best mean of each shot, once: protonet
+        assert [c[col].startswith(r"\textbf{") for c in cells] == [False, False, False, True]
+    assert cells[0][3:] == ["(ref)", "(ref)"] and cells[1][3].endswith(r"$^\ddagger$")
+    assert "seeds" not in "\n".join(body) and "test-selected" not in "\n".join(body)  # those are table.md's
