@@ -231,8 +231,8 @@ class Run:
 
 def load_run(path: str | Path, device: str = "cpu") -> Run:
     """A finished run from its directory (``best.pt``, ``config.json``)."""
-    from mdmf_cache.heads.factory import load_run as load
+    from mdmf_cache.heads.factory import load_head
 
-    head, cfg = load(path, device)
+    head, cfg = load_head(path, device)
     return Run(Path(path), cfg, head)
 

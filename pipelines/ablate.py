@@ -92,7 +92,7 @@ def run(cfg: AblateConfig, progress: bool = True, show: bool = True) -> dict[str
     from mdmf_cache.evaluation.scoring import episode_list
     from mdmf_cache.device import resolve_device
     from mdmf_cache.configs import TrainConfig
-    from mdmf_cache.heads.factory import load_run
+    from mdmf_cache.heads.factory import load_head
     from mdmf_cache.store.runs import read_run_file
     from pipelines import train as train_recipe
     from mdmf_cache.store.read import load_split_features
@@ -143,7 +143,7 @@ def run(cfg: AblateConfig, progress: bool = True, show: bool = True) -> dict[str
     eps.save(out / f"episodes_{cfg.way}way_{cfg.shot}shot.npz")
     accs = {}
     for name, _, _ in arms:
-        model, _ = load_run(runs[name], str(device))
+        model, _ = load_head(runs[name], str(device))
         accs[name] = score(model.method, split, eps, model, cfg.seed).episode_acc * 100
     # 4. tables
     base = accs.get("full")

@@ -417,7 +417,7 @@ def run(cfg: CompareConfig, progress: bool = True, show: bool = True) -> dict[st
     from mdmf_cache.device import resolve_device
     from mdmf_cache.evaluation.scoring import episode_list, score
     from mdmf_cache.fileio import atomic_write_json, process_lock
-    from mdmf_cache.heads.factory import load_run
+    from mdmf_cache.heads.factory import load_head
     from mdmf_cache.store.cache import CacheStore
     from mdmf_cache.store.read import load_split_features
     from mdmf_cache.store.runs import cache_identity
@@ -548,7 +548,7 @@ def run(cfg: CompareConfig, progress: bool = True, show: bool = True) -> dict[st
                 if bar:
                     bar.update(task, description=f"scoring {method} {shot}-shot" + (f" seed {i}" if cfg.seeds > 1
                                                                                      and i is not None else ""))
-                model = load_run(run_dir, str(device), checkpoint=ckpt)[0] if run_dir is not None else None
+                model = load_head(run_dir, str(device), checkpoint=ckpt)[0] if run_dir is not None else None
                 acc = score(method, split, lists[shot, queries[method, shot]], model, cfg.seed,
                             on_batch=(lambda n: bar.advance(task, n)) if bar else None).episode_acc * 100
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from mdmf_cache.evaluation.baselines import BASELINES
 from mdmf_cache.evaluation.scoring import episode_list, score
 from mdmf_cache.extraction.eval_cache import full_run_cache
 from mdmf_cache.fileio import atomic_write_json, writing
-from mdmf_cache.heads.factory import load_run
+from mdmf_cache.heads.factory import load_head
 from mdmf_cache.progress import make_progress
 from mdmf_cache.report.plots import eval_figures, plot_safely
 from mdmf_cache.report.tables import print_eval
@@ -136,7 +136,7 @@ def _what_is_scored(cfg: EvalConfig, target: Path, device, progress: bool) -> tu
                                   "for identical episodes, or compare both in one table with mdmf-cache compare "
                                   f"CACHE --methods {run_method},{method}")
             method = run_method
-            model, _ = load_run(target, str(device))
+            model, _ = load_head(target, str(device))
             if cfg.pps_test and method == "mdmf":  # the same trained heads under the other test rule
                 model.cfg.pps_test = model.pps.test_rule = cfg.pps_test
         default_out = target / f"eval_{method}_{cfg.split}"

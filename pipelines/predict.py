@@ -38,7 +38,7 @@ from mdmf_cache.fileio import atomic_write_json, atomic_write_text
 from mdmf_cache.prediction.inputs import (PredictCache, find_queries, find_support, queries_among_supports, run_backbone,
                                           usable_supports)
 from mdmf_cache.report.tables import print_predictions
-from mdmf_cache.heads.factory import load_run
+from mdmf_cache.heads.factory import load_head
 from mdmf_cache.store.runs import check_identity, read_run_config, run_cache
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def run(cfg: PredictConfig, progress: bool = True, show: bool = True) -> dict[st
         log.warning("query %s is support %s of class %s (%s)%s: its prediction is no test of the run", q, v, c, how,
                     more)
     backbone = run_backbone(run_dir, run_cfg, cfg)
-    head, _ = load_run(run_dir, cfg.device)
+    head, _ = load_head(run_dir, cfg.device)
     if head_registry.get(head.method).transductive:
         log.warning("%s is transductive, but predict scores one query per episode: each answer is the head's with "
                     "that query alone (its released test episodes have one query per class), whatever else is "

@@ -82,7 +82,7 @@ def test_compare_sweep_tunes_on_val_scores_the_best_trial_and_resumes(demo_cache
     import pipelines.train as training
     from mdmf_cache.data.episodes import Episodes
     from mdmf_cache.evaluation.scoring import score
-    from mdmf_cache.heads.factory import load_run
+    from mdmf_cache.heads.factory import load_head
     from mdmf_cache.store.read import load_split_features
     from pipelines.compare import sweep_config
 
@@ -109,7 +109,7 @@ def test_compare_sweep_tunes_on_val_scores_the_best_trial_and_resumes(demo_cache
     assert all(t.user_attrs["config"]["shot"] == 1 and t.user_attrs["config"]["train_queries"] == 1 for t in complete)
     best = max(complete, key=lambda t: t.value)
     # the score is the best trial's best.pt on the saved test episodes
-    model = load_run(best.user_attrs["config"]["out"])[0]
+    model = load_head(best.user_attrs["config"]["out"])[0]
     eps = Episodes.load(out / "episodes_5way_1shot.npz")
     acc = score("mdmf", load_split_features(demo_cache, "test"), eps, model, cfg.seed).episode_acc * 100
     assert np.array_equal(np.load(out / "scores" / "mdmf_1shot.npy"), acc)
@@ -220,7 +220,7 @@ def test_compare_over_seeds_resumes_only_the_missing_run_and_reports_spread_and_
     import pipelines.train as training
     from mdmf_cache.data.episodes import Episodes
     from mdmf_cache.evaluation.scoring import score
-    from mdmf_cache.heads.factory import load_run
+    from mdmf_cache.heads.factory import load_head
     from mdmf_cache.store.read import load_split_features
 
     out = tmp_path / "seeds"
@@ -260,7 +260,7 @@ def test_compare_over_seeds_resumes_only_the_missing_run_and_reports_spread_and_
     for run, val_selected in zip(runs, mdmf):
         ckpts = sorted((run / "checkpoints").glob("ep*.pt"))
         assert [p.name for p in ckpts] == ["ep0000008.pt", "ep0000016.pt"]
-        test = [score("mdmf", split, eps, load_run(run, "cpu", checkpoint=f"checkpoints/{p.name}")[0]).mean * 100
+        test = [score("mdmf", split, eps, load_head(run, "cpu", checkpoint=f"checkpoints/{p.name}")[0]).mean * 100
                 for p in ckpts]
         best_on_test.append(max(test))
         assert max(test) >= val_selected.mean() - 1e-9  # best.pt is one of the checkpoints

@@ -113,7 +113,7 @@ def test_eval_of_a_full_run_reextracts_with_its_backbone(full_run, demo_videos, 
     from mdmf_cache.evaluation.scoring import episode_list
     from pipelines.evaluate import run as run_eval
     from mdmf_cache.extraction.embed import embed_split, find_videos, prompts_for
-    from mdmf_cache.heads.factory import load_run
+    from mdmf_cache.heads.factory import load_head
 
     cfg, _ = full_run
     out = Path(cfg.out)
@@ -128,7 +128,7 @@ def test_eval_of_a_full_run_reextracts_with_its_backbone(full_run, demo_videos, 
     encoder = FrameEncoder(bb.model).eval()
     split = embed_split(test, ecfg, Backbone(encoder.clip, bb.tokenizer, bb.dim, bb.device, "x", "x"),
                         bb.encode_texts(prompts_for(test, ecfg)))
-    head, _ = load_run(out, "cpu")
+    head, _ = load_head(out, "cpu")
     eps = episode_list(split, 5, 1, 1, 200, 0)
     mem = score("mdmf", split, eps, head, 0).summary()
     # the cache's rows and the in-memory ones are encoded in other batches (to a float16 step): one query at most

@@ -194,7 +194,7 @@ def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
     test_train.py checks val accuracy for MDMF with a longer run)."""
     from mdmf_cache.configs import TrainConfig
     from mdmf_cache.evaluation.scoring import episode_list
-    from mdmf_cache.heads.factory import build_model, load_run
+    from mdmf_cache.heads.factory import build_model, load_head
     from mdmf_cache.store.read import load_split_features
     from pipelines.train import run as run_train
 
@@ -207,7 +207,7 @@ def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
     untrained = build_model(None, train.features.shape[-1], train.features.shape[2], settings.get("heads", {}), method,
                             num_classes=train.num_classes, shot=2).eval()
     before = score(method, train, eps, untrained).mean * 100
-    after = score(method, train, eps, load_run(tmp_path / "r", "cpu")[0]).mean * 100
+    after = score(method, train, eps, load_head(tmp_path / "r", "cpu")[0]).mean * 100
     assert after > before + 2, (after, before)
 
 

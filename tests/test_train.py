@@ -17,7 +17,7 @@ from mdmf_cache.configs import EvalConfig
 from mdmf_cache.evaluation.scoring import episode_list  # noqa: E402
 from pipelines.evaluate import run as run_eval
 from mdmf_cache.configs import TrainConfig
-from mdmf_cache.heads.factory import build_model, load_run
+from mdmf_cache.heads.factory import build_model, load_head
 from pipelines.train import run as run_train  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def test_training_beats_untrained_and_protonet_on_val(demo_cache, tmp_path):
     res = _train(demo_cache, tmp_path / "run", episodes=200, episodes_per_step=16, val_every=100, val_episodes=300)
     val = load_split_features(demo_cache, "val")
     eps = episode_list(val, 5, 5, 1, 300, seed=7)
-    trained, _ = load_run(tmp_path / "run", "cpu")
+    trained, _ = load_head(tmp_path / "run", "cpu")
     torch.manual_seed(0)
     untrained = build_model("paper", val.features.shape[-1], val.features.shape[2], {}).eval()
     acc_trained = score("mdmf", val, eps, trained).mean * 100
@@ -77,7 +77,7 @@ def test_resume_equals_uninterrupted_and_is_deterministic(demo_cache, tmp_path):
         assert all(torch.equal(v, cb["model"][k]) for k, v in ca["model"].items())
         if ca["episodes"] == best["episodes"]:  # best.pt is the checkpoint of its validation
             assert all(torch.equal(v, best["model"][k]) for k, v in ca["model"].items())
-    assert load_run(tmp_path / "a", "cpu", checkpoint=f"checkpoints/{names[0]}")[0].method == "mdmf"
+    assert load_head(tmp_path / "a", "cpu", checkpoint=f"checkpoints/{names[0]}")[0].method == "mdmf"
     ma = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     mb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     mc = (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()
@@ -147,7 +147,7 @@ def test_ablate_no_pps_scores_both_arms_on_identical_episodes(demo_cache, tmp_pa
     eps = Episodes.load(tmp_path / "abl" / "episodes_5way_5shot.npz")
     accs = {}
     for arm, run in (("full", "arm_full"), ("pps=False", "arm_pps=False")):
-        model, cfg = load_run(tmp_path / "abl" / run, "cpu")
+        model, cfg = load_head(tmp_path / "abl" / run, "cpu")
         assert model.cfg.pps == (arm == "full")
         accs[arm] = score("mdmf", test, eps, model).episode_acc * 100
         assert accs[arm].mean() == pytest.approx(rows[arm]["accuracy"])
@@ -189,7 +189,7 @@ def test_clip_fsar_trains_and_ablate_compares_it_on_identical_episodes(demo_cach
     assert metrics[-1]["main"] < metrics[0]["main"], metrics  # the few-shot loss falls
     # the released video-text loss: on a frozen cache only its scale learns (about log C with scale ~1)
     assert all(0 < m["text"] < 1.1 * np.log(15) for m in metrics) and metrics[-1]["loss"] > metrics[-1]["main"]
-    fsar, cfg = load_run(tmp_path / "fsar", "cpu")
+    fsar, cfg = load_head(tmp_path / "fsar", "cpu")
     assert type(fsar).__name__ == "CLIPFSAR" and cfg["method"] == "clip-fsar"
     val = load_split_features(demo_cache, "val")
     eps = episode_list(val, 5, 5, 1, 300, seed=7)

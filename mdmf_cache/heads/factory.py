@@ -2,7 +2,7 @@
 
 Every command builds its head here: :func:`build_head` (the registry's spec, a preset, overrides and the data's
 values), :func:`head_record` / :func:`head_from_record` (what a checkpoint stores to rebuild it), and
-:func:`load_run` (a run's ``best.pt`` as an eval-mode head).
+:func:`load_head` (a run's ``best.pt`` as an eval-mode head).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mdmf_cache.heads.mdmf_config import MDMFConfig
 from mdmf_cache.heads.spec import DataInfo
 from mdmf_cache.store.runs import RUN_FILE_FIX, read_run_config, read_run_file, why
 
-__all__ = ["build_head", "build_model", "head_record", "head_from_record", "load_run"]
+__all__ = ["build_head", "build_model", "head_record", "head_from_record", "load_head"]
 
 
 def build_head(method: str, preset: str | None, overrides: dict[str, Any], data: DataInfo) -> FewShotHead:
@@ -55,7 +55,7 @@ def head_from_record(ckpt: dict[str, Any]) -> FewShotHead:
     return head_registry.get("mdmf").build(MDMFConfig(**old))
 
 
-def load_run(run: Path | str, device: str = "auto", checkpoint: str = "best.pt") -> tuple[FewShotHead, dict[str, Any]]:
+def load_head(run: Path | str, device: str = "auto", checkpoint: str = "best.pt") -> tuple[FewShotHead, dict[str, Any]]:
     """The best checkpoint of a run as an eval-mode head, and the run's config (both files checked).
 
     Args:

@@ -146,7 +146,7 @@ def class_probabilities(head, support: Sequence[Tensor], query: Tensor, text: Te
     """Probabilities of every query over the support classes (the rules are the module docstring's).
 
     Args:
-        head: a trained head in eval mode (``mdmf_cache.heads.factory.load_run``).
+        head: a trained head in eval mode (``mdmf_cache.heads.factory.load_head``).
         support: N tensors ``(K_c, T, D)``, the frame features of class c's supports (class order = column order).
         query: ``(Q, T, D)`` the query videos' frame features.
         text: ``(N, D)`` the classes' prompt embeddings, in the same order.
