@@ -115,8 +115,14 @@ def test_runs_lists_every_kind_with_its_numbers_and_completeness(tree, demo_cach
     assert str(root / "results" / "cmp" / "runs" / "mdmf_1shot") in {r["path"] for r in nested}
 
 
-def test_runs_cli_table_and_json_lines(tree, cli_runner, tmp_path):
+def test_runs_cli_table_and_json_lines(tree, cli_runner, tmp_path, monkeypatch):
+    from rich.console import Console
+
     import cli
+    import mdmf_cache.report.tables as tables
+
+    # the table is printed on the module's console, whose width was fixed when another test of this process made it
+    monkeypatch.setattr(tables, "console", Console(width=250))
 
     root, _, _ = tree
     res = cli_runner.invoke(cli.app, ["runs", str(root), "--json"])
@@ -126,7 +132,7 @@ def test_runs_cli_table_and_json_lines(tree, cli_runner, tmp_path):
     import mdmf_cache as mc
 
     assert mc.runs(dir=root) == list_runs(RunsConfig(dir=str(root)), show=False)  # the API takes a Path
-    res = cli_runner.invoke(cli.app, ["runs", str(root)], env={"COLUMNS": "250"})
+    res = cli_runner.invoke(cli.app, ["runs", str(root)])
     assert res.exit_code == 0 and "7 found under" in res.output and "(moved)" in res.output
     assert "stopped at 16/32 episodes" in res.output
     res = cli_runner.invoke(cli.app, ["runs", str(tmp_path / "nothing")])
