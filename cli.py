@@ -804,6 +804,8 @@ def compare(
     _on_interrupt(f"finished runs, sweep trials and scores are kept in {out}; rerun the same command: it does only "
                   "what is missing")
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
+    if not method_list:  # an empty --methods is a mistake, not "every head" (that is the option's default)
+        raise typer.BadParameter(f"{methods!r}: name at least one method", param_hint="--methods")
 
     train = {"episodes": episodes, "episodes_per_step": episodes_per_step, "val_every": val_every,
              "val_episodes": val_episodes, "weight_decay": weight_decay, **({"lr": lr} if lr is not None else {}),

@@ -152,7 +152,14 @@ def sweep(cfg=None, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
     from mdmf_cache.sweeps.study import SweepConfig
     from pipelines import sweep as sweep_recipe
 
+    if isinstance(kwargs.get("space"), str):  # the CLI's --space text
+        from mdmf_cache.sweeps.space import parse_space_text
+
+        kwargs["space"] = parse_space_text(kwargs["space"])
     for key in ("space", "fixed"):
+        if key in kwargs and not isinstance(kwargs[key], dict):
+            raise ConfigError(f"{key}={kwargs[key]!r}: a dict of option names to values is expected"
+                              + (" (or the --space text: 'lr=1e-5:1e-2:log,...')" if key == "space" else ""))
         if isinstance(kwargs.get(key), dict):
             kwargs[key] = {k.replace("_", "-"): v for k, v in kwargs[key].items()}
     return sweep_recipe.run(_config(SweepConfig, cfg, kwargs), progress=progress, show=False)

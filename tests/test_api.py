@@ -76,3 +76,10 @@ def test_the_api_takes_natural_python_types(demo_cache, tmp_path, monkeypatch):
         mc.episode_list(split, episodes=0)
     assert len(mc.episode_list(split, shot=1.0, episodes=3)) == 3
     assert not (tmp_path / "bad").exists()
+    from pipelines import sweep as sweep_recipe
+
+    monkeypatch.setattr(sweep_recipe, "run", lambda cfg, **kw: seen.__setitem__("sweep", cfg))
+    mc.sweep(cache=demo_cache, out=tmp_path / "sw", space="lr=1e-4:1e-2:log,dropout=0:0.5")  # the --space text
+    assert seen["sweep"].space == {"lr": "1e-4:1e-2:log", "dropout": "0:0.5"}
+    with pytest.raises(ConfigError, match=r"^space=3: a dict"):
+        mc.sweep(cache=demo_cache, out=tmp_path / "sw", space=3)

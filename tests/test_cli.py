@@ -182,6 +182,8 @@ def test_sweep_and_compare_options_reach_their_configs(cli_runner, monkeypatch):
     assert (got["compare"].seeds, got["compare"].test_selected) == (1, False)
     assert cli_runner.invoke(cli.app, ["compare", "c.zarr", "--seeds", "3", "--test-selected"]).exit_code == 0
     assert (got["compare"].seeds, got["compare"].test_selected) == (3, True)
+    res = cli_runner.invoke(cli.app, ["compare", "c.zarr", "--methods", " , "])  # not "every head"
+    assert res.exit_code == 2 and "name at least one method" in res.output
 
 
 def test_heads_marks_the_transductive_heads(cli_runner):

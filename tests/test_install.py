@@ -101,3 +101,21 @@ def test_installed_extract_of_a_builtin_dataset_needs_no_splits_option(installed
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert lines[0].startswith(f"error: none of the {9154 + 1421 + 2745} videos of the split files is under {empty}")
     assert not (tmp_path / "cache").exists() and not any(cwd.iterdir())
+
+
+def test_make_test_installs_the_test_extra_after_a_plain_install(tmp_path):
+    """The README's two install lines in either order: a .venv made by a plain ``pip install -e .`` (its mdmf-cache
+    script there, no test extra) still gets the test extra from ``make test``; once installed with it, not again."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for tool in ("python", "pip", "mdmf-cache"):  # what `python -m venv .venv && pip install -e .` leaves
+        (bin_dir / tool).write_text("#!/bin/sh\n")
+        (bin_dir / tool).chmod(0o755)
+    dry = lambda: subprocess.run(["make", "-n", "test"], cwd=tmp_path, capture_output=True, text=True,  # noqa: E731
+                                 check=True).stdout
+    assert "pip install -q -e '.[test]'" in dry()
+    stamp = tmp_path / ".venv" / ".installed-with-test-extra"
+    stamp.touch()
+    assert "pip install" not in dry() and "pytest" in dry()

@@ -81,7 +81,7 @@ class EpisodeSampler:
         for c in range(num_classes):
             self.members[c, : self.counts[c]] = order[starts[c] : starts[c] + self.counts[c]]
 
-    def check(self, way: int, shot: int, queries: int, split: str = "this") -> np.ndarray:
+    def check(self, way: int, shot: int, queries: int, split: str | None = None) -> np.ndarray:
         """Classes with at least shot + queries videos; raises ConfigError if fewer than ``way``.
 
         Args:
@@ -91,7 +91,8 @@ class EpisodeSampler:
         if len(eligible) < way:
             raise ConfigError(
                 f"{way}-way {shot}-shot with {queries} queries per class needs {way} classes with >= "
-                f"{shot + queries} videos; the {split} split has {len(eligible)} (of {len(self.counts)} classes); "
+                f"{shot + queries} videos; {f'the {split} split' if split else 'the split'} has {len(eligible)} (of "
+                f"{len(self.counts)} classes); "
                 "use fewer --way/--shot/queries or a larger split"
             )
         return eligible
