@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines.demo import DemoConfig, run as run_demo  # noqa: E402
-from mdmf_cache.extraction.build import run_extract  # noqa: E402
+from pipelines.extract import run as run_extract  # noqa: E402
 from mdmf_cache.configs import EvalConfig, ExtractConfig, TrainConfig  # noqa: E402
 from pipelines.evaluate import run as run_eval  # noqa: E402
 from pipelines.train import run as run_train  # noqa: E402
@@ -64,10 +64,10 @@ def mini_demo(out: Path) -> tuple[DemoConfig, Path, dict]:
     path, _ = run_extract(ExtractConfig(dataset="folder", root=str(out / "videos"), cache_dir=str(out / "cache"),
                                         name="demo", model=cfg.model, pretrained=None, train_views=cfg.train_views,
                                         workers=cfg.workers, seed=cfg.seed, clean_names=True, chunk_rows=16, flip=False,
-                                        progress=False, **small["extract"]))
+                                        progress=False, **small["extract"]), show=False)
     run = out / "runs" / "demo"
     run_train(TrainConfig(cache=str(path), out=str(run), episodes=cfg.train_episodes, lr=cfg.lr, seed=cfg.seed,
-                          **small["train"]), progress=False)
+                          **small["train"]), progress=False, show=False)
     return cfg, run, small
 
 
@@ -79,7 +79,7 @@ def ablations(out: Path, cfg: DemoConfig, run: Path, kw: dict, episodes: int) ->
     # 1. PPS rule at test: same heads, same episodes
     for rule in ("sample", "argmax"):
         res = run_eval(EvalConfig(target=str(run), shots=shots, episodes=episodes, pps_test=rule,
-                                  out=str(out / "eval" / f"pps_{rule}"), **kw["eval"]), progress=False)
+                                  out=str(out / "eval" / f"pps_{rule}"), **kw["eval"]), progress=False, show=False)
         for shot, r in res["shots"].items():
             record[f"pps_{rule}_{shot}shot"] = [round(r["accuracy"], 2), round(r["ci95"], 2)]
 
@@ -87,13 +87,15 @@ def ablations(out: Path, cfg: DemoConfig, run: Path, kw: dict, episodes: int) ->
     flipped, _ = run_extract(ExtractConfig(dataset="folder", root=str(out / "videos"), cache_dir=str(out / "cache"),
                                            name="demo_flip", model=cfg.model, pretrained=None,
                                            train_views=cfg.train_views, workers=cfg.workers, seed=cfg.seed,
-                                           clean_names=True, chunk_rows=16, flip=True, progress=False, **kw["extract"]))
+                                           clean_names=True, chunk_rows=16, flip=True, progress=False, **kw["extract"]),
+                             show=False)
     flip_run = out / "runs" / "demo_flip"
     run_train(TrainConfig(cache=str(flipped), out=str(flip_run), episodes=cfg.train_episodes, lr=cfg.lr,
-                          seed=cfg.seed, resume=(flip_run / "last.pt").is_file(), **kw["train"]), progress=False)
+                          seed=cfg.seed, resume=(flip_run / "last.pt").is_file(), **kw["train"]),
+              progress=False, show=False)
     for name, target in (("no_flip", run), ("flip", flip_run)):
         res = run_eval(EvalConfig(target=str(target), shots=shots, episodes=episodes,
-                                  out=str(out / "eval" / f"train_{name}"), **kw["eval"]), progress=False)
+                                  out=str(out / "eval" / f"train_{name}"), **kw["eval"]), progress=False, show=False)
         for shot, r in res["shots"].items():
             record[f"train_{name}_{shot}shot"] = [round(r["accuracy"], 2), round(r["ci95"], 2)]
     return record

@@ -36,7 +36,7 @@ def demo_cache(work: Path) -> Path:
     """The demo's synthetic cache (same settings as ``mdmf-cache demo``), built once under ``work``."""
     from mdmf_cache.data.synthetic import make_action_dataset
     from pipelines.demo import DemoConfig
-    from mdmf_cache.extraction.build import run_extract
+    from pipelines.extract import run as run_extract
     from mdmf_cache.configs import ExtractConfig
 
     d = DemoConfig()
@@ -48,7 +48,7 @@ def demo_cache(work: Path) -> Path:
     path, _ = run_extract(ExtractConfig(dataset="folder", root=str(work / "videos"), cache_dir=str(work / "cache"),
                                         name="demo", model=d.model, pretrained=None, train_views=d.train_views,
                                         workers=d.workers, seed=d.seed, clean_names=True, chunk_rows=16, flip=False,
-                                        progress=False))
+                                        progress=False), show=False)
     return path
 
 
@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
         cfg = SweepConfig(cache=str(cache), out=str(out), trials=args.trials, jobs=jobs, prune=False,
                           space={"lr": "1e-4:1e-2:log", "lambda": "0.1:2"}, fixed=dict(fixed))
         t0 = time.perf_counter()
-        res = run_sweep(cfg, progress=False)
+        res = run_sweep(cfg, progress=False, show=False)
         wall = time.perf_counter() - t0
         done = [r for r in res["rows"] if r["state"] == "COMPLETE"]
         results.append({"jobs": jobs, "wall_s": wall, "trials": len(done), "trials_per_hour": len(done) / wall * 3600,

@@ -240,7 +240,7 @@ def _run(args, device: torch.device, tmp: Path) -> dict:
     print(f"compute only (pre-decoded pixels): {out['compute_only_eps']:.2f} episodes/s")
     out["full_eps"], out["ratio"] = {}, {}
     for w in (int(x) for x in args.workers.split(",")):
-        res = run_train(_config(args, root, tmp / f"w{w}", w), progress=False)
+        res = run_train(_config(args, root, tmp / f"w{w}", w), progress=False, show=False)
         out["full_eps"][w] = res["episodes_per_s"]
         out["ratio"][w] = res["episodes_per_s"] / out["compute_only_eps"]
         wait = json.loads((tmp / f"w{w}" / "metrics.jsonl").read_text().splitlines()[-1])["loader_wait_s"]
