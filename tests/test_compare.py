@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mdmf_cache.errors import ConfigError
-from pipelines.compare import CompareConfig, run as run_compare, table_rows
+from mdmf_cache.report.compare_tables import table_rows
+from pipelines.compare import CompareConfig, run as run_compare
 
 TRAIN = {"episodes": 16, "episodes_per_step": 16, "val_every": 16, "val_episodes": 20, "lr": 1e-3}
 
@@ -126,7 +127,7 @@ def test_compare_sweep_tunes_on_val_scores_the_best_trial_and_resumes(demo_cache
 
 
 def test_the_table_names_each_tuned_shot_s_parameters(tmp_path):
-    from pipelines.compare import write_tables
+    from mdmf_cache.report.compare_tables import write_tables
 
     cfg = CompareConfig(methods=("mdmf", "protonet"), shots=(1, 5))
     accs = {(m, k): np.full(4, 50.0) for m in cfg.methods for k in cfg.shots}
@@ -318,7 +319,7 @@ def test_a_transductive_head_is_marked_and_gets_its_own_list_when_its_test_queri
 
 
 def test_the_released_transductive_heads_are_marked_and_seedless_rows_show_no_spread(tmp_path):
-    from pipelines.compare import table_notes, write_tables
+    from mdmf_cache.report.compare_tables import table_notes, write_tables
 
     cfg = CompareConfig(methods=("mdmf", "clip-mei", "mpl", "otam", "protonet"), shots=(1, 5), seeds=2)
     accs = {(m, k): (np.array([[50.0, 60.0], [54.0, 62.0]]) if m in ("mdmf", "clip-mei", "mpl") else
@@ -482,7 +483,7 @@ def test_preset_train_shot_and_head_options_reach_the_trained_methods(demo_cache
 
 
 def test_table_tex_is_booktabs_with_one_bold_per_shot_and_the_marks_of_table_md(tmp_path):
-    from pipelines.compare import table_notes, write_tables
+    from mdmf_cache.report.compare_tables import table_notes, write_tables
 
     cfg = CompareConfig(methods=("mdmf", "clip-mei", "otam", "protonet"), shots=(1, 5), seeds=2)
     accs = {(m, k): np.array([[50.0 + i, 60.0], [54.0, 62.0 + k]]) for i, m in enumerate(cfg.methods)
