@@ -23,9 +23,11 @@ demo: install
 # two pytest workers, a test file each at a time (a file's fixtures built once), each torch process on one thread
 # (two workers already fill 2 cores: one thread each ran the suite in 292 s against 331 s with two), OpenMP threads
 # that sleep when idle. Subprocesses inherit the one thread, so a test's in-process and subprocess runs agree.
+# Bytecode is cached even where the environment says PYTHONDONTWRITEBYTECODE: the tests start dozens of fresh
+# interpreters that would otherwise compile the project's modules again each time.
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	PYTHONDONTWRITEBYTECODE= OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(BIN)/python bench/extract.py
