@@ -24,7 +24,7 @@ once and scores episodes ``lo:hi`` on demand with the same logits as ``forward``
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from mdmf_cache.device import at_least_float32
 
 __all__ = ["FewShotHead", "PerVideoScorer", "check_episode_shapes", "episode_ce", "support_classes",
-           "query_classes", "class_means", "with_correct"]
+           "query_classes", "class_means", "with_correct", "in_chunks"]
 
 
 class PerVideoScorer(Protocol):
@@ -115,3 +115,14 @@ def with_correct(out: dict[str, Tensor], query_labels: Tensor | None) -> dict[st
 def gather_rows(table: Tensor, index: np.ndarray | Tensor) -> Tensor:
     """``table[index]`` with ``index`` moved to the table's device (numpy index arrays of an episode list)."""
     return table[torch.as_tensor(index, device=table.device)]
+
+
+def in_chunks(fn: Callable[[int, int], Any], e: int, per_episode: int, budget: int) -> Any:
+    """``fn(lo, hi)`` on episodes ``lo:hi`` in chunks of at most ``budget // per_episode`` episodes (at least one),
+    concatenated along the episodes: a Tensor, or a dict of Tensors key by key. How a head's direct evaluation
+    path bounds its memory: episodes are independent, so the chunks give the logits of one pass."""
+    step = max(1, budget // max(per_episode, 1))
+    parts = [fn(lo, min(lo + step, e)) for lo in range(0, e, step)]
+    if isinstance(parts[0], dict):
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    return torch.cat(parts)

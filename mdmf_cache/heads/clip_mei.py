@@ -41,10 +41,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, class_means, episode_ce, with_correct
-from mdmf_cache.heads.cpm2c import motion_difference, squared_gap
+from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_means, episode_ce, in_chunks,
+                                   with_correct)
 from mdmf_cache.heads.spec import HeadSpec, Problems
 from mdmf_cache.layers.mmfe import MMFE
+from mdmf_cache.layers.motion import motion_difference, squared_gap
 from mdmf_cache.device import at_least_float32
 from mdmf_cache.layers.otam import frame_distances, otam_distance
 
@@ -209,9 +210,9 @@ class CLIPMEI(FewShotHead):
             return with_correct(self.episodes(support, query, text), query_labels)
         o = self.options
         per_episode = (s + q + n + 1) * (t + 1) * (4 * o.heads * o.head_dim + o.ffn_dim)  # q, k, v, out; the FFN
-        step = max(1, EVAL_ELEMENTS // per_episode)
-        parts = [self.episodes(support[i : i + step], query[i : i + step], text[i : i + step]) for i in range(0, e, step)]
-        return with_correct({"logits": torch.cat([p["logits"] for p in parts])}, query_labels)
+        logits = in_chunks(lambda lo, hi: self.episodes(support[lo:hi], query[lo:hi], text[lo:hi])["logits"], e,
+                           per_episode, EVAL_ELEMENTS)
+        return with_correct({"logits": logits}, query_labels)
 
     def auxiliary(self, out: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
         """The released auxiliary distances per episode ``(E,)``: ``consistency`` (true-text against token-modulated

@@ -51,10 +51,11 @@ from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_mean
                                    support_classes, with_correct)
 from mdmf_cache.heads.spec import DataInfo, HeadSpec, Problems
 from mdmf_cache.layers.mmfe import MMFE
+from mdmf_cache.layers.motion import motion_difference, squared_gap
 from mdmf_cache.device import at_least_float32
 from mdmf_cache.layers.otam import cosine_similarity, frame_distances, otam_distance
 
-__all__ = ["CPM2COptions", "CPM2C", "SPEC", "MOTION_WEIGHT", "motion_difference", "transformer"]
+__all__ = ["CPM2COptions", "CPM2C", "SPEC", "MOTION_WEIGHT", "transformer"]
 
 #: ``MOTION_COFF`` of the released configs (D-XH/CLIP-MEI ``configs/cpm2c/{ucf,ssv2_otam,ssv2_cmn}.yaml``); a
 #: dataset without a config takes 1, the authors' runner default (cofly2014/CPM-MC ``--motion_coeff``).
@@ -132,24 +133,6 @@ def transformer(layers: nn.ModuleList, frames: Tensor, token: Tensor) -> Tensor:
     for layer in layers[1:]:  # later layers: self-attention over the whole sequence
         x = layer(x[:, 0], x[:, 1:], x[:, 1:])
     return x
-
-
-def motion_difference(frames: Tensor, conv1: nn.Conv1d, conv2: nn.Conv1d) -> Tensor:
-    """The released bidirectional motion feature: ``(B, T, D) -> (B, T-1, D)``.
-
-    ``c = conv2(conv1(x))`` along time; position t is ``0.5 (c[t+1] - x[t] + c[t] - x[t+1])``.
-    """
-    x = frames.transpose(1, 2)  # (B, D, T)
-    c = conv2(conv1(x))  # (B, D, T)
-    forward = c[..., 1:] - x[..., :-1]
-    backward = c[..., :-1] - x[..., 1:]
-    return (0.5 * (forward + backward)).transpose(1, 2)  # (B, T-1, D)
-
-
-def squared_gap(a: Tensor, b: Tensor) -> Tensor:
-    """The released consistency distance per episode: ``(E, B, L, D)`` twice -> ``(E,)``, the mean over the B
-    sequences of the squared Frobenius norm of their difference."""
-    return (a - b).pow(2).sum(dim=(-2, -1)).mean(dim=1)
 
 
 class CPM2C(FewShotHead):

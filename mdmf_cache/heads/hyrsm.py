@@ -42,12 +42,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_means, episode_ce, query_classes,
-                                   support_classes, with_correct)
+from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_means, episode_ce, in_chunks,
+                                   query_classes, support_classes, with_correct)
 from mdmf_cache.heads.spec import DataInfo, HeadSpec, Problems
 from mdmf_cache.device import at_least_float32
+from mdmf_cache.layers.attention import MultiHeadAttention
+from mdmf_cache.layers.otam import bi_mhm
 
-__all__ = ["HyRSMOptions", "HyRSM", "PositionalEncoder", "PreNormAttention", "MultiHeadAttention", "bi_mhm",
+__all__ = ["HyRSMOptions", "HyRSM", "PositionalEncoder", "PreNormAttention",
            "RELEASED", "FOLDER_VALUES", "EVAL_ELEMENTS", "SPEC"]
 
 #: The released configs' per-dataset values (``configs/projects/hyrsm/<dataset>/HyRSM_*_{1..5}shot_v1.yaml`` of
@@ -189,47 +191,6 @@ class PreNormAttention(nn.Module):
         return self.to_out(out) + x
 
 
-class MultiHeadAttention(nn.Module):
-    """The released post-norm ``MultiHeadAttention(n_head, D, d_k, d_v, dropout)``, self-attention only.
-
-    ``w_qs``, ``w_ks``, ``w_vs`` without bias, initialised ``normal(0, sqrt(2 / (D + d_k)))``; softmax of
-    ``q k^T / sqrt(d_k)`` with dropout on the probabilities; ``fc`` (xavier-normal weight), dropout, then
-    ``LayerNorm(out + x)``.
-    """
-
-    def __init__(self, heads: int, dim: int, dropout: float, attn_dropout: float) -> None:
-        super().__init__()
-        self.heads, self.d_k = heads, dim // heads
-        self.w_qs = nn.Linear(dim, dim, bias=False)
-        self.w_ks = nn.Linear(dim, dim, bias=False)
-        self.w_vs = nn.Linear(dim, dim, bias=False)
-        std = math.sqrt(2.0 / (dim + self.d_k))  # d_k = d_v
-        for w in (self.w_qs, self.w_ks, self.w_vs):
-            nn.init.normal_(w.weight, mean=0.0, std=std)
-        self.attn_dropout = nn.Dropout(attn_dropout)
-        self.layer_norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, dim)
-        nn.init.xavier_normal_(self.fc.weight)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, L, D) -> (B, L, D)``."""
-        b, length, d = x.shape
-        h, dk = self.heads, self.d_k
-        split = lambda y: y.reshape(b, length, h, dk).transpose(1, 2)  # (B, H, L, d_k)
-        q, k, v = split(self.w_qs(x)), split(self.w_ks(x)), split(self.w_vs(x))
-        attn = self.attn_dropout((q @ k.transpose(-1, -2) / math.sqrt(dk)).softmax(dim=-1))  # (B, H, L, L)
-        out = (attn @ v).transpose(1, 2).reshape(b, length, d)  # (B, L, H*d_k)
-        return self.layer_norm(self.dropout(self.fc(out)) + x)
-
-
-def bi_mhm(support: Tensor, query: Tensor) -> Tensor:
-    """Bi-MHM distances ``(..., M, T, D), (..., T, D) -> (..., M)``: ``1 - cos`` frame distances (``F.normalize``),
-    summed min over the query frames per support frame plus summed min over the support frames per query frame."""
-    dist = 1.0 - F.normalize(support, dim=-1) @ F.normalize(query, dim=-1).unsqueeze(-3).transpose(-1, -2)  # (..., M, T, T)
-    return dist.min(dim=-1).values.sum(dim=-1) + dist.min(dim=-2).values.sum(dim=-1)
-
-
 class HyRSM(FewShotHead):
     """The released HyRSM head, both forms (see the module docstring)."""
 
@@ -307,9 +268,7 @@ class HyRSM(FewShotHead):
             return with_correct(self.episodes(support, query, n), query_labels)
         m = n if self.options.form == "5shot" else s
         per_episode = (s + q) * t * 4 * d + q * m * t * d * 2  # qkv and encoded frames; the (Q, M, T, D) copies
-        step = max(1, EVAL_ELEMENTS // per_episode)
-        parts = [self.episodes(support[i : i + step], query[i : i + step], n) for i in range(0, e, step)]
-        out = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        out = in_chunks(lambda lo, hi: self.episodes(support[lo:hi], query[lo:hi], n), e, per_episode, EVAL_ELEMENTS)
         return with_correct(out, query_labels)
 
     def loss(self, out: dict[str, Tensor], labels: Tensor, classes: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:

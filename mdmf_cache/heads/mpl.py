@@ -48,10 +48,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, class_means, with_correct
-from mdmf_cache.heads.hyrsm import MultiHeadAttention, bi_mhm
+from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, class_means, in_chunks, with_correct
 from mdmf_cache.heads.spec import DataInfo, HeadSpec, Problems
+from mdmf_cache.layers.attention import MultiHeadAttention
 from mdmf_cache.layers.mmfe import MMFE
+from mdmf_cache.layers.otam import bi_mhm
 from mdmf_cache.device import at_least_float32
 
 __all__ = ["MPLOptions", "MPL", "TOP_K", "FOLDER_VALUES", "EVAL_ELEMENTS", "SPEC"]
@@ -230,8 +231,7 @@ class MPL(FewShotHead):
             dist = self.episodes(support, query, n)
         else:  # episodes are independent: chunks bound the memory of the direct evaluation path's batches
             per_episode = (s + q) * t * 4 * d + n * t * (4 * d + 2 * self.options.ffn_dim) + q * n * t * t
-            step = max(1, EVAL_ELEMENTS // per_episode)
-            dist = torch.cat([self.episodes(support[i : i + step], query[i : i + step], n) for i in range(0, e, step)])
+            dist = in_chunks(lambda lo, hi: self.episodes(support[lo:hi], query[lo:hi], n), e, per_episode, EVAL_ELEMENTS)
         return with_correct({"logits": -dist, "d_mpl": dist}, query_labels)
 
 

@@ -40,10 +40,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, class_means, episode_ce, with_correct
+from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_means, episode_ce, in_chunks,
+                                   with_correct)
 from mdmf_cache.heads.spec import DataInfo, HeadSpec, Problems
-from mdmf_cache.heads.trx import PositionalEncoding
 from mdmf_cache.device import at_least_float32
+from mdmf_cache.layers.attention import PositionalEncoding
 
 __all__ = ["TEAMOptions", "TEAM", "PatternMatching", "PATTERNS", "FOLDER_VALUES", "EVAL_ELEMENTS", "SPEC"]
 
@@ -207,9 +208,9 @@ class TEAM(FewShotHead):
         if self.training:
             return with_correct(self.episodes(support, query, n), query_labels)
         m = self.options.patterns
-        step = max(1, EVAL_ELEMENTS // (n * n * m * d * 2 + (s + q) * t * d))
-        parts = [self.episodes(support[i : i + step], query[i : i + step], n) for i in range(0, e, step)]
-        return with_correct({key: torch.cat([p[key] for p in parts]) for key in parts[0]}, query_labels)
+        out = in_chunks(lambda lo, hi: self.episodes(support[lo:hi], query[lo:hi], n), e,
+                        n * n * m * d * 2 + (s + q) * t * d, EVAL_ELEMENTS)
+        return with_correct(out, query_labels)
 
     def loss(self, out: dict[str, Tensor], labels: Tensor, classes: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``CE(logits_pos) + CE(logits_neg)`` (each the mean over the queries), per episode; then the mean over episodes."""

@@ -47,6 +47,7 @@ from mdmf_cache.device import heads_autocast
 from mdmf_cache.heads.base import FewShotHead, check_episode_shapes, with_correct
 from mdmf_cache.heads.spec import HeadSpec, Problems
 from mdmf_cache.device import at_least_float32
+from mdmf_cache.layers.attention import PositionalEncoding
 
 __all__ = ["TRXOptions", "TRX", "TemporalCrossTransformer", "TRXScorer", "SPEC"]
 
@@ -85,24 +86,6 @@ class TRXOptions:
         problems.check(self, "pe_dropout", 0.0, 1.0, high_open=True)
         problems.check(self, "pe_scale", 0.0)
         problems.raise_any()
-
-
-class PositionalEncoding(nn.Module):
-    """The released ``PositionalEncoding``: ``x + scale * [sin, cos](pos / 10000^(2i/D))``, then dropout."""
-
-    def __init__(self, dim: int, dropout: float, max_len: int, scale: float) -> None:
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        pe = torch.zeros(max_len, dim)
-        position = torch.arange(max_len).unsqueeze(1)
-        div_term = torch.exp(torch.arange(0, dim, 2) * -(math.log(10000.0) / dim))
-        pe[:, 0::2] = torch.sin(position * div_term) * scale
-        pe[:, 1::2] = (torch.cos(position * div_term) * scale)[:, : dim // 2]
-        self.register_buffer("pe", pe)  # (max_len, D), in the checkpoint as in the released module
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, T, D) -> (B, T, D)``."""
-        return self.dropout(x + self.pe[: x.shape[1]].to(x.dtype))
 
 
 class TemporalCrossTransformer(nn.Module):

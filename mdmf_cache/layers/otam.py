@@ -1,12 +1,14 @@
-"""Cosine frame distances and the OTAM alignment distance (docs/method.md §7), as pure batched functions."""
+"""Cosine frame distances, the OTAM alignment distance (docs/method.md §7) and the Bi-MHM set distance of HyRSM (used
+by ``hyrsm``, ``hyrsm++`` and ``mpl``), as pure batched functions."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 
-__all__ = ["cosine_similarity", "cosine_distance", "frame_distances", "otam", "otam_distance"]
+__all__ = ["cosine_similarity", "cosine_distance", "frame_distances", "otam", "otam_distance", "bi_mhm"]
 
 
 def cosine_similarity(a: Tensor, b: Tensor, eps: float) -> Tensor:
@@ -113,3 +115,10 @@ def otam_distance(dist: Tensor, lam: float = 0.5, bidirectional: bool = True) ->
     # both directions in one pass (half the kernel launches of two calls, same arithmetic)
     both = otam(torch.stack([dist, dist.transpose(-1, -2)]), lam)  # (2, ...)
     return both[0] + both[1]
+
+
+def bi_mhm(support: Tensor, query: Tensor) -> Tensor:
+    """Bi-MHM distances ``(..., M, T, D), (..., T, D) -> (..., M)``: ``1 - cos`` frame distances (``F.normalize``),
+    summed min over the query frames per support frame plus summed min over the support frames per query frame."""
+    dist = 1.0 - F.normalize(support, dim=-1) @ F.normalize(query, dim=-1).unsqueeze(-3).transpose(-1, -2)  # (..., M, T, T)
+    return dist.min(dim=-1).values.sum(dim=-1) + dist.min(dim=-2).values.sum(dim=-1)

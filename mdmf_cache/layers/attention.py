@@ -1,0 +1,66 @@
+"""Attention blocks and position encodings that several released heads share, tensors in and out.
+
+``MultiHeadAttention`` is the post-norm self-attention of the HyRSM codebase (used by ``hyrsm``, ``hyrsm++`` and
+``mpl``); ``PositionalEncoding`` the sinusoidal encoding of the TRX codebase (used by ``trx`` and ``team``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MultiHeadAttention", "PositionalEncoding"]
+
+
+class MultiHeadAttention(nn.Module):
+    """The released post-norm ``MultiHeadAttention(n_head, D, d_k, d_v, dropout)``, self-attention only.
+
+    ``w_qs``, ``w_ks``, ``w_vs`` without bias, initialised ``normal(0, sqrt(2 / (D + d_k)))``; softmax of
+    ``q k^T / sqrt(d_k)`` with dropout on the probabilities; ``fc`` (xavier-normal weight), dropout, then
+    ``LayerNorm(out + x)``.
+    """
+
+    def __init__(self, heads: int, dim: int, dropout: float, attn_dropout: float) -> None:
+        super().__init__()
+        self.heads, self.d_k = heads, dim // heads
+        self.w_qs = nn.Linear(dim, dim, bias=False)
+        self.w_ks = nn.Linear(dim, dim, bias=False)
+        self.w_vs = nn.Linear(dim, dim, bias=False)
+        std = math.sqrt(2.0 / (dim + self.d_k))  # d_k = d_v
+        for w in (self.w_qs, self.w_ks, self.w_vs):
+            nn.init.normal_(w.weight, mean=0.0, std=std)
+        self.attn_dropout = nn.Dropout(attn_dropout)
+        self.layer_norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, dim)
+        nn.init.xavier_normal_(self.fc.weight)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, L, D) -> (B, L, D)``."""
+        b, length, d = x.shape
+        h, dk = self.heads, self.d_k
+        split = lambda y: y.reshape(b, length, h, dk).transpose(1, 2)  # (B, H, L, d_k)
+        q, k, v = split(self.w_qs(x)), split(self.w_ks(x)), split(self.w_vs(x))
+        attn = self.attn_dropout((q @ k.transpose(-1, -2) / math.sqrt(dk)).softmax(dim=-1))  # (B, H, L, L)
+        out = (attn @ v).transpose(1, 2).reshape(b, length, d)  # (B, L, H*d_k)
+        return self.layer_norm(self.dropout(self.fc(out)) + x)
+
+
+class PositionalEncoding(nn.Module):
+    """The released ``PositionalEncoding``: ``x + scale * [sin, cos](pos / 10000^(2i/D))``, then dropout."""
+
+    def __init__(self, dim: int, dropout: float, max_len: int, scale: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        pe = torch.zeros(max_len, dim)
+        position = torch.arange(max_len).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, dim, 2) * -(math.log(10000.0) / dim))
+        pe[:, 0::2] = torch.sin(position * div_term) * scale
+        pe[:, 1::2] = (torch.cos(position * div_term) * scale)[:, : dim // 2]
+        self.register_buffer("pe", pe)  # (max_len, D), in the checkpoint as in the released module
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, T, D) -> (B, T, D)``."""
+        return self.dropout(x + self.pe[: x.shape[1]].to(x.dtype))
