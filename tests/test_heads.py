@@ -216,6 +216,17 @@ def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
 # ------------------------------------------------------------------------------ equal to the released code
 
 
+def _batched_step(model) -> tuple:
+    """What a head's reference test starts from: a deep copy of the head (the reference's weights), float64
+    episodes, and the head's batched forward, loss and backward on them: (ref, ep, out, loss, parts)."""
+    ref = copy.deepcopy(model)
+    ep = _episodes(torch.float64)
+    out = _forward(model, ep)
+    loss, parts = model.loss(out, ep["labels"], ep["classes"])
+    loss.backward()
+    return ref, ep, out, loss, parts
+
+
 def _equals_reference(model, ref, loss: torch.Tensor, episode) -> None:
     """The batched head against its per-episode re-derivation: ``episode(i, g)`` gives episode ``i``'s logits from the
     batched forward, the reference's logits and the reference's loss (``g`` draws the released loader's shuffles).
@@ -242,11 +253,7 @@ def test_clip_fsar_matches_reference(merge_before: bool, depth: int) -> None:
 
     model = _head("clip-fsar", torch.float64, dropout_off=True, merge_before=merge_before, depth=depth).train()
     model.scale.data.fill_(1.7)
-    ref = copy.deepcopy(model)
-    ep = _episodes(torch.float64)
-    out = _forward(model, ep)
-    loss, parts = model.loss(out, ep["labels"], ep["classes"])
-    loss.backward()
+    ref, ep, out, loss, parts = _batched_step(model)
     assert model.options.text_loss_weight == 1.5 and "text" in parts  # UCF101's USE_CLASSIFICATION_VALUE
 
     def episode(i: int, g: torch.Generator) -> tuple:
@@ -286,11 +293,7 @@ def test_hyrsm_matches_reference(method: str, form: str, overrides: dict) -> Non
     from tests.reference_heads import hyrsm_episode
 
     model = _head(method, torch.float64, dropout_off=True, form=form, **overrides).train()
-    ref = copy.deepcopy(model)
-    ep = _episodes(torch.float64)
-    out = _forward(model, ep)
-    loss, parts = model.loss(out, ep["labels"], ep["classes"])
-    loss.backward()
+    ref, ep, out, loss, parts = _batched_step(model)
     assert {"frames", *(["temporal"] if method == "hyrsm++" else [])} <= set(parts)
 
     def episode(i: int, g: torch.Generator) -> tuple:
@@ -357,11 +360,7 @@ def test_trx_matches_reference(cardinalities: tuple) -> None:
     from tests.reference_heads import trx_episode
 
     model = _head("trx", torch.float64, dropout_off=True, cardinalities=cardinalities, tuple_dim=24).train()
-    ref = copy.deepcopy(model)
-    ep = _episodes(torch.float64)
-    out = _forward(model, ep)
-    loss, _ = model.loss(out, ep["labels"], ep["classes"])
-    loss.backward()
+    ref, ep, out, loss, _ = _batched_step(model)
 
     def episode(i: int, g: torch.Generator) -> tuple:
         support, sup_labels = _shuffled(ep, i, g)
@@ -456,11 +455,7 @@ def test_mpl_matches_reference(overrides: dict) -> None:
     from tests.reference_heads import mpl_episode
 
     model = _head("mpl", torch.float64, dropout_off=True, **overrides).train()
-    ref = copy.deepcopy(model)
-    ep = _episodes(torch.float64)
-    out = _forward(model, ep)
-    loss, _ = model.loss(out, ep["labels"], ep["classes"])
-    loss.backward()
+    ref, ep, out, loss, _ = _batched_step(model)
     o = model.options
     perms = []
 
@@ -539,11 +534,7 @@ def test_team_matches_reference(overrides: dict) -> None:
     from tests.reference_heads import team_episode
 
     model = _head("team", torch.float64, dropout_off=True, **overrides).train()
-    ref = copy.deepcopy(model)
-    ep = _episodes(torch.float64)
-    out = _forward(model, ep)
-    loss, parts = model.loss(out, ep["labels"], ep["classes"])
-    loss.backward()
+    ref, ep, out, loss, parts = _batched_step(model)
     assert {"pos", "neg"} <= set(parts)
 
     def episode(i: int, g: torch.Generator) -> tuple:
@@ -596,11 +587,7 @@ def test_chamfer_matches_reference(overrides: dict) -> None:
     with torch.no_grad():
         model.temperature_weight.fill_(0.7)
         model.global_temperature.fill_(3.0)
-    ref = copy.deepcopy(model)
-    ep = _episodes(torch.float64)
-    out = _forward(model, ep)
-    loss, _ = model.loss(out, ep["labels"], ep["classes"])
-    loss.backward()
+    ref, ep, out, loss, _ = _batched_step(model)
 
     def episode(i: int, g: torch.Generator) -> tuple:  # class-major supports, as the released loader gives them
         return out["logits"][i], *chamfer_episode(ref, ep["support"][i], torch.arange(N).repeat_interleave(K),
@@ -643,11 +630,7 @@ def test_cpm2c_matches_reference(overrides: dict) -> None:
 
     model = _head("cpm2c", torch.float64, dropout_off=True, **overrides).train()
     model.scale.data.fill_(1.7)
-    ref = copy.deepcopy(model)
-    ep = _episodes(torch.float64)
-    out = _forward(model, ep)
-    loss, parts = model.loss(out, ep["labels"], ep["classes"])
-    loss.backward()
+    ref, ep, out, loss, parts = _batched_step(model)
     assert {"text", "consistency"} <= set(parts) and model.motion == bool(overrides.get("motion_weight", 0.0))
     tpb = model.options.tasks_per_batch
 
@@ -705,11 +688,7 @@ def test_clip_mei_matches_reference(overrides: dict) -> None:
 
     model = _head("clip-mei", torch.float64, dropout_off=True, **overrides).train()
     model.mo_alpha.data.fill_(0.6)
-    ref = copy.deepcopy(model)
-    ep = _episodes(torch.float64)
-    out = _forward(model, ep)
-    loss, parts = model.loss(out, ep["labels"], ep["classes"])
-    loss.backward()
+    ref, ep, out, loss, parts = _batched_step(model)
     assert {"consistency", "text", "motion", "alpha"} <= set(parts)
     tpb = model.options.tasks_per_batch
 
