@@ -112,11 +112,6 @@ def with_correct(out: dict[str, Tensor], query_labels: Tensor | None) -> dict[st
     return out
 
 
-def gather_rows(table: Tensor, index: np.ndarray | Tensor) -> Tensor:
-    """``table[index]`` with ``index`` moved to the table's device (numpy index arrays of an episode list)."""
-    return table[torch.as_tensor(index, device=table.device)]
-
-
 def in_chunks(fn: Callable[[int, int], Any], e: int, per_episode: int, budget: int) -> Any:
     """``fn(lo, hi)`` on episodes ``lo:hi`` in chunks of at most ``budget // per_episode`` episodes (at least one),
     concatenated along the episodes: a Tensor, or a dict of Tensors key by key. How a head's direct evaluation
