@@ -479,3 +479,33 @@ def test_a_schema_being_created_by_another_process_is_waited_for(tmp_path, monke
     monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
     with pytest.raises(ConfigError, match="cannot open the study storage .*disk I/O error"):
         sweeps.open_storage(cfg)
+
+
+def test_a_ctrl_c_inside_optunas_bookkeeping_is_still_a_ctrl_c(tiny_cache, tmp_path, monkeypatch):
+    """A Ctrl-C that lands while Optuna records a trial leaves Optuna's ``finally`` reading a name it never set: an
+    UnboundLocalError with the KeyboardInterrupt as its context. The sweep raises the KeyboardInterrupt itself (the
+    CLI then exits 130 saying what finished), not the library error; other errors pass as they are."""
+    import optuna
+
+    import mdmf_cache.sweeps.workers as workers
+
+    def tell():  # what optuna.study._optimize._run_trial does when the interrupt comes inside its try
+        try:
+            raise KeyboardInterrupt
+            state = 1
+        finally:
+            print(state)  # noqa: F821
+
+    def bookkeeping_interrupted(self, *args, **kwargs):
+        tell()
+
+    cfg = SweepConfig(cache=str(tiny_cache), out=str(tmp_path / "sw"), trials=2, prune=False,
+                      space={"lr": "1e-4:1e-2:log"}, fixed=dict(TRIAL, device="cpu"))
+    monkeypatch.setattr(optuna.study.Study, "optimize", bookkeeping_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, progress=False)
+    try:
+        tell()
+    except UnboundLocalError as e:
+        assert isinstance(workers._interrupt_behind(e), KeyboardInterrupt)
+    assert workers._interrupt_behind(ValueError("other")) is None

@@ -208,10 +208,26 @@ def run_worker(cfg: SweepConfig, worker_index: int, train: TrainFn, on_trial=Non
                 _stop_heartbeats()
                 _give_back(study, current)
                 raise
-            except BaseException:
+            except BaseException as e:
                 _stop_heartbeats()
+                interrupt = _interrupt_behind(e)
+                if interrupt is not None and interrupt is not e:
+                    raise interrupt from None
                 raise
             current.clear()
+
+
+def _interrupt_behind(err: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt ``err`` is, or stands for: a Ctrl-C that lands while Optuna records a trial's result
+    leaves its ``finally`` block reading a name it never set (``UnboundLocalError``, with the interrupt as its
+    context), which would hide the Ctrl-C behind a library error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+        seen.add(id(err))
+        err = err.__context__
+    return None
 
 
 def _give_back(study, current: list) -> None:
