@@ -10,6 +10,9 @@ The contract (``forward``)::
     pps_noise    (E, Q)    optional uniforms for heads that draw (MDMF's prompt selector)
     classes      (E, N)    optional split class ids of the episode classes (auxiliary classification losses)
     class_text   (C, D)    optional prompt embeddings of every class of the split (CLIP-FSAR's text loss)
+    support_tokens (E, S, T, L, P, Dt)  a token head's (``SPEC.tokens`` set): the cached tokens of the
+    query_tokens   (E, Q, T, L, P, Dt)  same videos and view, L layers in the cache's order, P tokens per
+                                        frame (class token first where the cache has one), float32
     -> {"logits": (E, Q, N), ...}
 
 ``loss(out, labels, classes)`` returns the scalar loss (per episode as the released code computes

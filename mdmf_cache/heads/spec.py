@@ -29,14 +29,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping
 
 from mdmf_cache.errors import ConfigError
+from mdmf_cache.tokens import TokenInfo
 
 __all__ = ["DataInfo", "HeadSpec", "DATA_FIELDS", "OptionError", "Problems", "shared_problems", "head_opt_flag"]
 
-#: Option fields that come from the data, never from the user.
-DATA_FIELDS = ("dim", "num_frames", "num_classes")
+#: Option fields that come from the data, never from the user (the token fields: a token head's, from the
+#: cache's token arrays, :class:`~mdmf_cache.tokens.TokenInfo`).
+DATA_FIELDS = ("dim", "num_frames", "num_classes", "token_dim", "token_layers", "token_grid", "token_cls")
 #: How a message names a data field's value (the user never sets one).
 DATA_LABELS = {"dim": "the features' width D", "num_frames": "the frames per video T",
-               "num_classes": "the train split's classes C"}
+               "num_classes": "the train split's classes C", "token_dim": "the cached tokens' width Dt",
+               "token_layers": "the cached token layers L", "token_grid": "the cached token grid",
+               "token_cls": "the cached tokens' class token"}
 
 
 def head_opt_flag(name: str, value: Any) -> str:
@@ -175,6 +179,9 @@ class DataInfo:
         dataset: the cache's dataset name (``ucf101``, ``hmdb51``, ``kinetics100``, ``ssv2-small``,
             ``ssv2-full``, ``folder``), for values the released configs set per dataset.
         shot: K, the shot the run is for (the released 5-shot configs differ from the 1-shot ones).
+        tokens: what the cache's token arrays hold, for a head that reads tokens (None: no token arrays, or a
+            head of pooled features); its fields reach the options as ``token_dim`` (Dt), ``token_layers`` (L),
+            ``token_grid`` ((h, w)) and ``token_cls``.
     """
 
     dim: int
@@ -182,6 +189,23 @@ class DataInfo:
     num_classes: int = 64
     dataset: str = ""
     shot: int = 5
+    tokens: TokenInfo | None = None
+
+    @property
+    def token_dim(self) -> int | None:
+        return None if self.tokens is None else self.tokens.dim
+
+    @property
+    def token_layers(self) -> int | None:
+        return None if self.tokens is None else len(self.tokens.layers)
+
+    @property
+    def token_grid(self) -> tuple[int, int] | None:
+        return None if self.tokens is None else self.tokens.grid
+
+    @property
+    def token_cls(self) -> bool | None:
+        return None if self.tokens is None else self.tokens.cls
 
 
 def _one(k: int) -> int:
@@ -214,6 +238,10 @@ class HeadSpec:
         space: the default sweep space of its options (``mdmf-cache sweep`` syntax, by CLI name).
         train_shot: the shot its released configs train with, for a run for K-shot.
         train_queries: the queries per class its released configs train with, for a run for K-shot.
+        tokens: for a head that reads cached tokens, the ``extract --tokens`` SPEC its released form reads
+            (on ViT-B/16), named in the one-line error for a cache without token arrays; its ``forward`` then
+            also takes ``support_tokens`` / ``query_tokens`` (:mod:`mdmf_cache.heads.base`). None: pooled
+            features only.
     """
 
     name: str
@@ -229,6 +257,7 @@ class HeadSpec:
     space: Mapping[str, str] = field(default_factory=dict)
     train_shot: Callable[[int], int] = _one
     train_queries: Callable[[int], int] = _five
+    tokens: str | None = None
 
     @property
     def default_preset(self) -> str:
