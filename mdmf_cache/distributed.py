@@ -14,11 +14,16 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
 from mdmf_cache.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import Tensor, nn
+
+# torch is imported inside the functions that use it: where this process stands (World, world_from_env) is
+# read by every command first, and a command's one-line errors must not wait for torch to load.
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ def init_process_group(world: World, device: torch.device, timeout_min: float = 
     Raises:
         ConfigError: the rendezvous variables are missing (a SLURM job without MASTER_ADDR/PORT).
     """
+    import torch
     import torch.distributed as dist
 
     if not world.distributed or dist.is_initialized():
@@ -89,6 +95,8 @@ def barrier(world: World) -> None:
 
 
 def _tracking_batchnorms(module: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    from torch import nn
+
     return [(n, m) for n, m in module.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
@@ -100,16 +108,23 @@ def running_stats_snapshot(module: nn.Module) -> dict[str, Tensor]:
             for k in ("running_mean", "running_var", "num_batches_tracked")}
 
 
-@torch.no_grad()
 def _local_stats(module: nn.Module, snapshot: dict[str, Tensor]) -> Tensor:
     """``(L,)`` float64, per BatchNorm: running mean (C), running var (C), updates since ``snapshot`` (1)."""
+    import torch
+
+    with torch.no_grad():
+        return _local_stats_of(module, snapshot)
+
+
+def _local_stats_of(module: nn.Module, snapshot: dict[str, Tensor]) -> Tensor:
+    import torch
+
     parts = [torch.cat([m.running_mean.double(), m.running_var.double(),
                         (m.num_batches_tracked - snapshot[f"{n}.num_batches_tracked"]).double().reshape(1)])
              for n, m in _tracking_batchnorms(module)]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
-@torch.no_grad()
 def _apply_merged(module: nn.Module, snapshot: dict[str, Tensor], ranks: Tensor) -> None:
     """Set every BatchNorm's running statistics from ``ranks`` ``(W, L)``, the flat statistics of W ranks
     that all started from ``snapshot``, as one process running rank 0's batches, then rank 1's, ... would.
@@ -118,6 +133,13 @@ def _apply_merged(module: nn.Module, snapshot: dict[str, Tensor], ranks: Tensor)
     order ``r <- (1 - m)^n_k r + S_k``; with ``momentum=None`` (cumulative average from count c) the
     result is ``(c r_0 + sum_k ((c + n_k) r_k - c r_0)) / (c + sum_k n_k)``.
     """
+    import torch
+
+    with torch.no_grad():
+        _apply_merged_stats(module, snapshot, ranks)
+
+
+def _apply_merged_stats(module: nn.Module, snapshot: dict[str, Tensor], ranks: Tensor) -> None:
     offset = 0
     for name, bn in _tracking_batchnorms(module):
         c = bn.num_features
@@ -150,6 +172,7 @@ def merge_running_stats(module: nn.Module, snapshot: dict[str, Tensor], group=No
     value). Ranks must own consecutive shares of the episodes in rank order for it to be the
     single-process order. A no-op outside an initialised process group or with one rank.
     """
+    import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
@@ -170,6 +193,7 @@ def gather_shares(x: Tensor, world: World) -> Tensor:
     """
     if not world.distributed:
         return x
+    import torch
     import torch.distributed as dist
 
     n = x.shape[0]
