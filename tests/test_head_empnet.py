@@ -114,7 +114,8 @@ def test_released_defaults() -> None:
     trains K-shot with 5 queries per class; the parameter count of the released module."""
     one = SPEC.make_options(None, {}, DataInfo(dim=512, num_frames=8, dataset="hmdb51", shot=1))
     five = SPEC.make_options(None, {}, DataInfo(dim=512, num_frames=8, dataset="ssv2-full", shot=5))
-    assert (one.heads, one.head_dim, one.ffn_dim, one.attn_dropout, one.ffn_dropout) == (4, 64, 128, 0.2, 0.05)
+    assert (one.heads, one.head_divisor, one.ffn_divisor, one.attn_dropout, one.ffn_dropout) == (4, 8, 4, 0.2, 0.05)
+    assert (one.head_dim, one.ffn_dim) == (64, 128)  # D = 512
     assert (one.patch_topk, one.frame_topk, one.cos_eps, one.otam_lambda) == (49, 2, 0.01, 0.5)
     assert one.merge_before is False and five.merge_before is True
     assert SPEC.make_options(None, {"merge_before": False, "patch_topk": 2}, _data(5)).merge_before is False
@@ -147,7 +148,7 @@ def test_option_ranges_and_missing_tokens() -> None:
     later against the cache); a forward without tokens, or with 2 layers, is a ValueError."""
     for bad, needle in (({"attn_dropout": 1.0}, "attn_dropout=1.0"), ({"otam_lambda": 0.0}, "otam_lambda=0.0"),
                         ({"heads": 0}, "heads=0"), ({"frame_topk": 5}, "frame_topk=5: must be <= the frames per video T=4"),
-                        ({"head_dim": 0}, "head_dim=0"), ({"cos_eps": -1.0}, "cos_eps=-1.0")):
+                        ({"head_divisor": 0}, "head_divisor=0"), ({"ffn_divisor": 17}, "ffn_divisor=17: must be <= the features' width D=16"), ({"cos_eps": -1.0}, "cos_eps=-1.0")):
         with pytest.raises(ConfigError, match="emp-net options") as e:
             SPEC.make_options(None, {"patch_topk": 2, **bad}, _data(1))
         assert needle in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)

@@ -40,23 +40,13 @@ from mdmf_cache.layers.attention import PreNormAttention
 from mdmf_cache.layers.mmfe import MMFE
 from mdmf_cache.layers.otam import cosine_similarity, frame_distances, otam_distance
 
-__all__ = ["EMPNetOptions", "EMPNet", "SPEC", "LAYERS", "EVAL_ELEMENTS", "head_width", "ffn_width"]
+__all__ = ["EMPNetOptions", "EMPNet", "SPEC", "LAYERS", "EVAL_ELEMENTS"]
 
 #: The token layers the head fuses, shallowest first: ViT-B/16 blocks 4, 8, 12 (``extract --tokens``).
 LAYERS = "4,8,12"
 #: Eval-mode forward runs this many elements' worth of episodes at a time (one 5-way 1-shot test episode at the
 #: released sizes, 10 videos x 8 frames x 197 tokens x 512, holds ~8 M floats per activation).
 EVAL_ELEMENTS = 1 << 27
-
-
-def head_width(dim: int) -> int:
-    """The released ``dim_head_k = mid_dim // 8``."""
-    return max(1, dim // 8)
-
-
-def ffn_width(dim: int) -> int:
-    """The released ``mlp_dim = mid_dim // 4``."""
-    return max(1, dim // 4)
 
 
 @dataclass
@@ -71,8 +61,8 @@ class EMPNetOptions:
         token_grid: (h, w) of the cached patch grid (data).
         token_cls: the cached tokens start with the class token (data; must be true).
         heads: attention heads of every transformer (4).
-        head_dim: each head's width; None: D / 8 (``dim_head_k``).
-        ffn_dim: the feed-forward width; None: D / 4 (``mlp_dim``).
+        head_divisor: each head is D // head_divisor wide (``dim_head_k = mid_dim // 8``).
+        ffn_divisor: the feed-forward blocks are D // ffn_divisor wide (``mlp_dim = mid_dim // 4``).
         attn_dropout: dropout after every attention's out projection (``dropout_atte`` 0.2).
         ffn_dropout: dropout inside every feed-forward block (0.05).
         cos_eps: added to the product of norms in every cosine (0.01).
@@ -90,8 +80,8 @@ class EMPNetOptions:
     token_grid: tuple[int, int] | None = None
     token_cls: bool | None = None
     heads: int = 4
-    head_dim: int | None = None
-    ffn_dim: int | None = None
+    head_divisor: int = 8
+    ffn_divisor: int = 4
     attn_dropout: float = 0.2
     ffn_dropout: float = 0.05
     cos_eps: float = 0.01
@@ -103,7 +93,11 @@ class EMPNetOptions:
     def __post_init__(self) -> None:
         problems = Problems()
         problems.data(self)
-        problems.sizes(self, ("heads", "head_dim", "ffn_dim", "patch_topk", "frame_topk"))
+        problems.sizes(self, ("heads", "head_divisor", "ffn_divisor", "patch_topk", "frame_topk"))
+        for name in ("head_divisor", "ffn_divisor"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value > self.dim:
+                problems.add(name, value, f"must be <= the features' width D={self.dim} (a width of D // {name})")
         problems.check(self, ("attn_dropout", "ffn_dropout"), 0.0, 1.0, high_open=True)
         problems.check(self, "otam_lambda", 0.0, low_open=True)
         problems.check(self, "cos_eps", 0.0)
@@ -126,14 +120,18 @@ class EMPNetOptions:
                                                             f"{self.token_grid[0]}x{self.token_grid[1]}={patches}")
         problems.raise_any()
 
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.head_divisor
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.dim // self.ffn_divisor
+
     def resolve(self, data: DataInfo) -> "EMPNetOptions":
-        """Fill the released per-shot value and the widths that follow D, where still unset."""
+        """Fill the released per-shot value where still unset."""
         if self.merge_before is None:
             self.merge_before = data.shot > 1
-        if self.head_dim is None:
-            self.head_dim = head_width(self.dim)
-        if self.ffn_dim is None:
-            self.ffn_dim = ffn_width(self.dim)
         return self
 
 
@@ -176,8 +174,7 @@ class EMPNet(FewShotHead):
         super().__init__()
         o = self.options = options
         d = o.dim
-        hd = o.head_dim if o.head_dim is not None else head_width(d)
-        ffn = o.ffn_dim if o.ffn_dim is not None else ffn_width(d)
+        hd, ffn = o.head_dim, o.ffn_dim
         self.reason = nn.ModuleList([SpatioTemporalBlock(d, o.heads, hd, ffn, o.attn_dropout, o.ffn_dropout)
                                      for _ in range(3)])  # spatialtemporal_reasion_1..3
 
@@ -287,7 +284,7 @@ class EMPNet(FewShotHead):
             return with_correct(self.episodes(support_tokens, query_tokens, text), query_labels)
         o = self.options
         p = support_tokens.shape[4]
-        per_episode = (s + q) * t * p * (8 * d + 3 * o.heads * (o.head_dim or head_width(d)) + o.heads * p)
+        per_episode = (s + q) * t * p * (8 * d + 3 * o.heads * o.head_dim + o.heads * p)
         out = in_chunks(lambda lo, hi: self.episodes(support_tokens[lo:hi], query_tokens[lo:hi], text[lo:hi]), e,
                         per_episode, EVAL_ELEMENTS)
         return with_correct(out, query_labels)
