@@ -30,6 +30,7 @@ each episode class takes its own text, whatever N and K (docs/heads.md: the rele
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
