@@ -57,6 +57,8 @@ REPORTED: dict[tuple[str, str, str, int], float] = {
 SOURCES: dict[str, str] = {
     "clip-mei": "D-XH/CLIP-MEI README (Deng et al., KBS 2025), 5-way, 1 query per class per test episode",
     "chamfer": "jbertrand89/temporal_matching MODEL_ZOO.md (Chamfer++, R(2+1)D features, mean of three seeds)",
+    # no rows: the release's README reports no accuracy, and the ECCV 2024 paper's tables are not transcribed here
+    "emp-net": "none: cong-wu/EMP-Net's README reports no accuracies (Wu et al., ECCV 2024, has its own tables)",
 }
 
 #: Where the CLIP-MDMF paper re-implemented a method and gives the original paper's number in parentheses.

@@ -44,6 +44,7 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("trx", "mdmf_cache.heads.trx", "TRX (CVPR 2021) as released: cross-transformers over frame pairs and triples"),
     Entry("mpl", "mdmf_cache.heads.mpl", "MPL as released: query-augmented supports, shot attention, match-guided key frames"),
     Entry("team", "mdmf_cache.heads.team", "TEAM (CVPR 2025) as released: pattern tokens, class-adapted supports, no alignment"),
+    Entry("emp-net", "mdmf_cache.heads.emp_net", "EMP-Net (ECCV 2024) as released on cached ViT tokens: skip fusion, multi-level reasoning, text and OTAM matching"),
     Entry("chamfer", "mdmf_cache.heads.chamfer", "Chamfer++ (2023) as released: frame triples, joint symmetric Chamfer; matching=... switches"),
     Entry("otam", "mdmf_cache.heads.otam", "OTAM (CVPR 2020) as released: ordered temporal alignment to every support",
           parametric=False),

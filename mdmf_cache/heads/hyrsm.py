@@ -46,7 +46,7 @@ from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_mean
                                    query_classes, support_classes, with_correct)
 from mdmf_cache.heads.spec import DataInfo, HeadSpec, Problems
 from mdmf_cache.device import at_least_float32
-from mdmf_cache.layers.attention import MultiHeadAttention
+from mdmf_cache.layers.attention import MultiHeadAttention, PreNormAttention
 from mdmf_cache.layers.otam import bi_mhm
 
 __all__ = ["HyRSMOptions", "HyRSM", "PositionalEncoder", "PreNormAttention",
@@ -165,30 +165,6 @@ class PositionalEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, T, D) -> (B, T, D)``."""
         return self.dropout(x * self.scale + self.b * self.pe[: x.shape[1]].to(x.dtype))
-
-
-class PreNormAttention(nn.Module):
-    """``Attention(LN(x)) + x``: the released ``PreNormattention(D, Attention(D, heads, D / heads, dropout))``.
-
-    ``to_qkv`` (no bias) split q | k | v, heads the outer factor of the feature axis, softmax of
-    ``q k^T / sqrt(D / heads)``; the out projection with dropout, the identity at one head (as released).
-    """
-
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.LayerNorm(dim)
-        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout)) if heads > 1 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, T, D) -> (B, T, D)``."""
-        b, t, d = x.shape
-        h = self.heads
-        q, k, v = self.to_qkv(self.norm(x)).reshape(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D/H)
-        attn = (q @ k.transpose(-1, -2) * (d // h) ** -0.5).softmax(dim=-1)  # (B, H, T, T)
-        out = (attn @ v).transpose(1, 2).reshape(b, t, d)  # (B, T, H*D/H)
-        return self.to_out(out) + x
 
 
 class HyRSM(FewShotHead):

@@ -1,7 +1,9 @@
 """Attention blocks and position encodings that several released heads share, tensors in and out.
 
 ``MultiHeadAttention`` is the post-norm self-attention of the HyRSM codebase (used by ``hyrsm``, ``hyrsm++`` and
-``mpl``); ``PositionalEncoding`` the sinusoidal encoding of the TRX codebase (used by ``trx`` and ``team``).
+``mpl``); ``PreNormAttention`` the pre-norm self-attention of the CLIP-FSAR codebase's ``PreNormattention(Attention)``
+(``hyrsm``, ``hyrsm++``, and ``emp-net``'s spatio-temporal blocks); ``PositionalEncoding`` the sinusoidal encoding of
+the TRX codebase (used by ``trx`` and ``team``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MultiHeadAttention", "PositionalEncoding"]
+__all__ = ["MultiHeadAttention", "PreNormAttention", "PositionalEncoding"]
 
 
 class MultiHeadAttention(nn.Module):
@@ -46,6 +48,34 @@ class MultiHeadAttention(nn.Module):
         attn = self.attn_dropout((q @ k.transpose(-1, -2) / math.sqrt(dk)).softmax(dim=-1))  # (B, H, L, L)
         out = (attn @ v).transpose(1, 2).reshape(b, length, d)  # (B, L, H*d_k)
         return self.layer_norm(self.dropout(self.fc(out)) + x)
+
+
+class PreNormAttention(nn.Module):
+    """``Attention(LN(x)) + x``: the released ``PreNormattention(D, Attention(D, heads, head_dim, dropout))``.
+
+    ``to_qkv`` (no bias) split q | k | v, heads the outer factor of the feature axis, softmax of
+    ``q k^T / sqrt(head_dim)``; the out projection with dropout, the identity where one head is D wide (as
+    released). ``head_dim`` None: D / heads (HyRSM's); EMP-Net's blocks use 4 heads of D / 8.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float, head_dim: int | None = None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads if head_dim is None else head_dim
+        inner = heads * self.head_dim
+        self.norm = nn.LayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout)) if inner != dim or heads > 1 \
+            else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, T, D) -> (B, T, D)``."""
+        b, t, _ = x.shape
+        h, hd = self.heads, self.head_dim
+        q, k, v = self.to_qkv(self.norm(x)).reshape(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        attn = (q @ k.transpose(-1, -2) * hd ** -0.5).softmax(dim=-1)  # (B, H, T, T)
+        out = (attn @ v).transpose(1, 2).reshape(b, t, h * hd)  # (B, T, H*hd)
+        return self.to_out(out) + x
 
 
 class PositionalEncoding(nn.Module):
