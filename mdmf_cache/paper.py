@@ -57,6 +57,8 @@ REPORTED: dict[tuple[str, str, str, int], float] = {
 SOURCES: dict[str, str] = {
     "clip-mei": "D-XH/CLIP-MEI README (Deng et al., KBS 2025), 5-way, 1 query per class per test episode",
     "chamfer": "jbertrand89/temporal_matching MODEL_ZOO.md (Chamfer++, R(2+1)D features, mean of three seeds)",
+    "molo": "the CLIP-MDMF paper's Tables 1-2, quoting MoLo (Wang et al., CVPR 2023) on an ImageNet ResNet-50 "
+            "fine-tuned end to end; the release (alibaba-mmai-research/CLIP-FSAR) publishes no numbers of its own",
 }
 
 #: Where the CLIP-MDMF paper re-implemented a method and gives the original paper's number in parentheses.

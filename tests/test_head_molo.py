@@ -56,7 +56,7 @@ def _forward(model, ep: dict, lo: int = 0, hi: int | None = None) -> dict:
     (1, True, {}),
     (2, True, {}),
     (2, False, {"dataset": "kinetics100"}),
-    (2, True, {"contrastive_scale": 2.5, "bidirectional": False, "motion_weight": 0.7}),
+    (2, True, {"learn_scale": False, "contrastive_scale": 2.5, "bidirectional": False, "motion_weight": 0.7}),
 ])
 def test_molo_matches_reference(shot: int, cls: bool, overrides: dict) -> None:
     """E episodes in one batched pass against the released forward and loss re-derived one episode at a time (supports
@@ -65,7 +65,7 @@ def test_molo_matches_reference(shot: int, cls: bool, overrides: dict) -> None:
     from tests.reference_molo import molo_episode
 
     model = _head(shot, cls, **overrides)
-    if overrides.get("contrastive_scale") is None:
+    if overrides.get("learn_scale", True):
         model.scale.data.fill_(1.7)  # away from 1, so that a missing or misplaced scale shows
         model.scale_motion.data.fill_(0.6)
     ref = copy.deepcopy(model)
@@ -87,7 +87,7 @@ def test_molo_matches_reference(shot: int, cls: bool, overrides: dict) -> None:
         total += li.item() / E
     assert loss.item() == pytest.approx(total, rel=1e-5)
     names = [name for name, _ in model.named_parameters()]
-    assert ("scale" in names) == (overrides.get("contrastive_scale") is None)
+    assert ("scale" in names) == overrides.get("learn_scale", True)
     for (name, p), (_, p1) in zip(model.named_parameters(), ref.named_parameters()):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         torch.testing.assert_close(p.grad, p1.grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -125,8 +125,8 @@ def test_released_values_spec_and_parameters() -> None:
                                              "folder": (0.6, 10, 1)}.items() for k in (1, 5)}
     assert (o.heads, o.ffn_dim, o.motion_factor, o.pe_dropout, o.attn_dropout, o.ffn_dropout, o.cos_eps) == (
         8, 2048, 8, 0.1, 0.2, 0.05, 0.01)
-    assert (o.motion_weight, o.contrastive_weight, o.contrastive_scale, o.bidirectional, o.reconstruction) == (
-        0.3, 0.05, None, True, False)
+    assert (o.motion_weight, o.contrastive_weight, o.learn_scale, o.contrastive_scale, o.bidirectional, o.reconstruction) == (
+        0.3, 0.05, True, 1.0, True, False)
     assert len(TokenSpec.parse(spec.tokens).layers) == 1 and spec.tokens == "last@7x7" and not spec.per_video
     assert (spec.train_shot(5), spec.train_shot(1), spec.train_queries(5)) == (1, 1, 6)
     model = _head(1, ffn_dim=2048)

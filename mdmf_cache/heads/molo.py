@@ -97,8 +97,9 @@ class MoLoOptions:
         bidirectional: Bi-MHM both ways; False = ``SINGLE_DIRECT`` (query frames to prototype frames only).
         class_loss_weight: weight of the video classification loss (``USE_CLASSIFICATION_VALUE``); None: per dataset.
         contrastive_weight: weight of each of the four long-short terms (``USE_CONTRASTIVE_COFF`` 0.05, every config).
-        contrastive_scale: None: two learnable scales (appearance, motion), 1 at start, as every config (``TEMP_COFF``
-            unset); a number: both fixed to it (``TEMP_COFF``).
+        learn_scale: the long-short distances' two scales (appearance, motion) are learnable, as every config
+            (``TEMP_COFF`` unset); False: both fixed to ``contrastive_scale`` (``TEMP_COFF``).
+        contrastive_scale: the scales' start value when learned (the released 1), their value when fixed.
         reconstruction: the released pixel-reconstruction decoder and loss (``USE_RECONS``); refused: a feature
             cache holds no frame differences.
     """
@@ -125,7 +126,8 @@ class MoLoOptions:
     bidirectional: bool = True
     class_loss_weight: float | None = None
     contrastive_weight: float = 0.05
-    contrastive_scale: float | None = None
+    learn_scale: bool = True
+    contrastive_scale: float = 1.0
     reconstruction: bool = False
 
     def __post_init__(self) -> None:
@@ -202,9 +204,9 @@ class MoLo(FewShotHead):
         self.motion_conv = nn.Conv2d(r, r, kernel_size=3, padding=1)
         self.motion_up = nn.Conv2d(r, dt, kernel_size=1)
         self.classification_layer = nn.Linear(dt, o.num_classes)
-        if o.contrastive_scale is None:  # learnable, as every released config (TEMP_COFF unset)
-            self.scale = nn.Parameter(torch.ones(1))
-            self.scale_motion = nn.Parameter(torch.ones(1))
+        if o.learn_scale:  # as every released config (TEMP_COFF unset)
+            self.scale = nn.Parameter(torch.full((1,), o.contrastive_scale))
+            self.scale_motion = nn.Parameter(torch.full((1,), o.contrastive_scale))
         else:
             self.scale = self.scale_motion = o.contrastive_scale
 
