@@ -59,6 +59,8 @@ SOURCES: dict[str, str] = {
     "chamfer": "jbertrand89/temporal_matching MODEL_ZOO.md (Chamfer++, R(2+1)D features, mean of three seeds)",
     # no rows: the release's README reports no accuracy, and the ECCV 2024 paper's tables are not transcribed here
     "emp-net": "none: cong-wu/EMP-Net's README reports no accuracies (Wu et al., ECCV 2024, has its own tables)",
+    "molo": "the CLIP-MDMF paper's Tables 1-2, quoting MoLo (Wang et al., CVPR 2023) on an ImageNet ResNet-50 "
+            "fine-tuned end to end; the release (alibaba-mmai-research/CLIP-FSAR) publishes no numbers of its own",
 }
 
 #: Where the CLIP-MDMF paper re-implemented a method and gives the original paper's number in parentheses.

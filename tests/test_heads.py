@@ -1,7 +1,9 @@
 """Every registered head, by the same contract: shapes, no NaN, batched training equals per-episode training,
 the per-video evaluation path equals the direct one, a checkpoint round trip, and learning on the demo cache.
 
-The suite is parametrised over :data:`mdmf_cache.heads.METHODS`: a new head is picked up with no edit here.
+The suite is parametrised over :data:`mdmf_cache.heads.METHODS`: a new head is picked up with no edit here. A head
+that reads cached tokens (``SPEC.tokens``) gets random tokens too, of the cache kind :data:`TOKEN_DATA` names; its
+cache-reading paths (evaluation, learning on a cache) are tested on a token cache in ``tests/test_token_heads.py``.
 Each head's equality with its authors' released code is checked against a per-episode re-derivation in
 ``tests/reference_heads.py`` (see the ``*_matches_reference`` tests).
 """
@@ -25,21 +27,40 @@ from mdmf_cache.evaluation.scoring import score
 from mdmf_cache.heads.spec import DataInfo
 from mdmf_cache.heads.factory import build_head, head_from_record, head_record
 from mdmf_cache.store.read import FeatureSplit
+from mdmf_cache.tokens import TokenInfo
 
 D, T, C = 16, 4, 6  # width, frames, classes
 E, N, K, QC = 3, 3, 2, 2  # episodes, ways, shots, queries per class
 
+#: The cached tokens a token head is tested on here (the smallest of the kind it reads), with the options that fit
+#: them: EMP-Net three ViT layers with a class token (its top-k patches within the 2 x 2 grid), MoLo one ViT layer,
+#: STRM a ResNet map at its released 4 x 4 patch grid.
+TOKEN_DATA: dict[str, tuple[TokenInfo, dict]] = {
+    "emp-net": (TokenInfo("1,2,3", ("1", "2", "3"), (2, 2), True, D), {"patch_topk": 2}),
+    "molo": (TokenInfo("last", ("last",), (2, 2), True, D), {}),
+    "strm": (TokenInfo("map", ("map",), (4, 4), False, 8), {}),
+}
+
+
+def _pooled(methods) -> list[str]:
+    """The heads of pooled features only (no ``SPEC.tokens``)."""
+    return [m for m in methods if heads.get(m).tokens is None]
+
 
 def _head(method: str, dtype=torch.float32, dropout_off: bool = False, seed: int = 0, **overrides):
     spec = heads.get(method)
+    tokens, fit = TOKEN_DATA[method] if spec.tokens else (None, {})
+    overrides = {**fit, **overrides}
     if dropout_off:
         overrides = {**{n: 0.0 for n in spec.option_names if n.endswith("dropout")}, **overrides}
     torch.manual_seed(seed)
     return build_head(method, None, overrides, DataInfo(dim=D, num_frames=T, num_classes=C, dataset="ucf101",
-                                                        shot=K)).to(dtype)
+                                                        shot=K, tokens=tokens)).to(dtype)
 
 
-def _episodes(dtype=torch.float32, e: int = E, seed: int = 0) -> dict:
+def _episodes(dtype=torch.float32, e: int = E, seed: int = 0, method: str = "") -> dict:
+    """Random episodes whose videos lean towards their class text; a token head's (``method``) with tokens that
+    lean towards it too: ``support_tokens`` (E, S, T, L, P, Dt), ``query_tokens`` (E, Q, T, L, P, Dt)."""
     g = torch.Generator().manual_seed(seed)
     classes = torch.stack([torch.randperm(C, generator=g)[:N] for _ in range(e)])  # (E, N) split classes
     class_text = torch.randn(C, D, generator=g, dtype=dtype)
@@ -49,14 +70,23 @@ def _episodes(dtype=torch.float32, e: int = E, seed: int = 0) -> dict:
     query = torch.randn(e, N * QC, T, D, generator=g, dtype=dtype) + 0.5 * text.gather(
         1, labels[..., None].expand(-1, -1, D))[:, :, None]
     noise = torch.rand(e, N * QC, generator=g, dtype=dtype)
-    return {"support": support, "query": query, "text": text, "pps_noise": noise, "classes": classes,
-            "class_text": class_text, "labels": labels}
+    ep = {"support": support, "query": query, "text": text, "pps_noise": noise, "classes": classes,
+          "class_text": class_text, "labels": labels}
+    if method and heads.get(method).tokens:
+        info = TOKEN_DATA[method][0]
+        lean = torch.randn(C, info.dim, generator=g, dtype=dtype)[classes]  # (E, N, Dt) a direction per class
+        for key, per_class in (("support", lean.repeat_interleave(K, 1)),
+                               ("query", lean.gather(1, labels[..., None].expand(-1, -1, info.dim)))):
+            shape = (e, per_class.shape[1], T, len(info.layers), info.patches, info.dim)
+            ep[f"{key}_tokens"] = torch.randn(shape, generator=g, dtype=dtype) + 0.5 * per_class[:, :, None, None, None]
+    return ep
 
 
 def _forward(model, ep: dict, lo: int = 0, hi: int | None = None):
     sl = slice(lo, hi)
+    tokens = {k: ep[k][sl] for k in ("support_tokens", "query_tokens") if k in ep}
     return model(ep["support"][sl], ep["query"][sl], ep["text"][sl], pps_noise=ep["pps_noise"][sl],
-                 classes=ep["classes"][sl], class_text=ep["class_text"])
+                 classes=ep["classes"][sl], class_text=ep["class_text"], **tokens)
 
 
 def test_registry_is_consistent() -> None:
@@ -76,7 +106,7 @@ def test_registry_is_consistent() -> None:
 @pytest.mark.parametrize("method", heads.METHODS)
 def test_shapes_finite_and_gradients(method: str) -> None:
     model = _head(method).train()
-    ep = _episodes()
+    ep = _episodes(method=method)
     out = _forward(model, ep)
     assert out["logits"].shape == (E, N * QC, N)
     for key, value in out.items():
@@ -89,19 +119,22 @@ def test_shapes_finite_and_gradients(method: str) -> None:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     else:
         assert not any(p.requires_grad for p in model.parameters())
+    tokens = {k: ep[k][:, :5] if k.startswith("support") else ep[k] for k in ("support_tokens", "query_tokens")
+              if k in ep}
     with pytest.raises(ValueError):
-        model(ep["support"][:, :5], ep["query"], ep["text"])  # 5 supports for 3 classes
+        model(ep["support"][:, :5], ep["query"], ep["text"], **tokens)  # 5 supports for 3 classes
 
 
 @pytest.mark.parametrize("method", heads.METHODS)
 def test_batched_step_equals_single_episode_passes(method: str) -> None:
     """E episodes in one forward pass: the same loss, gradients (to the parameters and to the frame features,
-    which full mode back-propagates into CLIP) and buffers as E one-episode passes averaged (the released loop),
-    float64, dropout off (its masks cannot be drawn alike for two batch shapes)."""
+    which full mode back-propagates into CLIP; a token head's: to its tokens) and buffers as E one-episode passes
+    averaged (the released loop), float64, dropout off (its masks cannot be drawn alike for two batch shapes)."""
     batched = _head(method, torch.float64, dropout_off=True).train()
     single = copy.deepcopy(batched)
-    ep = _episodes(torch.float64)
-    feats = {k: ep[k].clone().requires_grad_() for k in ("support", "query")}
+    ep = _episodes(torch.float64, method=method)
+    inputs = ("support_tokens", "query_tokens") if heads.get(method).tokens else ("support", "query")
+    feats = {k: ep[k].clone().requires_grad_() for k in inputs}
     loss, _ = batched.loss(_forward(batched, {**ep, **feats}), ep["labels"], ep["classes"])
     loss.backward()
     total = 0.0
@@ -138,7 +171,7 @@ def _split(seed: int = 0) -> FeatureSplit:
 
 
 @pytest.mark.parametrize("shot", [1, 3])
-@pytest.mark.parametrize("method", heads.METHODS)
+@pytest.mark.parametrize("method", _pooled(heads.METHODS))
 def test_per_video_equals_direct(method: str, shot: int) -> None:
     """Where a head declares a per-video path, it scores the direct path's logits; else eval takes the direct path."""
     split = _split()
@@ -163,7 +196,7 @@ def test_checkpoint_round_trip(method: str) -> None:
     rebuilt = head_from_record(record)
     rebuilt.load_state_dict(model.state_dict())
     rebuilt.eval()
-    ep = _episodes()
+    ep = _episodes(method=method)
     with torch.no_grad():
         torch.testing.assert_close(_forward(rebuilt, ep)["logits"], _forward(model, ep)["logits"])
     assert record["options"] == dataclasses.asdict(rebuilt.options)
@@ -185,7 +218,7 @@ LEARN_SETTINGS: dict[str, dict] = {"trx": {"episodes": 48, "episodes_per_step": 
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", [m for m in heads.METHODS if heads.REGISTRY[m].parametric])
+@pytest.mark.parametrize("method", _pooled(m for m in heads.METHODS if heads.REGISTRY[m].parametric))
 def test_learns_on_the_demo_cache(method: str, demo_cache, tmp_path) -> None:
     """A short fast-mode run through the trainer (96 episodes of 5-way 2-shot, 2 queries per class, or the head's
     own :data:`LEARN_SETTINGS`: small episodes, so every head trains in seconds) fits its training classes

@@ -41,6 +41,7 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("hyrsm++", "mdmf_cache.heads.hyrsm_pp", "HyRSM++ as released: HyRSM plus the temporal-coherence regulariser"),
     Entry("cpm2c", "mdmf_cache.heads.cpm2c", "CLIP-CPM2C (Neurocomputing 2025) as released: text-consistent query token, motion stream, OTAM"),
     Entry("clip-mei", "mdmf_cache.heads.clip_mei", "CLIP-MEI (KBS 2025) as released, test label leak removed: QSA tokens, transductive TFE, MIC, OTAM"),
+    Entry("molo", "mdmf_cache.heads.molo", "MoLo (CVPR 2023) as released on cached spatial maps: motion branch, Bi-MHM, long-short contrast; no reconstruction"),
     Entry("trx", "mdmf_cache.heads.trx", "TRX (CVPR 2021) as released: cross-transformers over frame pairs and triples"),
     Entry("mpl", "mdmf_cache.heads.mpl", "MPL as released: query-augmented supports, shot attention, match-guided key frames"),
     Entry("team", "mdmf_cache.heads.team", "TEAM (CVPR 2025) as released: pattern tokens, class-adapted supports, no alignment"),

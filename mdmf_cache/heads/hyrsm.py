@@ -33,11 +33,9 @@ HyRSM++ (:mod:`mdmf_cache.heads.hyrsm_pp`) is this module plus a temporal-cohere
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -46,10 +44,10 @@ from mdmf_cache.heads.base import (FewShotHead, check_episode_shapes, class_mean
                                    query_classes, support_classes, with_correct)
 from mdmf_cache.heads.spec import DataInfo, HeadSpec, Problems
 from mdmf_cache.device import at_least_float32
-from mdmf_cache.layers.attention import MultiHeadAttention, PreNormAttention
+from mdmf_cache.layers.attention import MultiHeadAttention, PositionalEncoder, PreNormAttention
 from mdmf_cache.layers.otam import bi_mhm
 
-__all__ = ["HyRSMOptions", "HyRSM", "PositionalEncoder", "PreNormAttention",
+__all__ = ["HyRSMOptions", "HyRSM",
            "RELEASED", "FOLDER_VALUES", "EVAL_ELEMENTS", "SPEC"]
 
 #: The released configs' per-dataset values (``configs/projects/hyrsm/<dataset>/HyRSM_*_{1..5}shot_v1.yaml`` of
@@ -137,34 +135,6 @@ class HyRSMOptions:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         return self
-
-
-def positional_table(dim: int, length: int) -> Tensor:
-    """The released ``PositionalEncoder`` table ``(length, D)`` (float32, as stored there): for even channel
-    ``i``, ``sin(p / 10000^(2i / D))`` at ``i`` and ``cos(p / 10000^(2(i+1) / D))`` at ``i + 1``."""
-    pos = np.arange(length, dtype=np.float64)[:, None]
-    i = np.arange(0, dim, 2, dtype=np.float64)[None]
-    table = np.zeros((length, dim))
-    table[:, 0::2] = np.sin(pos / 10000.0 ** (2 * i / dim))
-    table[:, 1::2] = np.cos(pos / 10000.0 ** (2 * (i + 1) / dim))
-    return torch.from_numpy(table).float()
-
-
-class PositionalEncoder(nn.Module):
-    """``x * sqrt(D / A) + B * table[:T]``, then dropout (the released ``PositionalEncoder``).
-
-    The released table has 20 rows; this one has ``max(20, T)`` by the same formula.
-    """
-
-    def __init__(self, dim: int, num_frames: int, dropout: float, a: float, b: float) -> None:
-        super().__init__()
-        self.scale, self.b = math.sqrt(dim / a), b
-        self.register_buffer("pe", positional_table(dim, max(20, num_frames)))  # (L, D), a buffer as released
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, T, D) -> (B, T, D)``."""
-        return self.dropout(x * self.scale + self.b * self.pe[: x.shape[1]].to(x.dtype))
 
 
 class HyRSM(FewShotHead):

@@ -3,17 +3,18 @@
 ``MultiHeadAttention`` is the post-norm self-attention of the HyRSM codebase (used by ``hyrsm``, ``hyrsm++`` and
 ``mpl``); ``PreNormAttention`` the pre-norm self-attention of the CLIP-FSAR codebase's ``PreNormattention(Attention)``
 (``hyrsm``, ``hyrsm++``, and ``emp-net``'s spatio-temporal blocks); ``PositionalEncoding`` the sinusoidal encoding of
-the TRX codebase (used by ``trx`` and ``team``).
+the TRX codebase (used by ``trx`` and ``team``); ``PositionalEncoder`` the HyRSM codebase's scaled sinusoidal table (``hyrsm``, ``hyrsm++``, ``molo``).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MultiHeadAttention", "PreNormAttention", "PositionalEncoding"]
+__all__ = ["MultiHeadAttention", "PreNormAttention", "PositionalEncoding", "PositionalEncoder", "positional_table"]
 
 
 class MultiHeadAttention(nn.Module):
@@ -94,3 +95,31 @@ class PositionalEncoding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, T, D) -> (B, T, D)``."""
         return self.dropout(x + self.pe[: x.shape[1]].to(x.dtype))
+
+
+def positional_table(dim: int, length: int) -> Tensor:
+    """The released ``PositionalEncoder`` table ``(length, D)`` (float32, as stored there): for even channel
+    ``i``, ``sin(p / 10000^(2i / D))`` at ``i`` and ``cos(p / 10000^(2(i+1) / D))`` at ``i + 1``."""
+    pos = np.arange(length, dtype=np.float64)[:, None]
+    i = np.arange(0, dim, 2, dtype=np.float64)[None]
+    table = np.zeros((length, dim))
+    table[:, 0::2] = np.sin(pos / 10000.0 ** (2 * i / dim))
+    table[:, 1::2] = np.cos(pos / 10000.0 ** (2 * (i + 1) / dim))
+    return torch.from_numpy(table).float()
+
+
+class PositionalEncoder(nn.Module):
+    """``x * sqrt(D / A) + B * table[:T]``, then dropout (the released ``PositionalEncoder``).
+
+    The released table has 20 rows; this one has ``max(20, T)`` by the same formula.
+    """
+
+    def __init__(self, dim: int, num_frames: int, dropout: float, a: float, b: float) -> None:
+        super().__init__()
+        self.scale, self.b = math.sqrt(dim / a), b
+        self.register_buffer("pe", positional_table(dim, max(20, num_frames)))  # (L, D), a buffer as released
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, T, D) -> (B, T, D)``."""
+        return self.dropout(x * self.scale + self.b * self.pe[: x.shape[1]].to(x.dtype))
