@@ -42,6 +42,7 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("cpm2c", "mdmf_cache.heads.cpm2c", "CLIP-CPM2C (Neurocomputing 2025) as released: text-consistent query token, motion stream, OTAM"),
     Entry("clip-mei", "mdmf_cache.heads.clip_mei", "CLIP-MEI (KBS 2025) as released, test label leak removed: QSA tokens, transductive TFE, MIC, OTAM"),
     Entry("trx", "mdmf_cache.heads.trx", "TRX (CVPR 2021) as released: cross-transformers over frame pairs and triples"),
+    Entry("strm", "mdmf_cache.heads.strm", "STRM (CVPR 2022) as released, on cached patch maps: patch attention, frame MLP-mixing, TRX"),
     Entry("mpl", "mdmf_cache.heads.mpl", "MPL as released: query-augmented supports, shot attention, match-guided key frames"),
     Entry("team", "mdmf_cache.heads.team", "TEAM (CVPR 2025) as released: pattern tokens, class-adapted supports, no alignment"),
     Entry("chamfer", "mdmf_cache.heads.chamfer", "Chamfer++ (2023) as released: frame triples, joint symmetric Chamfer; matching=... switches"),
