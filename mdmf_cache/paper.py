@@ -1,7 +1,7 @@
 """Numbers the papers report, for tables that set a measured result beside them (docs/method.md §11).
 
 :data:`REPORTED` holds Tables 1-2 of the CLIP-MDMF paper: 5-way accuracy (%) per method, backbone,
-dataset and shot, plus the numbers a head's own release reports in its README (Chamfer++, on R(2+1)D features). The OTAM, TRX, HyRSM and MoLo rows were measured on an ImageNet ResNet-50, not on
+dataset and shot, plus the numbers a head's own release reports in its README (Chamfer++, on R(2+1)D features; STRM, on ResNet-50). The OTAM, TRX, HyRSM and MoLo rows were measured on an ImageNet ResNet-50, not on
 CLIP; the backbone travels with every number so that a table never shows one as a CLIP result.
 Where the CLIP-MDMF paper marks a number as its own re-implementation and the original paper
 published another, :data:`PUBLISHED` holds the original's.
@@ -49,6 +49,10 @@ REPORTED: dict[tuple[str, str, str, int], float] = {
     # only ViT is ViT-B/16); "Kinetics" is the CMN Kinetics-100 split, "SSv2-FULL" the OTAM split; no SSv2-Small row.
     **_rows("clip-mei", "CLIP-RN50", (76.4, 83.0, 84.9), (93.7, 97.0, 97.5), (90.1, 92.9, 93.6), (61.6, 65.9, 68.5),
             (None, None, None)),
+    # STRM: the "Results" table of its authors' README (Anirudh257/strm), 5-way 5-shot, ImageNet ResNet-50 fine-tuned
+    # end to end; "Kinetics" is CMN's Kinetics-100 split, "SSv2" OTAM's (SSv2-Full), HMDB and UCF ARN's. No 1-shot row.
+    **_rows("strm", _RN, (None, None, 77.3), (None, None, 96.8), (None, None, 86.7), (None, None, 68.1),
+            (None, None, None)),
     **_rows("clip-mei", "CLIP-ViT-B/16", (75.9, 85.9, 88.5), (94.9, 98.2, 98.9), (87.7, 95.3, 96.0), (67.8, 76.6, 79.8),
             (None, None, None)),
 }
@@ -61,6 +65,7 @@ SOURCES: dict[str, str] = {
     "emp-net": "none: cong-wu/EMP-Net's README reports no accuracies (Wu et al., ECCV 2024, has its own tables)",
     "molo": "the CLIP-MDMF paper's Tables 1-2, quoting MoLo (Wang et al., CVPR 2023) on an ImageNet ResNet-50 "
             "fine-tuned end to end; the release (alibaba-mmai-research/CLIP-FSAR) publishes no numbers of its own",
+    "strm": "Anirudh257/strm README (Thatipelli et al., CVPR 2022), 5-way 5-shot, ImageNet ResNet-50 fine-tuned end to end",
 }
 
 #: Where the CLIP-MDMF paper re-implemented a method and gives the original paper's number in parentheses.
@@ -71,7 +76,7 @@ PUBLISHED: dict[tuple[str, str, str, int], float] = {
 }
 
 #: The backbone a method's CLIP-MDMF-paper numbers were measured on when it is not this cache's CLIP.
-_NOT_CLIP = {"otam": _RN, "trx": _RN, "hyrsm": _RN, "molo": _RN, "chamfer": _R21D}
+_NOT_CLIP = {"otam": _RN, "trx": _RN, "hyrsm": _RN, "molo": _RN, "chamfer": _R21D, "strm": _RN}
 
 
 def backbone_of(model: str) -> str:

@@ -43,6 +43,7 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("clip-mei", "mdmf_cache.heads.clip_mei", "CLIP-MEI (KBS 2025) as released, test label leak removed: QSA tokens, transductive TFE, MIC, OTAM"),
     Entry("molo", "mdmf_cache.heads.molo", "MoLo (CVPR 2023) as released on cached spatial maps: motion branch, Bi-MHM, long-short contrast; no reconstruction"),
     Entry("trx", "mdmf_cache.heads.trx", "TRX (CVPR 2021) as released: cross-transformers over frame pairs and triples"),
+    Entry("strm", "mdmf_cache.heads.strm", "STRM (CVPR 2022) as released, on cached patch maps: patch attention, frame MLP-mixing, TRX"),
     Entry("mpl", "mdmf_cache.heads.mpl", "MPL as released: query-augmented supports, shot attention, match-guided key frames"),
     Entry("team", "mdmf_cache.heads.team", "TEAM (CVPR 2025) as released: pattern tokens, class-adapted supports, no alignment"),
     Entry("emp-net", "mdmf_cache.heads.emp_net", "EMP-Net (ECCV 2024) as released on cached ViT tokens: skip fusion, multi-level reasoning, text and OTAM matching"),
