@@ -226,19 +226,21 @@ def test_sigkill_during_a_token_extension_then_resume_equals_uninterrupted(plain
 
 # ---- (d) damage -------------------------------------------------------------------------------------------
 def test_damaged_token_chunks_are_found_and_repaired(tokened, videos, tmp_path):
-    """A deleted and a truncated token chunk, a corrupt tokens zarr.json and a garbled tokens_done chunk are named;
-    the rerun redoes those rows' tokens alone."""
+    """A deleted and a truncated token chunk, corrupt zarr.json of a token array and of tokens_done, and a garbled
+    tokens_done chunk are named; the rerun redoes those rows' tokens alone."""
     cache = _copy(tokened, tmp_path)
     features = _files(cache)
     (cache / "train/tokens_2/c.3.0.0.0.0").unlink()
     f = cache / "test/tokens_1/c.1.0.0.0.0"
     f.write_bytes(f.read_bytes()[:100])
     (cache / "val/tokens_3/zarr.json").write_text("{not json")
+    (cache / "val/tokens_done/zarr.json").write_text("")  # written again, its chunks kept: nothing redone
     f = cache / "train/tokens_done/c/2"  # rows 4-5 (unit_rows 2)
     f.write_bytes(f.read_bytes()[:3])
 
     found = {(d.split, d.array): d for d in CacheStore(cache).verify()}
-    assert set(found) == {("train", "tokens_2"), ("test", "tokens_1"), ("val", "tokens_3"), ("train", "tokens_done")}
+    assert set(found) == {("train", "tokens_2"), ("test", "tokens_1"), ("val", "tokens_3"), ("val", "tokens_done"),
+                          ("train", "tokens_done")}
     assert found["train", "tokens_2"].rows == [3] and "chunk file missing" in str(found["train", "tokens_2"])
     assert found["test", "tokens_1"].fix == "chunk" and found["test", "tokens_1"].file == "test/tokens_1/c.1.0.0.0.0"
     assert found["val", "tokens_3"].fix == "meta" and found["train", "tokens_done"].rows == [4, 5]

@@ -382,7 +382,7 @@ class CacheStore:
         if info is not None:
             specs.update(self.token_specs(int(g.attrs["views"]), num_frames, info, self.unit_rows(split)))
         tail, rows, dtype, fill = specs[name]
-        keys = {"chunk_key_encoding": TOKEN_CHUNK_KEYS} if name.startswith(ARRAY_PREFIX) else {}
+        keys = {"chunk_key_encoding": TOKEN_CHUNK_KEYS} if name.startswith(ARRAY_PREFIX) and name != TOKENS_DONE else {}
         with tempfile.TemporaryDirectory(dir=self.path.parent) as tmp:
             fresh = _zarr().open_group(store=tmp, mode="w")
             fresh.create_array(name, shape=(int(g.attrs["num_videos"]), *tail), chunks=(rows, *tail), dtype=dtype,
