@@ -175,9 +175,11 @@ def print_verify(path: Path) -> list:
     console.print(f"{path}: no damage ({', '.join(f'{s} {n} rows' for s, n in rows.items())}; every chunk read "
                   f"in {seconds:.1f} s)", soft_wrap=True)
     no_text = [s for s in store.splits if store.prompts(s) is None]
-    if any(pending.values()) or no_text:
+    no_tokens = {s: len(store.tokens_pending(s)) for s in store.splits}
+    if any(pending.values()) or no_text or any(no_tokens.values()):
         todo = [f"{s}: {k} videos not extracted yet" for s, k in pending.items() if k]
         todo += [f"{s}: no text embeddings yet" for s in no_text]
+        todo += [f"{s}: {k} finished videos without their tokens yet" for s, k in no_tokens.items() if k]
         console.print(f"[yellow]not complete[/]: {'; '.join(todo)}; rerun the extract command to finish")
     return damages
 
