@@ -15,7 +15,8 @@ Tokens (``tokens``, :mod:`mdmf_cache.tokens`): a split with token arrays gets th
 written with the row's features (before ``done``). A finished cache asked for tokens is extended in place: its
 finished rows are decoded again and only their token arrays written (then ``tokens_done``); the features and
 every other array stay as they are. Those rows go through the encoder in the batches a fresh extraction would
-use, so the tokens are the same bits as a cache extracted with them from the start. A rerun without ``tokens``
+use (the same ``batch_videos``, and no failed row in the split: a failed row leaves the batch it was in), so the
+tokens are the same bits as a cache extracted with them from the start. A rerun without ``tokens``
 keeps a cache's tokens and gives new rows theirs; another SPEC is refused (``overwrite`` replaces the token
 arrays, keeping the features).
 
@@ -329,6 +330,10 @@ def prepare_cache(store: CacheStore, splits: dict[str, Split], cfg: ExtractConfi
                 log.info("%s: %s: recomputing the text embeddings only; frame features unchanged", name, res.text)
             store.write_text(name, backbone.encode_texts(prompts).numpy(), prompts, cfg.prompt_template,
                              class_names=split.class_names)
+    if tokens is not None and cfg.overwrite:  # a SPEC replaced: the splits this run leaves get the new arrays too
+        for name in store.splits:
+            if name not in splits and store.tokens_info(name) not in (None, tokens):
+                store.ensure_tokens(name, tokens, cfg.num_frames, replace=True)
     # the config records the SPEC the cache holds, also when this run was not given one (it kept the cache's)
     saved = asdict(cfg) | {"tokens": tokens.spec if tokens is not None else None}
     store.root.attrs["config"] = json.loads(json.dumps(saved, default=str))
