@@ -25,6 +25,7 @@ from mdmf_cache.data.datasets import DATASET_NAMES, DATASETS
 from mdmf_cache.errors import ConfigError
 from mdmf_cache.heads.mdmf_config import PRESET_DATA
 from mdmf_cache.heads.spec import DataInfo
+from mdmf_cache.tokens import TokenSpec
 
 __all__ = ["VideoOptions", "ExtractConfig", "FullModeConfig", "TrainConfig", "EvalConfig", "PredictConfig",
            "default_workers", "FAST_LR", "FULL_LR", "EVAL_QUERIES"]
@@ -109,6 +110,8 @@ class ExtractConfig(VideoOptions):
     world_size: int = 1
     progress: bool = True
     way: int = 5  # a folder split with fewer val/test classes than this is warned about
+    # token arrays (mdmf_cache.tokens): a SPEC such as last, 4,8,12, map or last@7x7; None: those the cache has
+    tokens: str | None = None
 
     def __post_init__(self) -> None:
         data = PRESET_DATA.get(self.preset)
@@ -131,6 +134,11 @@ class ExtractConfig(VideoOptions):
             problems.append(f"--seed {self.seed}: must be >= 0")
         if self.root is None:
             problems.append("--root DIR (the video tree) is required")
+        if self.tokens is not None:
+            try:
+                TokenSpec.parse(self.tokens)
+            except ConfigError as e:
+                problems.append(str(e))
         if problems:
             raise ConfigError("bad options: " + "; ".join(problems))
 
