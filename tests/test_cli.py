@@ -186,8 +186,9 @@ def test_sweep_and_compare_options_reach_their_configs(cli_runner, monkeypatch):
     assert res.exit_code == 2 and "name at least one method" in res.output
 
 
-def test_heads_marks_the_transductive_heads(cli_runner):
-    """``mdmf-cache heads`` has a transductive column, one mark per head as its SPEC says; ``heads NAME`` says it and
+def test_heads_marks_the_transductive_and_token_heads(cli_runner):
+    """``mdmf-cache heads`` has a transductive column and a reads column (features, or the --tokens SPEC), one mark per
+    head as its SPEC says; ``heads NAME`` says it and
     the released test queries per class eval scores it with."""
     from mdmf_cache import heads
 
@@ -198,6 +199,11 @@ def test_heads_marks_the_transductive_heads(cli_runner):
     rows = {cells[1].strip(): cells[col].strip() for cells in (line.split("│") for line in res.output.splitlines())
             if len(cells) > col and cells[1].strip() in heads.METHODS}
     assert rows == {m: "yes" if heads.get(m).transductive else "no" for m in heads.METHODS}
+    col = [c.strip() for c in header.split("┃")].index("reads")
+    reads = {cells[1]: cells[col] for line in res.output.splitlines()
+             if (cells := [c.strip() for c in line.split("│")]) and len(cells) > col and cells[1] in heads.METHODS}
+    assert reads == {m: f"tokens {heads.get(m).tokens}" if heads.get(m).tokens else "features" for m in heads.METHODS}
+    assert reads["emp-net"] == "tokens 4,8,12"
     assert rows["clip-mei"] == rows["mpl"] == "yes" and rows["mdmf"] == "no"
     res = cli_runner.invoke(cli.app, ["heads", "clip-mei"], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and "transductive: a query's logits depend on the other queries" in _flat(res.output)

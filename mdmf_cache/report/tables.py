@@ -262,12 +262,13 @@ def print_heads(name: str | None = None) -> None:
 
     if name is None:
         table = Table(title="registered heads (--method)")
-        for col in ("method", "trainable", "per-video eval", "transductive", "presets", "what it is"):
+        for col in ("method", "trainable", "per-video eval", "transductive", "reads", "presets", "what it is"):
             table.add_column(col, no_wrap=col not in ("presets", "what it is"))
         for entry in heads.REGISTRY.values():
             spec = heads.get(entry.name)
             table.add_row(entry.name, "yes" if spec.parametric else "no", "yes" if spec.per_video else "no",
-                          "yes" if spec.transductive else "no", ", ".join(spec.presets), spec.summary)
+                          "yes" if spec.transductive else "no",
+                          f"tokens {spec.tokens}" if spec.tokens else "features", ", ".join(spec.presets), spec.summary)
         console.print(table)
         return
     spec = heads.get(name)
@@ -283,6 +284,9 @@ def print_heads(name: str | None = None) -> None:
     console.print(table)
     console.print(f"training episodes for a K-shot run: {spec.train_shot(1)}-shot at K=1, {spec.train_shot(5)}-shot at "
                   f"K=5, {spec.train_queries(5)} queries per class")
+    if spec.tokens:
+        console.print(f"reads cached tokens: a cache extracted with --tokens {spec.tokens} (ViT-B/16; "
+                      "docs/heads.md says what else it takes); fast mode only, CLIP frozen as released")
     if spec.transductive:
         released = (f"eval scores it with its released test queries per class ({spec.test_queries(1)} at K=1, "
                     f"{spec.test_queries(5)} at K=5) unless --queries-per-class is given"
