@@ -188,8 +188,7 @@ def test_sweep_and_compare_options_reach_their_configs(cli_runner, monkeypatch):
 
 def test_heads_marks_the_transductive_and_token_heads(cli_runner):
     """``mdmf-cache heads`` has a transductive column and a reads column (features, or the --tokens SPEC), one mark per
-    head as its SPEC says; ``heads NAME`` says it and
-    the released test queries per class eval scores it with."""
+    head as its SPEC says; ``heads NAME`` says it and the released test queries per class eval scores it with."""
     from mdmf_cache import heads
 
     res = cli_runner.invoke(cli.app, ["heads"], env={"COLUMNS": "200"})
