@@ -361,6 +361,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write metrics.jsonl's numbers as TensorBoard "
                                               "events in OUT/tensorboard/ (pip install 'mdmf-cache[tensorboard]').")] = _T.tensorboard,
+    token_cache_mb: Annotated[int, typer.Option(help="A token head's: MiB of token rows kept in memory per split read "
+                                                     "(train, val), whatever the split's size.")] = _T.token_cache_mb,
     root: RootOpt = None,
     splits: SplitsOpt = None,
     labels: LabelsOpt = None,
@@ -418,7 +420,7 @@ def train(
         episodes=episodes, episodes_per_step=episodes_per_step, lr=lr, weight_decay=weight_decay, val_every=val_every,
         val_episodes=val_episodes,
         save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed, device=device, resume=resume,
-        tensorboard=tensorboard, full=full,
+        tensorboard=tensorboard, token_cache_mb=token_cache_mb, full=full,
     )
     if config is not None:
         cfg = _merge_config(ctx, config, cfg)
@@ -491,6 +493,7 @@ def eval_(
     eval_cache: Annotated[Optional[Path], typer.Option(help="Where a full-mode run's split is extracted with its "
                                                             "backbone (default RUN/eval_cache), e.g. when the run is "
                                                             "on read-only storage.")] = None,
+    token_cache_mb: Annotated[int, typer.Option(help="A token head's: MiB of the split's token rows kept in memory.")] = _E.token_cache_mb,
     device: DeviceOpt = _E.device,
     debug: DebugOpt = False,
 ) -> None:
@@ -502,7 +505,8 @@ def eval_(
     run(EvalConfig(target=str(target), method=method, split=split, way=way, shots=_shots(shot) if shot else None,
                    episodes=episodes, queries_per_class=queries_per_class, seed=seed, out=str(out) if out else None,
                    device=device, path=path, pps_test=pps_test, cache=str(cache) if cache else None,
-                   root=str(root) if root else None, eval_cache=str(eval_cache) if eval_cache else None))
+                   root=str(root) if root else None, eval_cache=str(eval_cache) if eval_cache else None,
+                   token_cache_mb=token_cache_mb))
 
 
 _P = PredictConfig
