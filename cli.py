@@ -167,6 +167,7 @@ def extract(
     strict: Annotated[bool, typer.Option(help="Missing or undecodable videos are an error.")] = _X.strict,
     verify_deep: Annotated[bool, typer.Option(help="Read every feature chunk for damage first (default: only those changed since the last clean verify).")] = _X.verify_deep,
     retry_failed: Annotated[bool, typer.Option(help="Decode videos that failed before again, even if their files did not change.")] = _X.retry_failed,
+    tokens: Annotated[Optional[str], typer.Option(help="Also store per-frame token arrays: SPEC = last, blocks 4,8,12 (ViT), map (ResNet), optionally @HxW (pooled grid). A finished cache is extended in place (its features kept); default: the tokens the cache has.")] = _X.tokens,
     debug: DebugOpt = False,
 ) -> None:
     """Decode T frames per video, encode them with CLIP, and store them with the prompt embeddings."""
@@ -187,7 +188,7 @@ def extract(
         preset=preset.value, cache_dir=str(cache_dir), name=name, train_views=train_views, seed=seed,
         batch_videos=batch_videos, chunk_rows=chunk_rows, device=device,
         splits=tuple(split) if split else _X.splits, overwrite=overwrite, strict=strict, verify_deep=verify_deep,
-        retry_failed=retry_failed,
+        retry_failed=retry_failed, tokens=tokens,
         rank=env_rank if rank is None else rank, world_size=env_world if world_size is None else world_size,
     )
     run(cfg)

@@ -114,6 +114,8 @@ class ExtractConfig(VideoOptions):
     world_size: int = 1
     progress: bool = True
     way: int = 5  # a folder split with fewer val/test classes than this is warned about
+    # token arrays (mdmf_cache.tokens): a SPEC such as last, 4,8,12, map or last@7x7; None: those the cache has
+    tokens: str | None = None
 
     def __post_init__(self) -> None:
         data = PRESET_DATA.get(self.preset)
@@ -136,6 +138,11 @@ class ExtractConfig(VideoOptions):
             problems.append(f"--seed {self.seed}: must be >= 0")
         if self.root is None:
             problems.append("--root DIR (the video tree) is required")
+        if self.tokens is not None:
+            try:
+                TokenSpec.parse(self.tokens)
+            except ConfigError as e:
+                problems.append(str(e))
         if problems:
             raise ConfigError("bad options: " + "; ".join(problems))
 

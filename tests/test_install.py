@@ -86,7 +86,7 @@ print(json.dumps({{"splits_dir": found, "counts": counts, "config_dir": str(back
         "ssv2-full": [[64, 12, 24], [67013, 1926, 2857]],
     }
     assert Path(out["config_dir"]).resolve() == (installed / "mdmf_cache" / "clip" / "model_configs").resolve()
-    assert sorted(out["models"]) == ["mdmf-tiny-rn", "mdmf-tiny-vit"]
+    assert sorted(out["models"]) == ["mdmf-tiny-rn", "mdmf-tiny-vit", "mdmf-tiny-vit3"]
 
 
 def test_installed_extract_of_a_builtin_dataset_needs_no_splits_option(installed, tmp_path):

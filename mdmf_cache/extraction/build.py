@@ -1,14 +1,23 @@
 """Build a feature cache: videos -> CLIP frame embeddings + label-prompt text embeddings in Zarr.
 
 Steps, top to bottom (:func:`run_extract`):
-    1. resolve the splits and the video files;
+    1. check the options (a ``tokens`` SPEC against the model's config and the cache's own SPEC, before any heavy
+       work), resolve the splits and the video files;
     2. load the backbone, fingerprint the settings, open (or resume) the cache, under the cache's lock;
     3. rank 0 checks the cache (reading in full the feature chunks changed since its last clean verify, every
-       one with ``verify_deep``), repairs damage, matches every split's rows to the tree, writes the text
-       embeddings;
+       one with ``verify_deep``), repairs damage, matches every split's rows to the tree, gives the splits their
+       token arrays, writes the text embeddings;
     4. a pool of decoder processes feeds clips to the model; rows are written by whole chunks, then read
        back and recorded as verified (one process);
     5. with ``strict``, missing or failed videos are an error.
+
+Tokens (``tokens``, :mod:`mdmf_cache.tokens`): a split with token arrays gets them for every row it extracts,
+written with the row's features (before ``done``). A finished cache asked for tokens is extended in place: its
+finished rows are decoded again and only their token arrays written (then ``tokens_done``); the features and
+every other array stay as they are. Those rows go through the encoder in the batches a fresh extraction would
+use, so the tokens are the same bits as a cache extracted with them from the start. A rerun without ``tokens``
+keeps a cache's tokens and gives new rows theirs; another SPEC is refused (``overwrite`` replaces the token
+arrays, keeping the features).
 
 Resumable: killed at any moment, the same call continues where the cache says it stopped, and the
 final cache equals an uninterrupted run's (sampling and crops are seeded per video id and view).
@@ -37,11 +46,13 @@ import numpy as np
 from mdmf_cache.configs import ExtractConfig
 from mdmf_cache.data.datasets import SPLITS, Split, load_splits
 from mdmf_cache.errors import CacheError, MdmfError
-from mdmf_cache.extraction.embed import (ClipSource, clip_loader, distributed_env, encode_clips, find_videos,
-                                         fingerprint, prompts_for)
+from mdmf_cache.extraction.embed import (ClipSource, clip_loader, distributed_env, encode_clips, encode_clips_tokens,
+                                         find_videos, fingerprint, prompts_for)
 from mdmf_cache.fileio import process_lock, raise_if_disk_full
-from mdmf_cache.store.cache import CacheStore
+from mdmf_cache.store.cache import CacheStore, tokens_refusal
 from mdmf_cache.store.layout import group_name
+from mdmf_cache.store.verify import meta_problem
+from mdmf_cache.tokens import TokenSpec
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +97,32 @@ class ChunkWriter:
         self.last = time.monotonic()
 
     def _write(self, rows: np.ndarray) -> None:
+        # rows of a cache extended with tokens: their token arrays alone (the features stay as they are)
+        extend = [r for r in self.buf if r.get("tokens_only")]
+        if extend:
+            self.store.write_token_rows(self.split, np.array([r["row"] for r in extend]), _stack_tokens(extend),
+                                        {r["row"]: r["error"] for r in extend if r["error"]})
+        full = [r for r in self.buf if not r.get("tokens_only")]
+        if not full:
+            return
+        rows = np.array([r["row"] for r in full])
         values = {
-            "features": np.stack([r["features"] for r in self.buf]),
-            "frame_indices": np.stack([r["indices"] for r in self.buf]),
-            "num_frames": np.array([r["num_frames"] for r in self.buf], dtype=np.int32),
-            "failed": np.array([r["error"] != "" for r in self.buf]),
-            "errors": np.array([r["error"] for r in self.buf], dtype=object).astype(str),
+            "features": np.stack([r["features"] for r in full]),
+            "frame_indices": np.stack([r["indices"] for r in full]),
+            "num_frames": np.array([r["num_frames"] for r in full], dtype=np.int32),
+            "failed": np.array([r["error"] != "" for r in full]),
+            "errors": np.array([r["error"] for r in full], dtype=object).astype(str),
         }
         if self.stats is not None:
             st = [self.stats.get(int(r), (-1, -1)) for r in rows]
             values["file_size"] = np.array([a for a, _ in st], dtype=np.int64)
             values["file_mtime"] = np.array([b for _, b in st], dtype=np.int64)
-        self.store.write_rows(self.split, rows, values)
+        self.store.write_rows(self.split, rows, values, _stack_tokens(full) if "tokens" in full[0] else None)
+
+
+def _stack_tokens(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Token array name -> (R, V, T, P, Dt) of buffered rows."""
+    return {name: np.stack([r["tokens"][name] for r in rows]) for name in rows[0]["tokens"]}
 
 
 @dataclass
@@ -117,6 +142,8 @@ class SplitResult:
     changed: int = 0  # finished rows whose video file changed since (size or mtime): extracted again
     kept_failed: int = 0  # failed rows whose files did not change: not decoded again (--retry-failed does)
     repaired: int = 0  # damaged rows marked to be extracted again (verify_and_repair)
+    tokens: int = 0  # finished rows given their token arrays alone this run (a cache extended with tokens)
+    token_spec: str = ""  # the split's token SPEC ('' without tokens)
     damage: list[str] = field(default_factory=list)  # what was damaged
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -149,8 +176,14 @@ def extract_split(
     changed &= done
     retry = done & failed & present & owned & (changed | cfg.retry_failed)
     redo = changed & ~failed & present & owned
-    rows = np.flatnonzero((~done | retry | redo) & present & owned)
+    full = (~done | retry | redo) & present & owned
+    info = store.tokens_info(name)  # the split's own SPEC: rank 0 made its arrays before any rank started
+    spec = TokenSpec.parse(info.spec) if info else None
+    # finished rows without tokens (a cache extended with them): decoded again, their token arrays written alone
+    extend = done & ~failed & ~store.tokens_done_mask(name) & present & owned & ~full if spec else np.zeros_like(done)
+    rows = np.flatnonzero(full | extend)  # ascending: the batches a fresh extraction of these rows would have
     res = res or SplitResult(name)
+    res.token_spec = info.spec if info else ""
     res.videos, res.missing = len(found), len(split.video_ids) - len(found)
     res.reused = int((done & ~retry & ~redo & present & owned).sum())  # only this rank writes these rows
     res.retried, res.changed = int(retry.sum()), int(redo.sum())
@@ -160,7 +193,11 @@ def extract_split(
                  name, int(redo.sum()), row_ids[int(np.flatnonzero(redo)[0])])
     if len(rows) == 0:
         return res
+    if extend.any():
+        log.info("%s: adding tokens %s to %d finished videos (their features are kept)", name, spec.text,
+                 int(extend.sum()))
     retried = set(np.flatnonzero(retry).tolist())
+    tokens_only = set(np.flatnonzero(extend).tolist())
     ids = {int(r): row_ids[r] for r in rows}
     source = ClipSource(rows, [row_ids[r] for r in rows], [found[row_ids[r]] for r in rows], name == "train", views, cfg)
     loader = clip_loader(source, cfg, backbone.device)
@@ -169,7 +206,7 @@ def extract_split(
     t0 = time.perf_counter()
     try:
         for batch in loader:
-            _encode_batch(batch, backbone, cfg, views, ids, retried, writer, res)
+            _encode_batch(batch, backbone, cfg, views, ids, retried, writer, res, spec, tokens_only)
             if progress:
                 progress.advance(task, len(batch))
     finally:  # Ctrl-C or an error: the finished rows buffered so far are kept
@@ -178,30 +215,62 @@ def extract_split(
     return res
 
 def _encode_batch(batch: list, backbone, cfg: ExtractConfig, views: int, ids: dict, retried: set,
-                  writer: "ChunkWriter", res: SplitResult) -> None:
-    """Encode one batch of decoded clips and hand its rows (failures recorded) to the writer."""
+                  writer: "ChunkWriter", res: SplitResult, spec: TokenSpec | None = None,
+                  tokens_only: set | None = None) -> None:
+    """Encode one batch of decoded clips and hand its rows (failures recorded) to the writer.
+
+    With ``spec`` every row gets its token arrays too; rows in ``tokens_only`` (finished before, extended with
+    tokens) are handed over with their tokens alone."""
     T, D = cfg.num_frames, backbone.dim
+    tokens_only = tokens_only or set()
     ok = [b for b in batch if "error" not in b]
     feats: dict[int, np.ndarray] = {}
-    if ok:
+    toks: dict[int, dict[str, np.ndarray]] = {}
+    if ok and spec is not None:
+        emb, arrays = encode_clips_tokens(ok, backbone, cfg, views, spec)
+        feats = {b["row"]: emb[j] for j, b in enumerate(ok)}
+        toks = {b["row"]: {name: a[j] for name, a in arrays.items()} for j, b in enumerate(ok)}
+    elif ok:
         emb = encode_clips(ok, backbone, cfg, views)
         feats = {b["row"]: emb[j] for j, b in enumerate(ok)}
     for b in ok:  # NaN or inf from the encoder (or float16 overflow): recorded as a failure, never as features
         if not np.isfinite(feats[b["row"]]).all():
             b["error"] = "the encoder gave NaN or inf for this video's frames"
+        elif not all(np.isfinite(t).all() for t in toks.get(b["row"], {}).values()):
+            b["error"] = "the encoder gave NaN or inf for this video's tokens"
     for b in batch:
+        row = b["row"]
+        if row in tokens_only and "error" in b and row not in toks:
+            # a video that decoded before (its file unchanged) and does not now: its features are kept, its tokens
+            # left for the next run
+            res.failures.append((ids[row], f"tokens not added: {b['error']}"))
+            log.warning("%s: tokens not added (%s); the next run tries again", ids[row], b["error"])
+            continue
         if "error" in b:
             res.failed += 1
-            res.still_failing += int(b["row"] in retried)
-            res.failures.append((ids[b["row"]], b["error"]))
-            log.debug("failed %s: %s", ids[b["row"]], b["error"])
-            writer.add({"row": b["row"], "features": np.zeros((views, T, D), np.float16),
-                        "indices": np.full((views, T), -1, np.int32), "num_frames": 0, "error": b["error"]})
+            res.still_failing += int(row in retried)
+            res.failures.append((ids[row], b["error"]))
+            log.debug("failed %s: %s", ids[row], b["error"])
+        if row in tokens_only:  # a finished row: its tokens, or (NaN or inf in them) its failure, recorded
+            res.tokens += int("error" not in b)
+            writer.add({"row": row, "tokens_only": True, "error": b.get("error", ""),
+                        "tokens": toks[row] if "error" not in b else _zero_tokens(writer, views, T)})
+            continue
+        if "error" in b:
+            zero = {"tokens": _zero_tokens(writer, views, T)} if spec is not None else {}
+            writer.add({"row": row, "features": np.zeros((views, T, D), np.float16),
+                        "indices": np.full((views, T), -1, np.int32), "num_frames": 0, "error": b["error"], **zero})
         else:
             res.extracted += 1
             res.short += int(b["num_frames"] < T)
-            writer.add({"row": b["row"], "features": feats[b["row"]], "indices": b["indices"],
-                        "num_frames": b["num_frames"], "error": ""})
+            writer.add({"row": row, "features": feats[row], "indices": b["indices"], "num_frames": b["num_frames"],
+                        "error": "", **({"tokens": toks[row]} if spec is not None else {})})
+
+
+def _zero_tokens(writer: "ChunkWriter", views: int, T: int) -> dict[str, np.ndarray]:
+    """The token arrays of a failed row: zeros (no chunk file is kept for them)."""
+    info = writer.store.tokens_info(writer.split)
+    return {name: np.zeros((views, T, info.patches, info.dim), np.float16) for name in TokenSpec.parse(info.spec).arrays}
 
 
 def file_stat(path) -> tuple[int, int]:
@@ -219,8 +288,10 @@ def _progress():
 
     return make_progress("videos")
 
-def prepare_cache(store: CacheStore, splits: dict[str, Split], cfg: ExtractConfig, backbone) -> dict[str, SplitResult]:
-    """Rank 0: match every split's rows to the tree and (re)compute stale text embeddings."""
+def prepare_cache(store: CacheStore, splits: dict[str, Split], cfg: ExtractConfig, backbone, tokens=None
+                  ) -> dict[str, SplitResult]:
+    """Rank 0: match every split's rows to the tree, give the splits the token arrays of ``tokens`` (a TokenInfo;
+    None: no tokens) and (re)compute stale text embeddings."""
     store.root.attrs["ready"] = False  # until rows and text match this run (info: not complete if killed here)
     # damage (a deleted or garbled chunk, a corrupt zarr.json): undone here, redone by this run
     t0 = time.perf_counter()
@@ -238,6 +309,8 @@ def prepare_cache(store: CacheStore, splits: dict[str, Split], cfg: ExtractConfi
             views=cfg.train_views if name == "train" else 1, num_frames=cfg.num_frames, dim=backbone.dim,
             chunk_rows=cfg.chunk_rows,
         )
+        if tokens is not None and store.ensure_tokens(name, tokens, cfg.num_frames, replace=cfg.overwrite):
+            log.info("%s: token arrays %s made (%s)", name, tokens.spec, ", ".join(store.token_arrays(name)))
         res = results[name] = SplitResult(name, added=0 if sync.created else sync.added, vanished=sync.vanished,
                                           repaired=sync.rows if name in rebuilt else len(redo.get(name, ())),
                                           damage=[str(d) for d in damages if d.split == name])
@@ -256,7 +329,9 @@ def prepare_cache(store: CacheStore, splits: dict[str, Split], cfg: ExtractConfi
                 log.info("%s: %s: recomputing the text embeddings only; frame features unchanged", name, res.text)
             store.write_text(name, backbone.encode_texts(prompts).numpy(), prompts, cfg.prompt_template,
                              class_names=split.class_names)
-    store.root.attrs["config"] = json.loads(json.dumps(asdict(cfg), default=str))
+    # the config records the SPEC the cache holds, also when this run was not given one (it kept the cache's)
+    saved = asdict(cfg) | {"tokens": tokens.spec if tokens is not None else None}
+    store.root.attrs["config"] = json.loads(json.dumps(saved, default=str))
     store.mark_ready()
     return results
 
@@ -277,6 +352,23 @@ def wait_for_rows(store: CacheStore, splits: dict[str, Split], rank: int, wait_s
             raise CacheError(f"rank {rank}: {lacking} videos this rank found have no row in {store.path} after "
                              f"{wait_s:.0f} s; do all ranks see the same --root?")
         time.sleep(0.5)
+
+def cache_tokens(path: Path) -> str | None:
+    """The token SPEC an existing cache holds (a split's ``tokens`` attribute, else its recorded config's); None: no
+    cache, none, or metadata too damaged to say (the run's repair then decides)."""
+    if meta_problem(path):
+        return None
+    try:
+        store = CacheStore(path)
+        for split in ("train", "val", "test"):
+            if not meta_problem(path / split):
+                info = store.tokens_info(split) if split in store.root else None
+                if info is not None:
+                    return info.spec
+        return (store.root.attrs.get("config") or {}).get("tokens") or None
+    except (CacheError, OSError, ValueError, KeyError):
+        return None
+
 
 def split_changes(path: Path, splits: dict[str, Split]) -> str | None:
     """What changed between the split files a cache was made from and ``splits``: the first classes and
@@ -331,10 +423,18 @@ def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
         CacheError: an existing cache made with other settings (without --overwrite).
         MdmfError: with --strict, when videos were missing or failed.
     """
-    from mdmf_cache.clip.backbone import load_backbone, pretrained_slug
+    from mdmf_cache.clip.backbone import load_backbone, pretrained_slug, token_info
 
     cfg.validate()
-    # 1. splits and files
+    # 1. the token SPEC, checked against the model's config and the cache's own SPEC before any heavy work
+    spec = TokenSpec.parse(cfg.tokens) if cfg.tokens else None
+    if spec is not None:
+        token_info(cfg.model, spec)
+    path = Path(cfg.cache_dir) / group_name(cfg.cache_name, cfg.model, pretrained_slug(cfg.pretrained))
+    have = cache_tokens(path)
+    if spec is not None and have is not None and have != spec.text and not cfg.overwrite:
+        raise CacheError(tokens_refusal(path, have, spec.text))
+    # splits and files
     splits = load_splits(cfg.dataset, Path(cfg.splits_dir) if cfg.splits_dir else None, Path(cfg.root), cfg.seed,
                          labels_file=Path(cfg.labels) if cfg.labels else None)
     # the fingerprint covers every split file, so extracting --split test now and train later shares one cache
@@ -352,14 +452,16 @@ def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
         if torch.cuda.is_available():
             device = f"cuda:{distributed_env()[2] % torch.cuda.device_count()}"
     backbone = load_backbone(cfg.model, cfg.pretrained, device)
+    # the cache keeps the tokens it has when none are asked for (new rows get them too: arrays stay complete)
+    wanted = spec.text if spec is not None else have
+    tokens = backbone.token_info(wanted) if wanted else None
     fp = fingerprint(cfg, backbone.weights, split_hashes)
-    path = Path(cfg.cache_dir) / group_name(cfg.cache_name, cfg.model, pretrained_slug(cfg.pretrained))
     # rank 0 holds the cache's lock (other ranks of the same job follow rank 0)
     with extract_lock(path) if cfg.rank == 0 else contextlib.nullcontext():
-        return _extract_into(path, fp, cfg, splits, every_split, backbone)
+        return _extract_into(path, fp, cfg, splits, every_split, backbone, tokens)
 
 def _extract_into(path: Path, fp: dict, cfg: ExtractConfig, splits: dict[str, Split], every_split: dict[str, Split],
-                  backbone) -> tuple[Path, list[SplitResult]]:
+                  backbone, tokens=None) -> tuple[Path, list[SplitResult]]:
     """Steps 2 (the cache) to 5 of :func:`run_extract`."""
     note = None
     if (path / "zarr.json").is_file() and not cfg.overwrite and cfg.rank == 0:
@@ -368,7 +470,7 @@ def _extract_into(path: Path, fp: dict, cfg: ExtractConfig, splits: dict[str, Sp
     store = CacheStore.open_for_writing(path, fp, overwrite=cfg.overwrite, rank=cfg.rank, split_note=note)
     # 3. rows matched to the tree, text (rank 0); the other ranks wait for the rows they need
     if cfg.rank == 0:
-        results = prepare_cache(store, splits, cfg, backbone)
+        results = prepare_cache(store, splits, cfg, backbone, tokens)
     else:
         wait_for_rows(store, splits, cfg.rank)
         results = {name: SplitResult(name) for name in splits}
@@ -382,7 +484,7 @@ def _extract_into(path: Path, fp: dict, cfg: ExtractConfig, splits: dict[str, Sp
             extract_split(store, split, cfg, backbone, res=results[split.name])
     # what this run wrote is read back (likely still in the page cache) and recorded as verified, so the next
     # rerun starts at once; with several ranks the others may still be writing: their chunks wait for that rerun
-    if cfg.rank == 0 and cfg.world_size == 1 and any(r.extracted or r.failed for r in results.values()):
+    if cfg.rank == 0 and cfg.world_size == 1 and any(r.extracted or r.failed or r.tokens for r in results.values()):
         damages = store.verify(deep="changed")
         if damages:
             log.warning("%s: %s right after writing it; the next extract run repairs it", path, damages[0])

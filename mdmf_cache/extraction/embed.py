@@ -22,7 +22,7 @@ from mdmf_cache.store.read import FeatureSplit
 log = logging.getLogger(__name__)
 
 __all__ = ["distributed_env", "fingerprint", "prompts_for", "ClipSource", "worker_init", "clip_loader", "encode_clips",
-           "embed_split", "find_videos"]
+           "encode_clips_tokens", "embed_split", "find_videos"]
 
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun or SLURM variables; (0, 1, 0) otherwise."""
@@ -134,18 +134,35 @@ def clip_loader(source: "ClipSource", cfg: ExtractConfig, device):
         persistent_workers=False, pin_memory=device.type == "cuda",
     )
 
+def _pixels(ok: list[dict[str, Any]], backbone, cfg: ExtractConfig, views: int):
+    """``(B*V*T, 3, 224, 224)`` normalised pixels of decoded clips, video-major, then view, then frame."""
+    from mdmf_cache.data.preprocess import preprocess_clips
+
+    clips = [b["frames"][v] for b in ok for v in range(views)]
+    crops = [b["crops"][v] for b in ok for v in range(views)]
+    return preprocess_clips(clips, crops, backbone.device, normalize=cfg.normalize).flatten(0, 1)
+
+
 def encode_clips(ok: list[dict[str, Any]], backbone, cfg: ExtractConfig, views: int) -> np.ndarray:
     """Decoded clips (``ClipSource`` items without an error) -> ``(B, V, T, D)`` float16 frame embeddings."""
     import torch
 
-    from mdmf_cache.data.preprocess import preprocess_clips
+    T, D = cfg.num_frames, backbone.dim
+    emb = backbone.encode_images(_pixels(ok, backbone, cfg, views))  # (B*V*T, D)
+    return emb.view(len(ok), views, T, D).to(torch.float16).cpu().numpy()
+
+
+def encode_clips_tokens(ok: list[dict[str, Any]], backbone, cfg: ExtractConfig, views: int, spec
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Decoded clips -> the ``(B, V, T, D)`` float16 frame embeddings of :func:`encode_clips` (the same bits on the
+    same batch) and, per layer of the TokenSpec ``spec``, its array name -> ``(B, V, T, P, Dt)`` float16 tokens."""
+    import torch
 
     T, D = cfg.num_frames, backbone.dim
-    clips = [b["frames"][v] for b in ok for v in range(views)]
-    crops = [b["crops"][v] for b in ok for v in range(views)]
-    pix = preprocess_clips(clips, crops, backbone.device, normalize=cfg.normalize)  # (B*V, T, 3, 224, 224)
-    emb = backbone.encode_images(pix.flatten(0, 1))  # (B*V*T, D)
-    return emb.view(len(ok), views, T, D).to(torch.float16).cpu().numpy()
+    emb, tokens = backbone.encode_with_tokens(_pixels(ok, backbone, cfg, views), spec)  # (B*V*T, D), L x (B*V*T, P, Dt)
+    out = {name: t.view(len(ok), views, T, *t.shape[1:]).to(torch.float16).cpu().numpy()
+           for name, t in zip(spec.arrays, tokens)}
+    return emb.view(len(ok), views, T, D).to(torch.float16).cpu().numpy(), out
 
 def embed_split(split: Split, cfg: ExtractConfig, backbone, text, progress=None, keep_failed: bool = False,
                 share: tuple[int, int] = (0, 1), counts: dict[str, int] | None = None) -> FeatureSplit:

@@ -44,6 +44,8 @@ def print_extract_summary(path: Path, results) -> None:
                           soft_wrap=True)
         if r.text and r.text != "new":
             console.print(f"{r.split}: {r.text}: text embeddings recomputed, frame features unchanged")
+        if r.tokens:
+            console.print(f"{r.split}: tokens {r.token_spec} added to {r.tokens} finished videos (features unchanged)")
     failures = [f for r in results for f in r.failures]
     if failures:
         console.print(f"[yellow]{len(failures)} videos failed[/] (recorded in the cache), e.g.:")
@@ -61,7 +63,37 @@ INFO_ROWS = (  # (label, summary key or formatter): one line per field, one colu
     ("classes", lambda s: str(s["classes"])),
     ("features N,V,T,D", lambda s: ",".join(map(str, s["shape"]))),
     ("text", lambda s: "yes" if s["has_text"] else "no"),
+    ("tokens", lambda s: f"{s['tokens']['done']}/{s['tokens']['of']}" if s["tokens"] else "-"),
 )
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{nbytes / 2**10:.1f} KiB"
+
+
+def token_arrays_info(store) -> list[dict]:
+    """Each token array of a cache: split, name, layer, grid, class token, Dt, P, shape and bytes on disk."""
+    import os
+
+    from mdmf_cache.tokens import array_name
+
+    out = []
+    for split in store.splits:
+        info = store.tokens_info(split)
+        if info is None:
+            continue
+        for layer in info.layers:
+            name = array_name(layer)
+            folder = store.path / split / name
+            with os.scandir(folder) as it:
+                size = sum(e.stat().st_size for e in it if e.is_file())
+            out.append({"split": split, "array": name, "layer": layer, "grid": list(info.grid), "cls": info.cls,
+                        "dim": info.dim, "patches": info.patches, "shape": list(store.root[split][name].shape),
+                        "bytes": size})
+    return out
 
 
 def print_info(path: Path) -> dict:
@@ -77,6 +109,7 @@ def print_info(path: Path) -> dict:
                "fingerprint": store.fingerprint, "damaged": [str(d) for d in damages]}
     for split in store.splits:
         summary["splits"][split] = store.split_summary(split)
+    summary["token_arrays"] = token_arrays_info(store)
     console.print(f"cache: {path}", soft_wrap=True)
     table = Table()
     table.add_column("")
@@ -85,6 +118,14 @@ def print_info(path: Path) -> dict:
     for label, fmt in INFO_ROWS:
         table.add_row(label, *[fmt(s) for s in summary["splits"].values()])
     console.print(table)
+    if summary["token_arrays"]:  # what each token array holds (the tokens row above: finished rows that have them)
+        tokens = Table(title="token arrays (N, V, T, P, Dt) float16")
+        for col in ("split", "array", "layer", "grid", "class token", "P", "Dt", "on disk"):
+            tokens.add_column(col, justify="left" if col in ("split", "array") else "right")
+        for a in summary["token_arrays"]:
+            tokens.add_row(a["split"], a["array"], a["layer"], "x".join(map(str, a["grid"])), "yes" if a["cls"] else "no",
+                           str(a["patches"]), str(a["dim"]), _size(a["bytes"]))
+        console.print(tokens)
     if damages:
         console.print(f"complete: [red]no, damaged[/] ({len(damages)} parts; 'mdmf-cache verify {path}' reads every "
                       "chunk; rerun the extract command to repair):", soft_wrap=True)
@@ -92,6 +133,12 @@ def print_info(path: Path) -> dict:
             console.print(f"  [red]damaged[/] {d}", soft_wrap=True)
     else:
         console.print("complete: " + ("[green]yes[/]" if summary["complete"] else "[yellow]no[/] (rerun the extract command to finish)"))
+    lacking = {split: s["tokens"]["of"] - s["tokens"]["done"] for split, s in summary["splits"].items()
+               if s["tokens"] and s["tokens"]["done"] < s["tokens"]["of"]}
+    if lacking:
+        console.print("[yellow]tokens not complete[/]: " + "; ".join(f"{split}: {k} finished videos without their tokens"
+                                                                      for split, k in lacking.items())
+                      + " (rerun the extract command)")
     for split, s in summary["splits"].items():
         for vid, err in s["failures"][:5]:
             console.print(f"  [yellow]failed[/] {split} {vid}: {err}")

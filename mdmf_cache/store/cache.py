@@ -19,6 +19,8 @@ Layout (one group per dataset x backbone x weights under ``--cache-dir``)::
             present        (N,)         bool      the video was on disk at the last run
             order          (N,)         int64     position in the split listing (-1: not listed now)
             text_features  (C, D)       float32   prompt embeddings, in attrs.classes order
+            tokens_<layer> (N, V, T, P, Dt) float16  with ``extract --tokens``: one array per layer, a row per chunk
+            tokens_done    (N,)         bool      the row's token arrays are written (attrs.tokens: TokenInfo)
         val/ ...  test/ ...              V = 1
 
 A row belongs to its video id, for good. A rerun after the video tree changed appends rows for
@@ -64,8 +66,9 @@ import mdmf_cache.store.verify as store_verify
 from mdmf_cache.errors import CacheError
 from mdmf_cache.fileio import atomic_write_text
 from mdmf_cache.store.layout import (FORMAT_VERSION, META_ARRAYS, META_CHUNK, ROW_ARRAYS, STAT_ARRAYS,
-                                     fingerprint_diff, unit_rows_for)
+                                     TOKEN_CHUNK_KEYS, TOKENS_DONE, fingerprint_diff, unit_rows_for)
 from mdmf_cache.store.verify import Damage, meta_problem
+from mdmf_cache.tokens import ARRAY_PREFIX, TokenInfo, array_name
 
 log = logging.getLogger(__name__)
 
@@ -261,13 +264,16 @@ class CacheStore:
                 have.add(v)
                 new.append(i)
         n = n_old + len(new)
+        tokens = self.token_arrays(name)  # a split with tokens: new rows get them too (arrays stay row-aligned)
         if n != g["done"].shape[0]:  # also undoes the growth of a run killed before it set num_videos
-            for arr in (*ROW_ARRAYS, *STAT_ARRAYS, *META_ARRAYS):
+            for arr in (*ROW_ARRAYS, *STAT_ARRAYS, *META_ARRAYS, *tokens):
                 g[arr].resize((n, *g[arr].shape[1:]))
         if new:
             g["video_ids"][n_old:n] = np.array([listed[i] for i in new], dtype=object).astype(str)
             g["labels"][n_old:n] = labels[new]
             g["done"][n_old:n] = False  # explicit: a shrunk-then-grown chunk may hold stale values
+            if tokens:
+                g[TOKENS_DONE][n_old:n] = False
         ids = stored + [listed[i] for i in new]
         pos = {v: i for i, v in enumerate(listed)}
         on_disk = {v for v, p in zip(listed, present) if p}
@@ -308,6 +314,56 @@ class CacheStore:
             "order": ((), META_CHUNK, "int64", -1),
         }
 
+    @staticmethod
+    def token_specs(views: int, num_frames: int, info: TokenInfo, unit_rows: int) -> dict[str, tuple]:
+        """name -> (shape after the row axis, rows per chunk, dtype, fill value) of a split's token arrays."""
+        out = {array_name(layer): ((views, num_frames, info.patches, info.dim), 1, "float16", 0) for layer in info.layers}
+        out[TOKENS_DONE] = ((), unit_rows, bool, False)
+        return out
+
+    def tokens_info(self, split: str) -> TokenInfo | None:
+        """What the split's token arrays hold (None: it has none)."""
+        attrs = self.root[split].attrs.get("tokens")
+        return TokenInfo.from_attrs(attrs) if attrs else None
+
+    def token_arrays(self, split: str) -> list[str]:
+        """The split's token arrays (``tokens_<layer>`` of its SPEC, then ``tokens_done``); [] without tokens."""
+        info = self.tokens_info(split)
+        return [*(array_name(layer) for layer in info.layers), TOKENS_DONE] if info else []
+
+    def tokens_done_mask(self, split: str) -> np.ndarray:
+        """(N,) the row's token arrays are written; all False for a split without tokens."""
+        if self.tokens_info(split) is None:
+            return np.zeros(self.num_rows(split), dtype=bool)
+        return self._rows(split, TOKENS_DONE).astype(bool)
+
+    def ensure_tokens(self, split: str, info: TokenInfo, num_frames: int, replace: bool = False) -> bool:
+        """Give a split token arrays of ``info`` (rank 0, after :meth:`sync_rows`, before any rank extracts): every
+        row not ``tokens_done``. The ``tokens`` attribute is written last, so a run killed while creating the arrays
+        leaves a split without tokens that the next run gives them again. Returns whether they were made now.
+
+        Raises:
+            CacheError: the split has tokens of another SPEC (unless ``replace``: they are deleted first; the
+                features are kept).
+        """
+        g = self.root[split]
+        old = self.tokens_info(split)
+        if old is not None and old == info:
+            return False
+        if old is not None and not replace:
+            raise CacheError(tokens_refusal(self.path, old.spec, info.spec))
+        g.attrs["tokens"] = None
+        for name in list(g.array_keys()):  # also half-made arrays of a killed run
+            if name.startswith(ARRAY_PREFIX) or name == TOKENS_DONE:
+                del g[name]
+        n = self.num_rows(split)
+        for arr, (tail, rows, dtype, fill) in self.token_specs(int(g.attrs["views"]), num_frames, info,
+                                                               self.unit_rows(split)).items():
+            g.create_array(arr, shape=(n, *tail), chunks=(rows, *tail), dtype=dtype, fill_value=fill,
+                           **({"chunk_key_encoding": TOKEN_CHUNK_KEYS} if arr != TOKENS_DONE else {}))
+        g.attrs["tokens"] = info.to_attrs()
+        return True
+
     def _create_split(self, name: str, views: int, num_frames: int, dim: int, chunk_rows: int,
                       classes: list[str], unit_rows: int) -> None:
         g = self.root.create_group(name)
@@ -321,12 +377,16 @@ class CacheStore:
         import tempfile
 
         g = self.root[split]
-        tail, rows, dtype, fill = self.array_specs(int(g.attrs["views"]), num_frames, dim, self.chunk_rows(split),
-                                                   self.unit_rows(split))[name]
+        specs = self.array_specs(int(g.attrs["views"]), num_frames, dim, self.chunk_rows(split), self.unit_rows(split))
+        info = self.tokens_info(split)
+        if info is not None:
+            specs.update(self.token_specs(int(g.attrs["views"]), num_frames, info, self.unit_rows(split)))
+        tail, rows, dtype, fill = specs[name]
+        keys = {"chunk_key_encoding": TOKEN_CHUNK_KEYS} if name.startswith(ARRAY_PREFIX) else {}
         with tempfile.TemporaryDirectory(dir=self.path.parent) as tmp:
             fresh = _zarr().open_group(store=tmp, mode="w")
             fresh.create_array(name, shape=(int(g.attrs["num_videos"]), *tail), chunks=(rows, *tail), dtype=dtype,
-                               fill_value=fill)
+                               fill_value=fill, **keys)
             atomic_write_text(self.path / split / name / "zarr.json", (Path(tmp) / name / "zarr.json").read_text())
 
     def mark_ready(self) -> None:
@@ -385,13 +445,16 @@ class CacheStore:
         present = self.present_mask(split)
         return np.flatnonzero(~done & present & (self.owner(split, world_size) == rank))
 
-    def write_rows(self, split: str, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
-        """Write finished rows, all inside one chunk of ``features``, data first and ``done`` last.
+    def write_rows(self, split: str, rows: np.ndarray, values: dict[str, np.ndarray],
+                   tokens: dict[str, np.ndarray] | None = None) -> None:
+        """Write finished rows, all inside one chunk of ``features``, data first and ``done`` last (then
+        ``tokens_done``).
 
         Args:
             rows: ascending row indices, all in the same chunk.
             values: array name -> values for those rows (``features``, ``frame_indices``,
                 ``num_frames``, ``failed``, ``errors``, and ``file_size``/``file_mtime`` when recorded).
+            tokens: token array name -> (R, V, T, P, Dt) values of the same rows (a split with tokens).
         """
         g = self.root[split]
         cr = self.chunk_rows(split)
@@ -402,6 +465,7 @@ class CacheStore:
             raise ValueError("write_rows takes rows of one chunk")
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         contiguous = hi - lo == len(rows)
+        self._write_tokens(split, rows, tokens or {})
         for name, val in values.items():
             arr = g[name]
             if contiguous:
@@ -410,10 +474,45 @@ class CacheStore:
                 block = arr[lo:hi]
                 block[rows - lo] = val
                 arr[lo:hi] = block
-        done = g["done"]
-        block = np.asarray(done[lo:hi])
+        self._set_flag(split, "done", rows)
+        if tokens:
+            self._set_flag(split, TOKENS_DONE, rows)
+
+    def write_token_rows(self, split: str, rows: np.ndarray, tokens: dict[str, np.ndarray],
+                         failures: dict[int, str] | None = None) -> None:
+        """Write the token arrays of finished rows (a cache extended with tokens), then ``tokens_done``; the features
+        and every other per-row array are left as they are. The rows are one writer's, inside one chunk of
+        ``features``. ``failures``: rows whose tokens came out NaN or inf, recorded as failed (with the message)
+        instead; their features stay, unused."""
+        rows = np.asarray(rows)
+        if len(rows) == 0:
+            return
+        self._write_tokens(split, rows, tokens)
+        if failures:  # the message first, then the flag (verify names a flag-less message as damage)
+            g = self.root[split]
+            bad = np.array(sorted(failures), dtype=np.int64)
+            lo, hi = int(bad[0]), int(bad[-1]) + 1
+            errors = np.asarray(g["errors"][lo:hi]).astype(object)
+            errors[bad - lo] = [failures[int(r)] for r in bad]
+            g["errors"][lo:hi] = errors.astype(str)
+            self._set_flag(split, "failed", bad)
+        self._set_flag(split, TOKENS_DONE, rows)
+
+    def _write_tokens(self, split: str, rows: np.ndarray, tokens: dict[str, np.ndarray]) -> None:
+        """One chunk file per row and array: each row written on its own, nothing read back."""
+        g = self.root[split]
+        for name, val in tokens.items():
+            arr = g[name]
+            for i, r in enumerate(rows):
+                arr[int(r)] = val[i]
+
+    def _set_flag(self, split: str, name: str, rows: np.ndarray) -> None:
+        """Set a per-row flag (``done``, ``tokens_done``) of rows inside one of this writer's units."""
+        arr = self.root[split][name]
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        block = np.asarray(arr[lo:hi])
         block[rows - lo] = True
-        done[lo:hi] = block
+        arr[lo:hi] = block
 
     def write_text(self, split: str, embeddings: np.ndarray, prompts: list[str], template: str,
                    class_names: list[str] | None = None) -> None:
@@ -455,8 +554,25 @@ class CacheStore:
             "views": int(g.attrs["views"]),
             "shape": [self.num_rows(split), *g["features"].shape[1:]],
             "has_text": self.prompts(split) is not None,
+            "tokens": self._tokens_summary(split, use & ~failed),
             "failures": [(str(ids[i]), str(errors[i])) for i in np.flatnonzero(failed & use)],
         }
+
+    def _tokens_summary(self, split: str, ok: np.ndarray) -> dict[str, Any] | None:
+        """A split's token arrays: what they hold, and how many of the ``ok`` rows have them (None: no tokens)."""
+        info = self.tokens_info(split)
+        if info is None:
+            return None
+        return {**info.to_attrs(), "patches": info.patches, "done": int((ok & self.tokens_done_mask(split)).sum()),
+                "of": int(ok.sum())}
+
+    def tokens_pending(self, split: str) -> np.ndarray:
+        """Rows whose token arrays are still to be written: finished, not failed, on disk, not ``tokens_done``
+        (none in a split without tokens)."""
+        if self.tokens_info(split) is None:
+            return np.zeros(0, dtype=np.int64)
+        failed = self._rows(split, "failed").astype(bool)
+        return np.flatnonzero(self.done_mask(split) & ~failed & self.present_mask(split) & ~self.tokens_done_mask(split))
 
     def is_complete(self) -> bool:
         """Every video on disk at the last run is finished and every split has its text."""
@@ -485,4 +601,11 @@ class CacheStore:
         return store_verify.repair(self, damages)
 
 
-__all__ = ["CacheStore", "RowSync"]
+def tokens_refusal(path: Path | str, have: str, asked: str) -> str:
+    """The one line that refuses token arrays of another SPEC than a cache holds."""
+    return (f"{path} holds tokens {have}, asked for tokens {asked}: a cache holds one --tokens SPEC; rerun with "
+            f"--tokens {have} (or without --tokens), or add --overwrite to replace its token arrays by {asked} "
+            "(the features are kept)")
+
+
+__all__ = ["CacheStore", "RowSync", "tokens_refusal"]

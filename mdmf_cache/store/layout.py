@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FORMAT_VERSION", "ROW_ARRAYS", "STAT_ARRAYS", "META_ARRAYS", "UNITS_PER_SPLIT", "MAX_UNIT_ROWS",
-           "META_CHUNK", "group_name", "fingerprint_diff", "unit_rows_for"]
+__all__ = ["FORMAT_VERSION", "ROW_ARRAYS", "STAT_ARRAYS", "META_ARRAYS", "TOKENS_DONE", "TOKEN_CHUNK_KEYS",
+           "UNITS_PER_SPLIT", "MAX_UNIT_ROWS", "META_CHUNK", "group_name", "fingerprint_diff", "unit_rows_for"]
 
 
 #: 2: rows keyed by video id (present, order), train views seeded by the id, fingerprint {video, text}.
@@ -17,6 +17,12 @@ FORMAT_VERSION = 2
 ROW_ARRAYS = ("features", "frame_indices", "num_frames", "failed", "errors", "done")
 STAT_ARRAYS = ("file_size", "file_mtime")  # written with the rows; absent from caches made before them
 META_ARRAYS = ("video_ids", "labels", "present", "order")
+#: A split with token arrays (``tokens_<layer>``, :mod:`mdmf_cache.tokens`) also has this per-row flag, chunked by
+#: ``unit_rows`` like ``done``: the row's token arrays are written (a cache extended with tokens fills them later).
+TOKENS_DONE = "tokens_done"
+#: Token arrays have one row per chunk (a reader takes a video's tokens with one file read); ``.`` keeps their
+#: chunk files side by side in the array's folder (one file per row, not four nested folders each).
+TOKEN_CHUNK_KEYS = {"name": "default", "separator": "."}
 UNITS_PER_SPLIT = 256  # a new split's unit_rows aims at this many units (ranks share them evenly)
 MAX_UNIT_ROWS = 4096
 META_CHUNK = 1 << 16  # rows per chunk of the small per-row arrays only rank 0 writes

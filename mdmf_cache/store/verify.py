@@ -3,7 +3,10 @@
 
 Damage (a chunk file deleted or truncated, a ``zarr.json`` corrupted, NaN or inf in the features) is found
 by :func:`verify`: every ``zarr.json`` readable, every chunk that must hold data present and readable,
-labels in range, no all-zero or non-finite finished row, text present. Readers run its cheap part
+labels in range, no all-zero or non-finite finished row, text present. A split with token arrays gets the same
+checks of them (each finished row marked ``tokens_done`` has its chunk file in every ``tokens_<layer>``, readable,
+finite and not all zero); their repair marks the rows not ``tokens_done``, so the rerun redoes those rows' tokens
+alone. Readers run its cheap part
 (metadata, chunk files present, the small arrays) before they load, and check the features they read;
 ``extract`` runs all of it, reading in full only the feature chunks that changed since the last clean
 verify (``NAME.zarr.verified.json``; ``--verify-deep`` reads them all, as ``mdmf-cache verify`` does),
@@ -12,6 +15,7 @@ and re-extracts only the damaged rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +28,8 @@ import numpy as np
 
 from mdmf_cache.errors import CacheError
 from mdmf_cache.fileio import atomic_write_json
-from mdmf_cache.store.layout import META_ARRAYS, ROW_ARRAYS, STAT_ARRAYS
+from mdmf_cache.store.layout import META_ARRAYS, ROW_ARRAYS, STAT_ARRAYS, TOKENS_DONE
+from mdmf_cache.tokens import ARRAY_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,11 @@ def row_problems(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         zero = (flat == 0).all(-1).any(-1)
         nonfinite = ~np.isfinite(flat).reshape(k, -1).all(-1)
     return zero, nonfinite
+
+
+def _chunk_key(arr, row: int) -> str:
+    """The chunk file (relative to the array's folder) holding ``row`` of an array chunked one row per chunk."""
+    return arr.metadata.chunk_key_encoding.encode_chunk_key((row,) + (0,) * (len(arr.shape) - 1))
 
 
 def chunk_files(store, split: str, name: str, n: int, stats: bool = False):
@@ -245,6 +255,8 @@ def _verify_split(store, split: str, deep: bool | str, recorded: dict | None) ->
         return [], None  # a split a killed run was creating: the rerun makes it again
     names = [*ROW_ARRAYS, *META_ARRAYS] if "present" in g else [*ROW_ARRAYS, "video_ids", "labels"]
     names += [a for a in STAT_ARRAYS if (gpath / a).is_dir()]  # caches made before them lack them
+    tokens = store.token_arrays(split)  # [] without tokens
+    names += tokens
     has_text = g.attrs.get("prompts") is not None
     out = [Damage(split, name, f"{split}/{name}/zarr.json", why,
                   fix="text" if name == "text_features" else "split" if name == "video_ids" else "meta")
@@ -260,6 +272,8 @@ def _verify_split(store, split: str, deep: bool | str, recorded: dict | None) ->
     for name in ("features", "frame_indices", "num_frames"):
         c.missing(name, ok, "finished rows lost their data", "rows")
     entry = c.features(ok, deep, recorded) if deep else None
+    if tokens:
+        c.tokens(tokens[:-1], ok, deep, recorded, entry)
     if has_text:
         c.text()
     return c.unique(), entry
@@ -370,6 +384,58 @@ class _SplitCheck:
         self.bad("features", ok & zero & ~nonfinite, ZERO)
         return entry
 
+    def tokens(self, arrays: list[str], ok: np.ndarray, deep: bool | str, recorded: dict | None,
+               entry: dict | None) -> None:
+        """The token arrays of the finished rows marked ``tokens_done``: every chunk file there (one per row, found by
+        listing the array's folder), and with ``deep`` each read (``"changed"``: rows of the units whose files, or
+        ``tokens_done`` chunk, changed since ``recorded``) for unreadable, all-zero and non-finite rows. A unit's files
+        are recorded in ``entry`` as one digest per array (``{split}/{array}/@{unit}``), not a stamp per row."""
+        need = ok & self.read(TOKENS_DONE).astype(bool)
+        unit = self.store.unit_rows(self.split)
+        seen = (recorded or {}).get("files") or {}
+        stale = np.ones(self.n, dtype=bool)
+        if deep == "changed" and recorded and recorded.get("rows") == self.n:
+            stale[:] = False
+            for lo, hi, rel, st in self.chunks(TOKENS_DONE):
+                stale[lo:hi] |= seen.get(rel) != _stamp(st)
+        if entry is not None:
+            entry["files"].update({rel: _stamp(st) for _, _, rel, st in self.chunks(TOKENS_DONE) if st is not None})
+        for name in arrays:
+            arr = self.store.root[self.split][name]
+            folder = self.store.path / self.split / name
+            with os.scandir(folder) as it:
+                files = {e.name: e for e in it if e.name != "zarr.json"}
+            key = [_chunk_key(arr, r) for r in range(self.n)]
+            lost = [r for r in np.flatnonzero(need) if key[r] not in files]
+            if lost:
+                more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+                self.out.append(Damage(self.split, name, f"{self.split}/{name}/{key[lost[0]]}{more}",
+                                       "chunk file missing (finished rows lost their tokens)", [int(r) for r in lost]))
+            if not deep:
+                continue
+            read = need.copy()
+            read[lost] = False
+            for u in range(-(-self.n // unit)):
+                lo, hi = u * unit, min(self.n, (u + 1) * unit)
+                stamps = [[key[r], *(_stamp(files[key[r]].stat()) or [])] for r in range(lo, hi) if key[r] in files]
+                digest = hashlib.sha1(json.dumps(stamps).encode()).hexdigest()
+                rel = f"{self.split}/{name}/@{u}"
+                if entry is not None:
+                    entry["files"][rel] = digest
+                if deep == "changed" and not stale[lo:hi].any() and seen.get(rel) == digest:
+                    read[lo:hi] = False
+            zero, nonfinite = np.zeros(self.n, dtype=bool), np.zeros(self.n, dtype=bool)
+            for r in np.flatnonzero(read):
+                try:
+                    block = np.asarray(arr[int(r): int(r) + 1])
+                except Exception as e:  # a truncated or garbled chunk
+                    self.out.append(Damage(self.split, name, f"{self.split}/{name}/{key[r]}",
+                                           f"unreadable chunk ({type(e).__name__}: {e})", [int(r)], "chunk"))
+                    continue
+                zero[r], nonfinite[r] = (v[0] for v in row_problems(block))
+            self.bad(name, nonfinite, NONFINITE.replace("features", "tokens"))
+            self.bad(name, zero & ~nonfinite, ZERO.replace("features", "tokens"))
+
     def text(self) -> None:
         c = len(self.classes)
         text = self.read("text_features", rows=c, fix="text")
@@ -416,10 +482,10 @@ def verify_and_repair(store, num_frames: int, dim: int, deep: bool | str = "chan
 def repair(store, damages: list[Damage]) -> dict[str, np.ndarray]:
     """Undo damage so that the next sync and extraction redo it (rank 0, before any rank extracts).
 
-    Returns per split the rows marked to be extracted again. Splits whose metadata or ids are
-    lost are deleted (rebuilt by ``sync_rows``); unreadable chunk files are deleted (of ``file_size``
-    or ``file_mtime``: their rows' files become unknown, nothing is extracted again); damaged rows are
-    marked not done; damaged text is marked stale.
+    Returns per split the rows marked to be extracted again (wholly, or their tokens alone). Splits whose
+    metadata or ids are lost are deleted (rebuilt by ``sync_rows``); unreadable chunk files are deleted (of
+    ``file_size`` or ``file_mtime``: their rows' files become unknown, nothing is extracted again); damaged rows
+    are marked not done; rows with damaged tokens not ``tokens_done``; damaged text is marked stale.
     """
     rebuild = {d.split for d in damages if d.fix == "split"}
     for split in sorted(rebuild):
@@ -427,6 +493,7 @@ def repair(store, damages: list[Damage]) -> dict[str, np.ndarray]:
                     next(str(d) for d in damages if d.split == split and d.fix == "split"))
         shutil.rmtree(store.path / split)
     redo: dict[str, set[int]] = {}
+    redo_tokens: dict[str, set[int]] = {}  # rows whose token arrays alone are redone
     for d in damages:
         if d.split in rebuild:
             continue
@@ -434,21 +501,24 @@ def repair(store, damages: list[Damage]) -> dict[str, np.ndarray]:
             (store.path / d.file).unlink(missing_ok=True)
         if d.fix in ("chunk", "rows") and d.array in ROW_ARRAYS:
             redo.setdefault(d.split, set()).update(d.rows)
+        if d.fix in ("chunk", "rows") and d.array.startswith(ARRAY_PREFIX):
+            redo_tokens.setdefault(d.split, set()).update(d.rows)
         if d.fix == "text":
             if d.file.endswith("zarr.json"):
                 shutil.rmtree(store.path / d.split / "text_features")
             store.root[d.split].attrs["prompts"] = None
     out = {}
-    for split, rows in redo.items():
-        n = store.num_rows(split)
-        rows = np.array(sorted(r for r in rows if r < n), dtype=np.int64)
-        done = store.root[split]["done"]
-        cr = store.unit_rows(split)  # done's chunks
-        for c in np.unique(rows // cr):
-            lo, hi = int(c * cr), int(min(n, (c + 1) * cr))
-            block = np.asarray(done[lo:hi]).astype(bool)
-            block[rows[(rows >= lo) & (rows < hi)] - lo] = False
-            done[lo:hi] = block
-        out[split] = rows
+    for flag, marked in (("done", redo), (TOKENS_DONE, redo_tokens)):
+        for split, rows in marked.items():
+            n = store.num_rows(split)
+            rows = np.array(sorted(r for r in rows if r < n), dtype=np.int64)
+            arr = store.root[split][flag]
+            cr = store.unit_rows(split)  # the flag's chunks
+            for c in np.unique(rows // cr):
+                lo, hi = int(c * cr), int(min(n, (c + 1) * cr))
+                block = np.asarray(arr[lo:hi]).astype(bool)
+                block[rows[(rows >= lo) & (rows < hi)] - lo] = False
+                arr[lo:hi] = block
+            out[split] = np.union1d(out.get(split, np.zeros(0, dtype=np.int64)), rows)
     return out
 
