@@ -534,6 +534,7 @@ def predict(
                                                "seeded per query).")] = _P.pps_test,
     seed: Annotated[int, typer.Option(help="Seed of the subsets and of the PPS draws.")] = _P.seed,
     batch_size: Annotated[int, typer.Option(help="Queries per forward pass.")] = _P.batch_size,
+    token_cache_mb: Annotated[int, typer.Option(help="A token head's: MiB of the videos' token rows kept in memory.")] = _P.token_cache_mb,
     weights: Annotated[Optional[Path], typer.Option(help="The backbone checkpoint of a fast run, if the recorded one "
                                                          "moved (checked by its sha256).")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="A fast run's cache, if it moved.")] = None,
@@ -551,6 +552,7 @@ def predict(
     run_predict(PredictConfig(run=str(run), support=str(support) if support else "", query=queries,
                               out=str(out) if out else None, cache_dir=str(cache_dir) if cache_dir else None,
                               shot=shot, subsets=subsets, pps_test=pps_test, seed=seed, batch_size=batch_size,
+                              token_cache_mb=token_cache_mb,
                               weights=str(weights) if weights else None, cache=str(cache) if cache else None,
                               workers=workers, show=show, device=device))
 

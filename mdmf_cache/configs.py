@@ -395,6 +395,7 @@ class PredictConfig:
     pps_test: str = "argmax"  # MDMF's prompt selector at prediction: argmax | sample (a draw seeded per query)
     seed: int = 0  # the subsets and the PPS draws
     batch_size: int = 128  # queries scored per forward pass
+    token_cache_mb: int = TOKEN_CACHE_MB  # a token head's: MiB of the videos' token rows kept in memory
     weights: str | None = None  # the backbone checkpoint, if the recorded one moved (checked by its sha256)
     cache: str | None = None  # a fast run's cache, if it moved (only its fingerprint is read)
     workers: int = field(default_factory=default_workers)  # decoder processes
@@ -413,6 +414,8 @@ class PredictConfig:
             problems.append(f"--shot {self.shot}: must be >= 1")
         if self.subsets < 1 or self.batch_size < 1:
             problems.append("--subsets and --batch-size must be >= 1")
+        if self.token_cache_mb < 0:
+            problems.append(f"--token-cache-mb {self.token_cache_mb}: must be >= 0 (MiB of token rows kept in memory)")
         if self.workers < 0:
             problems.append(f"--workers {self.workers}: must be >= 0 (0 decodes in this process)")
         if self.pps_test not in PPS_TEST_RULES:

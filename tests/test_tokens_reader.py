@@ -33,26 +33,26 @@ LAYERS = ("4", "12")
 
 
 def add_tokens(cache: Path, layers=LAYERS, grid=GRID, dim=DT, cls=True, seed=0) -> dict[str, np.ndarray]:
-    """Write token arrays into every split of ``cache`` (the layout of docs/cache-format.md); returns per split the
-    float16 arrays stacked as ``(N, V, T, L, P, Dt)``, indexed by array row."""
-    import zarr
+    """Give every split of ``cache`` token arrays of random values (the arrays made by the store, as ``extract
+    --tokens`` makes them, then filled and marked ``tokens_done`` with zarr); returns per split the float16 values
+    stacked as ``(N, V, T, L, P, Dt)``, indexed by array row."""
+    from mdmf_cache.store.cache import CacheStore
+    from mdmf_cache.store.layout import TOKENS_DONE
 
     info = TokenInfo(",".join(layers), tuple(layers), grid, cls, dim)
-    root = zarr.open_group(store=str(cache), mode="r+")
+    store = CacheStore(cache, mode="r+")
     rng = np.random.default_rng(seed)
     out = {}
     for split in ("train", "val", "test"):
-        g = root[split]
-        n, v, t, _ = g["features"].shape
-        n = int(g.attrs["num_videos"])
+        g = store.root[split]
+        n, v, t = store.num_rows(split), int(g.attrs["views"]), int(g["features"].shape[2])
+        store.ensure_tokens(split, info, t)
         per_layer = []
         for layer in layers:
             data = rng.standard_normal((n, v, t, info.patches, dim)).astype(np.float16)
-            arr = g.create_array(array_name(layer), shape=data.shape, chunks=(1, *data.shape[1:]), dtype="float16",
-                                 fill_value=0)
-            arr[:] = data
+            g[array_name(layer)][:] = data
             per_layer.append(data)
-        g.attrs["tokens"] = info.to_attrs()
+        g[TOKENS_DONE][:n] = True
         out[split] = np.stack(per_layer, axis=3)  # (N, V, T, L, P, Dt)
     return out
 
@@ -327,3 +327,77 @@ def test_eval_of_a_token_head_equals_scoring_its_episodes_by_hand(token_cache, t
     with TokenReader(path, "test", budget=1 << 20) as reader:
         kept = score("tok-test", dataclasses.replace(split, tokens=reader), eps, model, batch_size=3, keep_logits=True)
     torch.testing.assert_close(torch.from_numpy(kept.logits), by_hand, rtol=0, atol=1e-5)
+
+
+def test_tokens_unfinished_name_the_rerun(token_cache):
+    """A usable row not yet tokens_done (an extension with --tokens cut short): one line asking to rerun extract."""
+    import zarr
+
+    from mdmf_cache.store.layout import TOKENS_DONE
+    from mdmf_cache.store.tokens import TokenReader
+
+    path, _ = token_cache
+    done = zarr.open_group(store=str(path), mode="r+")["val"][TOKENS_DONE]
+    done[2] = False
+    try:
+        with pytest.raises(CacheError) as e:
+            TokenReader(path, "val")
+        assert "\n" not in str(e.value) and "1 of 8 videos have no tokens yet" in str(e.value)
+        assert "--tokens 4,12" in str(e.value)
+    finally:
+        done[2] = True
+
+
+def test_predict_extracts_and_feeds_the_videos_tokens(tiny_cache, action_videos, registered, tmp_path):
+    """predict with a token run (trained on a cache of ``last`` tokens, a SPEC the tiny backbone gives) extracts its
+    videos with token arrays of the run's SPEC and feeds the head exactly those of its supports and queries; the
+    probabilities sum to 1."""
+    import zarr
+
+    from mdmf_cache.configs import PredictConfig, TrainConfig
+    from mdmf_cache.heads import factory
+    from mdmf_cache.prediction.inputs import video_key
+    from pipelines import predict, train
+
+    cache = tmp_path / tiny_cache.name
+    shutil.copytree(tiny_cache, cache)
+    add_tokens(cache, layers=("last",), grid=(7, 7), dim=64)  # mdmf-tiny-vit: 224 / 32 patches, width 64
+    out = tmp_path / "run"
+    train.run(TrainConfig(cache=str(cache), out=str(out), method="tok-test", way=2, shot=1, train_queries=2,
+                          episodes=2, episodes_per_step=2, val_every=2, val_episodes=2, device="cpu"),
+              progress=False, show=False)
+    assert json.loads((out / "config.json").read_text())["tokens"]["spec"] == "last"
+    support = tmp_path / "support"
+    classes = sorted(p.name for p in action_videos.iterdir())[:2]
+    for c in classes:
+        (support / c).mkdir(parents=True)
+        for v in sorted((action_videos / c).iterdir())[:2]:
+            shutil.copy(v, support / c / v.name)
+    queries = [sorted((action_videos / c).iterdir())[3] for c in classes]
+    heads_made = []
+    orig = factory.load_head
+
+    def keep(*a, **k):
+        heads_made.append(orig(*a, **k))
+        return heads_made[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(predict, "load_head", keep)
+        res = predict.run(PredictConfig(run=str(out), support=str(support), query=tuple(map(str, queries)),
+                                        workers=0, device="cpu", cache_dir=str(tmp_path / "pc")), progress=False,
+                          show=False)
+    probs = np.array([r["probs"] for r in res["rows"]])
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-9)
+    (group,) = (tmp_path / "pc").glob("*.zarr")
+    g = zarr.open_group(store=str(group))["test"]
+    assert g.attrs["tokens"]["spec"] == "last"
+    row = {k: i for i, k in enumerate(np.asarray(g["video_ids"][:]).tolist())}
+    arr = np.asarray(g["tokens_last"][:])  # (R, 1, T, P, Dt)
+
+    def want(paths):
+        return torch.from_numpy(arr[[row[video_key(p)] for p in paths], 0][:, :, None].astype(np.float32))
+
+    (seen,) = heads_made[0][0].seen  # one pass (K = 2 = every class's count), both queries in one batch
+    sup = [support / c / v.name for c in classes for v in sorted((support / c).iterdir())]
+    assert torch.equal(seen["support_tokens"][0], want(sup)) and torch.equal(seen["query_tokens"][:, 0], want(queries))
+    assert seen["support_tokens"].abs().sum() > 0

@@ -63,10 +63,9 @@ def token_info(store: CacheStore, split: str, spec: str | None = None) -> TokenI
     if split not in store.splits:
         raise CacheError(f"{store.path} has no split {split!r} (has: {', '.join(store.splits) or 'none'})")
     g = store.root[split]
-    attrs = g.attrs.get("tokens")
-    if not attrs:
+    info = store.tokens_info(split)
+    if info is None:
         raise CacheError(missing_tokens(store, split, spec))
-    info = TokenInfo.from_attrs(attrs)
     if any(array_name(layer) not in g for layer in info.layers):
         raise CacheError(missing_tokens(store, split, spec))
     return info
@@ -113,6 +112,10 @@ class TokenReader:
                              f"({n} rows, P={self.info.patches}, Dt={self.info.dim}); extract the tokens again "
                              f"(mdmf-cache extract ... --tokens {self.info.spec} --overwrite)")
         self.rows = usable_rows(store, split)  # split row -> array row
+        lacking = int((~store.tokens_done_mask(split)[self.rows]).sum())
+        if lacking:  # an extension with --tokens not finished yet
+            raise CacheError(f"{store.path} split {split}: {lacking} of {len(self.rows)} videos have no tokens yet; "
+                             f"rerun the same mdmf-cache extract ... --tokens {self.info.spec} command to finish them")
         self.views, self.frames = int(v), int(t)
         self.shape = (self.frames, len(self.arrays), int(p), int(dt))  # (T, L, P, Dt)
         self.row_bytes = self.views * int(np.prod(self.shape)) * 2

@@ -76,7 +76,10 @@ class FastData:
 
     def record(self) -> dict[str, Any]:
         """What config.json records of the input (the cache's identity)."""
-        return {"cache_abs": str(Path(self.cfg.cache).resolve()), "cache_identity": cache_identity(self.cfg.cache)}
+        rec = {"cache_abs": str(Path(self.cfg.cache).resolve()), "cache_identity": cache_identity(self.cfg.cache)}
+        if self.token_info is not None:  # predict extracts new videos' tokens with the same SPEC
+            rec["tokens"] = self.token_info.to_attrs()
+        return rec
 
     def wrap(self, head: FewShotHead) -> nn.Module:
         return head
