@@ -401,3 +401,26 @@ def test_predict_extracts_and_feeds_the_videos_tokens(tiny_cache, action_videos,
     sup = [support / c / v.name for c in classes for v in sorted((support / c).iterdir())]
     assert torch.equal(seen["support_tokens"][0], want(sup)) and torch.equal(seen["query_tokens"][:, 0], want(queries))
     assert seen["support_tokens"].abs().sum() > 0
+
+
+def test_damaged_token_rows_are_named(token_cache):
+    """A row holding NaN or inf, or never written (all zero), is refused naming the row; the others still read."""
+    import zarr
+
+    from mdmf_cache.store.tokens import TokenReader
+
+    path, arrays = token_cache
+    keep = usable(path, "test")
+    arr = zarr.open_group(store=str(path), mode="r+")["test"][array_name("12")]
+    saved = np.asarray(arr[keep[1]])
+    try:
+        for bad, what in ((np.inf, "NaN or inf"), (np.nan, "NaN or inf"), (0.0, "row [0-9]+ has no 12 tokens")):
+            value = saved.copy() if bad else np.zeros_like(saved)
+            value.flat[7] = bad if bad else 0
+            arr[keep[1]] = value
+            with TokenReader(path, "test", budget=0) as r:
+                with pytest.raises(CacheError, match=what):
+                    r.read([1], [0])
+                np.testing.assert_array_equal(r.read([0], [0]), arrays["test"][keep[[0]], 0])
+    finally:
+        arr[keep[1]] = saved
