@@ -362,6 +362,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write metrics.jsonl's numbers as TensorBoard "
                                               "events in OUT/tensorboard/ (pip install 'mdmf-cache[tensorboard]').")] = _T.tensorboard,
+    token_cache_mb: Annotated[int, typer.Option(help="A token head's: MiB of token rows kept in memory per split read "
+                                                     "(train, val), whatever the split's size.")] = _T.token_cache_mb,
     root: RootOpt = None,
     splits: SplitsOpt = None,
     labels: LabelsOpt = None,
@@ -419,7 +421,7 @@ def train(
         episodes=episodes, episodes_per_step=episodes_per_step, lr=lr, weight_decay=weight_decay, val_every=val_every,
         val_episodes=val_episodes,
         save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed, device=device, resume=resume,
-        tensorboard=tensorboard, full=full,
+        tensorboard=tensorboard, token_cache_mb=token_cache_mb, full=full,
     )
     if config is not None:
         cfg = _merge_config(ctx, config, cfg)
@@ -492,6 +494,7 @@ def eval_(
     eval_cache: Annotated[Optional[Path], typer.Option(help="Where a full-mode run's split is extracted with its "
                                                             "backbone (default RUN/eval_cache), e.g. when the run is "
                                                             "on read-only storage.")] = None,
+    token_cache_mb: Annotated[int, typer.Option(help="A token head's: MiB of the split's token rows kept in memory.")] = _E.token_cache_mb,
     device: DeviceOpt = _E.device,
     debug: DebugOpt = False,
 ) -> None:
@@ -503,7 +506,8 @@ def eval_(
     run(EvalConfig(target=str(target), method=method, split=split, way=way, shots=_shots(shot) if shot else None,
                    episodes=episodes, queries_per_class=queries_per_class, seed=seed, out=str(out) if out else None,
                    device=device, path=path, pps_test=pps_test, cache=str(cache) if cache else None,
-                   root=str(root) if root else None, eval_cache=str(eval_cache) if eval_cache else None))
+                   root=str(root) if root else None, eval_cache=str(eval_cache) if eval_cache else None,
+                   token_cache_mb=token_cache_mb))
 
 
 _P = PredictConfig
@@ -530,6 +534,7 @@ def predict(
                                                "seeded per query).")] = _P.pps_test,
     seed: Annotated[int, typer.Option(help="Seed of the subsets and of the PPS draws.")] = _P.seed,
     batch_size: Annotated[int, typer.Option(help="Queries per forward pass.")] = _P.batch_size,
+    token_cache_mb: Annotated[int, typer.Option(help="A token head's: MiB of the videos' token rows kept in memory.")] = _P.token_cache_mb,
     weights: Annotated[Optional[Path], typer.Option(help="The backbone checkpoint of a fast run, if the recorded one "
                                                          "moved (checked by its sha256).")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="A fast run's cache, if it moved.")] = None,
@@ -547,6 +552,7 @@ def predict(
     run_predict(PredictConfig(run=str(run), support=str(support) if support else "", query=queries,
                               out=str(out) if out else None, cache_dir=str(cache_dir) if cache_dir else None,
                               shot=shot, subsets=subsets, pps_test=pps_test, seed=seed, batch_size=batch_size,
+                              token_cache_mb=token_cache_mb,
                               weights=str(weights) if weights else None, cache=str(cache) if cache else None,
                               workers=workers, show=show, device=device))
 

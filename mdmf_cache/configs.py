@@ -25,10 +25,10 @@ from mdmf_cache.data.datasets import DATASET_NAMES, DATASETS
 from mdmf_cache.errors import ConfigError
 from mdmf_cache.heads.mdmf_config import PRESET_DATA
 from mdmf_cache.heads.spec import DataInfo
-from mdmf_cache.tokens import TokenSpec
+from mdmf_cache.tokens import TokenInfo, TokenSpec
 
 __all__ = ["VideoOptions", "ExtractConfig", "FullModeConfig", "TrainConfig", "EvalConfig", "PredictConfig",
-           "default_workers", "FAST_LR", "FULL_LR", "EVAL_QUERIES"]
+           "default_workers", "FAST_LR", "FULL_LR", "EVAL_QUERIES", "TOKEN_CACHE_MB"]
 
 #: Adam's learning rate when none is given. Fast mode trains the heads alone, which want far more than the
 #: paper's 1e-5 (docs/measurements.md); full mode fine-tunes CLIP with them at the paper's value.
@@ -38,6 +38,10 @@ FULL_LR = 1e-5
 #: ``eval``'s queries per class when ``--queries-per-class`` is not given and the head is not transductive (a
 #: transductive head is scored with its released test queries, ``SPEC.test_queries(K)``: docs/evaluation.md).
 EVAL_QUERIES = 1
+
+#: A token head's token reader (:mod:`mdmf_cache.store.tokens`): MiB of decoded token rows it keeps per split it
+#: reads (``--token-cache-mb``), whatever the split's size. 1 GiB holds ~650 ViT-B/16 ``last`` rows of T = 8 frames.
+TOKEN_CACHE_MB = 1024
 
 
 def default_workers() -> int:
@@ -208,6 +212,16 @@ def tensorboard_installed() -> bool:
     return True
 
 
+def assumed_tokens(spec: str | None, width: int) -> TokenInfo | None:
+    """What a head's released SPEC gives on ViT-B/16 (its layers, a 14x14 grid unless the SPEC pools, a class
+    token unless ``map``, width D): what a token head's options are checked against before any cache is read.
+    None for a head of pooled features."""
+    if not spec:
+        return None
+    parsed = TokenSpec.parse(spec)
+    return TokenInfo(parsed.text, parsed.layers, parsed.grid or (14, 14), "map" not in parsed.layers, width)
+
+
 @dataclass
 class TrainConfig:
     """Training, both modes; saved as ``config.json`` beside the checkpoints."""
@@ -235,6 +249,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     tensorboard: bool = False  # also write metrics.jsonl's scalars as TensorBoard events in OUT/tensorboard/
+    token_cache_mb: int = TOKEN_CACHE_MB  # a token head's: MiB of token rows kept in memory per split (train, val)
     full: dict[str, Any] = field(default_factory=dict)  # FullModeConfig fields (mode=full)
 
     def __post_init__(self) -> None:
@@ -294,13 +309,20 @@ class TrainConfig:
                             f"with mdmf-cache eval CACHE --method {self.method}, or fine-tune CLIP with it (--mode full)")
         if self.tensorboard and not tensorboard_installed():
             problems.append(TENSORBOARD_MISSING)
+        if self.token_cache_mb < 0:
+            problems.append(f"--token-cache-mb {self.token_cache_mb}: must be >= 0 (MiB of token rows kept in memory)")
+        spec = heads.get(self.method)
+        if self.mode == "full" and spec.tokens:
+            problems.append(f"{self.method} reads cached tokens with CLIP frozen (as released): train it in fast mode "
+                            f"on a cache with token arrays (mdmf-cache extract ... --tokens {spec.tokens}; mdmf-cache "
+                            "train CACHE)")
         if problems:
             raise ConfigError("; ".join(problems))
         # every head switch, before any work (an ablation arm's bad --view fails here, not after training);
         # the width is the cache's, unknown here: any multiple of the attention heads checks the rest
         attn = self.heads.get("heads", 8)
         width = 64 * attn if isinstance(attn, int) and attn > 0 else 512
-        heads.get(self.method).make_options(r.preset, self.heads, DataInfo(dim=width, shot=self.shot))
+        spec.make_options(r.preset, self.heads, DataInfo(dim=width, shot=self.shot, tokens=assumed_tokens(spec.tokens, width)))
 
 
 @dataclass
@@ -323,6 +345,7 @@ class EvalConfig:
     cache: str | None = None  # a run's cache at another path (moved); checked against the run's record
     root: str | None = None  # a full-mode run's video tree at another path (moved)
     eval_cache: str | None = None  # where a full-mode run's split is extracted with its backbone (default RUN/eval_cache)
+    token_cache_mb: int = TOKEN_CACHE_MB  # a token head's: MiB of the split's token rows kept in memory
 
     def validate(self) -> None:
         METHODS = ("run", *heads.METHODS, *BASELINES)  # what eval scores: a run's head, a registered head, a baseline
@@ -336,6 +359,8 @@ class EvalConfig:
             raise ConfigError("--shot values, --episodes and --queries-per-class must be >= 1 and --way >= 2")
         if self.path not in EVAL_PATHS:
             raise ConfigError(f"--path {self.path!r}: choose {' or '.join(EVAL_PATHS)}")
+        if self.token_cache_mb < 0:
+            raise ConfigError(f"--token-cache-mb {self.token_cache_mb}: must be >= 0 (MiB of token rows kept in memory)")
         if self.pps_test not in (None, *PPS_TEST_RULES):
             raise ConfigError(f"--pps-test {self.pps_test!r}: choose {' or '.join(PPS_TEST_RULES)}")
         if self.seed < 0 or self.batch_size < 1:
@@ -370,6 +395,7 @@ class PredictConfig:
     pps_test: str = "argmax"  # MDMF's prompt selector at prediction: argmax | sample (a draw seeded per query)
     seed: int = 0  # the subsets and the PPS draws
     batch_size: int = 128  # queries scored per forward pass
+    token_cache_mb: int = TOKEN_CACHE_MB  # a token head's: MiB of the videos' token rows kept in memory
     weights: str | None = None  # the backbone checkpoint, if the recorded one moved (checked by its sha256)
     cache: str | None = None  # a fast run's cache, if it moved (only its fingerprint is read)
     workers: int = field(default_factory=default_workers)  # decoder processes
@@ -388,6 +414,8 @@ class PredictConfig:
             problems.append(f"--shot {self.shot}: must be >= 1")
         if self.subsets < 1 or self.batch_size < 1:
             problems.append("--subsets and --batch-size must be >= 1")
+        if self.token_cache_mb < 0:
+            problems.append(f"--token-cache-mb {self.token_cache_mb}: must be >= 0 (MiB of token rows kept in memory)")
         if self.workers < 0:
             problems.append(f"--workers {self.workers}: must be >= 0 (0 decodes in this process)")
         if self.pps_test not in PPS_TEST_RULES:

@@ -6,7 +6,7 @@ Top to bottom (:func:`run`):
        extracted once with its ``backbone.pt``), or a head without parameters or a baseline on a cache;
     2. the queries per class of each shot (:meth:`EvalConfig.queries_for`: a transductive head's released test
        queries unless ``--queries-per-class`` is given); the split's features in memory, every shot checked against
-       it before anything is written;
+       it before anything is written; a token head's tokens through a bounded reader (``--token-cache-mb``);
     3. per shot the seeded episode list, saved beside the results, and its scores: ``results.json`` (mean +-
        1.96 std / sqrt(n), per-class accuracy, the queries per class, whether the head is transductive) with figures;
     4. print the table.
@@ -15,7 +15,7 @@ Top to bottom (:func:`run`):
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from mdmf_cache.report.plots import eval_figures, plot_safely
 from mdmf_cache.report.tables import print_eval
 from mdmf_cache.store.read import load_split_features
 from mdmf_cache.store.runs import check_identity, read_run_file, run_cache
+from mdmf_cache.store.tokens import TokenReader
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ def run(cfg: EvalConfig, progress: bool = True, show: bool = True) -> dict[str, 
     sampler = EpisodeSampler(split.labels.cpu().numpy(), split.num_classes)
     for shot in shots:
         sampler.check(cfg.way, shot, queries[shot], split=cfg.split)
+    tokens = head_registry.get(method).tokens if method in head_registry.METHODS else None
+    if tokens:  # a token head: the split's tokens through a bounded reader (its thread stopped in step 3's finally)
+        split = replace(split, tokens=TokenReader(cache, cfg.split, cfg.token_cache_mb << 20, tokens))
     out = Path(cfg.out) if cfg.out else default_out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +107,8 @@ def run(cfg: EvalConfig, progress: bool = True, show: bool = True) -> dict[str, 
     finally:
         if bar:
             bar.stop()
+        if split.tokens is not None:
+            split.tokens.close()
     atomic_write_json(out / "results.json", results)
     plot_safely(eval_figures, out)
     results["out"] = str(out)

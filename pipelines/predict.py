@@ -7,11 +7,13 @@ Top to bottom:
        (:func:`mdmf_cache.prediction.inputs.run_backbone`);
     2. extract: the support and query videos' frame features with that backbone and the run's test-time
        settings, cached (:class:`mdmf_cache.prediction.inputs.PredictCache`: a second call with the same
-       videos loads no backbone; new videos are extracted alone), and the class prompts' text embeddings;
+       videos loads no backbone; new videos are extracted alone), with a token head's SPEC their token arrays
+       too, and the class prompts' text embeddings;
     3. score every query against the support classes with the run's head
        (:func:`mdmf_cache.prediction.scoring.class_probabilities`: one episode per query, K shots per class,
        softmax probabilities averaged over K-subsets when classes have more supports than K; a transductive head
-       sees no other query, which a warning says);
+       sees no other query, which a warning says; a token head reads the videos' tokens through a bounded
+       reader, ``--token-cache-mb``);
     4. write ``predict_config.json`` and ``predictions.csv`` (query, predicted class, one probability
        column per class), each atomically;
     5. print the first queries and the count per predicted class.
@@ -113,10 +115,28 @@ def run(cfg: PredictConfig, progress: bool = True, show: bool = True) -> dict[st
     shot, passes = support_subsets([len(support[c]) for c in classes], cfg.shot, cfg.subsets, cfg.seed)
     if shot != int(run_cfg.get("shot", shot)):
         log.info("K=%d supports per class; the run was trained for %s-shot", shot, run_cfg.get("shot"))
-    probs = class_probabilities(head, [tensor(support[c]) for c in classes], tensor(good),
-                                torch.from_numpy(text).to(device), shot=cfg.shot, subsets=cfg.subsets, seed=cfg.seed,
-                                pps_test=cfg.pps_test, query_keys=[str(q.resolve()) for q in good],
-                                batch_size=cfg.batch_size).numpy()  # (Q, N)
+    reader = cache.tokens(cfg.token_cache_mb << 20) if backbone.tokens else None  # a token head's, bounded
+    try:
+        tokens = {}
+        if reader is not None:
+            def token_rows(paths: list[Path]) -> np.ndarray:
+                return feats.rows[[row[p.resolve()] for p in paths]]
+
+            def query_tokens(lo: int, hi: int) -> torch.Tensor:  # (hi - lo, T, L, P, Dt), the next batch prefetched
+                reader.prefetch(token_rows(good[hi:hi + cfg.batch_size]))
+                rows = token_rows(good[lo:hi])
+                return torch.from_numpy(reader.read(rows, np.zeros_like(rows)))
+
+            tokens = {"support_tokens": [torch.from_numpy(reader.read(r, np.zeros_like(r)))
+                                         for r in (token_rows(support[c]) for c in classes)],  # (K_c, T, L, P, Dt)
+                      "query_tokens": query_tokens}
+        probs = class_probabilities(head, [tensor(support[c]) for c in classes], tensor(good),
+                                    torch.from_numpy(text).to(device), shot=cfg.shot, subsets=cfg.subsets,
+                                    seed=cfg.seed, pps_test=cfg.pps_test, query_keys=[str(q.resolve()) for q in good],
+                                    batch_size=cfg.batch_size, **tokens).numpy()  # (Q, N)
+    finally:
+        if reader is not None:
+            reader.close()
 
     # 4. write
     by_query = dict(zip(good, probs))

@@ -133,7 +133,7 @@ def _set_up(cfg: TrainConfig, world: World, device: torch.device, out: Path) -> 
     torch.manual_seed(cfg.seed)  # the heads' initialisation, then (fast mode) dropout and PPS draws
     head = build_head(cfg.method, cfg.preset, cfg.heads, DataInfo(dim=int(data.dim), num_frames=int(data.num_frames),
                                                                 num_classes=data.num_classes, dataset=data.dataset,
-                                                                shot=cfg.shot))
+                                                                shot=cfg.shot, tokens=data.token_info))
     core = data.wrap(head).to(device)  # the heads, or the backbone in front of them
     opt = make_optimizer(cfg, core)
     val_eps = val_sampler.sample(cfg.val_episodes, cfg.way, cfg.shot, cfg.val_queries, np.random.default_rng([cfg.seed, 1]))

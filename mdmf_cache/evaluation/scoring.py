@@ -11,6 +11,9 @@ Two paths give the same logits:
   video (or (video, token) pair) the episode list uses, and only the per-episode stage (prototypes,
   distances, OTAM) per episode. 10,000 episodes over a test split of a few thousand videos cost about
   as much as running those videos through the head a few times, instead of 300,000 times.
+* **tokens** (:func:`evaluate_token_episodes`, a token head's only path: ``SPEC.tokens`` set, ``per_video``
+  False): the direct path, chunk by chunk, with each chunk's tokens read through the split's
+  :class:`~mdmf_cache.store.tokens.TokenReader` (``split.tokens``) while the next chunk's rows are prefetched.
 
 The PPS draws of both paths use the same seeded uniforms, one per (episode, query), a function of the
 seed and the episode list only, so both paths (and every batch size) make the same draws.
@@ -33,6 +36,7 @@ from mdmf_cache.data.episodes import EpisodeSampler, Episodes, gather, mean_ci
 from mdmf_cache.heads.base import FewShotHead
 from mdmf_cache.heads.spec import DataInfo
 from mdmf_cache.store.read import FeatureSplit
+from mdmf_cache.store.tokens import episode_rows, episode_tokens
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +178,43 @@ def evaluate_per_video(
     return result
 
 
+@torch.no_grad()
+def evaluate_token_episodes(
+    model,
+    split: FeatureSplit,
+    episodes: Episodes,
+    uniforms: np.ndarray,
+    batch_size: int = 500,
+    on_batch: Callable[[int], None] | None = None,
+    keep_logits: bool = False,
+) -> EvalResult:
+    """A token head on the direct path: chunks of episodes small enough that their tokens fit the reader's budget
+    (:meth:`~mdmf_cache.store.tokens.TokenReader.chunk_episodes`, at most ``batch_size``), each chunk's tokens read
+    through ``split.tokens`` while the next chunk's rows are prefetched.
+
+    Raises:
+        ValueError: ``split.tokens`` is not set (whoever loads the split opens its reader).
+    """
+    reader = split.tokens
+    if reader is None:
+        raise ValueError(f"{model.method} reads tokens: open the split's TokenReader as split.tokens first")
+    dev = split.features.device
+    tally = _Tally(split.num_classes, dev, keep_logits)
+    step = reader.chunk_episodes(episodes.support.shape[1] + episodes.query.shape[1], batch_size)
+    for lo in range(0, len(episodes), step):
+        ep = episodes[lo : lo + step]
+        support, query, text, _ = gather(split.features, split.text, ep)
+        support_tokens, query_tokens = episode_tokens(reader, ep, dev)  # (E,S,T,L,P,Dt) (E,Q,T,L,P,Dt)
+        if lo + step < len(episodes):  # read while the head computes this chunk
+            reader.prefetch(episode_rows(episodes[lo + step : lo + 2 * step]))
+        logits = model(support, query, text, pps_noise=torch.as_tensor(uniforms[lo : lo + step], device=dev),
+                       support_tokens=support_tokens, query_tokens=query_tokens)["logits"]
+        tally.add(logits, ep)  # (E, Q, N)
+        if on_batch:
+            on_batch(len(ep))
+    return tally.result()
+
+
 def head_logits(model) -> LogitsFn:
     """An eval-mode head as a LogitsFn (the direct path)."""
     return lambda support, query, text, u: model(support, query, text, pps_noise=u)["logits"]
@@ -183,7 +224,8 @@ def parameter_free_head(method: str, split: FeatureSplit):
     """A registered head without parameters (OTAM, TSN), built for the split's width and frames, in eval mode."""
     spec = head_registry.get(method)
     _, _, t, d = split.features.shape
-    info = DataInfo(dim=int(d), num_frames=int(t), num_classes=split.num_classes)
+    info = DataInfo(dim=int(d), num_frames=int(t), num_classes=split.num_classes,
+                    tokens=split.tokens.info if split.tokens is not None and spec.tokens else None)
     return spec.build(spec.make_options(None, {}, info)).to(split.features.device).eval()
 
 
@@ -196,7 +238,7 @@ def score(method: str, split: FeatureSplit, episodes: Episodes, model=None, seed
         method: the head's registry name (``model`` given, or a head without parameters) or a baseline.
         model: a trained head in eval mode (None: a baseline, or a head without parameters built here).
         path: ``per-video`` (heads that declare it; the others and the baselines take the direct path)
-            or ``direct``.
+            or ``direct``; a token head always takes :func:`evaluate_token_episodes`.
 
     The PPS draws use :func:`pps_uniforms` (seeded). torch's RNG is forked, so a caller's training RNG
     stream is untouched.
@@ -214,6 +256,9 @@ def score(method: str, split: FeatureSplit, episodes: Episodes, model=None, seed
             with torch.autocast(dev.type, enabled=False):
                 return evaluate_episodes(lambda support, query, text, u: baseline(support, query, text), split,
                                          episodes, batch_size, on_batch, uniforms, keep_logits)
+        if head_registry.get(model.method).tokens:  # one path: the direct one, through the token reader
+            with heads_autocast(dev):
+                return evaluate_token_episodes(model, split, episodes, uniforms, batch_size, on_batch, keep_logits)
         if path == "per-video" and head_registry.get(model.method).per_video:
             return evaluate_per_video(model, split, episodes, uniforms, batch_size, on_batch, keep_logits)
         with heads_autocast(dev):

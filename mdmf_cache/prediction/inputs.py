@@ -181,11 +181,17 @@ class RunBackbone:
             clean names, decoder, workers, device) for the predict cache.
         weights: the weights id the run's features were made with (a tag, ``sha256:...`` or random init).
         what: the backbone in words, for messages.
+        tokens: the token SPEC the run's head reads (``ecfg.tokens``: the videos get token arrays too); None: a head
+            of pooled features.
     """
 
     ecfg: ExtractConfig
     weights: str
     what: str
+
+    @property
+    def tokens(self) -> str | None:
+        return self.ecfg.tokens
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -264,8 +270,28 @@ def run_backbone(run: Path, run_cfg: dict[str, Any], cfg: PredictConfig) -> RunB
                          sampler=video["sampler"], normalize=video["normalize"],
                          prompt_template=text.get("prompt_template", ExtractConfig.prompt_template),
                          clean_names=bool(text.get("clean_names", False)),
-                         decoder=(saved or {}).get("decoder", "auto"), **common)
+                         decoder=(saved or {}).get("decoder", "auto"), tokens=_run_tokens(run, run_cfg, cfg.cache),
+                         **common)
     return RunBackbone(ecfg, wid, f"{video['model']} with weights {wid if len(wid) < 30 else wid[:19] + '...'}")
+
+
+def _run_tokens(run: Path, run_cfg: dict[str, Any], cache: str | None) -> str | None:
+    """The token SPEC a fast run's head read: recorded in its ``config.json`` (``tokens``), else its cache's train
+    split's, else the head's released ``SPEC.tokens``; None for a head of pooled features."""
+    from mdmf_cache import heads
+    from mdmf_cache.store.cache import CacheStore
+    from mdmf_cache.store.runs import run_cache
+
+    spec = heads.get(run_cfg.get("method", "mdmf")).tokens
+    if not spec:
+        return None
+    if run_cfg.get("tokens"):
+        return str(run_cfg["tokens"]["spec"])
+    with contextlib.suppress(ConfigError, CacheError, KeyError):
+        info = CacheStore(run_cache(run, run_cfg, cache)).tokens_info("train")
+        if info is not None:
+            return info.spec
+    return spec
 
 
 # ---- the features ---------------------------------------------------------------------------------
@@ -277,6 +303,8 @@ class VideoFeatures:
     Attributes:
         features: ``(R, T, D)`` float16 (zeros where a video failed).
         errors: ``(R,)`` why each video could not be decoded ('' when it was).
+        rows: ``(R,)`` each video's row among the group's usable rows (what :meth:`PredictCache.tokens`'s reader
+            reads; -1 where it failed).
         extracted: videos decoded and encoded by this call (failures included).
         backbone_loaded: this call loaded the backbone.
     """
@@ -285,6 +313,7 @@ class VideoFeatures:
     errors: list[str]
     extracted: int = 0
     backbone_loaded: bool = False
+    rows: np.ndarray | None = None
 
 
 class PredictCache:
@@ -302,7 +331,9 @@ class PredictCache:
         self.run_backbone = backbone
         self.progress = progress
         self._backbone = None
-        h = hashlib.sha256(json.dumps({**backbone.settings, "open_clip": _open_clip_version()},
+        # a token SPEC is a group of its own (a group holds one SPEC); without one the hash is as it always was
+        h = hashlib.sha256(json.dumps({**backbone.settings, "open_clip": _open_clip_version(),
+                                       **({"tokens": backbone.tokens} if backbone.tokens else {})},
                                       sort_keys=True).encode()).hexdigest()[:10]
         e = backbone.ecfg
         self.path = self.root / group_name(f"predict-{h}", e.model, pretrained_slug(e.pretrained))
@@ -345,7 +376,10 @@ class PredictCache:
             if any(video.get(k) != v for k, v in self.run_backbone.settings.items()) or SPLIT not in store.splits:
                 return False
             store.check([SPLIT])
-            done = dict(zip(store.video_ids(SPLIT), store.done_mask(SPLIT)))
+            done_mask = store.done_mask(SPLIT)
+            if self.run_backbone.tokens:  # a token head's videos need their tokens too
+                done_mask = done_mask & store.tokens_done_mask(SPLIT)
+            done = dict(zip(store.video_ids(SPLIT), done_mask))
         except CacheError as e:  # damage: the extraction below repairs it
             log.warning("%s: %s; extracting again what it needs", self.path, e)
             return False
@@ -380,7 +414,8 @@ class PredictCache:
             split = Split(SPLIT, ["video"], ["video"], ids, np.zeros(len(ids), dtype=np.int32), "predict",
                           paths=[paths[k] for k in ids])
             store = CacheStore.open_for_writing(self.path, fp)
-            res = prepare_cache(store, {SPLIT: split}, e, backbone)[SPLIT]
+            tokens = backbone.token_info(e.tokens) if e.tokens else None  # the run's SPEC on its backbone
+            res = prepare_cache(store, {SPLIT: split}, e, backbone, tokens)[SPLIT]
             if self.progress:
                 from mdmf_cache.progress import make_progress
 
@@ -407,7 +442,19 @@ class PredictCache:
         feats = np.asarray(store.root[SPLIT]["features"].oindex[uniq])[back, 0]  # (R, T, D), view 0
         failed, errors = store._rows(SPLIT, "failed").astype(bool), store._rows(SPLIT, "errors")
         errs = [str(errors[r]) or "could not be decoded" if failed[r] else "" for r in rows]
-        return VideoFeatures(feats, errs, extracted, loaded)
+        from mdmf_cache.store.read import usable_rows
+
+        keep = usable_rows(store, SPLIT)
+        usable = np.full(store.num_rows(SPLIT), -1, dtype=np.int64)
+        usable[keep] = np.arange(len(keep))
+        return VideoFeatures(feats, errs, extracted, loaded, usable[rows])
+
+    def tokens(self, budget: int):
+        """A :class:`~mdmf_cache.store.tokens.TokenReader` of the group's tokens (after :meth:`features`), rows as
+        :attr:`VideoFeatures.rows`; close it."""
+        from mdmf_cache.store.tokens import TokenReader
+
+        return TokenReader(self.path, SPLIT, budget, self.run_backbone.tokens)
 
     # -- prompt embeddings
     def text(self, prompts: list[str]) -> np.ndarray:

@@ -13,6 +13,8 @@ It uses only the head contract of :mod:`mdmf_cache.heads.base`, so any registere
   queries interact, such as set-matching ones, would otherwise change their answers with the folder). A
   transductive head (``SPEC.transductive``: ``mpl``, ``clip-mei``) therefore sees no other query: its answer is
   the head's with that query alone (its released test episodes have one query per class, N in all).
+  A token head (``SPEC.tokens``) also takes the videos' tokens (``support_tokens``, ``query_tokens``: the
+  queries' may be a function that reads a batch of them at a time) and runs the direct path.
   Heads with a per-video path (``SPEC.per_video``) run each video once and only the per-episode stage per
   query; the others run every episode through ``forward`` in batches. Both give the same logits.
 * **K shots per class.** The contract needs the same K for every class. ``shot`` None takes the smallest
@@ -30,7 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Union
 
 import numpy as np
 import torch
@@ -114,9 +117,12 @@ def _episodes(passes: list[list[np.ndarray]], counts: list[int], num_query: int)
 
 @torch.no_grad()
 def _logits(head, support: Sequence[Tensor], passes: list[list[np.ndarray]], query: Tensor, text: Tensor,
-            uniforms: np.ndarray, batch_size: int, path: str) -> Tensor:
+            uniforms: np.ndarray, batch_size: int, path: str, support_tokens: Sequence[Tensor] | None = None,
+            query_tokens: QueryTokens | None = None) -> Tensor:
     """``(P, Q, N)`` logits of every pass and query, one episode per (pass, query) (module docstring)."""
     q, n, dev = query.shape[0], text.shape[0], query.device
+    if support_tokens is not None:  # a token head: the direct path, each batch's query tokens fetched as it comes
+        return _token_logits(head, support, passes, query, text, uniforms, batch_size, support_tokens, query_tokens)
     if path == "per-video" and head_registry.get(head.method).per_video:
         # one scorer for every pass: each video's own work once, the per-episode stage per (pass, query)
         episodes = _episodes(passes, [x.shape[0] for x in support], q)
@@ -139,10 +145,36 @@ def _logits(head, support: Sequence[Tensor], passes: list[list[np.ndarray]], que
     return torch.cat(out).reshape(len(passes), q, n)
 
 
+#: A token head's query tokens: ``(Q, T, L, P, Dt)``, or ``(lo, hi) -> (hi - lo, T, L, P, Dt)`` for queries
+#: ``lo:hi`` (read as they are scored: a folder of queries need not fit in memory).
+QueryTokens = Union[Tensor, Callable[[int, int], Tensor]]
+
+
+def _token_logits(head, support, passes, query, text, uniforms, batch_size, support_tokens, query_tokens) -> Tensor:
+    q, n, dev = query.shape[0], text.shape[0], query.device
+    fetch = query_tokens if callable(query_tokens) else (lambda lo, hi: query_tokens[lo:hi])
+    out = torch.empty(len(passes), q, n, device=dev)
+    with heads_autocast(dev):
+        for lo in range(0, q, batch_size):  # queries outer: each batch's tokens read once for every pass
+            hi = min(lo + batch_size, q)
+            e = hi - lo  # episodes of this batch: one per query
+            qt = fetch(lo, hi).to(dev).float().unsqueeze(1)  # (E, 1, T, L, P, Dt)
+            u = torch.as_tensor(uniforms[lo:hi].reshape(e, 1), device=dev)
+            for i, picks in enumerate(passes):
+                pick = [torch.as_tensor(idx, device=dev) for idx in picks]
+                chosen = torch.cat([x[k] for x, k in zip(support, pick)])  # (S, T, D) class-major
+                chosen_t = torch.cat([x.to(dev)[k] for x, k in zip(support_tokens, pick)]).float()  # (S, T, L, P, Dt)
+                logits = head(chosen.expand(e, *chosen.shape), query[lo:hi].unsqueeze(1), text.expand(e, *text.shape),
+                              pps_noise=u, support_tokens=chosen_t.expand(e, *chosen_t.shape), query_tokens=qt)["logits"]
+                out[i, lo:hi] = logits[:, 0].float()  # (E, N)
+    return out
+
+
 def class_probabilities(head, support: Sequence[Tensor], query: Tensor, text: Tensor, *, shot: int | None = None,
                         subsets: int = 10, seed: int = 0, pps_test: str | None = "argmax",
                         query_keys: Sequence[str] | None = None, batch_size: int = 128,
-                        path: str = "per-video") -> Tensor:
+                        path: str = "per-video", support_tokens: Sequence[Tensor] | None = None,
+                        query_tokens: QueryTokens | None = None) -> Tensor:
     """Probabilities of every query over the support classes (the rules are the module docstring's).
 
     Args:
@@ -157,6 +189,8 @@ def class_probabilities(head, support: Sequence[Tensor], query: Tensor, text: Te
         query_keys: one key per query for its PPS uniform (default: its index).
         batch_size: queries (episodes) per forward pass.
         path: ``per-video`` (heads that have it) or ``direct`` (every episode through ``forward``; same logits).
+        support_tokens: a token head's (``SPEC.tokens``): N tensors ``(K_c, T, L, P, Dt)``, the supports' tokens.
+        query_tokens: a token head's: :data:`QueryTokens` of the queries (both or neither; the direct path).
 
     Returns:
         ``(Q, N)`` float64 on the CPU; every row sums to 1.
@@ -167,6 +201,9 @@ def class_probabilities(head, support: Sequence[Tensor], query: Tensor, text: Te
     """
     if head.training:
         raise ValueError("class_probabilities needs the head in eval mode (head.eval())")
+    if (support_tokens is None) != (query_tokens is None) or (
+            support_tokens is None and head_registry.get(head.method).tokens):
+        raise ValueError(f"{head.method}: give both support_tokens and query_tokens to a token head, neither otherwise")
     if path not in ("per-video", "direct"):
         raise ValueError(f"path {path!r}: choose 'per-video' or 'direct'")
     n = len(support)
@@ -184,5 +221,5 @@ def class_probabilities(head, support: Sequence[Tensor], query: Tensor, text: Te
     with pps_rule(head, pps_test), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         logits = _logits(head, [x.to(dev).float() for x in support], passes, query.float(), text.to(dev).float(),
-                         uniforms, batch_size, path)  # (P, Q, N)
+                         uniforms, batch_size, path, support_tokens, query_tokens)  # (P, Q, N)
     return torch.softmax(logits.double(), dim=-1).mean(dim=0).cpu()  # (Q, N)

@@ -34,6 +34,8 @@ class FeatureSplit:
         video_ids: (N,) ids.
         classes: (C,) class keys; class_names: (C,) prompt names.
         text: (C, D) float32 prompt embeddings.
+        tokens: the split's :class:`~mdmf_cache.store.tokens.TokenReader` where a token head reads them (set by
+            whoever opens it, on a copy of the split; None: not opened).
     """
 
     features: Any
@@ -42,6 +44,7 @@ class FeatureSplit:
     classes: list[str]
     class_names: list[str]
     text: Any
+    tokens: Any = None
 
     @property
     def num_classes(self) -> int:
@@ -190,6 +193,16 @@ def split_labels(path: Path | str, split: str) -> tuple[np.ndarray, int]:
     return store._rows(split, "labels")[np.flatnonzero(keep)].astype(np.int64), len(store.root[split].attrs["classes"])
 
 
+def usable_rows(store: CacheStore, split: str) -> np.ndarray:
+    """The array rows of a split's usable rows (finished, decodable, on disk at the last extract run), in
+    split-file order: row ``i`` of :func:`read_split`'s result is array row ``usable_rows(...)[i]`` (the token
+    reader maps episodes' rows through it)."""
+    keep = np.flatnonzero(store.done_mask(split) & store.present_mask(split) & ~store._rows(split, "failed").astype(bool))
+    if "order" in store.root[split]:  # format 1 caches: rows are already in split-file order
+        keep = keep[np.argsort(store._rows(split, "order")[keep], kind="stable")]
+    return keep
+
+
 def read_split(path: Path | str, split: str, allow_incomplete: bool = False,
                allocate: Allocate | None = None) -> FeatureSplit:
     """:func:`load_split_features`'s rows as numpy arrays (features float16, labels int64, text float32).
@@ -215,9 +228,7 @@ def read_split(path: Path | str, split: str, allow_incomplete: bool = False,
         )
     if store.prompts(split) is None:
         raise CacheError(f"{path} split {split} has no text embeddings; rerun 'mdmf-cache extract'")
-    keep = np.flatnonzero(done & present & ~store._rows(split, "failed").astype(bool))
-    if "order" in g:  # format 1 caches: rows are already in split-file order
-        keep = keep[np.argsort(store._rows(split, "order")[keep], kind="stable")]
+    keep = usable_rows(store, split)
     feats = read_rows(store, split, "features", keep, allocate)
     ids = store._rows(split, "video_ids")[keep]
     return FeatureSplit(

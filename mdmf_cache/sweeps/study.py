@@ -130,6 +130,7 @@ def plan(cfg: SweepConfig) -> Plan:
     from mdmf_cache import heads
     from mdmf_cache.heads.spec import DataInfo
     from mdmf_cache.store.cache import CacheStore
+    from mdmf_cache.store.tokens import token_info
 
     cfg.validate()
     method = method_of(cfg.fixed)
@@ -153,6 +154,8 @@ def plan(cfg: SweepConfig) -> Plan:
         raise CacheError(f"{cfg.cache} is not complete; rerun the same 'mdmf-cache extract' command to finish it")
     _, _, num_frames, dim = store.root["train"]["features"].shape
     num_classes = len(store.root["train"].attrs.get("classes", []))
+    spec_tokens = heads.get(method).tokens
+    tokens = token_info(store, "train", spec_tokens) if spec_tokens else None  # a token head: the cache has them
     fingerprint = hashlib.sha256(json.dumps(store.fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
     base = asdict(TrainConfig(cache=str(cfg.cache)))
     # every corner of the space must give a valid config, so no trial fails on a bad range
@@ -161,7 +164,7 @@ def plan(cfg: SweepConfig) -> Plan:
             tcfg = trial_config(base, {**fixed, **values}, opts).resolved()
             tcfg.validate()
             heads.get(tcfg.method).make_options(tcfg.preset, tcfg.heads, DataInfo(
-                dim=int(dim), num_frames=int(num_frames), num_classes=num_classes, shot=tcfg.shot))
+                dim=int(dim), num_frames=int(num_frames), num_classes=num_classes, shot=tcfg.shot, tokens=tokens))
         except OptionError as e:  # named as the sweep's options, --ffn-dim -5, not as train's --head-opt
             raise ConfigError(e.text(lambda name, value: _sweep_flag(name, value, opts, values))) from e
     return Plan(opts, dims, fixed, base, fingerprint)

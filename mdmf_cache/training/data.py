@@ -8,6 +8,8 @@ head's ``forward`` (:mod:`mdmf_cache.heads.base`).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import logging
 import time
@@ -24,11 +26,13 @@ from mdmf_cache.distributed import World, gather_shares
 from mdmf_cache.data.episodes import EpisodeSampler, gather
 from mdmf_cache.errors import ConfigError, DatasetError
 from mdmf_cache.extraction.embed import embed_split, find_videos, prompts_for, worker_init
+from mdmf_cache import heads as head_registry
 from mdmf_cache.heads.base import FewShotHead
 from mdmf_cache.store.runs import cache_identity, read_run_file
 from mdmf_cache.heads.factory import head_from_record, head_record
 from mdmf_cache.store.cache import CacheStore
 from mdmf_cache.store.read import FeatureSplit, load_split_features
+from mdmf_cache.store.tokens import TokenReader, episode_rows, episode_tokens
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +40,17 @@ __all__ = ["FastData", "FullData"]
 
 
 class FastData:
-    """Fast mode's episodes: E at a time from the cache's features in memory (a random cached view per video)."""
+    """Fast mode's episodes: E at a time from the cache's features in memory (a random cached view per video).
+
+    A token head (``SPEC.tokens`` set) also gets the tokens of the same videos and views, read through a
+    :class:`~mdmf_cache.store.tokens.TokenReader` per split (``token_cache_mb`` each); each update tells the train
+    reader the next update's rows, sampled ahead from a copy of the episode stream's generator (the stream itself,
+    and so ``--resume``, is untouched), so they are read while the head computes.
+    """
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg = cfg = cfg.resolved()  # the head's training shot and queries
+        self.device = device
         self.train = load_split_features(cfg.cache, "train", device=str(device))
         self.val = load_split_features(cfg.cache, "val", device=str(device))
         views, self.num_frames, self.dim = self.train.features.shape[1:]
@@ -48,31 +59,67 @@ class FastData:
         self.sampler = EpisodeSampler(self.train.labels.cpu().numpy(), self.train.num_classes, views=views)
         self.sampler.check(cfg.way, cfg.train_shot, cfg.train_queries, split="train")
         self.val_labels, self.val_classes = self.val.labels.cpu().numpy(), self.val.num_classes
+        self.readers: list[TokenReader] = []
+        self.token_info = None  # what the cache's token arrays hold (a token head's DataInfo.tokens)
+        spec = head_registry.get(cfg.method).tokens
+        if spec:
+            budget = cfg.token_cache_mb << 20
+            self.readers.append(TokenReader(cfg.cache, "train", budget, spec))
+            try:
+                self.readers.append(TokenReader(cfg.cache, "val", budget, spec))
+            except BaseException:
+                self.close()
+                raise
+            self.token_info = self.readers[0].info
+            # a copy: the split may be shared by the trainings of a sweep (keep_loaded)
+            self.val = dataclasses.replace(self.val, tokens=self.readers[1])
 
     def record(self) -> dict[str, Any]:
         """What config.json records of the input (the cache's identity)."""
-        return {"cache_abs": str(Path(self.cfg.cache).resolve()), "cache_identity": cache_identity(self.cfg.cache)}
+        rec = {"cache_abs": str(Path(self.cfg.cache).resolve()), "cache_identity": cache_identity(self.cfg.cache)}
+        if self.token_info is not None:  # predict extracts new videos' tokens with the same SPEC
+            rec["tokens"] = self.token_info.to_attrs()
+        return rec
 
     def wrap(self, head: FewShotHead) -> nn.Module:
         return head
 
+    def _sample(self, e: int, rng: np.random.Generator):
+        return self.sampler.sample(e, self.cfg.way, self.cfg.train_shot, self.cfg.train_queries, rng, random_view=True)
+
     def update(self, done: int, e: int, rng: np.random.Generator):
         """One update's micro-batches: ``(forward kwargs, query labels, episode classes, loss weight, last)``;
         fast mode: all E episodes at once."""
-        ep = self.sampler.sample(e, self.cfg.way, self.cfg.train_shot, self.cfg.train_queries, rng, random_view=True)
+        ep = self._sample(e, rng)
         support, query, text, labels = gather(self.train.features, self.train.text, ep)  # (E,S,T,D) (E,Q,T,D) (E,N,D) (E,Q)
         classes = torch.as_tensor(ep.classes, device=labels.device)  # (E, N) train-split classes
-        yield ({"support": support, "query": query, "text": text, "classes": classes,
-                "class_text": self.train.text.float()}, labels, classes, 1.0, True)
+        kwargs = {"support": support, "query": query, "text": text, "classes": classes,
+                  "class_text": self.train.text.float()}
+        if self.readers:
+            reader = self.readers[0]
+            kwargs["support_tokens"], kwargs["query_tokens"] = episode_tokens(reader, ep, self.device)  # (E,S|Q,T,L,P,Dt)
+            after = done + e
+            if after < self.cfg.episodes:  # the next update's episodes, drawn from a copy: the stream stays as it is
+                nxt = self._sample(min(self.cfg.episodes_per_step, self.cfg.episodes - after), copy.deepcopy(rng))
+                reader.prefetch(episode_rows(nxt))
+        yield (kwargs, labels, classes, 1.0, True)
 
     def val_split(self, model: nn.Module, progress=None) -> FeatureSplit:
         return self.val
 
     def stats(self) -> dict[str, float]:
-        return {}
+        if not self.readers:
+            return {}
+        r = self.readers[0]
+        out = {"token_hits": r.hits, "token_misses": r.misses, "token_wait_s": round(r.wait_s, 3)}
+        r.hits = r.misses = 0
+        r.wait_s = 0.0
+        return out
 
     def close(self) -> None:
-        pass
+        """Stops the token readers' prefetch threads (on an exception or Ctrl-C too: train calls it in a finally)."""
+        for r in self.readers:
+            r.close()
 
 
 class FullData:
@@ -99,6 +146,7 @@ class FullData:
         check_class_sizes(labels, train.classes, cfg.train_shot + cfg.train_queries, "train",
                           f"{what} with {cfg.train_queries} queries")
         check_class_sizes(self.val_labels, val.classes, cfg.shot + cfg.val_queries, "val", f"validation with {cfg.val_queries} queries")
+        self.token_info = None  # a token head is refused in full mode (TrainConfig.validate)
         self.backbone = load_backbone(f.model, f.pretrained, str(device))
         self.dim, self.num_frames = self.backbone.dim, f.num_frames
         self.num_classes, self.dataset = len(train.classes), f.dataset

@@ -210,7 +210,7 @@ def check_resume(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
     # compared by identity; a run written before a field existed had its default (resolved for its head and shot)
     defaults = asdict(TrainConfig(method=old.get("method", "mdmf"), shot=old.get("shot", 5),
                                   mode=old.get("mode", "fast")).resolved())
-    free = ("resume", "device", "episodes", "cache", "out", "tensorboard")
+    free = ("resume", "device", "episodes", "cache", "out", "tensorboard", "token_cache_mb")  # token_cache_mb: memory only
     diff = [k for k in cfg_dict if k not in free and k != "full" and old.get(k, defaults[k]) != cfg_dict[k]]
     if cfg.mode == "full" and old.get("mode", "fast") == "full":
         diff += full_diff(old.get("full") or {}, cfg.full)
