@@ -16,8 +16,8 @@ Measured, one torch thread:
   :class:`BenchHead`) in episodes/s with the tokens from memory (a pool of rows already decoded, as if the
   split fit), and through the reader without and with prefetch (the next update's rows read while the head
   computes, as fast-mode training does), from a cold page cache each; the ratios to memory;
-* the peak resident memory (``VmHWM``, reset per phase where Linux allows) above the process's before the phase,
-  against the budget (``--budget-mb``), and the LRU's own peak.
+* the peak resident memory (``VmHWM``) of each training mode, run in a fresh process (``--quick``: in this one),
+  above the process's before its first update, against the budget (``--budget-mb``), and the LRU's own peak.
 
     python bench/tokens.py                      # 13,320 rows at last@7x7, 1 GiB budget
     python bench/tokens.py --patches 197        # last unpooled (21 GB on disk)
@@ -152,7 +152,9 @@ def train(mode: str, path: Path, episodes: list, budget: int, dt: int, frames: i
     reader = TokenReader(path, "train", budget, prefetch=mode == "prefetch") if mode != "memory" else None
     try:
         t0 = time.perf_counter()
+        read_s = 0.0  # the main thread's time getting the tokens (from the pool, or through the reader)
         for i, ep in enumerate(episodes):
+            t1 = time.perf_counter()
             if reader is None:  # the same shapes from rows already in memory
                 st = pool[torch.as_tensor(ep.support % 64)]
                 qt = pool[torch.as_tensor(ep.query % 64)]
@@ -160,12 +162,13 @@ def train(mode: str, path: Path, episodes: list, budget: int, dt: int, frames: i
                 st, qt = episode_tokens(reader, ep)  # (E,S,T,L,P,Dt) (E,Q,T,L,P,Dt)
                 if i + 1 < len(episodes):
                     reader.prefetch(episode_rows(episodes[i + 1]))
+            read_s += time.perf_counter() - t1
             out = head(None, None, text, support_tokens=st, query_tokens=qt)
             opt.zero_grad()
             episode_ce(out["logits"], torch.as_tensor(ep.query_labels)).backward()
             opt.step()
         seconds = time.perf_counter() - t0
-        res = {"episodes_per_s": len(episodes) * len(episodes[0]) / seconds, "seconds": seconds,
+        res = {"episodes_per_s": len(episodes) * len(episodes[0]) / seconds, "seconds": seconds, "read_s": read_s,
                "peak_rss_above_mb": (status("VmHWM") - base) / 2 ** 20}
         if reader is not None:
             res |= {"lru_peak_mb": reader.peak_bytes / 2 ** 20, "wait_s": reader.wait_s, "hits": reader.hits,
@@ -174,6 +177,20 @@ def train(mode: str, path: Path, episodes: list, budget: int, dt: int, frames: i
     finally:
         if reader is not None:
             reader.close()
+
+
+def in_child(mode: str, folder: Path, argv: list[str] | None) -> dict:
+    """One training mode in a fresh process (the cache already built in ``folder``): a phase's peak resident
+    memory is not hidden by what an earlier phase freed but the allocator kept."""
+    import subprocess
+
+    given = list(sys.argv[1:] if argv is None else argv)
+    given = [a for a in given if a != "--rebuild"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *given, "--dir", str(folder), "--mode", mode]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"{mode} child failed: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -188,7 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--read-rows", type=int, default=2000, help="random rows read for the rows/s figures")
     p.add_argument("--dir", default=None, help="where the cache is built and kept (default: a temporary folder)")
     p.add_argument("--rebuild", action="store_true", help="build the cache again even if --dir holds one")
-    p.add_argument("--quick", action="store_true", help="seconds: 300 rows, T=4, P=5, Dt=16, 3 updates of 2")
+    p.add_argument("--quick", action="store_true", help="seconds: 300 rows, T=4, P=5, Dt=16, 3 updates of 2 "
+                                                         "(the modes in this process)")
+    p.add_argument("--mode", choices=("memory", "reader", "prefetch"), help=argparse.SUPPRESS)  # a child's one mode
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.frames, args.patches, args.token_dim, args.updates = 300, 4, 5, 16, 3
@@ -208,22 +227,27 @@ def main(argv: list[str] | None = None) -> dict:
         rng = np.random.default_rng(0)
         rows = rng.choice(args.rows, size=min(args.read_rows, args.rows), replace=False)
         batch = 480  # one default update's rows (16 episodes x 30 videos)
-        drop_page_cache(path)
-        with TokenReader(path, "train", budget, prefetch=False) as r:
-            cold = read_rate(r, rows, batch)
-            row_bytes = r.row_bytes
-        with TokenReader(path, "train", budget, prefetch=False) as r:
-            warm = read_rate(r, rows, batch)
-            lru_rows = rows[: max(1, budget // row_bytes)]
-            read_rate(r, lru_rows, batch)
-            lru = read_rate(r, lru_rows, batch)
+        if not args.mode:
+            drop_page_cache(path)
+            with TokenReader(path, "train", budget, prefetch=False) as r:
+                cold = read_rate(r, rows, batch)
+                row_bytes = r.row_bytes
+            with TokenReader(path, "train", budget, prefetch=False) as r:
+                warm = read_rate(r, rows, batch)
+                lru_rows = rows[: max(1, budget // row_bytes)]
+                read_rate(r, lru_rows, batch)
+                lru = read_rate(r, lru_rows, batch)
         store = CacheStore(path)
         labels = store._rows("train", "labels").astype(np.int64)
         sampler = EpisodeSampler(labels, int(labels.max()) + 1)
         erng = np.random.default_rng([0, 0])
         episodes = [sampler.sample(args.episodes_per_step, WAY, SHOT, QUERIES, erng) for _ in range(args.updates)]
-        modes = {m: train(m, path, episodes, budget, args.token_dim, args.frames, args.patches)
-                 for m in ("memory", "reader", "prefetch")}
+        if args.mode:  # one mode, in this (fresh) process: its peak RSS is its own
+            res = train(args.mode, path, episodes, budget, args.token_dim, args.frames, args.patches)
+            print(json.dumps(res))
+            return res
+        modes = {m: (train(m, path, episodes, budget, args.token_dim, args.frames, args.patches) if args.quick
+                     else in_child(m, path.parent, argv)) for m in ("memory", "reader", "prefetch")}
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -241,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
            "reader_ratio": round(modes["reader"]["episodes_per_s"] / mem, 3),
            "prefetch_ratio": round(modes["prefetch"]["episodes_per_s"] / mem, 3),
            "prefetch_wait_s": round(modes["prefetch"]["wait_s"], 2),
+           "seconds": {m: round(v["seconds"], 1) for m, v in modes.items()},
+           "read_s": {m: round(v["read_s"], 1) for m, v in modes.items()},
            "peak_rss_above_mb": {m: round(v["peak_rss_above_mb"]) for m, v in modes.items()},
            "lru_peak_mb": round(max(modes["reader"]["lru_peak_mb"], modes["prefetch"]["lru_peak_mb"]), 1),
            "threads": torch.get_num_threads(), "loadavg": os.getloadavg()[0], "quick": args.quick}
@@ -250,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  read: cold {cold:.0f} rows/s ({out['cold_mb_per_s']} MB/s), warm {warm:.0f}, LRU hits {lru:.0f}")
     for m in ("memory", "reader", "prefetch"):
         v = modes[m]
-        print(f"  {m:9s} {v['episodes_per_s']:7.2f} episodes/s ({v['episodes_per_s'] / mem:.2f} x memory), peak RSS "
+        print(f"  {m:9s} {v['episodes_per_s']:7.2f} episodes/s ({v['episodes_per_s'] / mem:.2f} x memory), "
+              f"{v['read_s']:.1f} of {v['seconds']:.1f} s getting tokens, peak RSS "
               f"+{v['peak_rss_above_mb']:.0f} MB" + (f", LRU peak {v['lru_peak_mb']:.0f} MB, waited "
                                                      f"{v['wait_s']:.1f} s" if m != "memory" else ""))
     print(json.dumps(out))

@@ -117,7 +117,8 @@ class FastData:
         return out
 
     def close(self) -> None:
-        """Stops the token readers' prefetch threads (on an exception or Ctrl-C too: train calls it in a finally)."""
+        """Stops the token readers' prefetch threads (on an exception or Ctrl-C too: train calls it in a finally; the
+        threads start at the first update's prefetch, inside that block)."""
         for r in self.readers:
             r.close()
 
