@@ -20,7 +20,6 @@ from mdmf_cache.configs import ExtractConfig
 from mdmf_cache.errors import CacheError, ConfigError
 from mdmf_cache.extraction.build import run_extract
 from mdmf_cache.store.cache import CacheStore
-from mdmf_cache.store.layout import group_name
 
 SPEC = "1,2,3"  # every block of mdmf-tiny-vit3, as EMP-Net's 4,8,12 of ViT-B/16; block 3 is the last
 ARRAYS = ("tokens_1", "tokens_2", "tokens_3")
