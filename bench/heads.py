@@ -11,7 +11,9 @@ For each head of ``mdmf_cache.heads.METHODS``, at width D, 5-way K-shot (``--sho
   table), and the sequences the per-video stage computed.
 
 The features are random: a test split of 24 classes x 100 videos, T = 8, float16 as in the cache.
-Accuracy is meaningless here, only time is measured.
+Accuracy is meaningless here, only time is measured. The heads that read cached tokens (``SPEC.tokens``:
+``emp-net``, ``molo``, ``strm``) take tokens, not these features: the table names them and leaves them out
+(docs/measurements.md has their cost per episode; ``bench/tokens.py`` measures the reader that feeds them).
 
     python bench/heads.py                       # D = 1024, the whole table (GPU if there is one)
     python bench/heads.py --test-measured 1000  # a CPU-sized run (the rest extrapolated)
@@ -130,7 +132,9 @@ def main() -> None:
     per_class = 10 if args.quick else 100
     train = synthetic_split(24, per_class, 8, args.dim, device)
     test = synthetic_split(24, per_class, 8, args.dim, device)
-    rows = [bench_head(m.strip(), train, test, args, device) for m in args.methods.split(",") if m.strip()]
+    asked = [m.strip() for m in args.methods.split(",") if m.strip()]
+    token_heads = [m for m in asked if heads.get(m).tokens]
+    rows = [bench_head(m, train, test, args, device) for m in asked if m not in token_heads]
     print(f"heads at D = {args.dim}, 5-way {args.shot}-shot, {device} ({torch.get_num_threads()} threads), "
           f"torch {torch.__version__}")
     print(f"{'method':<11} {'params (M)':>10} {'train eps/s (E=%d)' % args.episodes_per_step:>20} "
@@ -140,8 +144,11 @@ def main() -> None:
         note = f" (from {r['test_measured']})" if r["extrapolated"] else ""
         print(f"{r['method']:<11} {r['params_m']:>10.2f} {train_rate:>20} {r['test_10k_s']:>17.1f} "
               f"{r['eval_path']:>10} {str(r['fused']):>8}{note}")
+    if token_heads:
+        print(f"not here: {', '.join(token_heads)} (they read cached tokens, not these features)")
     print(json.dumps({"bench": "heads", "dim": args.dim, "shot": args.shot, "device": str(device),
-                      "threads": torch.get_num_threads(), "rows": rows, "quick": args.quick}))
+                      "threads": torch.get_num_threads(), "rows": rows, "token_heads": token_heads,
+                      "quick": args.quick}))
 
 
 if __name__ == "__main__":
