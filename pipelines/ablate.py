@@ -88,8 +88,7 @@ def _arm_dir(out: Path, name: str) -> Path:
 
 def run(cfg: AblateConfig, progress: bool = True, show: bool = True) -> dict[str, Any]:
     """Train and score every arm (with ``show``, print the table); returns the rows written to ``ablation.csv``."""
-    from mdmf_cache.evaluation.scoring import score
-    from mdmf_cache.evaluation.scoring import episode_list
+    from mdmf_cache.evaluation.scoring import TokenSplits, episode_list, score
     from mdmf_cache.device import resolve_device
     from mdmf_cache.configs import TrainConfig
     from mdmf_cache.heads.factory import load_head
@@ -142,9 +141,10 @@ def run(cfg: AblateConfig, progress: bool = True, show: bool = True) -> dict[str
     eps = episode_list(split, cfg.way, cfg.shot, 1, cfg.test_episodes, cfg.seed)
     eps.save(out / f"episodes_{cfg.way}way_{cfg.shot}shot.npz")
     accs = {}
-    for name, _, _ in arms:
-        model, _ = load_head(runs[name], str(device))
-        accs[name] = score(model.method, split, eps, model, cfg.seed).episode_acc * 100
+    with TokenSplits(split, cfg.cache, cfg.split) as splits:  # an arm of a token head reads its tokens
+        for name, _, _ in arms:
+            model, _ = load_head(runs[name], str(device))
+            accs[name] = score(model.method, splits(model.method), eps, model, cfg.seed).episode_acc * 100
     # 4. tables
     base = accs.get("full")
     rows = []

@@ -394,12 +394,14 @@ def run(cfg: CompareConfig, progress: bool = True, show: bool = True) -> dict[st
     from mdmf_cache.configs import TrainConfig
     from mdmf_cache.data.episodes import EpisodeSampler, Episodes
     from mdmf_cache.device import resolve_device
-    from mdmf_cache.evaluation.scoring import episode_list, score
+    from mdmf_cache.evaluation.scoring import TokenSplits, episode_list, score
     from mdmf_cache.fileio import atomic_write_json, process_lock
     from mdmf_cache.heads.factory import load_head
     from mdmf_cache.store.cache import CacheStore
     from mdmf_cache.store.read import load_split_features
     from mdmf_cache.store.runs import cache_identity
+    from mdmf_cache import heads as heads_registry
+    from mdmf_cache.store.tokens import token_info
     from mdmf_cache.sweeps.study import plan
 
     # 1. everything checked before anything is written
@@ -410,6 +412,10 @@ def run(cfg: CompareConfig, progress: bool = True, show: bool = True) -> dict[st
         raise ConfigError(f"{cfg.cache} is not complete; rerun the same 'mdmf-cache extract' command to finish it")
     ident = _json(cache_identity(cfg.cache))
     trained = trained_methods(cfg.methods)
+    for method in trained:  # a token head's tokens in every split it reads (one line naming extract --tokens)
+        if heads_registry.get(method).tokens:
+            for split_name in dict.fromkeys(("train", "val", cfg.split)):
+                token_info(store, split_name, heads_registry.get(method).tokens)
     names = _names(cfg, out, trained)
     tcfgs = {}  # (method, shot, seed index) -> its run's config (with a sweep: seeds >= 1 only, made after it)
     for method in trained:
@@ -522,19 +528,21 @@ def run(cfg: CompareConfig, progress: bool = True, show: bool = True) -> dict[st
             if bar else None
         if bar:
             bar.start()
+        splits = TokenSplits(split, cfg.cache, cfg.split)  # a token head's episodes read their tokens
         try:
             for (method, shot, i, e), path, run_dir, ckpt in todo:
                 if bar:
                     bar.update(task, description=f"scoring {method} {shot}-shot" + (f" seed {i}" if cfg.seeds > 1
                                                                                      and i is not None else ""))
                 model = load_head(run_dir, str(device), checkpoint=ckpt)[0] if run_dir is not None else None
-                acc = score(method, split, lists[shot, queries[method, shot]], model, cfg.seed,
+                acc = score(method, splits(method), lists[shot, queries[method, shot]], model, cfg.seed,
                             on_batch=(lambda n: bar.advance(task, n)) if bar else None).episode_acc * 100
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _save_scores(acc, path)
                 atomic_write_json(path.with_suffix(".json"), records[path])  # after the scores: a kill between rescores
                 arrays[path] = acc
         finally:
+            splits.close()
             if bar:
                 bar.stop()
         accs, selected = _assemble(cfg, files, arrays)

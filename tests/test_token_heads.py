@@ -89,3 +89,27 @@ def test_a_token_head_trains_on_a_token_cache_and_beats_its_untrained_copy(metho
                               out=str(tmp_path / "ev"), device="cpu"), progress=False, show=False)
     acc = np.load(tmp_path / "ev" / "episode_acc_1shot.npy")
     assert res["shots"]["1"]["episodes"] == 12 and acc.shape == (12,) and ((0 <= acc) & (acc <= 1)).all()
+
+
+def test_compare_trains_and_scores_a_token_head_beside_the_others(token_caches, tiny_cache, tmp_path):
+    """``compare`` gives a token head its tokens (training and scoring through the reader) beside a features head and a
+    baseline, on the same test episodes; on a cache without token arrays it refuses before anything is written,
+    naming the ``extract --tokens`` to run."""
+    import csv
+
+    from mdmf_cache.errors import CacheError
+    from pipelines.compare import CompareConfig, run as run_compare
+
+    train = {"episodes": 8, "episodes_per_step": 4, "val_every": 8, "val_episodes": 10, "train_queries": 2}
+    cfg = CompareConfig(cache=str(token_caches["last"]), out=str(tmp_path / "cmp"), methods=("strm", "tsn", "protonet"),
+                        shots=(1,), reference="strm", way=2, test_episodes=30, device="cpu", train=train)
+    run_compare(cfg, progress=False, show=False)
+    scores = {p.stem: np.load(p) for p in (tmp_path / "cmp" / "scores").glob("*.npy")}
+    assert set(scores) == {"strm_1shot", "tsn_1shot", "protonet_1shot"}
+    assert all(len(v) == 30 and ((0 <= v) & (v <= 100)).all() for v in scores.values())
+    with open(tmp_path / "cmp" / "table.csv") as f:
+        assert [row["method"] for row in csv.DictReader(f)] == ["strm", "tsn", "protonet"]
+    with pytest.raises(CacheError, match="--tokens last@7x7"):
+        run_compare(dataclasses.replace(cfg, cache=str(tiny_cache), out=str(tmp_path / "none")), progress=False,
+                    show=False)
+    assert not (tmp_path / "none").exists()

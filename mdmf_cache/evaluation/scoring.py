@@ -21,8 +21,10 @@ seed and the episode list only, so both paths (and every batch size) make the sa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -36,7 +38,7 @@ from mdmf_cache.data.episodes import EpisodeSampler, Episodes, gather, mean_ci
 from mdmf_cache.heads.base import FewShotHead
 from mdmf_cache.heads.spec import DataInfo
 from mdmf_cache.store.read import FeatureSplit
-from mdmf_cache.store.tokens import episode_rows, episode_tokens
+from mdmf_cache.store.tokens import DEFAULT_BUDGET, TokenReader, episode_rows, episode_tokens
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +268,36 @@ def score(method: str, split: FeatureSplit, episodes: Episodes, model=None, seed
 
 
 # ----------------------------------------------------------------------- scoring a run or a baseline
+
+
+class TokenSplits:
+    """The split as each method reads it, for a recipe that scores several on one split (compare, ablate): the
+    split itself, or for a token head (``SPEC.tokens``) the split with a :class:`TokenReader` of its tokens, one
+    reader for all of them, opened on first use and stopped by :meth:`close` (or the ``with`` block's end).
+
+    ``splits(method)`` raises the reader's one-line CacheError when the cache has no token arrays."""
+
+    def __init__(self, split: FeatureSplit, cache: str | Path, name: str, budget: int = DEFAULT_BUDGET) -> None:
+        self.split, self.cache, self.name, self.budget = split, cache, name, budget
+        self.reader: TokenReader | None = None
+
+    def __call__(self, method: str) -> FeatureSplit:
+        spec = head_registry.get(method).tokens if method in head_registry.METHODS else None
+        if not spec:
+            return self.split
+        if self.reader is None:
+            self.reader = TokenReader(self.cache, self.name, self.budget, spec)
+        return dataclasses.replace(self.split, tokens=self.reader)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+    def __enter__(self) -> "TokenSplits":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def episode_list(split: FeatureSplit, way: int, shot: int, queries: int, n: int, seed: int) -> Episodes:
