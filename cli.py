@@ -762,7 +762,7 @@ def compare(
     ctx: typer.Context,
     cache: Annotated[Path, typer.Argument(help="A complete cache group (*.zarr); or 'show' followed by a compare --out.")],
     methods: Annotated[str, typer.Option(help=f"Comma-separated: {_choices((*heads.METHODS, *BASELINES))} "
-                                              "(default: every registered head).")] = ",".join(heads.METHODS),
+                                              "(default: every registered head of the cached features; name a token head, e.g. strm, to add it).")] = ",".join(heads.FEATURE_METHODS),
     shot: Annotated[str, typer.Option(help="Shots, comma-separated: one column each, one trained run per method and shot.")] = ",".join(map(str, _C.shots)),
     reference: Annotated[str, typer.Option(help="Paired differences are to this method.")] = _C.reference,
     out: Annotated[Path, typer.Option(help="Results directory: runs/, scores/, episode lists, table.csv, table.md, table.png.")] = Path(_C.out),

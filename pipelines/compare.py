@@ -61,7 +61,7 @@ class CompareConfig:
 
     cache: str = ""
     out: str = "results/compare"
-    methods: tuple[str, ...] = ()  # registered heads and baselines; () = every registered head
+    methods: tuple[str, ...] = ()  # registered heads and baselines; () = every head of the cached features
     shots: tuple[int, ...] = (1, 5)
     reference: str = "mdmf"  # the paired differences are to this method
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields for every trained method (episodes, lr, ...)
@@ -81,7 +81,7 @@ class CompareConfig:
         if not self.methods:
             from mdmf_cache import heads
 
-            self.methods = heads.METHODS
+            self.methods = heads.FEATURE_METHODS
 
     def validate(self) -> None:
         from mdmf_cache import heads

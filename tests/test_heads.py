@@ -97,6 +97,7 @@ def test_registry_is_consistent() -> None:
         spec = heads.get(name)
         assert spec.name == name and spec.default_preset in spec.presets
         assert spec.parametric == heads.REGISTRY[name].parametric
+        assert bool(spec.tokens) == heads.REGISTRY[name].tokens == (name not in heads.FEATURE_METHODS)
         assert name in cli.METHOD_HELP  # the CLI's choices are the registry's
         assert {"dim", "num_frames"} <= {f.name for f in dataclasses.fields(spec.options)}
     with pytest.raises(Exception, match="registered heads"):

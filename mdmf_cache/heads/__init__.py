@@ -21,7 +21,7 @@ from mdmf_cache.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from mdmf_cache.heads.spec import HeadSpec
 
-__all__ = ["Entry", "REGISTRY", "METHODS", "get", "parameter_free"]
+__all__ = ["Entry", "REGISTRY", "METHODS", "FEATURE_METHODS", "get", "parameter_free"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Entry:
     module: str
     summary: str
     parametric: bool = True  # False: no trainable parameters (scored on a cache directly; full mode fine-tunes CLIP)
+    tokens: bool = False  # reads cached tokens (its SPEC.tokens set): needs a cache extracted with --tokens
 
 
 REGISTRY: dict[str, Entry] = {e.name: e for e in (
@@ -41,12 +42,12 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("hyrsm++", "mdmf_cache.heads.hyrsm_pp", "HyRSM++ as released: HyRSM plus the temporal-coherence regulariser"),
     Entry("cpm2c", "mdmf_cache.heads.cpm2c", "CLIP-CPM2C (Neurocomputing 2025) as released: text-consistent query token, motion stream, OTAM"),
     Entry("clip-mei", "mdmf_cache.heads.clip_mei", "CLIP-MEI (KBS 2025) as released, test label leak removed: QSA tokens, transductive TFE, MIC, OTAM"),
-    Entry("molo", "mdmf_cache.heads.molo", "MoLo (CVPR 2023) as released on cached spatial maps: motion branch, Bi-MHM, long-short contrast; no reconstruction"),
+    Entry("molo", "mdmf_cache.heads.molo", "MoLo (CVPR 2023) as released on cached spatial maps: motion branch, Bi-MHM, long-short contrast; no reconstruction", tokens=True),
     Entry("trx", "mdmf_cache.heads.trx", "TRX (CVPR 2021) as released: cross-transformers over frame pairs and triples"),
-    Entry("strm", "mdmf_cache.heads.strm", "STRM (CVPR 2022) as released, on cached patch maps: patch attention, frame MLP-mixing, TRX"),
+    Entry("strm", "mdmf_cache.heads.strm", "STRM (CVPR 2022) as released, on cached patch maps: patch attention, frame MLP-mixing, TRX", tokens=True),
     Entry("mpl", "mdmf_cache.heads.mpl", "MPL as released: query-augmented supports, shot attention, match-guided key frames"),
     Entry("team", "mdmf_cache.heads.team", "TEAM (CVPR 2025) as released: pattern tokens, class-adapted supports, no alignment"),
-    Entry("emp-net", "mdmf_cache.heads.emp_net", "EMP-Net (ECCV 2024) as released on cached ViT tokens: skip fusion, multi-level reasoning, text and OTAM matching"),
+    Entry("emp-net", "mdmf_cache.heads.emp_net", "EMP-Net (ECCV 2024) as released on cached ViT tokens: skip fusion, multi-level reasoning, text and OTAM matching", tokens=True),
     Entry("chamfer", "mdmf_cache.heads.chamfer", "Chamfer++ (2023) as released: frame triples, joint symmetric Chamfer; matching=... switches"),
     Entry("otam", "mdmf_cache.heads.otam", "OTAM (CVPR 2020) as released: ordered temporal alignment to every support",
           parametric=False),
@@ -56,6 +57,9 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
 
 #: Every ``--method`` a run can be trained or scored with.
 METHODS: tuple[str, ...] = tuple(REGISTRY)
+#: The heads of the cached features alone: ``compare``'s default set (a token head is compared when named, on a
+#: cache with its token arrays).
+FEATURE_METHODS: tuple[str, ...] = tuple(name for name, e in REGISTRY.items() if not e.tokens)
 
 
 def parameter_free() -> tuple[str, ...]:
