@@ -813,3 +813,18 @@ def test_every_numeric_head_option_is_range_checked(method, name, kind, least) -
         msg = str(e.value)
         assert len(msg.splitlines()) == 1 and f"--head-opt {name}={bad}: " in msg and not re.search(r"\bdim=", msg), msg
     spec.make_options(None, {name: getattr(ok, name)}, data)
+
+
+def test_a_list_for_a_tuple_option_becomes_the_tuple_whatever_its_source() -> None:
+    """A JSON file or a sweep's space gives TRX's cardinalities and a token grid as lists: the options hold tuples,
+    equal to those made from tuples, from ``make_options`` and from ``load_options`` (a JSON round trip)."""
+    import json
+
+    trx = heads.get("trx")
+    data = DataInfo(dim=D, num_frames=T)
+    opts = trx.make_options(None, {"cardinalities": [2, 3]}, data)
+    assert opts.cardinalities == (2, 3) and opts == trx.make_options(None, {"cardinalities": (2, 3)}, data)
+    strm = heads.get("strm")
+    made = strm.make_options(None, {}, DataInfo(dim=D, num_frames=T, tokens=TOKEN_DATA["strm"][0]))
+    loaded = strm.load_options(json.loads(json.dumps(dataclasses.asdict(made))))
+    assert isinstance(loaded.token_grid, tuple) and loaded == made

@@ -131,8 +131,6 @@ class MoLoOptions:
     reconstruction: bool = False
 
     def __post_init__(self) -> None:
-        if self.token_grid is not None:
-            self.token_grid = (int(self.token_grid[0]), int(self.token_grid[1]))  # a list from a saved checkpoint
         problems = Problems()
         problems.data(self, min_frames=2)  # the motion branch differences consecutive frames
         problems.sizes(self, ("heads", "ffn_dim", "motion_factor"))

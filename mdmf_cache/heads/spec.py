@@ -168,6 +168,19 @@ def shared_problems(options: type, values: Mapping[str, Any]) -> Problems:
     return problems
 
 
+def as_tuples(options: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with a list given to a tuple field (TRX's cardinalities, the token grid) made a tuple: what a JSON
+    file or a sweep's space hands over, so every head's options hold one type whatever their source."""
+    hints = typing.get_type_hints(options)
+    out = dict(values)
+    for name, value in values.items():
+        hint = hints.get(name)
+        kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if isinstance(value, list) and any(typing.get_origin(k) is tuple for k in kinds):
+            out[name] = tuple(value)
+    return out
+
+
 @dataclass(frozen=True)
 class DataInfo:
     """What a head's options may take from the data and the run.
@@ -289,7 +302,7 @@ class HeadSpec:
         if problems:
             raise OptionError(problems, self.name)
         try:
-            opts = self.options(**values)
+            opts = self.options(**as_tuples(self.options, values))
         except OptionError as e:
             raise OptionError(e.problems, self.name) from e
         except (TypeError, ValueError) as e:
@@ -300,6 +313,6 @@ class HeadSpec:
     def load_options(self, saved: Mapping[str, Any]) -> Any:
         """Options saved by :meth:`make_options` (a checkpoint's ``options``), as they were."""
         try:
-            return self.options(**saved)
+            return self.options(**as_tuples(self.options, saved))
         except TypeError as e:
             raise ConfigError(f"{self.name}: saved options do not fit this version's ({e})") from e

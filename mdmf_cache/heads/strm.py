@@ -103,9 +103,6 @@ class STRMOptions:
     unregistered_distance: bool = False
 
     def __post_init__(self) -> None:
-        self.cardinalities = tuple(int(c) for c in self.cardinalities)  # a list from a saved checkpoint
-        if self.token_grid is not None:
-            self.token_grid = (int(self.token_grid[0]), int(self.token_grid[1]))
         problems = Problems()
         problems.data(self)
         problems.sizes(self, ("patch_grid", "tuple_dim"))

@@ -77,7 +77,6 @@ class TRXOptions:
     pe_scale: float = 0.1
 
     def __post_init__(self) -> None:
-        self.cardinalities = tuple(int(c) for c in self.cardinalities)  # a list from a saved checkpoint
         problems = Problems()
         problems.data(self)
         problems.sizes(self, ("tuple_dim",))
