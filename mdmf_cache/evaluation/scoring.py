@@ -120,6 +120,7 @@ def evaluate_episodes(
     on_batch: Callable[[int], None] | None = None,
     uniforms: np.ndarray | None = None,
     keep_logits: bool = False,
+    inputs: Callable[[int, int], dict] | None = None,
 ) -> EvalResult:
     """Direct path: score ``episodes`` in batches of ``batch_size`` with ``logits_fn``.
 
@@ -130,6 +131,8 @@ def evaluate_episodes(
         on_batch: called with the number of episodes just scored (progress bars).
         uniforms: ``(E, Q)`` PPS uniforms (default: zeros; baselines ignore them).
         keep_logits: also return every episode's logits.
+        inputs: ``(lo, hi) -> kwargs`` given to ``logits_fn`` besides the features, for episodes ``lo:hi`` (a token
+            head's tokens).
     """
     dev = split.features.device
     tally = _Tally(split.num_classes, dev, keep_logits)
@@ -138,7 +141,8 @@ def evaluate_episodes(
     for lo in range(0, len(episodes), batch_size):
         ep = episodes[lo : lo + batch_size]
         support, query, text, _ = gather(split.features, split.text, ep)
-        logits = logits_fn(support, query, text, torch.as_tensor(uniforms[lo : lo + batch_size], device=dev))
+        extra = inputs(lo, lo + len(ep)) if inputs is not None else {}
+        logits = logits_fn(support, query, text, torch.as_tensor(uniforms[lo : lo + batch_size], device=dev), **extra)
         tally.add(logits, ep)  # (E, Q, N)
         if on_batch:
             on_batch(len(ep))
@@ -201,25 +205,20 @@ def evaluate_token_episodes(
     if reader is None:
         raise ValueError(f"{model.method} reads tokens: open the split's TokenReader as split.tokens first")
     dev = split.features.device
-    tally = _Tally(split.num_classes, dev, keep_logits)
+
+    def tokens(lo: int, hi: int) -> dict:
+        support_tokens, query_tokens = episode_tokens(reader, episodes[lo:hi], dev)  # (E,S,T,L,P,Dt) (E,Q,T,L,P,Dt)
+        if hi < len(episodes):  # the next chunk read while the head computes this one
+            reader.prefetch(episode_rows(episodes[hi : 2 * hi - lo]))
+        return {"support_tokens": support_tokens, "query_tokens": query_tokens}
+
     step = reader.chunk_episodes(episodes.support.shape[1] + episodes.query.shape[1], batch_size)
-    for lo in range(0, len(episodes), step):
-        ep = episodes[lo : lo + step]
-        support, query, text, _ = gather(split.features, split.text, ep)
-        support_tokens, query_tokens = episode_tokens(reader, ep, dev)  # (E,S,T,L,P,Dt) (E,Q,T,L,P,Dt)
-        if lo + step < len(episodes):  # read while the head computes this chunk
-            reader.prefetch(episode_rows(episodes[lo + step : lo + 2 * step]))
-        logits = model(support, query, text, pps_noise=torch.as_tensor(uniforms[lo : lo + step], device=dev),
-                       support_tokens=support_tokens, query_tokens=query_tokens)["logits"]
-        tally.add(logits, ep)  # (E, Q, N)
-        if on_batch:
-            on_batch(len(ep))
-    return tally.result()
+    return evaluate_episodes(head_logits(model), split, episodes, step, on_batch, uniforms, keep_logits, tokens)
 
 
 def head_logits(model) -> LogitsFn:
-    """An eval-mode head as a LogitsFn (the direct path)."""
-    return lambda support, query, text, u: model(support, query, text, pps_noise=u)["logits"]
+    """An eval-mode head as a LogitsFn (the direct path; a token head's tokens as keyword arguments)."""
+    return lambda support, query, text, u, **tokens: model(support, query, text, pps_noise=u, **tokens)["logits"]
 
 
 def parameter_free_head(method: str, split: FeatureSplit):
