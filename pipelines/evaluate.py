@@ -15,7 +15,7 @@ Top to bottom (:func:`run`):
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from mdmf_cache.data.episodes import EpisodeSampler
 from mdmf_cache.device import resolve_device
 from mdmf_cache.errors import CacheError, ConfigError
 from mdmf_cache.evaluation.baselines import BASELINES
-from mdmf_cache.evaluation.scoring import episode_list, score
+from mdmf_cache.evaluation.scoring import TokenSplits, episode_list, score
 from mdmf_cache.extraction.eval_cache import full_run_cache
 from mdmf_cache.fileio import atomic_write_json, writing
 from mdmf_cache.heads.factory import load_head
@@ -36,7 +36,6 @@ from mdmf_cache.report.plots import eval_figures, plot_safely
 from mdmf_cache.report.tables import print_eval
 from mdmf_cache.store.read import load_split_features
 from mdmf_cache.store.runs import check_identity, read_run_file, run_cache
-from mdmf_cache.store.tokens import TokenReader
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +72,9 @@ def run(cfg: EvalConfig, progress: bool = True, show: bool = True) -> dict[str, 
     sampler = EpisodeSampler(split.labels.cpu().numpy(), split.num_classes)
     for shot in shots:
         sampler.check(cfg.way, shot, queries[shot], split=cfg.split)
-    tokens = head_registry.get(method).tokens if method in head_registry.METHODS else None
-    if tokens:  # a token head: the split's tokens through a bounded reader (its thread stopped in step 3's finally)
-        split = replace(split, tokens=TokenReader(cache, cfg.split, cfg.token_cache_mb << 20, tokens))
+    # a token head: the split's tokens through a bounded reader (its thread stopped in step 3's finally)
+    token_splits = TokenSplits(split, cache, cfg.split, cfg.token_cache_mb << 20)
+    split = token_splits(method)
     out = Path(cfg.out) if cfg.out else default_out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -107,8 +106,7 @@ def run(cfg: EvalConfig, progress: bool = True, show: bool = True) -> dict[str, 
     finally:
         if bar:
             bar.stop()
-        if split.tokens is not None:
-            split.tokens.close()
+        token_splits.close()
     atomic_write_json(out / "results.json", results)
     plot_safely(eval_figures, out)
     results["out"] = str(out)
