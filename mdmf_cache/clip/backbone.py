@@ -101,13 +101,18 @@ class Backbone:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
+    def autocast(self):
+        """The encoders' mixed precision (:attr:`amp_dtype`; off on a CPU)."""
+        import torch
+
+        amp = self.amp_dtype
+        return torch.autocast(self.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+
     def encode_images(self, pixels: "torch.Tensor") -> "torch.Tensor":
         """(B, 3, H, W) normalised pixels -> (B, D) float32 image embeddings (not normalised)."""
         import torch
 
-        with torch.no_grad(), torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None
-        ):
+        with torch.no_grad(), self.autocast():
             return self.model.encode_image(pixels.to(self.device, non_blocking=True)).float()
 
     def token_info(self, spec: "TokenSpec | str") -> TokenInfo:
@@ -135,9 +140,7 @@ class Backbone:
         hooks = [m.register_forward_hook(lambda _m, _i, out, k=k: seen.__setitem__(k, out))
                  for k, m in enumerate(modules)]
         try:
-            with torch.no_grad(), torch.autocast(
-                self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None
-            ):
+            with torch.no_grad(), self.autocast():
                 pooled = self.model.encode_image(pixels.to(self.device, non_blocking=True))
                 tokens = [layout.tokens(seen[k]) for k in range(len(modules))]
         finally:
@@ -150,9 +153,7 @@ class Backbone:
         import torch
 
         out = []
-        with torch.no_grad(), torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None
-        ):
+        with torch.no_grad(), self.autocast():
             for i in range(0, len(prompts), batch_size):
                 tokens = self.tokenizer(prompts[i : i + batch_size]).to(self.device)
                 out.append(self.model.encode_text(tokens).float())
