@@ -50,8 +50,9 @@ def test_benches_are_found():
 
 
 DRIVER = r"""
-import contextlib, io, json, logging, os, runpy, sys, traceback
+import contextlib, faulthandler, io, json, logging, os, runpy, sys, traceback
 results, folder = {}, sys.argv[1]
+PER_BENCH_S = 300  # a bench that hangs prints every thread's stack and ends the run, naming itself, long before 900 s
 # extract.py sets OpenMP's wait policy before torch loads (as mdmf-cache extract): it runs first
 names = sorted(sys.argv[2:], key=lambda n: n != "extract.py")
 threads = None
@@ -59,6 +60,8 @@ for name in names:
     out, err, code = io.StringIO(), io.StringIO(), 0
     sys.argv = [os.path.join(folder, name), "--quick"]
     saved_path = list(sys.path)
+    print(f"bench/{name} --quick", file=sys.__stderr__, flush=True)
+    faulthandler.dump_traceback_later(PER_BENCH_S, exit=True, file=sys.__stderr__)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             runpy.run_path(sys.argv[0], run_name="__main__")
@@ -69,6 +72,7 @@ for name in names:
         except BaseException:
             traceback.print_exc()
             code = 1
+    faulthandler.cancel_dump_traceback_later()
     sys.path[:] = saved_path  # what a bench put on it for its own imports goes with it
     logging.disable(logging.NOTSET)
     import torch
