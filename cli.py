@@ -944,8 +944,9 @@ def _as_written(e: Exception) -> str:
 
 def main() -> None:
     """Console entry: one clear line for known errors, the traceback only with --debug."""
-    from mdmf_cache.errors import MdmfError
+    from mdmf_cache.errors import MdmfError, keep_ctrl_c
 
+    keep_ctrl_c()
     try:
         code = app(standalone_mode=False)
         if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into a returned 130

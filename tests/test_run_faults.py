@@ -506,6 +506,40 @@ def test_videos_shorter_than_t_frames_are_warned_about(action_videos, tmp_path, 
 # ----------------------------------------------------------------------------------------------- sweeps
 
 
+_FINALIZER_CTRL_C = """
+import sys
+from mdmf_cache.errors import keep_ctrl_c
+if sys.argv[1] == "kept":
+    keep_ctrl_c()
+class Finalizer:
+    def __del__(self):
+        raise KeyboardInterrupt  # as a SIGINT landing while the garbage collector runs a callback
+try:
+    Finalizer()
+    import time
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # the interrupt comes from a helper thread, within milliseconds
+        pass
+except KeyboardInterrupt:
+    print("interrupted")
+else:
+    print("lost")
+"""
+
+
+@pytest.mark.parametrize("mode", ["kept", "plain"])
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_interrupts_the_command(mode, monkeypatch):
+    out = subprocess.run([sys.executable, "-c", _FINALIZER_CTRL_C, mode], cwd=REPO, env=_env(), capture_output=True,
+                         text=True, timeout=60)
+    # plain Python loses it (the premise): with the hook the interrupt is raised again outside the finalizer
+    assert out.stdout.strip() == {"kept": "interrupted", "plain": "lost"}[mode], out.stderr
+    if mode == "kept":  # and the console entry installs the hook before any command runs
+        monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+        monkeypatch.setattr(cli, "app", lambda standalone_mode: 0)
+        cli.main()
+        assert getattr(sys.unraisablehook, "keeps_ctrl_c", False)
+
+
 def test_ctrl_c_in_a_sweep_says_what_finished_and_resume_goes_on(tiny_cache, tmp_path):
     import optuna
 
