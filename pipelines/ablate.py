@@ -59,7 +59,7 @@ class AblateConfig:
     variant: dict[str, Any] = field(default_factory=dict)  # head overrides of the named variant
     table: int | None = None  # 3, 4 or 5: the paper's grid instead of one variant
     lambdas: tuple[float, ...] = ()  # a grid over the distillation weight instead (the paper's Fig. 4)
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every arm
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields of every arm (heads: under its switches)
     way: int = 5
     shot: int = 5
     test_episodes: int = 10000
@@ -108,14 +108,16 @@ def run(cfg: AblateConfig, progress: bool = True, show: bool = True) -> dict[str
     unknown = sorted(set(cfg.train) - set(TrainConfig.__dataclass_fields__))
     if unknown:
         raise ConfigError(f"unknown training option(s) {', '.join(unknown)}")
+    shared = dict(cfg.train)
+    shared_heads = shared.pop("heads", None) or {}  # head options of every arm; an arm's own switches win
     tcfgs = {}
     for name, heads, _ in arms:
         switches = dict(heads)  # an arm's "method" (MDMF vs a rival) is the run's, the rest are head switches
         method = switches.pop("method", "mdmf")
         tcfgs[name] = TrainConfig(cache=cfg.cache, out=str(_arm_dir(out, name)),
                                   preset=cfg.preset if method == "mdmf" else None,  # a rival runs as released
-                                  method=method, heads=switches,
-                                  way=cfg.way, shot=cfg.shot, seed=cfg.seed, device=cfg.device, **cfg.train)
+                                  method=method, heads={**shared_heads, **switches},
+                                  way=cfg.way, shot=cfg.shot, seed=cfg.seed, device=cfg.device, **shared)
         tcfgs[name].validate()
     split = load_split_features(cfg.cache, cfg.split, device=str(device))
     EpisodeSampler(split.labels.cpu().numpy(), split.num_classes).check(cfg.way, cfg.shot, 1, split=cfg.split)

@@ -23,10 +23,17 @@ from pipelines.train import run as run_train  # noqa: E402
 pytestmark = pytest.mark.integration
 
 
+#: The demo cache is 64-d: the released 2048-wide feed-forward blocks of MDMF and CLIP-FSAR would be 32 x D and most
+#: of each training step; 4 x D, a transformer's usual ratio, trains the same code.
+FFN = {"ffn_dim": 256}
+
+
 def _train(cache, out, **kw):
     cfg = dict(cache=str(cache), out=str(out), episodes=64, episodes_per_step=8, val_every=32, val_episodes=100,
                lr=1e-3, seed=0)
     cfg.update(kw)
+    if cfg.get("method", "mdmf") in ("mdmf", "clip-fsar"):
+        cfg["heads"] = {**FFN, **cfg.get("heads", {})}
     return run_train(TrainConfig(**cfg), progress=False)
 
 
@@ -36,7 +43,7 @@ def test_training_beats_untrained_and_protonet_on_val(demo_cache, tmp_path):
     eps = episode_list(val, 5, 5, 1, 300, seed=7)
     trained, _ = load_head(tmp_path / "run", "cpu")
     torch.manual_seed(0)
-    untrained = build_model("paper", val.features.shape[-1], val.features.shape[2], {}).eval()
+    untrained = build_model("paper", val.features.shape[-1], val.features.shape[2], FFN).eval()
     acc_trained = score("mdmf", val, eps, trained).mean * 100
     acc_untrained = score("mdmf", val, eps, untrained).mean * 100
     acc_proto = score("protonet", val, eps).mean * 100
@@ -136,7 +143,7 @@ def test_ablate_no_pps_scores_both_arms_on_identical_episodes(demo_cache, tmp_pa
 
     res = run_ablate(AblateConfig(cache=str(demo_cache), out=str(tmp_path / "abl"), variant={"pps": False},
                                   train={"episodes": 32, "episodes_per_step": 8, "val_every": 32, "val_episodes": 50,
-                                         "lr": 1e-3},
+                                         "lr": 1e-3, "heads": FFN},
                                   test_episodes=200), progress=False)
     rows = {r["arm"]: r for r in res["rows"]}
     assert set(rows) == {"full", "pps=False"}
@@ -148,7 +155,7 @@ def test_ablate_no_pps_scores_both_arms_on_identical_episodes(demo_cache, tmp_pa
     accs = {}
     for arm, run in (("full", "arm_full"), ("pps=False", "arm_pps=False")):
         model, cfg = load_head(tmp_path / "abl" / run, "cpu")
-        assert model.cfg.pps == (arm == "full")
+        assert model.cfg.pps == (arm == "full") and model.cfg.ffn_dim == FFN["ffn_dim"]  # train's heads: every arm
         accs[arm] = score("mdmf", test, eps, model).episode_acc * 100
         assert accs[arm].mean() == pytest.approx(rows[arm]["accuracy"])
     assert rows["pps=False"]["diff_vs_full"] == pytest.approx((accs["pps=False"] - accs["full"]).mean())
@@ -166,7 +173,8 @@ def test_ablate_refuses_an_out_of_other_settings_naming_them(demo_cache, tmp_pat
 
     out = tmp_path / "abl"
     cfg = AblateConfig(cache=str(demo_cache), out=str(out), variant={"pps": False}, shot=1,
-                       train={"episodes": 8, "episodes_per_step": 8, "val_every": 8, "val_episodes": 10, "lr": 1e-3},
+                       train={"episodes": 8, "episodes_per_step": 8, "val_every": 8, "val_episodes": 10, "lr": 1e-3,
+                              "heads": FFN},
                        test_episodes=20, device="cpu")
     run_ablate(cfg, progress=False, show=False)
     saved = (out / "ablate_config.json").read_bytes()
@@ -194,17 +202,18 @@ def test_clip_fsar_trains_and_ablate_compares_it_on_identical_episodes(demo_cach
     val = load_split_features(demo_cache, "val")
     eps = episode_list(val, 5, 5, 1, 300, seed=7)
     torch.manual_seed(0)
-    untrained = build_model(None, val.features.shape[-1], val.features.shape[2], {}, "clip-fsar").eval()
+    untrained = build_model(None, val.features.shape[-1], val.features.shape[2], FFN, "clip-fsar").eval()
     assert res["best_val"] > score("clip-fsar", val, eps, untrained).mean * 100 + 4
 
     # ablate --method clip-fsar: both methods on one saved test list, with the paired difference
-    train = {"episodes": 32, "episodes_per_step": 16, "val_every": 32, "val_episodes": 50, "lr": 1e-3}
+    train = {"episodes": 32, "episodes_per_step": 16, "val_every": 32, "val_episodes": 50, "lr": 1e-3, "heads": FFN}
     abl = run_ablate(AblateConfig(cache=str(demo_cache), out=str(tmp_path / "abl"), variant={"method": "clip-fsar"},
                                   train=train, test_episodes=200), progress=False)
     rows = {r["arm"]: r for r in abl["rows"]}
     assert set(rows) == {"full", "method=clip-fsar"} and "diff_vs_full" in rows["method=clip-fsar"]
     arm = tmp_path / "abl" / "arm_method=clip-fsar"
     assert json.loads((arm / "config.json").read_text())["method"] == "clip-fsar"
+    assert json.loads((arm / "config.json").read_text())["resolved_heads"]["ffn_dim"] == FFN["ffn_dim"]
     # eval of that run takes its own head; with the same seed its test list is the ablation's
     ev = run_eval(EvalConfig(target=str(arm), episodes=200), progress=False)
     assert ev["method"] == "clip-fsar"
