@@ -405,15 +405,18 @@ def test_split_change_refusal_names_videos_not_hashes(action_videos, tmp_path):
     assert "split_hashes" not in msg and "--overwrite" in msg
 
 
-def test_a_second_extract_of_the_same_cache_is_refused(action_videos, tmp_path, tiny_extract_settings):
+def test_a_second_extract_of_the_same_cache_is_refused(action_videos, tmp_path, tiny_extract_settings, monkeypatch):
     ids = sorted(f"{p.parent.name}/{p.stem}" for p in action_videos.glob("*/*"))
     lists = _lists(tmp_path, action_videos, {"train": ids[0:2], "val": ids[4:6], "test": ids[8:10]})
     cache_dir = tmp_path / "c"
     args = ["extract", "folder", "--root", str(action_videos), "--splits", str(lists), "--cache-dir", str(cache_dir),
             "--model", "mdmf-tiny-vit", "--pretrained", "none", "--workers", "0"]
-    # in process: the lock is held, the extract is refused, naming the holder
+    # in process: the lock is held, the extract is refused, naming the holder, before any weights load
+    import mdmf_cache.clip.backbone as backbone
+
     path = cache_dir / "videos__mdmf-tiny-vit__random.zarr"
-    with extract_lock(path):
+    with extract_lock(path), monkeypatch.context() as m:
+        m.setattr(backbone, "load_backbone", lambda *a, **k: pytest.fail("the weights loaded before the lock"))
         with pytest.raises(CacheError, match=rf"another extract \(pid {os.getpid()} .*\) is writing"):
             run_extract(ExtractConfig(dataset="folder", root=str(action_videos), splits_dir=str(lists),
                                       cache_dir=str(cache_dir), model="mdmf-tiny-vit", pretrained=None, workers=0,

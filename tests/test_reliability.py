@@ -27,9 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
+#: MDMF on the 64-d demo cache with a 4 x D feed-forward block instead of the released 2048 (32 x D, most of a step):
+#: these tests are about what a run keeps, not what it learns.
+FFN = {"ffn_dim": 256}
+
+
 def _cfg(cache, out, **kw) -> TrainConfig:
     base = dict(cache=str(cache), out=str(out), episodes=32, episodes_per_step=8, val_every=16, val_episodes=40,
-                lr=1e-3, seed=0)
+                lr=1e-3, seed=0, heads=dict(FFN))
     base.update(kw)
     return TrainConfig(**base)
 
@@ -41,7 +46,8 @@ def _env() -> dict:
 def test_ctrl_c_exits_130_with_what_is_kept_and_resume_goes_on(demo_cache, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cli", "train", str(demo_cache), "--out", str(out), "--episodes", "1000000",
-           "--episodes-per-step", "8", "--val-every", "16", "--val-episodes", "20", "--lr", "1e-3"]
+           "--episodes-per-step", "8", "--val-every", "16", "--val-episodes", "20", "--lr", "1e-3",
+           "--head-opt", f"ffn_dim={FFN['ffn_dim']}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (out / "last.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:

@@ -456,13 +456,14 @@ def run_extract(cfg: ExtractConfig) -> tuple[Path, list[SplitResult]]:
 
         if torch.cuda.is_available():
             device = f"cuda:{distributed_env()[2] % torch.cuda.device_count()}"
-    backbone = load_backbone(cfg.model, cfg.pretrained, device)
-    # the cache keeps the tokens it has when none are asked for (new rows get them too: arrays stay complete)
-    wanted = spec.text if spec is not None else have
-    tokens = backbone.token_info(wanted) if wanted else None
-    fp = fingerprint(cfg, backbone.weights, split_hashes)
-    # rank 0 holds the cache's lock (other ranks of the same job follow rank 0)
+    # rank 0 holds the cache's lock (other ranks of the same job follow rank 0), taken before the weights load: a
+    # second extract of the cache is refused at once
     with extract_lock(path) if cfg.rank == 0 else contextlib.nullcontext():
+        backbone = load_backbone(cfg.model, cfg.pretrained, device)
+        # the cache keeps the tokens it has when none are asked for (new rows get them too: arrays stay complete)
+        wanted = spec.text if spec is not None else have
+        tokens = backbone.token_info(wanted) if wanted else None
+        fp = fingerprint(cfg, backbone.weights, split_hashes)
         return _extract_into(path, fp, cfg, splits, every_split, backbone, tokens)
 
 def _extract_into(path: Path, fp: dict, cfg: ExtractConfig, splits: dict[str, Split], every_split: dict[str, Split],
