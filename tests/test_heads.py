@@ -211,12 +211,14 @@ def test_checkpoint_round_trip(method: str) -> None:
 #: dearest: half the episodes in steps of 8, with 128-d tuple keys and values instead of 1152-d, show its learning
 #: as clearly (41 % against 29 %, AMD EPYC) in 4 s instead of 20; CLIP-MEI's attention layers are 8 x 256 wide and
 #: its feed-forward blocks 2048 whatever D, three times the others' cost at the demo's D = 64, and the shared lr is too
-#: high for them (3e-4 learns): narrower layers keep the test what it is, a short check of the training loop.
+#: high for them (3e-4 learns): narrower layers keep the test what it is, a short check of the training loop. MDMF's
+#: and CLIP-CPM2C's feed-forward blocks are 2048 wide whatever D, 32 x the demo's D: 4 x D teaches as clearly.
 LEARN_SETTINGS: dict[str, dict] = {"trx": {"episodes": 48, "episodes_per_step": 8, "heads": {"tuple_dim": 128}},
                                    "team": {"episodes": 384, "episodes_per_step": 8, "lr": 1e-2},
                                    "chamfer": {"heads": {"projection_dim": 128}},
                                    "mpl": {"episodes": 640, "episodes_per_step": 8, "lr": 5e-4},
-                                   "clip-mei": {"heads": {"head_dim": 32, "ffn_dim": 256, "token_ffn_dim": 256}}}
+                                   "clip-mei": {"heads": {"head_dim": 32, "ffn_dim": 256, "token_ffn_dim": 256}},
+                                   "mdmf": {"heads": {"ffn_dim": 256}}, "cpm2c": {"heads": {"ffn_dim": 256}}}
 
 
 @pytest.mark.integration
