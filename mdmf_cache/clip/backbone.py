@@ -18,6 +18,7 @@ open_clip and torch are imported lazily: ``mdmf-cache --help`` must not pay for 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -283,6 +284,13 @@ def list_models() -> list[str]:
     return _open_clip().list_models()
 
 
+@functools.lru_cache(maxsize=None)
+def _tokenizer(name: str):
+    """open_clip's tokenizer of a model, built once per process: building CLIP's BPE tables takes 0.15 s, and a
+    process may load a backbone many times (extract, then predict or eval of a full run). Its one state is a memo."""
+    return _open_clip().get_tokenizer(name)
+
+
 def load_backbone(name: str, pretrained: str | None = None, device: str = "auto") -> Backbone:
     """Build an open_clip model and load its weights.
 
@@ -313,7 +321,7 @@ def load_backbone(name: str, pretrained: str | None = None, device: str = "auto"
             f"(open_clip.list_pretrained_tags_by_model({name!r})), the checkpoint path, or your internet access."
         ) from e
     model.eval()
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = _tokenizer(name)
     dim = getattr(getattr(model, "visual", None), "output_dim", None)
     if not isinstance(dim, int):
         with torch.no_grad():
