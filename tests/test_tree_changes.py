@@ -136,7 +136,7 @@ def _kill_midway(kw: dict, path: Path, low: int, high: int) -> int:
         while time.monotonic() < deadline and proc.is_alive():
             done = _done_count(path)
             if low <= done < high:
-                os.kill(proc.pid, signal.SIGKILL)
+                proc.kill()  # SIGKILL
                 killed_at = done
                 break
             time.sleep(0.05)
