@@ -80,11 +80,11 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def full_run(demo_videos, tmp_path_factory):
-    """A short full-mode run on the demo videos (5-way 1-shot, tiny ViT); read-only."""
+    """A short full-mode run on the demo videos (5-way 1-shot, tiny ViT, 4 frames per video); read-only."""
     out = tmp_path_factory.mktemp("full") / "run"
     cfg = TrainConfig(mode="full", out=str(out), way=5, shot=1, train_queries=1, episodes=32, episodes_per_step=8,
                       val_every=16, val_episodes=100, lr=1e-3, device="cpu",
-                      full=_full(demo_videos, episodes_per_forward=8))
+                      full=_full(demo_videos, episodes_per_forward=8, num_frames=4))
     return cfg, run_train(cfg, progress=False)
 
 
@@ -214,7 +214,7 @@ def test_two_gloo_processes_equal_one(action_videos, tmp_path):
     BatchNorm and the heads' LTCE BatchNorm exercise the running-statistics merge; validation, the split
     embedding."""
     common = {"--episodes": 4, "--episodes-per-step": 4, "--val-every": 4, "--lr": "1e-4", "--model": "mdmf-tiny-rn",
-              "--val-episodes": 40}
+              "--val-episodes": 40, "--num-frames": 4}
     one, two = tmp_path / "one", tmp_path / "two"
     # one thread, as torchrun gives each of its processes: this tiny random ResNet is sensitive to the order of
     # float32 reductions (2 threads vs 1 move its gradient by ~1e-3 relative)
@@ -254,7 +254,7 @@ def test_a_torchrun_launched_single_process_joins_a_group_and_equals_a_plain_one
     import pipelines.train as training
 
     common = {"--episodes": 2, "--episodes-per-step": 2, "--val-every": 2, "--lr": "1e-4", "--model": "mdmf-tiny-rn",
-              "--val-episodes": 6}
+              "--val-episodes": 6, "--num-frames": 4}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     joined = []
@@ -375,10 +375,10 @@ def test_demo_full_adds_a_full_mode_row(demo_videos, demo_cache, tmp_path):
     (out / "videos" / ".complete").write_text("ok\n")
     shutil.copytree(demo_cache, out / "cache" / demo_cache.name)
     res = run_demo(DemoConfig(out=str(out), workers=0, train_episodes=32, eval_episodes=50, full=True,
-                              full_episodes=16))
+                              full_episodes=8))  # one update of the demo's 8 episodes, one validation
     rows = {r["method"]: r for r in res["eval"]}
     assert list(rows) == ["mdmf (fast)", "mdmf (full)", "protonet", "otam", "zero-shot"]
-    assert res["train_full"]["episodes"] == 16 and (out / "runs" / "demo_full" / "backbone.pt").is_file()
+    assert res["train_full"]["episodes"] == 8 and (out / "runs" / "demo_full" / "backbone.pt").is_file()
     # the full row scores the full run's heads on its test split re-extracted with its backbone
     scored = json.loads((out / "eval" / "mdmf-full" / "results.json").read_text())
     assert Path(scored["target"]) == out / "runs" / "demo_full" and "eval_cache" in scored["cache"]
