@@ -59,13 +59,16 @@ def _cli_in_process(args: list[str]) -> None:
     assert r.exit_code == 0, (r.output, r.exception)
 
 
-def _forked_cli(args: list[str]) -> multiprocessing.Process:
-    """``mdmf-cache ARGS`` in a forked child of this process: a process of its own to SIGKILL, without the seconds a
-    fresh interpreter spends importing torch and open_clip. One torch thread there (as in a DataLoader worker: the
-    parent's OpenMP pool does not survive a fork), so the caller runs its own runs on one thread too."""
+def _forked_cli(args: list[str], before=None) -> multiprocessing.Process:
+    """``mdmf-cache ARGS`` in a forked child of this process (``before()`` first, there): a process of its own to
+    SIGKILL, without the seconds a fresh interpreter spends importing torch and open_clip. One torch thread there (as
+    in a DataLoader worker: the parent's OpenMP pool does not survive a fork), so the caller runs its own runs on one
+    thread too."""
 
     def child() -> None:
         torch.set_num_threads(1)
+        if before is not None:
+            before()
         _cli_in_process(args)
 
     proc = multiprocessing.get_context("fork").Process(target=child, daemon=True)
@@ -164,44 +167,43 @@ def test_eval_of_a_full_run_reextracts_with_its_backbone(full_run, demo_videos, 
 
 
 def test_resume_after_sigkill_equals_uninterrupted(action_videos, tmp_path):
-    common = {"--episodes": 12, "--episodes-per-step": 2, "--val-every": 4, "--save-every": 2, "--lr": "1e-3",
+    common = {"--episodes": 8, "--episodes-per-step": 2, "--val-every": 4, "--save-every": 2, "--lr": "1e-3",
               "--model": "mdmf-tiny-rn", "--num-frames": 4}
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole, cut, held = tmp_path / "whole", tmp_path / "cut", tmp_path / "held"
+
+    def hold_after_the_save_at_6() -> None:  # in the child: the kill lands right after that save, every time
+        from mdmf_cache.training.loop import Checkpoints
+
+        save = Checkpoints.save_last
+
+        def save_then_hold(self) -> None:
+            save(self)
+            if self.state.done == 6:
+                held.touch()
+                time.sleep(600)
+
+        Checkpoints.save_last = save_then_hold
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the killed child's one thread (_forked_cli): the three runs reduce in the same order
     try:
         _cli_in_process(_small_args(action_videos, whole, **common))  # uninterrupted
         # the same command in another process, killed right after a save between two validations (episode 6: the
         # loss parts since the validation at 4 travel in last.pt), then resumed
-        proc = _forked_cli(_small_args(action_videos, cut, **common))
+        proc = _forked_cli(_small_args(action_videos, cut, **common), before=hold_after_the_save_at_6)
         deadline = time.monotonic() + 300
-
-        def saved() -> int:
-            try:
-                return torch.load(cut / "last.pt", weights_only=False)["episodes"]
-            except (FileNotFoundError, RuntimeError, EOFError):
-                return 0
-
-        seen, done = None, 0  # last.pt is read again only when a save replaced it (a load costs the child CPU)
-        while done < 6 and proc.is_alive() and time.monotonic() < deadline:
+        while not held.exists() and proc.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
-            try:
-                st = (cut / "last.pt").stat()
-            except FileNotFoundError:
-                continue
-            if (st.st_ino, st.st_mtime_ns, st.st_size) != seen:
-                done = saved()
-                seen = (st.st_ino, st.st_mtime_ns, st.st_size) if done else None
         proc.kill()  # SIGKILL
         proc.join(60)
-        done = saved()
-        assert 6 <= done < 12, "the kill came too late to test a resume"
+        done = torch.load(cut / "last.pt", weights_only=False)["episodes"]
+        assert 6 <= done < 8, "the kill came too late to test a resume"
         assert proc.exitcode == -signal.SIGKILL, proc.exitcode
         _cli_in_process([*_small_args(action_videos, cut, **common), "--resume"])
     finally:
         torch.set_num_threads(threads)
     a, b = (torch.load(p / "last.pt", weights_only=False) for p in (whole, cut))
-    assert a["episodes"] == b["episodes"] == 12
+    assert a["episodes"] == b["episodes"] == 8
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for i, st in a["optimizer"]["state"].items():
