@@ -437,7 +437,8 @@ def test_a_head_without_parameters_fine_tunes_the_backbone(action_videos, tmp_pa
     with pytest.raises(ConfigError, match="no trainable parameters"):
         TrainConfig(cache="x.zarr", out=str(tmp_path / "fast"), method=method).validate()
     cfg = TrainConfig(mode="full", out=str(tmp_path / "r"), method=method, way=2, shot=1, train_queries=1, episodes=4,
-                      episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu", full=_full(action_videos, num_frames=4))
+                      episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu",
+                      full=_full(action_videos, num_frames=4))
     run_train(cfg, progress=False)
     start = load_backbone(cfg.full_mode.model, None, "cpu").model.state_dict()
     tuned = torch.load(tmp_path / "r" / "backbone.pt", weights_only=True)
@@ -453,9 +454,9 @@ def test_a_head_without_parameters_fine_tunes_the_backbone(action_videos, tmp_pa
 
 @pytest.mark.parametrize("method", ["cpm2c", "clip-mei", "mpl", "team", "chamfer"])
 def test_the_newer_heads_train_in_full_mode(action_videos, tmp_path, method):
-    """Each head added after MDMF and CLIP-FSAR trains with CLIP fine-tuned from the videos (2-way 1-shot, 4 episodes of
-    4 frames: a few seconds each): most of its parameters move from the untrained copy the same seed builds (a few get no
-    gradient from 1-shot episodes), the visual tower moves; ``eval`` of a transductive head's run scores it with its
+    """Each head added after MDMF and CLIP-FSAR trains with CLIP fine-tuned from the videos (2-way 1-shot, 4 episodes
+    of 4 frames: a few seconds each): most of its parameters move from the untrained copy the same seed builds (a few
+    get no gradient from 1-shot episodes), the visual tower moves; ``eval`` of a transductive head's run scores it with its
     released test queries per class and marks it."""
     from mdmf_cache import heads
     from mdmf_cache.clip.backbone import load_backbone
@@ -464,7 +465,8 @@ def test_the_newer_heads_train_in_full_mode(action_videos, tmp_path, method):
     from pipelines.evaluate import run as run_eval
 
     cfg = TrainConfig(mode="full", out=str(tmp_path / "r"), method=method, way=2, shot=1, train_queries=1, episodes=4,
-                      episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu", full=_full(action_videos, num_frames=4))
+                      episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu",
+                      full=_full(action_videos, num_frames=4))
     res = run_train(cfg, progress=False)
     assert res["episodes"] == 4 and all(np.isfinite(line["loss"]) for line in _metrics(tmp_path / "r"))
     best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
