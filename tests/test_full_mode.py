@@ -456,8 +456,8 @@ def test_a_head_without_parameters_fine_tunes_the_backbone(action_videos, tmp_pa
 def test_the_newer_heads_train_in_full_mode(action_videos, tmp_path, method):
     """Each head added after MDMF and CLIP-FSAR trains with CLIP fine-tuned from the videos (2-way 1-shot, 4 episodes
     of 4 frames: a few seconds each): most of its parameters move from the untrained copy the same seed builds (a few
-    get no gradient from 1-shot episodes), the visual tower moves; ``eval`` of a transductive head's run scores it with its
-    released test queries per class and marks it."""
+    get no gradient from 1-shot episodes), the visual tower moves; ``eval`` of a transductive head's run scores it with
+    its released test queries per class and marks it."""
     from mdmf_cache import heads
     from mdmf_cache.clip.backbone import load_backbone
     from mdmf_cache.configs import EvalConfig
