@@ -376,7 +376,7 @@ def test_demo_full_adds_a_full_mode_row(demo_videos, demo_cache, tmp_path):
     shutil.copytree(demo_videos, out / "videos")
     (out / "videos" / ".complete").write_text("ok\n")
     shutil.copytree(demo_cache, out / "cache" / demo_cache.name)
-    res = run_demo(DemoConfig(out=str(out), workers=0, train_episodes=32, eval_episodes=50, full=True,
+    res = run_demo(DemoConfig(out=str(out), workers=0, train_episodes=32, eval_episodes=50, shots=(1,), full=True,
                               full_episodes=8))  # one update of the demo's 8 episodes, one validation
     rows = {r["method"]: r for r in res["eval"]}
     assert list(rows) == ["mdmf (fast)", "mdmf (full)", "protonet", "otam", "zero-shot"]
