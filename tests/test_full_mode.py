@@ -10,6 +10,7 @@ with ``backbone.pt``) equals scoring in memory, and bad input fails before any w
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -58,6 +59,23 @@ def _cli_in_process(args: list[str]) -> None:
     assert r.exit_code == 0, (r.output, r.exception)
 
 
+def _forked_cli(args: list[str], before=None) -> multiprocessing.Process:
+    """``mdmf-cache ARGS`` in a forked child of this process (``before()`` first, there): a process of its own to
+    SIGKILL, without the seconds a fresh interpreter spends importing torch and open_clip. One torch thread there (as
+    in a DataLoader worker: the parent's OpenMP pool does not survive a fork), so the caller runs its own runs on one
+    thread too."""
+
+    def child() -> None:
+        torch.set_num_threads(1)
+        if before is not None:
+            before()
+        _cli_in_process(args)
+
+    proc = multiprocessing.get_context("fork").Process(target=child, daemon=True)
+    proc.start()
+    return proc
+
+
 def _metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -65,11 +83,11 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def full_run(demo_videos, tmp_path_factory):
-    """A short full-mode run on the demo videos (5-way 1-shot, tiny ViT); read-only."""
+    """A short full-mode run on the demo videos (5-way 1-shot, tiny ViT, 4 frames per video); read-only."""
     out = tmp_path_factory.mktemp("full") / "run"
     cfg = TrainConfig(mode="full", out=str(out), way=5, shot=1, train_queries=1, episodes=32, episodes_per_step=8,
                       val_every=16, val_episodes=100, lr=1e-3, device="cpu",
-                      full=_full(demo_videos, episodes_per_forward=8))
+                      full=_full(demo_videos, episodes_per_forward=8, num_frames=4))
     return cfg, run_train(cfg, progress=False)
 
 
@@ -149,31 +167,43 @@ def test_eval_of_a_full_run_reextracts_with_its_backbone(full_run, demo_videos, 
 
 
 def test_resume_after_sigkill_equals_uninterrupted(action_videos, tmp_path):
-    common = {"--episodes": 12, "--episodes-per-step": 2, "--val-every": 4, "--save-every": 2, "--lr": "1e-3",
-              "--model": "mdmf-tiny-rn"}
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    _cli_in_process(_small_args(action_videos, whole, **common))  # uninterrupted
-    # the same command, killed right after a save between two validations (episode 6: the loss parts since
-    # the validation at 4 travel in last.pt), then resumed
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *_small_args(action_videos, cut, **common)], cwd=REPO,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    common = {"--episodes": 8, "--episodes-per-step": 2, "--val-every": 4, "--save-every": 2, "--lr": "1e-3",
+              "--model": "mdmf-tiny-rn", "--num-frames": 4}
+    whole, cut, held = tmp_path / "whole", tmp_path / "cut", tmp_path / "held"
 
-    def saved() -> int:
-        try:
-            return torch.load(cut / "last.pt", weights_only=False)["episodes"]
-        except (FileNotFoundError, RuntimeError, EOFError):
-            return 0
+    def hold_after_the_save_at_6() -> None:  # in the child: the kill lands right after that save, every time
+        from mdmf_cache.training.loop import Checkpoints
 
-    while saved() < 6 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    done = saved()
-    assert 6 <= done < 12, "the kill came too late to test a resume"
-    _cli_in_process([*_small_args(action_videos, cut, **common), "--resume"])
+        save = Checkpoints.save_last
+
+        def save_then_hold(self) -> None:
+            save(self)
+            if self.state.done == 6:
+                held.touch()
+                time.sleep(600)
+
+        Checkpoints.save_last = save_then_hold
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the killed child's one thread (_forked_cli): the three runs reduce in the same order
+    try:
+        _cli_in_process(_small_args(action_videos, whole, **common))  # uninterrupted
+        # the same command in another process, killed right after a save between two validations (episode 6: the
+        # loss parts since the validation at 4 travel in last.pt), then resumed
+        proc = _forked_cli(_small_args(action_videos, cut, **common), before=hold_after_the_save_at_6)
+        deadline = time.monotonic() + 300
+        while not held.exists() and proc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.kill()  # SIGKILL
+        proc.join(60)
+        done = torch.load(cut / "last.pt", weights_only=False)["episodes"]
+        assert 6 <= done < 8, "the kill came too late to test a resume"
+        assert proc.exitcode == -signal.SIGKILL, proc.exitcode
+        _cli_in_process([*_small_args(action_videos, cut, **common), "--resume"])
+    finally:
+        torch.set_num_threads(threads)
     a, b = (torch.load(p / "last.pt", weights_only=False) for p in (whole, cut))
-    assert a["episodes"] == b["episodes"] == 12
+    assert a["episodes"] == b["episodes"] == 8
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for i, st in a["optimizer"]["state"].items():
@@ -186,7 +216,7 @@ def test_two_gloo_processes_equal_one(action_videos, tmp_path):
     BatchNorm and the heads' LTCE BatchNorm exercise the running-statistics merge; validation, the split
     embedding."""
     common = {"--episodes": 4, "--episodes-per-step": 4, "--val-every": 4, "--lr": "1e-4", "--model": "mdmf-tiny-rn",
-              "--val-episodes": 40}
+              "--val-episodes": 40, "--num-frames": 4}
     one, two = tmp_path / "one", tmp_path / "two"
     # one thread, as torchrun gives each of its processes: this tiny random ResNet is sensitive to the order of
     # float32 reductions (2 threads vs 1 move its gradient by ~1e-3 relative)
@@ -226,7 +256,7 @@ def test_a_torchrun_launched_single_process_joins_a_group_and_equals_a_plain_one
     import pipelines.train as training
 
     common = {"--episodes": 2, "--episodes-per-step": 2, "--val-every": 2, "--lr": "1e-4", "--model": "mdmf-tiny-rn",
-              "--val-episodes": 6}
+              "--val-episodes": 6, "--num-frames": 4}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     joined = []
@@ -317,7 +347,7 @@ def test_backbone_switches_train_what_they_say(action_videos, tmp_path, full, me
 
     cfg = TrainConfig(mode="full", out=str(tmp_path / "r"), method=method, way=2, shot=1, train_queries=1, episodes=4,
                       episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu",
-                      full=_full(action_videos, **full))
+                      full=_full(action_videos, num_frames=4, **full))
     run_train(cfg, progress=False)
     start = load_backbone(cfg.full_mode.model, None, "cpu").model.state_dict()
     tuned = torch.load(tmp_path / "r" / "backbone.pt", weights_only=True)
@@ -346,11 +376,11 @@ def test_demo_full_adds_a_full_mode_row(demo_videos, demo_cache, tmp_path):
     shutil.copytree(demo_videos, out / "videos")
     (out / "videos" / ".complete").write_text("ok\n")
     shutil.copytree(demo_cache, out / "cache" / demo_cache.name)
-    res = run_demo(DemoConfig(out=str(out), workers=0, train_episodes=32, eval_episodes=50, full=True,
-                              full_episodes=16))
+    res = run_demo(DemoConfig(out=str(out), workers=0, train_episodes=32, eval_episodes=50, shots=(1,), full=True,
+                              full_episodes=8))  # one update of the demo's 8 episodes, one validation
     rows = {r["method"]: r for r in res["eval"]}
     assert list(rows) == ["mdmf (fast)", "mdmf (full)", "protonet", "otam", "zero-shot"]
-    assert res["train_full"]["episodes"] == 16 and (out / "runs" / "demo_full" / "backbone.pt").is_file()
+    assert res["train_full"]["episodes"] == 8 and (out / "runs" / "demo_full" / "backbone.pt").is_file()
     # the full row scores the full run's heads on its test split re-extracted with its backbone
     scored = json.loads((out / "eval" / "mdmf-full" / "results.json").read_text())
     assert Path(scored["target"]) == out / "runs" / "demo_full" and "eval_cache" in scored["cache"]
@@ -407,7 +437,8 @@ def test_a_head_without_parameters_fine_tunes_the_backbone(action_videos, tmp_pa
     with pytest.raises(ConfigError, match="no trainable parameters"):
         TrainConfig(cache="x.zarr", out=str(tmp_path / "fast"), method=method).validate()
     cfg = TrainConfig(mode="full", out=str(tmp_path / "r"), method=method, way=2, shot=1, train_queries=1, episodes=4,
-                      episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu", full=_full(action_videos))
+                      episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu",
+                      full=_full(action_videos, num_frames=4))
     run_train(cfg, progress=False)
     start = load_backbone(cfg.full_mode.model, None, "cpu").model.state_dict()
     tuned = torch.load(tmp_path / "r" / "backbone.pt", weights_only=True)
@@ -423,10 +454,10 @@ def test_a_head_without_parameters_fine_tunes_the_backbone(action_videos, tmp_pa
 
 @pytest.mark.parametrize("method", ["cpm2c", "clip-mei", "mpl", "team", "chamfer"])
 def test_the_newer_heads_train_in_full_mode(action_videos, tmp_path, method):
-    """Each head added after MDMF and CLIP-FSAR trains with CLIP fine-tuned from the videos (2-way 1-shot, 4 episodes:
-    a few seconds each): most of its parameters move from the untrained copy the same seed builds (a few get no
-    gradient from 1-shot episodes), the visual tower moves; ``eval`` of a transductive head's run scores it with its
-    released test queries per class and marks it."""
+    """Each head added after MDMF and CLIP-FSAR trains with CLIP fine-tuned from the videos (2-way 1-shot, 4 episodes
+    of 4 frames: a few seconds each): most of its parameters move from the untrained copy the same seed builds (a few
+    get no gradient from 1-shot episodes), the visual tower moves; ``eval`` of a transductive head's run scores it with
+    its released test queries per class and marks it."""
     from mdmf_cache import heads
     from mdmf_cache.clip.backbone import load_backbone
     from mdmf_cache.configs import EvalConfig
@@ -434,7 +465,8 @@ def test_the_newer_heads_train_in_full_mode(action_videos, tmp_path, method):
     from pipelines.evaluate import run as run_eval
 
     cfg = TrainConfig(mode="full", out=str(tmp_path / "r"), method=method, way=2, shot=1, train_queries=1, episodes=4,
-                      episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu", full=_full(action_videos))
+                      episodes_per_step=2, val_every=4, val_episodes=4, lr=1e-3, device="cpu",
+                      full=_full(action_videos, num_frames=4))
     res = run_train(cfg, progress=False)
     assert res["episodes"] == 4 and all(np.isfinite(line["loss"]) for line in _metrics(tmp_path / "r"))
     best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)

@@ -2,14 +2,18 @@
 
 Every video of the stamped tree is told apart by its frames and its length
 (:func:`mdmf_cache.data.synthetic.make_stamped_tree`). A tree that grows or shrinks between runs, with
-runs SIGKILLed in a subprocess midway, must end with every row equal, by video id, to a fresh
+runs SIGKILLed in a child process midway, must end with every row equal, by video id, to a fresh
 extraction of its own video, and with ``load_split_features`` equal to a fresh extraction of the
 current tree.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,7 @@ from mdmf_cache.store.read import load_split_features
 from mdmf_cache.extraction.build import run_extract
 from mdmf_cache.configs import ExtractConfig
 
-from test_extract import _done_count, spawn_and_kill
+from test_extract import _done_count
 
 CLASSES = ["archery", "brush_hair", "cartwheel"]  # the folder split gives one class to each split
 PER_CLASS = 5
@@ -95,9 +99,53 @@ def _assert_loads_like_fresh(path: Path, fresh: Path, on_disk: set[str]) -> None
         assert np.array_equal(got.text.numpy(), ref.text.numpy()) and got.classes == ref.classes
 
 
+def _fork_extract(kw: dict, delay: float = 0.0, cwd: Path | None = None) -> multiprocessing.Process:
+    """``run_extract(kw)`` in a forked child of this process: a process of its own (SIGKILLed or racing this one),
+    without the seconds a fresh interpreter spends importing torch and open_clip. ``delay`` > 0 slows every video
+    down by that many seconds in the child (wrapping the decoder source: results are unchanged)."""
+
+    def child() -> None:
+        import torch
+
+        import mdmf_cache.extraction.embed as ex
+
+        torch.set_num_threads(1)  # as a DataLoader worker does: the parent's OpenMP pool does not survive a fork
+        if cwd is not None:
+            os.chdir(cwd)
+        if delay:
+            get = ex.ClipSource.__getitem__
+
+            def slow(self, i):
+                time.sleep(delay)
+                return get(self, i)
+
+            ex.ClipSource.__getitem__ = slow
+        run_extract(ExtractConfig(**kw))
+
+    proc = multiprocessing.get_context("fork").Process(target=child, daemon=True)
+    proc.start()
+    return proc
+
+
 def _kill_midway(kw: dict, path: Path, low: int, high: int) -> int:
-    """Extract in a subprocess (a row per flush), SIGKILL it once ``low <= done rows < high``."""
-    spawn_and_kill({**kw, "batch_videos": 1, "flush_seconds": 0.0}, path, low, high, delay=0.3, cwd=path.parent.parent)
+    """Extract in a child process (a row per flush), SIGKILL it once ``low <= done rows < high``; returns the done
+    count seen when it was killed."""
+    proc = _fork_extract({**kw, "batch_videos": 1, "flush_seconds": 0.0}, delay=0.3, cwd=path.parent.parent)
+    killed_at, deadline = None, time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.is_alive():
+            done = _done_count(path)
+            if low <= done < high:
+                proc.kill()  # SIGKILL
+                killed_at = done
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.is_alive() and killed_at is None:
+            proc.kill()
+        proc.join(60)
+    assert killed_at is not None, f"run ended (exit code {proc.exitcode}) before it could be killed (its stderr above)"
+    assert proc.exitcode == -signal.SIGKILL
     return _done_count(path)
 
 
@@ -170,8 +218,6 @@ def test_shrinking_tree_killed_midway_then_videos_back(stamped, tmp_path, caplog
 @pytest.mark.integration
 def test_two_ranks_extend_a_grown_tree(stamped, tmp_path):
     """Rank 0 appends the new rows before any rank starts; rank 1 waits for the rows it needs."""
-    from test_extract import _spawn
-
     full, stamps, fresh = stamped
     ids = sorted(stamps)
     first = {v for v in ids if int(v[-2:]) % 2}
@@ -180,14 +226,15 @@ def test_two_ranks_extend_a_grown_tree(stamped, tmp_path):
     run_extract(ExtractConfig(**kw))
     _tree(full, root, set(ids))
     kw = {**kw, "world_size": 2}
-    rank1 = _spawn({**kw, "rank": 1}, cwd=tmp_path)  # started first: its new videos have no rows yet
+    rank1 = _fork_extract({**kw, "rank": 1}, cwd=tmp_path)  # started first: its new videos have no rows yet
     try:
         path, results = run_extract(ExtractConfig(**kw, rank=0))
-        _, err = rank1.communicate(timeout=180)
+        rank1.join(180)
     finally:
-        if rank1.poll() is None:
+        if rank1.is_alive():
             rank1.kill()
-    assert rank1.returncode == 0, err[-2000:]
+            rank1.join(60)
+    assert rank1.exitcode == 0, "rank 1 failed (its stderr above)"
     assert sum(r.added for r in results) == len(ids) - len(first)
     assert _assert_rows_true(path, fresh, stamps) == len(ids)
     _assert_loads_like_fresh(path, fresh, set(ids))
