@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,28 +27,34 @@ from mdmf_cache.configs import ExtractConfig
 T = 8
 SIZES = {"train": (20, 2), "val": (8, 1), "test": (8, 1)}  # (videos, views) of tiny_cache
 
-# Runs run_extract in a fresh interpreter; argv[2] > 0 slows every video down by that many
-# seconds (wrapping the decoder source: results are unchanged), so the run can be killed midway.
-SCRIPT = r"""
-import json, sys, time
-from mdmf_cache import configs
-import mdmf_cache.extraction.build as cache_build
-import mdmf_cache.extraction.embed as ex
-kw, delay = json.loads(sys.argv[1]), float(sys.argv[2])
-if delay:
-    get = ex.ClipSource.__getitem__
-    def slow(self, i):
-        time.sleep(delay)
-        return get(self, i)
-    ex.ClipSource.__getitem__ = slow
-cache_build.run_extract(configs.ExtractConfig(**kw))
-"""
+def fork_extract(kw: dict, delay: float = 0.0, cwd: Path | None = None) -> multiprocessing.Process:
+    """``run_extract(ExtractConfig(**kw))`` in a forked child of this process: a process of its own (SIGKILLed, or
+    racing this one as another rank), without the seconds a fresh interpreter spends importing torch and open_clip.
+    ``delay`` > 0 slows every video down by that many seconds in the child (wrapping the decoder source: results
+    are unchanged), so the run can be killed midway. Its exit code is the child's ``exitcode`` (a traceback goes
+    to this process's captured stderr)."""
 
+    def child() -> None:
+        import torch
 
-def _spawn(kw: dict, delay: float = 0.0, cwd: Path | None = None) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(kw), str(delay)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        import mdmf_cache.extraction.embed as ex
+
+        torch.set_num_threads(1)  # as a DataLoader worker does: the parent's OpenMP pool does not survive a fork
+        if cwd is not None:
+            os.chdir(cwd)
+        if delay:
+            get = ex.ClipSource.__getitem__
+
+            def slow(self, i):
+                time.sleep(delay)
+                return get(self, i)
+
+            ex.ClipSource.__getitem__ = slow
+        run_extract(ExtractConfig(**kw))
+
+    proc = multiprocessing.get_context("fork").Process(target=child, daemon=True)
+    proc.start()
+    return proc
 
 
 def _done_count(path: Path) -> int:
@@ -60,25 +65,26 @@ def _done_count(path: Path) -> int:
         return 0
 
 
-def spawn_and_kill(kw: dict, path: Path, low: int, high: int, delay: float, cwd: Path) -> int:
-    """Run ``run_extract(kw)`` in a subprocess, SIGKILL it once ``low <= done rows < high``; returns
-    the done count seen when it was killed."""
-    proc = _spawn(kw, delay=delay, cwd=cwd)
+def fork_and_kill(kw: dict, path: Path, low: int, high: int, delay: float, cwd: Path, done=None) -> int:
+    """Run ``run_extract(kw)`` in a forked child (:func:`fork_extract`), SIGKILL it once ``low <= done() < high``
+    (``done``: the rows done in the cache at ``path``); returns the count seen when it was killed."""
+    done = done or (lambda: _done_count(path))
+    proc = fork_extract(kw, delay=delay, cwd=cwd)
     killed_at, deadline = None, time.monotonic() + 180
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = _done_count(path)
-            if low <= done < high:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = done
+        while time.monotonic() < deadline and proc.is_alive():
+            n = done()
+            if low <= n < high:
+                proc.kill()  # SIGKILL
+                killed_at = n
                 break
             time.sleep(0.05)
     finally:
-        if proc.poll() is None and killed_at is None:
+        if proc.is_alive() and killed_at is None:
             proc.kill()
-        _, err = proc.communicate(timeout=60)
-    assert killed_at is not None, f"run ended (rc {proc.returncode}) before it could be killed:\n{err[-2000:]}"
-    assert proc.returncode == -signal.SIGKILL
+        proc.join(60)
+    assert killed_at is not None, f"run ended (exit code {proc.exitcode}) before it could be killed (its stderr above)"
+    assert proc.exitcode == -signal.SIGKILL
     return killed_at
 
 
@@ -176,7 +182,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_cache, action_videos, tin
     # the killed run writes small, partial chunks (a flush per row, batches of 2): resume must cope
     kw = {**tiny_extract_settings, "root": str(action_videos), "cache_dir": str(cache_dir),
           "batch_videos": 2, "flush_seconds": 0.0}
-    killed_at = spawn_and_kill(kw, path, 6, total, delay=0.15, cwd=tmp_path)  # chunk 0 done, chunk 1 half
+    killed_at = fork_and_kill(kw, path, 6, total, delay=0.15, cwd=tmp_path)  # chunk 0 done, chunk 1 half
     store = CacheStore(path)
     done_after = sum(int(store.done_mask(s).sum()) for s in store.splits)
     assert killed_at <= done_after < total and not store.is_complete()
@@ -229,7 +235,7 @@ def test_crash_while_creating_splits_recovers(tiny_cache, action_videos, tiny_ex
 @pytest.mark.integration
 def test_two_ranks_equal_single_process(tiny_cache, action_videos, tiny_extract_settings, tmp_path, same_cache):
     kw = {**tiny_extract_settings, "root": str(action_videos), "cache_dir": str(tmp_path / "cache"), "world_size": 2}
-    rank1 = _spawn({**kw, "rank": 1}, cwd=tmp_path)  # started first: waits for rank 0 to prepare the cache
+    rank1 = fork_extract({**kw, "rank": 1}, cwd=tmp_path)  # started first: waits for rank 0 to prepare the cache
     try:
         path, results = run_extract(ExtractConfig(**kw, rank=0))
         store = CacheStore(path)
@@ -237,11 +243,12 @@ def test_two_ranks_equal_single_process(tiny_cache, action_videos, tiny_extract_
             rows = np.arange(SIZES[r.split][0])
             assert r.extracted == int(((rows // 4) % 2 == 0).sum())
             assert store.done_mask(r.split)[(rows // 4) % 2 == 0].all()
-        _, err = rank1.communicate(timeout=180)
+        rank1.join(180)
     finally:
-        if rank1.poll() is None:
+        if rank1.is_alive():
             rank1.kill()
-    assert rank1.returncode == 0, err[-2000:]
+            rank1.join(60)
+    assert rank1.exitcode == 0, "rank 1 failed (its stderr above)"
     same_cache(path, tiny_cache)
 
 

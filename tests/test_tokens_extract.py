@@ -4,11 +4,8 @@ extension, damaged token chunks found and repaired, a rerun without --tokens, an
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -177,10 +174,7 @@ def test_sigkill_during_a_token_extension_then_resume_equals_uninterrupted(plain
     """Killed midway, the extension's rerun finishes only the rows without tokens; the features stay untouched and
     the tokens equal an uninterrupted extraction's (to one float16 step: the resumed rows are encoded in other
     batches)."""
-    import json
-    import subprocess
-
-    from test_extract import SCRIPT  # run_extract in a fresh interpreter, every video slowed by argv[2] seconds
+    from test_extract import fork_and_kill  # run_extract in a forked child, every video slowed, SIGKILLed midway
 
     cache = _copy(plain, tmp_path)
     before = _files(cache)
@@ -194,21 +188,7 @@ def test_sigkill_during_a_token_extension_then_resume_equals_uninterrupted(plain
         except Exception:  # arrays being made
             return 0
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(kw), "0.15"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed_at, deadline = None, time.monotonic() + 120
-    try:
-        while killed_at is None and proc.poll() is None and time.monotonic() < deadline:
-            if 2 <= (n := tokens_done()) < 8:  # well before the last row
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = n
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and killed_at is None:
-            proc.kill()
-        _, err = proc.communicate(timeout=60)
-    assert killed_at is not None and proc.returncode == -signal.SIGKILL, err[-2000:]
+    killed_at = fork_and_kill(kw, cache, 2, 8, delay=0.15, cwd=tmp_path, done=tokens_done)  # well before the last row
     left = 10 - tokens_done()
     assert 0 < left <= 10 - killed_at
 

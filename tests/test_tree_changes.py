@@ -9,11 +9,7 @@ current tree.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +23,7 @@ from mdmf_cache.store.read import load_split_features
 from mdmf_cache.extraction.build import run_extract
 from mdmf_cache.configs import ExtractConfig
 
-from test_extract import _done_count
+from test_extract import _done_count, fork_and_kill, fork_extract
 
 CLASSES = ["archery", "brush_hair", "cartwheel"]  # the folder split gives one class to each split
 PER_CLASS = 5
@@ -99,53 +95,10 @@ def _assert_loads_like_fresh(path: Path, fresh: Path, on_disk: set[str]) -> None
         assert np.array_equal(got.text.numpy(), ref.text.numpy()) and got.classes == ref.classes
 
 
-def _fork_extract(kw: dict, delay: float = 0.0, cwd: Path | None = None) -> multiprocessing.Process:
-    """``run_extract(kw)`` in a forked child of this process: a process of its own (SIGKILLed or racing this one),
-    without the seconds a fresh interpreter spends importing torch and open_clip. ``delay`` > 0 slows every video
-    down by that many seconds in the child (wrapping the decoder source: results are unchanged)."""
-
-    def child() -> None:
-        import torch
-
-        import mdmf_cache.extraction.embed as ex
-
-        torch.set_num_threads(1)  # as a DataLoader worker does: the parent's OpenMP pool does not survive a fork
-        if cwd is not None:
-            os.chdir(cwd)
-        if delay:
-            get = ex.ClipSource.__getitem__
-
-            def slow(self, i):
-                time.sleep(delay)
-                return get(self, i)
-
-            ex.ClipSource.__getitem__ = slow
-        run_extract(ExtractConfig(**kw))
-
-    proc = multiprocessing.get_context("fork").Process(target=child, daemon=True)
-    proc.start()
-    return proc
-
-
 def _kill_midway(kw: dict, path: Path, low: int, high: int) -> int:
-    """Extract in a child process (a row per flush), SIGKILL it once ``low <= done rows < high``; returns the done
-    count seen when it was killed."""
-    proc = _fork_extract({**kw, "batch_videos": 1, "flush_seconds": 0.0}, delay=0.3, cwd=path.parent.parent)
-    killed_at, deadline = None, time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and proc.is_alive():
-            done = _done_count(path)
-            if low <= done < high:
-                proc.kill()  # SIGKILL
-                killed_at = done
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.is_alive() and killed_at is None:
-            proc.kill()
-        proc.join(60)
-    assert killed_at is not None, f"run ended (exit code {proc.exitcode}) before it could be killed (its stderr above)"
-    assert proc.exitcode == -signal.SIGKILL
+    """Extract in a forked child (a row per flush), SIGKILL it once ``low <= done rows < high``; returns the rows done
+    after the kill."""
+    fork_and_kill({**kw, "batch_videos": 1, "flush_seconds": 0.0}, path, low, high, delay=0.3, cwd=path.parent.parent)
     return _done_count(path)
 
 
@@ -226,7 +179,7 @@ def test_two_ranks_extend_a_grown_tree(stamped, tmp_path):
     run_extract(ExtractConfig(**kw))
     _tree(full, root, set(ids))
     kw = {**kw, "world_size": 2}
-    rank1 = _fork_extract({**kw, "rank": 1}, cwd=tmp_path)  # started first: its new videos have no rows yet
+    rank1 = fork_extract({**kw, "rank": 1}, cwd=tmp_path)  # started first: its new videos have no rows yet
     try:
         path, results = run_extract(ExtractConfig(**kw, rank=0))
         rank1.join(180)
