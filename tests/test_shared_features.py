@@ -143,7 +143,7 @@ def test_two_workers_on_one_shared_copy_train_what_two_copies_train(demo_cache, 
     assert not _ours()
     seen: list[bool] = []  # at each look of the parent at its workers: do the files still have names?
     real = workers._tick
-    monkeypatch.setattr(workers, "_tick", lambda s: (seen.append(_named()), real(s)))
+    monkeypatch.setattr(workers, "_tick", lambda s, *procs: (seen.append(_named()), real(s, *procs)))
     _two_workers(demo_cache, tmp_path / "shared", True)
     err = capfd.readouterr().err
     assert err.count("mapped from one shared copy") == 2, err[-3000:]  # each worker, no load of its own
@@ -159,7 +159,7 @@ def test_an_interrupted_jobs_sweep_leaves_no_shared_memory(demo_cache, tmp_path,
 
     seen: list[set[tuple[str, str]]] = []
 
-    def ctrl_c(seconds: float) -> None:  # Ctrl-C while the workers start
+    def ctrl_c(seconds: float, *procs) -> None:  # Ctrl-C while the workers start
         seen.append(_ours())
         raise KeyboardInterrupt
 
@@ -199,7 +199,7 @@ def test_semaphores_of_a_killed_sweep_are_removed_by_the_next_and_a_live_ones_ke
     try:
         assert dead.exists() and live.exists()
 
-        def ctrl_c(seconds: float) -> None:  # the next sweep, stopped as soon as its workers start
+        def ctrl_c(seconds: float, *procs) -> None:  # the next sweep, stopped as soon as its workers start
             raise KeyboardInterrupt
 
         monkeypatch.setattr(workers, "_tick", ctrl_c)
