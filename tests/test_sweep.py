@@ -420,15 +420,29 @@ def postgres_url():
 
 
 @pytest.mark.integration
-def test_workers_on_postgresql_run_disjoint_trials(tiny_cache, tmp_path, postgres_url):
-    """The same line started twice at once (two machines), one of them with --jobs 2: three workers, one study."""
+def test_workers_on_postgresql_run_disjoint_trials(tiny_cache, tmp_path, postgres_url, capsys, monkeypatch):
+    """The same line started twice at once (two machines), one of them with --jobs 2: three workers, one study.
+    The other machine is this process (the console entry called here), joining as soon as the --jobs 2 sweep's
+    workers run a trial, so that all three race for the trials left."""
     trials = 5
-    line = _worker_cmd(str(tiny_cache), "--study", "pg", "--storage", postgres_url, "--out", str(tmp_path / "pg"),
-                       "--trials", str(trials), "--no-prune", "--space", "lr=1e-4:1e-2:log,lambda=0.1:2", *TRIAL_ARGS)
-    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for cmd in (line, [*line, "--jobs", "2"])]
-    errs = [p.communicate(timeout=240)[1].decode() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    line = [str(tiny_cache), "--study", "pg", "--storage", postgres_url, "--out", str(tmp_path / "pg"),
+            "--trials", str(trials), "--no-prune", "--space", "lr=1e-4:1e-2:log,lambda=0.1:2", *TRIAL_ARGS]
+    proc = subprocess.Popen(_worker_cmd(*line, "--jobs", "2"), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:  # until its workers are in the study
+            time.sleep(0.1)
+            try:
+                if "RUNNING" in _states(_study(postgres_url, "pg")):
+                    break
+            except Exception:  # noqa: BLE001 - the study is being created
+                continue
+        code, err = _cli_main(["sweep", *line], capsys, monkeypatch)
+    finally:
+        proc_err = proc.communicate(timeout=240)[1].decode()
+    assert code == 0, err
+    assert proc.returncode == 0, proc_err
     study = _study(postgres_url, "pg")
     real = [t for t in study.get_trials() if not t.user_attrs.get("skipped")]
     assert [t.state.name for t in real] == ["COMPLETE"] * trials  # none lost, none beyond --trials

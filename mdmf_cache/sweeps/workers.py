@@ -15,6 +15,7 @@ worker's trial is by the heartbeat) and the worker exits.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -348,6 +349,10 @@ def _worker_main(cfg_dict: dict[str, Any], worker_index: int, threads: int, trai
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the parent says what was kept
         raise SystemExit(130) from None
+    finally:
+        # the worker's work is done and the process ends: its exit need not walk every object of torch (and the
+        # rest) for garbage cycles; that walk was ~1.4 s of CPU per worker, a quarter of a short worker's life
+        gc.freeze()
 
 
 def run_processes(cfg: SweepConfig, train: TrainFn, bar=None) -> None:
