@@ -424,7 +424,8 @@ def postgres_url():
 
 
 @pytest.mark.integration
-def test_workers_on_postgresql_run_disjoint_trials(tiny_cache, tmp_path, postgres_url, capsys, monkeypatch):
+def test_workers_on_postgresql_run_disjoint_trials(tiny_cache, tmp_path, postgres_url, cli_runner, capsys,
+                                                   monkeypatch):  # cli_runner: removes the CLI's log handler after
     """The same line started twice at once (two machines), one of them with --jobs 2: three workers, one study.
     The other machine is this process (the console entry called here), joining as soon as the --jobs 2 sweep's
     workers run a trial, so that all three race for the trials left."""
