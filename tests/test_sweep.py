@@ -114,11 +114,11 @@ def test_space_syntax():
 @pytest.mark.integration
 def test_sqlite_sweep_resume_prunes_and_best_config_reproduces(tiny_cache, tmp_path, cli_runner, monkeypatch, capsys):
     out = tmp_path / "sweep"
-    cfg = SweepConfig(cache=str(tiny_cache), out=str(out), trials=4, space={"lr": "1e-4:1e-1:log", "lambda": "0.1:2"},
+    cfg = SweepConfig(cache=str(tiny_cache), out=str(out), trials=3, space={"lr": "1e-4:1e-1:log", "lambda": "0.1:2"},
                       fixed=dict(TRIAL), prune=False, seed=3)
     res = run_sweep(cfg, progress=False)
     study = _study(cfg.storage_url, "sweep")
-    assert _states(study) == ["COMPLETE"] * 4
+    assert _states(study) == ["COMPLETE"] * 3
     # never the test split: trials only score the fixed val list
     for t in study.get_trials():
         run = Path(t.user_attrs["config"]["out"])
@@ -130,12 +130,12 @@ def test_sqlite_sweep_resume_prunes_and_best_config_reproduces(tiny_cache, tmp_p
     other = dataclasses.replace(cfg, resume=True, fixed={**TRIAL, "episodes": 12})
     with pytest.raises(ConfigError, match="different fixed"):
         run_sweep(other, progress=False)
-    # resume to 6 with pruning forced (every validation is below 101%): two more trials, each pruned at
+    # resume to 5 with pruning forced (every validation is below 101%): two more trials, each pruned at
     # its first validation
-    res = run_sweep(dataclasses.replace(cfg, resume=True, trials=6, prune=True, prune_below=101.0), progress=False)
+    res = run_sweep(dataclasses.replace(cfg, resume=True, trials=5, prune=True, prune_below=101.0), progress=False)
     study = _study(cfg.storage_url, "sweep")
     states = [t.state.name for t in study.get_trials() if not t.user_attrs.get("skipped")]
-    assert states == ["COMPLETE"] * 4 + ["PRUNED"] * 2
+    assert states == ["COMPLETE"] * 3 + ["PRUNED"] * 2
     for t in study.get_trials():
         if t.state.name == "PRUNED":
             assert list(t.intermediate_values) == [4]  # stopped at the first validation
