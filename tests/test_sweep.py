@@ -60,6 +60,24 @@ def _worker_cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", "import cli; cli.main()", "sweep", *args]
 
 
+def _fork_cli(*args: str):
+    """``mdmf-cache sweep ARGS`` (the console entry) in a forked child of this process: a process of its own, to be
+    SIGKILLed, without the seconds a fresh interpreter spends importing torch; its --jobs workers are spawned fresh
+    as ever. Its stderr and theirs are this process's (capfd)."""
+    import multiprocessing
+
+    def child() -> None:
+        import torch
+
+        torch.set_num_threads(1)  # the parent's OpenMP pool does not survive a fork
+        sys.argv = ["mdmf-cache", "sweep", *args]
+        cli.main()
+
+    proc = multiprocessing.get_context("fork").Process(target=child)  # not a daemon: --jobs starts workers
+    proc.start()
+    return proc
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
             "OMP_NUM_THREADS": "1"}
@@ -217,18 +235,18 @@ def test_python_api_sweep_takes_the_config_fields(tiny_cache, tmp_path):
 
 
 @pytest.mark.integration
-def test_sigkilled_worker_then_resume_ends_with_exactly_the_trials(tiny_cache, tmp_path):
+def test_sigkilled_worker_then_resume_ends_with_exactly_the_trials(tiny_cache, tmp_path, capfd):
     out = tmp_path / "killed"
     slow = {**TRIAL, "episodes": 60, "val-every": 20}  # long enough to be killed between validations
     args = [str(tiny_cache), "--out", str(out), "--trials", "2", "--heartbeat", "1", "--no-prune",
             "--space", "lr=1e-4:1e-2:log", *_args(slow)]
-    proc = subprocess.Popen(_worker_cmd(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _fork_cli(*args)
     storage = f"sqlite:///{out / 'study.db'}"
     killed = None
     study = None  # loaded once (a load costs ~60 ms, a look at its trials ~2 ms): the looks leave the CPU to the worker
     deadline = time.time() + 90
     try:
-        while time.time() < deadline and proc.poll() is None:
+        while time.time() < deadline and proc.is_alive():
             time.sleep(0.1)
             if not (out / "study.db").is_file():
                 continue
@@ -239,11 +257,14 @@ def test_sigkilled_worker_then_resume_ends_with_exactly_the_trials(tiny_cache, t
                 continue
             if running and (out / "trials" / f"{running[0].number:05d}" / "metrics.jsonl").is_file():
                 killed = running[0]
-                proc.send_signal(signal.SIGKILL)  # mid-trial: validated at least once, not finished
+                proc.kill()  # SIGKILL mid-trial: validated at least once, not finished
                 break
     finally:
-        proc.wait(timeout=30)
-    assert killed is not None, f"no trial was seen running: {proc.stderr.read().decode()[-2000:]}"
+        if proc.is_alive() and killed is None:
+            proc.kill()
+        proc.join(30)
+    assert killed is not None, f"no trial was seen running: {capfd.readouterr().err[-2000:]}"
+    assert proc.exitcode == -signal.SIGKILL
     assert _states(_study(storage, "killed"))[killed.number] == "RUNNING"  # what the dead worker left
     cfg = SweepConfig(cache=str(tiny_cache), out=str(out), trials=2, heartbeat=1, prune=False,
                       space={"lr": "1e-4:1e-2:log"}, fixed=slow, resume=True)
@@ -282,7 +303,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.integration
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the processes from /proc")
-def test_a_sigkilled_jobs_sweep_takes_its_workers_with_it(tiny_cache, tmp_path):
+def test_a_sigkilled_jobs_sweep_takes_its_workers_with_it(tiny_cache, tmp_path, capfd):
     """kill -9 of a --jobs sweep (a scheduler, the OOM killer): its workers stop within seconds, finish no new
     trial, and give back the trials they were running (failed and requeued with their parameters)."""
     import optuna
@@ -291,14 +312,14 @@ def test_a_sigkilled_jobs_sweep_takes_its_workers_with_it(tiny_cache, tmp_path):
     slow = {**TRIAL, "episodes": 60, "val-every": 20}  # trials long enough to be killed inside
     args = [str(tiny_cache), "--out", str(out), "--trials", "40", "--jobs", "2", "--no-prune",
             "--space", "lr=1e-4:1e-2:log", *_args(slow)]
-    proc = subprocess.Popen(_worker_cmd(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _fork_cli(*args)
     storage = f"sqlite:///{out / 'study.db'}"
     kids: list[int] = []
     try:
         deadline = time.time() + 120
         running: list = []
         study = None  # loaded once: the looks at its trials leave the CPU to the workers
-        while time.time() < deadline and proc.poll() is None:  # until both workers are inside a trial
+        while time.time() < deadline and proc.is_alive():  # until both workers are inside a trial
             time.sleep(0.1)
             try:
                 study = study or _study(storage, "orphans")
@@ -308,17 +329,17 @@ def test_a_sigkilled_jobs_sweep_takes_its_workers_with_it(tiny_cache, tmp_path):
             running = [t for t in trials if t.state.name == "RUNNING"]
             if len(running) == 2 and (out / "trials" / f"{running[0].number:05d}" / "metrics.jsonl").is_file():
                 break
-        assert len(running) == 2 and proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert len(running) == 2 and proc.is_alive(), capfd.readouterr().err[-2000:]
         kids = _children(proc.pid)  # the two workers and multiprocessing's resource tracker
         done_before = {t.number for t in trials if t.state.name in ("COMPLETE", "PRUNED")}
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert len(kids) >= 2, kids
+        proc.kill()  # SIGKILL
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL and len(kids) >= 2, (proc.exitcode, kids)
         deadline = time.time() + 30  # a generous wait: they stop within a second or two
         while time.time() < deadline and any(_alive(k) for k in kids):
             time.sleep(0.2)
         assert not any(_alive(k) for k in kids), [k for k in kids if _alive(k)]
-        err = proc.stderr.read().decode()
+        err = capfd.readouterr().err
         assert err.count("is gone (killed?): this worker stops") == 2, err[-3000:]
         trials = _study(storage, "orphans").get_trials()
         states = [t.state.name for t in trials]
@@ -332,8 +353,9 @@ def test_a_sigkilled_jobs_sweep_takes_its_workers_with_it(tiny_cache, tmp_path):
             assert trials[number].state.name == "FAIL" and retry.params == trials[number].params
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     finally:
-        if proc.poll() is None:
+        if proc.is_alive():
             proc.kill()
+        proc.join(30)
         for k in kids:  # the orphans, were they still alive
             if _alive(k):
                 os.kill(k, signal.SIGKILL)
