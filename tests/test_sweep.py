@@ -20,8 +20,6 @@ from mdmf_cache.sweeps.space import parse_fixed, parse_space, parse_space_text, 
 from mdmf_cache.sweeps.study import SweepConfig
 from pipelines.sweep import run as run_sweep
 
-REPO = Path(__file__).resolve().parents[1]
-
 # Tiny trials on the 2-way tiny cache: two optimiser steps, a validation after each.
 TRIAL = {"way": 2, "shot": 1, "train-queries": 1, "episodes": 8, "episodes-per-step": 4, "val-every": 4,
          "val-episodes": 4, "ffn-dim": 64}
@@ -56,10 +54,6 @@ def _cli_main(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def _worker_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import cli; cli.main()", "sweep", *args]
-
-
 def _fork_cli(*args: str):
     """``mdmf-cache sweep ARGS`` (the console entry) in a forked child of this process: a process of its own, to be
     SIGKILLed, without the seconds a fresh interpreter spends importing torch; its --jobs workers are spawned fresh
@@ -76,11 +70,6 @@ def _fork_cli(*args: str):
     proc = multiprocessing.get_context("fork").Process(target=child)  # not a daemon: --jobs starts workers
     proc.start()
     return proc
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "OMP_NUM_THREADS": "1"}
 
 
 # ------------------------------------------------------------------------------------ options and space
@@ -446,20 +435,19 @@ def postgres_url():
 
 
 @pytest.mark.integration
-def test_workers_on_postgresql_run_disjoint_trials(tiny_cache, tmp_path, postgres_url, cli_runner, capsys,
+def test_workers_on_postgresql_run_disjoint_trials(tiny_cache, tmp_path, postgres_url, cli_runner, capfd,
                                                    monkeypatch):  # cli_runner: removes the CLI's log handler after
     """The same line started twice at once (two machines), one of them with --jobs 2: three workers, one study.
-    The other machine is this process (the console entry called here), joining as soon as the --jobs 2 sweep's
-    workers run a trial, so that all three race for the trials left."""
+    The --jobs 2 line runs in a forked child (:func:`_fork_cli`), the other in this process (the console entry called
+    here), joining as soon as the --jobs 2 sweep's workers run a trial, so that all three race for the trials left."""
     trials = 5
     line = [str(tiny_cache), "--study", "pg", "--storage", postgres_url, "--out", str(tmp_path / "pg"),
             "--trials", str(trials), "--no-prune", "--space", "lr=1e-4:1e-2:log,lambda=0.1:2", *TRIAL_ARGS]
-    proc = subprocess.Popen(_worker_cmd(*line, "--jobs", "2"), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = _fork_cli(*line, "--jobs", "2")
     try:
         deadline = time.time() + 120
         study = None  # loaded once: the looks at its trials leave the CPU to the workers
-        while time.time() < deadline and proc.poll() is None:  # until its workers are in the study
+        while time.time() < deadline and proc.is_alive():  # until its workers are in the study
             time.sleep(0.1)
             try:
                 study = study or _study(postgres_url, "pg")
@@ -467,11 +455,14 @@ def test_workers_on_postgresql_run_disjoint_trials(tiny_cache, tmp_path, postgre
                     break
             except Exception:  # noqa: BLE001 - the study is being created
                 continue
-        code, err = _cli_main(["sweep", *line], capsys, monkeypatch)
+        code, err = _cli_main(["sweep", *line], capfd, monkeypatch)
     finally:
-        proc_err = proc.communicate(timeout=240)[1].decode()
+        proc.join(240)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(30)
     assert code == 0, err
-    assert proc.returncode == 0, proc_err
+    assert proc.exitcode == 0, (proc.exitcode, capfd.readouterr().err[-3000:])
     study = _study(postgres_url, "pg")
     real = [t for t in study.get_trials() if not t.user_attrs.get("skipped")]
     assert [t.state.name for t in real] == ["COMPLETE"] * trials  # none lost, none beyond --trials
