@@ -22,12 +22,13 @@ no backbone), over a tree of zero-byte placeholder files named like the rows, wi
   with the model and the test features loaded), and the seconds;
 - ``sweep_jobs2_over_one_copy``: a fresh process runs a ``sweep --jobs 2`` of two short MDMF trials (5-way
   1-shot, 8 episodes, one validation of 10 episodes) on the cache; the peak over the sweep of the summed
-  proportional set size (PSS, ``/proc/PID/smaps_rollup``, sampled every 0.1 s) of that process and all its
-  descendants (the two workers, multiprocessing's resource tracker), over the bytes of one copy of the train
-  and val features (``sweep_one_copy_gb``). PSS divides each shared page between the processes mapping it, so
-  the one shared copy counts once, where RSS (or a sum of VmHWM) would count it once per worker. Without
-  ``--quick`` the same sweep with ``share_features=False`` (each worker its own copy) gives
-  ``sweep_jobs2_separate_over_one_copy``.
+  proportional set size (PSS, ``/proc/PID/smaps_rollup``, sampled every 0.1 s; with ``--quick`` every 0.5 s:
+  reading a torch process's PSS takes ~16 ms, so at 0.1 s the sampling was a quarter of the short sweep's CPU)
+  of that process and all its descendants (the two workers, multiprocessing's resource tracker), over the
+  bytes of one copy of the train and val features (``sweep_one_copy_gb``). PSS divides each shared page between
+  the processes mapping it, so the one shared copy counts once, where RSS (or a sum of VmHWM) would count it
+  once per worker. Without ``--quick`` the same sweep with ``share_features=False`` (each worker its own copy)
+  gives ``sweep_jobs2_separate_over_one_copy``.
 
     python bench/scale.py --rows 67013 --views 4 --dim 1024
     python bench/scale.py --rows 67013 --views 4 --dim 1024 --only sweep   # the sweep's figures alone
@@ -195,11 +196,13 @@ elif what == "eval":  # eval's own path for MDMF (random init) on the test split
     res = score("mdmf", test, eps, model, 0)
     print(json.dumps({"peak_gb": status("VmHWM") / 1e9, "above_gb": (status("VmHWM") - before) / 1e9,
                       "seconds": _time.perf_counter() - t0, "fused": res.fused, "episodes": len(eps)}))
+    import gc; gc.freeze()  # measured: the exit need not walk torch's objects for cycles (~1 s of CPU)
     sys.exit(0)
 else:
     export_h5(path, sys.argv[4])
     nbytes = CacheStore(path).root["train"]["features"].nbytes
 print(json.dumps({"peak": status("VmHWM") - base, "bytes": int(nbytes), "reset": reset}))
+import gc; gc.freeze()  # measured: the exit need not walk torch's objects for cycles (~1 s of CPU)
 """
 
 
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "eval" in only:
             out.update(measure_eval(path, 200 if args.quick else 10_000))
         if "sweep" in only:
-            out.update(measure_sweep(path, base, separate=not args.quick))
+            out.update(measure_sweep(path, base, separate=not args.quick, every=0.5 if args.quick else 0.1))
         # further figures on the same cache join ``out`` here (one function each, returning its fields)
     print(json.dumps(out))
     return out
@@ -309,6 +312,7 @@ cfg = SweepConfig(cache=sys.argv[2], out=sys.argv[3], trials=2, jobs=2, prune=Fa
                   fixed=fixed, share_features=sys.argv[4] == "1")
 res = run_sweep(cfg, progress=False, show=False)
 assert [r["state"] for r in res["rows"]] == ["COMPLETE"] * 2, res["rows"]
+import gc; gc.freeze()  # done: the exit need not walk torch's objects for cycles (~1 s of CPU)
 """
 
 
@@ -344,8 +348,9 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def sweep_peak_pss(path: Path, out: Path, share: bool) -> tuple[int, float]:
-    """(peak summed PSS in bytes, seconds) of a ``--jobs 2`` sweep in a fresh process and its descendants."""
+def sweep_peak_pss(path: Path, out: Path, share: bool, every: float = 0.1) -> tuple[int, float]:
+    """(peak summed PSS in bytes, seconds) of a ``--jobs 2`` sweep in a fresh process and its descendants, sampled
+    every ``every`` seconds."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", SWEEP_CHILD, str(REPO), str(path), str(out), "1" if share else "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -353,25 +358,25 @@ def sweep_peak_pss(path: Path, out: Path, share: bool) -> tuple[int, float]:
     peak = 0
     while proc.poll() is None:
         peak = max(peak, sum(_pss(p) for p in _tree_of(proc.pid)))
-        time.sleep(0.1)
+        time.sleep(every)
     err = proc.stderr.read()
     if proc.returncode:
         raise RuntimeError(f"sweep child failed: {err[-2000:]}")
     return peak, time.perf_counter() - t0
 
 
-def measure_sweep(path: Path, base: Path, separate: bool) -> dict:
-    """A ``--jobs 2`` sweep's peak memory (summed PSS) over one copy of the train and val features; ``separate``:
-    also with a copy per worker."""
+def measure_sweep(path: Path, base: Path, separate: bool, every: float = 0.1) -> dict:
+    """A ``--jobs 2`` sweep's peak memory (summed PSS, sampled every ``every`` seconds) over one copy of the train
+    and val features; ``separate``: also with a copy per worker."""
     from mdmf_cache.store.cache import CacheStore
 
     store = CacheStore(path)
     one_copy = sum(int(store.root[s]["features"].nbytes) for s in ("train", "val"))  # every bench row is usable
-    peak, seconds = sweep_peak_pss(path, base / "sweep_shared", share=True)
+    peak, seconds = sweep_peak_pss(path, base / "sweep_shared", share=True, every=every)
     res = {"sweep_one_copy_gb": round(one_copy / 1e9, 3), "sweep_jobs2_peak_pss_gb": round(peak / 1e9, 3),
            "sweep_jobs2_over_one_copy": round(peak / one_copy, 3), "sweep_jobs2_s": round(seconds, 1)}
     if separate:
-        peak, seconds = sweep_peak_pss(path, base / "sweep_separate", share=False)
+        peak, seconds = sweep_peak_pss(path, base / "sweep_separate", share=False, every=every)
         res.update({"sweep_jobs2_separate_peak_pss_gb": round(peak / 1e9, 3),
                     "sweep_jobs2_separate_over_one_copy": round(peak / one_copy, 3),
                     "sweep_jobs2_separate_s": round(seconds, 1)})
@@ -380,3 +385,6 @@ def measure_sweep(path: Path, base: Path, separate: bool) -> dict:
 
 if __name__ == "__main__":
     main()
+    import gc
+
+    gc.freeze()  # done (the JSON line printed): the exit need not walk every object of torch for cycles

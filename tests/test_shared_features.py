@@ -108,9 +108,12 @@ def test_files_of_a_killed_sweep_are_removed_by_the_next(tmp_path, monkeypatch):
     assert alive.exists() and elsewhere.exists()
 
 
-def _two_workers(cache: Path, out: Path, share: bool) -> None:
+def _two_workers(cache: Path, out: Path, share: bool, refs: dict) -> None:
     """A --jobs 2 sweep of two trials, each checked against the same trial trained in this process on the split
-    loaded from the cache: the same val accuracy and, bit for bit, the same best.pt weights."""
+    loaded from the cache: the same val accuracy and, bit for bit, the same best.pt weights. ``refs``: those
+    trainings by their config (without ``out``), each trained once for both sweeps (the same computation)."""
+    import json
+
     import optuna
 
     from mdmf_cache.configs import TrainConfig
@@ -126,11 +129,14 @@ def _two_workers(cache: Path, out: Path, share: bool) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # a worker's threads (the order of float reductions)
     try:
         for t in trials:
-            ref = dict(t.user_attrs["config"], out=str(out / "reference" / str(t.number)))
-            again = run_train(TrainConfig(**ref), progress=False)
-            assert again["best_val"] == t.value, (t.number, t.params)
+            key = json.dumps({k: v for k, v in t.user_attrs["config"].items() if k != "out"}, sort_keys=True)
+            if key not in refs:
+                ref = dict(t.user_attrs["config"], out=str(out / "reference" / str(t.number)))
+                refs[key] = (run_train(TrainConfig(**ref), progress=False)["best_val"], ref["out"])
+            best_val, ref_out = refs[key]
+            assert best_val == t.value, (t.number, t.params)
             a, b = (torch.load(Path(d) / "best.pt", weights_only=False)["model"]
-                    for d in (t.user_attrs["config"]["out"], ref["out"]))
+                    for d in (t.user_attrs["config"]["out"], ref_out))
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (t.number, t.params)
     finally:
         torch.set_num_threads(threads)
@@ -143,14 +149,15 @@ def test_two_workers_on_one_shared_copy_train_what_two_copies_train(demo_cache, 
     assert not _ours()
     seen: list[bool] = []  # at each look of the parent at its workers: do the files still have names?
     real = workers._tick
-    monkeypatch.setattr(workers, "_tick", lambda s: (seen.append(_named()), real(s)))
-    _two_workers(demo_cache, tmp_path / "shared", True)
+    monkeypatch.setattr(workers, "_tick", lambda s, *procs: (seen.append(_named()), real(s, *procs)))
+    refs: dict = {}
+    _two_workers(demo_cache, tmp_path / "shared", True, refs)
     err = capfd.readouterr().err
     assert err.count("mapped from one shared copy") == 2, err[-3000:]  # each worker, no load of its own
     # named while the workers started, unnamed once both mapped them (a SIGKILL now would leave nothing)
     assert seen[0] and not seen[-1], seen
     assert not _ours()  # after the sweep: no file, no mapping in this process, the workers gone
-    _two_workers(demo_cache, tmp_path / "separate", False)  # and the same with a copy per worker
+    _two_workers(demo_cache, tmp_path / "separate", False, refs)  # and the same with a copy per worker
     assert "shared copy" not in capfd.readouterr().err
 
 
@@ -159,7 +166,7 @@ def test_an_interrupted_jobs_sweep_leaves_no_shared_memory(demo_cache, tmp_path,
 
     seen: list[set[tuple[str, str]]] = []
 
-    def ctrl_c(seconds: float) -> None:  # Ctrl-C while the workers start
+    def ctrl_c(seconds: float, *procs) -> None:  # Ctrl-C while the workers start
         seen.append(_ours())
         raise KeyboardInterrupt
 
@@ -199,7 +206,7 @@ def test_semaphores_of_a_killed_sweep_are_removed_by_the_next_and_a_live_ones_ke
     try:
         assert dead.exists() and live.exists()
 
-        def ctrl_c(seconds: float) -> None:  # the next sweep, stopped as soon as its workers start
+        def ctrl_c(seconds: float, *procs) -> None:  # the next sweep, stopped as soon as its workers start
             raise KeyboardInterrupt
 
         monkeypatch.setattr(workers, "_tick", ctrl_c)

@@ -20,8 +20,6 @@ from mdmf_cache.sweeps.space import parse_fixed, parse_space, parse_space_text, 
 from mdmf_cache.sweeps.study import SweepConfig
 from pipelines.sweep import run as run_sweep
 
-REPO = Path(__file__).resolve().parents[1]
-
 # Tiny trials on the 2-way tiny cache: two optimiser steps, a validation after each.
 TRIAL = {"way": 2, "shot": 1, "train-queries": 1, "episodes": 8, "episodes-per-step": 4, "val-every": 4,
          "val-episodes": 4, "ffn-dim": 64}
@@ -56,13 +54,22 @@ def _cli_main(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def _worker_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import cli; cli.main()", "sweep", *args]
+def _fork_cli(*args: str):
+    """``mdmf-cache sweep ARGS`` (the console entry) in a forked child of this process: a process of its own, to be
+    SIGKILLed, without the seconds a fresh interpreter spends importing torch; its --jobs workers are spawned fresh
+    as ever. Its stderr and theirs are this process's (capfd)."""
+    import multiprocessing
 
+    def child() -> None:
+        import torch
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "OMP_NUM_THREADS": "1"}
+        torch.set_num_threads(1)  # the parent's OpenMP pool does not survive a fork
+        sys.argv = ["mdmf-cache", "sweep", *args]
+        cli.main()
+
+    proc = multiprocessing.get_context("fork").Process(target=child)  # not a daemon: --jobs starts workers
+    proc.start()
+    return proc
 
 
 # ------------------------------------------------------------------------------------ options and space
@@ -114,11 +121,11 @@ def test_space_syntax():
 @pytest.mark.integration
 def test_sqlite_sweep_resume_prunes_and_best_config_reproduces(tiny_cache, tmp_path, cli_runner, monkeypatch, capsys):
     out = tmp_path / "sweep"
-    cfg = SweepConfig(cache=str(tiny_cache), out=str(out), trials=4, space={"lr": "1e-4:1e-1:log", "lambda": "0.1:2"},
+    cfg = SweepConfig(cache=str(tiny_cache), out=str(out), trials=3, space={"lr": "1e-4:1e-1:log", "lambda": "0.1:2"},
                       fixed=dict(TRIAL), prune=False, seed=3)
     res = run_sweep(cfg, progress=False)
     study = _study(cfg.storage_url, "sweep")
-    assert _states(study) == ["COMPLETE"] * 4
+    assert _states(study) == ["COMPLETE"] * 3
     # never the test split: trials only score the fixed val list
     for t in study.get_trials():
         run = Path(t.user_attrs["config"]["out"])
@@ -130,12 +137,12 @@ def test_sqlite_sweep_resume_prunes_and_best_config_reproduces(tiny_cache, tmp_p
     other = dataclasses.replace(cfg, resume=True, fixed={**TRIAL, "episodes": 12})
     with pytest.raises(ConfigError, match="different fixed"):
         run_sweep(other, progress=False)
-    # resume to 6 with pruning forced (every validation is below 101%): two more trials, each pruned at
+    # resume to 5 with pruning forced (every validation is below 101%): two more trials, each pruned at
     # its first validation
-    res = run_sweep(dataclasses.replace(cfg, resume=True, trials=6, prune=True, prune_below=101.0), progress=False)
+    res = run_sweep(dataclasses.replace(cfg, resume=True, trials=5, prune=True, prune_below=101.0), progress=False)
     study = _study(cfg.storage_url, "sweep")
     states = [t.state.name for t in study.get_trials() if not t.user_attrs.get("skipped")]
-    assert states == ["COMPLETE"] * 4 + ["PRUNED"] * 2
+    assert states == ["COMPLETE"] * 3 + ["PRUNED"] * 2
     for t in study.get_trials():
         if t.state.name == "PRUNED":
             assert list(t.intermediate_values) == [4]  # stopped at the first validation
@@ -217,31 +224,36 @@ def test_python_api_sweep_takes_the_config_fields(tiny_cache, tmp_path):
 
 
 @pytest.mark.integration
-def test_sigkilled_worker_then_resume_ends_with_exactly_the_trials(tiny_cache, tmp_path):
+def test_sigkilled_worker_then_resume_ends_with_exactly_the_trials(tiny_cache, tmp_path, capfd):
     out = tmp_path / "killed"
     slow = {**TRIAL, "episodes": 60, "val-every": 20}  # long enough to be killed between validations
     args = [str(tiny_cache), "--out", str(out), "--trials", "2", "--heartbeat", "1", "--no-prune",
             "--space", "lr=1e-4:1e-2:log", *_args(slow)]
-    proc = subprocess.Popen(_worker_cmd(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _fork_cli(*args)
     storage = f"sqlite:///{out / 'study.db'}"
     killed = None
+    study = None  # loaded once (a load costs ~60 ms, a look at its trials ~2 ms): the looks leave the CPU to the worker
     deadline = time.time() + 90
     try:
-        while time.time() < deadline and proc.poll() is None:
+        while time.time() < deadline and proc.is_alive():
             time.sleep(0.1)
             if not (out / "study.db").is_file():
                 continue
             try:
-                running = [t for t in _study(storage, "killed").get_trials() if t.state.name == "RUNNING"]
+                study = study or _study(storage, "killed")
+                running = [t for t in study.get_trials() if t.state.name == "RUNNING"]
             except Exception:  # noqa: BLE001 - the study is being created
                 continue
             if running and (out / "trials" / f"{running[0].number:05d}" / "metrics.jsonl").is_file():
                 killed = running[0]
-                proc.send_signal(signal.SIGKILL)  # mid-trial: validated at least once, not finished
+                proc.kill()  # SIGKILL mid-trial: validated at least once, not finished
                 break
     finally:
-        proc.wait(timeout=30)
-    assert killed is not None, f"no trial was seen running: {proc.stderr.read().decode()[-2000:]}"
+        if proc.is_alive() and killed is None:
+            proc.kill()
+        proc.join(30)
+    assert killed is not None, f"no trial was seen running: {capfd.readouterr().err[-2000:]}"
+    assert proc.exitcode == -signal.SIGKILL
     assert _states(_study(storage, "killed"))[killed.number] == "RUNNING"  # what the dead worker left
     cfg = SweepConfig(cache=str(tiny_cache), out=str(out), trials=2, heartbeat=1, prune=False,
                       space={"lr": "1e-4:1e-2:log"}, fixed=slow, resume=True)
@@ -280,7 +292,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.integration
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the processes from /proc")
-def test_a_sigkilled_jobs_sweep_takes_its_workers_with_it(tiny_cache, tmp_path):
+def test_a_sigkilled_jobs_sweep_takes_its_workers_with_it(tiny_cache, tmp_path, capfd):
     """kill -9 of a --jobs sweep (a scheduler, the OOM killer): its workers stop within seconds, finish no new
     trial, and give back the trials they were running (failed and requeued with their parameters)."""
     import optuna
@@ -289,32 +301,34 @@ def test_a_sigkilled_jobs_sweep_takes_its_workers_with_it(tiny_cache, tmp_path):
     slow = {**TRIAL, "episodes": 60, "val-every": 20}  # trials long enough to be killed inside
     args = [str(tiny_cache), "--out", str(out), "--trials", "40", "--jobs", "2", "--no-prune",
             "--space", "lr=1e-4:1e-2:log", *_args(slow)]
-    proc = subprocess.Popen(_worker_cmd(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _fork_cli(*args)
     storage = f"sqlite:///{out / 'study.db'}"
     kids: list[int] = []
     try:
         deadline = time.time() + 120
         running: list = []
-        while time.time() < deadline and proc.poll() is None:  # until both workers are inside a trial
+        study = None  # loaded once: the looks at its trials leave the CPU to the workers
+        while time.time() < deadline and proc.is_alive():  # until both workers are inside a trial
             time.sleep(0.1)
             try:
-                trials = _study(storage, "orphans").get_trials()
+                study = study or _study(storage, "orphans")
+                trials = study.get_trials()
             except Exception:  # noqa: BLE001 - the study is being created
                 continue
             running = [t for t in trials if t.state.name == "RUNNING"]
             if len(running) == 2 and (out / "trials" / f"{running[0].number:05d}" / "metrics.jsonl").is_file():
                 break
-        assert len(running) == 2 and proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert len(running) == 2 and proc.is_alive(), capfd.readouterr().err[-2000:]
         kids = _children(proc.pid)  # the two workers and multiprocessing's resource tracker
         done_before = {t.number for t in trials if t.state.name in ("COMPLETE", "PRUNED")}
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert len(kids) >= 2, kids
+        proc.kill()  # SIGKILL
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL and len(kids) >= 2, (proc.exitcode, kids)
         deadline = time.time() + 30  # a generous wait: they stop within a second or two
         while time.time() < deadline and any(_alive(k) for k in kids):
             time.sleep(0.2)
         assert not any(_alive(k) for k in kids), [k for k in kids if _alive(k)]
-        err = proc.stderr.read().decode()
+        err = capfd.readouterr().err
         assert err.count("is gone (killed?): this worker stops") == 2, err[-3000:]
         trials = _study(storage, "orphans").get_trials()
         states = [t.state.name for t in trials]
@@ -328,8 +342,9 @@ def test_a_sigkilled_jobs_sweep_takes_its_workers_with_it(tiny_cache, tmp_path):
             assert trials[number].state.name == "FAIL" and retry.params == trials[number].params
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     finally:
-        if proc.poll() is None:
+        if proc.is_alive():
             proc.kill()
+        proc.join(30)
         for k in kids:  # the orphans, were they still alive
             if _alive(k):
                 os.kill(k, signal.SIGKILL)
@@ -420,15 +435,34 @@ def postgres_url():
 
 
 @pytest.mark.integration
-def test_workers_on_postgresql_run_disjoint_trials(tiny_cache, tmp_path, postgres_url):
-    """The same line started twice at once (two machines), one of them with --jobs 2: three workers, one study."""
+def test_workers_on_postgresql_run_disjoint_trials(tiny_cache, tmp_path, postgres_url, cli_runner, capfd,
+                                                   monkeypatch):  # cli_runner: removes the CLI's log handler after
+    """The same line started twice at once (two machines), one of them with --jobs 2: three workers, one study.
+    The --jobs 2 line runs in a forked child (:func:`_fork_cli`), the other in this process (the console entry called
+    here), joining as soon as the --jobs 2 sweep's workers run a trial, so that all three race for the trials left."""
     trials = 5
-    line = _worker_cmd(str(tiny_cache), "--study", "pg", "--storage", postgres_url, "--out", str(tmp_path / "pg"),
-                       "--trials", str(trials), "--no-prune", "--space", "lr=1e-4:1e-2:log,lambda=0.1:2", *TRIAL_ARGS)
-    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for cmd in (line, [*line, "--jobs", "2"])]
-    errs = [p.communicate(timeout=240)[1].decode() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    line = [str(tiny_cache), "--study", "pg", "--storage", postgres_url, "--out", str(tmp_path / "pg"),
+            "--trials", str(trials), "--no-prune", "--space", "lr=1e-4:1e-2:log,lambda=0.1:2", *TRIAL_ARGS]
+    proc = _fork_cli(*line, "--jobs", "2")
+    try:
+        deadline = time.time() + 120
+        study = None  # loaded once: the looks at its trials leave the CPU to the workers
+        while time.time() < deadline and proc.is_alive():  # until its workers are in the study
+            time.sleep(0.1)
+            try:
+                study = study or _study(postgres_url, "pg")
+                if "RUNNING" in _states(study):
+                    break
+            except Exception:  # noqa: BLE001 - the study is being created
+                continue
+        code, err = _cli_main(["sweep", *line], capfd, monkeypatch)
+    finally:
+        proc.join(240)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(30)
+    assert code == 0, err
+    assert proc.exitcode == 0, (proc.exitcode, capfd.readouterr().err[-3000:])
     study = _study(postgres_url, "pg")
     real = [t for t in study.get_trials() if not t.user_attrs.get("skipped")]
     assert [t.state.name for t in real] == ["COMPLETE"] * trials  # none lost, none beyond --trials
