@@ -9,6 +9,7 @@ these imports torch, and torch and open_clip are imported inside the commands, s
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import sys
@@ -947,10 +948,8 @@ def main() -> None:
     from mdmf_cache.errors import MdmfError, keep_ctrl_c
 
     keep_ctrl_c()
-    try:
-        _run_app()
-    finally:
-        _skip_the_exit_collection()
+    atexit.register(_skip_the_exit_collection)  # at the process's exit only (a test may call main in its process)
+    _run_app()
 
 
 def _skip_the_exit_collection() -> None:
