@@ -945,7 +945,7 @@ def _as_written(e: Exception) -> str:
 
 def main() -> None:
     """Console entry: one clear line for known errors, the traceback only with --debug."""
-    from mdmf_cache.errors import MdmfError, keep_ctrl_c
+    from mdmf_cache.errors import keep_ctrl_c
 
     keep_ctrl_c()
     atexit.register(_skip_the_exit_collection)  # at the process's exit only (a test may call main in its process)
