@@ -11,7 +11,8 @@ A bench with a test file of its own (``tests/test_bench_<name>.py``, e.g. ``benc
 figures) is left to that file: running it twice would only cost time.
 
 ``bench/gpu.py`` needs a CUDA device: without one it must stop at its device check (exit status 3, after
-its imports and its argument parsing), which is what is checked on a CPU machine.
+its imports and its argument parsing), which is what is checked on a CPU machine, and its own parts run in their
+tiny CPU version (``--allow-cpu``) in the same process.
 """
 
 from __future__ import annotations
@@ -56,11 +57,12 @@ PER_BENCH_S = 300  # a bench that hangs prints every thread's stack and ends the
 # extract.py sets OpenMP's wait policy before torch loads (as mdmf-cache extract): it runs first
 names = sorted(sys.argv[2:], key=lambda n: n != "extract.py")
 threads = None
-for name in names:
+for name in names:  # "X.py" runs with --quick; "X.py ARGS..." with those arguments instead
     out, err, code = io.StringIO(), io.StringIO(), 0
-    sys.argv = [os.path.join(folder, name), "--quick"]
+    script, *args = name.split()
+    sys.argv = [os.path.join(folder, script), *(args or ["--quick"])]
     saved_path = list(sys.path)
-    print(f"bench/{name} --quick", file=sys.__stderr__, flush=True)
+    print(f"bench/{' '.join([script, *(args or ['--quick'])])}", file=sys.__stderr__, flush=True)
     faulthandler.dump_traceback_later(PER_BENCH_S, exit=True, file=sys.__stderr__)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -83,11 +85,15 @@ print(json.dumps(results))
 """
 
 
+#: gpu.py's own parts in their tiny CPU version (test_gpu_bench_parts_run_on_a_cpu), run by the same driver.
+GPU_ON_CPU = "gpu.py --allow-cpu --parts fast_train,eval_10k"
+
+
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory) -> dict:
-    """Every bench's ``--quick`` run: ``{name: {code, stdout, stderr, cwd}}``."""
+    """Every bench's ``--quick`` run, and gpu.py's CPU parts without a GPU: ``{name: {code, stdout, stderr, cwd}}``."""
     cwd = tmp_path_factory.mktemp("bench_cwd")
-    names = sorted(set(BENCHES) - OWN_TEST)
+    names = sorted(set(BENCHES) - OWN_TEST) + ([] if _cuda() else [GPU_ON_CPU])
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run([sys.executable, "-c", DRIVER, str(REPO / "bench"), *names], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=900)
@@ -119,19 +125,17 @@ def test_bench_runs_quick(name, quick_runs):
 
 
 @pytest.mark.skipif("_cuda()", reason="with a GPU, test_bench_runs_quick runs gpu.py itself")
-def test_gpu_bench_parts_run_on_a_cpu(tmp_path):
+def test_gpu_bench_parts_run_on_a_cpu(quick_runs):
     """gpu.py's own parts (bf16 against float32 training, the 10,000-episode timing) in their tiny CPU version.
     The other parts run code the other benches' quick runs cover (extract.py, random_pixel_updates, cli train).
     On a CPU both "precisions" are float32 (heads_autocast is a no-op there), so the two runs, from the same
     initialisation on the same episodes, must end with the same val accuracy."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--allow-cpu", "--parts", "fast_train,eval_10k"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    record = json.loads(r.stdout.strip().splitlines()[-1])
+    r = quick_runs[GPU_ON_CPU]
+    assert r["code"] == 0, r["stderr"][-3000:]
+    record = json.loads(r["stdout"].strip().splitlines()[-1])
     assert record["errors"] == [] and record["quick"] is True, record
     fast = record["fast_train"]
     assert fast["bf16"]["val_acc"] == fast["float32"]["val_acc"] == fast["bf16"]["val_acc_cpu_float32"]
     assert fast["val_acc_diff_cpu_float32"] == 0
     assert record["eval_10k"]["same_predictions"] and record["eval_10k"]["episodes"] == 20
-    assert not list(tmp_path.iterdir())
+    assert not list(quick_runs["cwd"].iterdir())
