@@ -24,8 +24,8 @@ pytestmark = pytest.mark.integration
 
 #: The cache each head reads, and its short run (way 2: the action videos' val split has 2 classes), on these
 #: random-init backbones' near-constant tokens (measured on AMD EPYC, accuracy on the fixed train episodes, untrained
-#: -> trained): EMP-Net 61 -> 81 % in 48 episodes at lr 1e-2 (82 % in 96; at 3e-3 it moves half as far), MoLo 57 -> 85 % in updates of 4
-#: episodes (in updates of 8 at 1e-3 it stays near 60 %), STRM 55 -> 69 %.
+#: -> trained): EMP-Net 61 -> 81 % in 48 episodes at lr 1e-2 (82 % in 96; at 3e-3 it moves half as far), MoLo
+#: 57 -> 85 % in updates of 4 episodes (in updates of 8 at 1e-3 it stays near 60 %), STRM 55 -> 69 %.
 LEARN: dict[str, tuple[str, dict]] = {
     "emp-net": ("1,2,3", {"episodes": 48, "episodes_per_step": 8, "lr": 1e-2}),
     "molo": ("last", {"episodes": 192, "episodes_per_step": 4, "lr": 3e-3}),
