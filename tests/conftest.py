@@ -13,6 +13,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import signal  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -20,6 +22,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A suite started in the background by a non-interactive shell (`make test &`, a CI script) inherits SIGINT ignored,
+# and so would every command the tests start: the tests that press Ctrl-C need it delivered as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _built_once(tmp_path_factory, name: str, build) -> Path:
