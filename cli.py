@@ -9,7 +9,6 @@ these imports torch, and torch and open_clip are imported inside the commands, s
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import logging
 import sys
@@ -945,21 +944,11 @@ def _as_written(e: Exception) -> str:
 
 def main() -> None:
     """Console entry: one clear line for known errors, the traceback only with --debug."""
-    from mdmf_cache.errors import keep_ctrl_c
+    from mdmf_cache.process import keep_ctrl_c, skip_the_exit_collection
 
     keep_ctrl_c()
-    atexit.register(_skip_the_exit_collection)  # at the process's exit only (a test may call main in its process)
+    skip_the_exit_collection()
     _run_app()
-
-
-def _skip_the_exit_collection() -> None:
-    """Collect what is garbage now, then freeze the rest out of the collections the interpreter runs as it shuts
-    down: walking torch's and open_clip's objects there cost about 1 s of CPU at every exit (AMD EPYC), for objects
-    that live to the end anyway (Python never promises their finalizers at exit)."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
 
 
 def _run_app() -> None:

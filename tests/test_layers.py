@@ -15,7 +15,7 @@ from conftest import REPO
 
 #: The layers, bottom first; a module belongs to the layer of the longest prefix listed.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "ground": ("mdmf_cache.errors", "mdmf_cache.choices", "mdmf_cache.fileio", "mdmf_cache.progress",
+    "ground": ("mdmf_cache.errors", "mdmf_cache.process", "mdmf_cache.choices", "mdmf_cache.fileio", "mdmf_cache.progress",
                "mdmf_cache.distributed", "mdmf_cache.paper", "mdmf_cache.device", "mdmf_cache.tokens", "mdmf_cache.data",
                "mdmf_cache.layers"),
     "model": ("mdmf_cache.configs", "mdmf_cache.heads", "mdmf_cache.clip", "mdmf_cache.store",

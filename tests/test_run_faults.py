@@ -508,7 +508,7 @@ def test_videos_shorter_than_t_frames_are_warned_about(action_videos, tmp_path, 
 
 _FINALIZER_CTRL_C = """
 import sys
-from mdmf_cache.errors import keep_ctrl_c
+from mdmf_cache.process import keep_ctrl_c
 if sys.argv[1] == "kept":
     keep_ctrl_c()
 class Finalizer:
@@ -536,14 +536,18 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_interrupts_the_command(mode, mo
     # plain Python loses it (the premise): with the hook the interrupt is raised again outside the finalizer
     assert out.stdout.strip() == {"kept": "interrupted", "plain": "lost"}[mode], out.stderr
     if mode == "kept":  # and the console entry installs the hook before any command runs
+        import atexit
+
+        import mdmf_cache.process as process
+
         at_exit = []
         monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
         monkeypatch.setattr(cli, "app", lambda standalone_mode: 0)
-        monkeypatch.setattr(cli.atexit, "register", at_exit.append)
+        monkeypatch.setattr(atexit, "register", at_exit.append)
         cli.main()
         assert getattr(sys.unraisablehook, "keeps_ctrl_c", False)
         # and, at the process's exit, freezes what lives to the end out of the exit collections (~1 s of CPU)
-        assert at_exit == [cli._skip_the_exit_collection]
+        assert at_exit == [process._collect_then_freeze]
 
 
 def test_ctrl_c_in_a_sweep_says_what_finished_and_resume_goes_on(tiny_cache, tmp_path):
