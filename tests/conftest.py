@@ -29,6 +29,25 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_threa
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def forked(target, daemon: bool = True):
+    """``target()`` in a forked child of this process, started: a process of its own (to SIGKILL, or to race this
+    one) without the seconds a fresh interpreter spends importing torch and open_clip. The child runs torch on one
+    thread, as a DataLoader worker does (the parent's OpenMP pool does not survive a fork), so a caller comparing its
+    own runs with the child's runs them on one thread too. Its traceback, if any, goes to this process's stderr; its
+    exit code is the returned process's ``exitcode``. ``daemon=False`` for a child that starts processes itself."""
+    import multiprocessing
+
+    def child() -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        target()
+
+    proc = multiprocessing.get_context("fork").Process(target=child, daemon=daemon)
+    proc.start()
+    return proc
+
+
 def _built_once(tmp_path_factory, name: str, build) -> Path:
     """``base/name``, made by ``build(folder)`` once per test run: per session without xdist, else once for every
     worker (they share the parent of their base temporary folders); ``build`` must not depend on the worker."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import forked
 
 from mdmf_cache.data.datasets import VideoIndex, load_splits
 from mdmf_cache.errors import CacheError, DatasetError, MdmfError
@@ -27,19 +28,14 @@ from mdmf_cache.configs import ExtractConfig
 T = 8
 SIZES = {"train": (20, 2), "val": (8, 1), "test": (8, 1)}  # (videos, views) of tiny_cache
 
-def fork_extract(kw: dict, delay: float = 0.0, cwd: Path | None = None) -> multiprocessing.Process:
-    """``run_extract(ExtractConfig(**kw))`` in a forked child of this process: a process of its own (SIGKILLed, or
-    racing this one as another rank), without the seconds a fresh interpreter spends importing torch and open_clip.
-    ``delay`` > 0 slows every video down by that many seconds in the child (wrapping the decoder source: results
-    are unchanged), so the run can be killed midway. Its exit code is the child's ``exitcode`` (a traceback goes
-    to this process's captured stderr)."""
+def fork_extract(kw: dict, delay: float = 0.0, cwd: Path | None = None):
+    """``run_extract(ExtractConfig(**kw))`` in a forked child (conftest's :func:`forked`); ``delay`` > 0 slows every
+    video down by that many seconds there (wrapping the decoder source: results are unchanged), so the run can be
+    killed midway."""
 
     def child() -> None:
-        import torch
-
         import mdmf_cache.extraction.embed as ex
 
-        torch.set_num_threads(1)  # as a DataLoader worker does: the parent's OpenMP pool does not survive a fork
         if cwd is not None:
             os.chdir(cwd)
         if delay:
@@ -52,9 +48,7 @@ def fork_extract(kw: dict, delay: float = 0.0, cwd: Path | None = None) -> multi
             ex.ClipSource.__getitem__ = slow
         run_extract(ExtractConfig(**kw))
 
-    proc = multiprocessing.get_context("fork").Process(target=child, daemon=True)
-    proc.start()
-    return proc
+    return forked(child)
 
 
 def _done_count(path: Path) -> int:

@@ -10,7 +10,6 @@ with ``backbone.pt``) equals scoring in memory, and bad input fails before any w
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import forked
 import torch
 
 from mdmf_cache.errors import ConfigError
@@ -59,21 +60,15 @@ def _cli_in_process(args: list[str]) -> None:
     assert r.exit_code == 0, (r.output, r.exception)
 
 
-def _forked_cli(args: list[str], before=None) -> multiprocessing.Process:
-    """``mdmf-cache ARGS`` in a forked child of this process (``before()`` first, there): a process of its own to
-    SIGKILL, without the seconds a fresh interpreter spends importing torch and open_clip. One torch thread there (as
-    in a DataLoader worker: the parent's OpenMP pool does not survive a fork), so the caller runs its own runs on one
-    thread too."""
+def _forked_cli(args: list[str], before=None):
+    """``mdmf-cache ARGS`` in a forked child (conftest's :func:`forked`: one torch thread there), ``before()`` first."""
 
     def child() -> None:
-        torch.set_num_threads(1)
         if before is not None:
             before()
         _cli_in_process(args)
 
-    proc = multiprocessing.get_context("fork").Process(target=child, daemon=True)
-    proc.start()
-    return proc
+    return forked(child)
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import forked
+
 import cli
 from mdmf_cache.errors import ConfigError
 from mdmf_cache.sweeps.space import parse_fixed, parse_space, parse_space_text, sweep_options, trial_config
@@ -55,21 +57,14 @@ def _cli_main(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
 
 
 def _fork_cli(*args: str):
-    """``mdmf-cache sweep ARGS`` (the console entry) in a forked child of this process: a process of its own, to be
-    SIGKILLed, without the seconds a fresh interpreter spends importing torch; its --jobs workers are spawned fresh
-    as ever. Its stderr and theirs are this process's (capfd)."""
-    import multiprocessing
+    """``mdmf-cache sweep ARGS`` (the console entry) in a forked child (conftest's :func:`forked`), to be SIGKILLed;
+    its --jobs workers are spawned fresh as ever. Its stderr and theirs are this process's (capfd)."""
 
     def child() -> None:
-        import torch
-
-        torch.set_num_threads(1)  # the parent's OpenMP pool does not survive a fork
         sys.argv = ["mdmf-cache", "sweep", *args]
         cli.main()
 
-    proc = multiprocessing.get_context("fork").Process(target=child)  # not a daemon: --jobs starts workers
-    proc.start()
-    return proc
+    return forked(child, daemon=False)  # not a daemon: --jobs starts workers
 
 
 # ------------------------------------------------------------------------------------ options and space
