@@ -29,6 +29,12 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_threa
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+#: Head options for MDMF, CLIP-FSAR and CLIP-CPM2C on the tests' 64-d caches: the released 2048-wide feed-forward
+#: blocks (32 x D there) would be most of each training step; 4 x D, a transformer's usual ratio, trains the same
+#: code, for tests about what a run keeps rather than what the released head scores.
+NARROW_FFN = {"ffn_dim": 256}
+
+
 def forked(target, daemon: bool = True):
     """``target()`` in a forked child of this process, started: a process of its own (to SIGKILL, or to race this
     one) without the seconds a fresh interpreter spends importing torch and open_clip. The child runs torch on one

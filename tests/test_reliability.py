@@ -23,13 +23,12 @@ from pipelines.evaluate import run as run_eval
 from mdmf_cache.configs import TrainConfig
 from pipelines.train import run as run_train
 
+from conftest import NARROW_FFN as FFN  # these tests are about what a run keeps, not what it learns
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-#: MDMF on the 64-d demo cache with a 4 x D feed-forward block instead of the released 2048 (32 x D, most of a step):
-#: these tests are about what a run keeps, not what it learns.
-FFN = {"ffn_dim": 256}
 
 
 def _cfg(cache, out, **kw) -> TrainConfig:

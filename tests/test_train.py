@@ -20,12 +20,9 @@ from mdmf_cache.configs import TrainConfig
 from mdmf_cache.heads.factory import build_model, load_head
 from pipelines.train import run as run_train  # noqa: E402
 
+from conftest import NARROW_FFN as FFN  # noqa: E402
+
 pytestmark = pytest.mark.integration
-
-
-#: The demo cache is 64-d: the released 2048-wide feed-forward blocks of MDMF and CLIP-FSAR would be 32 x D and most
-#: of each training step; 4 x D, a transformer's usual ratio, trains the same code.
-FFN = {"ffn_dim": 256}
 
 
 def _train(cache, out, **kw):
