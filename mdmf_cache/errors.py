@@ -23,4 +23,3 @@ class CacheError(MdmfError):
 
 class TrainingError(MdmfError):
     """Training that cannot go on: its loss or weights stopped being finite (what was kept is named)."""
-

@@ -54,6 +54,16 @@ def forked(target, daemon: bool = True):
     return proc
 
 
+def join_or_kill(proc, timeout: float) -> int | None:
+    """Wait up to ``timeout`` seconds for a :func:`forked` child to end, SIGKILL it if it has not (no test leaves one
+    behind); returns its exit code (``-9`` where it had to be killed)."""
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(60)
+    return proc.exitcode
+
+
 def _built_once(tmp_path_factory, name: str, build) -> Path:
     """``base/name``, made by ``build(folder)`` once per test run: per session without xdist, else once for every
     worker (they share the parent of their base temporary folders); ``build`` must not depend on the worker."""

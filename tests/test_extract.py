@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import forked
+from conftest import forked, join_or_kill
 
 from mdmf_cache.data.datasets import VideoIndex, load_splits
 from mdmf_cache.errors import CacheError, DatasetError, MdmfError
@@ -74,9 +74,7 @@ def fork_and_kill(kw: dict, path: Path, low: int, high: int, delay: float, cwd: 
                 break
             time.sleep(0.05)
     finally:
-        if proc.is_alive() and killed_at is None:
-            proc.kill()
-        proc.join(60)
+        join_or_kill(proc, 0)  # killed or not, it goes now
     assert killed_at is not None, f"run ended (exit code {proc.exitcode}) before it could be killed (its stderr above)"
     assert proc.exitcode == -signal.SIGKILL
     return killed_at
@@ -237,12 +235,10 @@ def test_two_ranks_equal_single_process(tiny_cache, action_videos, tiny_extract_
             rows = np.arange(SIZES[r.split][0])
             assert r.extracted == int(((rows // 4) % 2 == 0).sum())
             assert store.done_mask(r.split)[(rows // 4) % 2 == 0].all()
-        rank1.join(180)
+        code = join_or_kill(rank1, 180)
     finally:
-        if rank1.is_alive():
-            rank1.kill()
-            rank1.join(60)
-    assert rank1.exitcode == 0, "rank 1 failed (its stderr above)"
+        join_or_kill(rank1, 0)  # rank 0 failed: rank 1 goes at once
+    assert code == 0, "rank 1 failed (its stderr above)"
     same_cache(path, tiny_cache)
 
 

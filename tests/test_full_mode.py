@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import forked
-import torch
 
 from mdmf_cache.errors import ConfigError
 from mdmf_cache.configs import TrainConfig

@@ -15,9 +15,9 @@ from conftest import REPO
 
 #: The layers, bottom first; a module belongs to the layer of the longest prefix listed.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "ground": ("mdmf_cache.errors", "mdmf_cache.process", "mdmf_cache.choices", "mdmf_cache.fileio", "mdmf_cache.progress",
-               "mdmf_cache.distributed", "mdmf_cache.paper", "mdmf_cache.device", "mdmf_cache.tokens", "mdmf_cache.data",
-               "mdmf_cache.layers"),
+    "ground": ("mdmf_cache.errors", "mdmf_cache.process", "mdmf_cache.choices", "mdmf_cache.fileio",
+               "mdmf_cache.progress", "mdmf_cache.distributed", "mdmf_cache.paper", "mdmf_cache.device",
+               "mdmf_cache.tokens", "mdmf_cache.data", "mdmf_cache.layers"),
     "model": ("mdmf_cache.configs", "mdmf_cache.heads", "mdmf_cache.clip", "mdmf_cache.store",
               "mdmf_cache.evaluation"),
     "engines": ("mdmf_cache.extraction", "mdmf_cache.training", "mdmf_cache.sweeps", "mdmf_cache.prediction",

@@ -29,8 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-
-
 def _cfg(cache, out, **kw) -> TrainConfig:
     base = dict(cache=str(cache), out=str(out), episodes=32, episodes_per_step=8, val_every=16, val_episodes=40,
                 lr=1e-3, seed=0, heads=dict(FFN))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import forked
+from conftest import forked, join_or_kill
 
 import cli
 from mdmf_cache.errors import ConfigError
@@ -244,9 +244,7 @@ def test_sigkilled_worker_then_resume_ends_with_exactly_the_trials(tiny_cache, t
                 proc.kill()  # SIGKILL mid-trial: validated at least once, not finished
                 break
     finally:
-        if proc.is_alive() and killed is None:
-            proc.kill()
-        proc.join(30)
+        join_or_kill(proc, 0)  # killed or not, it goes now
     assert killed is not None, f"no trial was seen running: {capfd.readouterr().err[-2000:]}"
     assert proc.exitcode == -signal.SIGKILL
     assert _states(_study(storage, "killed"))[killed.number] == "RUNNING"  # what the dead worker left
@@ -337,9 +335,7 @@ def test_a_sigkilled_jobs_sweep_takes_its_workers_with_it(tiny_cache, tmp_path, 
             assert trials[number].state.name == "FAIL" and retry.params == trials[number].params
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(30)
+        join_or_kill(proc, 0)
         for k in kids:  # the orphans, were they still alive
             if _alive(k):
                 os.kill(k, signal.SIGKILL)
@@ -452,12 +448,9 @@ def test_workers_on_postgresql_run_disjoint_trials(tiny_cache, tmp_path, postgre
                 continue
         code, err = _cli_main(["sweep", *line], capfd, monkeypatch)
     finally:
-        proc.join(240)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(30)
+        exitcode = join_or_kill(proc, 240)
     assert code == 0, err
-    assert proc.exitcode == 0, (proc.exitcode, capfd.readouterr().err[-3000:])
+    assert exitcode == 0, (exitcode, capfd.readouterr().err[-3000:])
     study = _study(postgres_url, "pg")
     real = [t for t in study.get_trials() if not t.user_attrs.get("skipped")]
     assert [t.state.name for t in real] == ["COMPLETE"] * trials  # none lost, none beyond --trials

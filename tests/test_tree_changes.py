@@ -23,6 +23,7 @@ from mdmf_cache.store.read import load_split_features
 from mdmf_cache.extraction.build import run_extract
 from mdmf_cache.configs import ExtractConfig
 
+from conftest import join_or_kill
 from test_extract import _done_count, fork_and_kill, fork_extract
 
 CLASSES = ["archery", "brush_hair", "cartwheel"]  # the folder split gives one class to each split
@@ -182,12 +183,10 @@ def test_two_ranks_extend_a_grown_tree(stamped, tmp_path):
     rank1 = fork_extract({**kw, "rank": 1}, cwd=tmp_path)  # started first: its new videos have no rows yet
     try:
         path, results = run_extract(ExtractConfig(**kw, rank=0))
-        rank1.join(180)
+        code = join_or_kill(rank1, 180)
     finally:
-        if rank1.is_alive():
-            rank1.kill()
-            rank1.join(60)
-    assert rank1.exitcode == 0, "rank 1 failed (its stderr above)"
+        join_or_kill(rank1, 0)  # rank 0 failed: rank 1 goes at once
+    assert code == 0, "rank 1 failed (its stderr above)"
     assert sum(r.added for r in results) == len(ids) - len(first)
     assert _assert_rows_true(path, fresh, stamps) == len(ids)
     _assert_loads_like_fresh(path, fresh, set(ids))
